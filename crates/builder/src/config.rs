@@ -1,0 +1,308 @@
+//! The builder's TOML configuration.
+//!
+//! Unknown keys are errors, so a typo never silently falls back to a default. Every error names
+//! the file, the key and what is wrong.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use homelab_deploy_protocol::request::check_git_ref;
+use homelab_deploy_protocol::RepoName;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub builder: BuilderConfig,
+    #[serde(default)]
+    pub streams: StreamsConfig,
+    pub repos: BTreeMap<String, RepoConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    pub url: String,
+    /// File holding an NKey user seed to authenticate with.
+    #[serde(default)]
+    pub nkey_seed_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuilderConfig {
+    /// Shown in `started` events and the fleet list.
+    pub name: String,
+    /// Git mirrors and GC roots of built hosts live here.
+    pub state_dir: PathBuf,
+    /// Requests this builder runs at once.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// A host's evaluation and build together may take this long before it is `timed_out`.
+    #[serde(default = "default_host_timeout_secs")]
+    pub host_timeout_secs: u64,
+    /// Path of the `nix` binary; looked up on PATH by default.
+    #[serde(default = "default_nix")]
+    pub nix: PathBuf,
+}
+
+/// Limits of the JetStream streams, applied when this builder creates them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// Events and logs are kept this long for replay.
+    #[serde(default = "default_events_max_age_secs")]
+    pub events_max_age_secs: u64,
+    /// Events and logs of all requests together are kept up to this size; oldest go first.
+    #[serde(default = "default_events_max_bytes")]
+    pub events_max_bytes: i64,
+    /// Pending requests per `build.<repo>.<target>` subject; one more is refused to its sender.
+    #[serde(default = "default_requests_per_subject")]
+    pub max_pending_requests_per_target: i64,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self {
+            events_max_age_secs: default_events_max_age_secs(),
+            events_max_bytes: default_events_max_bytes(),
+            max_pending_requests_per_target: default_requests_per_subject(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoConfig {
+    /// `git+https://…`, `git+ssh://…`, `git+file:///…`: any git URL, with nix's `git+` prefix.
+    pub url: String,
+    /// Branch (or tag) built when a request names no ref or rev.
+    #[serde(rename = "ref", default = "default_ref")]
+    pub git_ref: String,
+}
+
+impl RepoConfig {
+    /// The URL git2 fetches from: the flake URL without nix's `git+` prefix.
+    pub fn git_url(&self) -> &str {
+        self.url.strip_prefix("git+").unwrap_or(&self.url)
+    }
+}
+
+fn default_max_concurrent_requests() -> usize {
+    1
+}
+fn default_host_timeout_secs() -> u64 {
+    2 * 60 * 60
+}
+fn default_nix() -> PathBuf {
+    PathBuf::from("nix")
+}
+fn default_events_max_age_secs() -> u64 {
+    7 * 24 * 60 * 60
+}
+fn default_events_max_bytes() -> i64 {
+    1024 * 1024 * 1024
+}
+fn default_requests_per_subject() -> i64 {
+    100
+}
+fn default_ref() -> String {
+    "main".to_owned()
+}
+
+/// A repo of the config with its validated name.
+#[derive(Debug, Clone)]
+pub struct Repo {
+    pub name: RepoName,
+    pub config: RepoConfig,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates config text; `path` only names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            message: err.to_string().trim_end().to_owned(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        if !self.nats.url.contains("://") && !self.nats.url.contains(':') {
+            return Err(invalid(
+                "nats.url".into(),
+                format!(
+                    "{:?} is not a NATS URL (e.g. nats://127.0.0.1:4222)",
+                    self.nats.url
+                ),
+            ));
+        }
+        if self.builder.name.trim().is_empty() || self.builder.name.len() > 128 {
+            return Err(invalid(
+                "builder.name".into(),
+                "must be 1 to 128 characters".into(),
+            ));
+        }
+        if self.builder.max_concurrent_requests == 0 {
+            return Err(invalid(
+                "builder.max_concurrent_requests".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.builder.host_timeout_secs == 0 {
+            return Err(invalid(
+                "builder.host_timeout_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.repos.is_empty() {
+            return Err(invalid(
+                "repos".into(),
+                "no repos configured; add a [repos.NAME] table with url and ref".into(),
+            ));
+        }
+        for (name, repo) in &self.repos {
+            let key = format!("repos.{name}");
+            RepoName::parse(name).map_err(|err| {
+                invalid(
+                    key.clone(),
+                    format!("{err}; repo names become NATS subject tokens"),
+                )
+            })?;
+            let url = repo.git_url();
+            let known_scheme = ["https://", "http://", "ssh://", "file://", "git://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme));
+            if !repo.url.starts_with("git+") && !repo.url.starts_with("git://") || !known_scheme {
+                return Err(invalid(
+                    format!("{key}.url"),
+                    format!(
+                        "{:?} is not a git URL; use git+https://, git+ssh://, git+http:// or git+file://",
+                        repo.url
+                    ),
+                ));
+            }
+            if url.contains(['?', '#']) {
+                return Err(invalid(
+                    format!("{key}.url"),
+                    "must not contain a query or fragment; set the branch with `ref`".into(),
+                ));
+            }
+            check_git_ref(&repo.git_ref)
+                .map_err(|err| invalid(format!("{key}.ref"), err.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The configured repos with their validated names.
+    pub fn repos(&self) -> Vec<Repo> {
+        self.repos
+            .iter()
+            .filter_map(|(name, config)| {
+                RepoName::parse(name).ok().map(|name| Repo {
+                    name,
+                    config: config.clone(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn host_timeout(&self) -> Duration {
+        Duration::from_secs(self.builder.host_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[nats]
+url = "nats://127.0.0.1:4222"
+[builder]
+name = "nix-cache02"
+state_dir = "/var/lib/homelab-deploy"
+[repos.nixos-servers]
+url = "git+https://git.example.org/torjus/nixos-servers.git"
+ref = "master"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/hd.toml"), text)
+    }
+
+    #[test]
+    fn issue_example_parses_with_defaults() {
+        let config = parse(GOOD).expect("valid");
+        assert_eq!(config.builder.max_concurrent_requests, 1);
+        assert_eq!(config.repos()[0].name.as_str(), "nixos-servers");
+        assert_eq!(
+            config.repos()[0].config.git_url(),
+            "https://git.example.org/torjus/nixos-servers.git"
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let err = parse(&GOOD.replace("name = ", "nmae = ")).expect_err("accepted");
+        let text = err.to_string();
+        assert!(
+            text.contains("/etc/hd.toml") && text.contains("nmae"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn repo_name_that_breaks_subject_rules_is_refused() {
+        let err = parse(&GOOD.replace("[repos.nixos-servers]", "[repos.\"nixos.servers\"]"))
+            .expect_err("accepted");
+        let text = err.to_string();
+        assert!(
+            text.contains("repos.nixos.servers") && text.contains("'.'"),
+            "{text}"
+        );
+        assert!(parse(&GOOD.replace("[repos.nixos-servers]", "[repos.api]")).is_err());
+    }
+
+    #[test]
+    fn hostile_ref_and_odd_urls_are_refused() {
+        let err = parse(&GOOD.replace("\"master\"", "\"--upload-pack=x\"")).expect_err("accepted");
+        assert!(err.to_string().contains("repos.nixos-servers.ref"), "{err}");
+        let err = parse(&GOOD.replace("git+https://", "ftp://")).expect_err("accepted");
+        assert!(err.to_string().contains("repos.nixos-servers.url"), "{err}");
+    }
+}

@@ -1,0 +1,256 @@
+//! Startup, the pull loops and shutdown of the builder.
+//!
+//! Startup: find nix, connect to NATS (retrying with a log line each time), create or adopt the
+//! streams and one durable consumer per repo. Then one pull loop per repo takes one request at a
+//! time, only while a build slot is free, so a busy builder never holds requests another builder
+//! could start. Shutdown: [`Stop::Drain`] stops pulling and lets running builds finish;
+//! [`Stop::Abort`] kills running builds and puts their requests back in the queue.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use homelab_deploy_client::{connect, ConnectSettings};
+use homelab_deploy_protocol::RepoName;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::bus::{ensure_consumer, ensure_streams, Publisher};
+use crate::config::Config;
+use crate::git::Mirror;
+use crate::job::{Jobs, ServedRepo};
+use crate::nix::Nix;
+
+/// How long one pull waits for a request; also the longest a drain waits for a pull to end.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// What the owner of the daemon asks of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stop {
+    Running,
+    /// Take no new request, finish the running ones, then return.
+    Drain,
+    /// Kill running builds, return their requests to the queue, then return.
+    Abort,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("nix is not usable: {0}")]
+    Nix(#[from] crate::nix::NixError),
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("setting up JetStream failed: {0}")]
+    Bus(#[from] crate::bus::BusError),
+    #[error("stopped before NATS could be reached")]
+    StoppedWhileConnecting,
+}
+
+/// Runs the builder until `stop` asks it to end; returns once every running build is done.
+pub async fn run(config: Config, mut stop: watch::Receiver<Stop>) -> Result<(), DaemonError> {
+    let nix = Nix::detect(&config.builder.nix).await?;
+    std::fs::create_dir_all(&config.builder.state_dir).map_err(|source| DaemonError::StateDir {
+        path: config.builder.state_dir.display().to_string(),
+        source,
+    })?;
+
+    let client = connect_with_retry(&config, &mut stop).await?;
+    let js = jetstream::new(client);
+    let repos = config.repos();
+    let repo_names: Vec<RepoName> = repos.iter().map(|repo| repo.name.clone()).collect();
+    ensure_streams(&js, &config.streams, &repo_names).await?;
+    let mut consumers = Vec::new();
+    for name in &repo_names {
+        consumers.push((name.clone(), ensure_consumer(&js, name).await?));
+    }
+
+    let served = repos
+        .into_iter()
+        .map(|repo| {
+            let mirror = Mirror::new(
+                &config.builder.state_dir,
+                repo.name.as_str(),
+                repo.config.git_url(),
+            );
+            let served = ServedRepo {
+                config: repo.config,
+                mirror,
+                fetch_lock: Arc::new(Mutex::new(())),
+            };
+            (repo.name, served)
+        })
+        .collect::<HashMap<_, _>>();
+    let jobs = Arc::new(Jobs {
+        builder_name: config.builder.name.clone(),
+        state_dir: config.builder.state_dir.clone(),
+        nix,
+        publisher: Publisher::new(js),
+        host_timeout: config.host_timeout(),
+        repos: served,
+    });
+    info!(
+        builder = %config.builder.name,
+        repos = ?repo_names.iter().map(RepoName::as_str).collect::<Vec<_>>(),
+        nix_version = %jobs.nix.version,
+        slots = config.builder.max_concurrent_requests,
+        "builder ready"
+    );
+
+    let slots = Arc::new(Semaphore::new(config.builder.max_concurrent_requests));
+    let (abort_tx, abort_rx) = watch::channel(false);
+    let mut running = JoinSet::new();
+    let mut pullers = JoinSet::new();
+    for (repo, consumer) in consumers {
+        pullers.spawn(pull_loop(
+            repo,
+            consumer,
+            slots.clone(),
+            jobs.clone(),
+            stop.clone(),
+            abort_rx.clone(),
+        ));
+    }
+
+    // Wait for a stop request; pull loops end on their own once draining.
+    stopping(&mut stop, Stop::Drain).await;
+    info!("draining: taking no new requests, finishing running builds");
+    while let Some(result) = pullers.join_next().await {
+        match result {
+            Ok(jobs_of_repo) => {
+                for job in jobs_of_repo {
+                    running.spawn(job);
+                }
+            }
+            Err(err) => error!(error = %err, "a pull loop failed"),
+        }
+    }
+    loop {
+        tokio::select! {
+            next = running.join_next() => if next.is_none() { break },
+            _ = stopping(&mut stop, Stop::Abort) => {
+                warn!("aborting running builds; their requests go back to the queue");
+                let _ = abort_tx.send(true);
+                while running.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    info!("builder stopped");
+    Ok(())
+}
+
+async fn connect_with_retry(
+    config: &Config,
+    stop: &mut watch::Receiver<Stop>,
+) -> Result<async_nats::Client, DaemonError> {
+    let settings = ConnectSettings {
+        url: config.nats.url.clone(),
+        nkey_file: config.nats.nkey_seed_file.clone(),
+        name: format!("homelab-deploy builder {}", config.builder.name),
+        timeout: Duration::from_secs(5),
+    };
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match connect(&settings).await {
+            Ok(client) => return Ok(client),
+            Err(err) => {
+                warn!(error = %err, retry_in_secs = delay.as_secs(), "NATS unreachable; retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stopping(stop, Stop::Drain) => return Err(DaemonError::StoppedWhileConnecting),
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Resolves once the daemon is asked to stop at `level` or harder.
+async fn stopping(stop: &mut watch::Receiver<Stop>, level: Stop) {
+    let _ = stop.wait_for(|stop| *stop >= level).await;
+}
+
+type JobHandle = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Pulls requests of one repo while a slot is free. Returns the jobs still running when the
+/// builder drains, so the caller can wait for them.
+async fn pull_loop(
+    repo: RepoName,
+    consumer: PullConsumer,
+    slots: Arc<Semaphore>,
+    jobs: Arc<Jobs>,
+    stop: watch::Receiver<Stop>,
+    abort: watch::Receiver<bool>,
+) -> Vec<JobHandle> {
+    let mut running: JoinSet<()> = JoinSet::new();
+    let draining = || *stop.borrow() != Stop::Running;
+    let mut failures = 0u32;
+    while !draining() {
+        // Pull only when a slot is free, so no request waits here while another builder idles.
+        if slots.available_permits() == 0 {
+            let mut stop = stop.clone();
+            tokio::select! {
+                permit = slots.acquire() => drop(permit),
+                _ = stopping(&mut stop, Stop::Drain) => break,
+            }
+        }
+        while running.try_join_next().is_some() {}
+        let batch = consumer
+            .batch()
+            .max_messages(1)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(err) => {
+                failures += 1;
+                let delay = Duration::from_secs(u64::from(failures.min(5)));
+                warn!(repo = %repo, error = %err, retry_in_secs = delay.as_secs(), "pulling requests failed");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        let message = match batch.next().await {
+            None => continue,
+            Some(Err(err)) => {
+                failures += 1;
+                warn!(repo = %repo, error = %err, "pulling requests failed");
+                tokio::time::sleep(Duration::from_secs(u64::from(failures.min(5)))).await;
+                continue;
+            }
+            Some(Ok(message)) => message,
+        };
+        failures = 0;
+        let permit = match (draining(), slots.clone().try_acquire_owned()) {
+            (false, Ok(permit)) => permit,
+            _ => {
+                // Another repo's request took the slot meanwhile, or we are draining: hand it back.
+                if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
+                    warn!(repo = %repo, error = %err, "handing a request back failed; it returns after the ack wait");
+                }
+                continue;
+            }
+        };
+        let jobs = jobs.clone();
+        let abort = abort.clone();
+        running.spawn(async move {
+            jobs.run(message, abort).await;
+            drop(permit);
+        });
+    }
+    let mut left: Vec<JobHandle> = Vec::new();
+    if !running.is_empty() {
+        left.push(Box::pin(async move {
+            while running.join_next().await.is_some() {}
+        }));
+    }
+    left
+}

@@ -1,0 +1,188 @@
+//! `homelab-deploy build REPO TARGET`: submit a request, show its progress, print the result.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use homelab_deploy_client::{connect, submit, ClientError, ConnectSettings, SubmitOptions};
+use homelab_deploy_protocol::request::{check_git_ref, check_rev};
+use homelab_deploy_protocol::{BuildStatus, EventBody, RepoName, Target};
+
+use crate::progress::{print_result, Progress};
+use crate::{exit, NatsArgs};
+
+pub const AFTER_HELP: &str = "\
+Examples:
+  homelab-deploy build nixos-servers ns1
+  homelab-deploy build nixos-servers --all --json > result.json
+  homelab-deploy build nixos-servers all --ref flake-update --timeout 1800
+  id=$(homelab-deploy build nixos-servers all --no-wait)
+
+Progress goes to stderr; the result table (or with --json, exactly the `finished` event as one
+JSON object) goes to stdout.
+
+Exit codes:
+  0  every host built or cached
+  1  the build finished failed or cancelled, or was refused (unknown host, ref or rev)
+  2  usage error (bad arguments, invalid repo or target names)
+  3  could not reach NATS, no builder serves the repo, or timed out";
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// Repo to build, as named in the builders' config ([repos.NAME]).
+    repo: String,
+    /// Host to build (a name in the flake's nixosConfigurations), or `all`.
+    #[arg(required_unless_present = "all")]
+    target: Option<String>,
+    /// Build every host; the same as the target `all`.
+    #[arg(long)]
+    all: bool,
+    /// Branch or tag to build instead of the repo's configured ref.
+    #[arg(long = "ref", value_name = "REF", conflicts_with = "rev")]
+    git_ref: Option<String>,
+    /// Exact commit to build (7 to 40 hex digits).
+    #[arg(long, value_name = "COMMIT")]
+    rev: Option<String>,
+    /// Give up waiting after this many seconds (exit 3); the build itself goes on.
+    #[arg(long, value_name = "SECS", default_value_t = 3 * 60 * 60)]
+    timeout: u64,
+    /// Print exactly the `finished` event as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Print the request id and exit once the request is safely in the queue.
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+fn usage_error(message: impl std::fmt::Display) -> u8 {
+    eprintln!("error: {message}");
+    exit::USAGE
+}
+
+pub async fn run(args: BuildArgs) -> u8 {
+    let repo = match RepoName::parse(&args.repo) {
+        Ok(repo) => repo,
+        Err(err) => return usage_error(err),
+    };
+    let target = match (args.all, args.target.as_deref()) {
+        (true, None | Some("all")) => Target::All,
+        (true, Some(other)) => {
+            return usage_error(format!(
+                "--all builds every host; drop the target {other:?} or --all"
+            ))
+        }
+        (false, Some(target)) => match Target::parse(target) {
+            Ok(target) => target,
+            Err(err) => return usage_error(err),
+        },
+        (false, None) => return usage_error("name a target host, or `all`"),
+    };
+    if let Some(Err(err)) = args.git_ref.as_deref().map(check_git_ref) {
+        return usage_error(err);
+    }
+    if let Some(Err(err)) = args.rev.as_deref().map(check_rev) {
+        return usage_error(err);
+    }
+
+    let settings = ConnectSettings {
+        url: args.nats.nats_url.clone(),
+        nkey_file: args.nats.nkey_file.clone(),
+        name: "homelab-deploy build".to_owned(),
+        timeout: Duration::from_secs(5),
+    };
+    let client = match connect(&settings).await {
+        Ok(client) => client,
+        Err(err) => return client_error(err),
+    };
+    let options = SubmitOptions {
+        requested_by: Some(requested_by()),
+        git_ref: args.git_ref,
+        rev: args.rev,
+    };
+    let mut submission = match submit(&client, &repo, &target, options).await {
+        Ok(submission) => submission,
+        Err(err) => return client_error(err),
+    };
+    if args.no_wait {
+        println!("{}", submission.id);
+        return exit::OK;
+    }
+
+    let mut progress = Progress::new(&submission.subject, submission.id.as_str());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let waiting_since = Instant::now();
+    let finished = loop {
+        let next = tokio::select! {
+            next = submission.events.next() => next,
+            _ = tokio::time::sleep_until(deadline) => {
+                progress.clear();
+                eprintln!(
+                    "error: timed out after {}s waiting for request {}; the build goes on (see its events on build.responses.{}.{}.{}.events)",
+                    args.timeout, submission.id, repo, target, submission.id
+                );
+                return exit::UNAVAILABLE;
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                progress.tick(waiting_since.elapsed());
+                continue;
+            }
+        };
+        match next {
+            Some(Ok(event)) => {
+                progress.event(&event);
+                if matches!(event.body, EventBody::Finished { .. }) {
+                    break event;
+                }
+            }
+            Some(Err(err)) => {
+                progress.clear();
+                return client_error(err);
+            }
+            None => {
+                progress.clear();
+                eprintln!("error: the event subscription ended before the build finished (NATS connection lost?)");
+                return exit::UNAVAILABLE;
+            }
+        }
+    };
+    progress.clear();
+    if args.json {
+        match serde_json::to_string(&finished) {
+            Ok(json) => println!("{json}"),
+            Err(err) => eprintln!("error: cannot encode the result as JSON: {err}"),
+        }
+    } else {
+        print_result(&finished);
+    }
+    match finished.body {
+        EventBody::Finished {
+            status: BuildStatus::Succeeded,
+            ..
+        } => exit::OK,
+        _ => exit::BUILD_FAILED,
+    }
+}
+
+fn client_error(err: ClientError) -> u8 {
+    eprintln!("error: {err}");
+    match err {
+        ClientError::Nkey { .. } => exit::USAGE,
+        ClientError::Refused { .. } => exit::BUILD_FAILED,
+        _ => exit::UNAVAILABLE,
+    }
+}
+
+/// `user@host` of whoever runs the CLI, for the builder's logs and events.
+fn requested_by() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|host| host.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let by: String = format!("{user}@{host}")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    by
+}

@@ -1,0 +1,91 @@
+//! `homelab-deploy builder`: run the daemon until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use homelab_deploy_builder::{Config, Stop};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::exit;
+
+pub const AFTER_HELP: &str = "\
+The config is TOML; see docs/configuration.md. The smallest one:
+
+  [nats]
+  url = \"nats://127.0.0.1:4222\"
+  [builder]
+  name = \"nix-cache02\"
+  state_dir = \"/var/lib/homelab-deploy\"
+  [repos.nixos-servers]
+  url = \"git+https://git.example.org/torjus/nixos-servers.git\"
+  ref = \"master\"
+
+Signals: the first SIGTERM or SIGINT stops taking requests and lets the running build finish
+(exit 0); a second one kills the running build and returns its request to the queue.
+
+Exit codes: 0 stopped cleanly; 2 invalid config; 3 nix unusable, NATS or JetStream setup failed.";
+
+#[derive(Args)]
+pub struct BuilderArgs {
+    /// Path of the builder's TOML config.
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+    /// Validate the config and exit, without connecting to anything.
+    #[arg(long)]
+    check: bool,
+}
+
+pub async fn run(args: BuilderArgs) -> u8 {
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return exit::USAGE;
+        }
+    };
+    if args.check {
+        println!(
+            "config {} is valid: builder {}, repos {}",
+            args.config.display(),
+            config.builder.name,
+            config.repos.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        return exit::OK;
+    }
+    let (stop_tx, stop_rx) = watch::channel(Stop::Running);
+    let signals = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(err), _) | (_, Err(err)) => {
+            eprintln!("error: cannot install signal handlers: {err}");
+            return exit::UNAVAILABLE;
+        }
+    };
+    tokio::spawn(forward_signals(signals, stop_tx));
+    match homelab_deploy_builder::run(config, stop_rx).await {
+        Ok(()) => exit::OK,
+        Err(err) => {
+            error!(error = %err, "builder failed");
+            eprintln!("error: {err}");
+            exit::UNAVAILABLE
+        }
+    }
+}
+
+async fn forward_signals(
+    (mut term, mut int): (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
+    stop: watch::Sender<Stop>,
+) {
+    for level in [Stop::Drain, Stop::Abort] {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        info!(?level, "signal received");
+        let _ = stop.send(level);
+    }
+}

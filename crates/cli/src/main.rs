@@ -1,0 +1,99 @@
+//! The `homelab-deploy` binary: thin argument parsing around the client and builder libraries.
+
+mod build;
+mod builder;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit codes, shared by every command.
+pub mod exit {
+    /// Every host built or cached.
+    pub const OK: u8 = 0;
+    /// The build finished failed or cancelled, or was refused.
+    pub const BUILD_FAILED: u8 = 1;
+    /// Usage error: bad arguments or config.
+    pub const USAGE: u8 = 2;
+    /// NATS unreachable, no builder serves the repo, or timed out.
+    pub const UNAVAILABLE: u8 = 3;
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  every host built or cached
+  1  the build finished failed or cancelled, or was refused
+  2  usage error (bad arguments, invalid names, bad config)
+  3  could not reach NATS, no builder serves the repo, or timed out";
+
+/// Build NixOS hosts of flake repos on a fleet of builders over NATS.
+#[derive(Parser)]
+#[command(name = "homelab-deploy", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ask the builders to build one host, or every host, of a repo and wait for the result.
+    #[command(after_help = build::AFTER_HELP)]
+    Build(build::BuildArgs),
+    /// Run a builder daemon: take build requests for the configured repos from NATS.
+    #[command(after_help = builder::AFTER_HELP)]
+    Builder(builder::BuilderArgs),
+}
+
+/// How to reach NATS; shared by every client command.
+#[derive(Args, Clone)]
+pub struct NatsArgs {
+    /// NATS server URL.
+    #[arg(
+        long,
+        env = "HOMELAB_DEPLOY_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// File holding an NKey user seed to authenticate with.
+    #[arg(long, env = "HOMELAB_DEPLOY_NKEY_FILE", value_name = "FILE")]
+    pub nkey_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Builder(_) => "info",
+        Command::Build(_) => "warn",
+    };
+    init_logging(default_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Build(args) => build::run(args).await,
+            Command::Builder(args) => builder::run(args).await,
+        }
+    });
+    ExitCode::from(code)
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the level (e.g. `RUST_LOG=homelab_deploy_builder=debug`).
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

@@ -1,0 +1,227 @@
+//! Showing a build while it runs (stderr) and its result (stdout).
+//!
+//! On a terminal: one `indicatif` line that changes in place. Otherwise (CI, timers, pipes): one
+//! plain line per step, so logs stay readable.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use homelab_deploy_protocol::{Event, EventBody, HostResult, HostStatus};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Lines of a failed host's error shown under the result table.
+const ERROR_LINES_SHOWN: usize = 15;
+
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    started: bool,
+    said_waiting: bool,
+    /// "[2/5] web" while a host builds.
+    current: Option<String>,
+    derivations: String,
+}
+
+impl Progress {
+    pub fn new(subject: &str, id: &str) -> Self {
+        eprintln!("queued {subject} as request {id}");
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar.set_message("waiting for a builder");
+            bar
+        });
+        Self {
+            bar,
+            started: false,
+            said_waiting: false,
+            current: None,
+            derivations: String::new(),
+        }
+    }
+
+    /// Called about once a second while no event comes.
+    pub fn tick(&mut self, waited: Duration) {
+        if !self.started && !self.said_waiting && waited >= Duration::from_secs(5) {
+            self.said_waiting = true;
+            self.line("waiting for a builder to take the request (all busy or none running)");
+        }
+    }
+
+    pub fn event(&mut self, event: &Event) {
+        match &event.body {
+            EventBody::Started {
+                builder,
+                rev,
+                hosts,
+                attempt,
+                ..
+            } => {
+                self.started = true;
+                let again = if *attempt > 1 {
+                    format!(" (attempt {attempt})")
+                } else {
+                    String::new()
+                };
+                self.line(&format!(
+                    "builder {builder} took the request{again}: rev {}, {} host{}",
+                    short_rev(rev),
+                    hosts.len(),
+                    if hosts.len() == 1 { "" } else { "s" }
+                ));
+            }
+            EventBody::HostStarted { host, index, total } => {
+                self.current = Some(format!("[{index}/{total}] {host}"));
+                self.derivations.clear();
+                if self.bar.is_none() {
+                    eprintln!("[{index}/{total}] {host}: evaluating and building");
+                }
+            }
+            EventBody::Progress { done, expected, .. } => {
+                self.derivations = format!(" ({done}/{expected} derivations)");
+            }
+            EventBody::HostFinished {
+                index,
+                total,
+                result,
+                ..
+            } => {
+                self.current = None;
+                let mut line = format!(
+                    "[{index}/{total}] {}: {} in {}",
+                    result.name,
+                    result.status.as_str(),
+                    duration(result.duration_ms)
+                );
+                if let Some(out) = &result.out_path {
+                    line.push_str(&format!(" → {out}"));
+                }
+                self.line(&line);
+            }
+            EventBody::Finished { .. } => {}
+        }
+        if let (Some(bar), Some(current)) = (&self.bar, &self.current) {
+            bar.set_message(format!("{current}: building{}", self.derivations));
+        }
+    }
+
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    pub fn clear(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// Prints the result table of a `finished` event, then the errors of failed hosts.
+pub fn print_result(finished: &Event) {
+    let EventBody::Finished {
+        status,
+        repo,
+        target,
+        rev,
+        hosts,
+        error,
+        builder,
+        duration_ms,
+    } = &finished.body
+    else {
+        return;
+    };
+    let name_width = hosts.iter().map(|h| h.name.len()).max().unwrap_or(4).max(4);
+    if !hosts.is_empty() {
+        println!(
+            "{:<name_width$}  {:<12}  {:>9}  OUT PATH",
+            "HOST", "STATUS", "DURATION"
+        );
+        for host in hosts {
+            println!(
+                "{:<name_width$}  {:<12}  {:>9}  {}",
+                host.name,
+                host.status.as_str(),
+                duration(host.duration_ms),
+                host.out_path.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    for host in hosts.iter().filter(|h| !h.status.is_success()) {
+        print_host_error(host);
+    }
+    let counts = count(hosts);
+    println!(
+        "{repo} {target}: {} in {}{}{}{}",
+        status.as_str(),
+        duration(*duration_ms),
+        rev.as_deref()
+            .map(|rev| format!(", rev {}", short_rev(rev)))
+            .unwrap_or_default(),
+        builder
+            .as_deref()
+            .map(|b| format!(", builder {b}"))
+            .unwrap_or_default(),
+        counts,
+    );
+    if let Some(error) = error {
+        println!("error: {error}");
+    }
+}
+
+fn print_host_error(host: &HostResult) {
+    let Some(error) = &host.error else { return };
+    println!("\n{} {}:", host.name, host.status.as_str());
+    let lines: Vec<&str> = error.lines().collect();
+    for line in &lines[lines.len().saturating_sub(ERROR_LINES_SHOWN)..] {
+        println!("  {line}");
+    }
+}
+
+fn count(hosts: &[HostResult]) -> String {
+    if hosts.is_empty() {
+        return String::new();
+    }
+    let of = |status: HostStatus| hosts.iter().filter(|h| h.status == status).count();
+    let mut parts = Vec::new();
+    for status in [
+        HostStatus::Built,
+        HostStatus::Cached,
+        HostStatus::BuildFailed,
+        HostStatus::EvalFailed,
+        HostStatus::TimedOut,
+        HostStatus::Cancelled,
+    ] {
+        let n = of(status);
+        if n > 0 {
+            parts.push(format!("{n} {}", status.as_str()));
+        }
+    }
+    format!(" ({})", parts.join(", "))
+}
+
+fn short_rev(rev: &str) -> &str {
+    rev.get(..12).unwrap_or(rev)
+}
+
+fn duration(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}

@@ -1,0 +1,37 @@
+//! Client side of homelab-deploy: connect to NATS, request a build, follow its events.
+//!
+//! Used by the `homelab-deploy` CLI, and meant for the MCP server, timers and CI as well, so that
+//! all of them submit and watch builds the same way.
+
+mod connect;
+mod request;
+
+pub use connect::{connect, read_nkey_seed, ConnectSettings};
+pub use request::{submit, EventStream, Submission, SubmitOptions};
+
+use homelab_deploy_protocol::RepoName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach NATS at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("cannot use NKey seed file {path}: {message}")]
+    Nkey { path: String, message: String },
+    #[error("no builder serves repo {repo}: no JetStream stream takes build.{repo}.* (is a builder configured with [repos.{repo}] and has it started?)")]
+    NoBuilder { repo: RepoName },
+    #[error("stream BUILD_EVENTS is missing: no builder has started on this NATS server yet")]
+    NoEventsStream,
+    #[error("the build queue refused the request: {message}")]
+    Refused { message: String },
+    #[error("NATS {action} failed: {message}")]
+    Nats {
+        action: &'static str,
+        message: String,
+    },
+    #[error("event {seq} of request {id} is not valid JSON: {message}")]
+    BadEvent {
+        id: String,
+        seq: String,
+        message: String,
+    },
+}

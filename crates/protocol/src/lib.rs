@@ -1,0 +1,22 @@
+//! The homelab-deploy wire protocol, version 1.
+//!
+//! Everything a client or builder needs to agree on, and nothing else: subject names, stream and
+//! consumer names, the request body, the events, and the rules that keep hostile input out of
+//! subjects and command lines. This crate does no I/O, so every rule here is unit tested.
+//!
+//! # Layout
+//! - [`subject`]: names (repo, target, request id) and the subjects built from them.
+//! - [`request`]: the build request body and how a builder turns a raw message into a valid request
+//!   or a refusal.
+//! - [`event`]: lifecycle events and log batches a builder publishes.
+
+pub mod event;
+pub mod request;
+pub mod subject;
+
+pub use event::{BuildStatus, Event, EventBody, HostResult, HostStatus, LogBatch};
+pub use request::{BuildRequest, ParsedRequest, Refusal};
+pub use subject::{NameError, RepoName, RequestId, Target};
+
+/// Bumped on an incompatible change of any subject, request field or event.
+pub const PROTOCOL_VERSION: u32 = 1;

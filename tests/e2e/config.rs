@@ -1,0 +1,148 @@
+//! Starting the builder: config errors, missing nix, NATS not yet up, and drain on SIGTERM.
+
+use std::process::Command;
+use std::time::Duration;
+
+use test_support::{free_port, wait_until, Builder, FixtureRepo, NatsServer};
+
+use crate::{bin, text, Setup};
+
+fn builder_check(config: &str) -> (Option<i32>, String) {
+    let dir = tempfile_dir();
+    let path = dir.join("builder.toml");
+    std::fs::write(&path, config).expect("write config");
+    let output = Command::new(bin())
+        .args(["builder", "--check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run builder --check");
+    let (stdout, stderr) = text(&output);
+    (output.status.code(), format!("{stdout}{stderr}"))
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(test_support::unique("config"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+const GOOD: &str = "[nats]\nurl = \"nats://127.0.0.1:4222\"\n[builder]\nname = \"b1\"\nstate_dir = \"/tmp/hd\"\n[repos.nixos-servers]\nurl = \"git+https://git.example.org/nixos-servers.git\"\nref = \"master\"\n";
+
+/// Each config mistake exits 2 with a message that names the file, the key and the problem.
+#[test]
+fn config_errors_name_file_key_and_problem() {
+    let (code, out) = builder_check(GOOD);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("nixos-servers"), "{out}");
+
+    let cases = [
+        (GOOD.replace("name = \"b1\"", "nmae = \"b1\""), "nmae"),
+        (
+            GOOD.replace("[repos.nixos-servers]", "[repos.\"nixos.servers\"]"),
+            "repos.nixos.servers",
+        ),
+        (
+            GOOD.replace("ref = \"master\"", "ref = \"master\"\nbranch = \"x\""),
+            "branch",
+        ),
+        (
+            GOOD.replace("url = \"git+https", "url = \"https"),
+            "repos.nixos-servers.url",
+        ),
+        (GOOD.replace("[nats]", "[nats"), "line 1"),
+    ];
+    for (config, key) in cases {
+        let (code, out) = builder_check(&config);
+        assert_eq!(code, Some(2), "{out}");
+        assert!(
+            out.contains("builder.toml") && out.contains(key),
+            "expected {key} in: {out}"
+        );
+    }
+
+    let output = Command::new(bin())
+        .args(["builder", "--config", "/nonexistent/builder.toml"])
+        .output()
+        .expect("run builder");
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr.contains("/nonexistent/builder.toml") && stderr.contains("No such file"),
+        "{stderr}"
+    );
+}
+
+/// A builder whose nix cannot be run exits 3 at once and says how to fix it.
+#[test]
+fn missing_nix_is_a_clear_startup_error() {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("fleet");
+    let mut builder = Builder::spawn(
+        bin(),
+        &nats.url,
+        &[("demo", repo.url())],
+        "\nnix = \"/nonexistent/bin/nix\"",
+    );
+    let exited = wait_until(Duration::from_secs(20), || !builder.is_running());
+    assert!(exited, "builder kept running without nix");
+    let log = builder.log();
+    assert!(
+        log.contains("/nonexistent/bin/nix") && log.contains("nix-bin"),
+        "{log}"
+    );
+}
+
+/// A builder started before NATS logs each failed attempt, then serves once NATS is up.
+#[test]
+fn builder_waits_for_nats_then_serves() {
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let repo = FixtureRepo::new("fleet");
+    let builder = Builder::spawn(bin(), &url, &[("demo", repo.url())], "");
+    let retried = wait_until(Duration::from_secs(20), || {
+        builder.log().contains("NATS unreachable; retrying")
+    });
+    assert!(retried, "{}", builder.log());
+    let nats = NatsServer::start_on_port(port);
+    builder.wait_ready();
+    let output = test_support::run_cli(
+        bin(),
+        &nats.url,
+        &["build", "demo", "web"],
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// SIGTERM during a build lets the build finish (its request is answered), then the builder
+/// exits 0 and takes nothing more.
+#[test]
+fn sigterm_drains_the_running_build() {
+    let mut setup = Setup::new("slow");
+    let output = setup.cli(&["build", "demo", "first", "--no-wait"]);
+    assert_eq!(output.status.code(), Some(0));
+    let building = wait_until(Duration::from_secs(30), || {
+        setup.builder.log().contains("request received")
+    });
+    assert!(building, "{}", setup.builder.log());
+    let status = setup
+        .builder
+        .terminate(Duration::from_secs(60))
+        .expect("builder exited");
+    assert!(
+        status.success(),
+        "exit {status}; log:\n{}",
+        setup.builder.log()
+    );
+    let log = setup.builder.log();
+    assert!(
+        log.contains("host finished") && log.contains("status=\"built\""),
+        "{log}"
+    );
+    assert!(log.contains("builder stopped"), "{log}");
+}

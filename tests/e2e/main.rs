@@ -1,0 +1,76 @@
+//! End-to-end tests: the real `homelab-deploy` binary against a real nats-server, real git repos
+//! and the real nix. Each test starts its own server, repo and builder.
+
+mod build;
+mod config;
+mod logs;
+mod refusals;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use serde_json::Value;
+use test_support::{run_cli, Builder, FixtureRepo, NatsServer};
+
+/// The binary under test.
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_homelab-deploy"))
+}
+
+/// A nats-server, a fixture repo served as `repo_name`, and one builder serving it.
+struct Setup {
+    repo: FixtureRepo,
+    builder: Builder,
+    nats: NatsServer,
+}
+
+impl Setup {
+    fn new(fixture: &str) -> Self {
+        let nats = NatsServer::start();
+        let repo = FixtureRepo::new(fixture);
+        let builder = Builder::start(bin(), &nats.url, &[("demo", repo.url())]);
+        Self {
+            repo,
+            builder,
+            nats,
+        }
+    }
+
+    /// Runs `homelab-deploy ARGS` against this setup's server.
+    fn cli(&self, args: &[&str]) -> Output {
+        run_cli(bin(), &self.nats.url, args, Duration::from_secs(120))
+    }
+
+    /// Runs `homelab-deploy build demo TARGET --json ARGS`; returns the exit code and the
+    /// `finished` event it printed.
+    fn build_json(&self, target: &str, extra: &[&str]) -> (i32, Value) {
+        let mut args = vec!["build", "demo", target, "--json"];
+        args.extend_from_slice(extra);
+        let output = self.cli(&args);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let finished: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|err| {
+            panic!(
+                "stdout is not one JSON object ({err}): {stdout}\nstderr:\n{}\nbuilder log:\n{}",
+                String::from_utf8_lossy(&output.stderr),
+                self.builder.log()
+            )
+        });
+        (output.status.code().unwrap_or(-1), finished)
+    }
+}
+
+/// The result of `host` in a `finished` event.
+fn host<'a>(finished: &'a Value, name: &str) -> &'a Value {
+    finished["hosts"]
+        .as_array()
+        .and_then(|hosts| hosts.iter().find(|h| h["name"] == name))
+        .unwrap_or_else(|| panic!("host {name} missing from {finished:#}"))
+}
+
+fn text(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
