@@ -10,17 +10,12 @@ use homelab_deploy_protocol::request::MAX_REQUEST_BYTES;
 use homelab_deploy_protocol::subject::{
     consumer_name, repo_requests_filter, EVENTS_STREAM, EVENTS_STREAM_SUBJECTS, REQUESTS_STREAM,
 };
-use homelab_deploy_protocol::RepoName;
+use homelab_deploy_protocol::{Event, RepoName};
 use serde::Serialize;
 use tracing::warn;
 
 use crate::config::StreamsConfig;
 
-/// A request that is not acked, nor kept alive with a progress ack, within this time is
-/// redelivered to another builder.
-pub const ACK_WAIT: Duration = Duration::from_secs(60);
-/// How often a running request is kept alive.
-pub const PROGRESS_ACK_INTERVAL: Duration = Duration::from_secs(15);
 /// Largest event or log batch message.
 pub const MAX_EVENT_BYTES: i32 = 1024 * 1024;
 
@@ -129,8 +124,13 @@ pub async fn ensure_streams(
     ))
 }
 
-/// The durable pull consumer that all builders of `repo` share.
-pub async fn ensure_consumer(js: &Context, repo: &RepoName) -> Result<PullConsumer, BusError> {
+/// The durable pull consumer that all builders of `repo` share. A request neither acked nor kept
+/// alive within `ack_wait` is redelivered to another builder.
+pub async fn ensure_consumer(
+    js: &Context,
+    repo: &RepoName,
+    ack_wait: Duration,
+) -> Result<PullConsumer, BusError> {
     let name = consumer_name(repo);
     let consumer_error = |err: &dyn std::fmt::Display| BusError::Consumer {
         consumer: name.clone(),
@@ -145,7 +145,7 @@ pub async fn ensure_consumer(js: &Context, repo: &RepoName) -> Result<PullConsum
         description: Some(format!("builders of repo {repo}")),
         filter_subject: repo_requests_filter(repo),
         ack_policy: AckPolicy::Explicit,
-        ack_wait: ACK_WAIT,
+        ack_wait,
         deliver_policy: DeliverPolicy::All,
         max_ack_pending: 1000,
         ..Default::default()
@@ -207,15 +207,15 @@ impl Publisher {
     }
 }
 
-/// Last event `seq` stored for a request, so a redelivered request continues its numbering.
-pub async fn last_event_seq(js: &Context, events_subject: &str) -> Option<u64> {
+/// The last event stored for a request, so a redelivered request continues its numbering and a
+/// finished one is not built again.
+pub async fn last_event(js: &Context, events_subject: &str) -> Option<Event> {
     let stream = js.get_stream(EVENTS_STREAM).await.ok()?;
     let message = stream
         .get_last_raw_message_by_subject(events_subject)
         .await
         .ok()?;
-    let value: serde_json::Value = serde_json::from_slice(&message.payload).ok()?;
-    value.get("seq")?.as_u64()
+    serde_json::from_slice(&message.payload).ok()
 }
 
 pub use jetstream::Message as RequestMessage;

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use homelab_deploy_protocol::api::check_builder_name;
 use homelab_deploy_protocol::request::check_git_ref;
 use homelab_deploy_protocol::RepoName;
 use serde::Deserialize;
@@ -78,6 +79,9 @@ pub struct StreamsConfig {
     /// Pending requests per `build.<repo>.<target>` subject; one more is refused to its sender.
     #[serde(default = "default_requests_per_subject")]
     pub max_pending_requests_per_target: i64,
+    /// A request whose builder went silent (died) for this long is redelivered to another one.
+    #[serde(default = "default_request_ack_wait_secs")]
+    pub request_ack_wait_secs: u64,
 }
 
 impl Default for StreamsConfig {
@@ -86,6 +90,7 @@ impl Default for StreamsConfig {
             events_max_age_secs: default_events_max_age_secs(),
             events_max_bytes: default_events_max_bytes(),
             max_pending_requests_per_target: default_requests_per_subject(),
+            request_ack_wait_secs: default_request_ack_wait_secs(),
         }
     }
 }
@@ -124,6 +129,9 @@ fn default_events_max_bytes() -> i64 {
 }
 fn default_requests_per_subject() -> i64 {
     100
+}
+fn default_request_ack_wait_secs() -> u64 {
+    60
 }
 fn default_ref() -> String {
     "main".to_owned()
@@ -171,10 +179,16 @@ impl Config {
                 ),
             ));
         }
-        if self.builder.name.trim().is_empty() || self.builder.name.len() > 128 {
+        if let Err(err) = check_builder_name(&self.builder.name) {
             return Err(invalid(
                 "builder.name".into(),
-                "must be 1 to 128 characters".into(),
+                format!("{err}; it names the builder's control subjects"),
+            ));
+        }
+        if self.streams.request_ack_wait_secs < 2 {
+            return Err(invalid(
+                "streams.request_ack_wait_secs".into(),
+                "must be at least 2".into(),
             ));
         }
         if self.builder.max_concurrent_requests == 0 {
@@ -243,6 +257,10 @@ impl Config {
 
     pub fn host_timeout(&self) -> Duration {
         Duration::from_secs(self.builder.host_timeout_secs)
+    }
+
+    pub fn request_ack_wait(&self) -> Duration {
+        Duration::from_secs(self.streams.request_ack_wait_secs)
     }
 }
 

@@ -14,6 +14,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use homelab_deploy_client::{connect, ConnectSettings};
+use homelab_deploy_protocol::subject::REQUESTS_STREAM;
 use homelab_deploy_protocol::RepoName;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -23,6 +24,7 @@ use crate::bus::{ensure_consumer, ensure_streams, Publisher};
 use crate::config::Config;
 use crate::git::Mirror;
 use crate::job::{Jobs, ServedRepo};
+use crate::registry::Registry;
 use crate::nix::Nix;
 
 /// How long one pull waits for a request; also the longest a drain waits for a pull to end.
@@ -53,8 +55,23 @@ pub enum DaemonError {
     StoppedWhileConnecting,
 }
 
-/// Runs the builder until `stop` asks it to end; returns once every running build is done.
-pub async fn run(config: Config, mut stop: watch::Receiver<Stop>) -> Result<(), DaemonError> {
+/// Runs the builder until `external_stop` (signals) or a drain request over NATS asks it to end;
+/// returns once every running build is done.
+pub async fn run(config: Config, mut external_stop: watch::Receiver<Stop>) -> Result<(), DaemonError> {
+    let (stop_tx, mut stop) = watch::channel(*external_stop.borrow());
+    let follow_tx = stop_tx.clone();
+    tokio::spawn(async move {
+        while external_stop.changed().await.is_ok() {
+            let level = *external_stop.borrow();
+            follow_tx.send_if_modified(|stop| {
+                let harder = level > *stop;
+                if harder {
+                    *stop = level;
+                }
+                harder
+            });
+        }
+    });
     let nix = Nix::detect(&config.builder.nix).await?;
     std::fs::create_dir_all(&config.builder.state_dir).map_err(|source| DaemonError::StateDir {
         path: config.builder.state_dir.display().to_string(),
@@ -62,13 +79,16 @@ pub async fn run(config: Config, mut stop: watch::Receiver<Stop>) -> Result<(), 
     })?;
 
     let client = connect_with_retry(&config, &mut stop).await?;
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     let repos = config.repos();
     let repo_names: Vec<RepoName> = repos.iter().map(|repo| repo.name.clone()).collect();
     ensure_streams(&js, &config.streams, &repo_names).await?;
     let mut consumers = Vec::new();
     for name in &repo_names {
-        consumers.push((name.clone(), ensure_consumer(&js, name).await?));
+        consumers.push((
+            name.clone(),
+            ensure_consumer(&js, name, config.request_ack_wait()).await?,
+        ));
     }
 
     let served = repos
@@ -87,14 +107,34 @@ pub async fn run(config: Config, mut stop: watch::Receiver<Stop>) -> Result<(), 
             (repo.name, served)
         })
         .collect::<HashMap<_, _>>();
-    let jobs = Arc::new(Jobs {
-        builder_name: config.builder.name.clone(),
-        state_dir: config.builder.state_dir.clone(),
+    let requests = js
+        .get_stream(REQUESTS_STREAM)
+        .await
+        .map_err(|err| crate::bus::BusError::Stream {
+            stream: REQUESTS_STREAM.to_owned(),
+            message: err.to_string(),
+        })?;
+    // Keep-alives well inside the ack wait; also how fast a newer `replace` request is noticed.
+    let watch_interval = (config.request_ack_wait() / 4).min(Duration::from_secs(2));
+    let jobs = Arc::new(Jobs::new(
+        config.builder.name.clone(),
+        config.builder.state_dir.clone(),
         nix,
-        publisher: Publisher::new(js),
-        host_timeout: config.host_timeout(),
-        repos: served,
-    });
+        Publisher::new(js.clone()),
+        config.host_timeout(),
+        served,
+        requests,
+        watch_interval,
+    ));
+    let registry = Registry::open(
+        &js,
+        &config.builder.name,
+        repo_names.iter().map(|r| r.to_string()).collect(),
+    )
+    .await?;
+    let (finished_tx, finished_rx) = watch::channel(false);
+    let registry_task = tokio::spawn(registry.run(jobs.clone(), stop.clone(), finished_rx));
+    let api_task = tokio::spawn(crate::api::serve(client.clone(), jobs.clone(), stop_tx.clone()));
     info!(
         builder = %config.builder.name,
         repos = ?repo_names.iter().map(RepoName::as_str).collect::<Vec<_>>(),
@@ -104,7 +144,6 @@ pub async fn run(config: Config, mut stop: watch::Receiver<Stop>) -> Result<(), 
     );
 
     let slots = Arc::new(Semaphore::new(config.builder.max_concurrent_requests));
-    let (abort_tx, abort_rx) = watch::channel(false);
     let mut running = JoinSet::new();
     let mut pullers = JoinSet::new();
     for (repo, consumer) in consumers {
@@ -114,7 +153,6 @@ pub async fn run(config: Config, mut stop: watch::Receiver<Stop>) -> Result<(), 
             slots.clone(),
             jobs.clone(),
             stop.clone(),
-            abort_rx.clone(),
         ));
     }
 
@@ -136,12 +174,15 @@ pub async fn run(config: Config, mut stop: watch::Receiver<Stop>) -> Result<(), 
             next = running.join_next() => if next.is_none() { break },
             _ = stopping(&mut stop, Stop::Abort) => {
                 warn!("aborting running builds; their requests go back to the queue");
-                let _ = abort_tx.send(true);
+                jobs.interrupt_all();
                 while running.join_next().await.is_some() {}
                 break;
             }
         }
     }
+    api_task.abort();
+    let _ = finished_tx.send(true);
+    let _ = registry_task.await;
     info!("builder stopped");
     Ok(())
 }
@@ -187,7 +228,6 @@ async fn pull_loop(
     slots: Arc<Semaphore>,
     jobs: Arc<Jobs>,
     stop: watch::Receiver<Stop>,
-    abort: watch::Receiver<bool>,
 ) -> Vec<JobHandle> {
     let mut running: JoinSet<()> = JoinSet::new();
     let draining = || *stop.borrow() != Stop::Running;
@@ -240,9 +280,8 @@ async fn pull_loop(
             }
         };
         let jobs = jobs.clone();
-        let abort = abort.clone();
         running.spawn(async move {
-            jobs.run(message, abort).await;
+            jobs.run(message).await;
             drop(permit);
         });
     }

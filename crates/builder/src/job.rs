@@ -16,18 +16,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::AckKind;
+use async_nats::jetstream::{self, AckKind};
+use homelab_deploy_protocol::api::BuilderState;
 use homelab_deploy_protocol::request::parse_request;
-use homelab_deploy_protocol::subject::{events_subject, logs_subject, MSG_ID_HEADER};
+use homelab_deploy_protocol::subject::{events_subject, logs_subject, request_subject, MSG_ID_HEADER};
 use homelab_deploy_protocol::{
-    BuildStatus, Event, EventBody, HostResult, HostStatus, ParsedRequest, RepoName, RequestId,
-    Target,
+    BuildRequest, BuildStatus, Event, EventBody, HostResult, HostStatus, Mode, ParsedRequest,
+    RepoName, RequestId, Target,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::bus::{last_event_seq, BusError, Publisher, RequestMessage, PROGRESS_ACK_INTERVAL};
+use crate::bus::{last_event, BusError, Publisher, RequestMessage};
 use crate::config::RepoConfig;
 use crate::git::{Mirror, Resolved, Wanted};
 use crate::logs::LogBatcher;
@@ -46,6 +47,12 @@ pub struct Jobs {
     pub publisher: Publisher,
     pub host_timeout: Duration,
     pub repos: HashMap<RepoName, ServedRepo>,
+    /// The requests stream, to spot newer `replace` requests for a running request's target.
+    pub requests: jetstream::stream::Stream,
+    /// How often a running request is kept alive and checked for a newer `replace` request.
+    pub watch_interval: Duration,
+    /// Requests running here, by id.
+    running: Mutex<HashMap<String, RunningJob>>,
 }
 
 /// A repo this builder serves, with its mirror. The lock keeps two jobs of the same repo from
@@ -56,6 +63,21 @@ pub struct ServedRepo {
     pub fetch_lock: Arc<Mutex<()>>,
 }
 
+/// Why a running request must stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interrupt {
+    /// The builder is going away: the request goes back to the queue.
+    Shutdown,
+    /// Cancelled (by a person, or by a newer `replace` request): it ends `cancelled`.
+    Cancel { by: String, reason: String },
+}
+
+struct RunningJob {
+    repo: String,
+    target: String,
+    interrupt: watch::Sender<Option<Interrupt>>,
+}
+
 /// Why a job stopped without finishing its request.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -63,24 +85,100 @@ pub enum JobError {
     Bus(#[from] BusError),
     #[error("stopped by shutdown")]
     Aborted,
+    #[error("another builder took the request over (it was redelivered)")]
+    Superseded,
+}
+
+/// What happened to one host.
+enum HostOutcome {
+    Done(HostResult),
+    Cancelled(HostResult, String, String),
 }
 
 impl Jobs {
-    /// Runs one request message to its end. `abort` turning true stops the build at once and
-    /// puts the request back in the queue (a second SIGTERM).
-    pub async fn run(&self, message: RequestMessage, abort: watch::Receiver<bool>) {
+    pub fn new(
+        builder_name: String,
+        state_dir: PathBuf,
+        nix: Nix,
+        publisher: Publisher,
+        host_timeout: Duration,
+        repos: HashMap<RepoName, ServedRepo>,
+        requests: jetstream::stream::Stream,
+        watch_interval: Duration,
+    ) -> Self {
+        Self {
+            builder_name,
+            state_dir,
+            nix,
+            publisher,
+            host_timeout,
+            repos,
+            requests,
+            watch_interval,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// What this builder is building now.
+    pub fn running_states(&self) -> Vec<BuilderState> {
+        self.lock_running()
+            .iter()
+            .map(|(id, job)| BuilderState::Building {
+                repo: job.repo.clone(),
+                target: job.target.clone(),
+                id: id.clone(),
+            })
+            .collect()
+    }
+
+    /// Cancels request `id` if it runs here; false when it does not.
+    pub fn cancel(&self, id: &str, by: &str, reason: &str) -> bool {
+        match self.lock_running().get(id) {
+            Some(job) => {
+                let _ = job.interrupt.send(Some(Interrupt::Cancel {
+                    by: by.to_owned(),
+                    reason: reason.to_owned(),
+                }));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops every running build; their requests go back to the queue.
+    pub fn interrupt_all(&self) {
+        for job in self.lock_running().values() {
+            let _ = job.interrupt.send(Some(Interrupt::Shutdown));
+        }
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningJob>> {
+        // The map is only touched in short critical sections that cannot panic.
+        self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs one request message to its end, then acks it (or hands it back on shutdown).
+    pub async fn run(&self, message: RequestMessage) {
         let message = Arc::new(message);
-        let keepalive = tokio::spawn(keep_alive(message.clone()));
-        let outcome = self.run_request(&message, abort).await;
-        keepalive.abort();
+        let (interrupt_tx, interrupt) = watch::channel(None);
+        let watcher = tokio::spawn(watch_request(
+            message.clone(),
+            self.requests.clone(),
+            interrupt_tx.clone(),
+            self.watch_interval,
+        ));
+        let outcome = self.run_request(&message, interrupt_tx, interrupt).await;
+        watcher.abort();
         let ack = match &outcome {
             Ok(()) => message.double_ack().await,
             Err(JobError::Aborted) => message.ack_with(AckKind::Nak(None)).await,
+            Err(JobError::Superseded) => {
+                warn!(subject = %message.subject, "request was redelivered to another builder meanwhile; standing down without acking");
+                Ok(())
+            }
             Err(JobError::Bus(err)) => {
                 error!(error = %err, subject = %message.subject, "could not publish events; request goes back to the queue");
-                message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-                    .await
+                message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await
             }
         };
         if let Err(err) = ack {
@@ -91,12 +189,12 @@ impl Jobs {
     async fn run_request(
         &self,
         message: &RequestMessage,
-        abort: watch::Receiver<bool>,
+        interrupt_tx: watch::Sender<Option<Interrupt>>,
+        interrupt: watch::Receiver<Option<Interrupt>>,
     ) -> Result<(), JobError> {
-        let attempt = message
-            .info()
-            .map(|info| info.delivered.max(1) as u64)
-            .unwrap_or(1);
+        let info = message.info().ok();
+        let attempt = info.as_ref().map(|i| i.delivered.max(1) as u64).unwrap_or(1);
+        let stream_seq = info.as_ref().map(|i| i.stream_sequence).unwrap_or(0);
         let header_id = message
             .headers
             .as_ref()
@@ -114,33 +212,67 @@ impl Jobs {
             Ok(request) => request,
             Err(refusal) => {
                 warn!(subject = %message.subject, id = ?refusal.id.as_ref().map(|id| id.to_string()), reason = %refusal.reason, "refused malformed request");
-                if let (Some(id), Some(repo), Some(target)) =
-                    (refusal.id, refusal.repo, refusal.target)
-                {
+                if let (Some(id), Some(repo), Some(target)) = (refusal.id, refusal.repo, refusal.target) {
                     let mut events = Events::open(&self.publisher, &repo, &target, &id).await;
-                    events
-                        .finish_refused(&self.builder_name, &repo, &target, refusal.reason, started)
-                        .await?;
+                    if !events.already_finished() {
+                        events
+                            .finish_refused(&self.builder_name, &repo, &target, refusal.reason, started)
+                            .await?;
+                    }
                 }
                 // Term, not ack: a malformed request must never be retried.
                 let _ = message.ack_with(AckKind::Term).await;
                 return Ok(());
             }
         };
-        let ParsedRequest {
-            id, repo, target, ..
-        } = &request;
+        let ParsedRequest { id, repo, target, .. } = &request;
         let mut events = Events::open(&self.publisher, repo, target, id).await;
-        info!(request_id = %id, repo = %repo, target = %target, attempt, requested_by = ?request.requested_by, "request received");
+        if events.already_finished() {
+            info!(request_id = %id, "request already has a finished event (cancelled while queued, or a reused id); not building it again");
+            return Ok(());
+        }
+        info!(request_id = %id, repo = %repo, target = %target, attempt, mode = request.mode.as_str(), requested_by = ?request.requested_by, "request received");
+        self.lock_running().insert(
+            id.to_string(),
+            RunningJob {
+                repo: repo.to_string(),
+                target: target.to_string(),
+                interrupt: interrupt_tx,
+            },
+        );
+        let result = self
+            .build_request(&request, &mut events, interrupt, attempt, stream_seq, started)
+            .await;
+        self.lock_running().remove(id.as_str());
+        result
+    }
+
+    async fn build_request(
+        &self,
+        request: &ParsedRequest,
+        events: &mut Events<'_>,
+        mut interrupt: watch::Receiver<Option<Interrupt>>,
+        attempt: u64,
+        stream_seq: u64,
+        started: Instant,
+    ) -> Result<(), JobError> {
+        let ParsedRequest { id, repo, target, .. } = request;
         let Some(served) = self.repos.get(repo) else {
             let reason = format!("repo {repo} is not served by builder {}", self.builder_name);
             return events
                 .finish_refused(&self.builder_name, repo, target, reason, started)
                 .await;
         };
+        if let Some(newer) = newer_replace_request(&self.requests, &request_subject(repo, target), stream_seq).await {
+            let mut finish = Finish::new(repo, target, &self.builder_name, started);
+            finish.status = BuildStatus::Cancelled;
+            finish.cancelled_by = Some(format!("replace request {newer}"));
+            finish.error = Some(format!("superseded by newer request {newer} (mode replace)"));
+            return events.finish(finish).await;
+        }
 
         // 2. Resolve one commit.
-        let resolved = match self.resolve(served, &request).await {
+        let resolved = match self.resolve(served, request).await {
             Ok(resolved) => resolved,
             Err(reason) => {
                 return events
@@ -173,12 +305,18 @@ impl Jobs {
             })
             .await?;
 
-        // 4. Each host in turn.
+        // 4. Each host in turn; after a cancel the rest are cancelled without building.
         let total = hosts.len();
         let mut results = Vec::with_capacity(total);
+        let mut cancelled: Option<(String, String)> = None;
         let logs = logs_subject(repo, target, id);
         for (position, host) in hosts.iter().enumerate() {
             let index = position + 1;
+            if cancelled.is_some() {
+                results.push(skipped_host(host));
+                continue;
+            }
+            events.check_still_owner().await?;
             events
                 .emit(EventBody::HostStarted {
                     host: host.clone(),
@@ -186,17 +324,16 @@ impl Jobs {
                     total,
                 })
                 .await?;
-            let result = self
-                .build_host(
-                    &mut events,
-                    &flake,
-                    repo,
-                    host,
-                    &logs,
-                    id.as_str(),
-                    abort.clone(),
-                )
-                .await?;
+            let result = match self
+                .build_host(events, &flake, repo, host, &logs, id.as_str(), &mut interrupt)
+                .await?
+            {
+                HostOutcome::Done(result) => result,
+                HostOutcome::Cancelled(result, by, reason) => {
+                    cancelled = Some((by, reason));
+                    result
+                }
+            };
             info!(request_id = %id, host, status = result.status.as_str(), duration_ms = result.duration_ms, "host finished");
             events
                 .emit(EventBody::HostFinished {
@@ -212,25 +349,24 @@ impl Jobs {
         // 5. The whole result.
         let mut finish = Finish::new(repo, target, &self.builder_name, started);
         finish.status = BuildStatus::from_hosts(&results);
+        if let Some((by, reason)) = cancelled {
+            finish.status = BuildStatus::Cancelled;
+            finish.error = Some(format!("cancelled by {by}: {reason}"));
+            finish.cancelled_by = Some(by);
+        }
         finish.rev = Some(rev);
         finish.hosts = results;
         info!(request_id = %id, status = finish.status.as_str(), "request finished");
+        events.check_still_owner().await?;
         events.finish(finish).await
     }
 
-    async fn resolve(
-        &self,
-        served: &ServedRepo,
-        request: &ParsedRequest,
-    ) -> Result<Resolved, String> {
+    async fn resolve(&self, served: &ServedRepo, request: &ParsedRequest) -> Result<Resolved, String> {
         let mirror = served.mirror.clone();
         let lock = served.fetch_lock.clone();
         let default_ref = served.config.git_ref.clone();
         let rev = request.rev.clone();
-        let git_ref = request
-            .git_ref
-            .clone()
-            .unwrap_or_else(|| default_ref.clone());
+        let git_ref = request.git_ref.clone().unwrap_or_else(|| default_ref.clone());
         tokio::task::spawn_blocking(move || {
             let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let wanted = match &rev {
@@ -244,17 +380,9 @@ impl Jobs {
         .map_err(|err| err.to_string())
     }
 
-    async fn hosts_to_build(
-        &self,
-        flake: &str,
-        target: &Target,
-        rev: &str,
-    ) -> Result<Vec<String>, String> {
+    async fn hosts_to_build(&self, flake: &str, target: &Target, rev: &str) -> Result<Vec<String>, String> {
         let available = self.nix.list_hosts(flake).await.map_err(|err| {
-            format!(
-                "cannot list nixosConfigurations of the flake at rev {rev}: {}",
-                cut(&err.excerpt())
-            )
+            format!("cannot list nixosConfigurations of the flake at rev {rev}: {}", cut(&err.excerpt()))
         })?;
         match target {
             Target::All if available.is_empty() => {
@@ -269,8 +397,8 @@ impl Jobs {
         }
     }
 
-    /// Evaluates and builds one host. Only a failure to publish is an error; everything nix does
-    /// wrong is the host's result.
+    /// Evaluates and builds one host. Only a failure to publish (or a shutdown) is an error;
+    /// everything nix does wrong is the host's result.
     #[allow(clippy::too_many_arguments)]
     async fn build_host(
         &self,
@@ -280,8 +408,8 @@ impl Jobs {
         host: &str,
         logs: &str,
         request_id: &str,
-        mut abort: watch::Receiver<bool>,
-    ) -> Result<HostResult, JobError> {
+        interrupt: &mut watch::Receiver<Option<Interrupt>>,
+    ) -> Result<HostOutcome, JobError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.host_timeout;
         let result = |status, out_path, error: Option<String>| HostResult {
@@ -291,37 +419,31 @@ impl Jobs {
             duration_ms: started.elapsed().as_millis() as u64,
             error: error.map(|e| cut(&e)),
         };
-        let timed_out = || {
-            format!(
-                "timed out after {}s (builder.host_timeout_secs)",
-                self.host_timeout.as_secs()
-            )
+        let done = |status, out_path, error| Ok(HostOutcome::Done(result(status, out_path, error)));
+        let timed_out = || format!("timed out after {}s (builder.host_timeout_secs)", self.host_timeout.as_secs());
+        let stopped = |why: Interrupt| match why {
+            Interrupt::Shutdown => Err(JobError::Aborted),
+            Interrupt::Cancel { by, reason } => {
+                let error = format!("cancelled by {by}: {reason}");
+                Ok(HostOutcome::Cancelled(result(HostStatus::Cancelled, None, Some(error)), by, reason))
+            }
         };
 
         let drv = tokio::select! {
             drv = self.nix.eval_toplevel_drv(flake, host) => drv,
-            _ = tokio::time::sleep_until(deadline) => {
-                return Ok(result(HostStatus::TimedOut, None, Some(timed_out())))
-            }
-            _ = aborted(&mut abort) => return Err(JobError::Aborted),
+            _ = tokio::time::sleep_until(deadline) => return done(HostStatus::TimedOut, None, Some(timed_out())),
+            why = interrupted(interrupt) => return stopped(why),
         };
         let drv = match drv {
             Ok(drv) => drv,
-            Err(err) => return Ok(result(HostStatus::EvalFailed, None, Some(err.excerpt()))),
+            Err(err) => return done(HostStatus::EvalFailed, None, Some(err.excerpt())),
         };
 
-        let out_link = self
-            .state_dir
-            .join("gcroots")
-            .join(repo.as_str())
-            .join(host);
+        let out_link = self.state_dir.join("gcroots").join(repo.as_str()).join(host);
         if let Some(parent) = out_link.parent() {
             if let Err(err) = std::fs::create_dir_all(parent) {
-                let error = format!(
-                    "cannot create GC root directory {}: {err}",
-                    parent.display()
-                );
-                return Ok(result(HostStatus::BuildFailed, None, Some(error)));
+                let error = format!("cannot create GC root directory {}: {err}", parent.display());
+                return done(HostStatus::BuildFailed, None, Some(error));
             }
         }
         let mut batcher = LogBatcher::new(
@@ -335,6 +457,7 @@ impl Jobs {
         tokio::pin!(build);
         let mut last_progress: Option<Instant> = None;
         let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        // Dropping `build` (on timeout or interrupt) kills nix's whole process group.
         let built = loop {
             tokio::select! {
                 built = &mut build => break built,
@@ -350,9 +473,12 @@ impl Jobs {
                 _ = tokio::time::sleep_until(batcher.deadline().unwrap_or(far_future)) => batcher.flush().await?,
                 _ = tokio::time::sleep_until(deadline) => {
                     batcher.flush().await?;
-                    return Ok(result(HostStatus::TimedOut, None, Some(timed_out())));
+                    return done(HostStatus::TimedOut, None, Some(timed_out()));
                 }
-                _ = aborted(&mut abort) => return Err(JobError::Aborted),
+                why = interrupted(interrupt) => {
+                    batcher.flush().await?;
+                    return stopped(why);
+                }
             }
         };
         while let Some(item) = output.recv().await {
@@ -361,29 +487,103 @@ impl Jobs {
             }
         }
         batcher.flush().await?;
-        Ok(match built {
-            Ok(built) if built.derivations_built == 0 => {
-                result(HostStatus::Cached, Some(built.out_path), None)
-            }
-            Ok(built) => result(HostStatus::Built, Some(built.out_path), None),
-            Err(err) => result(HostStatus::BuildFailed, None, Some(err.excerpt())),
-        })
+        match built {
+            Ok(built) if built.derivations_built == 0 => done(HostStatus::Cached, Some(built.out_path), None),
+            Ok(built) => done(HostStatus::Built, Some(built.out_path), None),
+            Err(err) => done(HostStatus::BuildFailed, None, Some(err.excerpt())),
+        }
     }
 }
 
-/// Resolves once the builder asks running builds to stop.
-async fn aborted(abort: &mut watch::Receiver<bool>) {
-    let _ = abort.wait_for(|abort| *abort).await;
+impl Jobs {
+    /// Ends a request that was removed from the queue before any builder took it.
+    pub async fn finish_cancelled_queued(
+        &self,
+        repo: &RepoName,
+        target: &Target,
+        id: &RequestId,
+        by: &str,
+        reason: &str,
+    ) -> Result<(), JobError> {
+        let mut events = Events::open(&self.publisher, repo, target, id).await;
+        let mut finish = Finish::new(repo, target, &self.builder_name, Instant::now());
+        finish.status = BuildStatus::Cancelled;
+        finish.cancelled_by = Some(by.to_owned());
+        finish.error = Some(format!("cancelled by {by} while queued: {reason}"));
+        events.finish(finish).await
+    }
 }
 
-/// Sends progress acks so the request is not redelivered while it is being built.
-async fn keep_alive(message: Arc<RequestMessage>) {
-    let mut interval = tokio::time::interval(PROGRESS_ACK_INTERVAL);
-    interval.tick().await;
+/// A host that was never started because the request was cancelled first.
+fn skipped_host(host: &str) -> HostResult {
+    HostResult {
+        name: host.to_owned(),
+        status: HostStatus::Cancelled,
+        out_path: None,
+        duration_ms: 0,
+        error: None,
+    }
+}
+
+/// Resolves with the reason once the running request must stop.
+async fn interrupted(interrupt: &mut watch::Receiver<Option<Interrupt>>) -> Interrupt {
+    let why = interrupt
+        .wait_for(Option::is_some)
+        .await
+        .map(|why| why.clone());
+    match why {
+        Ok(why) => why.unwrap_or(Interrupt::Shutdown),
+        // The sender lives as long as the job; if it is gone, nothing can interrupt any more.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// The id of a `replace` request for the same subject that is newer than `stream_seq`, if any.
+async fn newer_replace_request(
+    requests: &jetstream::stream::Stream,
+    subject: &str,
+    stream_seq: u64,
+) -> Option<String> {
+    let newest = requests.get_last_raw_message_by_subject(subject).await.ok()?;
+    if newest.sequence <= stream_seq {
+        return None;
+    }
+    let body: BuildRequest = serde_json::from_slice(&newest.payload).unwrap_or_default();
+    if body.mode != Some(Mode::Replace) {
+        return None;
+    }
+    let id = newest
+        .headers
+        .get(MSG_ID_HEADER)
+        .map(|value| value.as_str().to_owned())
+        .or(body.id);
+    Some(id.unwrap_or_else(|| format!("at stream sequence {}", newest.sequence)))
+}
+
+/// While a request runs: keeps it alive with progress acks, and cancels it when a newer
+/// `replace` request for the same repo and target is queued.
+async fn watch_request(
+    message: Arc<RequestMessage>,
+    requests: jetstream::stream::Stream,
+    interrupt: watch::Sender<Option<Interrupt>>,
+    interval: Duration,
+) {
+    let stream_seq = message.info().map(|info| info.stream_sequence).unwrap_or(0);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
     loop {
-        interval.tick().await;
+        ticker.tick().await;
         if let Err(err) = message.ack_with(AckKind::Progress).await {
             warn!(error = %err, subject = %message.subject, "progress ack failed");
+        }
+        if interrupt.borrow().is_some() {
+            continue;
+        }
+        if let Some(newer) = newer_replace_request(&requests, &message.subject, stream_seq).await {
+            let _ = interrupt.send(Some(Interrupt::Cancel {
+                by: format!("replace request {newer}"),
+                reason: "replaced by a newer request for the same target".to_owned(),
+            }));
         }
     }
 }
@@ -394,6 +594,7 @@ struct Events<'a> {
     subject: String,
     id: String,
     seq: u64,
+    last_was_finished: bool,
 }
 
 /// The parts of a `finished` event, filled in as the request goes.
@@ -405,6 +606,7 @@ struct Finish {
     hosts: Vec<HostResult>,
     error: Option<String>,
     builder: String,
+    cancelled_by: Option<String>,
     started: Instant,
 }
 
@@ -418,6 +620,7 @@ impl Finish {
             hosts: Vec::new(),
             error: None,
             builder: builder.to_owned(),
+            cancelled_by: None,
             started,
         }
     }
@@ -432,14 +635,27 @@ impl<'a> Events<'a> {
         id: &RequestId,
     ) -> Events<'a> {
         let subject = events_subject(repo, target, id);
-        let seq = last_event_seq(publisher.jetstream(), &subject)
-            .await
-            .unwrap_or(0);
+        let last = last_event(publisher.jetstream(), &subject).await;
         Events {
             publisher,
             subject,
             id: id.to_string(),
-            seq,
+            seq: last.as_ref().map(|event| event.seq).unwrap_or(0),
+            last_was_finished: last.is_some_and(|event| matches!(event.body, EventBody::Finished { .. })),
+        }
+    }
+
+    /// The request already ended (cancelled while queued, or an id used again).
+    fn already_finished(&self) -> bool {
+        self.last_was_finished
+    }
+
+    /// Fails when another builder has published events of this request since our last one:
+    /// the request was redelivered while this builder was paused, and the other builder owns it.
+    async fn check_still_owner(&self) -> Result<(), JobError> {
+        match last_event(self.publisher.jetstream(), &self.subject).await {
+            Some(event) if event.seq > self.seq => Err(JobError::Superseded),
+            _ => Ok(()),
         }
     }
 
@@ -466,6 +682,7 @@ impl<'a> Events<'a> {
             hosts: finish.hosts,
             error: finish.error.map(|e| cut(&e)),
             builder: Some(finish.builder),
+            cancelled_by: finish.cancelled_by,
             duration_ms: finish.started.elapsed().as_millis() as u64,
         })
         .await?;

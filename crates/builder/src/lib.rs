@@ -4,8 +4,10 @@
 //! - [`config`]: the TOML config and its validation.
 //! - [`daemon`]: startup, the pull loops and shutdown.
 //! - [`job`]: one request's life, top to bottom.
+//! - [`api`], [`registry`]: the control API under `build.api.>` and the fleet registry.
 //! - [`bus`], [`git`], [`nix`], [`logs`]: the seams to NATS, git, nix and log batching.
 
+pub mod api;
 pub mod bus;
 pub mod config;
 pub mod daemon;
@@ -13,6 +15,7 @@ pub mod git;
 pub mod job;
 pub mod logs;
 pub mod nix;
+pub mod registry;
 
 pub use config::{Config, ConfigError};
 pub use daemon::{run, Stop};

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use homelab_deploy_client::{connect, submit, ClientError, ConnectSettings, SubmitOptions};
 use homelab_deploy_protocol::request::{check_git_ref, check_rev};
-use homelab_deploy_protocol::{BuildStatus, EventBody, RepoName, Target};
+use homelab_deploy_protocol::{BuildStatus, EventBody, Mode, RepoName, Target};
 
 use crate::progress::{print_result, Progress};
 use crate::{exit, NatsArgs};
@@ -51,8 +51,27 @@ pub struct BuildArgs {
     /// Print the request id and exit once the request is safely in the queue.
     #[arg(long)]
     no_wait: bool,
+    /// `enqueue`: wait in line behind other requests for the same target. `replace`: cancel
+    /// them (queued or running); the newest `replace` request wins.
+    #[arg(long, value_enum, default_value_t = ModeArg::Enqueue)]
+    mode: ModeArg,
     #[command(flatten)]
     nats: NatsArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    Enqueue,
+    Replace,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(mode: ModeArg) -> Self {
+        match mode {
+            ModeArg::Enqueue => Mode::Enqueue,
+            ModeArg::Replace => Mode::Replace,
+        }
+    }
 }
 
 fn usage_error(message: impl std::fmt::Display) -> u8 {
@@ -99,6 +118,7 @@ pub async fn run(args: BuildArgs) -> u8 {
         requested_by: Some(requested_by()),
         git_ref: args.git_ref,
         rev: args.rev,
+        mode: args.mode.into(),
     };
     let mut submission = match submit(&client, &repo, &target, options).await {
         Ok(submission) => submission,
@@ -164,7 +184,7 @@ pub async fn run(args: BuildArgs) -> u8 {
     }
 }
 
-fn client_error(err: ClientError) -> u8 {
+pub fn client_error(err: ClientError) -> u8 {
     eprintln!("error: {err}");
     match err {
         ClientError::Nkey { .. } => exit::USAGE,
@@ -174,7 +194,7 @@ fn client_error(err: ClientError) -> u8 {
 }
 
 /// `user@host` of whoever runs the CLI, for the builder's logs and events.
-fn requested_by() -> String {
+pub fn requested_by() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|host| host.trim().to_owned())

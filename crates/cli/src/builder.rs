@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, Subcommand};
 use homelab_deploy_builder::{Config, Stop};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -28,16 +28,41 @@ Signals: the first SIGTERM or SIGINT stops taking requests and lets the running 
 Exit codes: 0 stopped cleanly; 2 invalid config; 3 nix unusable, NATS or JetStream setup failed.";
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BuilderArgs {
+    #[command(subcommand)]
+    action: Option<BuilderAction>,
     /// Path of the builder's TOML config.
-    #[arg(long, short, value_name = "FILE")]
-    config: PathBuf,
+    #[arg(long, short, value_name = "FILE", required = true)]
+    config: Option<PathBuf>,
     /// Validate the config and exit, without connecting to anything.
     #[arg(long)]
     check: bool,
 }
 
+#[derive(Subcommand)]
+enum BuilderAction {
+    /// Ask a running builder to finish its current build, take no new one, and exit.
+    Drain(crate::cancel::DrainArgs),
+}
+
+impl BuilderArgs {
+    /// Whether this runs the daemon itself (rather than talking to one).
+    pub fn runs_daemon(&self) -> bool {
+        self.action.is_none() && !self.check
+    }
+}
+
 pub async fn run(args: BuilderArgs) -> u8 {
+    let path = match (args.action, args.config) {
+        (Some(BuilderAction::Drain(drain)), _) => return crate::cancel::drain(drain).await,
+        (None, Some(path)) => path,
+        (None, None) => {
+            eprintln!("error: --config FILE is required to run a builder");
+            return exit::USAGE;
+        }
+    };
+    let args = RunArgs { config: path, check: args.check };
     let config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(err) => {
@@ -74,6 +99,11 @@ pub async fn run(args: BuilderArgs) -> u8 {
             exit::UNAVAILABLE
         }
     }
+}
+
+struct RunArgs {
+    config: PathBuf,
+    check: bool,
 }
 
 async fn forward_signals(

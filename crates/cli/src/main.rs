@@ -2,6 +2,10 @@
 
 mod build;
 mod builder;
+mod cancel;
+mod follow;
+mod inspect;
+mod nats;
 mod progress;
 
 use std::path::PathBuf;
@@ -41,9 +45,21 @@ enum Command {
     /// Ask the builders to build one host, or every host, of a repo and wait for the result.
     #[command(after_help = build::AFTER_HELP)]
     Build(build::BuildArgs),
-    /// Run a builder daemon: take build requests for the configured repos from NATS.
+    /// Run a builder daemon (`--config FILE`), or ask one to drain (`builder drain NAME`).
     #[command(after_help = builder::AFTER_HELP)]
     Builder(builder::BuilderArgs),
+    /// Show a request's state: queued (with position), running, succeeded, failed, cancelled.
+    Status(inspect::StatusArgs),
+    /// Cancel a request: a queued one never starts, a running one has its build killed.
+    Cancel(cancel::CancelArgs),
+    /// Replay a request's events from any `seq`, then follow them until it finishes.
+    Watch(follow::WatchArgs),
+    /// Print a request's build log, or one host's, from any line; `--follow` to keep going.
+    Logs(follow::LogsArgs),
+    /// List queued and recent requests, newest first.
+    Builds(inspect::BuildsArgs),
+    /// List the builders of the fleet, with their state and last heartbeat.
+    Builders(inspect::BuildersArgs),
 }
 
 /// How to reach NATS; shared by every client command.
@@ -63,9 +79,9 @@ pub struct NatsArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = match cli.command {
-        Command::Builder(_) => "info",
-        Command::Build(_) => "warn",
+    let default_level = match &cli.command {
+        Command::Builder(args) if args.runs_daemon() => "info",
+        _ => "warn",
     };
     init_logging(default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -82,6 +98,12 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Build(args) => build::run(args).await,
             Command::Builder(args) => builder::run(args).await,
+            Command::Status(args) => inspect::status(args).await,
+            Command::Cancel(args) => cancel::cancel(args).await,
+            Command::Watch(args) => follow::watch(args).await,
+            Command::Logs(args) => follow::logs(args).await,
+            Command::Builds(args) => inspect::builds(args).await,
+            Command::Builders(args) => inspect::builders(args).await,
         }
     });
     ExitCode::from(code)

@@ -24,6 +24,16 @@ pub struct Progress {
 impl Progress {
     pub fn new(subject: &str, id: &str) -> Self {
         eprintln!("queued {subject} as request {id}");
+        Self::start("waiting for a builder")
+    }
+
+    /// For `watch`: the request may be anywhere in its life.
+    pub fn watching(id: &str) -> Self {
+        eprintln!("watching request {id}");
+        Self::start("waiting for events")
+    }
+
+    fn start(message: &'static str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new_spinner();
             bar.set_style(
@@ -31,7 +41,7 @@ impl Progress {
                     .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             );
             bar.enable_steady_tick(Duration::from_millis(120));
-            bar.set_message("waiting for a builder");
+            bar.set_message(message);
             bar
         });
         Self {
@@ -139,6 +149,7 @@ pub fn print_result(finished: &Event) {
         error,
         builder,
         duration_ms,
+        ..
     } = &finished.body
     else {
         return;

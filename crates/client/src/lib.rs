@@ -4,10 +4,11 @@
 //! all of them submit and watch builds the same way.
 
 mod connect;
+pub mod inspect;
 mod request;
 
 pub use connect::{connect, read_nkey_seed, ConnectSettings};
-pub use request::{submit, EventStream, Submission, SubmitOptions};
+pub use request::{submit, EventStream, LogStream, Submission, SubmitOptions};
 
 use homelab_deploy_protocol::RepoName;
 

@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, Context};
 use async_nats::Client;
 use futures::StreamExt;
 use homelab_deploy_protocol::subject::{events_subject, request_subject, EVENTS_STREAM};
-use homelab_deploy_protocol::{BuildRequest, Event, RepoName, RequestId, Target};
+use homelab_deploy_protocol::{BuildRequest, Event, LogBatch, Mode, RepoName, RequestId, Target};
 
 use crate::ClientError;
 
@@ -19,6 +19,7 @@ pub struct SubmitOptions {
     pub requested_by: Option<String>,
     pub git_ref: Option<String>,
     pub rev: Option<String>,
+    pub mode: Mode,
 }
 
 /// A request that is safely in the queue, and the stream of its events.
@@ -53,6 +54,7 @@ pub async fn submit(
         requested_by: options.requested_by,
         git_ref: options.git_ref,
         rev: options.rev,
+        mode: Some(options.mode),
     };
     let payload = serde_json::to_vec(&body).map_err(|err| ClientError::Nats {
         action: "encoding the request",
@@ -99,26 +101,17 @@ impl EventStream {
         id: &RequestId,
         from_seq: u64,
     ) -> Result<Self, ClientError> {
-        let stream = js
-            .get_stream(EVENTS_STREAM)
-            .await
-            .map_err(|_| ClientError::NoEventsStream)?;
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: events_subject(repo, target, id),
-                deliver_policy: DeliverPolicy::All,
-                max_expires: Duration::from_secs(5),
-                ..Default::default()
-            })
-            .await
-            .map_err(|err| ClientError::Nats {
-                action: "subscribing to the request's events",
-                message: err.to_string(),
-            })?;
-        let messages = consumer.messages().await.map_err(|err| ClientError::Nats {
-            action: "subscribing to the request's events",
-            message: err.to_string(),
-        })?;
+        let messages = follow(js, events_subject(repo, target, id)).await?;
+        Ok(Self {
+            id: id.to_string(),
+            messages,
+            next_seq: from_seq,
+        })
+    }
+
+    /// Follows the events of request `id`, whatever its repo and target, from `from_seq` on.
+    pub async fn open_by_id(js: &Context, id: &RequestId, from_seq: u64) -> Result<Self, ClientError> {
+        let messages = follow(js, format!("build.responses.*.*.{id}.events")).await?;
         Ok(Self {
             id: id.to_string(),
             messages,
@@ -153,6 +146,60 @@ impl EventStream {
             }
             self.next_seq = event.seq + 1;
             return Some(Ok(event));
+        }
+    }
+}
+
+/// An ordered consumer on the events stream: replays what is stored under `filter`, then follows.
+async fn follow(js: &Context, filter: String) -> Result<jetstream::consumer::pull::Ordered, ClientError> {
+    let error = |err: &dyn std::fmt::Display| ClientError::Nats {
+        action: "subscribing to the events stream",
+        message: err.to_string(),
+    };
+    let stream = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .map_err(|_| ClientError::NoEventsStream)?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: DeliverPolicy::All,
+            max_expires: Duration::from_secs(5),
+            ..Default::default()
+        })
+        .await
+        .map_err(|err| error(&err))?;
+    consumer.messages().await.map_err(|err| error(&err))
+}
+
+/// The log batches of one request, replayed from the events stream and then live.
+pub struct LogStream {
+    messages: jetstream::consumer::pull::Ordered,
+}
+
+impl LogStream {
+    pub async fn open_by_id(js: &Context, id: &RequestId) -> Result<Self, ClientError> {
+        Ok(Self {
+            messages: follow(js, format!("build.responses.*.*.{id}.logs")).await?,
+        })
+    }
+
+    /// The next batch, and how many more are stored right now (0: caught up with the stream).
+    pub async fn next(&mut self) -> Option<Result<(LogBatch, u64), ClientError>> {
+        loop {
+            let message = match self.messages.next().await? {
+                Ok(message) => message,
+                Err(err) => {
+                    return Some(Err(ClientError::Nats {
+                        action: "reading logs",
+                        message: err.to_string(),
+                    }))
+                }
+            };
+            let pending = message.info().map(|info| info.pending).unwrap_or(0);
+            if let Ok(batch) = serde_json::from_slice::<LogBatch>(&message.payload) {
+                return Some(Ok((batch, pending)));
+            }
         }
     }
 }

@@ -68,6 +68,9 @@ pub enum EventBody {
         error: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         builder: Option<String>,
+        /// Who cancelled the request, when `status` is `cancelled`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cancelled_by: Option<String>,
         duration_ms: u64,
     },
 }
@@ -195,6 +198,7 @@ mod tests {
                 }],
                 error: None,
                 builder: Some("b1".into()),
+                cancelled_by: None,
                 duration_ms: 40,
             },
         };

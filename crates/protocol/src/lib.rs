@@ -9,13 +9,15 @@
 //! - [`request`]: the build request body and how a builder turns a raw message into a valid request
 //!   or a refusal.
 //! - [`event`]: lifecycle events and log batches a builder publishes.
+//! - [`api`]: the control API under `build.api.>` and the fleet registry.
 
+pub mod api;
 pub mod event;
 pub mod request;
 pub mod subject;
 
 pub use event::{BuildStatus, Event, EventBody, HostResult, HostStatus, LogBatch};
-pub use request::{BuildRequest, ParsedRequest, Refusal};
+pub use request::{BuildRequest, Mode, ParsedRequest, Refusal};
 pub use subject::{NameError, RepoName, RequestId, Target};
 
 /// Bumped on an incompatible change of any subject, request field or event.

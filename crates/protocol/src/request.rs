@@ -27,6 +27,29 @@ pub struct BuildRequest {
     /// Exact commit to build (7 to 40 hex digits); wins over `ref`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rev: Option<String>,
+    /// `enqueue` (default) or `replace`: cancel older requests for the same repo and target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+}
+
+/// What a request does to older requests for the same repo and target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Wait in line behind them.
+    #[default]
+    Enqueue,
+    /// Cancel them, queued or running; the newest `replace` request wins.
+    Replace,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enqueue => "enqueue",
+            Self::Replace => "replace",
+        }
+    }
 }
 
 /// A request that passed every check: safe to act on.
@@ -38,6 +61,7 @@ pub struct ParsedRequest {
     pub requested_by: Option<String>,
     pub git_ref: Option<String>,
     pub rev: Option<String>,
+    pub mode: Mode,
 }
 
 /// A request that cannot be acted on. `id` is set when the request's id could be known, so the
@@ -198,6 +222,7 @@ pub fn parse_request(
         requested_by: request.requested_by,
         git_ref: request.git_ref,
         rev: request.rev.map(|rev| rev.to_ascii_lowercase()),
+        mode: request.mode.unwrap_or_default(),
     })
 }
 

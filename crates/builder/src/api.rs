@@ -1,0 +1,224 @@
+//! The control API under `build.api.>`, answered by builders: status, builds and builders for
+//! plain NATS clients (the CLI reads the same from JetStream itself), cancel, and drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, Message};
+use futures::StreamExt;
+use homelab_deploy_client::inspect::{list_builders, list_builds, pending_requests, request_state};
+use homelab_deploy_protocol::api::{
+    builder_cancel_subject, builder_drain_subject, ApiError, BuilderList, BuildsQuery, CancelReply,
+    CancelRequest, DrainReply, RequestPhase, StatusQuery, API_QUEUE_GROUP, BUILDERS_SUBJECT,
+    BUILDS_SUBJECT, CANCEL_SUBJECT, STATUS_SUBJECT,
+};
+use homelab_deploy_protocol::{RepoName, RequestId, Target};
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::daemon::Stop;
+use crate::job::Jobs;
+
+const MAX_TEXT_CHARS: usize = 256;
+
+/// Serves the API until the builder stops.
+pub async fn serve(
+    client: Client,
+    jobs: Arc<Jobs>,
+    stop_tx: watch::Sender<Stop>,
+) -> Result<(), async_nats::SubscribeError> {
+    let me = jobs.builder_name.clone();
+    let mut subscriptions = Vec::new();
+    for subject in [STATUS_SUBJECT, BUILDS_SUBJECT, BUILDERS_SUBJECT, CANCEL_SUBJECT] {
+        subscriptions.push(
+            client
+                .queue_subscribe(subject, API_QUEUE_GROUP.to_owned())
+                .await?,
+        );
+    }
+    subscriptions.push(client.subscribe(builder_cancel_subject(&me)).await?);
+    subscriptions.push(client.subscribe(builder_drain_subject(&me)).await?);
+    let mut requests = futures::stream::select_all(subscriptions);
+    let api = Arc::new(Api {
+        client: client.clone(),
+        jobs,
+        stop_tx,
+    });
+    while let Some(message) = requests.next().await {
+        let api = api.clone();
+        tokio::spawn(async move { api.handle(message).await });
+    }
+    Ok(())
+}
+
+struct Api {
+    client: Client,
+    jobs: Arc<Jobs>,
+    stop_tx: watch::Sender<Stop>,
+}
+
+type Reply = Result<Vec<u8>, String>;
+
+fn json(value: &impl Serialize) -> Reply {
+    serde_json::to_vec(value).map_err(|err| format!("cannot encode the reply: {err}"))
+}
+
+fn parse<T: serde::de::DeserializeOwned + Default>(payload: &[u8]) -> Result<T, String> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(payload).map_err(|err| format!("request body is not valid: {err}"))
+}
+
+impl Api {
+    async fn handle(&self, message: Message) {
+        let Some(reply_to) = message.reply.clone() else {
+            return;
+        };
+        let me = &self.jobs.builder_name;
+        let reply = match message.subject.as_str() {
+            STATUS_SUBJECT => self.status(&message.payload).await,
+            BUILDS_SUBJECT => self.builds(&message.payload).await,
+            BUILDERS_SUBJECT => self.builders().await,
+            CANCEL_SUBJECT => self.cancel(&message.payload).await,
+            subject if subject == builder_cancel_subject(me) => self.cancel_here(&message.payload),
+            subject if subject == builder_drain_subject(me) => self.drain(),
+            other => Err(format!("unknown API subject {other}")),
+        };
+        let payload = match reply {
+            Ok(payload) => payload,
+            Err(error) => serde_json::to_vec(&ApiError { error }).unwrap_or_default(),
+        };
+        if let Err(err) = self.client.publish(reply_to, payload.into()).await {
+            warn!(error = %err, subject = %message.subject, "answering an API request failed");
+        }
+    }
+
+    fn js(&self) -> &async_nats::jetstream::Context {
+        self.jobs.publisher.jetstream()
+    }
+
+    async fn status(&self, payload: &[u8]) -> Reply {
+        let query: StatusQuery = serde_json::from_slice(payload)
+            .map_err(|err| format!("expected {{\"id\": \"…\"}}: {err}"))?;
+        let id = RequestId::parse(&query.id).map_err(|err| err.to_string())?;
+        match request_state(self.js(), &id).await.map_err(|err| err.to_string())? {
+            Some(state) => json(&state),
+            None => Err(format!("no request with id {id} (never sent, or its events expired)")),
+        }
+    }
+
+    async fn builds(&self, payload: &[u8]) -> Reply {
+        let query: BuildsQuery = parse(payload)?;
+        json(&list_builds(self.js(), &query).await.map_err(|err| err.to_string())?)
+    }
+
+    async fn builders(&self) -> Reply {
+        let builders = list_builders(self.js()).await.map_err(|err| err.to_string())?;
+        json(&BuilderList { builders })
+    }
+
+    /// Cancels a queued request (removes it from the queue and finishes it) or a running one
+    /// (asks the builder running it to kill its build).
+    async fn cancel(&self, payload: &[u8]) -> Reply {
+        let request = parse_cancel(payload)?;
+        let id = RequestId::parse(&request.id).map_err(|err| err.to_string())?;
+        let by = request.requested_by.clone().unwrap_or_else(|| "unknown".to_owned());
+        let reason = request.reason.clone().unwrap_or_else(|| "no reason given".to_owned());
+        let state = request_state(self.js(), &id)
+            .await
+            .map_err(|err| err.to_string())?
+            .ok_or_else(|| format!("no request with id {id} (never sent, or its events expired)"))?;
+        match state.phase {
+            RequestPhase::Queued => {
+                let pending = pending_requests(self.js()).await.map_err(|err| err.to_string())?;
+                let queued = pending
+                    .iter()
+                    .find(|p| p.id == id.as_str() && p.waiting)
+                    .ok_or_else(|| format!("request {id} was just taken by a builder; cancel it again"))?;
+                self.jobs
+                    .requests
+                    .delete_message(queued.stream_seq)
+                    .await
+                    .map_err(|err| format!("removing request {id} from the queue failed: {err}"))?;
+                let repo = RepoName::parse(&queued.repo).map_err(|err| err.to_string())?;
+                let target = Target::parse(&queued.target).map_err(|err| err.to_string())?;
+                self.jobs
+                    .finish_cancelled_queued(&repo, &target, &id, &by, &reason)
+                    .await
+                    .map_err(|err| err.to_string())?;
+                info!(request_id = %id, cancelled_by = %by, "cancelled a queued request");
+                json(&CancelReply {
+                    id: id.to_string(),
+                    was: RequestPhase::Queued,
+                    message: format!("request {id} removed from the queue; it will not be built"),
+                })
+            }
+            RequestPhase::Running => {
+                if self.jobs.cancel(id.as_str(), &by, &reason) {
+                    return json(&running_cancelled(&id, &self.jobs.builder_name));
+                }
+                let Some(builder) = state.builder else {
+                    return Err(format!("request {id} is being started by a builder; cancel it again in a moment"));
+                };
+                let forwarded = self
+                    .client
+                    .request(builder_cancel_subject(&builder), serde_json::to_vec(&request).unwrap_or_default().into());
+                match tokio::time::timeout(Duration::from_secs(5), forwarded).await {
+                    Ok(Ok(answer)) => Ok(answer.payload.to_vec()),
+                    Ok(Err(err)) => Err(format!("builder {builder}, which runs request {id}, did not answer: {err}")),
+                    Err(_) => Err(format!("builder {builder}, which runs request {id}, did not answer within 5s")),
+                }
+            }
+            finished => Err(format!("request {id} already finished: {}", finished.as_str())),
+        }
+    }
+
+    fn cancel_here(&self, payload: &[u8]) -> Reply {
+        let request = parse_cancel(payload)?;
+        let by = request.requested_by.as_deref().unwrap_or("unknown");
+        let reason = request.reason.as_deref().unwrap_or("no reason given");
+        if self.jobs.cancel(&request.id, by, reason) {
+            info!(request_id = %request.id, cancelled_by = %by, "cancelling a running request");
+            let id = RequestId::parse(&request.id).map_err(|err| err.to_string())?;
+            json(&running_cancelled(&id, &self.jobs.builder_name))
+        } else {
+            Err(format!("request {} is not running on builder {}", request.id, self.jobs.builder_name))
+        }
+    }
+
+    fn drain(&self) -> Reply {
+        info!("drain requested over NATS");
+        self.stop_tx.send_if_modified(|stop| {
+            let changed = *stop == Stop::Running;
+            if changed {
+                *stop = Stop::Drain;
+            }
+            changed
+        });
+        json(&DrainReply {
+            builder: self.jobs.builder_name.clone(),
+            message: "draining: finishing the running build, taking no new ones, then exiting".to_owned(),
+        })
+    }
+}
+
+fn parse_cancel(payload: &[u8]) -> Result<CancelRequest, String> {
+    let request: CancelRequest = serde_json::from_slice(payload)
+        .map_err(|err| format!("expected {{\"id\": \"…\", \"reason\": \"…\", \"requested_by\": \"…\"}}: {err}"))?;
+    for text in [&request.reason, &request.requested_by].into_iter().flatten() {
+        if text.chars().count() > MAX_TEXT_CHARS || text.chars().any(char::is_control) {
+            return Err(format!("reason and requested_by must be at most {MAX_TEXT_CHARS} printable characters"));
+        }
+    }
+    Ok(request)
+}
+
+fn running_cancelled(id: &RequestId, builder: &str) -> CancelReply {
+    CancelReply {
+        id: id.to_string(),
+        was: RequestPhase::Running,
+        message: format!("request {id}: builder {builder} is killing its build"),
+    }
+}

@@ -1,0 +1,98 @@
+//! The fleet registry: every few seconds a builder writes what it is doing to the JetStream
+//! key-value bucket `BUILD_BUILDERS` under its name, and removes its entry when it stops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use homelab_deploy_protocol::api::{BuilderInfo, BuilderState, BUILDERS_BUCKET};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::daemon::Stop;
+use crate::job::Jobs;
+
+/// How often a builder announces itself.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+pub struct Registry {
+    store: kv::Store,
+    name: String,
+    repos: Vec<String>,
+    started_at: OffsetDateTime,
+}
+
+impl Registry {
+    pub async fn open(
+        js: &jetstream::Context,
+        name: &str,
+        repos: Vec<String>,
+    ) -> Result<Self, crate::bus::BusError> {
+        let store = match js.get_key_value(BUILDERS_BUCKET).await {
+            Ok(store) => store,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: BUILDERS_BUCKET.to_owned(),
+                    description: "homelab-deploy builders: name → what it is doing".to_owned(),
+                    history: 1,
+                    // Entries of builders that vanished without saying goodbye expire.
+                    max_age: Duration::from_secs(24 * 60 * 60),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|err| crate::bus::BusError::Stream {
+                    stream: BUILDERS_BUCKET.to_owned(),
+                    message: err.to_string(),
+                })?,
+        };
+        Ok(Self {
+            store,
+            name: name.to_owned(),
+            repos,
+            started_at: OffsetDateTime::now_utc(),
+        })
+    }
+
+    pub async fn announce(&self, states: Vec<BuilderState>) {
+        let info = BuilderInfo {
+            name: self.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            repos: self.repos.clone(),
+            states,
+            started_at: self.started_at,
+            heartbeat: OffsetDateTime::now_utc(),
+        };
+        let Ok(payload) = serde_json::to_vec(&info) else { return };
+        if let Err(err) = self.store.put(&self.name, payload.into()).await {
+            warn!(error = %err, "announcing the builder in the registry failed");
+        }
+    }
+
+    /// Announces the builder until it stops, then removes its entry.
+    pub async fn run(self, jobs: Arc<Jobs>, mut stop: watch::Receiver<Stop>, mut finished: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
+        loop {
+            let draining = *stop.borrow() != Stop::Running;
+            let mut states = jobs.running_states();
+            if draining {
+                states.insert(0, BuilderState::Draining);
+            } else if states.is_empty() {
+                states.push(BuilderState::Idle);
+            }
+            self.announce(states).await;
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => {}
+                _ = all_done(&mut finished) => break,
+            }
+        }
+        if let Err(err) = self.store.delete(&self.name).await {
+            warn!(error = %err, "removing the builder from the registry failed");
+        }
+    }
+}
+
+async fn all_done(finished: &mut watch::Receiver<bool>) {
+    let _ = finished.wait_for(|done| *done).await;
+}

@@ -1,0 +1,151 @@
+//! `watch` and `logs`: replay a request's events or log from any point, then follow it live.
+
+use clap::Args;
+use homelab_deploy_client::{EventStream, LogStream};
+use homelab_deploy_protocol::{BuildStatus, EventBody};
+
+use crate::build::client_error;
+use crate::nats::{connect_or_exit, print_json, request_id_or_exit};
+use crate::progress::{print_result, Progress};
+use crate::{exit, NatsArgs};
+
+#[derive(Args)]
+pub struct WatchArgs {
+    /// Request id.
+    id: String,
+    /// Replay from this event `seq` (1 = from the start).
+    #[arg(long, default_value_t = 1)]
+    from_seq: u64,
+    /// Print every event as one JSON line on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    /// Request id.
+    id: String,
+    /// Only this host's log.
+    #[arg(long)]
+    host: Option<String>,
+    /// Start at this line number (per host, from 1).
+    #[arg(long, default_value_t = 1)]
+    from_line: u64,
+    /// Keep following the log until the request finishes.
+    #[arg(long)]
+    follow: bool,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+/// Replays the events from `--from-seq`, then follows until `finished`. Exit code as `build`.
+pub async fn watch(args: WatchArgs) -> u8 {
+    let id = match request_id_or_exit(&args.id) {
+        Ok(id) => id,
+        Err(code) => return code,
+    };
+    let client = match connect_or_exit(&args.nats, "watch").await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let js = async_nats::jetstream::new(client);
+    let mut events = match EventStream::open_by_id(&js, &id, args.from_seq).await {
+        Ok(events) => events,
+        Err(err) => return client_error(err),
+    };
+    let mut progress = (!args.json).then(|| Progress::watching(id.as_str()));
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(err) => return client_error(err),
+        };
+        match &mut progress {
+            Some(progress) => progress.event(&event),
+            None => print_json(&event),
+        }
+        if let EventBody::Finished { status, .. } = &event.body {
+            if let Some(mut progress) = progress.take() {
+                progress.clear();
+                print_result(&event);
+            }
+            return if *status == BuildStatus::Succeeded {
+                exit::OK
+            } else {
+                exit::BUILD_FAILED
+            };
+        }
+    }
+    eprintln!("error: the event subscription ended before the request finished");
+    exit::UNAVAILABLE
+}
+
+/// Prints log lines (`host | line`); with `--follow`, until the request finishes.
+pub async fn logs(args: LogsArgs) -> u8 {
+    let id = match request_id_or_exit(&args.id) {
+        Ok(id) => id,
+        Err(code) => return code,
+    };
+    let client = match connect_or_exit(&args.nats, "logs").await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let js = async_nats::jetstream::new(client);
+    let mut logs = match LogStream::open_by_id(&js, &id).await {
+        Ok(logs) => logs,
+        Err(err) => return client_error(err),
+    };
+    let mut events = match EventStream::open_by_id(&js, &id, 1).await {
+        Ok(events) => events,
+        Err(err) => return client_error(err),
+    };
+    let mut finished = false;
+    let mut caught_up = false;
+    let mut printed = 0u64;
+    loop {
+        // Without --follow: stop once caught up with what is stored. With it: once the request
+        // finished and its last batch is printed.
+        if caught_up && (!args.follow || finished) {
+            break;
+        }
+        tokio::select! {
+            batch = logs.next() => match batch {
+                Some(Ok((batch, pending))) => {
+                    caught_up = pending == 0;
+                    if args.host.as_ref().is_some_and(|host| *host != batch.host) {
+                        continue;
+                    }
+                    for (offset, line) in batch.lines.iter().enumerate() {
+                        let number = batch.first_line + offset as u64;
+                        if number >= args.from_line {
+                            println!("{} | {line}", batch.host);
+                            printed += 1;
+                        }
+                    }
+                }
+                Some(Err(err)) => return client_error(err),
+                None => break,
+            },
+            event = events.next(), if !finished => {
+                finished = match event {
+                    Some(Ok(event)) => matches!(event.body, EventBody::Finished { .. }),
+                    Some(Err(err)) => return client_error(err),
+                    None => true,
+                };
+                // Batches stored before `finished` may still be on their way: catch up again.
+                if finished {
+                    caught_up = false;
+                }
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)), if !caught_up => {
+                // Nothing stored at all (yet): the stream has no batch to tell us we caught up.
+                caught_up = true;
+            }
+        }
+    }
+    if printed == 0 {
+        eprintln!("no log lines for request {id}{}", args.host.map(|h| format!(" host {h}")).unwrap_or_default());
+    }
+    exit::OK
+}

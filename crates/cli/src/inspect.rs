@@ -1,0 +1,223 @@
+//! `status`, `builds` and `builders`: the state of requests and of the fleet, read from
+//! JetStream (works even when no builder is running).
+
+use clap::Args;
+use homelab_deploy_client::inspect::{list_builders, list_builds, request_state};
+use homelab_deploy_protocol::api::{BuildsQuery, RequestPhase, RequestState, BUILDER_LOST_AFTER_SECS};
+use time::OffsetDateTime;
+
+use crate::build::client_error;
+use crate::nats::{connect_or_exit, print_json, request_id_or_exit};
+use crate::{exit, NatsArgs};
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Request id (printed by `build --no-wait` and at the start of `build`).
+    id: String,
+    /// Print the state as one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+#[derive(Args)]
+pub struct BuildsArgs {
+    /// Only requests of this repo.
+    #[arg(long)]
+    repo: Option<String>,
+    /// Only requests in this state: queued, running, succeeded, failed, cancelled.
+    #[arg(long, value_parser = parse_phase)]
+    state: Option<RequestPhase>,
+    /// At most this many requests, newest first.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Print the list as one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+#[derive(Args)]
+pub struct BuildersArgs {
+    /// Print the fleet as one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+fn parse_phase(value: &str) -> Result<RequestPhase, String> {
+    RequestPhase::parse(value)
+        .ok_or_else(|| format!("{value:?} is not one of queued, running, succeeded, failed, cancelled"))
+}
+
+pub async fn status(args: StatusArgs) -> u8 {
+    let id = match request_id_or_exit(&args.id) {
+        Ok(id) => id,
+        Err(code) => return code,
+    };
+    let client = match connect_or_exit(&args.nats, "status").await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let js = async_nats::jetstream::new(client);
+    let state = match request_state(&js, &id).await {
+        Ok(Some(state)) => state,
+        Ok(None) => {
+            eprintln!("error: no request with id {id} (never sent, or its events expired)");
+            return exit::BUILD_FAILED;
+        }
+        Err(err) => return client_error(err),
+    };
+    if args.json {
+        print_json(&state);
+    } else {
+        print_state(&state);
+    }
+    exit::OK
+}
+
+fn print_state(state: &RequestState) {
+    let mut phase = state.phase.as_str().to_owned();
+    if let Some(position) = state.queue_position {
+        phase.push_str(&format!(" (position {position} in the {} queue)", state.repo));
+    }
+    println!("request   {}", state.id);
+    println!("state     {phase}");
+    println!("repo      {} {}", state.repo, state.target);
+    if let Some(rev) = &state.rev {
+        println!("rev       {rev}");
+    }
+    if let Some(builder) = &state.builder {
+        println!("builder   {builder}");
+    }
+    if let Some(by) = &state.requested_by {
+        println!("by        {by}");
+    }
+    println!("queued    {}", rfc3339(state.queued_at));
+    if let Some(at) = state.started_at {
+        println!("started   {}", rfc3339(at));
+    }
+    if let Some(at) = state.finished_at {
+        println!("finished  {}", rfc3339(at));
+    }
+    let h = &state.hosts;
+    println!(
+        "hosts     {} total, {} done ({} built, {} cached, {} failed, {} cancelled), {} running, {} queued",
+        h.total, h.done, h.built, h.cached, h.failed, h.cancelled, h.running, h.queued
+    );
+    if let Some(host) = &state.current_host {
+        let d = &state.derivations;
+        println!(
+            "current   {host}: {}/{} derivations, {} running, {} failed",
+            d.done, d.expected, d.running, d.failed
+        );
+    }
+    if let Some(error) = &state.error {
+        println!("error     {error}");
+    }
+}
+
+pub async fn builds(args: BuildsArgs) -> u8 {
+    let client = match connect_or_exit(&args.nats, "builds").await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let js = async_nats::jetstream::new(client);
+    let query = BuildsQuery {
+        repo: args.repo,
+        phase: args.state,
+        limit: Some(args.limit),
+    };
+    let list = match list_builds(&js, &query).await {
+        Ok(list) => list,
+        Err(err) => return client_error(err),
+    };
+    if args.json {
+        print_json(&list);
+        return exit::OK;
+    }
+    if list.builds.is_empty() {
+        eprintln!("no requests");
+        return exit::OK;
+    }
+    println!(
+        "{:<24}  {:<26}  {:<10}  {:<16}  {:<20}  HOSTS",
+        "ID", "REPO TARGET", "STATE", "BUILDER", "QUEUED"
+    );
+    for build in &list.builds {
+        let state = match build.queue_position {
+            Some(position) => format!("queued #{position}"),
+            None => build.phase.as_str().to_owned(),
+        };
+        println!(
+            "{:<24}  {:<26}  {:<10}  {:<16}  {:<20}  {}/{}",
+            build.id,
+            format!("{} {}", build.repo, build.target),
+            state,
+            build.builder.as_deref().unwrap_or("-"),
+            rfc3339(build.queued_at),
+            build.hosts.done,
+            build.hosts.total
+        );
+    }
+    exit::OK
+}
+
+pub async fn builders(args: BuildersArgs) -> u8 {
+    let client = match connect_or_exit(&args.nats, "builders").await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let js = async_nats::jetstream::new(client);
+    let builders = match list_builders(&js).await {
+        Ok(builders) => builders,
+        Err(err) => return client_error(err),
+    };
+    if args.json {
+        print_json(&homelab_deploy_protocol::api::BuilderList { builders });
+        return exit::OK;
+    }
+    if builders.is_empty() {
+        eprintln!("no builder has announced itself");
+        return exit::OK;
+    }
+    println!("{:<20}  {:<8}  {:<40}  {:<10}  REPOS", "NAME", "VERSION", "STATE", "HEARTBEAT");
+    let now = OffsetDateTime::now_utc();
+    for builder in &builders {
+        let age = (now - builder.heartbeat).whole_seconds().max(0);
+        let state = if age > BUILDER_LOST_AFTER_SECS {
+            "lost".to_owned()
+        } else {
+            builder
+                .states
+                .iter()
+                .map(|state| match state {
+                    homelab_deploy_protocol::api::BuilderState::Building { repo, target, id } => {
+                        format!("building {repo} {target} {id}")
+                    }
+                    other => other.label().to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "{:<20}  {:<8}  {:<40}  {:<10}  {}",
+            builder.name,
+            builder.version,
+            state,
+            format!("{age}s ago"),
+            builder.repos.join(", ")
+        );
+    }
+    exit::OK
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.replace_nanosecond(0)
+        .unwrap_or(at)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

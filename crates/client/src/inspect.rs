@@ -1,0 +1,329 @@
+//! Reading the state of requests and of the fleet straight from JetStream: the events stream,
+//! the requests stream and the builders' key-value bucket. Works with no builder running; the
+//! builders serve the same answers on `build.api.>` for plain NATS clients.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{self, Context};
+use futures::StreamExt;
+use homelab_deploy_protocol::api::{
+    BuildList, BuilderInfo, BuildsQuery, RequestPhase, RequestState, BUILDERS_BUCKET,
+};
+use homelab_deploy_protocol::subject::{
+    consumer_name, parse_request_subject, EVENTS_STREAM, MSG_ID_HEADER, REQUESTS_STREAM,
+};
+use homelab_deploy_protocol::{BuildRequest, Event, EventBody, HostStatus, Mode, RequestId};
+use time::OffsetDateTime;
+
+use crate::ClientError;
+
+fn nats_error(action: &'static str) -> impl Fn(&dyn std::fmt::Display) -> ClientError {
+    move |err| ClientError::Nats {
+        action,
+        message: err.to_string(),
+    }
+}
+
+/// Every message stored under `filter` in `stream`, oldest first.
+pub async fn read_stream(
+    js: &Context,
+    stream: &str,
+    filter: &str,
+) -> Result<Vec<jetstream::Message>, ClientError> {
+    let error = nats_error("reading a stream");
+    let stream = js.get_stream(stream).await.map_err(|e| error(&e))?;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: filter.to_owned(),
+            ack_policy: AckPolicy::None,
+            deliver_policy: DeliverPolicy::All,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| error(&e))?;
+    let mut out = Vec::new();
+    loop {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1000)
+            .messages()
+            .await
+            .map_err(|e| error(&e))?;
+        let before = out.len();
+        while let Some(message) = batch.next().await {
+            out.push(message.map_err(|e| error(&e))?);
+        }
+        if out.len() == before {
+            return Ok(out);
+        }
+    }
+}
+
+/// Events of one request, oldest first.
+pub async fn request_events(js: &Context, id: &RequestId) -> Result<Vec<Event>, ClientError> {
+    let messages = read_stream(js, EVENTS_STREAM, &format!("build.responses.*.*.{id}.events")).await?;
+    Ok(messages
+        .iter()
+        .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+        .collect())
+}
+
+/// A request waiting in (or just taken from) the requests stream.
+#[derive(Debug, Clone)]
+pub struct PendingRequest {
+    pub stream_seq: u64,
+    pub id: String,
+    pub repo: String,
+    pub target: String,
+    pub requested_by: Option<String>,
+    pub mode: Mode,
+    pub queued_at: OffsetDateTime,
+    /// Not yet handed to any builder.
+    pub waiting: bool,
+}
+
+/// Every request in the requests stream, oldest first. A request at or below its repo
+/// consumer's delivered sequence has been handed to a builder.
+pub async fn pending_requests(js: &Context) -> Result<Vec<PendingRequest>, ClientError> {
+    let error = nats_error("reading the request queue");
+    let mut stream = match js.get_stream(REQUESTS_STREAM).await {
+        Ok(stream) => stream,
+        Err(_) => return Ok(Vec::new()),
+    };
+    let state = stream.info().await.map_err(|e| error(&e))?.state.clone();
+    if state.messages == 0 {
+        return Ok(Vec::new());
+    }
+    let mut delivered: HashMap<String, u64> = HashMap::new();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        let Ok(message) = stream.get_raw_message(seq).await else {
+            continue; // acked or deleted
+        };
+        let Ok((repo, target)) = parse_request_subject(&message.subject) else {
+            continue;
+        };
+        let body: BuildRequest = serde_json::from_slice(&message.payload).unwrap_or_default();
+        let id = message
+            .headers
+            .get(MSG_ID_HEADER)
+            .map(|value| value.as_str().to_owned())
+            .or(body.id)
+            .unwrap_or_default();
+        if !delivered.contains_key(repo.as_str()) {
+            let seq = match stream.consumer_info(consumer_name(&repo)).await {
+                Ok(info) => info.delivered.stream_sequence,
+                Err(_) => 0,
+            };
+            delivered.insert(repo.to_string(), seq);
+        }
+        let waiting = seq > delivered.get(repo.as_str()).copied().unwrap_or(0);
+        out.push(PendingRequest {
+            stream_seq: seq,
+            id,
+            repo: repo.to_string(),
+            target: target.to_string(),
+            requested_by: body.requested_by,
+            mode: body.mode.unwrap_or_default(),
+            queued_at: message.time,
+            waiting,
+        });
+    }
+    Ok(out)
+}
+
+/// Folds a request's events into its state.
+pub fn fold_events(events: &[Event]) -> Option<RequestState> {
+    let first = events.first()?;
+    let mut state = RequestState {
+        id: first.id.clone(),
+        repo: String::new(),
+        target: String::new(),
+        phase: RequestPhase::Running,
+        queue_position: None,
+        rev: None,
+        builder: None,
+        requested_by: None,
+        queued_at: first.time,
+        started_at: None,
+        finished_at: None,
+        current_host: None,
+        hosts: Default::default(),
+        derivations: Default::default(),
+        error: None,
+        last_seq: 0,
+    };
+    for event in events {
+        state.last_seq = state.last_seq.max(event.seq);
+        match &event.body {
+            EventBody::Started { builder, repo, target, rev, hosts, requested_by, .. } => {
+                state.builder = Some(builder.clone());
+                state.repo = repo.clone();
+                state.target = target.clone();
+                state.rev = Some(rev.clone());
+                state.requested_by = requested_by.clone();
+                state.started_at = Some(event.time);
+                state.hosts = Default::default();
+                state.hosts.total = hosts.len() as u64;
+                state.hosts.queued = hosts.len() as u64;
+            }
+            EventBody::HostStarted { host, .. } => {
+                state.current_host = Some(host.clone());
+                state.hosts.running = 1;
+                state.hosts.queued = state.hosts.queued.saturating_sub(1);
+                state.derivations = Default::default();
+            }
+            EventBody::Progress { done, expected, running, failed, .. } => {
+                state.derivations.done = *done;
+                state.derivations.expected = *expected;
+                state.derivations.running = *running;
+                state.derivations.failed = *failed;
+            }
+            EventBody::HostFinished { result, .. } => {
+                state.current_host = None;
+                state.hosts.running = 0;
+                state.hosts.done += 1;
+                match result.status {
+                    HostStatus::Built => state.hosts.built += 1,
+                    HostStatus::Cached => state.hosts.cached += 1,
+                    HostStatus::Cancelled => state.hosts.cancelled += 1,
+                    _ => state.hosts.failed += 1,
+                }
+            }
+            EventBody::Finished { status, repo, target, rev, hosts, error, builder, .. } => {
+                state.phase = RequestPhase::from_status(*status);
+                state.repo = repo.clone();
+                state.target = target.clone();
+                state.rev = rev.clone().or(state.rev.take());
+                state.builder = builder.clone().or(state.builder.take());
+                state.finished_at = Some(event.time);
+                state.error = error.clone();
+                state.current_host = None;
+                state.hosts.running = 0;
+                state.hosts.queued = 0;
+                let cancelled = hosts.iter().filter(|h| h.status == HostStatus::Cancelled).count() as u64;
+                state.hosts.cancelled = cancelled;
+                state.hosts.total = state.hosts.total.max(hosts.len() as u64);
+            }
+        }
+    }
+    Some(state)
+}
+
+fn queued_state(pending: &PendingRequest, position: u64) -> RequestState {
+    RequestState {
+        id: pending.id.clone(),
+        repo: pending.repo.clone(),
+        target: pending.target.clone(),
+        phase: RequestPhase::Queued,
+        queue_position: Some(position),
+        rev: None,
+        builder: None,
+        requested_by: pending.requested_by.clone(),
+        queued_at: pending.queued_at,
+        started_at: None,
+        finished_at: None,
+        current_host: None,
+        hosts: Default::default(),
+        derivations: Default::default(),
+        error: None,
+        last_seq: 0,
+    }
+}
+
+/// Queued requests with their 1-based position in their repo's queue.
+fn queued_states(pending: &[PendingRequest]) -> Vec<RequestState> {
+    let mut positions: HashMap<&str, u64> = HashMap::new();
+    pending
+        .iter()
+        .filter(|p| p.waiting)
+        .map(|p| {
+            let position = positions.entry(p.repo.as_str()).or_insert(0);
+            *position += 1;
+            queued_state(p, *position)
+        })
+        .collect()
+}
+
+/// The state of request `id`, or `None` when no stream knows it (never sent, or expired).
+pub async fn request_state(js: &Context, id: &RequestId) -> Result<Option<RequestState>, ClientError> {
+    let events = request_events(js, id).await?;
+    let pending = pending_requests(js).await?;
+    if let Some(mut state) = fold_events(&events) {
+        if let Some(request) = pending.iter().find(|p| p.id == id.as_str()) {
+            state.queued_at = request.queued_at;
+        }
+        return Ok(Some(state));
+    }
+    let queued = queued_states(&pending);
+    if let Some(state) = queued.into_iter().find(|s| s.id == id.as_str()) {
+        return Ok(Some(state));
+    }
+    // Handed to a builder that has not published `started` yet.
+    Ok(pending.iter().find(|p| p.id == id.as_str()).map(|p| {
+        let mut state = queued_state(p, 0);
+        state.phase = RequestPhase::Running;
+        state.queue_position = None;
+        state
+    }))
+}
+
+/// Queued and recent requests, newest first.
+pub async fn list_builds(js: &Context, query: &BuildsQuery) -> Result<BuildList, ClientError> {
+    let pending = pending_requests(js).await?;
+    let mut builds = queued_states(&pending);
+    let messages = read_stream(js, EVENTS_STREAM, "build.responses.*.*.*.events").await?;
+    let mut by_id: HashMap<String, Vec<Event>> = HashMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for message in &messages {
+        let Ok(event) = serde_json::from_slice::<Event>(&message.payload) else {
+            continue;
+        };
+        let entry = by_id.entry(event.id.clone()).or_insert_with(|| {
+            order.push(event.id.clone());
+            Vec::new()
+        });
+        entry.push(event);
+    }
+    for id in &order {
+        if let Some(mut state) = by_id.get(id).and_then(|events| fold_events(events)) {
+            if let Some(request) = pending.iter().find(|p| &p.id == id) {
+                state.queued_at = request.queued_at;
+            }
+            builds.push(state);
+        }
+    }
+    builds.retain(|b| {
+        query.repo.as_ref().is_none_or(|repo| &b.repo == repo)
+            && query.phase.is_none_or(|phase| b.phase == phase)
+    });
+    builds.sort_by(|a, b| b.queued_at.cmp(&a.queued_at));
+    builds.truncate(query.limit.unwrap_or(20));
+    Ok(BuildList { builds })
+}
+
+/// Every builder that announced itself, by name.
+pub async fn list_builders(js: &Context) -> Result<Vec<BuilderInfo>, ClientError> {
+    let error = nats_error("reading the builder registry");
+    let Ok(store) = js.get_key_value(BUILDERS_BUCKET).await else {
+        return Ok(Vec::new());
+    };
+    let mut keys = store.keys().await.map_err(|e| error(&e))?;
+    let mut names = Vec::new();
+    while let Some(key) = keys.next().await {
+        names.push(key.map_err(|e| error(&e))?);
+    }
+    let mut builders = Vec::new();
+    for name in names {
+        if let Some(bytes) = store.get(&name).await.map_err(|e| error(&e))? {
+            if let Ok(info) = serde_json::from_slice::<BuilderInfo>(&bytes) {
+                builders.push(info);
+            }
+        }
+    }
+    builders.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(builders)
+}

@@ -1,0 +1,271 @@
+//! The control API under `build.api.>`: NATS request/reply with JSON bodies.
+//!
+//! | subject | served by | body → reply |
+//! | --- | --- | --- |
+//! | `build.api.status` | any builder (queue group) | [`StatusQuery`] → [`RequestState`] or [`ApiError`] |
+//! | `build.api.builds` | any builder (queue group) | [`BuildsQuery`] → [`BuildList`] |
+//! | `build.api.builders` | any builder (queue group) | `{}` → [`BuilderList`] |
+//! | `build.api.cancel` | any builder (queue group) | [`CancelRequest`] → [`CancelReply`] or [`ApiError`] |
+//! | `build.api.builder.<name>.cancel` | builder `<name>` | [`CancelRequest`] → [`CancelReply`] |
+//! | `build.api.builder.<name>.drain` | builder `<name>` | `{}` → [`DrainReply`] |
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::subject::shown;
+use crate::{BuildStatus, NameError};
+
+pub const STATUS_SUBJECT: &str = "build.api.status";
+pub const BUILDS_SUBJECT: &str = "build.api.builds";
+pub const BUILDERS_SUBJECT: &str = "build.api.builders";
+pub const CANCEL_SUBJECT: &str = "build.api.cancel";
+/// Queue group of the API subjects any builder may answer.
+pub const API_QUEUE_GROUP: &str = "homelab-deploy-api";
+/// JetStream key-value bucket where builders announce themselves.
+pub const BUILDERS_BUCKET: &str = "BUILD_BUILDERS";
+/// A builder that has not announced itself for this long is shown as lost.
+pub const BUILDER_LOST_AFTER_SECS: i64 = 30;
+
+/// `build.api.builder.<name>.cancel`
+pub fn builder_cancel_subject(builder: &str) -> String {
+    format!("build.api.builder.{builder}.cancel")
+}
+
+/// `build.api.builder.<name>.drain`
+pub fn builder_drain_subject(builder: &str) -> String {
+    format!("build.api.builder.{builder}.drain")
+}
+
+/// A builder name: it becomes a subject token of the API, so the same rule as a repo name.
+pub fn check_builder_name(name: &str) -> Result<(), NameError> {
+    let valid = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(NameError {
+            kind: "builder name",
+            shown: shown(name),
+            reason: "it must be 1 to 64 letters, digits, '_' or '-'".to_owned(),
+        })
+    }
+}
+
+/// Any API reply that failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusQuery {
+    pub id: String,
+}
+
+/// Where a request is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestPhase {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RequestPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        [
+            Self::Queued,
+            Self::Running,
+            Self::Succeeded,
+            Self::Failed,
+            Self::Cancelled,
+        ]
+        .into_iter()
+        .find(|phase| phase.as_str() == value)
+    }
+
+    pub fn from_status(status: BuildStatus) -> Self {
+        match status {
+            BuildStatus::Succeeded => Self::Succeeded,
+            BuildStatus::Failed => Self::Failed,
+            BuildStatus::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+/// Counts across the hosts of a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCounts {
+    pub total: u64,
+    pub done: u64,
+    pub built: u64,
+    pub cached: u64,
+    pub running: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub queued: u64,
+}
+
+/// Derivation counts of the host being built, from the last `progress` event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DerivationCounts {
+    pub done: u64,
+    pub expected: u64,
+    pub running: u64,
+    pub failed: u64,
+}
+
+/// The state of one request, from the streams.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestState {
+    pub id: String,
+    pub repo: String,
+    pub target: String,
+    pub phase: RequestPhase,
+    /// 1-based place among the repo's queued requests, when queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub queued_at: OffsetDateTime,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    /// Host being built now, when running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_host: Option<String>,
+    pub hosts: HostCounts,
+    pub derivations: DerivationCounts,
+    /// Why it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Highest event `seq` so far (0 when queued).
+    pub last_seq: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildsQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<RequestPhase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildList {
+    /// Newest first.
+    pub builds: Vec<RequestState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelReply {
+    pub id: String,
+    /// The request's phase before the cancel: `queued` (removed from the queue) or `running`
+    /// (its build was killed).
+    pub was: RequestPhase,
+    pub message: String,
+}
+
+/// What a builder is doing, as announced in the [`BUILDERS_BUCKET`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum BuilderState {
+    Starting,
+    Idle,
+    Building { repo: String, target: String, id: String },
+    Draining,
+    WaitingForVault,
+}
+
+impl BuilderState {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Idle => "idle",
+            Self::Building { .. } => "building",
+            Self::Draining => "draining",
+            Self::WaitingForVault => "waiting_for_vault",
+        }
+    }
+}
+
+/// A builder's announcement, refreshed every few seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuilderInfo {
+    pub name: String,
+    pub version: String,
+    pub repos: Vec<String>,
+    /// Running requests (more than one when `max_concurrent_requests` > 1).
+    pub states: Vec<BuilderState>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub heartbeat: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuilderList {
+    pub builders: Vec<BuilderInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReply {
+    pub builder: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_state_is_tagged() {
+        let json = serde_json::to_value(BuilderState::Building {
+            repo: "demo".into(),
+            target: "all".into(),
+            id: "REQUEST01".into(),
+        })
+        .expect("serializes");
+        assert_eq!(json["state"], "building");
+        assert_eq!(json["id"], "REQUEST01");
+    }
+
+    #[test]
+    fn builder_names_are_subject_tokens() {
+        assert!(check_builder_name("nix-cache02").is_ok());
+        assert!(check_builder_name("nix cache").is_err());
+        assert!(check_builder_name("a.b").is_err());
+        assert!(check_builder_name("").is_err());
+    }
+}
