@@ -4,6 +4,7 @@
 mod build;
 mod config;
 mod logs;
+mod queue;
 mod refusals;
 
 use std::path::Path;

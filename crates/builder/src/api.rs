@@ -30,7 +30,12 @@ pub async fn serve(
 ) -> Result<(), async_nats::SubscribeError> {
     let me = jobs.builder_name.clone();
     let mut subscriptions = Vec::new();
-    for subject in [STATUS_SUBJECT, BUILDS_SUBJECT, BUILDERS_SUBJECT, CANCEL_SUBJECT] {
+    for subject in [
+        STATUS_SUBJECT,
+        BUILDS_SUBJECT,
+        BUILDERS_SUBJECT,
+        CANCEL_SUBJECT,
+    ] {
         subscriptions.push(
             client
                 .queue_subscribe(subject, API_QUEUE_GROUP.to_owned())
@@ -103,19 +108,30 @@ impl Api {
         let query: StatusQuery = serde_json::from_slice(payload)
             .map_err(|err| format!("expected {{\"id\": \"…\"}}: {err}"))?;
         let id = RequestId::parse(&query.id).map_err(|err| err.to_string())?;
-        match request_state(self.js(), &id).await.map_err(|err| err.to_string())? {
+        match request_state(self.js(), &id)
+            .await
+            .map_err(|err| err.to_string())?
+        {
             Some(state) => json(&state),
-            None => Err(format!("no request with id {id} (never sent, or its events expired)")),
+            None => Err(format!(
+                "no request with id {id} (never sent, or its events expired)"
+            )),
         }
     }
 
     async fn builds(&self, payload: &[u8]) -> Reply {
         let query: BuildsQuery = parse(payload)?;
-        json(&list_builds(self.js(), &query).await.map_err(|err| err.to_string())?)
+        json(
+            &list_builds(self.js(), &query)
+                .await
+                .map_err(|err| err.to_string())?,
+        )
     }
 
     async fn builders(&self) -> Reply {
-        let builders = list_builders(self.js()).await.map_err(|err| err.to_string())?;
+        let builders = list_builders(self.js())
+            .await
+            .map_err(|err| err.to_string())?;
         json(&BuilderList { builders })
     }
 
@@ -124,19 +140,31 @@ impl Api {
     async fn cancel(&self, payload: &[u8]) -> Reply {
         let request = parse_cancel(payload)?;
         let id = RequestId::parse(&request.id).map_err(|err| err.to_string())?;
-        let by = request.requested_by.clone().unwrap_or_else(|| "unknown".to_owned());
-        let reason = request.reason.clone().unwrap_or_else(|| "no reason given".to_owned());
+        let by = request
+            .requested_by
+            .clone()
+            .unwrap_or_else(|| "unknown".to_owned());
+        let reason = request
+            .reason
+            .clone()
+            .unwrap_or_else(|| "no reason given".to_owned());
         let state = request_state(self.js(), &id)
             .await
             .map_err(|err| err.to_string())?
-            .ok_or_else(|| format!("no request with id {id} (never sent, or its events expired)"))?;
+            .ok_or_else(|| {
+                format!("no request with id {id} (never sent, or its events expired)")
+            })?;
         match state.phase {
             RequestPhase::Queued => {
-                let pending = pending_requests(self.js()).await.map_err(|err| err.to_string())?;
+                let pending = pending_requests(self.js())
+                    .await
+                    .map_err(|err| err.to_string())?;
                 let queued = pending
                     .iter()
                     .find(|p| p.id == id.as_str() && p.waiting)
-                    .ok_or_else(|| format!("request {id} was just taken by a builder; cancel it again"))?;
+                    .ok_or_else(|| {
+                        format!("request {id} was just taken by a builder; cancel it again")
+                    })?;
                 self.jobs
                     .requests
                     .delete_message(queued.stream_seq)
@@ -160,18 +188,28 @@ impl Api {
                     return json(&running_cancelled(&id, &self.jobs.builder_name));
                 }
                 let Some(builder) = state.builder else {
-                    return Err(format!("request {id} is being started by a builder; cancel it again in a moment"));
+                    return Err(format!(
+                        "request {id} is being started by a builder; cancel it again in a moment"
+                    ));
                 };
-                let forwarded = self
-                    .client
-                    .request(builder_cancel_subject(&builder), serde_json::to_vec(&request).unwrap_or_default().into());
+                let forwarded = self.client.request(
+                    builder_cancel_subject(&builder),
+                    serde_json::to_vec(&request).unwrap_or_default().into(),
+                );
                 match tokio::time::timeout(Duration::from_secs(5), forwarded).await {
                     Ok(Ok(answer)) => Ok(answer.payload.to_vec()),
-                    Ok(Err(err)) => Err(format!("builder {builder}, which runs request {id}, did not answer: {err}")),
-                    Err(_) => Err(format!("builder {builder}, which runs request {id}, did not answer within 5s")),
+                    Ok(Err(err)) => Err(format!(
+                        "builder {builder}, which runs request {id}, did not answer: {err}"
+                    )),
+                    Err(_) => Err(format!(
+                        "builder {builder}, which runs request {id}, did not answer within 5s"
+                    )),
                 }
             }
-            finished => Err(format!("request {id} already finished: {}", finished.as_str())),
+            finished => Err(format!(
+                "request {id} already finished: {}",
+                finished.as_str()
+            )),
         }
     }
 
@@ -184,7 +222,10 @@ impl Api {
             let id = RequestId::parse(&request.id).map_err(|err| err.to_string())?;
             json(&running_cancelled(&id, &self.jobs.builder_name))
         } else {
-            Err(format!("request {} is not running on builder {}", request.id, self.jobs.builder_name))
+            Err(format!(
+                "request {} is not running on builder {}",
+                request.id, self.jobs.builder_name
+            ))
         }
     }
 
@@ -199,17 +240,24 @@ impl Api {
         });
         json(&DrainReply {
             builder: self.jobs.builder_name.clone(),
-            message: "draining: finishing the running build, taking no new ones, then exiting".to_owned(),
+            message: "draining: finishing the running build, taking no new ones, then exiting"
+                .to_owned(),
         })
     }
 }
 
 fn parse_cancel(payload: &[u8]) -> Result<CancelRequest, String> {
-    let request: CancelRequest = serde_json::from_slice(payload)
-        .map_err(|err| format!("expected {{\"id\": \"…\", \"reason\": \"…\", \"requested_by\": \"…\"}}: {err}"))?;
-    for text in [&request.reason, &request.requested_by].into_iter().flatten() {
+    let request: CancelRequest = serde_json::from_slice(payload).map_err(|err| {
+        format!("expected {{\"id\": \"…\", \"reason\": \"…\", \"requested_by\": \"…\"}}: {err}")
+    })?;
+    for text in [&request.reason, &request.requested_by]
+        .into_iter()
+        .flatten()
+    {
         if text.chars().count() > MAX_TEXT_CHARS || text.chars().any(char::is_control) {
-            return Err(format!("reason and requested_by must be at most {MAX_TEXT_CHARS} printable characters"));
+            return Err(format!(
+                "reason and requested_by must be at most {MAX_TEXT_CHARS} printable characters"
+            ));
         }
     }
     Ok(request)

@@ -24,8 +24,8 @@ use crate::bus::{ensure_consumer, ensure_streams, Publisher};
 use crate::config::Config;
 use crate::git::Mirror;
 use crate::job::{Jobs, ServedRepo};
-use crate::registry::Registry;
 use crate::nix::Nix;
+use crate::registry::Registry;
 
 /// How long one pull waits for a request; also the longest a drain waits for a pull to end.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
@@ -57,7 +57,10 @@ pub enum DaemonError {
 
 /// Runs the builder until `external_stop` (signals) or a drain request over NATS asks it to end;
 /// returns once every running build is done.
-pub async fn run(config: Config, mut external_stop: watch::Receiver<Stop>) -> Result<(), DaemonError> {
+pub async fn run(
+    config: Config,
+    mut external_stop: watch::Receiver<Stop>,
+) -> Result<(), DaemonError> {
     let (stop_tx, mut stop) = watch::channel(*external_stop.borrow());
     let follow_tx = stop_tx.clone();
     tokio::spawn(async move {
@@ -107,25 +110,26 @@ pub async fn run(config: Config, mut external_stop: watch::Receiver<Stop>) -> Re
             (repo.name, served)
         })
         .collect::<HashMap<_, _>>();
-    let requests = js
-        .get_stream(REQUESTS_STREAM)
-        .await
-        .map_err(|err| crate::bus::BusError::Stream {
-            stream: REQUESTS_STREAM.to_owned(),
-            message: err.to_string(),
-        })?;
+    let requests =
+        js.get_stream(REQUESTS_STREAM)
+            .await
+            .map_err(|err| crate::bus::BusError::Stream {
+                stream: REQUESTS_STREAM.to_owned(),
+                message: err.to_string(),
+            })?;
     // Keep-alives well inside the ack wait; also how fast a newer `replace` request is noticed.
     let watch_interval = (config.request_ack_wait() / 4).min(Duration::from_secs(2));
-    let jobs = Arc::new(Jobs::new(
-        config.builder.name.clone(),
-        config.builder.state_dir.clone(),
+    let jobs = Arc::new(Jobs {
+        builder_name: config.builder.name.clone(),
+        state_dir: config.builder.state_dir.clone(),
         nix,
-        Publisher::new(js.clone()),
-        config.host_timeout(),
-        served,
+        publisher: Publisher::new(js.clone()),
+        host_timeout: config.host_timeout(),
+        repos: served,
         requests,
         watch_interval,
-    ));
+        running: Default::default(),
+    });
     let registry = Registry::open(
         &js,
         &config.builder.name,
@@ -134,7 +138,11 @@ pub async fn run(config: Config, mut external_stop: watch::Receiver<Stop>) -> Re
     .await?;
     let (finished_tx, finished_rx) = watch::channel(false);
     let registry_task = tokio::spawn(registry.run(jobs.clone(), stop.clone(), finished_rx));
-    let api_task = tokio::spawn(crate::api::serve(client.clone(), jobs.clone(), stop_tx.clone()));
+    let api_task = tokio::spawn(crate::api::serve(
+        client.clone(),
+        jobs.clone(),
+        stop_tx.clone(),
+    ));
     info!(
         builder = %config.builder.name,
         repos = ?repo_names.iter().map(RepoName::as_str).collect::<Vec<_>>(),

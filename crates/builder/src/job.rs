@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind};
 use homelab_deploy_protocol::api::BuilderState;
 use homelab_deploy_protocol::request::parse_request;
-use homelab_deploy_protocol::subject::{events_subject, logs_subject, request_subject, MSG_ID_HEADER};
+use homelab_deploy_protocol::subject::{
+    events_subject, logs_subject, request_subject, MSG_ID_HEADER,
+};
 use homelab_deploy_protocol::{
     BuildRequest, BuildStatus, Event, EventBody, HostResult, HostStatus, Mode, ParsedRequest,
     RepoName, RequestId, Target,
@@ -52,7 +54,7 @@ pub struct Jobs {
     /// How often a running request is kept alive and checked for a newer `replace` request.
     pub watch_interval: Duration,
     /// Requests running here, by id.
-    running: Mutex<HashMap<String, RunningJob>>,
+    pub(crate) running: Mutex<HashMap<String, RunningJob>>,
 }
 
 /// A repo this builder serves, with its mirror. The lock keeps two jobs of the same repo from
@@ -72,7 +74,7 @@ pub enum Interrupt {
     Cancel { by: String, reason: String },
 }
 
-struct RunningJob {
+pub(crate) struct RunningJob {
     repo: String,
     target: String,
     interrupt: watch::Sender<Option<Interrupt>>,
@@ -96,29 +98,6 @@ enum HostOutcome {
 }
 
 impl Jobs {
-    pub fn new(
-        builder_name: String,
-        state_dir: PathBuf,
-        nix: Nix,
-        publisher: Publisher,
-        host_timeout: Duration,
-        repos: HashMap<RepoName, ServedRepo>,
-        requests: jetstream::stream::Stream,
-        watch_interval: Duration,
-    ) -> Self {
-        Self {
-            builder_name,
-            state_dir,
-            nix,
-            publisher,
-            host_timeout,
-            repos,
-            requests,
-            watch_interval,
-            running: Mutex::new(HashMap::new()),
-        }
-    }
-
     /// What this builder is building now.
     pub fn running_states(&self) -> Vec<BuilderState> {
         self.lock_running()
@@ -154,7 +133,9 @@ impl Jobs {
 
     fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningJob>> {
         // The map is only touched in short critical sections that cannot panic.
-        self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs one request message to its end, then acks it (or hands it back on shutdown).
@@ -178,7 +159,9 @@ impl Jobs {
             }
             Err(JobError::Bus(err)) => {
                 error!(error = %err, subject = %message.subject, "could not publish events; request goes back to the queue");
-                message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await
+                message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                    .await
             }
         };
         if let Err(err) = ack {
@@ -193,7 +176,10 @@ impl Jobs {
         interrupt: watch::Receiver<Option<Interrupt>>,
     ) -> Result<(), JobError> {
         let info = message.info().ok();
-        let attempt = info.as_ref().map(|i| i.delivered.max(1) as u64).unwrap_or(1);
+        let attempt = info
+            .as_ref()
+            .map(|i| i.delivered.max(1) as u64)
+            .unwrap_or(1);
         let stream_seq = info.as_ref().map(|i| i.stream_sequence).unwrap_or(0);
         let header_id = message
             .headers
@@ -212,11 +198,19 @@ impl Jobs {
             Ok(request) => request,
             Err(refusal) => {
                 warn!(subject = %message.subject, id = ?refusal.id.as_ref().map(|id| id.to_string()), reason = %refusal.reason, "refused malformed request");
-                if let (Some(id), Some(repo), Some(target)) = (refusal.id, refusal.repo, refusal.target) {
+                if let (Some(id), Some(repo), Some(target)) =
+                    (refusal.id, refusal.repo, refusal.target)
+                {
                     let mut events = Events::open(&self.publisher, &repo, &target, &id).await;
                     if !events.already_finished() {
                         events
-                            .finish_refused(&self.builder_name, &repo, &target, refusal.reason, started)
+                            .finish_refused(
+                                &self.builder_name,
+                                &repo,
+                                &target,
+                                refusal.reason,
+                                started,
+                            )
                             .await?;
                     }
                 }
@@ -225,7 +219,9 @@ impl Jobs {
                 return Ok(());
             }
         };
-        let ParsedRequest { id, repo, target, .. } = &request;
+        let ParsedRequest {
+            id, repo, target, ..
+        } = &request;
         let mut events = Events::open(&self.publisher, repo, target, id).await;
         if events.already_finished() {
             info!(request_id = %id, "request already has a finished event (cancelled while queued, or a reused id); not building it again");
@@ -241,7 +237,14 @@ impl Jobs {
             },
         );
         let result = self
-            .build_request(&request, &mut events, interrupt, attempt, stream_seq, started)
+            .build_request(
+                &request,
+                &mut events,
+                interrupt,
+                attempt,
+                stream_seq,
+                started,
+            )
             .await;
         self.lock_running().remove(id.as_str());
         result
@@ -256,18 +259,24 @@ impl Jobs {
         stream_seq: u64,
         started: Instant,
     ) -> Result<(), JobError> {
-        let ParsedRequest { id, repo, target, .. } = request;
+        let ParsedRequest {
+            id, repo, target, ..
+        } = request;
         let Some(served) = self.repos.get(repo) else {
             let reason = format!("repo {repo} is not served by builder {}", self.builder_name);
             return events
                 .finish_refused(&self.builder_name, repo, target, reason, started)
                 .await;
         };
-        if let Some(newer) = newer_replace_request(&self.requests, &request_subject(repo, target), stream_seq).await {
+        if let Some(newer) =
+            newer_replace_request(&self.requests, &request_subject(repo, target), stream_seq).await
+        {
             let mut finish = Finish::new(repo, target, &self.builder_name, started);
             finish.status = BuildStatus::Cancelled;
             finish.cancelled_by = Some(format!("replace request {newer}"));
-            finish.error = Some(format!("superseded by newer request {newer} (mode replace)"));
+            finish.error = Some(format!(
+                "superseded by newer request {newer} (mode replace)"
+            ));
             return events.finish(finish).await;
         }
 
@@ -325,7 +334,15 @@ impl Jobs {
                 })
                 .await?;
             let result = match self
-                .build_host(events, &flake, repo, host, &logs, id.as_str(), &mut interrupt)
+                .build_host(
+                    events,
+                    &flake,
+                    repo,
+                    host,
+                    &logs,
+                    id.as_str(),
+                    &mut interrupt,
+                )
                 .await?
             {
                 HostOutcome::Done(result) => result,
@@ -361,12 +378,19 @@ impl Jobs {
         events.finish(finish).await
     }
 
-    async fn resolve(&self, served: &ServedRepo, request: &ParsedRequest) -> Result<Resolved, String> {
+    async fn resolve(
+        &self,
+        served: &ServedRepo,
+        request: &ParsedRequest,
+    ) -> Result<Resolved, String> {
         let mirror = served.mirror.clone();
         let lock = served.fetch_lock.clone();
         let default_ref = served.config.git_ref.clone();
         let rev = request.rev.clone();
-        let git_ref = request.git_ref.clone().unwrap_or_else(|| default_ref.clone());
+        let git_ref = request
+            .git_ref
+            .clone()
+            .unwrap_or_else(|| default_ref.clone());
         tokio::task::spawn_blocking(move || {
             let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let wanted = match &rev {
@@ -380,9 +404,17 @@ impl Jobs {
         .map_err(|err| err.to_string())
     }
 
-    async fn hosts_to_build(&self, flake: &str, target: &Target, rev: &str) -> Result<Vec<String>, String> {
+    async fn hosts_to_build(
+        &self,
+        flake: &str,
+        target: &Target,
+        rev: &str,
+    ) -> Result<Vec<String>, String> {
         let available = self.nix.list_hosts(flake).await.map_err(|err| {
-            format!("cannot list nixosConfigurations of the flake at rev {rev}: {}", cut(&err.excerpt()))
+            format!(
+                "cannot list nixosConfigurations of the flake at rev {rev}: {}",
+                cut(&err.excerpt())
+            )
         })?;
         match target {
             Target::All if available.is_empty() => {
@@ -420,12 +452,21 @@ impl Jobs {
             error: error.map(|e| cut(&e)),
         };
         let done = |status, out_path, error| Ok(HostOutcome::Done(result(status, out_path, error)));
-        let timed_out = || format!("timed out after {}s (builder.host_timeout_secs)", self.host_timeout.as_secs());
+        let timed_out = || {
+            format!(
+                "timed out after {}s (builder.host_timeout_secs)",
+                self.host_timeout.as_secs()
+            )
+        };
         let stopped = |why: Interrupt| match why {
             Interrupt::Shutdown => Err(JobError::Aborted),
             Interrupt::Cancel { by, reason } => {
                 let error = format!("cancelled by {by}: {reason}");
-                Ok(HostOutcome::Cancelled(result(HostStatus::Cancelled, None, Some(error)), by, reason))
+                Ok(HostOutcome::Cancelled(
+                    result(HostStatus::Cancelled, None, Some(error)),
+                    by,
+                    reason,
+                ))
             }
         };
 
@@ -439,10 +480,17 @@ impl Jobs {
             Err(err) => return done(HostStatus::EvalFailed, None, Some(err.excerpt())),
         };
 
-        let out_link = self.state_dir.join("gcroots").join(repo.as_str()).join(host);
+        let out_link = self
+            .state_dir
+            .join("gcroots")
+            .join(repo.as_str())
+            .join(host);
         if let Some(parent) = out_link.parent() {
             if let Err(err) = std::fs::create_dir_all(parent) {
-                let error = format!("cannot create GC root directory {}: {err}", parent.display());
+                let error = format!(
+                    "cannot create GC root directory {}: {err}",
+                    parent.display()
+                );
                 return done(HostStatus::BuildFailed, None, Some(error));
             }
         }
@@ -488,7 +536,9 @@ impl Jobs {
         }
         batcher.flush().await?;
         match built {
-            Ok(built) if built.derivations_built == 0 => done(HostStatus::Cached, Some(built.out_path), None),
+            Ok(built) if built.derivations_built == 0 => {
+                done(HostStatus::Cached, Some(built.out_path), None)
+            }
             Ok(built) => done(HostStatus::Built, Some(built.out_path), None),
             Err(err) => done(HostStatus::BuildFailed, None, Some(err.excerpt())),
         }
@@ -544,7 +594,10 @@ async fn newer_replace_request(
     subject: &str,
     stream_seq: u64,
 ) -> Option<String> {
-    let newest = requests.get_last_raw_message_by_subject(subject).await.ok()?;
+    let newest = requests
+        .get_last_raw_message_by_subject(subject)
+        .await
+        .ok()?;
     if newest.sequence <= stream_seq {
         return None;
     }
@@ -641,7 +694,8 @@ impl<'a> Events<'a> {
             subject,
             id: id.to_string(),
             seq: last.as_ref().map(|event| event.seq).unwrap_or(0),
-            last_was_finished: last.is_some_and(|event| matches!(event.body, EventBody::Finished { .. })),
+            last_was_finished: last
+                .is_some_and(|event| matches!(event.body, EventBody::Finished { .. })),
         }
     }
 

@@ -196,8 +196,9 @@ impl Nix {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+            // Not `kill_on_drop`: an immediate SIGKILL would orphan nix's builders; dropping
+            // the `ProcessGroup` stops them in order instead (tokio reaps the child).
+            .process_group(0);
         command
             .spawn()
             .map(ProcessGroup)
@@ -259,15 +260,29 @@ impl std::ops::DerefMut for ProcessGroup {
     }
 }
 
+/// How long nix gets to stop its builders after SIGTERM before the group is SIGKILLed.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        if let Some(pid) = self.0.id().and_then(|pid| i32::try_from(pid).ok()) {
-            // Still running (not yet reaped): stop nix and everything it forked.
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        let Some(pid) = self.0.id().and_then(|pid| i32::try_from(pid).ok()) else {
+            return; // already reaped: nothing left to stop
+        };
+        // SIGTERM first: nix then kills its derivation builders, which run in sessions of
+        // their own that a signal to this group would not reach. SIGKILL whatever is left.
+        let group = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + STOP_GRACE;
+            while std::time::Instant::now() < deadline {
+                // Signal 0 probes whether any process of the group is left.
+                if nix::sys::signal::killpg(group, None).is_err() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        });
     }
 }
 

@@ -63,14 +63,21 @@ impl Registry {
             started_at: self.started_at,
             heartbeat: OffsetDateTime::now_utc(),
         };
-        let Ok(payload) = serde_json::to_vec(&info) else { return };
+        let Ok(payload) = serde_json::to_vec(&info) else {
+            return;
+        };
         if let Err(err) = self.store.put(&self.name, payload.into()).await {
             warn!(error = %err, "announcing the builder in the registry failed");
         }
     }
 
     /// Announces the builder until it stops, then removes its entry.
-    pub async fn run(self, jobs: Arc<Jobs>, mut stop: watch::Receiver<Stop>, mut finished: watch::Receiver<bool>) {
+    pub async fn run(
+        self,
+        jobs: Arc<Jobs>,
+        mut stop: watch::Receiver<Stop>,
+        mut finished: watch::Receiver<bool>,
+    ) {
         let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
         loop {
             let draining = *stop.borrow() != Stop::Running;

@@ -62,7 +62,10 @@ pub async fn run(args: BuilderArgs) -> u8 {
             return exit::USAGE;
         }
     };
-    let args = RunArgs { config: path, check: args.check };
+    let args = RunArgs {
+        config: path,
+        check: args.check,
+    };
     let config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(err) => {

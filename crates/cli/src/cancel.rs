@@ -46,7 +46,11 @@ async fn api_request<T: DeserializeOwned>(
     body: Vec<u8>,
 ) -> Result<T, u8> {
     let client = connect_or_exit(nats, command).await?;
-    let reply = tokio::time::timeout(Duration::from_secs(15), client.request(subject.clone(), body.into())).await;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.request(subject.clone(), body.into()),
+    )
+    .await;
     let message = match reply {
         Ok(Ok(message)) => message,
         Ok(Err(err)) if err.kind() == async_nats::RequestErrorKind::NoResponders => {
@@ -67,7 +71,10 @@ async fn api_request<T: DeserializeOwned>(
     }
     match serde_json::from_slice::<ApiError>(&message.payload) {
         Ok(error) => eprintln!("error: {}", error.error),
-        Err(_) => eprintln!("error: unexpected answer on {subject}: {}", String::from_utf8_lossy(&message.payload)),
+        Err(_) => eprintln!(
+            "error: unexpected answer on {subject}: {}",
+            String::from_utf8_lossy(&message.payload)
+        ),
     }
     Err(exit::BUILD_FAILED)
 }

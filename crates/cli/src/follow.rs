@@ -145,7 +145,10 @@ pub async fn logs(args: LogsArgs) -> u8 {
         }
     }
     if printed == 0 {
-        eprintln!("no log lines for request {id}{}", args.host.map(|h| format!(" host {h}")).unwrap_or_default());
+        eprintln!(
+            "no log lines for request {id}{}",
+            args.host.map(|h| format!(" host {h}")).unwrap_or_default()
+        );
     }
     exit::OK
 }

@@ -3,7 +3,9 @@
 
 use clap::Args;
 use homelab_deploy_client::inspect::{list_builders, list_builds, request_state};
-use homelab_deploy_protocol::api::{BuildsQuery, RequestPhase, RequestState, BUILDER_LOST_AFTER_SECS};
+use homelab_deploy_protocol::api::{
+    BuildsQuery, RequestPhase, RequestState, BUILDER_LOST_AFTER_SECS,
+};
 use time::OffsetDateTime;
 
 use crate::build::client_error;
@@ -49,8 +51,9 @@ pub struct BuildersArgs {
 }
 
 fn parse_phase(value: &str) -> Result<RequestPhase, String> {
-    RequestPhase::parse(value)
-        .ok_or_else(|| format!("{value:?} is not one of queued, running, succeeded, failed, cancelled"))
+    RequestPhase::parse(value).ok_or_else(|| {
+        format!("{value:?} is not one of queued, running, succeeded, failed, cancelled")
+    })
 }
 
 pub async fn status(args: StatusArgs) -> u8 {
@@ -82,7 +85,10 @@ pub async fn status(args: StatusArgs) -> u8 {
 fn print_state(state: &RequestState) {
     let mut phase = state.phase.as_str().to_owned();
     if let Some(position) = state.queue_position {
-        phase.push_str(&format!(" (position {position} in the {} queue)", state.repo));
+        phase.push_str(&format!(
+            " (position {position} in the {} queue)",
+            state.repo
+        ));
     }
     println!("request   {}", state.id);
     println!("state     {phase}");
@@ -184,7 +190,10 @@ pub async fn builders(args: BuildersArgs) -> u8 {
         eprintln!("no builder has announced itself");
         return exit::OK;
     }
-    println!("{:<20}  {:<8}  {:<40}  {:<10}  REPOS", "NAME", "VERSION", "STATE", "HEARTBEAT");
+    println!(
+        "{:<20}  {:<8}  {:<40}  {:<10}  REPOS",
+        "NAME", "VERSION", "STATE", "HEARTBEAT"
+    );
     let now = OffsetDateTime::now_utc();
     for builder in &builders {
         let age = (now - builder.heartbeat).whole_seconds().max(0);

@@ -64,7 +64,12 @@ pub async fn read_stream(
 
 /// Events of one request, oldest first.
 pub async fn request_events(js: &Context, id: &RequestId) -> Result<Vec<Event>, ClientError> {
-    let messages = read_stream(js, EVENTS_STREAM, &format!("build.responses.*.*.{id}.events")).await?;
+    let messages = read_stream(
+        js,
+        EVENTS_STREAM,
+        &format!("build.responses.*.*.{id}.events"),
+    )
+    .await?;
     Ok(messages
         .iter()
         .filter_map(|m| serde_json::from_slice(&m.payload).ok())
@@ -159,7 +164,15 @@ pub fn fold_events(events: &[Event]) -> Option<RequestState> {
     for event in events {
         state.last_seq = state.last_seq.max(event.seq);
         match &event.body {
-            EventBody::Started { builder, repo, target, rev, hosts, requested_by, .. } => {
+            EventBody::Started {
+                builder,
+                repo,
+                target,
+                rev,
+                hosts,
+                requested_by,
+                ..
+            } => {
                 state.builder = Some(builder.clone());
                 state.repo = repo.clone();
                 state.target = target.clone();
@@ -176,7 +189,13 @@ pub fn fold_events(events: &[Event]) -> Option<RequestState> {
                 state.hosts.queued = state.hosts.queued.saturating_sub(1);
                 state.derivations = Default::default();
             }
-            EventBody::Progress { done, expected, running, failed, .. } => {
+            EventBody::Progress {
+                done,
+                expected,
+                running,
+                failed,
+                ..
+            } => {
                 state.derivations.done = *done;
                 state.derivations.expected = *expected;
                 state.derivations.running = *running;
@@ -193,7 +212,16 @@ pub fn fold_events(events: &[Event]) -> Option<RequestState> {
                     _ => state.hosts.failed += 1,
                 }
             }
-            EventBody::Finished { status, repo, target, rev, hosts, error, builder, .. } => {
+            EventBody::Finished {
+                status,
+                repo,
+                target,
+                rev,
+                hosts,
+                error,
+                builder,
+                ..
+            } => {
                 state.phase = RequestPhase::from_status(*status);
                 state.repo = repo.clone();
                 state.target = target.clone();
@@ -204,7 +232,10 @@ pub fn fold_events(events: &[Event]) -> Option<RequestState> {
                 state.current_host = None;
                 state.hosts.running = 0;
                 state.hosts.queued = 0;
-                let cancelled = hosts.iter().filter(|h| h.status == HostStatus::Cancelled).count() as u64;
+                let cancelled = hosts
+                    .iter()
+                    .filter(|h| h.status == HostStatus::Cancelled)
+                    .count() as u64;
                 state.hosts.cancelled = cancelled;
                 state.hosts.total = state.hosts.total.max(hosts.len() as u64);
             }
@@ -249,7 +280,10 @@ fn queued_states(pending: &[PendingRequest]) -> Vec<RequestState> {
 }
 
 /// The state of request `id`, or `None` when no stream knows it (never sent, or expired).
-pub async fn request_state(js: &Context, id: &RequestId) -> Result<Option<RequestState>, ClientError> {
+pub async fn request_state(
+    js: &Context,
+    id: &RequestId,
+) -> Result<Option<RequestState>, ClientError> {
     let events = request_events(js, id).await?;
     let pending = pending_requests(js).await?;
     if let Some(mut state) = fold_events(&events) {
@@ -300,7 +334,7 @@ pub async fn list_builds(js: &Context, query: &BuildsQuery) -> Result<BuildList,
         query.repo.as_ref().is_none_or(|repo| &b.repo == repo)
             && query.phase.is_none_or(|phase| b.phase == phase)
     });
-    builds.sort_by(|a, b| b.queued_at.cmp(&a.queued_at));
+    builds.sort_by_key(|b| std::cmp::Reverse(b.queued_at));
     builds.truncate(query.limit.unwrap_or(20));
     Ok(BuildList { builds })
 }

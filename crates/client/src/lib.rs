@@ -24,6 +24,8 @@ pub enum ClientError {
     NoEventsStream,
     #[error("the build queue refused the request: {message}")]
     Refused { message: String },
+    #[error("queue_full: the queue for {subject} is full ({message}); try again later")]
+    QueueFull { subject: String, message: String },
     #[error("NATS {action} failed: {message}")]
     Nats {
         action: &'static str,

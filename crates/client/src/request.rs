@@ -70,6 +70,12 @@ pub async fn submit(
             action: "publishing the request",
             message,
         },
+        _ if message.contains("maximum messages") || message.contains("maximum bytes") => {
+            ClientError::QueueFull {
+                subject: subject.clone(),
+                message,
+            }
+        }
         _ => ClientError::Refused { message },
     };
     let ack = js
@@ -110,7 +116,11 @@ impl EventStream {
     }
 
     /// Follows the events of request `id`, whatever its repo and target, from `from_seq` on.
-    pub async fn open_by_id(js: &Context, id: &RequestId, from_seq: u64) -> Result<Self, ClientError> {
+    pub async fn open_by_id(
+        js: &Context,
+        id: &RequestId,
+        from_seq: u64,
+    ) -> Result<Self, ClientError> {
         let messages = follow(js, format!("build.responses.*.*.{id}.events")).await?;
         Ok(Self {
             id: id.to_string(),
@@ -151,7 +161,10 @@ impl EventStream {
 }
 
 /// An ordered consumer on the events stream: replays what is stored under `filter`, then follows.
-async fn follow(js: &Context, filter: String) -> Result<jetstream::consumer::pull::Ordered, ClientError> {
+async fn follow(
+    js: &Context,
+    filter: String,
+) -> Result<jetstream::consumer::pull::Ordered, ClientError> {
     let error = |err: &dyn std::fmt::Display| ClientError::Nats {
         action: "subscribing to the events stream",
         message: err.to_string(),

@@ -147,9 +147,17 @@ pub struct RequestState {
     pub requested_by: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub queued_at: OffsetDateTime,
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
     pub started_at: Option<OffsetDateTime>,
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
     pub finished_at: Option<OffsetDateTime>,
     /// Host being built now, when running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -203,7 +211,11 @@ pub struct CancelReply {
 pub enum BuilderState {
     Starting,
     Idle,
-    Building { repo: String, target: String, id: String },
+    Building {
+        repo: String,
+        target: String,
+        id: String,
+    },
     Draining,
     WaitingForVault,
 }

@@ -1,0 +1,417 @@
+//! The queue and the fleet: several builders, a killed builder, cancel, replace, status, watch,
+//! logs, builds, builders, drain, a full queue and host timeouts.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use test_support::{run_cli, stored_messages, wait_until, Builder, FixtureRepo, NatsServer};
+
+use crate::build::wait_for_finished;
+use crate::{bin, text};
+
+/// A nats-server, the `queue` fixture served as `demo`, and builders added on demand.
+struct Fleet {
+    nats: NatsServer,
+    repo: FixtureRepo,
+}
+
+impl Fleet {
+    fn new() -> Self {
+        Self {
+            nats: NatsServer::start(),
+            repo: FixtureRepo::new("queue"),
+        }
+    }
+
+    /// A builder with extra config lines (`[builder]` keys, then any further tables).
+    fn builder(&self, extra: &str) -> Builder {
+        Builder::start_with(bin(), &self.nats.url, &[("demo", self.repo.url())], extra)
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        run_cli(bin(), &self.nats.url, args, Duration::from_secs(120))
+    }
+
+    /// `build demo TARGET --no-wait ARGS`: the request id.
+    fn submit(&self, target: &str, extra: &[&str]) -> String {
+        let mut args = vec!["build", "demo", target, "--no-wait"];
+        args.extend_from_slice(extra);
+        let output = self.cli(&args);
+        let (stdout, stderr) = text(&output);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        stdout.trim().to_owned()
+    }
+
+    async fn events(&self, id: &str) -> Vec<Value> {
+        let client = self.nats.client().await;
+        stored_messages(&client, &format!("build.responses.demo.*.{id}.events")).await
+    }
+
+    async fn finished(&self, id: &str) -> Vec<Value> {
+        let client = self.nats.client().await;
+        wait_for_finished(&client, &format!("build.responses.demo.*.{id}.events")).await
+    }
+
+    async fn wait_started(&self, id: &str) -> Value {
+        for _ in 0..600 {
+            if let Some(started) = self
+                .events(id)
+                .await
+                .into_iter()
+                .find(|e| e["type"] == "host_started")
+            {
+                return started;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("request {id} never started a host");
+    }
+
+    /// Commits a new salt so every host builds anew; returns the commit.
+    fn new_salt(&self) -> String {
+        self.repo.commit_file("salt", &test_support::unique("salt"))
+    }
+
+    /// Processes of this fixture's builds still alive (their command line holds the nonce).
+    fn build_processes(&self) -> String {
+        let nonce = std::fs::read_to_string(self.repo.path().join("nonce.nix")).expect("nonce");
+        let nonce = nonce.trim().trim_matches('"');
+        let output = Command::new("pgrep")
+            .args(["-a", "-f", nonce])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}
+
+fn seqs_are_contiguous(events: &[Value]) {
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=events.len() as u64).collect::<Vec<_>>(),
+        "{events:#?}"
+    );
+    assert_eq!(
+        events.iter().filter(|e| e["type"] == "finished").count(),
+        1,
+        "{events:#?}"
+    );
+    assert_eq!(
+        events.last().map(|e| e["type"].clone()),
+        Some(Value::from("finished"))
+    );
+}
+
+/// Two builders share one queue: six requests, both builders take work, all succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_builders_share_the_queue() {
+    let fleet = Fleet::new();
+    let first = fleet.builder("");
+    let second = fleet.builder("");
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let rev = fleet.new_salt();
+        ids.push(fleet.submit("short", &["--rev", &rev]));
+    }
+    let mut builders = std::collections::BTreeSet::new();
+    for id in &ids {
+        let events = fleet.finished(id).await;
+        seqs_are_contiguous(&events);
+        assert_eq!(
+            events.last().map(|e| e["status"].clone()),
+            Some(Value::from("succeeded"))
+        );
+        builders.insert(events[0]["builder"].as_str().expect("builder").to_owned());
+    }
+    assert!(
+        builders.contains(&first.name) && builders.contains(&second.name),
+        "only {builders:?} took work"
+    );
+}
+
+/// A builder SIGKILLed mid-build loses nothing: the request is redelivered to the other builder,
+/// its events go on with the next seq under a new `started` (attempt 2), and it succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_builder_request_completes_on_another() {
+    let fleet = Fleet::new();
+    let ack_wait = "\n[streams]\nrequest_ack_wait_secs = 3";
+    let mut builders = vec![fleet.builder(ack_wait), fleet.builder(ack_wait)];
+    let rev = fleet.new_salt();
+    let id = fleet.submit("medium", &["--rev", &rev]);
+    fleet.wait_started(&id).await;
+    let victim = fleet.events(&id).await[0]["builder"]
+        .as_str()
+        .expect("builder")
+        .to_owned();
+    let index = builders
+        .iter()
+        .position(|b| b.name == victim)
+        .expect("victim is ours");
+    Command::new("kill")
+        .args(["-KILL", &builders[index].pid().to_string()])
+        .status()
+        .expect("kill");
+    let survivor = builders.remove(1 - index);
+
+    let events = fleet.finished(&id).await;
+    seqs_are_contiguous(&events);
+    let started: Vec<&Value> = events.iter().filter(|e| e["type"] == "started").collect();
+    assert_eq!(started.len(), 2, "{events:#?}");
+    assert_eq!(started[1]["attempt"], 2);
+    assert_eq!(started[1]["builder"], survivor.name.as_str());
+    assert_eq!(started[1]["rev"], rev.as_str());
+    let finished = events.last().expect("finished");
+    assert_eq!(finished["status"], "succeeded", "{finished:#}");
+    assert_eq!(finished["builder"], survivor.name.as_str());
+}
+
+/// Cancel: a queued request never starts; a running one has its nix killed at once (no build
+/// process survives), ends `cancelled` with the reason and who asked, and the next request starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_queued_and_running_requests() {
+    let fleet = Fleet::new();
+    let _builder = fleet.builder("");
+    let running = fleet.submit("long", &[]);
+    fleet.wait_started(&running).await;
+    let queued = fleet.submit("short", &[]);
+
+    let output = fleet.cli(&["status", &queued, "--json"]);
+    let state: Value = serde_json::from_slice(&output.stdout).expect("status json");
+    assert_eq!(state["phase"], "queued", "{state:#}");
+    assert_eq!(state["queue_position"], 1);
+
+    let output = fleet.cli(&["cancel", &queued, "--reason", "not needed"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    let events = fleet.finished(&queued).await;
+    assert_eq!(
+        events.len(),
+        1,
+        "a cancelled queued request must never start: {events:#?}"
+    );
+    assert_eq!(events[0]["status"], "cancelled");
+    assert!(events[0]["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("not needed")));
+
+    assert!(
+        !fleet.build_processes().is_empty(),
+        "the long build should be running"
+    );
+    let cancelled_at = Instant::now();
+    let output = fleet.cli(&["cancel", &running, "--reason", "wrong branch"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    let events = fleet.finished(&running).await;
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(15),
+        "cancel took {:?}",
+        cancelled_at.elapsed()
+    );
+    seqs_are_contiguous(&events);
+    let finished = events.last().expect("finished");
+    assert_eq!(finished["status"], "cancelled", "{finished:#}");
+    assert!(
+        finished["cancelled_by"]
+            .as_str()
+            .is_some_and(|by| by.contains('@')),
+        "{finished:#}"
+    );
+    assert!(finished["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("wrong branch")));
+    assert_eq!(finished["hosts"][0]["status"], "cancelled");
+    let gone = wait_until(Duration::from_secs(10), || {
+        fleet.build_processes().is_empty()
+    });
+    assert!(
+        gone,
+        "build processes survived the cancel:\n{}",
+        fleet.build_processes()
+    );
+
+    let output = fleet.cli(&["status", &running]);
+    assert!(text(&output).0.contains("cancelled"), "{}", text(&output).0);
+    let started = Instant::now();
+    let output = fleet.cli(&["build", "demo", "short", "--json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+/// `replace` cancels the running request for the same target; of two racing `replace`
+/// requests only the newest is built.
+#[tokio::test(flavor = "multi_thread")]
+async fn replace_cancels_older_requests_and_the_newest_wins() {
+    let fleet = Fleet::new();
+    let _builder = fleet.builder("");
+    let first = fleet.submit("long", &[]);
+    fleet.wait_started(&first).await;
+    let second = fleet.submit("long", &["--mode", "replace"]);
+    let events = fleet.finished(&first).await;
+    let finished = events.last().expect("finished");
+    assert_eq!(finished["status"], "cancelled", "{finished:#}");
+    assert!(
+        finished["cancelled_by"]
+            .as_str()
+            .is_some_and(|by| by.contains(&second)),
+        "{finished:#}"
+    );
+    fleet.wait_started(&second).await;
+
+    let third = fleet.submit("long", &["--mode", "replace"]);
+    let fourth = fleet.submit("long", &["--mode", "replace"]);
+    for older in [&second, &third] {
+        let events = fleet.finished(older).await;
+        assert_eq!(
+            events.last().map(|e| e["status"].clone()),
+            Some(Value::from("cancelled"))
+        );
+    }
+    let third_events = fleet.events(&third).await;
+    assert!(
+        third_events.iter().all(|e| e["type"] != "started"),
+        "a superseded replace request was built: {third_events:#?}"
+    );
+    fleet.wait_started(&fourth).await;
+    let output = fleet.cli(&["cancel", &fourth]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    fleet.finished(&fourth).await;
+}
+
+/// `watch` replays from seq 1 after the build ended and from the middle while it runs; `logs`
+/// prints from a line offset and follows a running build to its end.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_and_logs_replay_and_follow() {
+    let fleet = Fleet::new();
+    let _builder = fleet.builder("");
+    let rev = fleet.new_salt();
+    let id = fleet.submit("medium", &["--rev", &rev]);
+    fleet.wait_started(&id).await;
+
+    let follow = fleet.cli(&["logs", &id, "--follow"]);
+    let (stdout, stderr) = text(&follow);
+    assert_eq!(follow.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("medium | medium ") && l.ends_with("starts")),
+        "{stdout}"
+    );
+
+    let watch = fleet.cli(&["watch", &id, "--from-seq", "2", "--json"]);
+    assert_eq!(watch.status.code(), Some(0), "{}", text(&watch).1);
+    let events: Vec<Value> = text(&watch)
+        .0
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("event json"))
+        .collect();
+    assert_eq!(
+        events.first().map(|e| e["seq"].clone()),
+        Some(Value::from(2))
+    );
+    assert_eq!(
+        events.last().map(|e| e["type"].clone()),
+        Some(Value::from("finished"))
+    );
+
+    let replay = fleet.cli(&["watch", &id, "--json"]);
+    let all: Vec<&str> = std::str::from_utf8(&replay.stdout)
+        .expect("utf8")
+        .lines()
+        .collect();
+    assert_eq!(
+        all.len(),
+        events.len() + 1,
+        "replay from seq 1 after the end"
+    );
+
+    let offset = fleet.cli(&["logs", &id, "--host", "medium", "--from-line", "2"]);
+    let lines: Vec<String> = text(&offset).0.lines().map(str::to_owned).collect();
+    let full = fleet.cli(&["logs", &id]);
+    let all_lines: Vec<String> = text(&full).0.lines().map(str::to_owned).collect();
+    assert!(all_lines.len() >= 2, "{all_lines:?}");
+    assert_eq!(lines, all_lines[1..].to_vec());
+}
+
+/// `builders` shows the fleet; `builds` filters by state; `builder drain NAME` over NATS makes
+/// the builder exit 0 and leave the registry.
+#[tokio::test(flavor = "multi_thread")]
+async fn builders_builds_and_drain() {
+    let fleet = Fleet::new();
+    let mut builder = fleet.builder("");
+    let output = fleet.cli(&["builders", "--json"]);
+    let list: Value = serde_json::from_slice(&output.stdout).expect("builders json");
+    assert_eq!(
+        list["builders"][0]["name"],
+        builder.name.as_str(),
+        "{list:#}"
+    );
+    assert_eq!(list["builders"][0]["states"][0]["state"], "idle");
+    assert_eq!(list["builders"][0]["repos"], serde_json::json!(["demo"]));
+
+    let output = fleet.cli(&["build", "demo", "short"]);
+    assert_eq!(output.status.code(), Some(0));
+    let output = fleet.cli(&["build", "demo", "nope"]);
+    assert_eq!(output.status.code(), Some(1));
+    let succeeded = fleet.cli(&["builds", "--state", "succeeded", "--json"]);
+    let list: Value = serde_json::from_slice(&succeeded.stdout).expect("builds json");
+    let builds = list["builds"].as_array().expect("builds");
+    assert_eq!(builds.len(), 1, "{list:#}");
+    assert_eq!(builds[0]["target"], "short");
+    let all = fleet.cli(&["builds"]);
+    assert!(
+        text(&all).0.contains("failed") && text(&all).0.contains("succeeded"),
+        "{}",
+        text(&all).0
+    );
+
+    let output = fleet.cli(&["builder", "drain", &builder.name]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    let exited = wait_until(Duration::from_secs(20), || !builder.is_running());
+    assert!(
+        exited,
+        "builder did not exit after drain:\n{}",
+        builder.log()
+    );
+    let output = fleet.cli(&["builders", "--json"]);
+    let list: Value = serde_json::from_slice(&output.stdout).expect("builders json");
+    assert_eq!(list["builders"], serde_json::json!([]), "{list:#}");
+}
+
+/// A full queue is refused at once with `queue_full` and exit 3, never dropped silently.
+#[tokio::test(flavor = "multi_thread")]
+async fn full_queue_is_refused_with_queue_full() {
+    let fleet = Fleet::new();
+    let _builder = fleet.builder("\n[streams]\nmax_pending_requests_per_target = 2");
+    let running = fleet.submit("long", &[]);
+    fleet.wait_started(&running).await;
+    fleet.submit("short", &[]);
+    fleet.submit("short", &[]);
+    let output = fleet.cli(&["build", "demo", "short", "--no-wait"]);
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("queue_full"), "{stderr}");
+    fleet.cli(&["cancel", &running]);
+}
+
+/// A host over `host_timeout_secs` is `timed_out`, its build processes are killed, and the
+/// request still finishes.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_timeout_kills_the_build() {
+    let fleet = Fleet::new();
+    let _builder = fleet.builder("\nhost_timeout_secs = 2");
+    let output = fleet.cli(&["build", "demo", "long", "--json"]);
+    assert_eq!(output.status.code(), Some(1));
+    let finished: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(finished["hosts"][0]["status"], "timed_out", "{finished:#}");
+    let gone = wait_until(Duration::from_secs(10), || {
+        fleet.build_processes().is_empty()
+    });
+    assert!(
+        gone,
+        "build processes survived the timeout:\n{}",
+        fleet.build_processes()
+    );
+}
