@@ -415,3 +415,32 @@ async fn host_timeout_kills_the_build() {
         fleet.build_processes()
     );
 }
+
+/// A second SIGTERM kills the running build and hands its request back to the queue: it is not
+/// reported failed, and the next builder builds it (attempt 2, numbering continued).
+#[tokio::test(flavor = "multi_thread")]
+async fn second_sigterm_returns_the_request_to_the_queue() {
+    let fleet = Fleet::new();
+    let mut first = fleet.builder("");
+    let rev = fleet.new_salt();
+    let id = fleet.submit("medium", &["--rev", &rev]);
+    fleet.wait_started(&id).await;
+    let pid = first.pid().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = first.terminate(Duration::from_secs(20)).expect("builder exited");
+    assert!(status.success(), "exit {status}; log:\n{}", first.log());
+    let events = fleet.events(&id).await;
+    assert!(events.iter().all(|e| e["type"] != "finished"), "{events:#?}");
+    let gone = wait_until(Duration::from_secs(10), || fleet.build_processes().is_empty());
+    assert!(gone, "build processes survived:\n{}", fleet.build_processes());
+
+    let second = fleet.builder("");
+    let events = fleet.finished(&id).await;
+    seqs_are_contiguous(&events);
+    let started: Vec<&Value> = events.iter().filter(|e| e["type"] == "started").collect();
+    assert_eq!(started.len(), 2, "{events:#?}");
+    assert_eq!(started[1]["builder"], second.name.as_str());
+    assert!(started[1]["attempt"].as_u64() >= Some(2));
+    assert_eq!(events.last().map(|e| e["status"].clone()), Some(Value::from("succeeded")));
+}

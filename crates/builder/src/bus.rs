@@ -108,7 +108,8 @@ pub async fn ensure_streams(
                     discard_new_per_subject: true,
                     // Headers come on top of the body; the builder itself enforces the body limit.
                     max_message_size: (MAX_REQUEST_BYTES + 4096) as i32,
-                    max_bytes: 256 * 1024 * 1024,
+                    max_messages: limits.max_pending_requests,
+                    max_bytes: limits.requests_max_bytes,
                     ..Default::default()
                 };
                 if let Err(err) = js.create_stream(config).await {

@@ -79,6 +79,12 @@ pub struct StreamsConfig {
     /// Pending requests per `build.<repo>.<target>` subject; one more is refused to its sender.
     #[serde(default = "default_requests_per_subject")]
     pub max_pending_requests_per_target: i64,
+    /// Pending requests of all repos together; one more is refused to its sender.
+    #[serde(default = "default_max_pending_requests")]
+    pub max_pending_requests: i64,
+    /// Bytes of pending requests of all repos together.
+    #[serde(default = "default_requests_max_bytes")]
+    pub requests_max_bytes: i64,
     /// A request whose builder went silent (died) for this long is redelivered to another one.
     #[serde(default = "default_request_ack_wait_secs")]
     pub request_ack_wait_secs: u64,
@@ -91,6 +97,8 @@ impl Default for StreamsConfig {
             events_max_bytes: default_events_max_bytes(),
             max_pending_requests_per_target: default_requests_per_subject(),
             request_ack_wait_secs: default_request_ack_wait_secs(),
+            max_pending_requests: default_max_pending_requests(),
+            requests_max_bytes: default_requests_max_bytes(),
         }
     }
 }
@@ -129,6 +137,12 @@ fn default_events_max_bytes() -> i64 {
 }
 fn default_requests_per_subject() -> i64 {
     100
+}
+fn default_max_pending_requests() -> i64 {
+    10_000
+}
+fn default_requests_max_bytes() -> i64 {
+    256 * 1024 * 1024
 }
 fn default_request_ack_wait_secs() -> u64 {
     60
