@@ -396,12 +396,13 @@ async fn full_queue_is_refused_with_queue_full() {
     fleet.cli(&["cancel", &running]);
 }
 
-/// A host over `host_timeout_secs` is `timed_out`, its build processes are killed, and the
-/// request still finishes.
+/// A host over its time limit is `timed_out` and its build processes are killed; a request over
+/// its limit has the rest of its hosts `timed_out` without building; limits a request asks for
+/// are capped by the builder's maximum.
 #[tokio::test(flavor = "multi_thread")]
-async fn host_timeout_kills_the_build() {
+async fn host_and_request_timeouts() {
     let fleet = Fleet::new();
-    let _builder = fleet.builder("\nhost_timeout_secs = 2");
+    let _builder = fleet.builder("\nhost_timeout_secs = 2\nmax_timeout_secs = 600");
     let output = fleet.cli(&["build", "demo", "long", "--json"]);
     assert_eq!(output.status.code(), Some(1));
     let finished: Value = serde_json::from_slice(&output.stdout).expect("json");
@@ -413,6 +414,47 @@ async fn host_timeout_kills_the_build() {
         gone,
         "build processes survived the timeout:\n{}",
         fleet.build_processes()
+    );
+
+    // Hosts build in name order: long, medium, short. The request limit stops `long` after 3 s
+    // (its own limit is raised to 60 s) and leaves the others unbuilt.
+    let output = fleet.cli(&[
+        "build",
+        "demo",
+        "all",
+        "--json",
+        "--host-timeout",
+        "60",
+        "--build-timeout",
+        "3",
+    ]);
+    let finished: Value = serde_json::from_slice(&output.stdout).expect("json");
+    let statuses: Vec<&str> = finished["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| h["status"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        statuses,
+        ["timed_out", "timed_out", "timed_out"],
+        "{finished:#}"
+    );
+    assert!(
+        finished["hosts"][2]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("request timed out after 3s")),
+        "{finished:#}"
+    );
+
+    let output = fleet.cli(&["build", "demo", "short", "--json", "--host-timeout", "601"]);
+    let finished: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(finished["status"], "failed");
+    assert!(
+        finished["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("max_timeout_secs")),
+        "{finished:#}"
     );
 }
 
@@ -426,14 +468,28 @@ async fn second_sigterm_returns_the_request_to_the_queue() {
     let id = fleet.submit("medium", &["--rev", &rev]);
     fleet.wait_started(&id).await;
     let pid = first.pid().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let status = first.terminate(Duration::from_secs(20)).expect("builder exited");
+    let status = first
+        .terminate(Duration::from_secs(20))
+        .expect("builder exited");
     assert!(status.success(), "exit {status}; log:\n{}", first.log());
     let events = fleet.events(&id).await;
-    assert!(events.iter().all(|e| e["type"] != "finished"), "{events:#?}");
-    let gone = wait_until(Duration::from_secs(10), || fleet.build_processes().is_empty());
-    assert!(gone, "build processes survived:\n{}", fleet.build_processes());
+    assert!(
+        events.iter().all(|e| e["type"] != "finished"),
+        "{events:#?}"
+    );
+    let gone = wait_until(Duration::from_secs(10), || {
+        fleet.build_processes().is_empty()
+    });
+    assert!(
+        gone,
+        "build processes survived:\n{}",
+        fleet.build_processes()
+    );
 
     let second = fleet.builder("");
     let events = fleet.finished(&id).await;
@@ -442,5 +498,8 @@ async fn second_sigterm_returns_the_request_to_the_queue() {
     assert_eq!(started.len(), 2, "{events:#?}");
     assert_eq!(started[1]["builder"], second.name.as_str());
     assert!(started[1]["attempt"].as_u64() >= Some(2));
-    assert_eq!(events.last().map(|e| e["status"].clone()), Some(Value::from("succeeded")));
+    assert_eq!(
+        events.last().map(|e| e["status"].clone()),
+        Some(Value::from("succeeded"))
+    );
 }

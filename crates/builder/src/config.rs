@@ -61,6 +61,12 @@ pub struct BuilderConfig {
     /// A host's evaluation and build together may take this long before it is `timed_out`.
     #[serde(default = "default_host_timeout_secs")]
     pub host_timeout_secs: u64,
+    /// A whole request may take this long; hosts not built by then are `timed_out`.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+    /// Largest `host_timeout_secs` or `timeout_secs` a request may ask for.
+    #[serde(default = "default_max_timeout_secs")]
+    pub max_timeout_secs: u64,
     /// Path of the `nix` binary; looked up on PATH by default.
     #[serde(default = "default_nix")]
     pub nix: PathBuf,
@@ -126,6 +132,12 @@ fn default_max_concurrent_requests() -> usize {
 fn default_host_timeout_secs() -> u64 {
     2 * 60 * 60
 }
+fn default_request_timeout_secs() -> u64 {
+    6 * 60 * 60
+}
+fn default_max_timeout_secs() -> u64 {
+    24 * 60 * 60
+}
 fn default_nix() -> PathBuf {
     PathBuf::from("nix")
 }
@@ -149,6 +161,14 @@ fn default_request_ack_wait_secs() -> u64 {
 }
 fn default_ref() -> String {
     "main".to_owned()
+}
+
+/// Time limits of a builder: defaults, and the largest a request may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub host: Duration,
+    pub request: Duration,
+    pub max: Duration,
 }
 
 /// A repo of the config with its validated name.
@@ -211,6 +231,12 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.builder.request_timeout_secs == 0 {
+            return Err(invalid(
+                "builder.request_timeout_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
         if self.builder.host_timeout_secs == 0 {
             return Err(invalid(
                 "builder.host_timeout_secs".into(),
@@ -269,8 +295,12 @@ impl Config {
             .collect()
     }
 
-    pub fn host_timeout(&self) -> Duration {
-        Duration::from_secs(self.builder.host_timeout_secs)
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            host: Duration::from_secs(self.builder.host_timeout_secs),
+            request: Duration::from_secs(self.builder.request_timeout_secs),
+            max: Duration::from_secs(self.builder.max_timeout_secs),
+        }
     }
 
     pub fn request_ack_wait(&self) -> Duration {

@@ -124,7 +124,7 @@ pub async fn run(
         state_dir: config.builder.state_dir.clone(),
         nix,
         publisher: Publisher::new(js.clone()),
-        host_timeout: config.host_timeout(),
+        timeouts: config.timeouts(),
         repos: served,
         requests,
         watch_interval,

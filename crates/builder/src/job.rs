@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::bus::{last_event, BusError, Publisher, RequestMessage};
-use crate::config::RepoConfig;
+use crate::config::{RepoConfig, Timeouts};
 use crate::git::{Mirror, Resolved, Wanted};
 use crate::logs::LogBatcher;
 use crate::nix::{BuildOutput, Nix};
@@ -47,7 +47,7 @@ pub struct Jobs {
     pub state_dir: PathBuf,
     pub nix: Nix,
     pub publisher: Publisher,
-    pub host_timeout: Duration,
+    pub timeouts: Timeouts,
     pub repos: HashMap<RepoName, ServedRepo>,
     /// The requests stream, to spot newer `replace` requests for a running request's target.
     pub requests: jetstream::stream::Stream,
@@ -268,6 +268,18 @@ impl Jobs {
                 .finish_refused(&self.builder_name, repo, target, reason, started)
                 .await;
         };
+        let limits = match self.request_limits(request) {
+            Ok(limits) => limits,
+            Err(reason) => {
+                return events
+                    .finish_refused(&self.builder_name, repo, target, reason, started)
+                    .await
+            }
+        };
+        let request_deadline = Deadline {
+            at: tokio::time::Instant::from_std(started) + limits.request,
+            why: format!("the request timed out after {}s", limits.request.as_secs()),
+        };
         if let Some(newer) =
             newer_replace_request(&self.requests, &request_subject(repo, target), stream_seq).await
         {
@@ -322,9 +334,26 @@ impl Jobs {
         for (position, host) in hosts.iter().enumerate() {
             let index = position + 1;
             if cancelled.is_some() {
-                results.push(skipped_host(host));
+                results.push(skipped_host(host, HostStatus::Cancelled, None));
                 continue;
             }
+            if request_deadline.passed() {
+                results.push(skipped_host(
+                    host,
+                    HostStatus::TimedOut,
+                    Some(request_deadline.why.clone()),
+                ));
+                continue;
+            }
+            let host_deadline = Deadline {
+                at: tokio::time::Instant::now() + limits.host,
+                why: format!("timed out after {}s (host timeout)", limits.host.as_secs()),
+            };
+            let deadline = if host_deadline.at <= request_deadline.at {
+                host_deadline
+            } else {
+                request_deadline.clone()
+            };
             events.check_still_owner().await?;
             events
                 .emit(EventBody::HostStarted {
@@ -341,6 +370,7 @@ impl Jobs {
                     host,
                     &logs,
                     id.as_str(),
+                    &deadline,
                     &mut interrupt,
                 )
                 .await?
@@ -440,10 +470,10 @@ impl Jobs {
         host: &str,
         logs: &str,
         request_id: &str,
+        deadline: &Deadline,
         interrupt: &mut watch::Receiver<Option<Interrupt>>,
     ) -> Result<HostOutcome, JobError> {
         let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + self.host_timeout;
         let result = |status, out_path, error: Option<String>| HostResult {
             name: host.to_owned(),
             status,
@@ -452,12 +482,7 @@ impl Jobs {
             error: error.map(|e| cut(&e)),
         };
         let done = |status, out_path, error| Ok(HostOutcome::Done(result(status, out_path, error)));
-        let timed_out = || {
-            format!(
-                "timed out after {}s (builder.host_timeout_secs)",
-                self.host_timeout.as_secs()
-            )
-        };
+        let timed_out = || deadline.why.clone();
         let stopped = |why: Interrupt| match why {
             Interrupt::Shutdown => Err(JobError::Aborted),
             Interrupt::Cancel { by, reason } => {
@@ -472,7 +497,7 @@ impl Jobs {
 
         let drv = tokio::select! {
             drv = self.nix.eval_toplevel_drv(flake, host) => drv,
-            _ = tokio::time::sleep_until(deadline) => return done(HostStatus::TimedOut, None, Some(timed_out())),
+            _ = tokio::time::sleep_until(deadline.at) => return done(HostStatus::TimedOut, None, Some(timed_out())),
             why = interrupted(interrupt) => return stopped(why),
         };
         let drv = match drv {
@@ -519,7 +544,7 @@ impl Jobs {
                     }
                 },
                 _ = tokio::time::sleep_until(batcher.deadline().unwrap_or(far_future)) => batcher.flush().await?,
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = tokio::time::sleep_until(deadline.at) => {
                     batcher.flush().await?;
                     return done(HostStatus::TimedOut, None, Some(timed_out()));
                 }
@@ -564,15 +589,58 @@ impl Jobs {
     }
 }
 
-/// A host that was never started because the request was cancelled first.
-fn skipped_host(host: &str) -> HostResult {
+/// A host that was never started because the request was cancelled or timed out first.
+fn skipped_host(host: &str, status: HostStatus, error: Option<String>) -> HostResult {
     HostResult {
         name: host.to_owned(),
-        status: HostStatus::Cancelled,
+        status,
         out_path: None,
         duration_ms: 0,
-        error: None,
+        error,
     }
+}
+
+/// When a host's work must stop, and what to say then.
+#[derive(Debug, Clone)]
+struct Deadline {
+    at: tokio::time::Instant,
+    why: String,
+}
+
+impl Deadline {
+    fn passed(&self) -> bool {
+        tokio::time::Instant::now() >= self.at
+    }
+}
+
+impl Jobs {
+    /// The time limits of `request`: the builder's defaults, or what it asked for within the
+    /// builder's maximum.
+    fn request_limits(&self, request: &ParsedRequest) -> Result<Limits, String> {
+        let pick = |asked: Option<u64>, default: Duration, field: &str| match asked {
+            None => Ok(default),
+            Some(secs) if Duration::from_secs(secs) <= self.timeouts.max => {
+                Ok(Duration::from_secs(secs))
+            }
+            Some(secs) => Err(format!(
+                "{field} {secs} is over this builder's maximum of {}s (builder.max_timeout_secs)",
+                self.timeouts.max.as_secs()
+            )),
+        };
+        Ok(Limits {
+            host: pick(
+                request.host_timeout_secs,
+                self.timeouts.host,
+                "host_timeout_secs",
+            )?,
+            request: pick(request.timeout_secs, self.timeouts.request, "timeout_secs")?,
+        })
+    }
+}
+
+struct Limits {
+    host: Duration,
+    request: Duration,
 }
 
 /// Resolves with the reason once the running request must stop.

@@ -55,6 +55,12 @@ pub struct BuildArgs {
     /// them (queued or running); the newest `replace` request wins.
     #[arg(long, value_enum, default_value_t = ModeArg::Enqueue)]
     mode: ModeArg,
+    /// Time limit per host on the builder, instead of its default (within its maximum).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    host_timeout: Option<u64>,
+    /// Time limit of the whole build on the builder, instead of its default (within its maximum).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    build_timeout: Option<u64>,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -119,6 +125,8 @@ pub async fn run(args: BuildArgs) -> u8 {
         git_ref: args.git_ref,
         rev: args.rev,
         mode: args.mode.into(),
+        host_timeout_secs: args.host_timeout,
+        timeout_secs: args.build_timeout,
     };
     let mut submission = match submit(&client, &repo, &target, options).await {
         Ok(submission) => submission,

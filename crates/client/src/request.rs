@@ -20,6 +20,10 @@ pub struct SubmitOptions {
     pub git_ref: Option<String>,
     pub rev: Option<String>,
     pub mode: Mode,
+    /// Per-host time limit instead of the builder's default.
+    pub host_timeout_secs: Option<u64>,
+    /// Time limit of the whole request instead of the builder's default.
+    pub timeout_secs: Option<u64>,
 }
 
 /// A request that is safely in the queue, and the stream of its events.
@@ -55,6 +59,8 @@ pub async fn submit(
         git_ref: options.git_ref,
         rev: options.rev,
         mode: Some(options.mode),
+        host_timeout_secs: options.host_timeout_secs,
+        timeout_secs: options.timeout_secs,
     };
     let payload = serde_json::to_vec(&body).map_err(|err| ClientError::Nats {
         action: "encoding the request",

@@ -30,6 +30,12 @@ pub struct BuildRequest {
     /// `enqueue` (default) or `replace`: cancel older requests for the same repo and target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
+    /// Per-host time limit instead of the builder's default (within its maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_timeout_secs: Option<u64>,
+    /// Time limit of the whole request instead of the builder's default (within its maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
 }
 
 /// What a request does to older requests for the same repo and target.
@@ -62,6 +68,8 @@ pub struct ParsedRequest {
     pub git_ref: Option<String>,
     pub rev: Option<String>,
     pub mode: Mode,
+    pub host_timeout_secs: Option<u64>,
+    pub timeout_secs: Option<u64>,
 }
 
 /// A request that cannot be acted on. `id` is set when the request's id could be known, so the
@@ -215,6 +223,14 @@ pub fn parse_request(
             return refuse(refusal, err.to_string());
         }
     }
+    for (field, value) in [
+        ("host_timeout_secs", request.host_timeout_secs),
+        ("timeout_secs", request.timeout_secs),
+    ] {
+        if value == Some(0) {
+            return refuse(refusal, format!("{field} must be at least 1"));
+        }
+    }
     Ok(ParsedRequest {
         id,
         repo,
@@ -223,6 +239,8 @@ pub fn parse_request(
         git_ref: request.git_ref,
         rev: request.rev.map(|rev| rev.to_ascii_lowercase()),
         mode: request.mode.unwrap_or_default(),
+        host_timeout_secs: request.host_timeout_secs,
+        timeout_secs: request.timeout_secs,
     })
 }
 
