@@ -503,3 +503,72 @@ async fn second_sigterm_returns_the_request_to_the_queue() {
         Some(Value::from("succeeded"))
     );
 }
+
+/// Past one machine: a 3-node NATS cluster with R3 streams, two builders on different nodes.
+/// The node the building builder is connected to is killed mid-build: the builder fails over,
+/// the build completes and no request or event is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_node_lost_mid_build() {
+    let mut cluster = test_support::NatsCluster::start(3);
+    cluster.wait_ready().await;
+    let repo = FixtureRepo::new("queue");
+    let extra = "\n[streams]\nreplicas = 3";
+    let repos = [("demo", repo.url())];
+    let builders = [
+        Builder::start_with(bin(), &cluster.nodes[0].url, &repos, extra),
+        Builder::start_with(bin(), &cluster.nodes[1].url, &repos, extra),
+    ];
+    let client_url = cluster.nodes[2].url.clone();
+    let output = run_cli(
+        bin(),
+        &client_url,
+        &["build", "demo", "medium", "--no-wait"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    let id = text(&output).0.trim().to_owned();
+    let client = cluster.nodes[2].client().await;
+    let subject = format!("build.responses.demo.medium.{id}.events");
+    let mut building = None;
+    for _ in 0..600 {
+        let events = test_support::try_stored_messages(&client, &subject)
+            .await
+            .unwrap_or_default();
+        if events.iter().any(|e| e["type"] == "host_started") {
+            building = events[0]["builder"].as_str().map(str::to_owned);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let building = building.expect("build started");
+    let node = builders
+        .iter()
+        .position(|b| b.name == building)
+        .expect("one of ours");
+    cluster.nodes[node].stop();
+
+    // JetStream answers nothing while the cluster elects new leaders: poll patiently.
+    let mut events = Vec::new();
+    for _ in 0..600 {
+        if let Ok(stored) = test_support::try_stored_messages(&client, &subject).await {
+            if stored.last().is_some_and(|e| e["type"] == "finished") {
+                events = stored;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !events.is_empty(),
+        "no finished event; builder log:\n{}",
+        builders[node].log()
+    );
+    seqs_are_contiguous(&events);
+    let finished = events.last().expect("finished");
+    assert_eq!(
+        finished["status"],
+        "succeeded",
+        "{finished:#}\nbuilder log:\n{}",
+        builders[node].log()
+    );
+}

@@ -58,6 +58,7 @@ pub async fn ensure_streams(
         max_bytes: limits.events_max_bytes,
         max_message_size: MAX_EVENT_BYTES,
         discard: DiscardPolicy::Old,
+        num_replicas: limits.replicas,
         ..Default::default()
     };
     js.get_or_create_stream(events)
@@ -110,6 +111,7 @@ pub async fn ensure_streams(
                     max_message_size: (MAX_REQUEST_BYTES + 4096) as i32,
                     max_messages: limits.max_pending_requests,
                     max_bytes: limits.requests_max_bytes,
+                    num_replicas: limits.replicas,
                     ..Default::default()
                 };
                 if let Err(err) = js.create_stream(config).await {

@@ -85,6 +85,9 @@ pub struct StreamsConfig {
     /// Pending requests per `build.<repo>.<target>` subject; one more is refused to its sender.
     #[serde(default = "default_requests_per_subject")]
     pub max_pending_requests_per_target: i64,
+    /// Copies of each stream and of the builder registry: 1 on a single server, 3 on a cluster.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
     /// Pending requests of all repos together; one more is refused to its sender.
     #[serde(default = "default_max_pending_requests")]
     pub max_pending_requests: i64,
@@ -103,6 +106,7 @@ impl Default for StreamsConfig {
             events_max_bytes: default_events_max_bytes(),
             max_pending_requests_per_target: default_requests_per_subject(),
             request_ack_wait_secs: default_request_ack_wait_secs(),
+            replicas: default_replicas(),
             max_pending_requests: default_max_pending_requests(),
             requests_max_bytes: default_requests_max_bytes(),
         }
@@ -149,6 +153,9 @@ fn default_events_max_bytes() -> i64 {
 }
 fn default_requests_per_subject() -> i64 {
     100
+}
+fn default_replicas() -> usize {
+    1
 }
 fn default_max_pending_requests() -> i64 {
     10_000
@@ -217,6 +224,12 @@ impl Config {
             return Err(invalid(
                 "builder.name".into(),
                 format!("{err}; it names the builder's control subjects"),
+            ));
+        }
+        if !(1..=5).contains(&self.streams.replicas) {
+            return Err(invalid(
+                "streams.replicas".into(),
+                "must be 1 to 5 (JetStream's limit)".into(),
             ));
         }
         if self.streams.request_ack_wait_secs < 2 {

@@ -134,6 +134,7 @@ pub async fn run(
         &js,
         &config.builder.name,
         repo_names.iter().map(|r| r.to_string()).collect(),
+        config.streams.replicas,
     )
     .await?;
     let (finished_tx, finished_rx) = watch::channel(false);

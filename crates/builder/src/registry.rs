@@ -28,6 +28,7 @@ impl Registry {
         js: &jetstream::Context,
         name: &str,
         repos: Vec<String>,
+        replicas: usize,
     ) -> Result<Self, crate::bus::BusError> {
         let store = match js.get_key_value(BUILDERS_BUCKET).await {
             Ok(store) => store,
@@ -38,6 +39,7 @@ impl Registry {
                     history: 1,
                     // Entries of builders that vanished without saying goodbye expire.
                     max_age: Duration::from_secs(24 * 60 * 60),
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await

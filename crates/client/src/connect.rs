@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions, Event};
+use async_nats::{Client, ConnectOptions, Event, ServerAddr};
 use tracing::{info, warn};
 
 use crate::ClientError;
@@ -11,6 +11,7 @@ use crate::ClientError;
 /// Where and how to connect.
 #[derive(Debug, Clone)]
 pub struct ConnectSettings {
+    /// One server URL, or several of one cluster separated by commas.
     pub url: String,
     pub nkey_file: Option<PathBuf>,
     /// Client name shown by the server (`nats server report connections`).
@@ -63,11 +64,37 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
     if let Some(path) = &settings.nkey_file {
         options = options.nkey(read_nkey_seed(path)?);
     }
+    let servers = server_addrs(&settings.url)?;
     options
-        .connect(settings.url.as_str())
+        .connect(servers)
         .await
         .map_err(|err| ClientError::Connect {
             url: settings.url.clone(),
             message: err.to_string(),
+        })
+}
+
+/// `nats://a:4222,nats://b:4222`: several servers of one cluster, tried in turn.
+fn server_addrs(urls: &str) -> Result<Vec<ServerAddr>, ClientError> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse::<ServerAddr>()
+                .map_err(|err| ClientError::Connect {
+                    url: url.to_owned(),
+                    message: format!("not a NATS server URL: {err}"),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|servers| {
+            if servers.is_empty() {
+                Err(ClientError::Connect {
+                    url: urls.to_owned(),
+                    message: "no server URL given".to_owned(),
+                })
+            } else {
+                Ok(servers)
+            }
         })
 }

@@ -62,7 +62,8 @@ impl NatsServer {
         Self::start_with(&["-p", &port.to_string()])
     }
 
-    fn start_with(extra: &[&str]) -> Self {
+    /// Starts with extra command-line arguments (cluster flags, a config file, …).
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for nats-server");
         let store = dir.path().join("store");
         let log = std::fs::File::create(dir.path().join("nats.log")).expect("nats log file");
@@ -123,6 +124,74 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A JetStream cluster of nats-servers on loopback, each with its own store.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub fn start(size: usize) -> Self {
+        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let nodes = (0..size)
+            .map(|index| {
+                let routes: Vec<String> = cluster_ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(other, _)| *other != index)
+                    .map(|(_, port)| format!("nats://127.0.0.1:{port}"))
+                    .collect();
+                let name = format!("n{index}");
+                let listen = format!("nats://127.0.0.1:{}", cluster_ports[index]);
+                let routes = routes.join(",");
+                NatsServer::start_with(&[
+                    "--server_name",
+                    &name,
+                    "--cluster_name",
+                    "homelab-deploy-test",
+                    "--cluster",
+                    &listen,
+                    "--routes",
+                    &routes,
+                ])
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    /// Waits until JetStream can place a stream on every node (meta leader elected, all peers
+    /// known), by creating and deleting a probe stream with one replica per node.
+    pub async fn wait_ready(&self) {
+        let client = self.nodes[0].client().await;
+        let js = async_nats::jetstream::new(client);
+        let probe = async_nats::jetstream::stream::Config {
+            name: "CLUSTER_PROBE".to_owned(),
+            subjects: vec!["cluster-probe".to_owned()],
+            num_replicas: self.nodes.len(),
+            ..Default::default()
+        };
+        for _ in 0..300 {
+            if js.create_stream(probe.clone()).await.is_ok() {
+                let _ = js.delete_stream("CLUSTER_PROBE").await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "JetStream cluster did not become ready; log of n0:\n{}",
+            self.nodes[0].log()
+        );
+    }
+
+    /// All client URLs, comma-separated.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url.clone())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -387,10 +456,24 @@ pub fn run_cli(bin: &Path, nats_url: &str, args: &[&str], timeout: Duration) -> 
 
 /// Every message stored on `subject` in the events stream, in order, as JSON.
 pub async fn stored_messages(client: &async_nats::Client, subject: &str) -> Vec<serde_json::Value> {
+    try_stored_messages(client, subject)
+        .await
+        .unwrap_or_else(|err| panic!("reading {subject} from BUILD_EVENTS: {err}"))
+}
+
+/// Like [`stored_messages`], but a JetStream error (e.g. during a cluster leader election) is
+/// returned instead of panicking.
+pub async fn try_stored_messages(
+    client: &async_nats::Client,
+    subject: &str,
+) -> Result<Vec<serde_json::Value>, String> {
     use async_nats::jetstream::consumer::pull;
     use futures::StreamExt;
     let js = async_nats::jetstream::new(client.clone());
-    let stream = js.get_stream("BUILD_EVENTS").await.expect("events stream");
+    let stream = js
+        .get_stream("BUILD_EVENTS")
+        .await
+        .map_err(|e| e.to_string())?;
     let consumer = stream
         .create_consumer(pull::Config {
             filter_subject: subject.to_owned(),
@@ -399,7 +482,7 @@ pub async fn stored_messages(client: &async_nats::Client, subject: &str) -> Vec<
             ..Default::default()
         })
         .await
-        .expect("ephemeral consumer");
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     loop {
         let mut messages = consumer
@@ -407,14 +490,14 @@ pub async fn stored_messages(client: &async_nats::Client, subject: &str) -> Vec<
             .max_messages(1000)
             .messages()
             .await
-            .expect("fetch");
+            .map_err(|e| e.to_string())?;
         let before = out.len();
-        while let Some(Ok(message)) = messages.next().await {
-            out.push(serde_json::from_slice(&message.payload).expect("stored message is JSON"));
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| e.to_string())?;
+            out.push(serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?);
         }
         if out.len() == before {
-            break;
+            return Ok(out);
         }
     }
-    out
 }
