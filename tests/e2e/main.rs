@@ -3,6 +3,7 @@
 
 mod build;
 mod config;
+mod eval;
 mod logs;
 mod queue;
 mod refusals;

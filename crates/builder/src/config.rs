@@ -67,6 +67,13 @@ pub struct BuilderConfig {
     /// Largest `host_timeout_secs` or `timeout_secs` a request may ask for.
     #[serde(default = "default_max_timeout_secs")]
     pub max_timeout_secs: u64,
+    /// Most hosts evaluated in one nix process (shared evaluation of an `all` request).
+    #[serde(default = "default_eval_batch_size")]
+    pub eval_batch_size: usize,
+    /// A shared evaluation whose nix process grows past this many MiB is stopped and split;
+    /// 0 means no limit.
+    #[serde(default = "default_eval_memory_limit_mb")]
+    pub eval_memory_limit_mb: u64,
     /// Path of the `nix` binary; looked up on PATH by default.
     #[serde(default = "default_nix")]
     pub nix: PathBuf,
@@ -142,6 +149,12 @@ fn default_request_timeout_secs() -> u64 {
 fn default_max_timeout_secs() -> u64 {
     24 * 60 * 60
 }
+fn default_eval_batch_size() -> usize {
+    16
+}
+fn default_eval_memory_limit_mb() -> u64 {
+    8192
+}
 fn default_nix() -> PathBuf {
     PathBuf::from("nix")
 }
@@ -176,6 +189,14 @@ pub struct Timeouts {
     pub host: Duration,
     pub request: Duration,
     pub max: Duration,
+}
+
+/// How hosts are evaluated together.
+#[derive(Debug, Clone, Copy)]
+pub struct Evaluation {
+    pub batch_size: usize,
+    /// Bytes; `None` for no limit.
+    pub memory_limit: Option<u64>,
 }
 
 /// A repo of the config with its validated name.
@@ -244,6 +265,12 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.builder.eval_batch_size == 0 {
+            return Err(invalid(
+                "builder.eval_batch_size".into(),
+                "must be at least 1 (1 evaluates every host alone)".into(),
+            ));
+        }
         if self.builder.request_timeout_secs == 0 {
             return Err(invalid(
                 "builder.request_timeout_secs".into(),
@@ -306,6 +333,14 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    pub fn evaluation(&self) -> Evaluation {
+        Evaluation {
+            batch_size: self.builder.eval_batch_size,
+            memory_limit: (self.builder.eval_memory_limit_mb > 0)
+                .then(|| self.builder.eval_memory_limit_mb * 1024 * 1024),
+        }
     }
 
     pub fn timeouts(&self) -> Timeouts {

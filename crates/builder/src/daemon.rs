@@ -125,6 +125,7 @@ pub async fn run(
         nix,
         publisher: Publisher::new(js.clone()),
         timeouts: config.timeouts(),
+        evaluation: config.evaluation(),
         repos: served,
         requests,
         watch_interval,

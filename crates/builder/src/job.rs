@@ -11,7 +11,7 @@
 //! All the while the request is kept alive with progress acks, so only a builder that died lets
 //! it be redelivered. NATS, git and nix sit behind [`Publisher`], [`Mirror`] and [`Nix`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::bus::{last_event, BusError, Publisher, RequestMessage};
-use crate::config::{RepoConfig, Timeouts};
+use crate::config::{Evaluation, RepoConfig, Timeouts};
 use crate::git::{Mirror, Resolved, Wanted};
 use crate::logs::LogBatcher;
 use crate::nix::{BuildOutput, Nix};
@@ -48,6 +48,7 @@ pub struct Jobs {
     pub nix: Nix,
     pub publisher: Publisher,
     pub timeouts: Timeouts,
+    pub evaluation: Evaluation,
     pub repos: HashMap<RepoName, ServedRepo>,
     /// The requests stream, to spot newer `replace` requests for a running request's target.
     pub requests: jetstream::stream::Stream,
@@ -326,11 +327,23 @@ impl Jobs {
             })
             .await?;
 
-        // 4. Each host in turn; after a cancel the rest are cancelled without building.
+        // 4. Evaluate the hosts together where the memory budget allows, then build each in
+        //    turn; after a cancel the rest are cancelled without building.
         let total = hosts.len();
         let mut results = Vec::with_capacity(total);
         let mut cancelled: Option<(String, String)> = None;
         let logs = logs_subject(repo, target, id);
+        let drvs = tokio::select! {
+            drvs = self.evaluate_together(&flake, &hosts, id) => drvs,
+            _ = tokio::time::sleep_until(request_deadline.at) => HashMap::new(),
+            why = interrupted(&mut interrupt) => match why {
+                Interrupt::Shutdown => return Err(JobError::Aborted),
+                Interrupt::Cancel { by, reason } => {
+                    cancelled = Some((by, reason));
+                    HashMap::new()
+                }
+            },
+        };
         for (position, host) in hosts.iter().enumerate() {
             let index = position + 1;
             if cancelled.is_some() {
@@ -370,6 +383,7 @@ impl Jobs {
                     host,
                     &logs,
                     id.as_str(),
+                    drvs.get(host).map(String::as_str),
                     &deadline,
                     &mut interrupt,
                 )
@@ -470,6 +484,7 @@ impl Jobs {
         host: &str,
         logs: &str,
         request_id: &str,
+        evaluated_drv: Option<&str>,
         deadline: &Deadline,
         interrupt: &mut watch::Receiver<Option<Interrupt>>,
     ) -> Result<HostOutcome, JobError> {
@@ -495,8 +510,14 @@ impl Jobs {
             }
         };
 
+        let evaluate = async {
+            match evaluated_drv {
+                Some(drv) => Ok(drv.to_owned()),
+                None => self.nix.eval_toplevel_drv(flake, host).await,
+            }
+        };
         let drv = tokio::select! {
-            drv = self.nix.eval_toplevel_drv(flake, host) => drv,
+            drv = evaluate => drv,
             _ = tokio::time::sleep_until(deadline.at) => return done(HostStatus::TimedOut, None, Some(timed_out())),
             why = interrupted(interrupt) => return stopped(why),
         };
@@ -586,6 +607,66 @@ impl Jobs {
         finish.cancelled_by = Some(by.to_owned());
         finish.error = Some(format!("cancelled by {by} while queued: {reason}"));
         events.finish(finish).await
+    }
+}
+
+impl Jobs {
+    /// Evaluates the toplevels of `hosts` in as few nix processes as `eval_batch_size` and
+    /// `eval_memory_limit_mb` allow. A batch that fails (an error `tryEval` cannot catch) or goes
+    /// over the memory limit is split in halves and retried; a host left without a drv is
+    /// evaluated alone when its turn comes, which also yields its own error message.
+    async fn evaluate_together(
+        &self,
+        flake: &str,
+        hosts: &[String],
+        request_id: &RequestId,
+    ) -> HashMap<String, String> {
+        let mut drvs = HashMap::new();
+        if hosts.len() < 2 {
+            return drvs;
+        }
+        let started = Instant::now();
+        let mut batches: VecDeque<Vec<String>> = hosts
+            .chunks(self.evaluation.batch_size.max(1))
+            .map(<[String]>::to_vec)
+            .collect();
+        let (mut processes, mut peak) = (0u32, 0u64);
+        while let Some(batch) = batches.pop_front() {
+            processes += 1;
+            match self
+                .nix
+                .eval_toplevel_drvs(flake, &batch, self.evaluation.memory_limit)
+                .await
+            {
+                Ok((evaluated, rss)) => {
+                    peak = peak.max(rss);
+                    drvs.extend(
+                        evaluated
+                            .into_iter()
+                            .filter_map(|(host, drv)| Some((host, drv?))),
+                    );
+                }
+                Err(err) if batch.len() > 1 => {
+                    warn!(request_id = %request_id, hosts = batch.len(), error = %err, "shared evaluation failed; splitting the batch");
+                    let (first, second) = batch.split_at(batch.len() / 2);
+                    batches.push_front(second.to_vec());
+                    batches.push_front(first.to_vec());
+                }
+                Err(err) => {
+                    warn!(request_id = %request_id, host = %batch[0], error = %err, "host left to evaluate alone");
+                }
+            }
+        }
+        info!(
+            request_id = %request_id,
+            hosts = hosts.len(),
+            evaluated = drvs.len(),
+            nix_processes = processes,
+            peak_evaluator_rss_mb = peak / (1024 * 1024),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "shared evaluation done"
+        );
+        drvs
     }
 }
 

@@ -31,6 +31,8 @@ pub enum NixError {
     Failed { what: String, excerpt: String },
     #[error("{what} printed unexpected output: {detail}")]
     Output { what: String, detail: String },
+    #[error("{what} was stopped: nix used {} MiB, over the limit of {} MiB (builder.eval_memory_limit_mb)", rss / (1024 * 1024), limit / (1024 * 1024))]
+    MemoryLimit { what: String, rss: u64, limit: u64 },
 }
 
 impl NixError {
@@ -214,17 +216,53 @@ impl Nix {
 
     /// Runs a short nix command; returns its trimmed stdout, or its stderr's tail as the error.
     async fn run_captured(&self, what: &str, args: &[&str]) -> Result<String, NixError> {
+        self.run_measured(what, args, None)
+            .await
+            .map(|(stdout, _)| stdout)
+    }
+
+    /// Like `run_captured`, and also returns nix's peak resident memory. With `memory_limit`,
+    /// nix is stopped once its RSS goes over it ([`NixError::MemoryLimit`]).
+    async fn run_measured(
+        &self,
+        what: &str,
+        args: &[&str],
+        memory_limit: Option<u64>,
+    ) -> Result<(String, u64), NixError> {
         let mut child = self.spawn(args)?;
+        let pid = child.id();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        let (stdout, stderr) =
-            tokio::join!(read_bounded(stdout, MAX_STDOUT_BYTES), tail_lines(stderr));
+        let output =
+            async { tokio::join!(read_bounded(stdout, MAX_STDOUT_BYTES), tail_lines(stderr)) };
+        let mut peak = 0u64;
+        let watch_memory = async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                let rss = pid.map(resident_bytes).unwrap_or(0);
+                peak = peak.max(rss);
+                if memory_limit.is_some_and(|limit| rss > limit) {
+                    return rss;
+                }
+            }
+        };
+        let (stdout, stderr) = tokio::select! {
+            output = output => output,
+            rss = watch_memory => {
+                // Dropping `child` stops nix's process group.
+                return Err(NixError::MemoryLimit {
+                    what: what.to_owned(),
+                    rss,
+                    limit: memory_limit.unwrap_or_default(),
+                });
+            }
+        };
         let status = child
             .wait()
             .await
             .map_err(|source| self.spawn_error(source))?;
         if status.success() {
-            Ok(stdout.trim().to_owned())
+            Ok((stdout.trim().to_owned(), peak))
         } else {
             Err(NixError::Failed {
                 what: what.to_owned(),
@@ -232,6 +270,61 @@ impl Nix {
             })
         }
     }
+
+    /// Evaluates the toplevel `.drv` of several hosts in one nix process, so the work they share
+    /// (nixpkgs, common modules) is evaluated once. A host whose evaluation throws maps to
+    /// `None` (evaluate it alone to learn why); an error `tryEval` cannot catch fails the whole
+    /// batch. Returns the drv paths and nix's peak RSS.
+    pub async fn eval_toplevel_drvs(
+        &self,
+        flake: &str,
+        hosts: &[String],
+        memory_limit: Option<u64>,
+    ) -> Result<(HashMap<String, Option<String>>, u64), NixError> {
+        let names: Vec<String> = hosts.iter().map(|host| format!("\"{host}\"")).collect();
+        let apply = format!(
+            "configs: builtins.listToAttrs (map (name: {{ inherit name; value = \
+             let r = builtins.tryEval configs.${{name}}.config.system.build.toplevel.drvPath; \
+             in if r.success then r.value else null; }}) [ {} ])",
+            names.join(" ")
+        );
+        let installable = format!("{flake}#nixosConfigurations");
+        let what = format!("evaluating hosts {}", hosts.join(", "));
+        let (stdout, peak) = self
+            .run_measured(
+                &what,
+                &["eval", "--json", &installable, "--apply", &apply],
+                memory_limit,
+            )
+            .await?;
+        let drvs: HashMap<String, Option<String>> =
+            serde_json::from_str(&stdout).map_err(|err| NixError::Output {
+                what,
+                detail: err.to_string(),
+            })?;
+        Ok((drvs, peak))
+    }
+}
+
+/// Resident memory of process `pid` in bytes (0 when it is gone).
+fn resident_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|value| {
+                    value
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
 }
 
 /// Environment a nix command may see: what nix needs to find its store, daemon and config.

@@ -1,0 +1,104 @@
+//! Shared evaluation: hosts of an `all` request are evaluated in one nix process where the memory
+//! budget allows, and a host that fails evaluation never hides the others.
+
+use test_support::{Builder, FixtureRepo, NatsServer};
+
+use crate::{bin, host, Setup};
+
+fn statuses(finished: &serde_json::Value) -> Vec<(String, String)> {
+    finished["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap_or("").to_owned(),
+                h["status"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The good hosts evaluate in one nix process; a throwing host and a host with an error
+/// `tryEval` cannot catch are isolated by splitting, and reported with their own messages.
+#[test]
+fn shared_evaluation_isolates_failing_hosts() {
+    let setup = Setup::new("evalmix");
+    let (code, finished) = setup.build_json("all", &[]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        statuses(&finished),
+        [
+            ("alpha".into(), "built".into()),
+            ("beta".into(), "built".into()),
+            ("throws".into(), "eval_failed".into()),
+            ("typeerr".into(), "eval_failed".into()),
+        ]
+    );
+    assert!(host(&finished, "throws")["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("services.foo is misconfigured")));
+    assert!(
+        host(&finished, "typeerr")["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot add")),
+        "{finished:#}"
+    );
+    let log = setup.builder.log();
+    assert!(log.contains("splitting the batch"), "{log}");
+    assert!(
+        log.contains("shared evaluation done") && log.contains("evaluated=2"),
+        "{log}"
+    );
+}
+
+/// With the fleet's hosts (one throws), everything that evaluates does so in one nix process.
+#[test]
+fn fleet_is_evaluated_in_one_process() {
+    let setup = Setup::new("fleet");
+    let (_, finished) = setup.build_json("all", &[]);
+    assert_eq!(host(&finished, "web")["status"], "built");
+    let log = setup.builder.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("shared evaluation done"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains("nix_processes=1") && line.contains("evaluated=3"),
+        "{line}"
+    );
+}
+
+/// Over the memory limit, batches are split down to single hosts; results stay the same.
+#[test]
+fn memory_limit_splits_the_evaluation() {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("fleet");
+    let builder = Builder::start_with(
+        bin(),
+        &nats.url,
+        &[("demo", repo.url())],
+        "\neval_memory_limit_mb = 1",
+    );
+    let output = test_support::run_cli(
+        bin(),
+        &nats.url,
+        &["build", "demo", "all", "--json"],
+        std::time::Duration::from_secs(120),
+    );
+    let finished: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(
+        statuses(&finished),
+        [
+            ("broken-build".into(), "build_failed".into()),
+            ("broken-eval".into(), "eval_failed".into()),
+            ("db".into(), "built".into()),
+            ("web".into(), "built".into()),
+        ]
+    );
+    let log = builder.log();
+    assert!(
+        log.contains("eval_memory_limit_mb") && log.contains("splitting the batch"),
+        "{log}"
+    );
+}
