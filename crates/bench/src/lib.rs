@@ -1,0 +1,416 @@
+//! Benchmarks: each scenario measures homelab-deploy and a baseline in the same run, on the same
+//! machine, and reports the ratio. `scripts/bench` runs them at full size and writes
+//! `docs/benchmarks.md`; the test suite runs the light ones at smoke size without asserting on
+//! timings.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use homelab_deploy_client::{connect, submit, ConnectSettings, SubmitOptions};
+use homelab_deploy_protocol::{Event, EventBody, RepoName, Target};
+use test_support::{run_cli, Builder, FixtureRepo, NatsServer, NIX_CONFIG};
+
+/// One benchmark's result, as a row of `docs/benchmarks.md`.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub name: &'static str,
+    pub measured: String,
+    pub baseline: String,
+    /// homelab-deploy ÷ baseline (lower is better unless `higher_is_better`).
+    pub ratio: f64,
+    pub goal: &'static str,
+    pub notes: String,
+}
+
+impl Report {
+    pub fn markdown_row(&self) -> String {
+        format!(
+            "| {} | {} | {} | {:.2} | {} | {} |",
+            self.name, self.measured, self.baseline, self.ratio, self.goal, self.notes
+        )
+    }
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values.get(values.len() / 2).copied().unwrap_or_default()
+}
+
+fn percentile(values: &mut [Duration], p: f64) -> Duration {
+    values.sort();
+    let index = ((values.len() as f64 - 1.0) * p).round() as usize;
+    values.get(index).copied().unwrap_or_default()
+}
+
+/// `nix build` of a flake attribute, as a user would type it; returns wall time.
+fn direct_nix_build(flake: &str, attr: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let status = Command::new("nix")
+        .args(["build", "--no-link", &format!("{flake}#{attr}")])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running nix build")?;
+    if !status.success() {
+        bail!("nix build {flake}#{attr} failed");
+    }
+    Ok(started.elapsed())
+}
+
+fn toplevel(host: &str) -> String {
+    format!("nixosConfigurations.{host}.config.system.build.toplevel")
+}
+
+fn flake_at(repo: &FixtureRepo, rev: &str) -> String {
+    format!("git+file://{}?rev={rev}", repo.path().display())
+}
+
+/// Runs `nix build` of `attr` while polling its peak RSS; returns (wall time, peak RSS bytes).
+fn direct_nix_build_measured(flake: &str, attr: &str) -> Result<(Duration, u64)> {
+    let started = Instant::now();
+    let mut child = Command::new("nix")
+        .args(["build", "--no-link", &format!("{flake}#{attr}")])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("running nix build")?;
+    let mut peak = 0;
+    loop {
+        peak = peak.max(vm_value(child.id(), "VmHWM:"));
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("nix build {flake}#{attr} failed");
+            }
+            return Ok((started.elapsed(), peak));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A `VmRSS:`/`VmHWM:` value of a process, in bytes.
+pub fn vm_value(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) a process has used, from /proc/PID/stat.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // After the command name: state is field 0, utime 11, stime 12 (clock ticks, 100 per second).
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// The toplevel of every host of a 16-host fleet whose hosts share ~1 s of evaluation, on a
+/// fresh commit: homelab-deploy `all` vs a shell loop of `nix build` per host.
+pub fn eval_heavy(bin: &Path) -> Result<Report> {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("evalheavy");
+    let builder = Builder::start(bin, &nats.url, &[("demo", repo.url())]);
+    let hosts: Vec<String> = (1..=16).map(|i| format!("host-{i:02}")).collect();
+
+    let baseline_rev = repo.commit_file(
+        "nonce.nix",
+        &format!("\"{}\"", test_support::unique("baseline")),
+    );
+    let flake = flake_at(&repo, &baseline_rev);
+    let started = Instant::now();
+    let mut baseline_peak = 0;
+    for host in &hosts {
+        let (_, peak) = direct_nix_build_measured(&flake, &toplevel(host))?;
+        baseline_peak = baseline_peak.max(peak);
+    }
+    let baseline = started.elapsed();
+
+    let rev = repo.commit_file(
+        "nonce.nix",
+        &format!("\"{}\"", test_support::unique("measured")),
+    );
+    let started = Instant::now();
+    let output = run_cli(
+        bin,
+        &nats.url,
+        &["build", "demo", "all", "--rev", &rev, "--json"],
+        Duration::from_secs(3600),
+    );
+    let measured = started.elapsed();
+    if output.status.code() != Some(0) {
+        bail!(
+            "homelab-deploy build failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let log = builder.log();
+    let peak_line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("shared evaluation done"))
+        .unwrap_or("");
+    let peak_mb = peak_line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("peak_evaluator_rss_mb="))
+        .unwrap_or("?");
+    Ok(Report {
+        name: "eval-heavy fleet (16 hosts, fresh commit)",
+        measured: format!("{} (peak evaluator RSS {peak_mb} MiB)", seconds(measured)),
+        baseline: format!(
+            "{} shell loop of `nix build` (peak RSS {})",
+            seconds(baseline),
+            mib(baseline_peak)
+        ),
+        ratio: measured.as_secs_f64() / baseline.as_secs_f64(),
+        goal: "≤ 0.5",
+        notes: "shared evaluation: one `nix eval` for all hosts, then one `nix build` per host"
+            .to_owned(),
+    })
+}
+
+/// `homelab-deploy build R H` of an already-built host, end to end, vs a direct `nix build`
+/// of the same host at the same commit: medians over `runs`.
+pub fn dispatch_overhead(bin: &Path, runs: usize) -> Result<Report> {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("evalheavy");
+    let _builder = Builder::start(bin, &nats.url, &[("demo", repo.url())]);
+    let rev = repo.head();
+    let flake = flake_at(&repo, &rev);
+    let build = || {
+        let started = Instant::now();
+        let output = run_cli(
+            bin,
+            &nats.url,
+            &["build", "demo", "host-01", "--rev", &rev, "--json"],
+            Duration::from_secs(600),
+        );
+        if output.status.code() != Some(0) {
+            bail!(
+                "homelab-deploy build failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(started.elapsed())
+    };
+    build()?; // build it once: from now on it is cached
+    direct_nix_build(&flake, &toplevel("host-01"))?;
+    let mut measured = Vec::new();
+    let mut direct = Vec::new();
+    for _ in 0..runs {
+        measured.push(build()?);
+        direct.push(direct_nix_build(&flake, &toplevel("host-01"))?);
+    }
+    let (measured, direct) = (median(measured), median(direct));
+    Ok(Report {
+        name: "dispatch overhead (1 cached host)",
+        measured: format!("median {}", seconds(measured)),
+        baseline: format!("median {} direct `nix build`", seconds(direct)),
+        ratio: measured.as_secs_f64() / direct.as_secs_f64(),
+        goal: "≤ 1.25",
+        notes: format!(
+            "{runs} runs each; overhead {:+.0} ms",
+            (measured.as_secs_f64() - direct.as_secs_f64()) * 1000.0
+        ),
+    })
+}
+
+/// `requests` requests of a cached host through 2 builders: requests/s, and p50/p99 time from
+/// publish to `started`; baseline: the same number of direct `nix build`s of that host in a row.
+pub async fn queue_throughput(bin: &Path, requests: usize) -> Result<Report> {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("fleet");
+    let repos = [("demo", repo.url())];
+    let _builders = [
+        Builder::start(bin, &nats.url, &repos),
+        Builder::start(bin, &nats.url, &repos),
+    ];
+    let output = run_cli(
+        bin,
+        &nats.url,
+        &["build", "demo", "web"],
+        Duration::from_secs(120),
+    );
+    if output.status.code() != Some(0) {
+        bail!(
+            "first build failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let client = connect(&ConnectSettings {
+        url: nats.url.clone(),
+        nkey_file: None,
+        name: "bench".to_owned(),
+        timeout: Duration::from_secs(5),
+    })
+    .await?;
+    let mut events = client
+        .subscribe("build.responses.demo.web.*.events")
+        .await?;
+    let repo_name = RepoName::parse("demo")?;
+    let target = Target::parse("web")?;
+    let started = Instant::now();
+    let mut published = std::collections::HashMap::new();
+    for _ in 0..requests {
+        let submission = submit(&client, &repo_name, &target, SubmitOptions::default()).await?;
+        published.insert(submission.id.to_string(), Instant::now());
+    }
+    let mut to_started = Vec::new();
+    let mut finished = 0;
+    while finished < requests {
+        let message = tokio::time::timeout(Duration::from_secs(120), events.next())
+            .await
+            .context("no event for 2 minutes")?
+            .context("subscription ended")?;
+        let event: Event = serde_json::from_slice(&message.payload)?;
+        match event.body {
+            EventBody::Started { .. } => {
+                if let Some(at) = published.get(&event.id) {
+                    to_started.push(at.elapsed());
+                }
+            }
+            EventBody::Finished { .. } => finished += 1,
+            _ => {}
+        }
+    }
+    let elapsed = started.elapsed();
+    let flake = flake_at(&repo, &repo.head());
+    let direct_runs = requests.min(50);
+    let direct_started = Instant::now();
+    for _ in 0..direct_runs {
+        direct_nix_build(&flake, &toplevel("web"))?;
+    }
+    let direct_rate = direct_runs as f64 / direct_started.elapsed().as_secs_f64();
+    let rate = requests as f64 / elapsed.as_secs_f64();
+    let (p50, p99) = (
+        percentile(&mut to_started, 0.5),
+        percentile(&mut to_started, 0.99),
+    );
+    Ok(Report {
+        name: "queue throughput (cached host, 2 builders)",
+        measured: format!(
+            "{requests} requests, {rate:.1}/s; publish→started p50 {} p99 {}",
+            seconds(p50),
+            seconds(p99)
+        ),
+        baseline: format!("{direct_rate:.1}/s direct `nix build`s in a row ({direct_runs})"),
+        ratio: rate / direct_rate,
+        goal: "p99 < 1 s while the queue drains (the ratio is throughput: higher is better)",
+        notes: "p99 includes waiting behind the queue: requests are published at once".to_owned(),
+    })
+}
+
+/// One build printing `lines` × 74 bytes of log: builder peak RSS and log MB/s delivered to a
+/// `logs --follow` client; baseline: a direct `nix build` of the same derivation, log discarded.
+pub fn log_flood(bin: &Path, lines: u64) -> Result<Report> {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("flood");
+    repo.commit_file("lines.nix", &lines.to_string());
+    let builder = Builder::start(bin, &nats.url, &[("demo", repo.url())]);
+    let baseline_rev = repo.commit_file(
+        "nonce.nix",
+        &format!("\"{}\"", test_support::unique("baseline")),
+    );
+    let baseline = direct_nix_build(&flake_at(&repo, &baseline_rev), &toplevel("flood"))?;
+
+    let rev = repo.commit_file(
+        "nonce.nix",
+        &format!("\"{}\"", test_support::unique("measured")),
+    );
+    let output = run_cli(
+        bin,
+        &nats.url,
+        &["build", "demo", "flood", "--rev", &rev, "--no-wait"],
+        Duration::from_secs(60),
+    );
+    let id = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let started = Instant::now();
+    let follow = Command::new(bin)
+        .args(["logs", &id, "--follow"])
+        .env("HOMELAB_DEPLOY_NATS_URL", &nats.url)
+        .stderr(Stdio::null())
+        .output()
+        .context("logs --follow")?;
+    let elapsed = started.elapsed();
+    let delivered = follow.stdout.len() as f64 / (1024.0 * 1024.0);
+    let bytes = (lines * 74) as f64 / (1024.0 * 1024.0);
+    let peak = vm_value(builder.pid(), "VmHWM:");
+    let rate = delivered / elapsed.as_secs_f64();
+    let baseline_rate = bytes / baseline.as_secs_f64();
+    Ok(Report {
+        name: "log flood",
+        measured: format!(
+            "{delivered:.0} MiB delivered at {rate:.1} MiB/s; builder peak RSS {}",
+            mib(peak)
+        ),
+        baseline: format!(
+            "direct `nix build` {baseline_rate:.1} MiB/s ({})",
+            seconds(baseline)
+        ),
+        ratio: rate / baseline_rate,
+        goal: "builder peak RSS < 64 MiB (ratio: delivered ÷ nix's own rate)",
+        notes: format!("{bytes:.0} MiB of log"),
+    })
+}
+
+/// The builder with no work: RSS and CPU over `duration`; baseline: nats-server over the same
+/// time.
+pub fn idle(bin: &Path, duration: Duration) -> Result<Report> {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("fleet");
+    let builder = Builder::start(bin, &nats.url, &[("demo", repo.url())]);
+    std::thread::sleep(Duration::from_secs(1));
+    let nats_pid = nats.pid();
+    let (builder_cpu, nats_cpu) = (cpu_time(builder.pid()), cpu_time(nats_pid));
+    std::thread::sleep(duration);
+    let builder_used = cpu_time(builder.pid()).saturating_sub(builder_cpu);
+    let nats_used = cpu_time(nats_pid).saturating_sub(nats_cpu);
+    let rss = vm_value(builder.pid(), "VmRSS:");
+    let nats_rss = vm_value(nats_pid, "VmRSS:");
+    let percent = |used: Duration| 100.0 * used.as_secs_f64() / duration.as_secs_f64();
+    Ok(Report {
+        name: "idle builder",
+        measured: format!("RSS {}, CPU {:.2} %", mib(rss), percent(builder_used)),
+        baseline: format!(
+            "nats-server RSS {}, CPU {:.2} %",
+            mib(nats_rss),
+            percent(nats_used)
+        ),
+        ratio: rss as f64 / nats_rss.max(1) as f64,
+        goal: "< 20 MiB, ~0 % CPU (ratio: RSS ÷ nats-server's)",
+        notes: format!("{} s without requests", duration.as_secs()),
+    })
+}
+
+/// The `homelab-deploy` binary next to this executable's target dir, or `$HOMELAB_DEPLOY_BIN`.
+pub fn default_bin() -> PathBuf {
+    std::env::var_os("HOMELAB_DEPLOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/release/homelab-deploy"))
+}

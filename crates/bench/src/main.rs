@@ -1,0 +1,106 @@
+//! `cargo run --release -p bench -- [--quick] [--write FILE] [SCENARIO…]`
+//!
+//! Runs the benchmarks against `target/release/homelab-deploy` (or `$HOMELAB_DEPLOY_BIN`) and
+//! prints a markdown table; `--write` also writes it, with the machine and the date, to FILE.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bench::Report;
+
+const SCENARIOS: [&str; 5] = ["eval-heavy", "dispatch", "queue", "log-flood", "idle"];
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let write = args
+        .iter()
+        .position(|a| a == "--write")
+        .and_then(|i| args.get(i + 1).cloned());
+    let chosen: Vec<&str> = SCENARIOS
+        .iter()
+        .copied()
+        .filter(|s| args.iter().any(|a| a == s))
+        .collect();
+    let chosen = if chosen.is_empty() {
+        SCENARIOS.to_vec()
+    } else {
+        chosen
+    };
+    let bin = bench::default_bin();
+    anyhow::ensure!(
+        bin.exists(),
+        "{} not found: run `cargo build --release --bin homelab-deploy` first",
+        bin.display()
+    );
+
+    let mut reports: Vec<Report> = Vec::new();
+    for scenario in chosen {
+        eprintln!("running {scenario}…");
+        let report = match scenario {
+            "eval-heavy" => bench::eval_heavy(&bin),
+            "dispatch" => bench::dispatch_overhead(&bin, if quick { 3 } else { 20 }),
+            "queue" => bench::queue_throughput(&bin, if quick { 20 } else { 1000 }).await,
+            "log-flood" => bench::log_flood(&bin, if quick { 100_000 } else { 2_840_000 }),
+            _ => bench::idle(&bin, Duration::from_secs(if quick { 3 } else { 60 })),
+        }
+        .with_context(|| format!("benchmark {scenario}"))?;
+        eprintln!("{}", report.markdown_row());
+        reports.push(report);
+    }
+    let table = table(&reports);
+    println!("{table}");
+    if let Some(path) = write {
+        std::fs::write(&path, document(&table, &args))
+            .with_context(|| format!("writing {path}"))?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
+}
+
+fn table(reports: &[Report]) -> String {
+    let mut out = String::from("| benchmark | homelab-deploy | baseline (same run) | ratio | goal | notes |\n| --- | --- | --- | --- | --- | --- |\n");
+    for report in reports {
+        out.push_str(&report.markdown_row());
+        out.push('\n');
+    }
+    out
+}
+
+fn document(table: &str, args: &[String]) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+        })
+        .unwrap_or(0)
+        / (1024 * 1024);
+    let nix = std::process::Command::new("nix")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let date = time::OffsetDateTime::now_utc().date();
+    format!(
+        "# Benchmarks\n\nEach benchmark measures homelab-deploy and a baseline in the same run on the same machine\nand reports the ratio. Reproduce with:\n\n```sh\n./scripts/bench {}\n```\n\nMachine: {cpu}, {cores} cores, {memory} GiB RAM; {nix}. Date: {date}.\n\n{table}\nWhat each one does is described in `crates/bench/src/lib.rs`; the light ones also run in the\ntest suite at smoke size (`bench_smoke` tests), without asserting on timings.\n",
+        args.iter().filter(|a| *a != "--write" && !a.ends_with(".md")).cloned().collect::<Vec<_>>().join(" ")
+    )
+}
