@@ -5,6 +5,7 @@ mod bench_smoke;
 mod build;
 mod config;
 mod eval;
+mod faults;
 mod logs;
 mod queue;
 mod refusals;

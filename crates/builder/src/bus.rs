@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, Context};
 use homelab_deploy_protocol::request::MAX_REQUEST_BYTES;
@@ -58,6 +59,8 @@ pub async fn ensure_streams(
         max_bytes: limits.events_max_bytes,
         max_message_size: MAX_EVENT_BYTES,
         discard: DiscardPolicy::Old,
+        // Event and log publishes carry ids, so a retried publish is stored once.
+        duplicate_window: Duration::from_secs(120),
         num_replicas: limits.replicas,
         ..Default::default()
     };
@@ -175,9 +178,12 @@ impl Publisher {
         &self.js
     }
 
+    /// `message_id` makes retries safe: a publish that reached the stream but whose ack was lost
+    /// (NATS restarting) is de-duplicated when it is sent again.
     pub async fn publish_json(
         &self,
         subject: &str,
+        message_id: &str,
         value: &impl Serialize,
     ) -> Result<(), BusError> {
         let payload = serde_json::to_vec(value).map_err(|err| BusError::Publish {
@@ -189,7 +195,10 @@ impl Publisher {
         let attempts = 6;
         let mut last_error = String::new();
         for attempt in 1..=attempts {
-            match self.js.publish(subject.to_owned(), payload.clone()).await {
+            let message = PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(message_id);
+            match self.js.send_publish(subject.to_owned(), message).await {
                 Ok(ack) => match ack.await {
                     Ok(_) => return Ok(()),
                     Err(err) => last_error = err.to_string(),

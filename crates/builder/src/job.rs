@@ -870,7 +870,10 @@ impl<'a> Events<'a> {
             time: OffsetDateTime::now_utc(),
             body,
         };
-        self.publisher.publish_json(&self.subject, &event).await
+        let message_id = format!("{}.event.{}", self.id, self.seq);
+        self.publisher
+            .publish_json(&self.subject, &message_id, &event)
+            .await
     }
 
     async fn finish(&mut self, finish: Finish) -> Result<(), JobError> {

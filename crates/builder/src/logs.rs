@@ -74,7 +74,10 @@ impl LogBatcher {
             lines,
             time: OffsetDateTime::now_utc(),
         };
-        self.publisher.publish_json(&self.subject, &batch).await?;
+        let message_id = format!("{}.log.{}.{}", self.request_id, self.host, self.next_line);
+        self.publisher
+            .publish_json(&self.subject, &message_id, &batch)
+            .await?;
         self.next_line += count;
         self.published_bytes += self.bytes as u64;
         self.bytes = 0;

@@ -118,6 +118,28 @@ impl NatsServer {
         let _ = self.child.wait();
     }
 
+    /// Starts a server made by [`NatsServer::start`] again after [`NatsServer::stop`], on the
+    /// same port and store.
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("nats.log"))
+            .expect("nats log file");
+        let port = self.port.to_string();
+        self.child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port])
+            .arg("--store_dir")
+            .arg(self.dir.path().join("store"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("restart nats-server");
+        let ready = wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+        assert!(ready, "nats-server did not come back; log:\n{}", self.log());
+    }
+
     pub async fn client(&self) -> async_nats::Client {
         async_nats::connect(&self.url)
             .await
