@@ -165,3 +165,65 @@ async fn body_over_the_builder_limit_gets_a_finished_event() {
         stored_messages(&client, "build.responses.demo.web.OVERSIZED1.logs").await;
     assert!(logs.is_empty());
 }
+
+/// A running builder fed 200 random and adversarial bodies (invalid UTF-8, deep nesting, huge
+/// numbers, shell and path syntax) answers each with a refusal or a build, and keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn builder_survives_a_flood_of_hostile_requests() {
+    let mut setup = Setup::new("fleet");
+    let client = setup.nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut seed: u64 = 0x5eed;
+    let mut next = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        seed >> 33
+    };
+    let samples: Vec<Vec<u8>> = (0..200)
+        .map(|i| match i % 5 {
+            0 => (0..(next() % 512)).map(|_| next() as u8).collect(),
+            1 => format!("{}{}", "[".repeat(300), "]".repeat(300)).into_bytes(),
+            2 => format!(r#"{{"timeout_secs": {}{}}}"#, next(), "9".repeat(400)).into_bytes(),
+            3 => r#"{"ref": "$(reboot)", "requested_by": "x"}"#.as_bytes().to_vec(),
+            _ => format!(r#"{{"rev": "../../{}", "mode": "explode"}}"#, next()).into_bytes(),
+        })
+        .collect();
+    for (i, body) in samples.into_iter().enumerate() {
+        // More than the 100 requests a target may have queued: wait for the builder when full.
+        loop {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("HOSTILE{i:04}").as_str());
+            let ack = js
+                .publish_with_headers("build.demo.web", headers, body.clone().into())
+                .await
+                .expect("publish")
+                .await;
+            match ack {
+                Ok(_) => break,
+                Err(err) if err.to_string().contains("maximum messages per subject") => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("request {i} not stored: {err}"),
+            }
+        }
+    }
+    for i in [0, 1, 2, 3, 4, 199] {
+        let events = wait_for_finished(
+            &client,
+            &format!("build.responses.demo.web.HOSTILE{i:04}.events"),
+        )
+        .await;
+        assert_eq!(events.len(), 1, "{events:#?}");
+        assert_eq!(events[0]["status"], "failed");
+    }
+    let output = setup.cli(&["build", "demo", "web"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(setup.builder.is_running());
+    assert_eq!(pending_requests(&client).await, 0);
+}

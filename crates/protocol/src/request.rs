@@ -319,6 +319,48 @@ mod tests {
         assert!(refusal.reason.contains("differs"), "{}", refusal.reason);
     }
 
+    proptest::proptest! {
+        /// Whatever bytes arrive, parsing never panics; a refusal always says why, and an
+        /// accepted request only holds values that passed the rules.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..2048),
+                                        target in "\\PC{0,40}") {
+            let subject = format!("build.demo.{target}");
+            match parse_request(&subject, None, &body, || "GENERATED1".to_owned()) {
+                Ok(request) => {
+                    proptest::prop_assert!(request.rev.as_deref().is_none_or(|r| check_rev(r).is_ok()));
+                    proptest::prop_assert!(request.git_ref.as_deref().is_none_or(|r| check_git_ref(r).is_ok()));
+                }
+                Err(refusal) => proptest::prop_assert!(!refusal.reason.is_empty()),
+            }
+        }
+
+        /// JSON of the right shape with hostile values: deep nesting, huge numbers, shell and
+        /// path syntax; each is parsed or refused, never accepted unchecked.
+        #[test]
+        fn hostile_json_values_are_checked(
+            value in proptest::prop_oneof![
+                "\\PC{0,300}".prop_map(serde_json::Value::from),
+                proptest::num::i64::ANY.prop_map(serde_json::Value::from),
+                proptest::num::f64::ANY.prop_map(serde_json::Value::from),
+                Just(serde_json::Value::from("$(reboot)")),
+                Just(serde_json::Value::from("../../../../etc/passwd")),
+                Just(serde_json::Value::from("-oProxyCommand=x")),
+            ],
+            field in proptest::sample::select(vec!["id", "ref", "rev", "requested_by", "mode", "timeout_secs"]),
+            depth in 0usize..200,
+        ) {
+            let mut nested = value;
+            for _ in 0..depth {
+                nested = serde_json::json!([nested]);
+            }
+            let body = serde_json::json!({ field: nested }).to_string();
+            let _ = parse_request("build.demo.all", None, body.as_bytes(), || "GENERATED1".to_owned());
+        }
+    }
+
+    use proptest::prelude::{Just, Strategy};
+
     #[test]
     fn full_request_parses() {
         let request = parse(
