@@ -9,6 +9,7 @@ mod faults;
 mod logs;
 mod queue;
 mod refusals;
+mod soak;
 
 use std::path::Path;
 use std::process::Output;
