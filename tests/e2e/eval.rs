@@ -52,7 +52,8 @@ fn shared_evaluation_isolates_failing_hosts() {
     );
 }
 
-/// With the fleet's hosts (one throws), everything that evaluates does so in one nix process.
+/// With the fleet's hosts (one throws), everything that evaluates does so in one nix process,
+/// and a second build of the same commit reuses it.
 #[test]
 fn fleet_is_evaluated_in_one_process() {
     let setup = Setup::new("fleet");

@@ -126,6 +126,7 @@ pub async fn run(
         publisher: Publisher::new(js.clone()),
         timeouts: config.timeouts(),
         evaluation: config.evaluation(),
+        evaluated: Default::default(),
         repos: served,
         requests,
         watch_interval,

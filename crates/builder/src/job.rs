@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::bus::{last_event, BusError, Publisher, RequestMessage};
+use crate::cache::EvalCache;
 use crate::config::{Evaluation, RepoConfig, Timeouts};
 use crate::git::{Mirror, Resolved, Wanted};
 use crate::logs::LogBatcher;
@@ -49,6 +50,8 @@ pub struct Jobs {
     pub publisher: Publisher,
     pub timeouts: Timeouts,
     pub evaluation: Evaluation,
+    /// Host lists and toplevel drvs already evaluated, per commit.
+    pub evaluated: EvalCache,
     pub repos: HashMap<RepoName, ServedRepo>,
     /// The requests stream, to spot newer `replace` requests for a running request's target.
     pub requests: jetstream::stream::Stream,
@@ -306,7 +309,7 @@ impl Jobs {
         let rev = resolved.rev;
 
         // 3. Hosts at that commit.
-        let hosts = match self.hosts_to_build(&flake, target, &rev).await {
+        let hosts = match self.hosts_to_build(&flake, repo, target, &rev).await {
             Ok(hosts) => hosts,
             Err(reason) => {
                 let mut finish = Finish::new(repo, target, &self.builder_name, started);
@@ -333,8 +336,13 @@ impl Jobs {
         let mut results = Vec::with_capacity(total);
         let mut cancelled: Option<(String, String)> = None;
         let logs = logs_subject(repo, target, id);
+        let checkout = Checkout {
+            flake: &flake,
+            repo,
+            rev: &rev,
+        };
         let drvs = tokio::select! {
-            drvs = self.evaluate_together(&flake, &hosts, id) => drvs,
+            drvs = self.evaluate_together(&checkout, &hosts, id) => drvs,
             _ = tokio::time::sleep_until(request_deadline.at) => HashMap::new(),
             why = interrupted(&mut interrupt) => match why {
                 Interrupt::Shutdown => return Err(JobError::Aborted),
@@ -378,8 +386,7 @@ impl Jobs {
             let result = match self
                 .build_host(
                     events,
-                    &flake,
-                    repo,
+                    &checkout,
                     host,
                     &logs,
                     id.as_str(),
@@ -451,15 +458,23 @@ impl Jobs {
     async fn hosts_to_build(
         &self,
         flake: &str,
+        repo: &RepoName,
         target: &Target,
         rev: &str,
     ) -> Result<Vec<String>, String> {
-        let available = self.nix.list_hosts(flake).await.map_err(|err| {
-            format!(
-                "cannot list nixosConfigurations of the flake at rev {rev}: {}",
-                cut(&err.excerpt())
-            )
-        })?;
+        let available = match self.evaluated.hosts(repo.as_str(), rev) {
+            Some(hosts) => hosts,
+            None => {
+                let hosts = self.nix.list_hosts(flake).await.map_err(|err| {
+                    format!(
+                        "cannot list nixosConfigurations of the flake at rev {rev}: {}",
+                        cut(&err.excerpt())
+                    )
+                })?;
+                self.evaluated.put_hosts(repo.as_str(), rev, hosts.clone());
+                hosts
+            }
+        };
         match target {
             Target::All if available.is_empty() => {
                 Err(format!("the flake at rev {rev} has no nixosConfigurations"))
@@ -479,8 +494,7 @@ impl Jobs {
     async fn build_host(
         &self,
         events: &mut Events<'_>,
-        flake: &str,
-        repo: &RepoName,
+        checkout: &Checkout<'_>,
         host: &str,
         logs: &str,
         request_id: &str,
@@ -488,6 +502,7 @@ impl Jobs {
         deadline: &Deadline,
         interrupt: &mut watch::Receiver<Option<Interrupt>>,
     ) -> Result<HostOutcome, JobError> {
+        let Checkout { flake, repo, rev } = *checkout;
         let started = Instant::now();
         let result = |status, out_path, error: Option<String>| HostResult {
             name: host.to_owned(),
@@ -513,7 +528,13 @@ impl Jobs {
         let evaluate = async {
             match evaluated_drv {
                 Some(drv) => Ok(drv.to_owned()),
-                None => self.nix.eval_toplevel_drv(flake, host).await,
+                None => {
+                    let drv = self.nix.eval_toplevel_drv(flake, host).await;
+                    if let Ok(drv) = &drv {
+                        self.evaluated.put_drv(repo.as_str(), rev, host, drv);
+                    }
+                    drv
+                }
             }
         };
         let drv = tokio::select! {
@@ -617,11 +638,21 @@ impl Jobs {
     /// evaluated alone when its turn comes, which also yields its own error message.
     async fn evaluate_together(
         &self,
-        flake: &str,
+        checkout: &Checkout<'_>,
         hosts: &[String],
         request_id: &RequestId,
     ) -> HashMap<String, String> {
-        let mut drvs = HashMap::new();
+        let Checkout { flake, repo, rev } = *checkout;
+        let mut drvs: HashMap<String, String> = hosts
+            .iter()
+            .filter_map(|host| Some((host.clone(), self.evaluated.drv(repo.as_str(), rev, host)?)))
+            .collect();
+        let hosts: Vec<String> = hosts
+            .iter()
+            .filter(|h| !drvs.contains_key(*h))
+            .cloned()
+            .collect();
+        let hosts = hosts.as_slice();
         if hosts.len() < 2 {
             return drvs;
         }
@@ -679,6 +710,14 @@ fn skipped_host(host: &str, status: HostStatus, error: Option<String>) -> HostRe
         duration_ms: 0,
         error,
     }
+}
+
+/// The commit a request builds, and the flake URL nix reads it from.
+#[derive(Clone, Copy)]
+struct Checkout<'a> {
+    flake: &'a str,
+    repo: &'a RepoName,
+    rev: &'a str,
 }
 
 /// When a host's work must stop, and what to say then.

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod bus;
+pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod git;
