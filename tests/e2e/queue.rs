@@ -73,15 +73,9 @@ impl Fleet {
         self.repo.commit_file("salt", &test_support::unique("salt"))
     }
 
-    /// Processes of this fixture's builds still alive (their command line holds the nonce).
+    /// Processes of this fixture's builds still alive.
     fn build_processes(&self) -> String {
-        let nonce = std::fs::read_to_string(self.repo.path().join("nonce.nix")).expect("nonce");
-        let nonce = nonce.trim().trim_matches('"');
-        let output = Command::new("pgrep")
-            .args(["-a", "-f", nonce])
-            .output()
-            .expect("pgrep");
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        self.repo.build_processes()
     }
 }
 
@@ -197,8 +191,11 @@ async fn cancel_queued_and_running_requests() {
         .as_str()
         .is_some_and(|e| e.contains("not needed")));
 
+    // `host_started` comes before nix has forked the builder: wait for it.
     assert!(
-        !fleet.build_processes().is_empty(),
+        wait_until(Duration::from_secs(20), || !fleet
+            .build_processes()
+            .is_empty()),
         "the long build should be running"
     );
     let cancelled_at = Instant::now();

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use homelab_deploy_client::{connect, submit, ConnectSettings, SubmitOptions};
 use homelab_deploy_protocol::{Event, EventBody, RepoName, Target};
-use test_support::{run_cli, Builder, FixtureRepo, NatsServer, NIX_CONFIG};
+use test_support::{run_cli, vm_value, Builder, FixtureRepo, NatsServer, NIX_CONFIG};
 
 /// One benchmark's result, as a row of `docs/benchmarks.md`.
 #[derive(Debug, Clone)]
@@ -94,20 +94,6 @@ fn direct_nix_build_measured(flake: &str, attr: &str) -> Result<(Duration, u64)>
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// A `VmRSS:`/`VmHWM:` value of a process, in bytes.
-pub fn vm_value(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(key))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }
 
 /// CPU time (user + system) a process has used, from /proc/PID/stat.

@@ -143,24 +143,7 @@ pub async fn pending_requests(js: &Context) -> Result<Vec<PendingRequest>, Clien
 /// Folds a request's events into its state.
 pub fn fold_events(events: &[Event]) -> Option<RequestState> {
     let first = events.first()?;
-    let mut state = RequestState {
-        id: first.id.clone(),
-        repo: String::new(),
-        target: String::new(),
-        phase: RequestPhase::Running,
-        queue_position: None,
-        rev: None,
-        builder: None,
-        requested_by: None,
-        queued_at: first.time,
-        started_at: None,
-        finished_at: None,
-        current_host: None,
-        hosts: Default::default(),
-        derivations: Default::default(),
-        error: None,
-        last_seq: 0,
-    };
+    let mut state = blank_state(&first.id, "", "", RequestPhase::Running, first.time);
     for event in events {
         state.last_seq = state.last_seq.max(event.seq);
         match &event.body {
@@ -244,17 +227,24 @@ pub fn fold_events(events: &[Event]) -> Option<RequestState> {
     Some(state)
 }
 
-fn queued_state(pending: &PendingRequest, position: u64) -> RequestState {
+/// A request state with nothing known yet but its id, place and phase.
+fn blank_state(
+    id: &str,
+    repo: &str,
+    target: &str,
+    phase: RequestPhase,
+    queued_at: OffsetDateTime,
+) -> RequestState {
     RequestState {
-        id: pending.id.clone(),
-        repo: pending.repo.clone(),
-        target: pending.target.clone(),
-        phase: RequestPhase::Queued,
-        queue_position: Some(position),
+        id: id.to_owned(),
+        repo: repo.to_owned(),
+        target: target.to_owned(),
+        phase,
+        queue_position: None,
         rev: None,
         builder: None,
-        requested_by: pending.requested_by.clone(),
-        queued_at: pending.queued_at,
+        requested_by: None,
+        queued_at,
         started_at: None,
         finished_at: None,
         current_host: None,
@@ -263,6 +253,19 @@ fn queued_state(pending: &PendingRequest, position: u64) -> RequestState {
         error: None,
         last_seq: 0,
     }
+}
+
+fn queued_state(pending: &PendingRequest, position: u64) -> RequestState {
+    let mut state = blank_state(
+        &pending.id,
+        &pending.repo,
+        &pending.target,
+        RequestPhase::Queued,
+        pending.queued_at,
+    );
+    state.queue_position = Some(position);
+    state.requested_by = pending.requested_by.clone();
+    state
 }
 
 /// Queued requests with their 1-based position in their repo's queue.

@@ -285,6 +285,18 @@ impl FixtureRepo {
         self.git(&["rev-parse", "HEAD"])
     }
 
+    /// Processes of this repo's builds still alive: fixture builders put the nonce on their
+    /// command line. Empty when none is left.
+    pub fn build_processes(&self) -> String {
+        let nonce = std::fs::read_to_string(self.dir.path().join("nonce.nix")).unwrap_or_default();
+        let nonce = nonce.trim().trim_matches('"');
+        let output = Command::new("pgrep")
+            .args(["-a", "-f", nonce])
+            .output()
+            .expect("pgrep runs");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
     /// Writes a file and commits it; returns the new commit.
     pub fn commit_file(&self, name: &str, content: &str) -> String {
         std::fs::write(self.dir.path().join(name), content).expect("write file");
@@ -409,21 +421,7 @@ impl Builder {
 
     /// Peak resident memory of the builder so far, in bytes (VmHWM).
     pub fn peak_rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
-            .and_then(|value| {
-                value
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map(|kb| kb * 1024)
-            .unwrap_or(0)
+        vm_value(self.child.id(), "VmHWM:")
     }
 }
 
@@ -432,6 +430,27 @@ impl Drop for Builder {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `Vm…:` value (`VmRSS:`, `VmHWM:`) of a process from /proc, in bytes; 0 when it is gone.
+pub fn vm_value(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(key))
+                .and_then(|value| {
+                    value
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
 }
 
 /// Runs the CLI to completion with a timeout; panics (with its output) if it hangs.
