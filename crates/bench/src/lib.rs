@@ -233,9 +233,11 @@ pub async fn queue_throughput(bin: &Path, requests: usize) -> Result<Report> {
     let nats = NatsServer::start();
     let repo = FixtureRepo::new("fleet");
     let repos = [("demo", repo.url())];
+    // Every request is published at once: let the queue hold them all.
+    let limits = "\n[streams]\nmax_pending_requests_per_target = 5000";
     let _builders = [
-        Builder::start(bin, &nats.url, &repos),
-        Builder::start(bin, &nats.url, &repos),
+        Builder::start_with(bin, &nats.url, &repos, limits),
+        Builder::start_with(bin, &nats.url, &repos, limits),
     ];
     let output = run_cli(
         bin,
