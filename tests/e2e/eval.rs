@@ -103,3 +103,57 @@ fn memory_limit_splits_the_evaluation() {
         "{log}"
     );
 }
+
+/// `build_jobs = 2` builds two hosts at once: the second starts before the first finishes, and
+/// the result still lists the hosts in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn build_jobs_build_hosts_at_once() {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("slow");
+    let _builder = Builder::start_with(
+        bin(),
+        &nats.url,
+        &[("demo", repo.url())],
+        "\nbuild_jobs = 2",
+    );
+    let output = test_support::run_cli(
+        bin(),
+        &nats.url,
+        &["build", "demo", "all", "--json"],
+        std::time::Duration::from_secs(120),
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let finished: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(
+        statuses(&finished),
+        [
+            ("first".into(), "built".into()),
+            ("second".into(), "built".into())
+        ]
+    );
+    let id = finished["id"].as_str().expect("id");
+    let client = nats.client().await;
+    let events =
+        test_support::stored_messages(&client, &format!("build.responses.demo.all.{id}.events"))
+            .await;
+    let position = |kind: &str, host: &str| {
+        events
+            .iter()
+            .position(|e| e["type"] == kind && e["host"] == host)
+            .unwrap_or_else(|| panic!("no {kind} for {host}: {events:#?}"))
+    };
+    assert!(
+        position("host_started", "second") < position("host_finished", "first"),
+        "{events:#?}"
+    );
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
+}

@@ -175,6 +175,8 @@ fn nix_gone_and_unwritable_state_are_request_errors() {
     );
 
     std::fs::remove_file(&wrapper).expect("remove nix wrapper");
+    // A new commit, so nothing evaluated before can stand in for nix.
+    repo.commit_file("README", "new commit\n");
     let output = run_cli(
         bin(),
         &nats.url,

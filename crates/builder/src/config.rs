@@ -67,6 +67,9 @@ pub struct BuilderConfig {
     /// Largest `host_timeout_secs` or `timeout_secs` a request may ask for.
     #[serde(default = "default_max_timeout_secs")]
     pub max_timeout_secs: u64,
+    /// Hosts of one request built at once; 1 builds them one at a time, in order.
+    #[serde(default = "default_build_jobs")]
+    pub build_jobs: usize,
     /// Most hosts evaluated in one nix process (shared evaluation of an `all` request).
     #[serde(default = "default_eval_batch_size")]
     pub eval_batch_size: usize,
@@ -148,6 +151,9 @@ fn default_request_timeout_secs() -> u64 {
 }
 fn default_max_timeout_secs() -> u64 {
     24 * 60 * 60
+}
+fn default_build_jobs() -> usize {
+    1
 }
 fn default_eval_batch_size() -> usize {
     16
@@ -262,6 +268,12 @@ impl Config {
         if self.builder.max_concurrent_requests == 0 {
             return Err(invalid(
                 "builder.max_concurrent_requests".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.builder.build_jobs == 0 {
+            return Err(invalid(
+                "builder.build_jobs".into(),
                 "must be at least 1".into(),
             ));
         }

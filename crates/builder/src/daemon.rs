@@ -127,6 +127,7 @@ pub async fn run(
         timeouts: config.timeouts(),
         evaluation: config.evaluation(),
         evaluated: Default::default(),
+        build_jobs: config.builder.build_jobs,
         repos: served,
         requests,
         watch_interval,

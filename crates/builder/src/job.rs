@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
+use futures::{StreamExt, TryStreamExt};
 use homelab_deploy_protocol::api::BuilderState;
 use homelab_deploy_protocol::request::parse_request;
 use homelab_deploy_protocol::subject::{
@@ -50,6 +51,8 @@ pub struct Jobs {
     pub publisher: Publisher,
     pub timeouts: Timeouts,
     pub evaluation: Evaluation,
+    /// Hosts of one request built at once.
+    pub build_jobs: usize,
     /// Host lists and toplevel drvs already evaluated, per commit.
     pub evaluated: EvalCache,
     pub repos: HashMap<RepoName, ServedRepo>,
@@ -333,7 +336,6 @@ impl Jobs {
         // 4. Evaluate the hosts together where the memory budget allows, then build each in
         //    turn; after a cancel the rest are cancelled without building.
         let total = hosts.len();
-        let mut results = Vec::with_capacity(total);
         let mut cancelled: Option<(String, String)> = None;
         let logs = logs_subject(repo, target, id);
         let checkout = Checkout {
@@ -352,67 +354,88 @@ impl Jobs {
                 }
             },
         };
-        for (position, host) in hosts.iter().enumerate() {
-            let index = position + 1;
-            if cancelled.is_some() {
-                results.push(skipped_host(host, HostStatus::Cancelled, None));
-                continue;
-            }
-            if request_deadline.passed() {
-                results.push(skipped_host(
-                    host,
-                    HostStatus::TimedOut,
-                    Some(request_deadline.why.clone()),
-                ));
-                continue;
-            }
-            let host_deadline = Deadline {
-                at: tokio::time::Instant::now() + limits.host,
-                why: format!("timed out after {}s (host timeout)", limits.host.as_secs()),
-            };
-            let deadline = if host_deadline.at <= request_deadline.at {
-                host_deadline
-            } else {
-                request_deadline.clone()
-            };
-            events.check_still_owner().await?;
-            events
-                .emit(EventBody::HostStarted {
-                    host: host.clone(),
-                    index,
-                    total,
-                })
-                .await?;
-            let result = match self
-                .build_host(
-                    events,
-                    &checkout,
-                    host,
-                    &logs,
-                    id.as_str(),
-                    drvs.get(host).map(String::as_str),
-                    &deadline,
-                    &mut interrupt,
-                )
-                .await?
-            {
-                HostOutcome::Done(result) => result,
-                HostOutcome::Cancelled(result, by, reason) => {
-                    cancelled = Some((by, reason));
-                    result
+        // Up to `build_jobs` hosts at once (1 by default: one at a time, in order).
+        let cancelled = Mutex::new(cancelled);
+        let shared_events = tokio::sync::Mutex::new(events);
+        let build_one = |(position, host): (usize, String)| {
+            let mut interrupt = interrupt.clone();
+            let (cancelled, shared_events, checkout, logs, drvs, request_deadline) = (
+                &cancelled,
+                &shared_events,
+                &checkout,
+                &logs,
+                &drvs,
+                &request_deadline,
+            );
+            async move {
+                let host = &host;
+                let index = position + 1;
+                if lock(cancelled).is_some() {
+                    return Ok(skipped_host(host, HostStatus::Cancelled, None));
                 }
-            };
-            info!(request_id = %id, host, status = result.status.as_str(), duration_ms = result.duration_ms, "host finished");
-            events
-                .emit(EventBody::HostFinished {
+                if request_deadline.passed() {
+                    let why = Some(request_deadline.why.clone());
+                    return Ok(skipped_host(host, HostStatus::TimedOut, why));
+                }
+                let host_deadline = Deadline {
+                    at: tokio::time::Instant::now() + limits.host,
+                    why: format!("timed out after {}s (host timeout)", limits.host.as_secs()),
+                };
+                let deadline = if host_deadline.at <= request_deadline.at {
+                    host_deadline
+                } else {
+                    request_deadline.clone()
+                };
+                {
+                    let mut events = shared_events.lock().await;
+                    events.check_still_owner().await?;
+                    let started = EventBody::HostStarted {
+                        host: host.clone(),
+                        index,
+                        total,
+                    };
+                    events.emit(started).await?;
+                }
+                let drv = drvs.get(host).map(String::as_str);
+                let outcome = self
+                    .build_host(
+                        shared_events,
+                        checkout,
+                        host,
+                        logs,
+                        id.as_str(),
+                        drv,
+                        &deadline,
+                        &mut interrupt,
+                    )
+                    .await?;
+                let result = match outcome {
+                    HostOutcome::Done(result) => result,
+                    HostOutcome::Cancelled(result, by, reason) => {
+                        lock(cancelled).get_or_insert((by, reason));
+                        result
+                    }
+                };
+                info!(request_id = %id, host, status = result.status.as_str(), duration_ms = result.duration_ms, "host finished");
+                let finished = EventBody::HostFinished {
                     host: host.clone(),
                     index,
                     total,
                     result: result.clone(),
-                })
-                .await?;
-            results.push(result);
-        }
+                };
+                shared_events.lock().await.emit(finished).await?;
+                Ok::<_, JobError>(result)
+            }
+        };
+        let results: Vec<HostResult> = futures::stream::iter(hosts.iter().cloned().enumerate())
+            .map(build_one)
+            .buffered(self.build_jobs.max(1))
+            .try_collect()
+            .await?;
+        let events = shared_events.into_inner();
+        let cancelled = cancelled
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
 
         // 5. The whole result.
         let mut finish = Finish::new(repo, target, &self.builder_name, started);
@@ -493,7 +516,7 @@ impl Jobs {
     #[allow(clippy::too_many_arguments)]
     async fn build_host(
         &self,
-        events: &mut Events<'_>,
+        events: &tokio::sync::Mutex<&mut Events<'_>>,
         checkout: &Checkout<'_>,
         host: &str,
         logs: &str,
@@ -581,7 +604,8 @@ impl Jobs {
                     BuildOutput::Progress { done, expected, running, failed } => {
                         if last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVENT_INTERVAL) {
                             last_progress = Some(Instant::now());
-                            events.emit(EventBody::Progress { host: host.to_owned(), done, expected, running, failed }).await?;
+                            let progress = EventBody::Progress { host: host.to_owned(), done, expected, running, failed };
+                            events.lock().await.emit(progress).await?;
                         }
                     }
                 },
@@ -761,6 +785,13 @@ impl Jobs {
 struct Limits {
     host: Duration,
     request: Duration,
+}
+
+/// Locks a std mutex whose holders cannot panic while holding it.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Resolves with the reason once the running request must stop.
