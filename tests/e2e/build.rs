@@ -272,3 +272,34 @@ pub async fn wait_for_finished(client: &async_nats::Client, subject: &str) -> Ve
     }
     panic!("no finished event on {subject}");
 }
+
+/// What a timer and CI call: `--quiet` prints no progress, `--junit` writes one test case per
+/// host (well-formed XML, failures with their error), and the exit code is the verdict.
+#[test]
+fn quiet_and_junit_for_timers_and_ci() {
+    let setup = Setup::new("fleet");
+    let report = std::env::temp_dir().join(format!("{}.xml", test_support::unique("junit")));
+    let report_arg = report.display().to_string();
+    let output = setup.cli(&["build", "demo", "all", "--quiet", "--junit", &report_arg]);
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr.trim().is_empty(), "--quiet printed: {stderr}");
+    assert!(stdout.contains("demo all: failed"), "{stdout}");
+    let xml = std::fs::read_to_string(&report).expect("junit report written");
+    let check = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, xml.dom.minidom as m; d = m.parse(sys.argv[1]); \
+             cases = d.getElementsByTagName('testcase'); \
+             print(len(cases), len(d.getElementsByTagName('failure')))",
+            &report_arg,
+        ])
+        .output()
+        .expect("python3 parses the report");
+    assert_eq!(
+        String::from_utf8_lossy(&check.stdout).trim(),
+        "4 2",
+        "{xml}"
+    );
+    assert!(xml.contains("the disk image does not fit"), "{xml}");
+}

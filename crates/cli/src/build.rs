@@ -16,6 +16,7 @@ Examples:
   homelab-deploy build nixos-servers --all --json > result.json
   homelab-deploy build nixos-servers all --ref flake-update --timeout 1800
   id=$(homelab-deploy build nixos-servers all --no-wait)
+  homelab-deploy build nixos-servers all --rev $SHA --json --junit hosts.xml --timeout 3600
 
 Progress goes to stderr; the result table (or with --json, exactly the `finished` event as one
 JSON object) goes to stdout.
@@ -51,6 +52,12 @@ pub struct BuildArgs {
     /// Print the request id and exit once the request is safely in the queue.
     #[arg(long)]
     no_wait: bool,
+    /// No progress on stderr (for timers): only the result, and the exit code.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Also write the result as a JUnit XML report (one test case per host) to FILE, for CI.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<std::path::PathBuf>,
     /// `enqueue`: wait in line behind other requests for the same target. `replace`: cancel
     /// them (queued or running); the newest `replace` request wins.
     #[arg(long, value_enum, default_value_t = ModeArg::Enqueue)]
@@ -137,7 +144,7 @@ pub async fn run(args: BuildArgs) -> u8 {
         return exit::OK;
     }
 
-    let mut progress = Progress::new(&submission.subject, submission.id.as_str());
+    let mut progress = Progress::new(&submission.subject, submission.id.as_str(), args.quiet);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     let waiting_since = Instant::now();
     let finished = loop {
@@ -175,6 +182,15 @@ pub async fn run(args: BuildArgs) -> u8 {
         }
     };
     progress.clear();
+    if let Some(path) = &args.junit {
+        let xml = crate::junit::report(&finished).unwrap_or_default();
+        if let Err(err) = std::fs::write(path, xml) {
+            eprintln!(
+                "error: cannot write the JUnit report to {}: {err}",
+                path.display()
+            );
+        }
+    }
     if args.json {
         match serde_json::to_string(&finished) {
             Ok(json) => println!("{json}"),

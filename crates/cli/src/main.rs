@@ -5,6 +5,7 @@ mod builder;
 mod cancel;
 mod follow;
 mod inspect;
+mod junit;
 mod nats;
 mod progress;
 

@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 const ERROR_LINES_SHOWN: usize = 15;
 
 pub struct Progress {
+    quiet: bool,
     bar: Option<ProgressBar>,
     started: bool,
     said_waiting: bool,
@@ -22,9 +23,24 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(subject: &str, id: &str) -> Self {
+    /// For `build`; `quiet` shows nothing while waiting.
+    pub fn new(subject: &str, id: &str, quiet: bool) -> Self {
+        if quiet {
+            return Self::silent();
+        }
         eprintln!("queued {subject} as request {id}");
         Self::start("waiting for a builder")
+    }
+
+    fn silent() -> Self {
+        Self {
+            bar: None,
+            started: true,
+            said_waiting: true,
+            current: None,
+            derivations: String::new(),
+            quiet: true,
+        }
     }
 
     /// For `watch`: the request may be anywhere in its life.
@@ -45,6 +61,7 @@ impl Progress {
             bar
         });
         Self {
+            quiet: false,
             bar,
             started: false,
             said_waiting: false,
@@ -62,6 +79,9 @@ impl Progress {
     }
 
     pub fn event(&mut self, event: &Event) {
+        if self.quiet {
+            return;
+        }
         match &event.body {
             EventBody::Started {
                 builder,
