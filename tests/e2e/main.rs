@@ -3,6 +3,7 @@
 
 mod bench_smoke;
 mod build;
+mod cache;
 mod config;
 mod eval;
 mod faults;

@@ -131,9 +131,29 @@ pub struct RepoConfig {
     /// Branch (or tag) built when a request names no ref or rev.
     #[serde(rename = "ref", default = "default_ref")]
     pub git_ref: String,
+    /// Nix store URI of a binary cache (`file:///var/cache/nix`, `s3://…`, `ssh-ng://…`): each
+    /// built host's closure is copied there with `nix copy --to`.
+    #[serde(default)]
+    pub push_to: Option<String>,
+    /// Key to sign what is pushed with (`nix key generate-secret`); becomes the store URI's
+    /// `secret-key` parameter.
+    #[serde(default)]
+    pub push_secret_key_file: Option<PathBuf>,
 }
 
 impl RepoConfig {
+    /// The store URI `nix copy --to` takes, with the signing key when one is configured.
+    pub fn push_store(&self) -> Option<String> {
+        let store = self.push_to.as_ref()?;
+        Some(match &self.push_secret_key_file {
+            Some(key) => {
+                let separator = if store.contains('?') { '&' } else { '?' };
+                format!("{store}{separator}secret-key={}", key.display())
+            }
+            None => store.clone(),
+        })
+    }
+
     /// The URL git2 fetches from: the flake URL without nix's `git+` prefix.
     pub fn git_url(&self) -> &str {
         self.url.strip_prefix("git+").unwrap_or(&self.url)
@@ -326,6 +346,22 @@ impl Config {
                 return Err(invalid(
                     format!("{key}.url"),
                     "must not contain a query or fragment; set the branch with `ref`".into(),
+                ));
+            }
+            if repo
+                .push_to
+                .as_deref()
+                .is_some_and(|uri| !uri.contains("://"))
+            {
+                return Err(invalid(
+                    format!("{key}.push_to"),
+                    "must be a nix store URI such as file:///var/cache/nix or s3://bucket".into(),
+                ));
+            }
+            if repo.push_secret_key_file.is_some() && repo.push_to.is_none() {
+                return Err(invalid(
+                    format!("{key}.push_secret_key_file"),
+                    "is set, but push_to is not: nothing would be signed".into(),
                 ));
             }
             check_git_ref(&repo.git_ref)

@@ -533,6 +533,8 @@ impl Jobs {
             out_path,
             duration_ms: started.elapsed().as_millis() as u64,
             error: error.map(|e| cut(&e)),
+            pushed: None,
+            push_error: None,
         };
         let done = |status, out_path, error| Ok(HostOutcome::Done(result(status, out_path, error)));
         let timed_out = || deadline.why.clone();
@@ -626,13 +628,28 @@ impl Jobs {
             }
         }
         batcher.flush().await?;
-        match built {
-            Ok(built) if built.derivations_built == 0 => {
-                done(HostStatus::Cached, Some(built.out_path), None)
-            }
-            Ok(built) => done(HostStatus::Built, Some(built.out_path), None),
-            Err(err) => done(HostStatus::BuildFailed, None, Some(err.excerpt())),
+        let built = match built {
+            Ok(built) => built,
+            Err(err) => return done(HostStatus::BuildFailed, None, Some(err.excerpt())),
+        };
+        let status = if built.derivations_built == 0 {
+            HostStatus::Cached
+        } else {
+            HostStatus::Built
+        };
+        let push_store = self
+            .repos
+            .get(repo)
+            .and_then(|served| served.config.push_store());
+        let mut host_result = result(status, Some(built.out_path.clone()), None);
+        if let Some(store) = push_store {
+            // A failed push is reported, but the host is still built.
+            let pushed = self.nix.copy_to(&store, &built.out_path).await;
+            host_result.pushed = Some(pushed.is_ok());
+            host_result.push_error = pushed.err().map(|err| cut(&err.excerpt()));
+            host_result.duration_ms = started.elapsed().as_millis() as u64;
         }
+        Ok(HostOutcome::Done(host_result))
     }
 }
 
@@ -733,6 +750,8 @@ fn skipped_host(host: &str, status: HostStatus, error: Option<String>) -> HostRe
         out_path: None,
         duration_ms: 0,
         error,
+        pushed: None,
+        push_error: None,
     }
 }
 

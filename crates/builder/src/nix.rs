@@ -271,6 +271,14 @@ impl Nix {
         }
     }
 
+    /// Copies `path` and its closure to the binary cache `store` (a nix store URI).
+    pub async fn copy_to(&self, store: &str, path: &str) -> Result<(), NixError> {
+        let what = format!("copying {path} to the binary cache");
+        self.run_captured(&what, &["copy", "--to", store, path])
+            .await
+            .map(|_| ())
+    }
+
     /// Evaluates the toplevel `.drv` of several hosts in one nix process, so the work they share
     /// (nixpkgs, common modules) is evaluated once. A host whose evaluation throws maps to
     /// `None` (evaluate it alone to learn why); an error `tryEval` cannot catch fails the whole

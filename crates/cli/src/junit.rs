@@ -104,6 +104,8 @@ mod tests {
             out_path: status.is_success().then(|| format!("/nix/store/x-{name}")),
             duration_ms: 1500,
             error: error.map(str::to_owned),
+            pushed: None,
+            push_error: None,
         }
     }
 

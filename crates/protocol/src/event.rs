@@ -159,6 +159,13 @@ pub struct HostResult {
     /// A short excerpt of what went wrong (the last lines of nix's output), when failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Whether the closure was copied to the repo's binary cache (`push_to`); absent when the
+    /// repo has no cache or the host was not built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed: Option<bool>,
+    /// Why the copy to the binary cache failed; the host still counts as built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_error: Option<String>,
 }
 
 /// A batch of build log lines of one host, on `build.responses.<repo>.<target>.<id>.logs`.
@@ -195,6 +202,8 @@ mod tests {
                     out_path: None,
                     duration_ms: 12,
                     error: Some("boom".into()),
+                    pushed: None,
+                    push_error: None,
                 }],
                 error: None,
                 builder: Some("b1".into()),
@@ -231,6 +240,8 @@ mod tests {
             out_path: None,
             duration_ms: 0,
             error: None,
+            pushed: None,
+            push_error: None,
         };
         assert_eq!(BuildStatus::from_hosts(&[]), BuildStatus::Failed);
         assert_eq!(

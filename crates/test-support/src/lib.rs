@@ -350,6 +350,19 @@ impl Builder {
         builder
     }
 
+    /// Starts a builder with exactly this config text (made with [`Builder::config`] and edited)
+    /// and waits until it is ready. `{state_dir}` in the text is replaced by its state dir.
+    pub fn start_config(bin: &Path, name: &str, config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for builder");
+        let config = config.replace(
+            "{state_dir}",
+            &dir.path().join("state").display().to_string(),
+        );
+        let builder = Self::launch(bin, dir, name.to_owned(), &config);
+        builder.wait_ready();
+        builder
+    }
+
     /// Starts a builder without waiting for it to be ready.
     pub fn spawn(
         bin: &Path,
@@ -364,6 +377,10 @@ impl Builder {
             &format!("{builder_extra}\n\n[repos"),
             1,
         );
+        Self::launch(bin, dir, name, &config)
+    }
+
+    fn launch(bin: &Path, dir: TempDir, name: String, config: &str) -> Self {
         let config_path = dir.path().join("builder.toml");
         std::fs::write(&config_path, config).expect("write builder config");
         let log = std::fs::File::create(dir.path().join("builder.log")).expect("builder log");
