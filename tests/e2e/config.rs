@@ -146,3 +146,55 @@ fn sigterm_drains_the_running_build() {
     );
     assert!(log.contains("builder stopped"), "{log}");
 }
+
+/// Client commands read NATS settings from flags, then env, then the user's config file, then
+/// the system's; a broken config file is a usage error that names it.
+#[test]
+fn client_config_files_are_read_in_order() {
+    let setup = Setup::new("fleet");
+    let home = tempfile_dir();
+    let system = home.join("system.toml");
+    std::fs::write(&system, "nats_url = \"nats://127.0.0.1:1\"\n").expect("system config");
+    let run = |home: &std::path::Path, args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .env_remove("HOMELAB_DEPLOY_NATS_URL")
+            .env_remove("XDG_CONFIG_HOME")
+            .env("HOME", home)
+            .env("HOMELAB_DEPLOY_SYSTEM_CONFIG", &system)
+            .output()
+            .expect("run cli")
+    };
+    // Only the system config (a dead port): unreachable.
+    let output = run(&home, &["build", "demo", "web"]);
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output).1);
+    assert!(
+        text(&output).1.contains("nats://127.0.0.1:1"),
+        "{}",
+        text(&output).1
+    );
+    // The user config wins over the system config.
+    std::fs::create_dir_all(home.join(".config/homelab-deploy")).expect("dir");
+    std::fs::write(
+        home.join(".config/homelab-deploy/config.toml"),
+        format!("nats_url = \"{}\"\n", setup.nats.url),
+    )
+    .expect("user config");
+    let output = run(&home, &["build", "demo", "web"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    // A flag wins over both.
+    let output = run(
+        &home,
+        &["build", "demo", "web", "--nats-url", "nats://127.0.0.1:1"],
+    );
+    assert_eq!(output.status.code(), Some(3));
+    // A typo in a config file is named.
+    std::fs::write(&system, "nats_ulr = \"x\"\n").expect("system config");
+    let output = run(&home, &["builders"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        text(&output).1.contains("system.toml") && text(&output).1.contains("nats_ulr"),
+        "{}",
+        text(&output).1
+    );
+}

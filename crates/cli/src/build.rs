@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use homelab_deploy_client::{connect, submit, ClientError, ConnectSettings, SubmitOptions};
+use homelab_deploy_client::{submit, ClientError, SubmitOptions};
 use homelab_deploy_protocol::request::{check_git_ref, check_rev};
 use homelab_deploy_protocol::{BuildStatus, EventBody, Mode, RepoName, Target};
 
@@ -117,15 +117,9 @@ pub async fn run(args: BuildArgs) -> u8 {
         return usage_error(err);
     }
 
-    let settings = ConnectSettings {
-        url: args.nats.nats_url.clone(),
-        nkey_file: args.nats.nkey_file.clone(),
-        name: "homelab-deploy build".to_owned(),
-        timeout: Duration::from_secs(5),
-    };
-    let client = match connect(&settings).await {
+    let client = match crate::nats::connect_or_exit(&args.nats, "build").await {
         Ok(client) => client,
-        Err(err) => return client_error(err),
+        Err(code) => return code,
     };
     let options = SubmitOptions {
         requested_by: Some(requested_by()),

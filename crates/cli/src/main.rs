@@ -8,6 +8,7 @@ mod inspect;
 mod junit;
 mod nats;
 mod progress;
+mod settings;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,16 +64,15 @@ enum Command {
     Builders(inspect::BuildersArgs),
 }
 
-/// How to reach NATS; shared by every client command.
+/// How to reach NATS; shared by every client command. Unset values come from the user's, then
+/// the system's config file (see docs/cli.md), then the defaults.
 #[derive(Args, Clone)]
 pub struct NatsArgs {
-    /// NATS server URL.
-    #[arg(
-        long,
-        env = "HOMELAB_DEPLOY_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    pub nats_url: String,
+    /// NATS server URL; several of one cluster separated by commas [default: from
+    /// ~/.config/homelab-deploy/config.toml, /etc/homelab-deploy/config.toml, else
+    /// nats://127.0.0.1:4222]
+    #[arg(long, env = "HOMELAB_DEPLOY_NATS_URL")]
+    pub nats_url: Option<String>,
     /// File holding an NKey user seed to authenticate with.
     #[arg(long, env = "HOMELAB_DEPLOY_NKEY_FILE", value_name = "FILE")]
     pub nkey_file: Option<PathBuf>,

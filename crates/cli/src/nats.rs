@@ -11,9 +11,13 @@ use crate::{exit, NatsArgs};
 
 /// Connects, or prints why not and returns the exit code.
 pub async fn connect_or_exit(args: &NatsArgs, command: &str) -> Result<Client, u8> {
+    let resolved = crate::settings::resolve(args).map_err(|err| {
+        eprintln!("error: {err}");
+        exit::USAGE
+    })?;
     let settings = ConnectSettings {
-        url: args.nats_url.clone(),
-        nkey_file: args.nkey_file.clone(),
+        url: resolved.nats_url,
+        nkey_file: resolved.nkey_file,
         name: format!("homelab-deploy {command}"),
         timeout: Duration::from_secs(5),
     };

@@ -1,0 +1,78 @@
+//! Where client commands find NATS: flags, then environment, then the user's config file
+//! (`$XDG_CONFIG_HOME/homelab-deploy/config.toml`, else `~/.config/…`), then the system's
+//! (`/etc/homelab-deploy/config.toml`, which the NixOS option `programs.homelab-deploy` writes),
+//! then the default `nats://127.0.0.1:4222`.
+//!
+//! ```toml
+//! nats_url = "nats://nats.example.org:4222"
+//! nkey_file = "/run/secrets/homelab-deploy-nkey"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::NatsArgs;
+
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const SYSTEM_CONFIG: &str = "/etc/homelab-deploy/config.toml";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientConfig {
+    nats_url: Option<String>,
+    nkey_file: Option<PathBuf>,
+}
+
+/// The NATS settings of a client command, after every source was consulted.
+pub struct Resolved {
+    pub nats_url: String,
+    pub nkey_file: Option<PathBuf>,
+}
+
+fn user_config() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")))?;
+    Some(base.join("homelab-deploy/config.toml"))
+}
+
+fn read(path: &Path) -> Result<ClientConfig, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text).map_err(|err| {
+            format!(
+                "config file {} is not valid: {}",
+                path.display(),
+                err.to_string().trim_end()
+            )
+        }),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(ClientConfig::default()),
+        Err(err) => Err(format!("cannot read config file {}: {err}", path.display())),
+    }
+}
+
+/// Resolves `args` against the config files; an unreadable or invalid file is an error.
+pub fn resolve(args: &NatsArgs) -> Result<Resolved, String> {
+    let system = std::env::var_os("HOMELAB_DEPLOY_SYSTEM_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(SYSTEM_CONFIG));
+    let files: Vec<ClientConfig> = user_config()
+        .into_iter()
+        .chain([system])
+        .map(|path| read(&path))
+        .collect::<Result<_, _>>()?;
+    let nats_url = args
+        .nats_url
+        .clone()
+        .or_else(|| files.iter().find_map(|f| f.nats_url.clone()))
+        .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
+    let nkey_file = args
+        .nkey_file
+        .clone()
+        .or_else(|| files.iter().find_map(|f| f.nkey_file.clone()));
+    Ok(Resolved {
+        nats_url,
+        nkey_file,
+    })
+}
