@@ -1,0 +1,212 @@
+//! The NixOS modules, evaluated with the real module system (nixpkgs' `lib`, from
+//! `../shared/nixpkgs-lib`) and the stubs in `tests/nixos/`; what they generate is read back by
+//! the real binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use test_support::{run_cli, NIX_CONFIG};
+
+use crate::{bin, text, Setup};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn nixpkgs_lib() -> PathBuf {
+    let lib = repo_root().join("../shared/nixpkgs-lib/lib");
+    assert!(
+        lib.join("default.nix").exists(),
+        "nixpkgs' lib not found at {}: the module tests need ../shared/nixpkgs-lib next to the repo",
+        lib.display()
+    );
+    lib
+}
+
+/// Evaluates the modules with `config` (Nix code of a module); Ok(summary) or Err(nix's error).
+fn evaluate(config: &str) -> Result<Value, String> {
+    let expr = format!(
+        "import {}/tests/nixos/eval.nix {{ libPath = {}; config = {config}; }}",
+        repo_root().display(),
+        nixpkgs_lib().display()
+    );
+    let output = Command::new("nix")
+        .args(["eval", "--impure", "--json", "--expr", &expr])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .output()
+        .expect("run nix eval");
+    if output.status.success() {
+        Ok(serde_json::from_slice(&output.stdout).expect("nix eval printed JSON"))
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// The builder's config renders to TOML that `homelab-deploy builder --check` accepts, with
+/// every setting; the service is hardened and drains on stop.
+#[test]
+fn builder_module_renders_a_config_the_binary_accepts() {
+    let summary = evaluate(
+        r#"{
+          services.homelab-deploy.builder = {
+            enable = true;
+            repos.nixos-servers = { url = "git+https://git.example.org/torjus/nixos-servers.git"; ref = "master"; };
+            natsUrl = "nats://nats1:4222,nats://nats2:4222";
+            nkeySeedFile = "/run/secrets/builder-nkey";
+            settings.builder.build_jobs = 2;
+            settings.streams.replicas = 3;
+            settings.repos.nixos-servers.push_to = "file:///var/cache/nix";
+          };
+        }"#,
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    let file = summary["builderConfigFile"].as_str().expect("config file");
+    let config = std::fs::read_to_string(file).expect("rendered config");
+    for expected in [
+        "nkey_seed_file = \"/run/secrets/builder-nkey\"",
+        "url = \"nats://nats1:4222,nats://nats2:4222\"",
+        "replicas = 3",
+        "build_jobs = 2",
+        "[repos.nixos-servers]",
+        "ref = \"master\"",
+        "push_to = \"file:///var/cache/nix\"",
+    ] {
+        assert!(
+            config.contains(expected),
+            "{expected} missing from:\n{config}"
+        );
+    }
+    let check = Command::new(bin())
+        .args(["builder", "--check", "--config", file])
+        .output()
+        .expect("check");
+    assert!(check.status.success(), "{}\n{config}", text(&check).1);
+
+    let service = &summary["services"]["homelab-deploy-builder"];
+    let unit = &service["serviceConfig"];
+    assert_eq!(
+        unit["ExecStart"]
+            .as_str()
+            .map(|s| s.ends_with(&format!("builder --config {file}"))),
+        Some(true)
+    );
+    assert_eq!(unit["User"], "homelab-deploy");
+    assert_eq!(unit["NoNewPrivileges"], true);
+    assert_eq!(unit["ProtectSystem"], "strict");
+    assert_eq!(unit["Restart"], "on-failure");
+    assert_eq!(unit["KillMode"], "mixed");
+    assert_eq!(unit["TimeoutStopSec"], 7200);
+    assert_eq!(unit["StateDirectory"], "homelab-deploy");
+    assert!(service["path"].as_array().is_some_and(|p| p
+        .iter()
+        .any(|p| p.as_str().is_some_and(|p| p.ends_with("-nix")))));
+    assert_eq!(summary["users"]["homelab-deploy"]["isSystemUser"], true);
+}
+
+/// A typo in an option name, a wrong type, and a repo name that breaks the subject rules are
+/// evaluation errors that name the option.
+#[test]
+fn typos_and_wrong_types_are_eval_errors() {
+    let base = r#"enable = true; repos.demo.url = "git+file:///srv/demo";"#;
+    let err = evaluate(&format!(
+        "{{ services.homelab-deploy.builder = {{ {base} settings.builder.nmae = \"x\"; }}; }}"
+    ))
+    .expect_err("typo accepted");
+    assert!(
+        err.contains("nmae") && err.contains("does not exist"),
+        "{err}"
+    );
+    let err = evaluate(&format!("{{ services.homelab-deploy.builder = {{ {base} settings.builder.build_jobs = \"two\"; }}; }}"))
+        .expect_err("wrong type accepted");
+    assert!(
+        err.contains("build_jobs") && err.contains("is not of type"),
+        "{err}"
+    );
+    let err = evaluate(r#"{ services.homelab-deploy.scheduledBuilds.x = { repo = "nixos.servers"; onCalendar = "daily"; }; }"#)
+        .expect_err("bad repo name accepted");
+    assert!(
+        err.contains("repo") && err.contains("is not of type"),
+        "{err}"
+    );
+    let summary = evaluate(r#"{ services.homelab-deploy.builder = { enable = true; repos."bad.name".url = "git+file:///srv/x"; }; }"#)
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        summary["failedAssertions"][0]
+            .as_str()
+            .is_some_and(|m| m.contains("repo names")),
+        "{summary:#}"
+    );
+}
+
+/// A scheduled build is a oneshot service plus a persistent timer; its command line, run for
+/// real, exits non-zero when the build fails (so `systemctl --failed` shows it).
+#[test]
+fn scheduled_builds_are_oneshots_with_persistent_timers() {
+    let summary = evaluate(
+        r#"{
+          services.homelab-deploy.scheduledBuilds.servers = {
+            repo = "demo"; target = "broken-build"; onCalendar = "*-*-* *:30:00";
+            randomizedDelaySec = 300; nkeySeedFile = "/run/secrets/deployer-nkey";
+          };
+        }"#,
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    let service = &summary["services"]["homelab-deploy-build-servers"];
+    assert_eq!(service["serviceConfig"]["Type"], "oneshot");
+    assert_eq!(
+        service["serviceConfig"]["LoadCredential"][0],
+        "nkey:/run/secrets/deployer-nkey"
+    );
+    assert_eq!(
+        service["environment"]["HOMELAB_DEPLOY_NKEY_FILE"],
+        "%d/nkey"
+    );
+    let timer = &summary["timers"]["homelab-deploy-build-servers"];
+    assert_eq!(timer["timerConfig"]["OnCalendar"], "*-*-* *:30:00");
+    assert_eq!(timer["timerConfig"]["Persistent"], true);
+    assert_eq!(timer["timerConfig"]["RandomizedDelaySec"], 300);
+    assert_eq!(timer["wantedBy"][0], "timers.target");
+
+    let exec = service["serviceConfig"]["ExecStart"]
+        .as_str()
+        .expect("ExecStart");
+    let args: Vec<&str> = exec.split_whitespace().skip(1).collect();
+    assert_eq!(
+        args[..5],
+        ["build", "demo", "broken-build", "--mode", "replace"],
+        "{exec}"
+    );
+    let setup = Setup::new("fleet");
+    let output = run_cli(bin(), &setup.nats.url, &args, Duration::from_secs(120));
+    assert_eq!(output.status.code(), Some(1), "{exec}: {}", text(&output).1);
+    let mut good = args.clone();
+    good[2] = "web";
+    let output = run_cli(bin(), &setup.nats.url, &good, Duration::from_secs(120));
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+}
+
+/// `programs.homelab-deploy` writes the system config file the CLI reads.
+#[test]
+fn cli_module_writes_the_config_the_cli_reads() {
+    let setup = Setup::new("fleet");
+    let summary = evaluate(&format!(
+        "{{ programs.homelab-deploy = {{ enable = true; natsUrl = \"{}\"; }}; }}",
+        setup.nats.url
+    ))
+    .unwrap_or_else(|err| panic!("{err}"));
+    let file = summary["etc"]["homelab-deploy/config.toml"]["source"]
+        .as_str()
+        .expect("etc file");
+    let output = Command::new(bin())
+        .args(["build", "demo", "web", "--quiet"])
+        .env_remove("HOMELAB_DEPLOY_NATS_URL")
+        .env("HOME", "/nonexistent")
+        .env_remove("XDG_CONFIG_HOME")
+        .env("HOMELAB_DEPLOY_SYSTEM_CONFIG", file)
+        .output()
+        .expect("run cli");
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+}

@@ -1,0 +1,54 @@
+# The few NixOS options and packages the homelab-deploy modules use, for evaluating them with the
+# real module system from nixpkgs' lib alone (no nixpkgs here). `pkgs.formats.toml` renders TOML
+# with a small Nix function and `builtins.toFile`, so tests can read the file back.
+{ lib, ... }:
+let
+  inherit (lib) mkOption types;
+  fakePackage = name: {
+    type = "derivation";
+    inherit name;
+    outPath = "/nix/store/00000000000000000000000000000000-${name}";
+  };
+  toTOML = value:
+    let
+      quoteKey = key: if builtins.match "[A-Za-z0-9_-]+" key != null then key else builtins.toJSON key;
+      scalar = v:
+        if builtins.isBool v then (if v then "true" else "false")
+        else if builtins.isInt v || builtins.isFloat v then toString v
+        else if builtins.isList v then "[ ${lib.concatMapStringsSep ", " scalar v} ]"
+        else builtins.toJSON (toString v);
+      render = path: attrs:
+        let
+          scalars = lib.filterAttrs (_: v: !builtins.isAttrs v) attrs;
+          tables = lib.filterAttrs (_: v: builtins.isAttrs v) attrs;
+          header = if path == [ ] || scalars == { } then "" else "\n[${lib.concatMapStringsSep "." quoteKey path}]\n";
+        in
+        header
+        + lib.concatStrings (lib.mapAttrsToList (k: v: "${quoteKey k} = ${scalar v}\n") scalars)
+        + lib.concatStrings (lib.mapAttrsToList (k: v: render (path ++ [ k ]) v) tables);
+    in
+    render [ ] value;
+  pkgs = {
+    homelab-deploy = fakePackage "homelab-deploy";
+    git = fakePackage "git";
+    formats.toml = { }: {
+      type = types.attrsOf types.anything;
+      generate = name: value: builtins.toFile name (toTOML value);
+    };
+  };
+in
+{
+  options = {
+    assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; };
+    systemd.services = mkOption { type = types.attrsOf types.anything; default = { }; };
+    systemd.timers = mkOption { type = types.attrsOf types.anything; default = { }; };
+    users.users = mkOption { type = types.attrsOf types.anything; default = { }; };
+    users.groups = mkOption { type = types.attrsOf types.anything; default = { }; };
+    environment.etc = mkOption { type = types.attrsOf types.anything; default = { }; };
+    environment.systemPackages = mkOption { type = types.listOf types.package; default = [ ]; };
+    networking.hostName = mkOption { type = types.str; default = "testhost"; };
+    networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
+    nix.package = mkOption { type = types.package; default = fakePackage "nix"; };
+  };
+  config._module.args.pkgs = pkgs;
+}
