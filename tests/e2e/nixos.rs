@@ -210,3 +210,44 @@ fn cli_module_writes_the_config_the_cli_reads() {
         .expect("run cli");
     assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
 }
+
+/// What of flake.nix can be checked without nixpkgs (not fetchable here): its outputs, the
+/// overlay, the NixOS module through the overlay, and what nix/package.nix hands to
+/// `buildRustPackage`. See docs/flake.md for what was not run.
+#[test]
+fn flake_outputs_evaluate_without_nixpkgs() {
+    let expr = format!(
+        "import {}/tests/nixos/flake-outputs.nix {{ libPath = {}; }}",
+        repo_root().display(),
+        nixpkgs_lib().display()
+    );
+    let output = Command::new("nix")
+        .args(["eval", "--impure", "--json", "--expr", &expr])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .output()
+        .expect("run nix eval");
+    assert!(output.status.success(), "{}", text(&output).1);
+    let outputs: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(
+        outputs["packages"],
+        serde_json::json!(["default", "homelab-deploy"])
+    );
+    assert_eq!(outputs["apps"], serde_json::json!(["default"]));
+    assert_eq!(outputs["devShells"], serde_json::json!(["default"]));
+    assert_eq!(
+        outputs["checks"],
+        serde_json::json!(["nixos-module", "package"])
+    );
+    assert_eq!(
+        outputs["nixosModules"],
+        serde_json::json!(["default", "homelab-deploy"])
+    );
+    assert_eq!(outputs["overlayIsFunction"], true);
+    assert_eq!(outputs["overlayCount"], 1);
+    assert_eq!(outputs["builderUnit"], true);
+    let package = &outputs["package"];
+    assert_eq!(package["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(package["lockFile"], true);
+    assert_eq!(package["srcHasLock"], true);
+    assert_eq!(package["srcHasCli"], true);
+}

@@ -49,6 +49,7 @@ in
     networking.hostName = mkOption { type = types.str; default = "testhost"; };
     networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
     nix.package = mkOption { type = types.package; default = fakePackage "nix"; };
+    nixpkgs.overlays = mkOption { type = types.listOf types.unspecified; default = [ ]; };
   };
   config._module.args.pkgs = pkgs;
 }
