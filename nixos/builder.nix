@@ -49,6 +49,12 @@ let
         request_ack_wait_secs = optional types.ints.positive "Redelivery delay of a dead builder's request.";
       };
       repos = mkOption { type = types.attrsOf repoSettings; default = { }; description = "Repos served, by name."; };
+      metrics = optional (types.submodule {
+        options = {
+          enable = mkOption { type = types.bool; default = true; description = "Serve /metrics."; };
+          listen = mkOption { type = types.str; default = "0.0.0.0:9973"; description = "Address of the /metrics endpoint."; };
+        };
+      }) "Prometheus metrics endpoint (absent: off).";
     };
   };
 
@@ -85,6 +91,12 @@ in
       default = null;
       example = "/run/secrets/builder-nkey";
       description = "File with the builder's NKey user seed (readable by the `homelab-deploy` user).";
+    };
+
+    metrics = {
+      enable = mkEnableOption "the Prometheus metrics endpoint (job `homelab-deploy-builder`)";
+      port = mkOption { type = types.port; default = 9973; description = "Port of /metrics."; };
+      openFirewall = mkOption { type = types.bool; default = false; description = "Open the metrics port in the firewall."; };
     };
 
     drainTimeoutSec = mkOption {
@@ -128,8 +140,11 @@ in
         nats.url = mkDefault cfg.natsUrl;
         nats.nkey_seed_file = mkDefault cfg.nkeySeedFile;
         repos = lib.mapAttrs (_: repo: { url = mkDefault repo.url; ref = mkDefault repo.ref; }) cfg.repos;
+        metrics = mkIf cfg.metrics.enable { listen = mkDefault "0.0.0.0:${toString cfg.metrics.port}"; };
       };
     };
+
+    networking.firewall.allowedTCPPorts = lib.optional (cfg.metrics.enable && cfg.metrics.openFirewall) cfg.metrics.port;
 
     # A fixed user rather than DynamicUser: nix-daemon registers the builder's GC roots under
     # state_dir by path, and `nix.settings.allowed-users` names it; both need a stable identity.

@@ -77,9 +77,15 @@ ensure_nats_server() {
     nats-server --version >/dev/null || die "nats-server was installed but does not run"
 }
 
+ensure_promtool() {
+    # Debian's prometheus package ships promtool, which checks metrics and alert rules.
+    command -v promtool >/dev/null || apt_install prometheus
+}
+
 ensure_deps() {
     ensure_rust
     ensure_build_deps
     ensure_nix
     ensure_nats_server
+    ensure_promtool
 }

@@ -8,6 +8,7 @@ mod config;
 mod eval;
 mod faults;
 mod logs;
+mod metrics;
 mod nixos;
 mod queue;
 mod refusals;

@@ -58,6 +58,7 @@ fn builder_module_renders_a_config_the_binary_accepts() {
             settings.builder.build_jobs = 2;
             settings.streams.replicas = 3;
             settings.repos.nixos-servers.push_to = "file:///var/cache/nix";
+            metrics = { enable = true; openFirewall = true; };
           };
         }"#,
     )
@@ -73,6 +74,8 @@ fn builder_module_renders_a_config_the_binary_accepts() {
         "[repos.nixos-servers]",
         "ref = \"master\"",
         "push_to = \"file:///var/cache/nix\"",
+        "[metrics]",
+        "listen = \"0.0.0.0:9973\"",
     ] {
         assert!(
             config.contains(expected),
@@ -104,6 +107,7 @@ fn builder_module_renders_a_config_the_binary_accepts() {
         .iter()
         .any(|p| p.as_str().is_some_and(|p| p.ends_with("-nix")))));
     assert_eq!(summary["users"]["homelab-deploy"]["isSystemUser"], true);
+    assert_eq!(summary["firewall"], serde_json::json!([9973]));
 }
 
 /// A typo in an option name, a wrong type, and a repo name that breaks the subject rules are

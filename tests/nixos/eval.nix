@@ -14,6 +14,7 @@ in
   timers = cfg.systemd.timers;
   users = cfg.users.users;
   etc = lib.mapAttrs (_: entry: { source = toString entry.source; }) cfg.environment.etc;
+  firewall = cfg.networking.firewall.allowedTCPPorts;
   failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) cfg.assertions);
   builderConfigFile = if builder.enable then toString builder.configFile else null;
 }

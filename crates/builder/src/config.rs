@@ -36,7 +36,21 @@ pub struct Config {
     pub builder: BuilderConfig,
     #[serde(default)]
     pub streams: StreamsConfig,
+    /// Prometheus metrics; off when the table is absent.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     pub repos: BTreeMap<String, RepoConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Off switch that keeps the rest of the table.
+    #[serde(default = "default_true")]
+    pub enable: bool,
+    /// Address of the `/metrics` endpoint (Prometheus job `homelab-deploy-builder`).
+    #[serde(default = "default_metrics_listen")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -171,6 +185,12 @@ fn default_request_timeout_secs() -> u64 {
 }
 fn default_max_timeout_secs() -> u64 {
     24 * 60 * 60
+}
+fn default_true() -> bool {
+    true
+}
+fn default_metrics_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 9973))
 }
 fn default_build_jobs() -> usize {
     1
@@ -381,6 +401,11 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// Where to serve metrics, when they are on.
+    pub fn metrics_listen(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().filter(|m| m.enable).map(|m| m.listen)
     }
 
     pub fn evaluation(&self) -> Evaluation {

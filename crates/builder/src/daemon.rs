@@ -53,6 +53,8 @@ pub enum DaemonError {
     Bus(#[from] crate::bus::BusError),
     #[error("stopped before NATS could be reached")]
     StoppedWhileConnecting,
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Runs the builder until `external_stop` (signals) or a drain request over NATS asks it to end;
@@ -75,6 +77,11 @@ pub async fn run(
             });
         }
     });
+    if let Some(listen) = config.metrics_listen() {
+        crate::metrics::install(listen)?;
+        info!(%listen, "serving metrics");
+    }
+    crate::metrics::builder_state("starting");
     let nix = Nix::detect(&config.builder.nix).await?;
     std::fs::create_dir_all(&config.builder.state_dir).map_err(|source| DaemonError::StateDir {
         path: config.builder.state_dir.display().to_string(),
@@ -142,6 +149,13 @@ pub async fn run(
     .await?;
     let (finished_tx, finished_rx) = watch::channel(false);
     let registry_task = tokio::spawn(registry.run(jobs.clone(), stop.clone(), finished_rx));
+    let sampler = tokio::spawn(sample_metrics(
+        client.clone(),
+        js.clone(),
+        repo_names.clone(),
+        jobs.clone(),
+        stop.clone(),
+    ));
     let api_task = tokio::spawn(crate::api::serve(
         client.clone(),
         jobs.clone(),
@@ -193,6 +207,7 @@ pub async fn run(
         }
     }
     api_task.abort();
+    sampler.abort();
     let _ = finished_tx.send(true);
     let _ = registry_task.await;
     info!("builder stopped");
@@ -223,6 +238,66 @@ async fn connect_with_retry(
         }
         delay = (delay * 2).min(Duration::from_secs(30));
     }
+}
+
+/// Every few seconds: the builder's state, the NATS connection, and each repo's queue.
+async fn sample_metrics(
+    client: async_nats::Client,
+    js: jetstream::Context,
+    repos: Vec<RepoName>,
+    jobs: Arc<Jobs>,
+    stop: watch::Receiver<Stop>,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    let mut was_connected = true;
+    loop {
+        ticker.tick().await;
+        let state = if *stop.borrow() != Stop::Running {
+            "draining"
+        } else if jobs.running_states().is_empty() {
+            "idle"
+        } else {
+            "building"
+        };
+        crate::metrics::builder_state(state);
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        crate::metrics::nats_connected(connected);
+        if connected && !was_connected {
+            crate::metrics::nats_reconnected();
+        }
+        was_connected = connected;
+        if let Ok(stream) = js.get_stream(REQUESTS_STREAM).await {
+            for repo in &repos {
+                if let Some((depth, age)) = queue_of(&stream, repo).await {
+                    crate::metrics::queue(repo.as_str(), depth, age);
+                }
+            }
+        }
+    }
+}
+
+/// Requests of `repo` waiting for a builder, and the age of the oldest of them in seconds.
+async fn queue_of(stream: &jetstream::stream::Stream, repo: &RepoName) -> Option<(u64, f64)> {
+    let consumer = stream
+        .consumer_info(homelab_deploy_protocol::subject::consumer_name(repo))
+        .await
+        .ok()?;
+    let depth = consumer.num_pending;
+    if depth == 0 {
+        return Some((0, 0.0));
+    }
+    let prefix = format!("build.{repo}.");
+    let first = consumer.delivered.stream_sequence + 1;
+    // Requests of other repos may sit in between; a few probes find the oldest of this one.
+    for seq in first..first + 64 {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            if message.subject.starts_with(&prefix) {
+                let age = (time::OffsetDateTime::now_utc() - message.time).as_seconds_f64();
+                return Some((depth, age.max(0.0)));
+            }
+        }
+    }
+    Some((depth, 0.0))
 }
 
 /// Resolves once the daemon is asked to stop at `level` or harder.

@@ -235,6 +235,7 @@ impl Jobs {
             return Ok(());
         }
         info!(request_id = %id, repo = %repo, target = %target, attempt, mode = request.mode.as_str(), requested_by = ?request.requested_by, "request received");
+        crate::metrics::request_received(repo.as_str());
         self.lock_running().insert(
             id.to_string(),
             RunningJob {
@@ -417,6 +418,7 @@ impl Jobs {
                     }
                 };
                 info!(request_id = %id, host, status = result.status.as_str(), duration_ms = result.duration_ms, "host finished");
+                crate::metrics::host_finished(repo.as_str(), host, result.status.as_str(), result.duration_ms as f64 / 1000.0);
                 let finished = EventBody::HostFinished {
                     host: host.clone(),
                     index,
@@ -588,6 +590,7 @@ impl Jobs {
         }
         let mut batcher = LogBatcher::new(
             self.publisher.clone(),
+            repo.to_string(),
             logs.to_owned(),
             request_id.to_owned(),
             host.to_owned(),
@@ -969,6 +972,7 @@ impl<'a> Events<'a> {
         if let Some(error) = &finish.error {
             warn!(request_id = %self.id, error = %error, "request failed");
         }
+        crate::metrics::request_finished(&finish.repo, finish.status.as_str());
         self.emit(EventBody::Finished {
             status: finish.status,
             repo: finish.repo,

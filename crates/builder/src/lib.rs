@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod git;
 pub mod job;
 pub mod logs;
+pub mod metrics;
 pub mod nix;
 pub mod registry;
 

@@ -19,6 +19,7 @@ pub const MAX_BATCH_AGE: Duration = Duration::from_millis(250);
 /// Collects one host's log lines and publishes them in numbered batches.
 pub struct LogBatcher {
     publisher: Publisher,
+    repo: String,
     subject: String,
     request_id: String,
     host: String,
@@ -31,9 +32,16 @@ pub struct LogBatcher {
 }
 
 impl LogBatcher {
-    pub fn new(publisher: Publisher, subject: String, request_id: String, host: String) -> Self {
+    pub fn new(
+        publisher: Publisher,
+        repo: String,
+        subject: String,
+        request_id: String,
+        host: String,
+    ) -> Self {
         Self {
             publisher,
+            repo,
             subject,
             request_id,
             host,
@@ -80,6 +88,7 @@ impl LogBatcher {
             .await?;
         self.next_line += count;
         self.published_bytes += self.bytes as u64;
+        crate::metrics::log_bytes(&self.repo, self.bytes as u64);
         self.bytes = 0;
         self.first_at = None;
         Ok(())
