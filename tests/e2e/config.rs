@@ -198,3 +198,43 @@ fn client_config_files_are_read_in_order() {
         text(&output).1
     );
 }
+
+/// `--log-format json`: every log line is one JSON object, and every line about a request
+/// carries its id, so `journalctl -u homelab-deploy-builder | grep ID` finds its story.
+#[test]
+fn json_logs_carry_the_request_id() {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("fleet");
+    let builder = Builder::start_with_args(
+        bin(),
+        &nats.url,
+        &[("demo", repo.url())],
+        &["--log-format", "json"],
+    );
+    let output = test_support::run_cli(
+        bin(),
+        &nats.url,
+        &["build", "demo", "web", "--json"],
+        Duration::from_secs(60),
+    );
+    let finished: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    let id = finished["id"].as_str().expect("id").to_owned();
+    let log = builder.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"))
+        })
+        .collect();
+    let about_request: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| {
+            ["request received", "host finished", "request finished"]
+                .contains(&l["fields"]["message"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(about_request.len(), 3, "{log}");
+    for line in about_request {
+        assert!(line.to_string().contains(&id), "no request id in {line}");
+    }
+}

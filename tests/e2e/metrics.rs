@@ -11,10 +11,17 @@ use crate::bin;
 
 fn scrape(port: u16) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("request");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read response");
-    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
 }
 
 /// The value of the sample line that starts with `prefix` (name and labels).
@@ -38,7 +45,11 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
     }
     drop(child.stdin.take());
     let output = child.wait_with_output().expect("promtool finishes");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     (output.status.success(), text)
 }
 
@@ -55,24 +66,89 @@ fn metrics_count_builds_and_pass_promtool() {
         &[("demo", repo.url())],
         &format!("\n\n[metrics]\nlisten = \"127.0.0.1:{port}\""),
     );
-    let build = |target: &str| run_cli(bin(), &nats.url, &["build", "demo", target], Duration::from_secs(120));
+    let build = |target: &str| {
+        run_cli(
+            bin(),
+            &nats.url,
+            &["build", "demo", target],
+            Duration::from_secs(120),
+        )
+    };
     assert_eq!(build("web").status.code(), Some(0));
     assert_eq!(build("web").status.code(), Some(0));
     assert_eq!(build("broken-build").status.code(), Some(1));
     assert_eq!(build("evil-host-not-in-flake").status.code(), Some(1));
 
     let body = scrape(port);
-    assert_eq!(sample(&body, "homelab_deploy_requests_received_total{repo=\"demo\"}"), Some(4.0), "{body}");
-    assert_eq!(sample(&body, "homelab_deploy_requests_finished_total{repo=\"demo\",status=\"succeeded\"}"), Some(2.0), "{body}");
-    assert_eq!(sample(&body, "homelab_deploy_requests_finished_total{repo=\"demo\",status=\"failed\"}"), Some(2.0), "{body}");
-    assert_eq!(sample(&body, "homelab_deploy_host_builds_total{repo=\"demo\",host=\"web\",status=\"built\"}"), Some(1.0), "{body}");
-    assert_eq!(sample(&body, "homelab_deploy_host_builds_total{repo=\"demo\",host=\"web\",status=\"cached\"}"), Some(1.0), "{body}");
+    assert_eq!(
+        sample(
+            &body,
+            "homelab_deploy_requests_received_total{repo=\"demo\"}"
+        ),
+        Some(4.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "homelab_deploy_requests_finished_total{repo=\"demo\",status=\"succeeded\"}"
+        ),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "homelab_deploy_requests_finished_total{repo=\"demo\",status=\"failed\"}"
+        ),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "homelab_deploy_host_builds_total{repo=\"demo\",host=\"web\",status=\"built\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "homelab_deploy_host_builds_total{repo=\"demo\",host=\"web\",status=\"cached\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
     assert_eq!(sample(&body, "homelab_deploy_host_builds_total{repo=\"demo\",host=\"broken-build\",status=\"build_failed\"}"), Some(1.0), "{body}");
-    assert_eq!(sample(&body, "homelab_deploy_host_build_duration_seconds_count{repo=\"demo\",host=\"web\"}"), Some(2.0), "{body}");
+    assert_eq!(
+        sample(
+            &body,
+            "homelab_deploy_host_build_duration_seconds_count{repo=\"demo\",host=\"web\"}"
+        ),
+        Some(2.0),
+        "{body}"
+    );
     assert!(body.contains("homelab_deploy_host_build_duration_seconds_bucket{repo=\"demo\",host=\"web\",le=\"7200\"}"), "{body}");
-    assert!(sample(&body, "homelab_deploy_log_bytes_published_total{repo=\"demo\"}").is_some_and(|b| b > 0.0), "{body}");
-    assert!(body.contains(&format!("homelab_deploy_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{body}");
-    assert!(!body.contains("evil-host"), "a request's target became a label value:\n{body}");
+    assert!(
+        sample(
+            &body,
+            "homelab_deploy_log_bytes_published_total{repo=\"demo\"}"
+        )
+        .is_some_and(|b| b > 0.0),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "homelab_deploy_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{body}"
+    );
+    assert!(
+        !body.contains("evil-host"),
+        "a request's target became a label value:\n{body}"
+    );
     let sampled = wait_until(Duration::from_secs(15), || {
         let body = scrape(port);
         sample(&body, "homelab_deploy_builder_state{state=\"idle\"}") == Some(1.0)
@@ -100,8 +176,19 @@ fn metrics_port_in_use_is_a_clear_error() {
     let port = taken.local_addr().expect("addr").port();
     let nats = NatsServer::start();
     let repo = FixtureRepo::new("fleet");
-    let mut builder = Builder::spawn(bin(), &nats.url, &[("demo", repo.url())], &format!("\n\n[metrics]\nlisten = \"127.0.0.1:{port}\""));
-    assert!(wait_until(Duration::from_secs(20), || !builder.is_running()), "builder kept running");
+    let mut builder = Builder::spawn(
+        bin(),
+        &nats.url,
+        &[("demo", repo.url())],
+        &format!("\n\n[metrics]\nlisten = \"127.0.0.1:{port}\""),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || !builder.is_running()),
+        "builder kept running"
+    );
     let log = builder.log();
-    assert!(log.contains(&format!("cannot serve metrics on 127.0.0.1:{port}")), "{log}");
+    assert!(
+        log.contains(&format!("cannot serve metrics on 127.0.0.1:{port}")),
+        "{log}"
+    );
 }

@@ -29,7 +29,7 @@ use homelab_deploy_protocol::{
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use crate::bus::{last_event, BusError, Publisher, RequestMessage};
 use crate::cache::EvalCache;
@@ -244,6 +244,7 @@ impl Jobs {
                 interrupt: interrupt_tx,
             },
         );
+        let span = tracing::info_span!("request", request_id = %id, repo = %repo, target = %target);
         let result = self
             .build_request(
                 &request,
@@ -253,6 +254,7 @@ impl Jobs {
                 stream_seq,
                 started,
             )
+            .instrument(span)
             .await;
         self.lock_running().remove(id.as_str());
         result
@@ -418,7 +420,12 @@ impl Jobs {
                     }
                 };
                 info!(request_id = %id, host, status = result.status.as_str(), duration_ms = result.duration_ms, "host finished");
-                crate::metrics::host_finished(repo.as_str(), host, result.status.as_str(), result.duration_ms as f64 / 1000.0);
+                crate::metrics::host_finished(
+                    repo.as_str(),
+                    host,
+                    result.status.as_str(),
+                    result.duration_ms as f64 / 1000.0,
+                );
                 let finished = EventBody::HostFinished {
                     host: host.clone(),
                     index,

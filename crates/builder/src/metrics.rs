@@ -6,16 +6,28 @@
 
 use std::net::SocketAddr;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 const HOST_BUILD_DURATION: &str = "homelab_deploy_host_build_duration_seconds";
 /// From one second to two hours: what a NixOS host's evaluation and build take.
-const DURATION_BUCKETS: [f64; 12] = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0];
-const STATES: [&str; 5] = ["starting", "idle", "building", "draining", "waiting_for_vault"];
+const DURATION_BUCKETS: [f64; 12] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+];
+const STATES: [&str; 5] = [
+    "starting",
+    "idle",
+    "building",
+    "draining",
+    "waiting_for_vault",
+];
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot serve metrics on {listen}: {message}; change [metrics] listen or set enable = false")]
+#[error(
+    "cannot serve metrics on {listen}: {message}; change [metrics] listen or set enable = false"
+)]
 pub struct MetricsError {
     listen: SocketAddr,
     message: String,
@@ -28,7 +40,10 @@ pub fn install(listen: SocketAddr) -> Result<(), MetricsError> {
     std::net::TcpListener::bind(listen).map_err(|err| error(err.to_string()))?;
     PrometheusBuilder::new()
         .with_http_listener(listen)
-        .set_buckets_for_metric(Matcher::Full(HOST_BUILD_DURATION.to_owned()), &DURATION_BUCKETS)
+        .set_buckets_for_metric(
+            Matcher::Full(HOST_BUILD_DURATION.to_owned()),
+            &DURATION_BUCKETS,
+        )
         .map_err(|err| error(err.to_string()))?
         .install()
         .map_err(|err| error(err.to_string()))?;
@@ -38,17 +53,47 @@ pub fn install(listen: SocketAddr) -> Result<(), MetricsError> {
 }
 
 fn describe() {
-    describe_gauge!("homelab_deploy_build_info", "Version of the running homelab-deploy builder (always 1).");
-    describe_counter!("homelab_deploy_requests_received_total", "Build requests taken from the queue, by repo.");
-    describe_counter!("homelab_deploy_requests_finished_total", "Build requests finished, by repo and status (succeeded, failed, cancelled).");
+    describe_gauge!(
+        "homelab_deploy_build_info",
+        "Version of the running homelab-deploy builder (always 1)."
+    );
+    describe_counter!(
+        "homelab_deploy_requests_received_total",
+        "Build requests taken from the queue, by repo."
+    );
+    describe_counter!(
+        "homelab_deploy_requests_finished_total",
+        "Build requests finished, by repo and status (succeeded, failed, cancelled)."
+    );
     describe_counter!("homelab_deploy_host_builds_total", "Hosts finished, by repo, host and status (built, cached, build_failed, eval_failed, cancelled, timed_out).");
-    describe_histogram!(HOST_BUILD_DURATION, Unit::Seconds, "Time to evaluate and build one host, by repo and host.");
-    describe_counter!("homelab_deploy_log_bytes_published_total", Unit::Bytes, "Build log bytes published to NATS, by repo.");
-    describe_gauge!("homelab_deploy_queue_depth", "Requests waiting in the queue, by repo.");
-    describe_gauge!("homelab_deploy_queue_oldest_age_seconds", Unit::Seconds, "Age of the oldest request waiting in the queue, by repo (0 when none waits).");
+    describe_histogram!(
+        HOST_BUILD_DURATION,
+        Unit::Seconds,
+        "Time to evaluate and build one host, by repo and host."
+    );
+    describe_counter!(
+        "homelab_deploy_log_bytes_published_total",
+        Unit::Bytes,
+        "Build log bytes published to NATS, by repo."
+    );
+    describe_gauge!(
+        "homelab_deploy_queue_depth",
+        "Requests waiting in the queue, by repo."
+    );
+    describe_gauge!(
+        "homelab_deploy_queue_oldest_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest request waiting in the queue, by repo (0 when none waits)."
+    );
     describe_gauge!("homelab_deploy_builder_state", "1 for the builder's current state (starting, idle, building, draining, waiting_for_vault), 0 for the others.");
-    describe_gauge!("homelab_deploy_nats_connected", "1 while the builder is connected to NATS.");
-    describe_counter!("homelab_deploy_nats_reconnects_total", "Times the builder's NATS connection was re-established.");
+    describe_gauge!(
+        "homelab_deploy_nats_connected",
+        "1 while the builder is connected to NATS."
+    );
+    describe_counter!(
+        "homelab_deploy_nats_reconnects_total",
+        "Times the builder's NATS connection was re-established."
+    );
 }
 
 pub fn request_received(repo: &str) {
@@ -62,21 +107,28 @@ pub fn request_finished(repo: &str, status: &str) {
 /// `host` must be a name the flake itself lists.
 pub fn host_finished(repo: &str, host: &str, status: &str, seconds: f64) {
     counter!("homelab_deploy_host_builds_total", "repo" => repo.to_owned(), "host" => host.to_owned(), "status" => status.to_owned()).increment(1);
-    histogram!(HOST_BUILD_DURATION, "repo" => repo.to_owned(), "host" => host.to_owned()).record(seconds);
+    histogram!(HOST_BUILD_DURATION, "repo" => repo.to_owned(), "host" => host.to_owned())
+        .record(seconds);
 }
 
 pub fn log_bytes(repo: &str, bytes: u64) {
-    counter!("homelab_deploy_log_bytes_published_total", "repo" => repo.to_owned()).increment(bytes);
+    counter!("homelab_deploy_log_bytes_published_total", "repo" => repo.to_owned())
+        .increment(bytes);
 }
 
 pub fn queue(repo: &str, depth: u64, oldest_age_seconds: f64) {
     gauge!("homelab_deploy_queue_depth", "repo" => repo.to_owned()).set(depth as f64);
-    gauge!("homelab_deploy_queue_oldest_age_seconds", "repo" => repo.to_owned()).set(oldest_age_seconds);
+    gauge!("homelab_deploy_queue_oldest_age_seconds", "repo" => repo.to_owned())
+        .set(oldest_age_seconds);
 }
 
 pub fn builder_state(current: &str) {
     for state in STATES {
-        gauge!("homelab_deploy_builder_state", "state" => state).set(if state == current { 1.0 } else { 0.0 });
+        gauge!("homelab_deploy_builder_state", "state" => state).set(if state == current {
+            1.0
+        } else {
+            0.0
+        });
     }
 }
 

@@ -38,6 +38,16 @@ pub struct BuilderArgs {
     /// Validate the config and exit, without connecting to anything.
     #[arg(long)]
     check: bool,
+    /// `text` (default), or `json`: one JSON object per line, for journald and log shippers.
+    /// Every line about a request carries its `request_id`.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -50,6 +60,10 @@ impl BuilderArgs {
     /// Whether this runs the daemon itself (rather than talking to one).
     pub fn runs_daemon(&self) -> bool {
         self.action.is_none() && !self.check
+    }
+
+    pub fn json_logs(&self) -> bool {
+        self.log_format == LogFormat::Json
     }
 }
 

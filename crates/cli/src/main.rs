@@ -80,11 +80,11 @@ pub struct NatsArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = match &cli.command {
-        Command::Builder(args) if args.runs_daemon() => "info",
-        _ => "warn",
+    let (default_level, json) = match &cli.command {
+        Command::Builder(args) if args.runs_daemon() => ("info", args.json_logs()),
+        _ => ("warn", false),
     };
-    init_logging(default_level);
+    init_logging(default_level, json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -110,13 +110,21 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the level (e.g. `RUST_LOG=homelab_deploy_builder=debug`).
-fn init_logging(default_level: &str) {
+/// Logs go to stderr, as text or one JSON object per line; `RUST_LOG` overrides the level
+/// (e.g. `RUST_LOG=homelab_deploy_builder=debug`).
+fn init_logging(default_level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }

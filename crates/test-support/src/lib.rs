@@ -358,7 +358,23 @@ impl Builder {
             "{state_dir}",
             &dir.path().join("state").display().to_string(),
         );
-        let builder = Self::launch(bin, dir, name.to_owned(), &config);
+        let builder = Self::launch(bin, dir, name.to_owned(), &config, &[]);
+        builder.wait_ready();
+        builder
+    }
+
+    /// Starts a builder serving `repos` with extra command-line arguments, and waits until it
+    /// is ready.
+    pub fn start_with_args(
+        bin: &Path,
+        nats_url: &str,
+        repos: &[(&str, String)],
+        args: &[&str],
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for builder");
+        let name = unique("builder");
+        let config = Self::config(&name, nats_url, &dir.path().join("state"), repos);
+        let builder = Self::launch(bin, dir, name, &config, args);
         builder.wait_ready();
         builder
     }
@@ -377,16 +393,17 @@ impl Builder {
             &format!("{builder_extra}\n\n[repos"),
             1,
         );
-        Self::launch(bin, dir, name, &config)
+        Self::launch(bin, dir, name, &config, &[])
     }
 
-    fn launch(bin: &Path, dir: TempDir, name: String, config: &str) -> Self {
+    fn launch(bin: &Path, dir: TempDir, name: String, config: &str, args: &[&str]) -> Self {
         let config_path = dir.path().join("builder.toml");
         std::fs::write(&config_path, config).expect("write builder config");
         let log = std::fs::File::create(dir.path().join("builder.log")).expect("builder log");
         let child = Command::new(bin)
             .args(["builder", "--config"])
             .arg(&config_path)
+            .args(args)
             .env("NIX_CONFIG", NIX_CONFIG)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
