@@ -10,6 +10,7 @@ mod faults;
 mod logs;
 mod metrics;
 mod nixos;
+mod permissions;
 mod queue;
 mod refusals;
 mod soak;

@@ -54,6 +54,8 @@ pub enum DaemonError {
     #[error("stopped before NATS could be reached")]
     StoppedWhileConnecting,
     #[error(transparent)]
+    Credentials(#[from] homelab_deploy_credentials::CredentialError),
+    #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
 }
 
@@ -228,6 +230,10 @@ async fn connect_with_retry(
     loop {
         match connect(&settings).await {
             Ok(client) => return Ok(client),
+            // A bad seed does not get better by waiting.
+            Err(homelab_deploy_client::ClientError::Credentials(err)) => {
+                return Err(DaemonError::Credentials(err))
+            }
             Err(err) => {
                 warn!(error = %err, retry_in_secs = delay.as_secs(), "NATS unreachable; retrying");
             }

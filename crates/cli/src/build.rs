@@ -205,7 +205,7 @@ pub async fn run(args: BuildArgs) -> u8 {
 pub fn client_error(err: ClientError) -> u8 {
     eprintln!("error: {err}");
     match err {
-        ClientError::Nkey { .. } => exit::USAGE,
+        ClientError::Credentials(_) => exit::USAGE,
         ClientError::Refused { .. } => exit::BUILD_FAILED,
         _ => exit::UNAVAILABLE,
     }

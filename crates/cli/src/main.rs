@@ -7,6 +7,7 @@ mod follow;
 mod inspect;
 mod junit;
 mod nats;
+mod nkey;
 mod progress;
 mod settings;
 
@@ -62,6 +63,8 @@ enum Command {
     Builds(inspect::BuildsArgs),
     /// List the builders of the fleet, with their state and last heartbeat.
     Builders(inspect::BuildersArgs),
+    /// Make NKey user seeds and show their public keys.
+    Nkey(nkey::NkeyArgs),
 }
 
 /// How to reach NATS; shared by every client command. Unset values come from the user's, then
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
             Command::Logs(args) => follow::logs(args).await,
             Command::Builds(args) => inspect::builds(args).await,
             Command::Builders(args) => inspect::builders(args).await,
+            Command::Nkey(args) => nkey::run(args),
         }
     });
     ExitCode::from(code)

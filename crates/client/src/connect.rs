@@ -1,9 +1,11 @@
-//! Connecting to NATS, optionally with an NKey user seed.
+//! Connecting to NATS, with an NKey user seed when one is configured (see
+//! `homelab_deploy_credentials` for where it comes from).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions, Event, ServerAddr};
+use async_nats::{Auth, AuthError, Client, ConnectOptions, Event, ServerAddr};
+use homelab_deploy_credentials::SeedSource;
 use tracing::{info, warn};
 
 use crate::ClientError;
@@ -20,35 +22,36 @@ pub struct ConnectSettings {
     pub timeout: Duration,
 }
 
-/// Reads an NKey user seed from `path`. The seed itself never appears in an error.
-pub fn read_nkey_seed(path: &Path) -> Result<String, ClientError> {
-    let error = |message: String| ClientError::Nkey {
-        path: path.display().to_string(),
-        message,
-    };
-    let text = std::fs::read_to_string(path).map_err(|err| error(err.to_string()))?;
-    let seed = text.trim();
-    let holds = match seed.get(..2) {
-        Some("SU") => return Ok(seed.to_owned()),
-        Some("SA") => "an account seed",
-        Some("SO") => "an operator seed",
-        Some(prefix)
-            if prefix.starts_with('U') || prefix.starts_with('A') || prefix.starts_with('N') =>
-        {
-            "a public key"
-        }
-        _ => "something that is not an NKey",
-    };
-    Err(error(format!(
-        "it holds {holds}, not a user seed (a user seed starts with \"SU\"; make one with `nk -gen user`)"
-    )))
-}
-
 /// Connects once; fails within `settings.timeout` when the server cannot be reached.
 /// Later disconnects are retried by the client in the background and logged.
 pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> {
     let url = settings.url.clone();
-    let mut options = ConnectOptions::new()
+    let options = match SeedSource::find(settings.nkey_file.as_deref())? {
+        Some(source) => {
+            // Checked now for a clear error; read again at every (re)connect for rotation.
+            source.load()?;
+            ConnectOptions::with_auth_callback(move |nonce| {
+                let source = source.clone();
+                async move {
+                    let seed = source
+                        .load()
+                        .map_err(|err| AuthError::new(err.to_string()))?;
+                    let signature = seed
+                        .sign(&nonce)
+                        .map_err(|err| AuthError::new(err.to_string()))?;
+                    let mut auth = Auth::new();
+                    auth.nkey = Some(
+                        seed.public_key()
+                            .map_err(|err| AuthError::new(err.to_string()))?,
+                    );
+                    auth.signature = Some(signature);
+                    Ok(auth)
+                }
+            })
+        }
+        None => ConnectOptions::new(),
+    };
+    let options = options
         .name(&settings.name)
         .connection_timeout(settings.timeout)
         .event_callback(move |event| {
@@ -61,9 +64,6 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
                 }
             }
         });
-    if let Some(path) = &settings.nkey_file {
-        options = options.nkey(read_nkey_seed(path)?);
-    }
     let servers = server_addrs(&settings.url)?;
     options
         .connect(servers)

@@ -7,7 +7,7 @@ mod connect;
 pub mod inspect;
 mod request;
 
-pub use connect::{connect, read_nkey_seed, ConnectSettings};
+pub use connect::{connect, ConnectSettings};
 pub use request::{submit, EventStream, LogStream, Submission, SubmitOptions};
 
 use homelab_deploy_protocol::RepoName;
@@ -16,8 +16,8 @@ use homelab_deploy_protocol::RepoName;
 pub enum ClientError {
     #[error("cannot reach NATS at {url}: {message}")]
     Connect { url: String, message: String },
-    #[error("cannot use NKey seed file {path}: {message}")]
-    Nkey { path: String, message: String },
+    #[error(transparent)]
+    Credentials(#[from] homelab_deploy_credentials::CredentialError),
     #[error("no builder serves repo {repo}: no JetStream stream takes build.{repo}.* (is a builder configured with [repos.{repo}] and has it started?)")]
     NoBuilder { repo: RepoName },
     #[error("stream BUILD_EVENTS is missing: no builder has started on this NATS server yet")]

@@ -1,0 +1,304 @@
+//! NKey authentication and least-privilege permissions, enforced by a real nats-server running
+//! the shipped `nats/prod.example.conf` with freshly generated keys.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use test_support::{run_cli, unique, Builder, FixtureRepo, NatsServer};
+
+use crate::{bin, text};
+
+struct SecuredFleet {
+    nats: NatsServer,
+    dir: PathBuf,
+    builder_seed: PathBuf,
+    deployer_seed: PathBuf,
+    _repo: FixtureRepo,
+    builder: Option<Builder>,
+}
+
+/// `homelab-deploy nkey generate --out FILE`: the public key it prints.
+fn generate(path: &Path) -> String {
+    let output = Command::new(bin())
+        .args(["nkey", "generate", "--out"])
+        .arg(path)
+        .output()
+        .expect("nkey generate");
+    assert!(output.status.success(), "{}", text(&output).1);
+    text(&output).0.trim().to_owned()
+}
+
+impl SecuredFleet {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(unique("secured"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let builder_seed = dir.join("builder.nk");
+        let deployer_seed = dir.join("deployer.nk");
+        let admin_seed = dir.join("admin.nk");
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/prod.example.conf"),
+        )
+        .expect("nats/prod.example.conf");
+        // The harness gives the store dir and port on the command line.
+        let config = template
+            .replace("store_dir: \"/var/lib/nats/jetstream\"", "")
+            .replace("BUILDER_PUBLIC_KEY", &generate(&builder_seed))
+            .replace("TEST_DEPLOYER_PUBLIC_KEY", &generate(&deployer_seed))
+            .replace("ADMIN_DEPLOYER_PUBLIC_KEY", &generate(&admin_seed));
+        let config_path = dir.join("nats.conf");
+        std::fs::write(&config_path, config).expect("write nats config");
+        let nats = NatsServer::start_with(&["-c", &config_path.display().to_string()]);
+        let repo = FixtureRepo::new("fleet");
+        let name = unique("builder");
+        let mut builder_config = Builder::config(
+            &name,
+            &nats.url,
+            Path::new("{state_dir}"),
+            &[("demo", repo.url())],
+        );
+        builder_config = builder_config.replacen(
+            "[builder]",
+            &format!(
+                "nkey_seed_file = \"{}\"\n\n[builder]",
+                builder_seed.display()
+            ),
+            1,
+        );
+        let builder = Builder::start_config(bin(), &name, &builder_config);
+        Self {
+            nats,
+            dir,
+            builder_seed,
+            deployer_seed,
+            _repo: repo,
+            builder: Some(builder),
+        }
+    }
+
+    /// A connection as the user of `seed`, recording the server's errors (permission violations).
+    async fn connect(&self, seed: &Path) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
+        let seed = homelab_deploy_credentials::read_seed_file(seed).expect("seed");
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let recorded = errors.clone();
+        let client = async_nats::ConnectOptions::with_nkey_seed_for_tests(seed)
+            .event_callback(move |event| {
+                let recorded = recorded.clone();
+                async move {
+                    recorded
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(event.to_string());
+                }
+            })
+            .connect(&self.nats.url)
+            .await
+            .expect("connect with nkey");
+        (client, errors)
+    }
+
+    fn cli(&self, seed: &Path, args: &[&str]) -> std::process::Output {
+        let mut all = args.to_vec();
+        let seed = seed.display().to_string();
+        all.extend_from_slice(&["--nkey-file", &seed]);
+        run_cli(bin(), &self.nats.url, &all, Duration::from_secs(60))
+    }
+}
+
+/// Helper so tests authenticate the way the product does (sign the nonce with the seed).
+trait NkeyOptions {
+    fn with_nkey_seed_for_tests(
+        seed: homelab_deploy_credentials::Seed,
+    ) -> async_nats::ConnectOptions;
+}
+
+impl NkeyOptions for async_nats::ConnectOptions {
+    fn with_nkey_seed_for_tests(
+        seed: homelab_deploy_credentials::Seed,
+    ) -> async_nats::ConnectOptions {
+        async_nats::ConnectOptions::with_auth_callback(move |nonce| {
+            let seed = seed.clone();
+            async move {
+                let mut auth = async_nats::Auth::new();
+                auth.nkey = Some(
+                    seed.public_key()
+                        .map_err(|e| async_nats::AuthError::new(e.to_string()))?,
+                );
+                auth.signature = Some(
+                    seed.sign(&nonce)
+                        .map_err(|e| async_nats::AuthError::new(e.to_string()))?,
+                );
+                Ok(auth)
+            }
+        })
+    }
+}
+
+fn violations(errors: &Arc<Mutex<Vec<String>>>) -> String {
+    errors.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+}
+
+async fn pending(client: &async_nats::Client) -> u64 {
+    let js = jetstream::new(client.clone());
+    let mut stream = js
+        .get_stream("BUILD_REQUESTS")
+        .await
+        .expect("stream info is allowed");
+    stream.info().await.expect("info").state.messages
+}
+
+/// The builder authenticates with its NKey and builds; a deployer requests a build and reads
+/// its events; an unauthenticated connection is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn nkey_users_build_end_to_end() {
+    let fleet = SecuredFleet::start();
+    let output = fleet.cli(&fleet.deployer_seed, &["build", "demo", "web", "--json"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}\nbuilder:\n{}",
+        text(&output).1,
+        fleet.builder.as_ref().map(|b| b.log()).unwrap_or_default()
+    );
+    let output = fleet.cli(&fleet.deployer_seed, &["builders", "--json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    assert!(text(&output).0.contains("demo"), "{}", text(&output).0);
+
+    let refused = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(3))
+        .connect(&fleet.nats.url)
+        .await;
+    assert!(refused.is_err(), "an unauthenticated client was let in");
+    let output = run_cli(
+        bin(),
+        &fleet.nats.url,
+        &["build", "demo", "web"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output).1);
+    let log = fleet.builder.as_ref().map(|b| b.log()).unwrap_or_default();
+    let seed = std::fs::read_to_string(&fleet.builder_seed).expect("seed");
+    assert!(!log.contains(seed.trim()), "the builder logged its seed");
+}
+
+/// What the server refuses: a deployer forging builder events, pulling from the request queue,
+/// purging or deleting streams; the builder publishing a build request.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_refuses_what_each_role_must_not_do() {
+    let mut fleet = SecuredFleet::start();
+    // Stop the builder so a queued request stays queued.
+    fleet.builder = None;
+    let (deployer, deployer_errors) = fleet.connect(&fleet.deployer_seed).await;
+    let js = jetstream::new(deployer.clone());
+    js.publish("build.demo.web", "{}".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("a deployer may queue a request");
+    assert_eq!(pending(&deployer).await, 1);
+
+    // Forging a builder event.
+    deployer
+        .publish(
+            "build.responses.demo.web.FORGED0001.events",
+            r#"{"type":"finished"}"#.into(),
+        )
+        .await
+        .expect("send");
+    deployer.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let forged =
+        test_support::try_stored_messages(&deployer, "build.responses.demo.web.FORGED0001.events")
+            .await
+            .expect("events are readable");
+    assert!(forged.is_empty(), "a deployer forged an event");
+
+    // Taking a request off the queue.
+    let stream = js.get_stream("BUILD_REQUESTS").await.expect("stream info");
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_consumer("builder-demo")
+        .await
+        .expect("consumer info is allowed");
+    let pulled = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut batch = consumer.fetch().max_messages(1).messages().await.ok()?;
+        futures::StreamExt::next(&mut batch).await?.ok()
+    })
+    .await
+    .ok()
+    .flatten();
+    assert!(pulled.is_none(), "a deployer pulled a request");
+
+    // Purging and deleting.
+    assert!(tokio::time::timeout(Duration::from_secs(3), stream.purge())
+        .await
+        .map(|r| r.is_err())
+        .unwrap_or(true));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), js.delete_stream("BUILD_EVENTS"))
+            .await
+            .map(|r| r.is_err())
+            .unwrap_or(true)
+    );
+    assert_eq!(pending(&deployer).await, 1, "the queue changed");
+    assert!(
+        js.get_stream("BUILD_EVENTS").await.is_ok(),
+        "a deployer deleted a stream"
+    );
+    let seen = violations(&deployer_errors);
+    assert!(
+        seen.contains("Permissions Violation"),
+        "no violation reported by the server:\n{seen}"
+    );
+
+    // The builder may not ask for builds.
+    let (builder, builder_errors) = fleet.connect(&fleet.builder_seed).await;
+    builder
+        .publish("build.demo.db", "{}".into())
+        .await
+        .expect("send");
+    builder.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pending(&builder).await, 1, "the builder queued a request");
+    assert!(
+        violations(&builder_errors).contains("Permissions Violation"),
+        "{}",
+        violations(&builder_errors)
+    );
+    let _ = std::fs::remove_dir_all(&fleet.dir);
+}
+
+/// A seed file holding the wrong kind of key is refused with a message that says what it holds,
+/// without printing it; the builder stops instead of retrying.
+#[test]
+fn wrong_seed_files_are_named() {
+    let dir = std::env::temp_dir().join(unique("seeds"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let seed = dir.join("user.nk");
+    let public = generate(&seed);
+    let wrong = dir.join("public.nk");
+    std::fs::write(&wrong, &public).expect("write");
+    let output = run_cli(
+        bin(),
+        "nats://127.0.0.1:1",
+        &[
+            "build",
+            "demo",
+            "web",
+            "--nkey-file",
+            &wrong.display().to_string(),
+        ],
+        Duration::from_secs(20),
+    );
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("holds a public key"), "{stderr}");
+    assert!(!stderr.contains(&public), "{stderr}");
+    let output = Command::new(bin())
+        .args(["nkey", "public", "--seed-file"])
+        .arg(&seed)
+        .output()
+        .expect("nkey public");
+    assert_eq!(text(&output).0.trim(), public);
+}
