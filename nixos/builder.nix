@@ -59,6 +59,14 @@ let
   };
 
   dropNulls = lib.filterAttrsRecursive (_: value: value != null);
+  # `nix copy --to file://DIR` writes DIR from inside the service: with ProtectSystem=strict it
+  # must be listed as writable.
+  pushDirs = lib.unique (lib.concatMap
+    (repo:
+      let uri = repo.push_to; in
+      lib.optional (uri != null && lib.hasPrefix "file://" uri)
+        (builtins.head (lib.splitString "?" (lib.removePrefix "file://" uri))))
+    (lib.attrValues cfg.settings.repos));
   configFile = settingsFormat.generate "homelab-deploy-builder.toml" (dropNulls cfg.settings);
 in
 {
@@ -191,7 +199,7 @@ in
         LockPersonality = true;
         RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
         CapabilityBoundingSet = "";
-        ReadWritePaths = [ cfg.settings.builder.state_dir ];
+        ReadWritePaths = [ cfg.settings.builder.state_dir ] ++ pushDirs;
       };
     };
   };

@@ -8,6 +8,7 @@ mod config;
 mod eval;
 mod faults;
 mod logs;
+mod mcp;
 mod metrics;
 mod nixos;
 mod permissions;

@@ -103,6 +103,11 @@ fn builder_module_renders_a_config_the_binary_accepts() {
     assert_eq!(unit["KillMode"], "mixed");
     assert_eq!(unit["TimeoutStopSec"], 7200);
     assert_eq!(unit["StateDirectory"], "homelab-deploy");
+    // The file:// binary cache is written from inside the service (ProtectSystem=strict).
+    assert_eq!(
+        unit["ReadWritePaths"],
+        serde_json::json!(["/var/lib/homelab-deploy", "/var/cache/nix"])
+    );
     assert!(service["path"].as_array().is_some_and(|p| p
         .iter()
         .any(|p| p.as_str().is_some_and(|p| p.ends_with("-nix")))));

@@ -6,6 +6,7 @@ mod cancel;
 mod follow;
 mod inspect;
 mod junit;
+mod mcp;
 mod nats;
 mod nkey;
 mod progress;
@@ -65,6 +66,9 @@ enum Command {
     Builders(inspect::BuildersArgs),
     /// Make NKey user seeds and show their public keys.
     Nkey(nkey::NkeyArgs),
+    /// Serve the MCP tools an AI assistant uses to list, build, watch and cancel (stdio).
+    #[command(after_help = mcp::AFTER_HELP)]
+    Mcp(mcp::McpArgs),
 }
 
 /// How to reach NATS; shared by every client command. Unset values come from the user's, then
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
             Command::Builds(args) => inspect::builds(args).await,
             Command::Builders(args) => inspect::builders(args).await,
             Command::Nkey(args) => nkey::run(args),
+            Command::Mcp(args) => mcp::run(args).await,
         }
     });
     ExitCode::from(code)
