@@ -84,3 +84,25 @@ fn text(output: &Output) -> (String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Events of one request are numbered 1, 2, 3 … without gaps and end with exactly one `finished`.
+pub fn seqs_are_contiguous(events: &[serde_json::Value]) {
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=events.len() as u64).collect::<Vec<_>>(),
+        "{events:#?}"
+    );
+    assert_eq!(
+        events.iter().filter(|e| e["type"] == "finished").count(),
+        1,
+        "{events:#?}"
+    );
+    assert_eq!(
+        events.last().map(|e| e["type"].clone()),
+        Some(serde_json::Value::from("finished"))
+    );
+}

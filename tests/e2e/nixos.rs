@@ -27,13 +27,17 @@ fn nixpkgs_lib() -> PathBuf {
 
 /// Evaluates the modules with `config` (Nix code of a module); Ok(summary) or Err(nix's error).
 fn evaluate(config: &str) -> Result<Value, String> {
-    let expr = format!(
+    eval_json(&format!(
         "import {}/tests/nixos/eval.nix {{ libPath = {}; config = {config}; }}",
         repo_root().display(),
         nixpkgs_lib().display()
-    );
+    ))
+}
+
+/// `nix eval --json` of an expression: Ok(value) or Err(nix's error).
+fn eval_json(expr: &str) -> Result<Value, String> {
     let output = Command::new("nix")
-        .args(["eval", "--impure", "--json", "--expr", &expr])
+        .args(["eval", "--impure", "--json", "--expr", expr])
         .env("NIX_CONFIG", NIX_CONFIG)
         .output()
         .expect("run nix eval");
@@ -225,18 +229,12 @@ fn cli_module_writes_the_config_the_cli_reads() {
 /// `buildRustPackage`. See docs/flake.md for what was not run.
 #[test]
 fn flake_outputs_evaluate_without_nixpkgs() {
-    let expr = format!(
+    let outputs = eval_json(&format!(
         "import {}/tests/nixos/flake-outputs.nix {{ libPath = {}; }}",
         repo_root().display(),
         nixpkgs_lib().display()
-    );
-    let output = Command::new("nix")
-        .args(["eval", "--impure", "--json", "--expr", &expr])
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .output()
-        .expect("run nix eval");
-    assert!(output.status.success(), "{}", text(&output).1);
-    let outputs: Value = serde_json::from_slice(&output.stdout).expect("json");
+    ))
+    .unwrap_or_else(|err| panic!("{err}"));
     assert_eq!(
         outputs["packages"],
         serde_json::json!(["default", "homelab-deploy"])

@@ -8,7 +8,7 @@ use serde_json::Value;
 use test_support::{run_cli, stored_messages, wait_until, Builder, FixtureRepo, NatsServer};
 
 use crate::build::wait_for_finished;
-use crate::{bin, text};
+use crate::{bin, seqs_are_contiguous, text};
 
 /// A nats-server, the `queue` fixture served as `demo`, and builders added on demand.
 struct Fleet {
@@ -77,27 +77,6 @@ impl Fleet {
     fn build_processes(&self) -> String {
         self.repo.build_processes()
     }
-}
-
-fn seqs_are_contiguous(events: &[Value]) {
-    let seqs: Vec<u64> = events
-        .iter()
-        .map(|e| e["seq"].as_u64().expect("seq"))
-        .collect();
-    assert_eq!(
-        seqs,
-        (1..=events.len() as u64).collect::<Vec<_>>(),
-        "{events:#?}"
-    );
-    assert_eq!(
-        events.iter().filter(|e| e["type"] == "finished").count(),
-        1,
-        "{events:#?}"
-    );
-    assert_eq!(
-        events.last().map(|e| e["type"].clone()),
-        Some(Value::from("finished"))
-    );
 }
 
 /// Two builders share one queue: six requests, both builders take work, all succeed.
