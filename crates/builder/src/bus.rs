@@ -162,6 +162,13 @@ pub async fn ensure_consumer(
         .map_err(|err| consumer_error(&err))
 }
 
+/// How a publish went.
+#[derive(Debug, Clone, Copy)]
+pub struct Published {
+    /// The message id was already stored before this publisher's first attempt.
+    pub taken_by_another: bool,
+}
+
 /// Publishes JSON to JetStream and waits for the stream to store it, retrying while NATS
 /// reconnects. An event that could not be stored is an error: the caller must not ack the request.
 #[derive(Clone)]
@@ -179,13 +186,14 @@ impl Publisher {
     }
 
     /// `message_id` makes retries safe: a publish that reached the stream but whose ack was lost
-    /// (NATS restarting) is de-duplicated when it is sent again.
+    /// (NATS restarting) is de-duplicated when it is sent again. Returns whether the stream
+    /// already held a message with this id at the first attempt: then someone else published it.
     pub async fn publish_json(
         &self,
         subject: &str,
         message_id: &str,
         value: &impl Serialize,
-    ) -> Result<(), BusError> {
+    ) -> Result<Published, BusError> {
         let payload = serde_json::to_vec(value).map_err(|err| BusError::Publish {
             subject: subject.to_owned(),
             attempts: 0,
@@ -200,7 +208,11 @@ impl Publisher {
                 .message_id(message_id);
             match self.js.send_publish(subject.to_owned(), message).await {
                 Ok(ack) => match ack.await {
-                    Ok(_) => return Ok(()),
+                    Ok(ack) => {
+                        return Ok(Published {
+                            taken_by_another: ack.duplicate && attempt == 1,
+                        })
+                    }
                     Err(err) => last_error = err.to_string(),
                 },
                 Err(err) => last_error = err.to_string(),

@@ -324,6 +324,8 @@ impl Jobs {
                 return events.finish(finish).await;
             }
         };
+        // A cancel may have finished the request while it was being resolved.
+        events.check_still_owner().await?;
         events
             .emit(EventBody::Started {
                 builder: self.builder_name.clone(),
@@ -961,7 +963,9 @@ impl<'a> Events<'a> {
         }
     }
 
-    async fn emit(&mut self, body: EventBody) -> Result<(), BusError> {
+    /// Publishes the next event. Another event stored under the same `seq` first means another
+    /// builder (or a cancel) took the request over: stand down.
+    async fn emit(&mut self, body: EventBody) -> Result<(), JobError> {
         self.seq += 1;
         let event = Event {
             id: self.id.clone(),
@@ -970,9 +974,14 @@ impl<'a> Events<'a> {
             body,
         };
         let message_id = format!("{}.event.{}", self.id, self.seq);
-        self.publisher
+        let published = self
+            .publisher
             .publish_json(&self.subject, &message_id, &event)
-            .await
+            .await?;
+        if published.taken_by_another {
+            return Err(JobError::Superseded);
+        }
+        Ok(())
     }
 
     async fn finish(&mut self, finish: Finish) -> Result<(), JobError> {

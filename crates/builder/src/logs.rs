@@ -86,6 +86,7 @@ impl LogBatcher {
         self.publisher
             .publish_json(&self.subject, &message_id, &batch)
             .await?;
+        // A batch id already stored means this batch was stored before; nothing is lost.
         self.next_line += count;
         self.published_bytes += self.bytes as u64;
         crate::metrics::log_bytes(&self.repo, self.bytes as u64);
