@@ -44,7 +44,7 @@ in
         // lib.optionalAttrs (job.nkeySeedFile != null) { HOMELAB_DEPLOY_NKEY_FILE = "%d/nkey"; };
       serviceConfig = {
         Type = "oneshot";
-        ExecStart = "${job.package}/bin/homelab-deploy build ${job.repo} ${job.target} --mode ${job.mode} --quiet --timeout ${toString job.timeoutSec}";
+        ExecStart = "${job.package}/bin/homelab-deploy build ${job.repo} ${job.target} --mode ${job.mode} --priority scheduled --quiet --timeout ${toString job.timeoutSec}";
         DynamicUser = true;
         NoNewPrivileges = true;
         ProtectSystem = "strict";

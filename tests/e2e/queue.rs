@@ -548,3 +548,48 @@ async fn cluster_node_lost_mid_build() {
         builders[node].log()
     );
 }
+
+/// Priority: with one builder busy, scheduled requests queued before an interactive one still
+/// wait for it: a flood of timer builds never starves a person's request.
+#[tokio::test(flavor = "multi_thread")]
+async fn interactive_requests_go_before_scheduled_ones() {
+    let fleet = Fleet::new();
+    let _builder = fleet.builder("");
+    let blocker = fleet.submit("long", &[]);
+    fleet.wait_started(&blocker).await;
+    let scheduled: Vec<String> = (0..3)
+        .map(|_| {
+            let rev = fleet.new_salt();
+            fleet.submit("short", &["--rev", &rev, "--priority", "scheduled"])
+        })
+        .collect();
+    let rev = fleet.new_salt();
+    let person = fleet.submit("short", &["--rev", &rev]);
+    let output = fleet.cli(&["cancel", &blocker]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+
+    let started_at = |events: &[Value]| {
+        events
+            .iter()
+            .find(|e| e["type"] == "started")
+            .and_then(|e| e["time"].as_str())
+            .map(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .expect("time")
+            })
+            .expect("started")
+    };
+    let person_started = started_at(&fleet.finished(&person).await);
+    for id in &scheduled {
+        let events = fleet.finished(id).await;
+        assert_eq!(
+            events.last().map(|e| e["status"].clone()),
+            Some(Value::from("succeeded")),
+            "{events:#?}"
+        );
+        assert!(
+            started_at(&events) > person_started,
+            "scheduled {id} started before the interactive request"
+        );
+    }
+}

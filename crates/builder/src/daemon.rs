@@ -15,7 +15,7 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use homelab_deploy_client::{connect, ConnectSettings};
 use homelab_deploy_protocol::subject::REQUESTS_STREAM;
-use homelab_deploy_protocol::RepoName;
+use homelab_deploy_protocol::{BuildRequest, Priority, RepoName};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
@@ -306,6 +306,44 @@ async fn queue_of(stream: &jetstream::stream::Stream, repo: &RepoName) -> Option
     Some((depth, 0.0))
 }
 
+/// How long a request handed back for a more urgent one waits before it is offered again.
+const PRIORITY_RETRY: Duration = Duration::from_secs(1);
+/// Waiting requests looked at for a more urgent one.
+const PRIORITY_SCAN: u64 = 256;
+
+/// The priority of a request message (`interactive` when it does not say, or cannot be read).
+fn priority_of(payload: &[u8]) -> Priority {
+    serde_json::from_slice::<BuildRequest>(payload)
+        .ok()
+        .and_then(|request| request.priority)
+        .unwrap_or_default()
+}
+
+/// A request of `repo` queued after `message` whose priority class is higher, if any. Only
+/// requests below the top class look, so the common case costs nothing.
+async fn higher_priority_waiting(
+    requests: &jetstream::stream::Stream,
+    repo: &RepoName,
+    message: &jetstream::Message,
+) -> Option<String> {
+    let mine = priority_of(&message.payload);
+    if mine == Priority::Interactive {
+        return None;
+    }
+    let first = message.info().ok()?.stream_sequence + 1;
+    let last = requests.clone().info().await.ok()?.state.last_sequence;
+    let prefix = format!("build.{repo}.");
+    for seq in first..=last.min(first + PRIORITY_SCAN) {
+        // A gap is a request already taken or cancelled.
+        if let Ok(waiting) = requests.get_raw_message(seq).await {
+            if waiting.subject.starts_with(&prefix) && priority_of(&waiting.payload) < mine {
+                return Some(format!("stream sequence {seq}"));
+            }
+        }
+    }
+    None
+}
+
 /// Resolves once the daemon is asked to stop at `level` or harder.
 async fn stopping(stop: &mut watch::Receiver<Stop>, level: Stop) {
     let _ = stop.wait_for(|stop| *stop >= level).await;
@@ -372,6 +410,15 @@ async fn pull_loop(
                 continue;
             }
         };
+        if let Some(waiting) = higher_priority_waiting(&jobs.requests, &repo, &message).await {
+            // Let the more urgent request through; this one comes back after a short pause.
+            info!(repo = %repo, waiting = %waiting, "a request of a higher priority is waiting; handing this one back");
+            drop(permit);
+            if let Err(err) = message.ack_with(AckKind::Nak(Some(PRIORITY_RETRY))).await {
+                warn!(repo = %repo, error = %err, "handing a request back failed; it returns after the ack wait");
+            }
+            continue;
+        }
         let jobs = jobs.clone();
         running.spawn(async move {
             jobs.run(message).await;

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use homelab_deploy_client::{submit, ClientError, SubmitOptions};
 use homelab_deploy_protocol::request::{check_git_ref, check_rev};
-use homelab_deploy_protocol::{BuildStatus, EventBody, Mode, RepoName, Target};
+use homelab_deploy_protocol::{BuildStatus, EventBody, Mode, Priority, RepoName, Target};
 
 use crate::progress::{print_result, Progress};
 use crate::{exit, NatsArgs};
@@ -62,6 +62,9 @@ pub struct BuildArgs {
     /// them (queued or running); the newest `replace` request wins.
     #[arg(long, value_enum, default_value_t = ModeArg::Enqueue)]
     mode: ModeArg,
+    /// Queue class: interactive (people, the default) before ci before scheduled (timers).
+    #[arg(long, value_enum, default_value_t = PriorityArg::Interactive)]
+    priority: PriorityArg,
     /// Time limit per host on the builder, instead of its default (within its maximum).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     host_timeout: Option<u64>,
@@ -70,6 +73,23 @@ pub struct BuildArgs {
     build_timeout: Option<u64>,
     #[command(flatten)]
     nats: NatsArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PriorityArg {
+    Interactive,
+    Ci,
+    Scheduled,
+}
+
+impl From<PriorityArg> for Priority {
+    fn from(priority: PriorityArg) -> Self {
+        match priority {
+            PriorityArg::Interactive => Priority::Interactive,
+            PriorityArg::Ci => Priority::Ci,
+            PriorityArg::Scheduled => Priority::Scheduled,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -128,6 +148,7 @@ pub async fn run(args: BuildArgs) -> u8 {
         mode: args.mode.into(),
         host_timeout_secs: args.host_timeout,
         timeout_secs: args.build_timeout,
+        priority: args.priority.into(),
     };
     let mut submission = match submit(&client, &repo, &target, options).await {
         Ok(submission) => submission,

@@ -9,7 +9,9 @@ use async_nats::jetstream::{self, Context};
 use async_nats::Client;
 use futures::StreamExt;
 use homelab_deploy_protocol::subject::{events_subject, request_subject, EVENTS_STREAM};
-use homelab_deploy_protocol::{BuildRequest, Event, LogBatch, Mode, RepoName, RequestId, Target};
+use homelab_deploy_protocol::{
+    BuildRequest, Event, LogBatch, Mode, Priority, RepoName, RequestId, Target,
+};
 
 use crate::ClientError;
 
@@ -24,6 +26,7 @@ pub struct SubmitOptions {
     pub host_timeout_secs: Option<u64>,
     /// Time limit of the whole request instead of the builder's default.
     pub timeout_secs: Option<u64>,
+    pub priority: Priority,
 }
 
 /// A request that is safely in the queue, and the stream of its events.
@@ -61,6 +64,7 @@ pub async fn submit(
         mode: Some(options.mode),
         host_timeout_secs: options.host_timeout_secs,
         timeout_secs: options.timeout_secs,
+        priority: Some(options.priority),
     };
     let payload = serde_json::to_vec(&body).map_err(|err| ClientError::Nats {
         action: "encoding the request",

@@ -17,7 +17,7 @@ pub mod request;
 pub mod subject;
 
 pub use event::{BuildStatus, Event, EventBody, HostResult, HostStatus, LogBatch};
-pub use request::{BuildRequest, Mode, ParsedRequest, Refusal};
+pub use request::{BuildRequest, Mode, ParsedRequest, Priority, Refusal};
 pub use subject::{NameError, RepoName, RequestId, Target};
 
 /// Bumped on an incompatible change of any subject, request field or event.

@@ -36,6 +36,33 @@ pub struct BuildRequest {
     /// Time limit of the whole request instead of the builder's default (within its maximum).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// `interactive` (default), `ci` or `scheduled`: a builder takes waiting requests of a
+    /// higher class first; FIFO within a class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+}
+
+/// Priority class of a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// A person waiting for it.
+    #[default]
+    Interactive,
+    /// CI after or before a merge.
+    Ci,
+    /// A timer's routine build.
+    Scheduled,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Interactive => "interactive",
+            Self::Ci => "ci",
+            Self::Scheduled => "scheduled",
+        }
+    }
 }
 
 /// What a request does to older requests for the same repo and target.
