@@ -110,8 +110,19 @@ async fn tools_are_listed_by_mode() {
     let refused = call(&service, "build", json!({"repo": "demo", "target": "web"})).await;
     assert_eq!(refused["isError"], true, "{refused:#}");
     assert!(text(&refused).contains("--enable-builds"), "{refused:#}");
-    let repos = call(&service, "list_repos_and_hosts", json!({})).await;
-    assert!(text(&repos).contains("demo"), "{repos:#}");
+    // Builders announce the hosts they found at start (within a heartbeat or two).
+    let mut repos = Value::Null;
+    for _ in 0..100 {
+        repos = call(&service, "list_repos_and_hosts", json!({})).await;
+        if text(&repos).contains("broken-build, broken-eval, db, web") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        text(&repos).contains("demo: hosts broken-build, broken-eval, db, web"),
+        "{repos:#}"
+    );
     let _ = service.cancel().await;
 
     let (service, _) = start(&setup.nats.url, true).await;

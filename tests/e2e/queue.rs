@@ -266,6 +266,17 @@ async fn watch_and_logs_replay_and_follow() {
     let id = fleet.submit("medium", &["--rev", &rev]);
     fleet.wait_started(&id).await;
 
+    // Both start while the build runs (it takes 5 s) and follow it to its end.
+    let url = fleet.nats.url.clone();
+    let watch_id = id.clone();
+    let watching = std::thread::spawn(move || {
+        run_cli(
+            bin(),
+            &url,
+            &["watch", &watch_id, "--from-seq", "2", "--json"],
+            Duration::from_secs(120),
+        )
+    });
     let follow = fleet.cli(&["logs", &id, "--follow"]);
     let (stdout, stderr) = text(&follow);
     assert_eq!(follow.status.code(), Some(0), "{stderr}");
@@ -276,7 +287,7 @@ async fn watch_and_logs_replay_and_follow() {
         "{stdout}"
     );
 
-    let watch = fleet.cli(&["watch", &id, "--from-seq", "2", "--json"]);
+    let watch = watching.join().expect("watch thread");
     assert_eq!(watch.status.code(), Some(0), "{}", text(&watch).1);
     let events: Vec<Value> = text(&watch)
         .0

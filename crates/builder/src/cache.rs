@@ -16,6 +16,8 @@ pub struct EvalCache {
 
 #[derive(Default)]
 struct Inner {
+    /// Host list of the last commit evaluated, per repo (what the registry announces).
+    latest_hosts: HashMap<String, Vec<String>>,
     hosts: HashMap<(String, String), Vec<String>>,
     drvs: HashMap<(String, String, String), String>,
 }
@@ -38,7 +40,13 @@ impl EvalCache {
     pub fn put_hosts(&self, repo: &str, rev: &str, hosts: Vec<String>) {
         let mut inner = self.lock();
         inner.make_room();
+        inner.latest_hosts.insert(repo.to_owned(), hosts.clone());
         inner.hosts.insert((repo.to_owned(), rev.to_owned()), hosts);
+    }
+
+    /// The host list of the last commit evaluated, per repo.
+    pub fn latest_hosts(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.lock().latest_hosts.clone().into_iter().collect()
     }
 
     /// The host's `.drv`, if evaluated before and still in the store (it may have been

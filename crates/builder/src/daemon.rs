@@ -149,6 +149,10 @@ pub async fn run(
         config.streams.replicas,
     )
     .await?;
+    for repo in repo_names.clone() {
+        let jobs = jobs.clone();
+        tokio::spawn(async move { jobs.discover_hosts(&repo).await });
+    }
     let (finished_tx, finished_rx) = watch::channel(false);
     let registry_task = tokio::spawn(registry.run(jobs.clone(), stop.clone(), finished_rx));
     let sampler = tokio::spawn(sample_metrics(

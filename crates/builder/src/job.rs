@@ -303,7 +303,10 @@ impl Jobs {
         }
 
         // 2. Resolve one commit.
-        let resolved = match self.resolve(served, request).await {
+        let resolved = match self
+            .resolve(served, request.rev.as_deref(), request.git_ref.as_deref())
+            .await
+        {
             Ok(resolved) => resolved,
             Err(reason) => {
                 return events
@@ -463,18 +466,42 @@ impl Jobs {
         events.finish(finish).await
     }
 
+    /// Lists the hosts of `repo` at the head of its branch, so the registry can announce them
+    /// before the first build. Best effort: a failure is only logged.
+    pub async fn discover_hosts(&self, repo: &RepoName) {
+        let Some(served) = self.repos.get(repo) else {
+            return;
+        };
+        let outcome = match self.resolve(served, None, None).await {
+            Ok(resolved) => self
+                .hosts_to_build(
+                    &served.mirror.flake_url(&resolved),
+                    repo,
+                    &Target::All,
+                    &resolved.rev,
+                )
+                .await
+                .map(|_| ()),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = outcome {
+            warn!(repo = %repo, error = %err, "could not list the repo's hosts at start");
+        }
+    }
+
+    /// Resolves `rev`, else `git_ref`, else the repo's branch, to one pinned commit.
     async fn resolve(
         &self,
         served: &ServedRepo,
-        request: &ParsedRequest,
+        rev: Option<&str>,
+        git_ref: Option<&str>,
     ) -> Result<Resolved, String> {
         let mirror = served.mirror.clone();
         let lock = served.fetch_lock.clone();
         let default_ref = served.config.git_ref.clone();
-        let rev = request.rev.clone();
-        let git_ref = request
-            .git_ref
-            .clone()
+        let rev = rev.map(str::to_owned);
+        let git_ref = git_ref
+            .map(str::to_owned)
             .unwrap_or_else(|| default_ref.clone());
         tokio::task::spawn_blocking(move || {
             let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -56,7 +56,11 @@ impl Registry {
         })
     }
 
-    pub async fn announce(&self, states: Vec<BuilderState>) {
+    pub async fn announce(
+        &self,
+        states: Vec<BuilderState>,
+        hosts: std::collections::BTreeMap<String, Vec<String>>,
+    ) {
         let info = BuilderInfo {
             name: self.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -64,6 +68,7 @@ impl Registry {
             states,
             started_at: self.started_at,
             heartbeat: OffsetDateTime::now_utc(),
+            hosts,
         };
         let Ok(payload) = serde_json::to_vec(&info) else {
             return;
@@ -89,7 +94,7 @@ impl Registry {
             } else if states.is_empty() {
                 states.push(BuilderState::Idle);
             }
-            self.announce(states).await;
+            self.announce(states, jobs.evaluated.latest_hosts()).await;
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = stop.changed() => {}

@@ -161,12 +161,16 @@ impl BuildTools {
             Err(err) => return Ok(tool_error(err.to_string())),
         };
         let mut repos: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        let mut hosts: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for builder in &builders {
             for repo in &builder.repos {
                 repos
                     .entry(repo.clone())
                     .or_default()
                     .push(builder.name.clone());
+            }
+            for (repo, list) in &builder.hosts {
+                hosts.entry(repo.clone()).or_insert_with(|| list.clone());
             }
         }
         if repos.is_empty() {
@@ -177,14 +181,18 @@ impl BuildTools {
         }
         let text = repos
             .iter()
-            .map(|(repo, builders)| format!("{repo} (builders: {})", builders.join(", ")))
+            .map(|(repo, builders)| {
+                let known = hosts
+                    .get(repo)
+                    .map(|h| h.join(", "))
+                    .unwrap_or_else(|| "not known yet".to_owned());
+                format!("{repo}: hosts {known} (builders: {})", builders.join(", "))
+            })
             .collect::<Vec<_>>()
             .join("\n");
         Ok(structured(
-            format!(
-                "Repos that can be built (target: a host of the repo's flake, or \"all\"):\n{text}"
-            ),
-            json!({ "repos": repos }),
+            format!("Repos that can be built (target: one of the hosts, or \"all\"):\n{text}"),
+            json!({ "repos": repos, "hosts": hosts }),
         ))
     }
 

@@ -244,6 +244,9 @@ pub struct BuilderInfo {
     pub started_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub heartbeat: OffsetDateTime,
+    /// Hosts of each repo's flake at the last commit this builder evaluated (empty until known).
+    #[serde(default)]
+    pub hosts: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
