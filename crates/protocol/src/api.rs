@@ -1,11 +1,12 @@
-//! The control API under `build.api.>`: NATS request/reply with JSON bodies.
+//! The control API under `build.api.>`: NATS request/reply with JSON bodies. Every API subject
+//! has four tokens or more, so it can never be taken for a build request (`build.<repo>.<target>`).
 //!
 //! | subject | served by | body → reply |
 //! | --- | --- | --- |
-//! | `build.api.status` | any builder (queue group) | [`StatusQuery`] → [`RequestState`] or [`ApiError`] |
-//! | `build.api.builds` | any builder (queue group) | [`BuildsQuery`] → [`BuildList`] |
-//! | `build.api.builders` | any builder (queue group) | `{}` → [`BuilderList`] |
-//! | `build.api.cancel` | any builder (queue group) | [`CancelRequest`] → [`CancelReply`] or [`ApiError`] |
+//! | `build.api.v1.status` | any builder (queue group) | [`StatusQuery`] → [`RequestState`] or [`ApiError`] |
+//! | `build.api.v1.builds` | any builder (queue group) | [`BuildsQuery`] → [`BuildList`] |
+//! | `build.api.v1.builders` | any builder (queue group) | `{}` → [`BuilderList`] |
+//! | `build.api.v1.cancel` | any builder (queue group) | [`CancelRequest`] → [`CancelReply`] or [`ApiError`] |
 //! | `build.api.builder.<name>.cancel` | builder `<name>` | [`CancelRequest`] → [`CancelReply`] |
 //! | `build.api.builder.<name>.drain` | builder `<name>` | `{}` → [`DrainReply`] |
 
@@ -15,10 +16,10 @@ use time::OffsetDateTime;
 use crate::subject::shown;
 use crate::{BuildStatus, NameError};
 
-pub const STATUS_SUBJECT: &str = "build.api.status";
-pub const BUILDS_SUBJECT: &str = "build.api.builds";
-pub const BUILDERS_SUBJECT: &str = "build.api.builders";
-pub const CANCEL_SUBJECT: &str = "build.api.cancel";
+pub const STATUS_SUBJECT: &str = "build.api.v1.status";
+pub const BUILDS_SUBJECT: &str = "build.api.v1.builds";
+pub const BUILDERS_SUBJECT: &str = "build.api.v1.builders";
+pub const CANCEL_SUBJECT: &str = "build.api.v1.cancel";
 /// Queue group of the API subjects any builder may answer.
 pub const API_QUEUE_GROUP: &str = "homelab-deploy-api";
 /// JetStream key-value bucket where builders announce themselves.
@@ -274,6 +275,24 @@ mod tests {
         .expect("serializes");
         assert_eq!(json["state"], "building");
         assert_eq!(json["id"], "REQUEST01");
+    }
+
+    #[test]
+    fn api_subjects_are_never_build_requests() {
+        for subject in [
+            STATUS_SUBJECT.to_owned(),
+            BUILDS_SUBJECT.to_owned(),
+            BUILDERS_SUBJECT.to_owned(),
+            CANCEL_SUBJECT.to_owned(),
+            builder_cancel_subject("b1"),
+            builder_drain_subject("b1"),
+        ] {
+            assert!(subject.split('.').count() >= 4, "{subject}");
+            assert!(
+                crate::subject::parse_request_subject(&subject).is_err(),
+                "{subject}"
+            );
+        }
     }
 
     #[test]
