@@ -82,6 +82,17 @@ ensure_promtool() {
     command -v promtool >/dev/null || apt_install prometheus
 }
 
+ensure_rvault() {
+    # rvault: a Vault-API server for the Vault tests, built once per machine from
+    # ../shared/rustyvault (about 5 minutes on 2 cores) and cached under ~/.cache.
+    if [ -n "${RVAULT_BIN:-}" ] && [ -x "$RVAULT_BIN" ]; then return; fi
+    local installer="$ROOT/../shared/tools/install-rvault"
+    [ -f "$installer" ] || die "$installer not found: set RVAULT_BIN to an rvault binary"
+    say "rvault (Vault-API server for the tests)"
+    RVAULT_BIN="$(bash "$installer")" || die "building rvault failed (see above)"
+    export RVAULT_BIN
+}
+
 ensure_deps() {
     ensure_rust
     ensure_build_deps

@@ -15,6 +15,7 @@ mod permissions;
 mod queue;
 mod refusals;
 mod soak;
+mod vault;
 
 use std::path::Path;
 use std::process::Output;

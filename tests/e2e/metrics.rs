@@ -9,7 +9,7 @@ use test_support::{free_port, run_cli, wait_until, Builder, FixtureRepo, NatsSer
 
 use crate::bin;
 
-fn scrape(port: u16) -> String {
+pub(crate) fn scrape(port: u16) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
     write!(
         stream,

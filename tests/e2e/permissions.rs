@@ -11,28 +11,18 @@ use test_support::{run_cli, unique, Builder, FixtureRepo, NatsServer};
 
 use crate::{bin, text};
 
-struct SecuredFleet {
-    nats: NatsServer,
-    dir: PathBuf,
-    builder_seed: PathBuf,
-    deployer_seed: PathBuf,
-    _repo: FixtureRepo,
-    builder: Option<Builder>,
+/// nats-server running the shipped `nats/prod.example.conf` with fresh keys for its three users.
+pub(crate) struct SecuredNats {
+    pub nats: NatsServer,
+    pub dir: PathBuf,
+    config_path: PathBuf,
+    pub builder_seed: PathBuf,
+    pub deployer_seed: PathBuf,
+    builder_public: String,
 }
 
-/// `homelab-deploy nkey generate --out FILE`: the public key it prints.
-fn generate(path: &Path) -> String {
-    let output = Command::new(bin())
-        .args(["nkey", "generate", "--out"])
-        .arg(path)
-        .output()
-        .expect("nkey generate");
-    assert!(output.status.success(), "{}", text(&output).1);
-    text(&output).0.trim().to_owned()
-}
-
-impl SecuredFleet {
-    fn start() -> Self {
+impl SecuredNats {
+    pub fn start() -> Self {
         let dir = std::env::temp_dir().join(unique("secured"));
         std::fs::create_dir_all(&dir).expect("dir");
         let builder_seed = dir.join("builder.nk");
@@ -42,37 +32,113 @@ impl SecuredFleet {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/prod.example.conf"),
         )
         .expect("nats/prod.example.conf");
+        let builder_public = generate(&builder_seed);
         // The harness gives the store dir and port on the command line.
         let config = template
             .replace("store_dir: \"/var/lib/nats/jetstream\"", "")
-            .replace("BUILDER_PUBLIC_KEY", &generate(&builder_seed))
+            .replace("BUILDER_PUBLIC_KEY", &builder_public)
             .replace("TEST_DEPLOYER_PUBLIC_KEY", &generate(&deployer_seed))
             .replace("ADMIN_DEPLOYER_PUBLIC_KEY", &generate(&admin_seed));
         let config_path = dir.join("nats.conf");
         std::fs::write(&config_path, config).expect("write nats config");
         let nats = NatsServer::start_with(&["-c", &config_path.display().to_string()]);
-        let repo = FixtureRepo::new("fleet");
-        let name = unique("builder");
-        let mut builder_config = Builder::config(
-            &name,
-            &nats.url,
+        Self {
+            nats,
+            dir,
+            config_path,
+            builder_seed,
+            deployer_seed,
+            builder_public,
+        }
+    }
+
+    /// Makes `seed_file` the builder's only key: rewrites the server config and reloads it
+    /// (SIGHUP), which closes connections made with the old key.
+    pub fn rotate_builder_key(&mut self, seed_file: &Path) -> String {
+        let new_public = public_key(seed_file);
+        let config = std::fs::read_to_string(&self.config_path).expect("nats config");
+        std::fs::write(
+            &self.config_path,
+            config.replace(&self.builder_public, &new_public),
+        )
+        .expect("write nats config");
+        let status = Command::new("kill")
+            .args(["-HUP", &self.nats.pid().to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(status.success(), "reloading nats-server failed");
+        self.builder_public = new_public.clone();
+        new_public
+    }
+
+    /// Builder config without credentials; `{state_dir}` is filled in by the harness.
+    pub fn builder_config(&self, name: &str, repo: &FixtureRepo) -> String {
+        Builder::config(
+            name,
+            &self.nats.url,
             Path::new("{state_dir}"),
             &[("demo", repo.url())],
-        );
-        builder_config = builder_config.replacen(
+        )
+    }
+
+    pub fn cli(&self, seed: &Path, args: &[&str]) -> std::process::Output {
+        let mut all = args.to_vec();
+        let seed = seed.display().to_string();
+        all.extend_from_slice(&["--nkey-file", &seed]);
+        run_cli(bin(), &self.nats.url, &all, Duration::from_secs(60))
+    }
+}
+
+impl Drop for SecuredNats {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct SecuredFleet {
+    secured: SecuredNats,
+    _repo: FixtureRepo,
+    builder: Option<Builder>,
+}
+
+/// `homelab-deploy nkey generate --out FILE`: the public key it prints.
+pub(crate) fn generate(path: &Path) -> String {
+    let output = Command::new(bin())
+        .args(["nkey", "generate", "--out"])
+        .arg(path)
+        .output()
+        .expect("nkey generate");
+    assert!(output.status.success(), "{}", text(&output).1);
+    text(&output).0.trim().to_owned()
+}
+
+/// `homelab-deploy nkey public --seed-file FILE`.
+pub(crate) fn public_key(seed: &Path) -> String {
+    let output = Command::new(bin())
+        .args(["nkey", "public", "--seed-file"])
+        .arg(seed)
+        .output()
+        .expect("nkey public");
+    assert!(output.status.success(), "{}", text(&output).1);
+    text(&output).0.trim().to_owned()
+}
+
+impl SecuredFleet {
+    fn start() -> Self {
+        let secured = SecuredNats::start();
+        let repo = FixtureRepo::new("fleet");
+        let name = unique("builder");
+        let builder_config = secured.builder_config(&name, &repo).replacen(
             "[builder]",
             &format!(
                 "nkey_seed_file = \"{}\"\n\n[builder]",
-                builder_seed.display()
+                secured.builder_seed.display()
             ),
             1,
         );
         let builder = Builder::start_config(bin(), &name, &builder_config);
         Self {
-            nats,
-            dir,
-            builder_seed,
-            deployer_seed,
+            secured,
             _repo: repo,
             builder: Some(builder),
         }
@@ -93,17 +159,14 @@ impl SecuredFleet {
                         .push(event.to_string());
                 }
             })
-            .connect(&self.nats.url)
+            .connect(&self.secured.nats.url)
             .await
             .expect("connect with nkey");
         (client, errors)
     }
 
     fn cli(&self, seed: &Path, args: &[&str]) -> std::process::Output {
-        let mut all = args.to_vec();
-        let seed = seed.display().to_string();
-        all.extend_from_slice(&["--nkey-file", &seed]);
-        run_cli(bin(), &self.nats.url, &all, Duration::from_secs(60))
+        self.secured.cli(seed, args)
     }
 }
 
@@ -154,7 +217,10 @@ async fn pending(client: &async_nats::Client) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn nkey_users_build_end_to_end() {
     let fleet = SecuredFleet::start();
-    let output = fleet.cli(&fleet.deployer_seed, &["build", "demo", "web", "--json"]);
+    let output = fleet.cli(
+        &fleet.secured.deployer_seed,
+        &["build", "demo", "web", "--json"],
+    );
     assert_eq!(
         output.status.code(),
         Some(0),
@@ -162,24 +228,24 @@ async fn nkey_users_build_end_to_end() {
         text(&output).1,
         fleet.builder.as_ref().map(|b| b.log()).unwrap_or_default()
     );
-    let output = fleet.cli(&fleet.deployer_seed, &["builders", "--json"]);
+    let output = fleet.cli(&fleet.secured.deployer_seed, &["builders", "--json"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
     assert!(text(&output).0.contains("demo"), "{}", text(&output).0);
 
     let refused = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(3))
-        .connect(&fleet.nats.url)
+        .connect(&fleet.secured.nats.url)
         .await;
     assert!(refused.is_err(), "an unauthenticated client was let in");
     let output = run_cli(
         bin(),
-        &fleet.nats.url,
+        &fleet.secured.nats.url,
         &["build", "demo", "web"],
         Duration::from_secs(30),
     );
     assert_eq!(output.status.code(), Some(3), "{}", text(&output).1);
     let log = fleet.builder.as_ref().map(|b| b.log()).unwrap_or_default();
-    let seed = std::fs::read_to_string(&fleet.builder_seed).expect("seed");
+    let seed = std::fs::read_to_string(&fleet.secured.builder_seed).expect("seed");
     assert!(!log.contains(seed.trim()), "the builder logged its seed");
 }
 
@@ -190,7 +256,7 @@ async fn the_server_refuses_what_each_role_must_not_do() {
     let mut fleet = SecuredFleet::start();
     // Stop the builder so a queued request stays queued.
     fleet.builder = None;
-    let (deployer, deployer_errors) = fleet.connect(&fleet.deployer_seed).await;
+    let (deployer, deployer_errors) = fleet.connect(&fleet.secured.deployer_seed).await;
     let js = jetstream::new(deployer.clone());
     js.publish("build.demo.web", "{}".into())
         .await
@@ -253,7 +319,7 @@ async fn the_server_refuses_what_each_role_must_not_do() {
     );
 
     // The builder may not ask for builds.
-    let (builder, builder_errors) = fleet.connect(&fleet.builder_seed).await;
+    let (builder, builder_errors) = fleet.connect(&fleet.secured.builder_seed).await;
     builder
         .publish("build.demo.db", "{}".into())
         .await
@@ -266,7 +332,6 @@ async fn the_server_refuses_what_each_role_must_not_do() {
         "{}",
         violations(&builder_errors)
     );
-    let _ = std::fs::remove_dir_all(&fleet.dir);
 }
 
 /// A seed file holding the wrong kind of key is refused with a message that says what it holds,
@@ -301,4 +366,33 @@ fn wrong_seed_files_are_named() {
         .output()
         .expect("nkey public");
     assert_eq!(text(&output).0.trim(), public);
+}
+
+/// A seed file rotated while the builder runs: the server is reloaded with the new key and
+/// closes the old key's connection; the builder reads the file again at its reconnect and goes
+/// on building, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_seed_file_is_used_at_the_next_reconnect() {
+    let mut fleet = SecuredFleet::start();
+    let rotated = fleet.secured.dir.join("rotated.nk");
+    generate(&rotated);
+    std::fs::copy(&rotated, &fleet.secured.builder_seed).expect("rotate the seed file");
+    fleet.secured.rotate_builder_key(&rotated);
+    let builder = fleet.builder.as_ref().expect("builder");
+    let reconnected = test_support::wait_until(Duration::from_secs(40), || {
+        builder.log().matches("connected to NATS").count() >= 2
+    });
+    assert!(
+        reconnected,
+        "no reconnect with the rotated seed:\n{}",
+        builder.log()
+    );
+    let output = fleet.cli(&fleet.secured.deployer_seed, &["build", "demo", "web"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}\nbuilder:\n{}",
+        text(&output).1,
+        builder.log()
+    );
 }

@@ -58,6 +58,7 @@ async fn soak_with_builder_kills() {
         nkey_file: None,
         name: "soak".to_owned(),
         timeout: Duration::from_secs(5),
+        vault: None,
     })
     .await
     .expect("connect");

@@ -323,6 +323,7 @@ pub async fn queue_throughput(bin: &Path, requests: usize) -> Result<Report> {
         nkey_file: None,
         name: "bench".to_owned(),
         timeout: Duration::from_secs(5),
+        vault: None,
     })
     .await?;
     let mut events = client

@@ -36,10 +36,43 @@ pub struct Config {
     pub builder: BuilderConfig,
     #[serde(default)]
     pub streams: StreamsConfig,
+    /// Fetch the NKey seed from Vault (when `nats.nkey_seed_file` and the environment give none).
+    #[serde(default)]
+    pub vault: Option<VaultConfig>,
     /// Prometheus metrics; off when the table is absent.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
     pub repos: BTreeMap<String, RepoConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// `https://vault.example.org:8200`
+    pub address: String,
+    /// `mount/path` of the secret holding the seed, e.g. `shared/homelab-deploy/builder-nkey`.
+    pub nkey_secret: String,
+    /// Field of the secret holding the seed.
+    #[serde(default = "default_nkey_field")]
+    pub nkey_field: String,
+    /// `approle` or `token`.
+    pub auth: String,
+    #[serde(default)]
+    pub role_id_file: Option<PathBuf>,
+    #[serde(default)]
+    pub secret_id_file: Option<PathBuf>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// KV engine version of the mount: 1 or 2; unset asks Vault.
+    #[serde(default)]
+    pub kv_version: Option<u8>,
+    /// Mount path of the AppRole auth method.
+    #[serde(default = "default_approle_mount")]
+    pub approle_mount: String,
+    /// Fetch the seed again after this many seconds (at the next connection, and in the
+    /// background so a broken Vault setup shows early).
+    #[serde(default = "default_vault_refresh_secs")]
+    pub refresh_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,6 +219,15 @@ fn default_request_timeout_secs() -> u64 {
 fn default_max_timeout_secs() -> u64 {
     24 * 60 * 60
 }
+fn default_nkey_field() -> String {
+    "nkey_seed".to_owned()
+}
+fn default_approle_mount() -> String {
+    "approle".to_owned()
+}
+fn default_vault_refresh_secs() -> u64 {
+    3600
+}
 fn default_true() -> bool {
     true
 }
@@ -311,6 +353,43 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if let Some(vault) = &self.vault {
+            let needs = |key: &str, value: &Option<PathBuf>| match value {
+                Some(_) => Ok(()),
+                None => Err(invalid(
+                    format!("vault.{key}"),
+                    format!("is required with auth = {:?}", vault.auth),
+                )),
+            };
+            match vault.auth.as_str() {
+                "approle" => {
+                    needs("role_id_file", &vault.role_id_file)?;
+                    needs("secret_id_file", &vault.secret_id_file)?;
+                }
+                "token" => needs("token_file", &vault.token_file)?,
+                other => {
+                    return Err(invalid(
+                        "vault.auth".into(),
+                        format!("{other:?} is not \"approle\" or \"token\""),
+                    ))
+                }
+            }
+            if !matches!(vault.kv_version, None | Some(1 | 2)) {
+                return Err(invalid("vault.kv_version".into(), "must be 1 or 2".into()));
+            }
+            if vault.refresh_interval_secs == 0 {
+                return Err(invalid(
+                    "vault.refresh_interval_secs".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+            if !vault.nkey_secret.contains('/') {
+                return Err(invalid(
+                    "vault.nkey_secret".into(),
+                    "must be mount/path, e.g. shared/homelab-deploy/builder-nkey".into(),
+                ));
+            }
+        }
         if self.builder.build_jobs == 0 {
             return Err(invalid(
                 "builder.build_jobs".into(),
@@ -401,6 +480,35 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// Where the seed is in Vault, when configured.
+    pub fn vault_settings(&self) -> Option<homelab_deploy_credentials::vault::VaultSettings> {
+        use homelab_deploy_credentials::vault::{VaultAuth, VaultSettings};
+        let vault = self.vault.as_ref()?;
+        let auth = match (
+            &vault.token_file,
+            &vault.role_id_file,
+            &vault.secret_id_file,
+        ) {
+            (Some(token_file), _, _) if vault.auth == "token" => VaultAuth::Token {
+                token_file: token_file.clone(),
+            },
+            (_, Some(role), Some(secret)) => VaultAuth::AppRole {
+                role_id_file: role.clone(),
+                secret_id_file: secret.clone(),
+            },
+            _ => return None,
+        };
+        Some(VaultSettings {
+            address: vault.address.clone(),
+            secret: vault.nkey_secret.clone(),
+            field: vault.nkey_field.clone(),
+            auth,
+            kv_version: vault.kv_version,
+            approle_mount: vault.approle_mount.clone(),
+            refresh_interval: Duration::from_secs(vault.refresh_interval_secs),
+        })
     }
 
     /// Where to serve metrics, when they are on.

@@ -13,7 +13,9 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use homelab_deploy_client::{connect, ConnectSettings};
+use homelab_deploy_client::{connect, ClientError, ConnectSettings};
+use homelab_deploy_credentials::vault::VaultSeed;
+use homelab_deploy_credentials::CredentialError;
 use homelab_deploy_protocol::subject::REQUESTS_STREAM;
 use homelab_deploy_protocol::{BuildRequest, Priority, RepoName};
 use tokio::sync::{watch, Semaphore};
@@ -90,7 +92,9 @@ pub async fn run(
         source,
     })?;
 
-    let client = connect_with_retry(&config, &mut stop).await?;
+    let vault = config.vault_settings().map(VaultSeed::new);
+    let client = connect_with_retry(&config, vault.clone(), &mut stop).await?;
+    let vault_refresher = vault.map(|vault| tokio::spawn(refresh_vault_seed(vault)));
     let js = jetstream::new(client.clone());
     let repos = config.repos();
     let repo_names: Vec<RepoName> = repos.iter().map(|repo| repo.name.clone()).collect();
@@ -214,6 +218,9 @@ pub async fn run(
     }
     api_task.abort();
     sampler.abort();
+    if let Some(refresher) = vault_refresher {
+        refresher.abort();
+    }
     let _ = finished_tx.send(true);
     let _ = registry_task.await;
     info!("builder stopped");
@@ -222,6 +229,7 @@ pub async fn run(
 
 async fn connect_with_retry(
     config: &Config,
+    vault: Option<VaultSeed>,
     stop: &mut watch::Receiver<Stop>,
 ) -> Result<async_nats::Client, DaemonError> {
     let settings = ConnectSettings {
@@ -229,14 +237,25 @@ async fn connect_with_retry(
         nkey_file: config.nats.nkey_seed_file.clone(),
         name: format!("homelab-deploy builder {}", config.builder.name),
         timeout: Duration::from_secs(5),
+        vault: vault.clone(),
     };
     let mut delay = Duration::from_secs(1);
     loop {
         match connect(&settings).await {
             Ok(client) => return Ok(client),
-            // A bad seed does not get better by waiting.
-            Err(homelab_deploy_client::ClientError::Credentials(err)) => {
-                return Err(DaemonError::Credentials(err))
+            Err(ClientError::Credentials(CredentialError::Vault(err))) if err.is_transient() => {
+                crate::metrics::builder_state("waiting_for_vault");
+                warn!("{err}; retrying in {}s", delay.as_secs());
+            }
+            // A bad seed or wrong Vault settings do not get better by waiting.
+            Err(ClientError::Credentials(err)) => return Err(DaemonError::Credentials(err)),
+            // The server's users or the seed may be fixed while we wait; a seed from Vault is
+            // fetched again for the next attempt.
+            Err(err @ ClientError::AuthRefused { .. }) => {
+                if let Some(vault) = &vault {
+                    vault.refused();
+                }
+                warn!("{err}; retrying in {}s", delay.as_secs());
             }
             Err(err) => {
                 warn!(error = %err, retry_in_secs = delay.as_secs(), "NATS unreachable; retrying");
@@ -247,6 +266,20 @@ async fn connect_with_retry(
             _ = stopping(stop, Stop::Drain) => return Err(DaemonError::StoppedWhileConnecting),
         }
         delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Fetches the seed from Vault every refresh interval, so the next reconnect has a current
+/// seed and a broken Vault setup (expired secret id, changed policy) shows in logs and metrics
+/// while the builder still runs.
+async fn refresh_vault_seed(vault: VaultSeed) {
+    let mut ticker = tokio::time::interval(vault.settings().refresh_interval);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        if let Err(err) = vault.fetch().await {
+            warn!("refreshing the NKey seed failed: {err}; keeping the one in memory");
+        }
     }
 }
 

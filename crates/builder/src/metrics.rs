@@ -53,6 +53,10 @@ pub fn install(listen: SocketAddr) -> Result<(), MetricsError> {
 }
 
 fn describe() {
+    describe_counter!(
+        homelab_deploy_credentials::vault::FETCH_FAILURES_METRIC,
+        "Failed fetches of the NKey seed from Vault, by reason (unreachable, login, read, missing_field, not_user_seed, credential_file, settings, kv_version)."
+    );
     describe_gauge!(
         "homelab_deploy_build_info",
         "Version of the running homelab-deploy builder (always 1)."

@@ -120,10 +120,12 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr, as text or one JSON object per line; `RUST_LOG` overrides the level
-/// (e.g. `RUST_LOG=homelab_deploy_builder=debug`).
+/// (e.g. `RUST_LOG=homelab_deploy_builder=debug`). The Vault client's own error lines are off
+/// by default: the builder logs each Vault failure once, in its own words.
 fn init_logging(default_level: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default_level},vaultrs=off,rustify=off"))
+    });
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

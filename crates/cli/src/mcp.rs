@@ -39,6 +39,7 @@ pub async fn run(args: McpArgs) -> u8 {
         nkey_file: resolved.nkey_file,
         name: "homelab-deploy mcp".to_owned(),
         timeout: Duration::from_secs(3),
+        vault: None,
     };
     match homelab_deploy_mcp::serve_stdio(settings, args.enable_builds).await {
         Ok(()) => exit::OK,

@@ -20,6 +20,7 @@ pub async fn connect_or_exit(args: &NatsArgs, command: &str) -> Result<Client, u
         nkey_file: resolved.nkey_file,
         name: format!("homelab-deploy {command}"),
         timeout: Duration::from_secs(5),
+        vault: None,
     };
     connect(&settings).await.map_err(client_error)
 }

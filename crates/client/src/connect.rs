@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::{Auth, AuthError, Client, ConnectOptions, Event, ServerAddr};
+use async_nats::{Auth, AuthError, Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
+use homelab_deploy_credentials::vault::VaultSeed;
 use homelab_deploy_credentials::SeedSource;
 use tracing::{info, warn};
 
@@ -20,21 +21,27 @@ pub struct ConnectSettings {
     pub name: String,
     /// How long the first connection attempt may take.
     pub timeout: Duration,
+    /// Where to fetch the seed when no file or environment variable gives one (the builder).
+    pub vault: Option<VaultSeed>,
 }
 
 /// Connects once; fails within `settings.timeout` when the server cannot be reached.
 /// Later disconnects are retried by the client in the background and logged.
 pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> {
     let url = settings.url.clone();
-    let options = match SeedSource::find(settings.nkey_file.as_deref())? {
+    let source = SeedSource::find(settings.nkey_file.as_deref(), settings.vault.as_ref())?;
+    let mut public_key = None;
+    let options = match source.clone() {
         Some(source) => {
             // Checked now for a clear error; read again at every (re)connect for rotation.
-            source.load()?;
+            public_key = Some(source.load().await?.public_key()?);
             ConnectOptions::with_auth_callback(move |nonce| {
                 let source = source.clone();
                 async move {
-                    let seed = source
-                        .load()
+                    // On a task of its own: the callback's future must be Sync, Vault's is not.
+                    let seed = tokio::spawn(async move { source.load().await })
+                        .await
+                        .map_err(|err| AuthError::new(err.to_string()))?
                         .map_err(|err| AuthError::new(err.to_string()))?;
                     let signature = seed
                         .sign(&nonce)
@@ -56,10 +63,17 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
         .connection_timeout(settings.timeout)
         .event_callback(move |event| {
             let url = url.clone();
+            let source = source.clone();
             async move {
                 match event {
                     Event::Connected => info!(url, "connected to NATS"),
                     Event::Disconnected => warn!(url, "disconnected from NATS; reconnecting"),
+                    Event::ClientError(err) if is_auth_refusal(&err.to_string()) => {
+                        warn!(url, "NATS refused the NKey at reconnect; fetching it again");
+                        if let Some(source) = &source {
+                            source.refused();
+                        }
+                    }
                     other => warn!(url, event = %other, "NATS connection event"),
                 }
             }
@@ -68,10 +82,23 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
     options
         .connect(servers)
         .await
-        .map_err(|err| ClientError::Connect {
-            url: settings.url.clone(),
-            message: err.to_string(),
+        .map_err(|err| match (err.kind(), public_key) {
+            (ConnectErrorKind::AuthorizationViolation, Some(public_key)) => {
+                ClientError::AuthRefused {
+                    url: settings.url.clone(),
+                    public_key,
+                }
+            }
+            _ => ClientError::Connect {
+                url: settings.url.clone(),
+                message: err.to_string(),
+            },
         })
+}
+
+/// async-nats reports a refused reconnect only as text.
+fn is_auth_refusal(message: &str) -> bool {
+    message.contains("authorization violation")
 }
 
 /// `nats://a:4222,nats://b:4222`: several servers of one cluster, tried in turn.

@@ -16,6 +16,8 @@ use homelab_deploy_protocol::RepoName;
 pub enum ClientError {
     #[error("cannot reach NATS at {url}: {message}")]
     Connect { url: String, message: String },
+    #[error("NATS at {url} refused the NKey {public_key}: authorization violation; add this public key to the server's users, or use the seed that belongs to the configured one")]
+    AuthRefused { url: String, public_key: String },
     #[error(transparent)]
     Credentials(#[from] homelab_deploy_credentials::CredentialError),
     #[error("no builder serves repo {repo}: no JetStream stream takes build.{repo}.* (is a builder configured with [repos.{repo}] and has it started?)")]

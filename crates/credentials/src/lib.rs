@@ -2,8 +2,11 @@
 //! out of every log, error and `Debug` output.
 //!
 //! Sources, first that is set wins: a seed file (`--nkey-file`, `[nats] nkey_seed_file`), then
-//! the environment variable `HOMELAB_DEPLOY_NKEY_SEED` (the seed itself, for CI secrets). A seed
-//! file is read again at every connection, so a rotated seed is used at the next reconnect.
+//! the environment variable `HOMELAB_DEPLOY_NKEY_SEED` (the seed itself, for CI secrets), then
+//! Vault (the builder's `[vault]`, see [`vault`]). A seed file is read again at every connection,
+//! so a rotated seed is used at the next reconnect.
+
+pub mod vault;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -32,6 +35,8 @@ pub enum CredentialError {
     },
     #[error("signing the server's nonce failed: {0}")]
     Sign(String),
+    #[error(transparent)]
+    Vault(#[from] vault::VaultError),
 }
 
 /// An NKey user seed. Neither `Debug` nor anything else prints it.
@@ -53,7 +58,7 @@ impl Seed {
     }
 
     /// Checks `text` is a user seed; says what it is otherwise (never echoing it).
-    fn parse(text: &str) -> Result<Self, &'static str> {
+    pub(crate) fn parse(text: &str) -> Result<Self, &'static str> {
         let text = text.trim();
         match KeyPair::from_seed(text) {
             Ok(pair) if matches!(pair.key_pair_type(), KeyPairType::User) => {
@@ -81,7 +86,7 @@ impl Seed {
     }
 
     /// The seed itself, for writing it to a file.
-    fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -110,11 +115,16 @@ pub fn describe(text: &str) -> &'static str {
 pub enum SeedSource {
     File(PathBuf),
     Env(Seed),
+    Vault(vault::VaultSeed),
 }
 
 impl SeedSource {
-    /// The first configured source: `file`, else `$HOMELAB_DEPLOY_NKEY_SEED`, else none.
-    pub fn find(file: Option<&Path>) -> Result<Option<Self>, CredentialError> {
+    /// The first configured source: `file`, else `$HOMELAB_DEPLOY_NKEY_SEED`, else `vault`,
+    /// else none.
+    pub fn find(
+        file: Option<&Path>,
+        vault: Option<&vault::VaultSeed>,
+    ) -> Result<Option<Self>, CredentialError> {
         if let Some(path) = file {
             return Ok(Some(Self::File(path.to_owned())));
         }
@@ -124,15 +134,23 @@ impl SeedSource {
                     .map_err(|holds| CredentialError::EnvNotUserSeed { holds })?;
                 Ok(Some(Self::Env(seed)))
             }
-            _ => Ok(None),
+            _ => Ok(vault.cloned().map(Self::Vault)),
         }
     }
 
-    /// The current seed.
-    pub fn load(&self) -> Result<Seed, CredentialError> {
+    /// The seed for a connection attempt (a file is read again; see [`vault::VaultSeed::current`]).
+    pub async fn load(&self) -> Result<Seed, CredentialError> {
         match self {
             Self::Env(seed) => Ok(seed.clone()),
             Self::File(path) => read_seed_file(path),
+            Self::Vault(vault) => Ok(vault.current().await?),
+        }
+    }
+
+    /// The server refused the last seed: a Vault seed is fetched again at the next attempt.
+    pub fn refused(&self) {
+        if let Self::Vault(vault) = self {
+            vault.refused();
         }
     }
 }

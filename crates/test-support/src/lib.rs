@@ -1,5 +1,10 @@
-//! Test harness: real `nats-server`, real git repos made from fixture flakes, the real builder
-//! binary, and the real `nix`. Everything lives in temp dirs and is torn down on drop.
+//! Test harness: real `nats-server`, a real Vault-API server (`rvault`), real git repos made
+//! from fixture flakes, the real builder binary, and the real `nix`. Everything lives in temp
+//! dirs and is torn down on drop.
+
+mod vault;
+
+pub use vault::{AppRoleFiles, VaultServer};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -353,14 +358,19 @@ impl Builder {
     /// Starts a builder with exactly this config text (made with [`Builder::config`] and edited)
     /// and waits until it is ready. `{state_dir}` in the text is replaced by its state dir.
     pub fn start_config(bin: &Path, name: &str, config: &str) -> Self {
+        let builder = Self::spawn_config(bin, name, config);
+        builder.wait_ready();
+        builder
+    }
+
+    /// Like [`Builder::start_config`], without waiting for it to be ready.
+    pub fn spawn_config(bin: &Path, name: &str, config: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for builder");
         let config = config.replace(
             "{state_dir}",
             &dir.path().join("state").display().to_string(),
         );
-        let builder = Self::launch(bin, dir, name.to_owned(), &config, &[]);
-        builder.wait_ready();
-        builder
+        Self::launch(bin, dir, name.to_owned(), &config, &[])
     }
 
     /// Starts a builder serving `repos` with extra command-line arguments, and waits until it
