@@ -49,6 +49,20 @@ let
         request_ack_wait_secs = optional types.ints.positive "Redelivery delay of a dead builder's request.";
       };
       repos = mkOption { type = types.attrsOf repoSettings; default = { }; description = "Repos served, by name."; };
+      vault = optional (types.submodule {
+        options = {
+          address = mkOption { type = types.str; example = "https://vault.example.org:8200"; description = "Vault (or OpenBao) address."; };
+          nkey_secret = mkOption { type = types.str; default = "shared/homelab-deploy/builder-nkey"; description = "mount/path of the secret holding the seed."; };
+          nkey_field = optional types.str "Field of the secret holding the seed (default nkey_seed).";
+          auth = mkOption { type = types.enum [ "approle" "token" ]; default = "approle"; description = "How the builder logs in to Vault."; };
+          role_id_file = optional types.str "AppRole role id file.";
+          secret_id_file = optional types.str "AppRole secret id file.";
+          token_file = optional types.str "Vault token file (auth = token).";
+          kv_version = optional (types.enum [ 1 2 ]) "KV version of the mount (default: asked from Vault).";
+          approle_mount = optional types.str "Mount path of the AppRole auth method (default approle).";
+          refresh_interval_secs = optional types.ints.positive "Fetch the seed again after this long (default 3600).";
+        };
+      }) "Fetch the NKey seed from Vault (absent: off).";
       metrics = optional (types.submodule {
         options = {
           enable = mkOption { type = types.bool; default = true; description = "Serve /metrics."; };
@@ -101,6 +115,22 @@ in
       description = "File with the builder's NKey user seed (readable by the `homelab-deploy` user).";
     };
 
+    vault = {
+      address = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "https://vault.example.org:8200";
+        description = ''
+          Vault (or OpenBao) address. When set, the builder fetches its NKey seed from Vault
+          (AppRole login) instead of reading `nkeySeedFile`; see `settings.vault` for every
+          setting and docs/configuration.md for the policy it needs.
+        '';
+      };
+      nkeySecret = mkOption { type = types.str; default = "shared/homelab-deploy/builder-nkey"; description = "mount/path of the secret holding the seed in field `nkey_seed`."; };
+      roleIdFile = mkOption { type = types.nullOr types.str; default = null; example = "/run/secrets/homelab-deploy/role-id"; description = "AppRole role id file (readable by the `homelab-deploy` user)."; };
+      secretIdFile = mkOption { type = types.nullOr types.str; default = null; example = "/run/secrets/homelab-deploy/secret-id"; description = "AppRole secret id file (readable by the `homelab-deploy` user)."; };
+    };
+
     metrics = {
       enable = mkEnableOption "the Prometheus metrics endpoint (job `homelab-deploy-builder`)";
       port = mkOption { type = types.port; default = 9973; description = "Port of /metrics."; };
@@ -137,6 +167,17 @@ in
         message = "services.homelab-deploy.builder: repo names must be [A-Za-z0-9_-]{1,64} and not `api` or `responses` (they become NATS subject tokens).";
       }
       {
+        assertion = cfg.settings.vault == null || cfg.settings.nats.nkey_seed_file == null;
+        message = "services.homelab-deploy.builder: set either nkeySeedFile or vault.address, not both (a seed file would win and Vault would never be asked).";
+      }
+      {
+        assertion = cfg.settings.vault == null
+          || (if cfg.settings.vault.auth == "approle"
+              then cfg.settings.vault.role_id_file != null && cfg.settings.vault.secret_id_file != null
+              else cfg.settings.vault.token_file != null);
+        message = "services.homelab-deploy.builder: Vault AppRole login needs vault.roleIdFile and vault.secretIdFile (settings.vault.token_file with auth = \"token\").";
+      }
+      {
         assertion = cfg.settings.repos != { };
         message = "services.homelab-deploy.builder: no repos configured; set services.homelab-deploy.builder.repos.<name>.url.";
       }
@@ -147,6 +188,12 @@ in
       settings = {
         nats.url = mkDefault cfg.natsUrl;
         nats.nkey_seed_file = mkDefault cfg.nkeySeedFile;
+        vault = mkIf (cfg.vault.address != null) {
+          address = mkDefault cfg.vault.address;
+          nkey_secret = mkDefault cfg.vault.nkeySecret;
+          role_id_file = mkDefault cfg.vault.roleIdFile;
+          secret_id_file = mkDefault cfg.vault.secretIdFile;
+        };
         repos = lib.mapAttrs (_: repo: { url = mkDefault repo.url; ref = mkDefault repo.ref; }) cfg.repos;
         metrics = mkIf cfg.metrics.enable { listen = mkDefault "0.0.0.0:${toString cfg.metrics.port}"; };
       };

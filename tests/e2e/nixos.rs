@@ -119,6 +119,87 @@ fn builder_module_renders_a_config_the_binary_accepts() {
     assert_eq!(summary["firewall"], serde_json::json!([9973]));
 }
 
+/// The reference deployment's Vault setup: `vault.address` and the AppRole files render a
+/// `[vault]` table the binary accepts; a seed file and Vault together, or AppRole without its
+/// files, are assertion failures.
+#[test]
+fn builder_module_takes_the_seed_from_vault() {
+    let summary = evaluate(
+        r#"{
+          services.homelab-deploy.builder = {
+            enable = true;
+            repos.nixos-servers.url = "git+https://git.example.org/torjus/nixos-servers.git";
+            vault = {
+              address = "https://vault.example.org:8200";
+              roleIdFile = "/run/secrets/homelab-deploy/role-id";
+              secretIdFile = "/run/secrets/homelab-deploy/secret-id";
+            };
+            settings.vault.kv_version = 2;
+          };
+        }"#,
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    let file = summary["builderConfigFile"].as_str().expect("config file");
+    let config = std::fs::read_to_string(file).expect("rendered config");
+    for expected in [
+        "[vault]",
+        "address = \"https://vault.example.org:8200\"",
+        "nkey_secret = \"shared/homelab-deploy/builder-nkey\"",
+        "auth = \"approle\"",
+        "role_id_file = \"/run/secrets/homelab-deploy/role-id\"",
+        "secret_id_file = \"/run/secrets/homelab-deploy/secret-id\"",
+        "kv_version = 2",
+    ] {
+        assert!(
+            config.contains(expected),
+            "{expected} missing from:\n{config}"
+        );
+    }
+    assert!(!config.contains("nkey_seed_file"), "{config}");
+    let check = Command::new(bin())
+        .args(["builder", "--check", "--config", file])
+        .output()
+        .expect("check");
+    assert!(check.status.success(), "{}\n{config}", text(&check).1);
+
+    let both = evaluate(
+        r#"{
+          services.homelab-deploy.builder = {
+            enable = true;
+            repos.x.url = "git+file:///srv/x";
+            nkeySeedFile = "/run/secrets/builder-nkey";
+            vault = { address = "https://vault:8200"; roleIdFile = "/r"; secretIdFile = "/s"; };
+          };
+        }"#,
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        both["failedAssertions"]
+            .to_string()
+            .contains("either nkeySeedFile or vault.address"),
+        "{}",
+        both["failedAssertions"]
+    );
+    let no_files = evaluate(
+        r#"{
+          services.homelab-deploy.builder = {
+            enable = true;
+            repos.x.url = "git+file:///srv/x";
+            vault.address = "https://vault:8200";
+          };
+        }"#,
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        no_files["failedAssertions"]
+            .to_string()
+            .contains("vault.roleIdFile and vault.secretIdFile"),
+        "{}",
+        no_files["failedAssertions"]
+    );
+}
+
 /// A typo in an option name, a wrong type, and a repo name that breaks the subject rules are
 /// evaluation errors that name the option.
 #[test]

@@ -338,3 +338,27 @@ async fn vault_down_at_start_is_waited_for() {
     assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
     fleet.assert_no_secret("the builder log", &builder.log());
 }
+
+/// `auth = "token"`: the builder reads a Vault token from a file (kept fresh by e.g. vault-agent)
+/// instead of logging in with an AppRole, and starts with the seed it reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_auth_reads_the_seed() {
+    let mut fleet = VaultFleet::start().await;
+    let token = fleet.vault.token(&["homelab-deploy-builder"]).await;
+    fleet.secrets.push(token.clone());
+    let token_file = fleet.secured.dir.join("vault-token");
+    std::fs::write(&token_file, &token).expect("write token");
+    let name = unique("builder");
+    let table = format!(
+        "[vault]\naddress = \"{}\"\nnkey_secret = \"{SECRET}\"\nauth = \"token\"\ntoken_file = \"{}\"\n",
+        fleet.vault.address,
+        token_file.display()
+    );
+    let builder = Builder::spawn_config(bin(), &name, &fleet.builder_config(&name, &table, ""));
+    builder.wait_ready();
+    let output = fleet
+        .secured
+        .cli(&fleet.secured.deployer_seed, &["builders"]);
+    assert!(text(&output).0.contains(&name), "{}", text(&output).0);
+    fleet.assert_no_secret("the builder log", &builder.log());
+}

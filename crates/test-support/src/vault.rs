@@ -215,6 +215,19 @@ impl VaultServer {
         }
     }
 
+    /// A new token with `policies`, as an operator would hand one out.
+    pub async fn token(&self, policies: &[&str]) -> String {
+        self.call(
+            "POST",
+            "auth/token/create",
+            Some(json!({ "policies": policies })),
+        )
+        .await["auth"]["client_token"]
+            .as_str()
+            .expect("client token")
+            .to_owned()
+    }
+
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
