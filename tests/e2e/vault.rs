@@ -122,10 +122,6 @@ fn all_text_under(dir: &Path) -> String {
     text
 }
 
-fn wait_exit(builder: &mut Builder) -> bool {
-    wait_until(Duration::from_secs(30), || !builder.is_running())
-}
-
 /// The reference deployment end to end: the builder logs in with its AppRole, finds the KV
 /// version of the mount itself, reads its seed, authenticates to NATS with it and builds. When
 /// the seed is rotated in Vault and on the server, the builder is refused at its reconnect,
@@ -175,10 +171,11 @@ async fn builder_takes_its_seed_from_vault_and_follows_a_rotation() {
 }
 
 /// What goes wrong on the Vault side is named in the builder's log, with the secret's path and
-/// what to do, and the builder stops instead of looping: a missing secret, a path the policy
-/// does not grant, a wrong secret id, and a field holding something other than a user seed.
+/// what to do, while the builder waits in state `waiting_for_vault` (no crash loop): a missing
+/// secret, a path the policy does not grant, a wrong secret id, and a field holding something
+/// other than a user seed. Storing the missing secret is enough for the builder to start.
 #[tokio::test(flavor = "multi_thread")]
-async fn vault_refusals_are_named_and_stop_the_builder() {
+async fn vault_refusals_are_named_and_waited_out() {
     let fleet = VaultFleet::start().await;
     let other = "shared/homelab-deploy/other-builder";
     let public = "shared/homelab-deploy/public-key";
@@ -245,24 +242,40 @@ async fn vault_refusals_are_named_and_stop_the_builder() {
             vec![public, "holds a public key, not a user seed"],
         ),
     ];
+    let mut builders = Vec::new();
     for (table, expected) in cases {
         let name = unique("builder");
-        let config = fleet.builder_config(&name, &table, "");
+        let metrics_port = free_port();
+        let metrics = format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n");
+        let config = fleet.builder_config(&name, &table, &metrics);
         let mut builder = Builder::spawn_config(bin(), &name, &config);
-        assert!(
-            wait_exit(&mut builder),
-            "{table}: the builder kept running:\n{}",
-            builder.log()
-        );
+        let named = wait_until(Duration::from_secs(30), || {
+            let log = builder.log();
+            expected.iter().all(|expected| log.contains(expected))
+                && log.contains("trying again in")
+        });
         let log = builder.log();
-        for expected in expected {
-            assert!(
-                log.contains(expected),
-                "{table}: no {expected:?} in:\n{log}"
-            );
-        }
+        assert!(named, "{table}: expected {expected:?} in:\n{log}");
+        assert!(builder.is_running(), "{table}: the builder exited:\n{log}");
+        let metrics = crate::metrics::scrape(metrics_port);
+        assert!(
+            metrics.contains("homelab_deploy_builder_state{state=\"waiting_for_vault\"} 1"),
+            "{table}: {metrics}"
+        );
         fleet.assert_no_secret("the builder log", &log);
+        builders.push(builder);
     }
+
+    fleet
+        .vault
+        .write_secret(
+            missing,
+            json!({ "nkey_seed": read(&fleet.secured.builder_seed) }),
+        )
+        .await;
+    let fixed = &builders[0];
+    fixed.wait_ready();
+    fleet.assert_no_secret("the builder log", &fixed.log());
 }
 
 /// A seed in Vault that the NATS server does not know: the builder says which public key was

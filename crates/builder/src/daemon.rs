@@ -243,11 +243,17 @@ async fn connect_with_retry(
     loop {
         match connect(&settings).await {
             Ok(client) => return Ok(client),
-            Err(ClientError::Credentials(CredentialError::Vault(err))) if err.is_transient() => {
+            // Everything wrong on the Vault side can be fixed there (or by delivering the
+            // AppRole files late), so the builder waits, saying what is wrong each time.
+            Err(ClientError::Credentials(CredentialError::Vault(err))) => {
                 crate::metrics::builder_state("waiting_for_vault");
-                warn!("{err}; retrying in {}s", delay.as_secs());
+                if err.is_transient() {
+                    warn!("{err}; retrying in {}s", delay.as_secs());
+                } else {
+                    error!("{err}; trying again in {}s", delay.as_secs());
+                }
             }
-            // A bad seed or wrong Vault settings do not get better by waiting.
+            // A bad seed file does not get better by waiting.
             Err(ClientError::Credentials(err)) => return Err(DaemonError::Credentials(err)),
             // The server's users or the seed may be fixed while we wait; a seed from Vault is
             // fetched again for the next attempt.
