@@ -375,3 +375,58 @@ async fn token_auth_reads_the_seed() {
     assert!(text(&output).0.contains(&name), "{}", text(&output).0);
     fleet.assert_no_secret("the builder log", &builder.log());
 }
+
+/// Vault going away while the builder runs: the builder keeps the seed it holds and goes on
+/// building; `builders` shows why its background fetches fail, and the metrics count them;
+/// once Vault is back the error is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_background_fetch_shows_in_builders() {
+    let mut fleet = VaultFleet::start().await;
+    let metrics_port = free_port();
+    let builder = fleet.spawn_builder(
+        "refresh_interval_secs = 1\n",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    );
+    builder.wait_ready();
+    fleet.vault.stop();
+    let vault_error = |fleet: &VaultFleet| {
+        let output = fleet
+            .secured
+            .cli(&fleet.secured.deployer_seed, &["builders", "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&text(&output).0).unwrap_or_default();
+        list["builders"][0]["vault_error"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let shown = wait_until(Duration::from_secs(30), || {
+        vault_error(&fleet).is_some_and(|error| {
+            error.contains(&format!("vault at {} unreachable", fleet.vault.address))
+        })
+    });
+    assert!(shown, "no vault error in builders:\n{}", builder.log());
+    let output = fleet
+        .secured
+        .cli(&fleet.secured.deployer_seed, &["builders"]);
+    assert!(
+        text(&output).0.contains("  vault: vault at"),
+        "{}",
+        text(&output).0
+    );
+    let metrics = crate::metrics::scrape(metrics_port);
+    assert!(
+        metrics.contains("homelab_deploy_vault_fetch_failures_total{reason=\"unreachable\"}"),
+        "{metrics}"
+    );
+    let output = fleet.build();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "a build while Vault is down: {}",
+        text(&output).1
+    );
+
+    fleet.vault.restart().await;
+    let cleared = wait_until(Duration::from_secs(30), || vault_error(&fleet).is_none());
+    assert!(cleared, "the vault error stayed:\n{}", builder.log());
+    fleet.assert_no_secret("the builder log", &builder.log());
+}

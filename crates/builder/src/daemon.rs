@@ -94,7 +94,9 @@ pub async fn run(
 
     let vault = config.vault_settings().map(VaultSeed::new);
     let client = connect_with_retry(&config, vault.clone(), &mut stop).await?;
-    let vault_refresher = vault.map(|vault| tokio::spawn(refresh_vault_seed(vault)));
+    let vault_refresher = vault
+        .clone()
+        .map(|vault| tokio::spawn(refresh_vault_seed(vault)));
     let js = jetstream::new(client.clone());
     let repos = config.repos();
     let repo_names: Vec<RepoName> = repos.iter().map(|repo| repo.name.clone()).collect();
@@ -151,6 +153,7 @@ pub async fn run(
         &config.builder.name,
         repo_names.iter().map(|r| r.to_string()).collect(),
         config.streams.replicas,
+        vault,
     )
     .await?;
     for repo in repo_names.clone() {

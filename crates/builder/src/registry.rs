@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
+use homelab_deploy_credentials::vault::VaultSeed;
 use homelab_deploy_protocol::api::{BuilderInfo, BuilderState, BUILDERS_BUCKET};
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -21,6 +22,7 @@ pub struct Registry {
     name: String,
     repos: Vec<String>,
     started_at: OffsetDateTime,
+    vault: Option<VaultSeed>,
 }
 
 impl Registry {
@@ -29,6 +31,7 @@ impl Registry {
         name: &str,
         repos: Vec<String>,
         replicas: usize,
+        vault: Option<VaultSeed>,
     ) -> Result<Self, crate::bus::BusError> {
         let store = match js.get_key_value(BUILDERS_BUCKET).await {
             Ok(store) => store,
@@ -53,6 +56,7 @@ impl Registry {
             name: name.to_owned(),
             repos,
             started_at: OffsetDateTime::now_utc(),
+            vault,
         })
     }
 
@@ -69,6 +73,7 @@ impl Registry {
             started_at: self.started_at,
             heartbeat: OffsetDateTime::now_utc(),
             hosts,
+            vault_error: self.vault.as_ref().and_then(VaultSeed::last_error),
         };
         let Ok(payload) = serde_json::to_vec(&info) else {
             return;

@@ -220,6 +220,9 @@ pub async fn builders(args: BuildersArgs) -> u8 {
             format!("{age}s ago"),
             builder.repos.join(", ")
         );
+        if let Some(error) = &builder.vault_error {
+            println!("  vault: {error}");
+        }
     }
     exit::OK
 }

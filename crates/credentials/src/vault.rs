@@ -354,6 +354,7 @@ fn location_from(secret: &str, info: &MountInfo) -> Option<Location> {
 pub struct VaultSeed {
     settings: Arc<VaultSettings>,
     held: Arc<Mutex<Option<Held>>>,
+    last_error: Arc<Mutex<Option<String>>>,
 }
 
 #[derive(Clone)]
@@ -378,6 +379,7 @@ impl VaultSeed {
         Self {
             settings: Arc::new(settings),
             held: Arc::new(Mutex::new(None)),
+            last_error: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -421,6 +423,17 @@ impl VaultSeed {
         }
     }
 
+    /// Why the last fetch failed, until one succeeds.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().map(|e| e.clone()).unwrap_or(None)
+    }
+
+    fn set_last_error(&self, error: Option<String>) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = error;
+        }
+    }
+
     /// Fetches the seed now and keeps it; failures are counted in
     /// `homelab_deploy_vault_fetch_failures_total`.
     pub async fn fetch(&self) -> Result<Seed, VaultError> {
@@ -428,9 +441,11 @@ impl VaultSeed {
             Ok(seed) => seed,
             Err(err) => {
                 metrics::counter!(FETCH_FAILURES_METRIC, "reason" => err.reason()).increment(1);
+                self.set_last_error(Some(err.to_string()));
                 return Err(err);
             }
         };
+        self.set_last_error(None);
         let public_key = seed.public_key().ok();
         let previous = self.held().and_then(|held| held.seed.public_key().ok());
         if previous.is_some() && previous != public_key {

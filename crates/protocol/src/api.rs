@@ -218,7 +218,6 @@ pub enum BuilderState {
         id: String,
     },
     Draining,
-    WaitingForVault,
 }
 
 impl BuilderState {
@@ -228,7 +227,6 @@ impl BuilderState {
             Self::Idle => "idle",
             Self::Building { .. } => "building",
             Self::Draining => "draining",
-            Self::WaitingForVault => "waiting_for_vault",
         }
     }
 }
@@ -248,6 +246,10 @@ pub struct BuilderInfo {
     /// Hosts of each repo's flake at the last commit this builder evaluated (empty until known).
     #[serde(default)]
     pub hosts: std::collections::BTreeMap<String, Vec<String>>,
+    /// Why the last fetch of the builder's NKey seed from Vault failed, while it keeps failing
+    /// (the builder runs on with the seed it holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
