@@ -244,6 +244,13 @@ async fn nkey_users_build_end_to_end() {
         Duration::from_secs(30),
     );
     assert_eq!(output.status.code(), Some(3), "{}", text(&output).1);
+    assert!(
+        text(&output)
+            .1
+            .contains("requires authentication: give an NKey user seed"),
+        "{}",
+        text(&output).1
+    );
     let log = fleet.builder.as_ref().map(|b| b.log()).unwrap_or_default();
     let seed = std::fs::read_to_string(&fleet.secured.builder_seed).expect("seed");
     assert!(!log.contains(seed.trim()), "the builder logged its seed");

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::{Auth, AuthError, Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
 use homelab_deploy_credentials::vault::VaultSeed;
 use homelab_deploy_credentials::SeedSource;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::ClientError;
 
@@ -68,6 +68,8 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
                 match event {
                     Event::Connected => info!(url, "connected to NATS"),
                     Event::Disconnected => warn!(url, "disconnected from NATS; reconnecting"),
+                    // We closed it ourselves (the command is ending): nothing to warn about.
+                    Event::Closed => debug!(url, "NATS connection closed"),
                     Event::ClientError(err) if is_auth_refusal(&err.to_string()) => {
                         warn!(url, "NATS refused the NKey at reconnect; fetching it again");
                         if let Some(source) = &source {
@@ -89,6 +91,9 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
                     public_key,
                 }
             }
+            (ConnectErrorKind::AuthorizationViolation, None) => ClientError::AuthRequired {
+                url: settings.url.clone(),
+            },
             _ => ClientError::Connect {
                 url: settings.url.clone(),
                 message: err.to_string(),

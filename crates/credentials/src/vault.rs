@@ -448,12 +448,19 @@ impl VaultSeed {
         self.set_last_error(None);
         let public_key = seed.public_key().ok();
         let previous = self.held().and_then(|held| held.seed.public_key().ok());
-        if previous.is_some() && previous != public_key {
-            info!(
+        let public_key_text = public_key.as_deref().unwrap_or("?");
+        match previous {
+            None => info!(
                 secret = %self.settings.secret,
-                public_key = public_key.as_deref().unwrap_or("?"),
+                public_key = public_key_text,
+                "fetched the NKey seed from vault"
+            ),
+            Some(previous) if Some(&previous) != public_key.as_ref() => info!(
+                secret = %self.settings.secret,
+                public_key = public_key_text,
                 "the NKey seed in vault changed; the new one is used from the next connection"
-            );
+            ),
+            Some(_) => {}
         }
         if let Ok(mut held) = self.held.lock() {
             *held = Some(Held {

@@ -228,10 +228,23 @@ impl NatsCluster {
 
 /// A free TCP port on loopback (for a server that starts later).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("free port")
+    // Below Linux's ephemeral range (32768–60999): a port handed out here is not also given to
+    // the next `bind(":0")` of a server another test starts meanwhile. Random, so parallel test
+    // processes rarely pick the same one; tried until one binds.
+    let seed = nuid::next().to_string();
+    let mut state = seed.bytes().fold(std::process::id() as u64, |acc, b| {
+        acc.wrapping_mul(31).wrapping_add(b as u64)
+    });
+    for _ in 0..1000 {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let port = 20000 + ((state >> 33) % 12000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000")
 }
 
 /// A git repo made from a fixture flake, in a temp dir, with a nonce of its own.
