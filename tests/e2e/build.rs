@@ -73,6 +73,8 @@ fn all_reports_every_host_when_some_fail() {
 }
 
 /// The second build of the same rev finds the toplevel in the store: `cached`, same out path.
+/// Once the builder's GC root is gone and the output collected, it is built again, not
+/// reported cached from memory.
 #[test]
 fn second_build_of_same_rev_is_cached() {
     let setup = Setup::new("fleet");
@@ -82,10 +84,28 @@ fn second_build_of_same_rev_is_cached() {
     let (code, second) = setup.build_json("db", &[]);
     assert_eq!(code, 0, "{second:#}");
     assert_eq!(host(&second, "db")["status"], "cached");
-    assert_eq!(
-        host(&second, "db")["out_path"],
-        host(&first, "db")["out_path"]
+    let out_path = host(&first, "db")["out_path"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(host(&second, "db")["out_path"], out_path.as_str());
+
+    let root = setup.builder.state_dir().join("gcroots/demo/db");
+    std::fs::remove_file(&root).expect("remove the builder's GC root");
+    let deleted = std::process::Command::new("nix-store")
+        .args(["--delete", &out_path])
+        .output()
+        .expect("nix-store --delete");
+    assert!(
+        deleted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deleted.stderr)
     );
+    let (code, third) = setup.build_json("db", &[]);
+    assert_eq!(code, 0, "{third:#}");
+    assert_eq!(host(&third, "db")["status"], "built", "{third:#}");
+    assert_eq!(host(&third, "db")["out_path"], out_path.as_str());
+    assert!(std::path::Path::new(&out_path).exists());
 }
 
 /// A requested rev is built even when the branch has moved on; an unknown rev fails by name.

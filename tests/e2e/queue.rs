@@ -446,7 +446,8 @@ async fn host_and_request_timeouts() {
 }
 
 /// A second SIGTERM kills the running build and hands its request back to the queue: it is not
-/// reported failed, and the next builder builds it (attempt 2, numbering continued).
+/// reported failed, `status` shows it queued again (event `requeued`), and the next builder
+/// builds it (attempt 2, numbering continued).
 #[tokio::test(flavor = "multi_thread")]
 async fn second_sigterm_returns_the_request_to_the_queue() {
     let fleet = Fleet::new();
@@ -469,6 +470,12 @@ async fn second_sigterm_returns_the_request_to_the_queue() {
         events.iter().all(|e| e["type"] != "finished"),
         "{events:#?}"
     );
+    let last = events.last().cloned().unwrap_or_default();
+    assert_eq!(last["type"], "requeued", "{events:#?}");
+    assert_eq!(last["builder"], first.name.as_str());
+    let output = fleet.cli(&["status", &id, "--json"]);
+    let state: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    assert_eq!(state["phase"], "queued", "{state:#}");
     let gone = wait_until(Duration::from_secs(10), || {
         fleet.build_processes().is_empty()
     });

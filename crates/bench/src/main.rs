@@ -75,13 +75,15 @@ const READING: &str = "## Reading the results
   is evaluated once) instead of once per host; peak evaluator memory stays that of one host's
   evaluation here because the hosts share nearly everything. Goal met.
 - **dispatch overhead**: the baseline is a repeated `nix build` of the same flake attribute, which
-  Nix answers from its evaluation cache in a few tens of milliseconds. homelab-deploy remembers
-  what it evaluated per commit too, so a repeat build costs a git fetch, one `nix build` of the
-  `.drv` and the NATS round trips: the overhead is a few tens of milliseconds in absolute terms,
-  but the ratio is above the 1.25 goal because the baseline is so small. On a real NixOS host,
-  where one evaluation takes ~30 s, the same overhead is under 1 %.
-- **queue**: requests are dispatched to a free builder within milliseconds (p99 far below 1 s);
-  drain rate matches nix's own rate for cached builds (nix is the bottleneck, not the queue).
+  Nix answers from its evaluation cache in a few tens of milliseconds. homelab-deploy remembers,
+  per commit, what it evaluated and the output each `.drv` was built to; while the builder's own
+  GC root for the host still points at that output, nix cannot have collected it, so a repeat
+  build costs a git fetch and the NATS round trips, and starts no nix process at all. (When the
+  root has moved on, because another commit of that host was built since, the builder asks nix:
+  one `nix build` of the `.drv`, about what the baseline costs.)
+- **queue**: requests are dispatched to a free builder within milliseconds (p99 far below 1 s).
+  Repeat builds of a cached host start no nix process (see dispatch), so the queue drains faster
+  than the baseline of `nix build`s in a row.
 - **log flood**: the builder keeps ~20 MiB resident however much a build prints; log delivery runs
   at nix's own logging speed.
 - **idle**: a builder without work uses less memory and CPU than the nats-server beside it.

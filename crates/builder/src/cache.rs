@@ -1,6 +1,8 @@
 //! What nix evaluated at a commit never changes, so a builder remembers it: the host list and
-//! each host's toplevel `.drv` per (repo, commit). A repeat build of the same commit (a timer, a
-//! retry, CI after a merge that was already built) then skips evaluation entirely.
+//! each host's toplevel `.drv` per (repo, commit), and the output path each `.drv` built to. A
+//! repeat build of the same commit (a timer, a retry, CI after a merge that was already built)
+//! then skips evaluation entirely, and skips nix too while the builder's own GC root still holds
+//! that output.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,6 +22,8 @@ struct Inner {
     latest_hosts: HashMap<String, Vec<String>>,
     hosts: HashMap<(String, String), Vec<String>>,
     drvs: HashMap<(String, String, String), String>,
+    /// `.drv` → the output path nix built it to.
+    outs: HashMap<String, String>,
 }
 
 impl EvalCache {
@@ -70,11 +74,25 @@ impl EvalCache {
     }
 }
 
+impl EvalCache {
+    /// The output path `drv` was built to, if this builder built it before.
+    pub fn out_path(&self, drv: &str) -> Option<String> {
+        self.lock().outs.get(drv).cloned()
+    }
+
+    pub fn put_out_path(&self, drv: &str, out_path: &str) {
+        let mut inner = self.lock();
+        inner.make_room();
+        inner.outs.insert(drv.to_owned(), out_path.to_owned());
+    }
+}
+
 impl Inner {
     fn make_room(&mut self) {
-        if self.hosts.len() + self.drvs.len() >= MAX_ENTRIES {
+        if self.hosts.len() + self.drvs.len() + self.outs.len() >= MAX_ENTRIES {
             self.hosts.clear();
             self.drvs.clear();
+            self.outs.clear();
         }
     }
 }

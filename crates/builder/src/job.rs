@@ -12,7 +12,7 @@
 //! it be redelivered. NATS, git and nix sit behind [`Publisher`], [`Mirror`] and [`Nix`].
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -257,6 +257,16 @@ impl Jobs {
             .instrument(span)
             .await;
         self.lock_running().remove(id.as_str());
+        if matches!(result, Err(JobError::Aborted)) {
+            // Without it, the request would look running until a builder takes it again.
+            let requeued = EventBody::Requeued {
+                builder: self.builder_name.clone(),
+                reason: format!("builder {} is shutting down", self.builder_name),
+            };
+            if let Err(err) = events.emit(requeued).await {
+                warn!(request_id = %id, error = %err, "could not say the request goes back to the queue");
+            }
+        }
         result
     }
 
@@ -551,6 +561,14 @@ impl Jobs {
 
     /// Evaluates and builds one host. Only a failure to publish (or a shutdown) is an error;
     /// everything nix does wrong is the host's result.
+    /// The output `drv` was built to, when this builder's GC root for the host still points at
+    /// it: nix cannot have collected it, so there is nothing to build and no need to ask nix.
+    fn held_by_gc_root(&self, drv: &str, out_link: &Path) -> Option<String> {
+        let out_path = self.evaluated.out_path(drv)?;
+        let target = std::fs::read_link(out_link).ok()?;
+        (target == Path::new(&out_path) && target.exists()).then_some(out_path)
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn build_host(
         &self,
@@ -624,66 +642,73 @@ impl Jobs {
                 return done(HostStatus::BuildFailed, None, Some(error));
             }
         }
-        let mut batcher = LogBatcher::new(
-            self.publisher.clone(),
-            repo.to_string(),
-            logs.to_owned(),
-            request_id.to_owned(),
-            host.to_owned(),
-        );
-        let (output_tx, mut output) = mpsc::channel(256);
-        let build = self.nix.build(&drv, &out_link, output_tx);
-        tokio::pin!(build);
-        let mut last_progress: Option<Instant> = None;
-        let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
-        // Dropping `build` (on timeout or interrupt) kills nix's whole process group.
-        let built = loop {
-            tokio::select! {
-                built = &mut build => break built,
-                Some(item) = output.recv() => match item {
-                    BuildOutput::Line(line) => batcher.push(line).await?,
-                    BuildOutput::Progress { done, expected, running, failed } => {
-                        if last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVENT_INTERVAL) {
-                            last_progress = Some(Instant::now());
-                            let progress = EventBody::Progress { host: host.to_owned(), done, expected, running, failed };
-                            events.lock().await.emit(progress).await?;
+        let (status, out_path) = match self.held_by_gc_root(&drv, &out_link) {
+            Some(out_path) => (HostStatus::Cached, out_path),
+            None => {
+                let mut batcher = LogBatcher::new(
+                    self.publisher.clone(),
+                    repo.to_string(),
+                    logs.to_owned(),
+                    request_id.to_owned(),
+                    host.to_owned(),
+                );
+                let (output_tx, mut output) = mpsc::channel(256);
+                let build = self.nix.build(&drv, &out_link, output_tx);
+                tokio::pin!(build);
+                let mut last_progress: Option<Instant> = None;
+                let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+                // Dropping `build` (on timeout or interrupt) kills nix's whole process group.
+                let built = loop {
+                    tokio::select! {
+                        built = &mut build => break built,
+                        Some(item) = output.recv() => match item {
+                            BuildOutput::Line(line) => batcher.push(line).await?,
+                            BuildOutput::Progress { done, expected, running, failed } => {
+                                if last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVENT_INTERVAL) {
+                                    last_progress = Some(Instant::now());
+                                    let progress = EventBody::Progress { host: host.to_owned(), done, expected, running, failed };
+                                    events.lock().await.emit(progress).await?;
+                                }
+                            }
+                        },
+                        _ = tokio::time::sleep_until(batcher.deadline().unwrap_or(far_future)) => batcher.flush().await?,
+                        _ = tokio::time::sleep_until(deadline.at) => {
+                            batcher.flush().await?;
+                            return done(HostStatus::TimedOut, None, Some(timed_out()));
+                        }
+                        why = interrupted(interrupt) => {
+                            batcher.flush().await?;
+                            return stopped(why);
                         }
                     }
-                },
-                _ = tokio::time::sleep_until(batcher.deadline().unwrap_or(far_future)) => batcher.flush().await?,
-                _ = tokio::time::sleep_until(deadline.at) => {
-                    batcher.flush().await?;
-                    return done(HostStatus::TimedOut, None, Some(timed_out()));
+                };
+                while let Some(item) = output.recv().await {
+                    if let BuildOutput::Line(line) = item {
+                        batcher.push(line).await?;
+                    }
                 }
-                why = interrupted(interrupt) => {
-                    batcher.flush().await?;
-                    return stopped(why);
-                }
+                batcher.flush().await?;
+                let built = match built {
+                    Ok(built) => built,
+                    Err(err) => return done(HostStatus::BuildFailed, None, Some(err.excerpt())),
+                };
+                self.evaluated.put_out_path(&drv, &built.out_path);
+                let status = if built.derivations_built == 0 {
+                    HostStatus::Cached
+                } else {
+                    HostStatus::Built
+                };
+                (status, built.out_path)
             }
-        };
-        while let Some(item) = output.recv().await {
-            if let BuildOutput::Line(line) = item {
-                batcher.push(line).await?;
-            }
-        }
-        batcher.flush().await?;
-        let built = match built {
-            Ok(built) => built,
-            Err(err) => return done(HostStatus::BuildFailed, None, Some(err.excerpt())),
-        };
-        let status = if built.derivations_built == 0 {
-            HostStatus::Cached
-        } else {
-            HostStatus::Built
         };
         let push_store = self
             .repos
             .get(repo)
             .and_then(|served| served.config.push_store());
-        let mut host_result = result(status, Some(built.out_path.clone()), None);
+        let mut host_result = result(status, Some(out_path.clone()), None);
         if let Some(store) = push_store {
             // A failed push is reported, but the host is still built.
-            let pushed = self.nix.copy_to(&store, &built.out_path).await;
+            let pushed = self.nix.copy_to(&store, &out_path).await;
             host_result.pushed = Some(pushed.is_ok());
             host_result.push_error = pushed.err().map(|err| cut(&err.excerpt()));
             host_result.duration_ms = started.elapsed().as_millis() as u64;

@@ -131,6 +131,12 @@ impl Progress {
                 }
                 self.line(&line);
             }
+            EventBody::Requeued { builder, reason } => {
+                self.current = None;
+                self.line(&format!(
+                    "builder {builder} handed the request back to the queue ({reason}); waiting for a builder"
+                ));
+            }
             EventBody::Finished { .. } => {}
         }
         if let (Some(bar), Some(current)) = (&self.bar, &self.current) {

@@ -156,6 +156,7 @@ pub fn fold_events(events: &[Event]) -> Option<RequestState> {
                 requested_by,
                 ..
             } => {
+                state.phase = RequestPhase::Running;
                 state.builder = Some(builder.clone());
                 state.repo = repo.clone();
                 state.target = target.clone();
@@ -194,6 +195,12 @@ pub fn fold_events(events: &[Event]) -> Option<RequestState> {
                     HostStatus::Cancelled => state.hosts.cancelled += 1,
                     _ => state.hosts.failed += 1,
                 }
+            }
+            EventBody::Requeued { .. } => {
+                state.phase = RequestPhase::Queued;
+                state.builder = None;
+                state.current_host = None;
+                state.hosts.running = 0;
             }
             EventBody::Finished {
                 status,

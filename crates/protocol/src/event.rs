@@ -54,6 +54,9 @@ pub enum EventBody {
         total: usize,
         result: HostResult,
     },
+    /// The builder handed the request back to the queue unfinished (it was stopped while
+    /// building); the next builder to take it sends a new `started`.
+    Requeued { builder: String, reason: String },
     /// The last event of every request, refusals included.
     Finished {
         status: BuildStatus,
@@ -83,6 +86,7 @@ impl EventBody {
             Self::HostStarted { .. } => "host_started",
             Self::Progress { .. } => "progress",
             Self::HostFinished { .. } => "host_finished",
+            Self::Requeued { .. } => "requeued",
             Self::Finished { .. } => "finished",
         }
     }
