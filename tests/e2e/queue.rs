@@ -217,7 +217,8 @@ async fn cancel_queued_and_running_requests() {
 }
 
 /// `replace` cancels the running request for the same target; of two racing `replace`
-/// requests only the newest is built.
+/// requests only the newest is built; an `enqueue` request queued after a `replace` one does
+/// not hide it.
 #[tokio::test(flavor = "multi_thread")]
 async fn replace_cancels_older_requests_and_the_newest_wins() {
     let fleet = Fleet::new();
@@ -251,9 +252,25 @@ async fn replace_cancels_older_requests_and_the_newest_wins() {
         "a superseded replace request was built: {third_events:#?}"
     );
     fleet.wait_started(&fourth).await;
-    let output = fleet.cli(&["cancel", &fourth]);
-    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
-    fleet.finished(&fourth).await;
+
+    // An `enqueue` request queued on top of a `replace` one does not hide it.
+    let fifth = fleet.submit("long", &["--mode", "replace"]);
+    let sixth = fleet.submit("long", &[]);
+    let events = fleet.finished(&fourth).await;
+    let finished = events.last().expect("finished");
+    assert_eq!(finished["status"], "cancelled", "{finished:#}");
+    assert!(
+        finished["cancelled_by"]
+            .as_str()
+            .is_some_and(|by| by.contains(&fifth)),
+        "{finished:#}"
+    );
+    fleet.wait_started(&fifth).await;
+    for id in [&sixth, &fifth] {
+        let output = fleet.cli(&["cancel", id]);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+        fleet.finished(id).await;
+    }
 }
 
 /// `watch` replays from seq 1 after the build ended and from the middle while it runs; `logs`

@@ -896,6 +896,7 @@ async fn newer_replace_request(
     subject: &str,
     stream_seq: u64,
 ) -> Option<String> {
+    // The newest first: usually the answer, in one round trip.
     let newest = requests
         .get_last_raw_message_by_subject(subject)
         .await
@@ -903,16 +904,42 @@ async fn newer_replace_request(
     if newest.sequence <= stream_seq {
         return None;
     }
-    let body: BuildRequest = serde_json::from_slice(&newest.payload).unwrap_or_default();
+    if let Some(id) = replace_request_id(&newest) {
+        return Some(id);
+    }
+    // A newer `enqueue` request on top may hide a `replace` one below it: walk those between.
+    let mut next = stream_seq + 1;
+    while next < newest.sequence {
+        let message = requests
+            .raw_message_builder()
+            .sequence(next)
+            .next_by_subject(subject)
+            .send()
+            .await
+            .ok()?;
+        if message.sequence >= newest.sequence {
+            return None;
+        }
+        if let Some(id) = replace_request_id(&message) {
+            return Some(id);
+        }
+        next = message.sequence + 1;
+    }
+    None
+}
+
+/// The request's id when it is a `replace` request.
+fn replace_request_id(message: &jetstream::message::StreamMessage) -> Option<String> {
+    let body: BuildRequest = serde_json::from_slice(&message.payload).unwrap_or_default();
     if body.mode != Some(Mode::Replace) {
         return None;
     }
-    let id = newest
+    let id = message
         .headers
         .get(MSG_ID_HEADER)
         .map(|value| value.as_str().to_owned())
         .or(body.id);
-    Some(id.unwrap_or_else(|| format!("at stream sequence {}", newest.sequence)))
+    Some(id.unwrap_or_else(|| format!("at stream sequence {}", message.sequence)))
 }
 
 /// While a request runs: keeps it alive with progress acks, and cancels it when a newer
