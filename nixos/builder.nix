@@ -201,6 +201,12 @@ in
 
     networking.firewall.allowedTCPPorts = lib.optional (cfg.metrics.enable && cfg.metrics.openFirewall) cfg.metrics.port;
 
+    # Setting allowed-users here would replace NixOS' default "*" and lock other users out of
+    # nix; instead, say so when a restrictive list leaves the builder out.
+    warnings = lib.optional
+      (!(lib.any (allowed: lib.elem allowed [ "*" "homelab-deploy" "@homelab-deploy" ]) config.nix.settings.allowed-users))
+      "services.homelab-deploy.builder: nix.settings.allowed-users does not include the builder's user; add \"homelab-deploy\" to it, or nix-daemon refuses every build.";
+
     # A fixed user rather than DynamicUser: nix-daemon registers the builder's GC roots under
     # state_dir by path, and `nix.settings.allowed-users` names it; both need a stable identity.
     users.users.homelab-deploy = {

@@ -200,6 +200,32 @@ fn builder_module_takes_the_seed_from_vault() {
     );
 }
 
+/// A restrictive `nix.settings.allowed-users` that leaves the builder's user out is a warning
+/// that says what to add; NixOS' default `*` and a list naming the user are not.
+#[test]
+fn allowed_users_without_the_builder_is_a_warning() {
+    let with = |allowed: &str| {
+        evaluate(&format!(
+            r#"{{
+              services.homelab-deploy.builder = {{ enable = true; repos.x.url = "git+file:///srv/x"; }};
+              {allowed}
+            }}"#
+        ))
+        .unwrap_or_else(|err| panic!("{err}"))["warnings"]
+            .to_string()
+    };
+    let restricted = with(r#"nix.settings.allowed-users = [ "@wheel" ];"#);
+    assert!(
+        restricted.contains("add \\\"homelab-deploy\\\" to it"),
+        "{restricted}"
+    );
+    assert_eq!(with(""), "[]");
+    assert_eq!(
+        with(r#"nix.settings.allowed-users = [ "@wheel" "homelab-deploy" ];"#),
+        "[]"
+    );
+}
+
 /// A typo in an option name, a wrong type, and a repo name that breaks the subject rules are
 /// evaluation errors that name the option.
 #[test]

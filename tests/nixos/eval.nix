@@ -16,5 +16,6 @@ in
   etc = lib.mapAttrs (_: entry: { source = toString entry.source; }) cfg.environment.etc;
   firewall = cfg.networking.firewall.allowedTCPPorts;
   failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) cfg.assertions);
+  warnings = cfg.warnings;
   builderConfigFile = if builder.enable then toString builder.configFile else null;
 }

@@ -49,6 +49,8 @@ in
     networking.hostName = mkOption { type = types.str; default = "testhost"; };
     networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
     nix.package = mkOption { type = types.package; default = fakePackage "nix"; };
+    nix.settings.allowed-users = mkOption { type = types.listOf types.str; default = [ "*" ]; };
+    warnings = mkOption { type = types.listOf types.str; default = [ ]; };
     nixpkgs.overlays = mkOption { type = types.listOf types.unspecified; default = [ ]; };
   };
   config._module.args.pkgs = pkgs;

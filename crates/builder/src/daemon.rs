@@ -145,6 +145,7 @@ pub async fn run(
         build_jobs: config.builder.build_jobs,
         repos: served,
         requests,
+        replace_index: Default::default(),
         watch_interval,
         running: Default::default(),
     });

@@ -58,6 +58,8 @@ pub struct Jobs {
     pub repos: HashMap<RepoName, ServedRepo>,
     /// The requests stream, to spot newer `replace` requests for a running request's target.
     pub requests: jetstream::stream::Stream,
+    /// What of the requests stream has been read for `replace` requests.
+    pub replace_index: Arc<ReplaceIndex>,
     /// How often a running request is kept alive and checked for a newer `replace` request.
     pub watch_interval: Duration,
     /// Requests running here, by id.
@@ -152,6 +154,7 @@ impl Jobs {
         let watcher = tokio::spawn(watch_request(
             message.clone(),
             self.requests.clone(),
+            self.replace_index.clone(),
             interrupt_tx.clone(),
             self.watch_interval,
         ));
@@ -300,8 +303,10 @@ impl Jobs {
             at: tokio::time::Instant::from_std(started) + limits.request,
             why: format!("the request timed out after {}s", limits.request.as_secs()),
         };
-        if let Some(newer) =
-            newer_replace_request(&self.requests, &request_subject(repo, target), stream_seq).await
+        if let Some(newer) = self
+            .replace_index
+            .newer_replace(&self.requests, &request_subject(repo, target), stream_seq)
+            .await
         {
             let mut finish = Finish::new(repo, target, &self.builder_name, started);
             finish.status = BuildStatus::Cancelled;
@@ -890,42 +895,116 @@ async fn interrupted(interrupt: &mut watch::Receiver<Option<Interrupt>>) -> Inte
     }
 }
 
-/// The id of a `replace` request for the same subject that is newer than `stream_seq`, if any.
-async fn newer_replace_request(
+/// What this builder has read of each request subject: a contiguous range of stream sequences
+/// and the newest `replace` request in it. Messages never change, so each is read once, however
+/// long the queue and however often running requests check it.
+#[derive(Default)]
+pub struct ReplaceIndex {
+    subjects: Mutex<HashMap<String, Scanned>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Scanned {
+    /// Stream sequences `from..=up_to` of the subject have been read (empty while `up_to` is 0).
+    from: u64,
+    up_to: u64,
+    /// Stream sequence and id of the newest `replace` request read.
+    newest_replace: Option<(u64, String)>,
+}
+
+impl Scanned {
+    fn saw(&mut self, sequence: u64, id: Option<String>) {
+        if let Some(id) = id {
+            if self
+                .newest_replace
+                .as_ref()
+                .is_none_or(|(seq, _)| *seq < sequence)
+            {
+                self.newest_replace = Some((sequence, id));
+            }
+        }
+    }
+}
+
+impl ReplaceIndex {
+    /// The id of a `replace` request for `subject` newer than `stream_seq`, if any.
+    async fn newer_replace(
+        &self,
+        requests: &jetstream::stream::Stream,
+        subject: &str,
+        stream_seq: u64,
+    ) -> Option<String> {
+        let mut scanned = self
+            .subjects
+            .lock()
+            .map(|subjects| subjects.get(subject).cloned().unwrap_or_default())
+            .unwrap_or_default();
+        if let Ok(newest) = requests.get_last_raw_message_by_subject(subject).await {
+            scanned.saw(newest.sequence, replace_request_id(&newest));
+            let wanted = stream_seq + 1..newest.sequence;
+            let read = if scanned.up_to == 0 {
+                read_range(requests, subject, wanted.clone(), &mut scanned).await
+            } else {
+                // Only what lies outside the range read before.
+                read_range(requests, subject, wanted.start..scanned.from, &mut scanned).await
+                    && read_range(
+                        requests,
+                        subject,
+                        scanned.up_to + 1..wanted.end,
+                        &mut scanned,
+                    )
+                    .await
+            };
+            if read {
+                scanned.from = if scanned.up_to == 0 {
+                    wanted.start
+                } else {
+                    scanned.from.min(wanted.start)
+                };
+                scanned.up_to = scanned.up_to.max(newest.sequence);
+            }
+        }
+        let answer = scanned
+            .newest_replace
+            .as_ref()
+            .filter(|(seq, _)| *seq > stream_seq)
+            .map(|(_, id)| id.clone());
+        if let Ok(mut subjects) = self.subjects.lock() {
+            subjects.insert(subject.to_owned(), scanned);
+        }
+        answer
+    }
+}
+
+/// Reads the subject's messages with stream sequences in `range`, noting `replace` requests;
+/// false if reading failed (the range then counts as not read).
+async fn read_range(
     requests: &jetstream::stream::Stream,
     subject: &str,
-    stream_seq: u64,
-) -> Option<String> {
-    // The newest first: usually the answer, in one round trip.
-    let newest = requests
-        .get_last_raw_message_by_subject(subject)
-        .await
-        .ok()?;
-    if newest.sequence <= stream_seq {
-        return None;
-    }
-    if let Some(id) = replace_request_id(&newest) {
-        return Some(id);
-    }
-    // A newer `enqueue` request on top may hide a `replace` one below it: walk those between.
-    let mut next = stream_seq + 1;
-    while next < newest.sequence {
-        let message = requests
+    range: std::ops::Range<u64>,
+    scanned: &mut Scanned,
+) -> bool {
+    let mut next = range.start;
+    while next < range.end {
+        match requests
             .raw_message_builder()
             .sequence(next)
             .next_by_subject(subject)
             .send()
             .await
-            .ok()?;
-        if message.sequence >= newest.sequence {
-            return None;
+        {
+            Ok(message) if message.sequence < range.end => {
+                scanned.saw(message.sequence, replace_request_id(&message));
+                next = message.sequence + 1;
+            }
+            Ok(_) => return true,
+            Err(err) if err.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                return true
+            }
+            Err(_) => return false,
         }
-        if let Some(id) = replace_request_id(&message) {
-            return Some(id);
-        }
-        next = message.sequence + 1;
     }
-    None
+    true
 }
 
 /// The request's id when it is a `replace` request.
@@ -947,6 +1026,7 @@ fn replace_request_id(message: &jetstream::message::StreamMessage) -> Option<Str
 async fn watch_request(
     message: Arc<RequestMessage>,
     requests: jetstream::stream::Stream,
+    replace_index: Arc<ReplaceIndex>,
     interrupt: watch::Sender<Option<Interrupt>>,
     interval: Duration,
 ) {
@@ -961,7 +1041,10 @@ async fn watch_request(
         if interrupt.borrow().is_some() {
             continue;
         }
-        if let Some(newer) = newer_replace_request(&requests, &message.subject, stream_seq).await {
+        if let Some(newer) = replace_index
+            .newer_replace(&requests, &message.subject, stream_seq)
+            .await
+        {
             let _ = interrupt.send(Some(Interrupt::Cancel {
                 by: format!("replace request {newer}"),
                 reason: "replaced by a newer request for the same target".to_owned(),
