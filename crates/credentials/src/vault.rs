@@ -215,16 +215,14 @@ struct MountInfo {
 
 impl MountInfo {
     fn kv_version(&self) -> u8 {
-        let version = self
+        // Vault says "2"; be lenient about a number.
+        match self
             .options
             .as_ref()
-            .and_then(|options| options.get("version"));
-        match version.and_then(|v| {
-            v.as_str()
-                .map(str::to_owned)
-                .or_else(|| Some(v.to_string()))
-        }) {
-            Some(v) if v.trim_matches('"') == "2" => 2,
+            .and_then(|options| options.get("version"))
+        {
+            Some(serde_json::Value::String(version)) if version == "2" => 2,
+            Some(serde_json::Value::Number(version)) if version.as_u64() == Some(2) => 2,
             _ => 1,
         }
     }
