@@ -626,5 +626,8 @@ async fn interactive_requests_go_before_scheduled_ones() {
             started_at(&events) > person_started,
             "scheduled {id} started before the interactive request"
         );
+        // Handed back while the person's request went first, but started once.
+        let started = events.iter().find(|e| e["type"] == "started");
+        assert_eq!(started.map(|e| e["attempt"].clone()), Some(Value::from(1)));
     }
 }

@@ -344,6 +344,7 @@ impl Jobs {
         };
         // A cancel may have finished the request while it was being resolved.
         events.check_still_owner().await?;
+        let attempt = events.attempt(id, attempt).await;
         events
             .emit(EventBody::Started {
                 builder: self.builder_name.clone(),
@@ -1114,6 +1115,25 @@ impl<'a> Events<'a> {
     /// The request already ended (cancelled while queued, or an id used again).
     fn already_finished(&self) -> bool {
         self.last_was_finished
+    }
+
+    /// 1 for the first `started` of a request, one more for each `started` before this one.
+    /// JetStream's delivery count also counts priority hand-backs, so it is only the fallback
+    /// when the events cannot be read.
+    async fn attempt(&self, id: &RequestId, delivered: u64) -> u64 {
+        if self.seq == 0 {
+            return 1;
+        }
+        match homelab_deploy_client::inspect::request_events(self.publisher.jetstream(), id).await {
+            Ok(events) => {
+                let starts = events
+                    .iter()
+                    .filter(|event| matches!(event.body, EventBody::Started { .. }))
+                    .count();
+                starts as u64 + 1
+            }
+            Err(_) => delivered,
+        }
     }
 
     /// Fails when another builder has published events of this request since our last one:
