@@ -472,6 +472,12 @@ async fn second_sigterm_returns_the_request_to_the_queue() {
     let rev = fleet.new_salt();
     let id = fleet.submit("medium", &["--rev", &rev]);
     fleet.wait_started(&id).await;
+    // Someone watching it sees the hand-back and then the end on the next builder.
+    let url = fleet.nats.url.clone();
+    let watch_id = id.clone();
+    let watching = std::thread::spawn(move || {
+        run_cli(bin(), &url, &["watch", &watch_id], Duration::from_secs(120))
+    });
     let pid = first.pid().to_string();
     Command::new("kill")
         .args(["-TERM", &pid])
@@ -508,10 +514,20 @@ async fn second_sigterm_returns_the_request_to_the_queue() {
     let started: Vec<&Value> = events.iter().filter(|e| e["type"] == "started").collect();
     assert_eq!(started.len(), 2, "{events:#?}");
     assert_eq!(started[1]["builder"], second.name.as_str());
-    assert!(started[1]["attempt"].as_u64() >= Some(2));
+    assert_eq!(started[1]["attempt"], 2, "{events:#?}");
     assert_eq!(
         events.last().map(|e| e["status"].clone()),
         Some(Value::from("succeeded"))
+    );
+    let watched = watching.join().expect("watch thread");
+    let (_, stderr) = text(&watched);
+    assert_eq!(watched.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "builder {} handed the request back to the queue",
+            first.name
+        )),
+        "{stderr}"
     );
 }
 
