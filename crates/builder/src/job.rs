@@ -648,78 +648,88 @@ impl Jobs {
                 return done(HostStatus::BuildFailed, None, Some(error));
             }
         }
-        let (status, out_path) = match self.held_by_gc_root(&drv, &out_link) {
-            Some(out_path) => (HostStatus::Cached, out_path),
-            None => {
-                let mut batcher = LogBatcher::new(
-                    self.publisher.clone(),
-                    repo.to_string(),
-                    logs.to_owned(),
-                    request_id.to_owned(),
-                    host.to_owned(),
-                );
-                let (output_tx, mut output) = mpsc::channel(256);
-                let build = self.nix.build(&drv, &out_link, output_tx);
-                tokio::pin!(build);
-                let mut last_progress: Option<Instant> = None;
-                let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
-                // Dropping `build` (on timeout or interrupt) kills nix's whole process group.
-                let built = loop {
-                    tokio::select! {
-                        built = &mut build => break built,
-                        Some(item) = output.recv() => match item {
-                            BuildOutput::Line(line) => batcher.push(line).await?,
-                            BuildOutput::Progress { done, expected, running, failed } => {
-                                if last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVENT_INTERVAL) {
-                                    last_progress = Some(Instant::now());
-                                    let progress = EventBody::Progress { host: host.to_owned(), done, expected, running, failed };
-                                    events.lock().await.emit(progress).await?;
-                                }
-                            }
-                        },
-                        _ = tokio::time::sleep_until(batcher.deadline().unwrap_or(far_future)) => batcher.flush().await?,
-                        _ = tokio::time::sleep_until(deadline.at) => {
-                            batcher.flush().await?;
-                            return done(HostStatus::TimedOut, None, Some(timed_out()));
-                        }
-                        why = interrupted(interrupt) => {
-                            batcher.flush().await?;
-                            return stopped(why);
+        if let Some(out_path) = self.held_by_gc_root(&drv, &out_link) {
+            let cached = result(HostStatus::Cached, Some(out_path), None);
+            return Ok(HostOutcome::Done(self.push(repo, cached, started).await));
+        }
+        let mut batcher = LogBatcher::new(
+            self.publisher.clone(),
+            repo.to_string(),
+            logs.to_owned(),
+            request_id.to_owned(),
+            host.to_owned(),
+        );
+        let (output_tx, mut output) = mpsc::channel(256);
+        let build = self.nix.build(&drv, &out_link, output_tx);
+        tokio::pin!(build);
+        let mut last_progress: Option<Instant> = None;
+        let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        // Dropping `build` (on timeout or interrupt) kills nix's whole process group.
+        let built = loop {
+            tokio::select! {
+                built = &mut build => break built,
+                Some(item) = output.recv() => match item {
+                    BuildOutput::Line(line) => batcher.push(line).await?,
+                    BuildOutput::Progress { done, expected, running, failed } => {
+                        if last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVENT_INTERVAL) {
+                            last_progress = Some(Instant::now());
+                            let progress = EventBody::Progress { host: host.to_owned(), done, expected, running, failed };
+                            events.lock().await.emit(progress).await?;
                         }
                     }
-                };
-                while let Some(item) = output.recv().await {
-                    if let BuildOutput::Line(line) = item {
-                        batcher.push(line).await?;
-                    }
+                },
+                _ = tokio::time::sleep_until(batcher.deadline().unwrap_or(far_future)) => batcher.flush().await?,
+                _ = tokio::time::sleep_until(deadline.at) => {
+                    batcher.flush().await?;
+                    return done(HostStatus::TimedOut, None, Some(timed_out()));
                 }
-                batcher.flush().await?;
-                let built = match built {
-                    Ok(built) => built,
-                    Err(err) => return done(HostStatus::BuildFailed, None, Some(err.excerpt())),
-                };
-                self.evaluated.put_out_path(&drv, &built.out_path);
-                let status = if built.derivations_built == 0 {
-                    HostStatus::Cached
-                } else {
-                    HostStatus::Built
-                };
-                (status, built.out_path)
+                why = interrupted(interrupt) => {
+                    batcher.flush().await?;
+                    return stopped(why);
+                }
             }
         };
+        while let Some(item) = output.recv().await {
+            if let BuildOutput::Line(line) = item {
+                batcher.push(line).await?;
+            }
+        }
+        batcher.flush().await?;
+        let built = match built {
+            Ok(built) => built,
+            Err(err) => return done(HostStatus::BuildFailed, None, Some(err.excerpt())),
+        };
+        self.evaluated.put_out_path(&drv, &built.out_path);
+        let status = if built.derivations_built == 0 {
+            HostStatus::Cached
+        } else {
+            HostStatus::Built
+        };
+        let host_result = result(status, Some(built.out_path), None);
+        Ok(HostOutcome::Done(
+            self.push(repo, host_result, started).await,
+        ))
+    }
+
+    /// Copies a finished host to the repo's binary cache, when it has one. A failed push is
+    /// reported, but the host is still built.
+    async fn push(
+        &self,
+        repo: &RepoName,
+        mut host_result: HostResult,
+        started: Instant,
+    ) -> HostResult {
         let push_store = self
             .repos
             .get(repo)
             .and_then(|served| served.config.push_store());
-        let mut host_result = result(status, Some(out_path.clone()), None);
-        if let Some(store) = push_store {
-            // A failed push is reported, but the host is still built.
+        if let (Some(store), Some(out_path)) = (push_store, host_result.out_path.clone()) {
             let pushed = self.nix.copy_to(&store, &out_path).await;
             host_result.pushed = Some(pushed.is_ok());
             host_result.push_error = pushed.err().map(|err| cut(&err.excerpt()));
             host_result.duration_ms = started.elapsed().as_millis() as u64;
         }
-        Ok(HostOutcome::Done(host_result))
+        host_result
     }
 }
 
