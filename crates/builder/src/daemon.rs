@@ -241,7 +241,7 @@ async fn connect_with_retry(
         nkey_file: config.nats.nkey_seed_file.clone(),
         name: format!("homelab-deploy builder {}", config.builder.name),
         timeout: Duration::from_secs(5),
-        vault: vault.clone(),
+        vault,
     };
     let mut delay = Duration::from_secs(1);
     loop {
@@ -259,12 +259,9 @@ async fn connect_with_retry(
             }
             // A bad seed file does not get better by waiting.
             Err(ClientError::Credentials(err)) => return Err(DaemonError::Credentials(err)),
-            // The server's users or the seed may be fixed while we wait; a seed from Vault is
-            // fetched again for the next attempt.
+            // The server's users or the seed may be fixed while we wait (`connect` has the
+            // seed from Vault fetched again for the next attempt).
             Err(err @ ClientError::AuthRefused { .. }) => {
-                if let Some(vault) = &vault {
-                    vault.refused();
-                }
                 warn!("{err}; retrying in {}s", delay.as_secs());
             }
             Err(err) => {

@@ -58,12 +58,13 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
         }
         None => ConnectOptions::new(),
     };
+    let events_source = source.clone();
     let options = options
         .name(&settings.name)
         .connection_timeout(settings.timeout)
         .event_callback(move |event| {
             let url = url.clone();
-            let source = source.clone();
+            let source = events_source.clone();
             async move {
                 match event {
                     Event::Connected => info!(url, "connected to NATS"),
@@ -86,6 +87,10 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
         .await
         .map_err(|err| match (err.kind(), public_key) {
             (ConnectErrorKind::AuthorizationViolation, Some(public_key)) => {
+                // A seed from Vault is fetched again for the next attempt, as at a reconnect.
+                if let Some(source) = &source {
+                    source.refused();
+                }
                 ClientError::AuthRefused {
                     url: settings.url.clone(),
                     public_key,
