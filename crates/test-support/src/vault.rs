@@ -161,10 +161,6 @@ impl VaultServer {
         self.call("POST", path, Some(data)).await;
     }
 
-    pub async fn delete_secret(&self, path: &str) {
-        self.call("DELETE", path, None).await;
-    }
-
     /// Writes an ACL policy (HCL text).
     pub async fn write_policy(&self, name: &str, policy: &str) {
         self.call(
