@@ -22,6 +22,10 @@ The config is TOML; see docs/configuration.md. The smallest one:
   url = \"git+https://git.example.org/torjus/nixos-servers.git\"
   ref = \"master\"
 
+NKey seed, first that is set: [nats] nkey_seed_file, $HOMELAB_DEPLOY_NKEY_SEED, or a [vault]
+table (AppRole or token; see \"Seed from Vault\" in docs/configuration.md). While Vault cannot
+give the seed, the builder waits and says why at each attempt.
+
 Signals: the first SIGTERM or SIGINT stops taking requests and lets the running build finish
 (exit 0); a second one kills the running build and returns its request to the queue.
 
