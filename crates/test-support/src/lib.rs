@@ -49,6 +49,12 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// The nats-server binary the tests run: `NATS_SERVER_BIN` (set by `scripts/test` to the pinned
+/// release under `.tools/`), else `nats-server` from `PATH`.
+pub fn nats_server_bin() -> std::ffi::OsString {
+    std::env::var_os("NATS_SERVER_BIN").unwrap_or_else(|| "nats-server".into())
+}
+
 /// A real nats-server with JetStream on a port it picked itself, with its own store dir.
 pub struct NatsServer {
     child: Child,
@@ -72,7 +78,7 @@ impl NatsServer {
         let dir = tempfile::tempdir().expect("temp dir for nats-server");
         let store = dir.path().join("store");
         let log = std::fs::File::create(dir.path().join("nats.log")).expect("nats log file");
-        let mut command = Command::new("nats-server");
+        let mut command = Command::new(nats_server_bin());
         command
             .args(["-js", "-a", "127.0.0.1", "-p", "-1"])
             .arg("--store_dir")
@@ -131,7 +137,7 @@ impl NatsServer {
             .open(self.dir.path().join("nats.log"))
             .expect("nats log file");
         let port = self.port.to_string();
-        self.child = Command::new("nats-server")
+        self.child = Command::new(nats_server_bin())
             .args(["-js", "-a", "127.0.0.1", "-p", &port])
             .arg("--store_dir")
             .arg(self.dir.path().join("store"))
