@@ -10,6 +10,7 @@ mod faults;
 mod logs;
 mod mcp;
 mod metrics;
+mod names;
 mod nixos;
 mod permissions;
 mod queue;

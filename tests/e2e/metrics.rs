@@ -32,7 +32,7 @@ fn sample(body: &str, prefix: &str) -> Option<f64> {
         .and_then(|value| value.parse().ok())
 }
 
-fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+pub(crate) fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
     let mut child = Command::new("promtool")
         .args(args)
         .stdin(Stdio::piped())

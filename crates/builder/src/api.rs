@@ -12,7 +12,7 @@ use homelab_deploy_protocol::api::{
     CancelRequest, DrainReply, RequestPhase, StatusQuery, API_QUEUE_GROUP, BUILDERS_SUBJECT,
     BUILDS_SUBJECT, CANCEL_SUBJECT, STATUS_SUBJECT,
 };
-use homelab_deploy_protocol::{RepoName, RequestId, Target};
+use homelab_deploy_protocol::{RepoName, RequestId};
 use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -171,9 +171,8 @@ impl Api {
                     .await
                     .map_err(|err| format!("removing request {id} from the queue failed: {err}"))?;
                 let repo = RepoName::parse(&queued.repo).map_err(|err| err.to_string())?;
-                let target = Target::parse(&queued.target).map_err(|err| err.to_string())?;
                 self.jobs
-                    .finish_cancelled_queued(&repo, &target, &id, &by, &reason)
+                    .finish_cancelled_queued(&repo, &queued.target, &id, &by, &reason)
                     .await
                     .map_err(|err| err.to_string())?;
                 info!(request_id = %id, cancelled_by = %by, "cancelled a queued request");

@@ -21,12 +21,13 @@ use futures::{StreamExt, TryStreamExt};
 use homelab_deploy_protocol::api::BuilderState;
 use homelab_deploy_protocol::request::parse_request;
 use homelab_deploy_protocol::subject::{
-    events_subject, logs_subject, request_subject, MSG_ID_HEADER,
+    encode_host, events_subject, logs_subject, request_subject, MSG_ID_HEADER,
 };
 use homelab_deploy_protocol::{
     BuildRequest, BuildStatus, Event, EventBody, HostResult, HostStatus, Mode, ParsedRequest,
     RepoName, RequestId, Target,
 };
+use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn, Instrument};
@@ -237,7 +238,7 @@ impl Jobs {
             info!(request_id = %id, "request already has a finished event (cancelled while queued, or a reused id); not building it again");
             return Ok(());
         }
-        info!(request_id = %id, repo = %repo, target = %target, attempt, mode = request.mode.as_str(), requested_by = ?request.requested_by, "request received");
+        info!(request_id = %id, repo = %repo, target = target.as_str(), attempt, mode = request.mode.as_str(), requested_by = ?request.requested_by, "request received");
         crate::metrics::request_received(repo.as_str());
         self.lock_running().insert(
             id.to_string(),
@@ -247,7 +248,7 @@ impl Jobs {
                 interrupt: interrupt_tx,
             },
         );
-        let span = tracing::info_span!("request", request_id = %id, repo = %repo, target = %target);
+        let span = tracing::info_span!("request", request_id = %id, repo = %repo, target = target.as_str());
         let result = self
             .build_request(
                 &request,
@@ -638,7 +639,7 @@ impl Jobs {
             .state_dir
             .join("gcroots")
             .join(repo.as_str())
-            .join(host);
+            .join(gc_root_name(host));
         if let Some(parent) = out_link.parent() {
             if let Err(err) = std::fs::create_dir_all(parent) {
                 let error = format!(
@@ -805,7 +806,7 @@ impl Jobs {
                     batches.push_front(first.to_vec());
                 }
                 Err(err) => {
-                    warn!(request_id = %request_id, host = %batch[0], error = %err, "host left to evaluate alone");
+                    warn!(request_id = %request_id, host = batch[0].as_str(), error = %err, "host left to evaluate alone");
                 }
             }
         }
@@ -821,6 +822,25 @@ impl Jobs {
         drvs
     }
 }
+
+/// The file name of `host`'s GC root in `gcroots/<repo>/`: the host name percent-encoded as in
+/// its subject token ([`encode_host`]: no `/`, never `.` or `..`), so a host name never reaches
+/// outside that directory; a plain name like `web` is its own file name. A name whose encoding is
+/// empty or longer than a file name may be (255 bytes) is named `%sha256-<hex of the name>`,
+/// which no encoded name can be (an encoded `%` is always followed by two upper-case hex digits).
+fn gc_root_name(host: &str) -> String {
+    let encoded = encode_host(host);
+    if (1..=MAX_FILE_NAME_BYTES).contains(&encoded.len()) {
+        encoded
+    } else {
+        let digest = Sha256::digest(host.as_bytes());
+        let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+        format!("%sha256-{hex}")
+    }
+}
+
+/// Longest file name Linux file systems take.
+const MAX_FILE_NAME_BYTES: usize = 255;
 
 /// A host that was never started because the request was cancelled or timed out first.
 fn skipped_host(host: &str, status: HostStatus, error: Option<String>) -> HostResult {
@@ -1221,4 +1241,33 @@ fn cut(text: &str) -> String {
         start += 1;
     }
     format!("…{}", &text[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever the host is called, its GC root is one plain file name inside `gcroots/<repo>/`.
+    #[test]
+    fn gc_root_names_stay_in_their_directory() {
+        assert_eq!(gc_root_name("web"), "web");
+        assert_eq!(gc_root_name("web.example.org"), "web%2Eexample%2Eorg");
+        assert_eq!(gc_root_name("../../x"), "%2E%2E%2F%2E%2E%2Fx");
+        let long = "h".repeat(300);
+        for name in ["", ".", "..", "a/b", "a\nb", "é", &long, "%sha256-x"] {
+            let file = gc_root_name(name);
+            let path = Path::new("/state/gcroots/demo").join(&file);
+            assert_eq!(
+                path.parent(),
+                Some(Path::new("/state/gcroots/demo")),
+                "{name:?}"
+            );
+            assert!(
+                !file.is_empty() && file.len() <= 255 && !file.starts_with('.'),
+                "{name:?}: {file}"
+            );
+        }
+        assert_ne!(gc_root_name(&long), gc_root_name(&"h".repeat(301)));
+        assert!(gc_root_name(&long).starts_with("%sha256-"));
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use homelab_deploy_protocol::subject::encode_host;
 use homelab_deploy_protocol::LogBatch;
 use time::OffsetDateTime;
 use tokio::time::Instant;
@@ -82,7 +83,13 @@ impl LogBatcher {
             lines,
             time: OffsetDateTime::now_utc(),
         };
-        let message_id = format!("{}.log.{}.{}", self.request_id, self.host, self.next_line);
+        // The host's token: a header value holds no newline, and no `.` makes two ids alike.
+        let message_id = format!(
+            "{}.log.{}.{}",
+            self.request_id,
+            encode_host(&self.host),
+            self.next_line
+        );
         self.publisher
             .publish_json(&self.subject, &message_id, &batch)
             .await?;

@@ -2,7 +2,9 @@
 //!
 //! Every command runs in its own process group with a chosen environment; dropping a running
 //! command kills the whole group, so a timed-out or cancelled build leaves no `nix` behind.
-//! Only host names that the flake itself listed reach a command line.
+//! Only host names that the flake itself listed reach a command line, and only as Nix string
+//! literals ([`nix_string`]) inside an `--apply` function: a host name is data, never code or
+//! part of an attribute path.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -123,13 +125,17 @@ impl Nix {
     }
 
     /// Evaluates `nixosConfigurations.<host>.config.system.build.toplevel` to its `.drv` path.
+    /// The host name reaches nix as a string literal, whatever it holds (`"`, `${`, `.`).
     pub async fn eval_toplevel_drv(&self, flake: &str, host: &str) -> Result<String, NixError> {
-        let installable =
-            format!("{flake}#nixosConfigurations.\"{host}\".config.system.build.toplevel.drvPath");
+        let installable = format!("{flake}#nixosConfigurations");
+        let apply = format!(
+            "configs: (builtins.getAttr {} configs).config.system.build.toplevel.drvPath",
+            nix_string(host)
+        );
         let drv = self
             .run_captured(
                 &format!("evaluating host {host}"),
-                &["eval", "--raw", &installable],
+                &["eval", "--raw", &installable, "--apply", &apply],
             )
             .await?;
         if !drv.starts_with('/') || !drv.ends_with(".drv") {
@@ -289,10 +295,10 @@ impl Nix {
         hosts: &[String],
         memory_limit: Option<u64>,
     ) -> Result<(HashMap<String, Option<String>>, u64), NixError> {
-        let names: Vec<String> = hosts.iter().map(|host| format!("\"{host}\"")).collect();
+        let names: Vec<String> = hosts.iter().map(String::as_str).map(nix_string).collect();
         let apply = format!(
             "configs: builtins.listToAttrs (map (name: {{ inherit name; value = \
-             let r = builtins.tryEval configs.${{name}}.config.system.build.toplevel.drvPath; \
+             let r = builtins.tryEval (builtins.getAttr name configs).config.system.build.toplevel.drvPath; \
              in if r.success then r.value else null; }}) [ {} ])",
             names.join(" ")
         );
@@ -312,6 +318,28 @@ impl Nix {
             })?;
         Ok((drvs, peak))
     }
+}
+
+/// `value` as a Nix string literal: in double quotes, with `\\`, `"` and `$` escaped (so `${`
+/// never starts an interpolation) and newline, carriage return and tab written as `\\n`, `\\r`,
+/// `\\t`. Nix reads the literal back as exactly `value`: it is data, never code. (Written here
+/// because no crate quotes Nix strings; the rules are Nix's lexer's, `src/libexpr/lexer.l`.)
+pub fn nix_string(value: &str) -> String {
+    let mut literal = String::with_capacity(value.len() + 2);
+    literal.push('"');
+    for c in value.chars() {
+        match c {
+            '\\' => literal.push_str("\\\\"),
+            '"' => literal.push_str("\\\""),
+            '$' => literal.push_str("\\$"),
+            '\n' => literal.push_str("\\n"),
+            '\r' => literal.push_str("\\r"),
+            '\t' => literal.push_str("\\t"),
+            c => literal.push(c),
+        }
+    }
+    literal.push('"');
+    literal
 }
 
 /// Resident memory of process `pid` in bytes (0 when it is gone).
@@ -731,6 +759,44 @@ mod tests {
             "{}",
             log.excerpt()
         );
+    }
+
+    /// The real nix reads every literal back as the string it was made from.
+    #[test]
+    fn nix_reads_string_literals_back_unchanged() {
+        let values = [
+            "web.example.org",
+            "a\"b",
+            "back\\slash\\",
+            "${builtins.abort \"x\"}",
+            "$${x}",
+            "\\${x}",
+            "../../x",
+            "new\nline\r\tend",
+            "ünïcödé 名前",
+            "'' ''${x}",
+            "",
+        ];
+        for value in values {
+            let output = std::process::Command::new("nix")
+                .args([
+                    "--extra-experimental-features",
+                    "nix-command",
+                    "eval",
+                    "--json",
+                    "--expr",
+                ])
+                .arg(nix_string(value))
+                .output()
+                .expect("nix is installed (Debian: apt install nix-bin)");
+            assert!(
+                output.status.success(),
+                "{value:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let read: String = serde_json::from_slice(&output.stdout).expect("a JSON string");
+            assert_eq!(read, value);
+        }
     }
 
     #[test]

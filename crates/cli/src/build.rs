@@ -13,6 +13,8 @@ use crate::{exit, NatsArgs};
 pub const AFTER_HELP: &str = "\
 Examples:
   homelab-deploy build nixos-servers ns1
+  homelab-deploy build nixos-servers web.example.org
+  homelab-deploy build nixos-servers --host all      # the host named `all`, not every host
   homelab-deploy build nixos-servers --all --json > result.json
   homelab-deploy build nixos-servers all --ref flake-update --timeout 1800
   id=$(homelab-deploy build nixos-servers all --no-wait)
@@ -31,12 +33,16 @@ Exit codes:
 pub struct BuildArgs {
     /// Repo to build, as named in the builders' config ([repos.NAME]).
     repo: String,
-    /// Host to build (a name in the flake's nixosConfigurations), or `all`.
-    #[arg(required_unless_present = "all")]
+    /// Host to build, as the flake spells it in nixosConfigurations (any name: web.example.org
+    /// too), or `all`.
+    #[arg(required_unless_present_any = ["all", "host"])]
     target: Option<String>,
     /// Build every host; the same as the target `all`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "host")]
     all: bool,
+    /// Build the host named NAME, even one named `all` (instead of the TARGET argument).
+    #[arg(long, value_name = "NAME", conflicts_with = "target")]
+    host: Option<String>,
     /// Branch or tag to build instead of the repo's configured ref.
     #[arg(long = "ref", value_name = "REF", conflicts_with = "rev")]
     git_ref: Option<String>,
@@ -117,18 +123,20 @@ pub async fn run(args: BuildArgs) -> u8 {
         Ok(repo) => repo,
         Err(err) => return usage_error(err),
     };
-    let target = match (args.all, args.target.as_deref()) {
-        (true, None | Some("all")) => Target::All,
-        (true, Some(other)) => {
+    let target = match (args.all, args.target.as_deref(), args.host.as_deref()) {
+        (_, _, Some(host)) => Target::host(host),
+        (true, None | Some("all"), None) => Ok(Target::All),
+        (true, Some(other), None) => {
             return usage_error(format!(
                 "--all builds every host; drop the target {other:?} or --all"
             ))
         }
-        (false, Some(target)) => match Target::parse(target) {
-            Ok(target) => target,
-            Err(err) => return usage_error(err),
-        },
-        (false, None) => return usage_error("name a target host, or `all`"),
+        (false, Some(target), None) => Target::parse(target),
+        (false, None, None) => return usage_error("name a target host, or `all`"),
+    };
+    let target = match target {
+        Ok(target) => target,
+        Err(err) => return usage_error(err),
     };
     if let Some(Err(err)) = args.git_ref.as_deref().map(check_git_ref) {
         return usage_error(err);
@@ -169,7 +177,7 @@ pub async fn run(args: BuildArgs) -> u8 {
                 progress.clear();
                 eprintln!(
                     "error: timed out after {}s waiting for request {}; the build goes on (see its events on build.responses.{}.{}.{}.events)",
-                    args.timeout, submission.id, repo, target, submission.id
+                    args.timeout, submission.id, repo, target.token(), submission.id
                 );
                 return exit::UNAVAILABLE;
             }

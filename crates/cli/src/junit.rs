@@ -24,7 +24,7 @@ pub fn report(finished: &Event) -> Option<String> {
         cases.push_str(&format!(
             "    <testcase classname=\"{}\" name=\"{}\" time=\"{}\">\n",
             escape(repo),
-            escape(&host.name),
+            attribute(&host.name),
             seconds(host.duration_ms)
         ));
         match host.status {
@@ -69,9 +69,19 @@ pub fn report(finished: &Event) -> Option<String> {
     );
     Some(format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"homelab-deploy\" {header}>\n  <testsuite name=\"{}\" {header} timestamp=\"{}\">\n{cases}  </testsuite>\n</testsuites>\n",
-        escape(&suite),
+        attribute(&suite),
         finished.time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
     ))
+}
+
+/// Escapes text for an XML attribute value: as [`escape`], with newline, carriage return and tab
+/// as character references, which a parser keeps (it turns raw ones into spaces), so a host name
+/// reads back exactly.
+fn attribute(text: &str) -> String {
+    escape(text)
+        .replace('\n', "&#10;")
+        .replace('\r', "&#13;")
+        .replace('\t', "&#9;")
 }
 
 /// Escapes text for XML, dropping characters XML 1.0 cannot hold (e.g. escape codes in logs).

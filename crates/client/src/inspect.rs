@@ -14,7 +14,9 @@ use homelab_deploy_protocol::api::{
 use homelab_deploy_protocol::subject::{
     consumer_name, parse_request_subject, EVENTS_STREAM, MSG_ID_HEADER, REQUESTS_STREAM,
 };
-use homelab_deploy_protocol::{BuildRequest, Event, EventBody, HostStatus, Mode, RequestId};
+use homelab_deploy_protocol::{
+    BuildRequest, Event, EventBody, HostStatus, Mode, RequestId, Target,
+};
 use time::OffsetDateTime;
 
 use crate::ClientError;
@@ -82,7 +84,8 @@ pub struct PendingRequest {
     pub stream_seq: u64,
     pub id: String,
     pub repo: String,
-    pub target: String,
+    /// From the request's subject token.
+    pub target: Target,
     pub requested_by: Option<String>,
     pub mode: Mode,
     pub queued_at: OffsetDateTime,
@@ -130,7 +133,7 @@ pub async fn pending_requests(js: &Context) -> Result<Vec<PendingRequest>, Clien
             stream_seq: seq,
             id,
             repo: repo.to_string(),
-            target: target.to_string(),
+            target,
             requested_by: body.requested_by,
             mode: body.mode.unwrap_or_default(),
             queued_at: message.time,
@@ -266,7 +269,7 @@ fn queued_state(pending: &PendingRequest, position: u64) -> RequestState {
     let mut state = blank_state(
         &pending.id,
         &pending.repo,
-        &pending.target,
+        pending.target.as_str(),
         RequestPhase::Queued,
         pending.queued_at,
     );

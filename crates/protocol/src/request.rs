@@ -110,8 +110,16 @@ pub struct Refusal {
     pub reason: String,
 }
 
-/// Checks a git ref name the way `git check-ref-format` would for the parts that matter here: it
-/// reaches only git2 (never a shell), but must not be an option, a range or a path escape.
+/// Checks a branch or tag name (`main`, `release/2026-11`, `refs/tags/v1`, `feature/ünïcode`):
+/// accepted exactly when `git check-ref-format --allow-onelevel` accepts it, except that a ref
+/// starting with `-` is refused too (it could act as an option on a git command line), as is one
+/// over 255 bytes. The rules (git-check-ref-format(1)): no component starts with `.` or ends with
+/// `.lock`; no `..`, `@{`, `\\`, ASCII control character, space, `~`, `^`, `:`, `?`, `*` or `[`;
+/// it does not start or end with `/`, hold `//`, end with `.`, or equal `@`. So a ref can never be a
+/// path escape, a revision range or a refspec.
+///
+/// # Errors
+/// The first rule the ref breaks.
 pub fn check_git_ref(value: &str) -> Result<(), NameError> {
     let bad = |reason: &str| {
         Err(NameError {
@@ -121,19 +129,35 @@ pub fn check_git_ref(value: &str) -> Result<(), NameError> {
         })
     };
     if value.is_empty() || value.len() > MAX_REF_LEN {
-        return bad("it must be 1 to 255 characters long");
+        return bad("it must be 1 to 255 bytes long");
     }
-    if !value
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+    if value.starts_with('-') {
+        return bad("it may not start with '-'");
+    }
+    if value == "@" {
+        return bad("it may not be '@'");
+    }
+    if let Some(c) = value.chars().find(|c| {
+        c.is_ascii_control() || matches!(c, ' ' | '~' | '^' | ':' | '?' | '*' | '[' | '\\')
+    }) {
+        return bad(&format!(
+            "character {c:?} is not allowed (no space, control character, '~', '^', ':', '?', '*', '[' or '\\')"
+        ));
+    }
+    if value.contains("..") || value.contains("@{") {
+        return bad("it may not contain '..' or '@{'");
+    }
+    if value.starts_with('/') || value.ends_with('/') || value.contains("//") {
+        return bad("it may not start or end with '/' or contain '//'");
+    }
+    if value.ends_with('.') {
+        return bad("it may not end with '.'");
+    }
+    if value
+        .split('/')
+        .any(|component| component.starts_with('.') || component.ends_with(".lock"))
     {
-        return bad("only letters, digits, '.', '_', '-' and '/' are allowed");
-    }
-    if value.starts_with(['-', '/', '.']) || value.ends_with(['/', '.']) {
-        return bad("it may not start with '-', '/' or '.', or end with '/' or '.'");
-    }
-    if value.contains("..") || value.contains("//") || value.ends_with(".lock") {
-        return bad("it may not contain '..' or '//' or end with '.lock'");
+        return bad("no '/'-separated part may start with '.' or end with '.lock'");
     }
     Ok(())
 }

@@ -1,10 +1,19 @@
 //! Names and subjects.
 //!
-//! Every token of a subject that comes from outside is checked here first: a repo name, a target (a
-//! host name or `all`) and a request id only ever hold `[A-Za-z0-9_-]`, so they cannot add subject
-//! tokens, wildcards, or shell and command-line syntax.
+//! Every token of a subject that comes from outside is checked here first: a repo name and a request
+//! id only ever hold `[A-Za-z0-9_-]`, and a target token only `[A-Za-z0-9_-]` and `%`, so none can
+//! add subject tokens, wildcards, or shell and command-line syntax.
+//!
+//! A host name is any string the flake uses as a `nixosConfigurations` attribute name. It travels
+//! in a subject as its *token*: every UTF-8 byte outside `[A-Za-z0-9_-]` percent-encoded as `%XX`
+//! (upper-case hex), so `web.example.org` is `web%2Eexample%2Eorg`, and a name made only of
+//! `[A-Za-z0-9_-]` is its own token. The token `all` means every host; a host literally named
+//! `all` is `%61ll`. Only the canonical token of a name is accepted, so one host has exactly one
+//! subject (what `replace` and the per-subject queue limit rely on).
 
 use std::fmt;
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 /// Work-queue stream that holds pending build requests.
 pub const REQUESTS_STREAM: &str = "BUILD_REQUESTS";
@@ -19,7 +28,14 @@ pub const ALL_TARGETS: &str = "all";
 
 const RESERVED_REPO_NAMES: [&str; 2] = ["responses", "api"];
 const MAX_REPO_LEN: usize = 64;
-const MAX_TARGET_LEN: usize = 128;
+/// Longest target token; well within NATS' 4 KiB control line with the other subject tokens.
+pub const MAX_TARGET_TOKEN_LEN: usize = 512;
+/// The one byte that starts an escape in a target token.
+pub const TOKEN_ESCAPE: char = '%';
+/// The token of the host literally named `all` (its first letter escaped).
+pub const HOST_NAMED_ALL_TOKEN: &str = "%61ll";
+/// Bytes a host name keeps in its token: `[A-Za-z0-9_-]`; every other byte is escaped.
+const TOKEN_ESCAPED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'_').remove(b'-');
 const MIN_ID_LEN: usize = 8;
 const MAX_ID_LEN: usize = 64;
 
@@ -113,23 +129,120 @@ impl fmt::Display for RepoName {
     }
 }
 
-/// What to build: every host, or one host name (`[A-Za-z0-9_-]{1,128}`).
+/// Percent-encodes `host`: every UTF-8 byte outside `[A-Za-z0-9_-]` becomes `%XX` (upper-case
+/// hex). The result holds only `[A-Za-z0-9_%-]`: never a `.`, `/`, wildcard or whitespace, so it
+/// is one subject token and, when 1 to 255 bytes long, a safe file name. Unlike
+/// [`Target::token`] it does not treat `all` specially.
+pub fn encode_host(host: &str) -> String {
+    utf8_percent_encode(host, TOKEN_ESCAPED).to_string()
+}
+
+/// What to build: every host, or one host of the flake's `nixosConfigurations` by its raw name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Target {
     All,
+    /// The host name as the flake spells it (any non-empty string; see the module docs).
     Host(String),
 }
 
 impl Target {
+    /// What a person typed: `all` means every host, anything else is one host's raw name
+    /// (`web.example.org`, `a"b`). Use [`Target::host`] for a host that is named `all`.
+    ///
+    /// # Errors
+    /// The name is empty, or its token would be longer than [`MAX_TARGET_TOKEN_LEN`].
     pub fn parse(value: &str) -> Result<Self, NameError> {
-        check_token("target", value, 1, MAX_TARGET_LEN)?;
         if value == ALL_TARGETS {
             Ok(Self::All)
         } else {
-            Ok(Self::Host(value.to_owned()))
+            Self::host(value)
         }
     }
 
+    /// The host named `name`, even when that is `all`.
+    ///
+    /// # Errors
+    /// As [`Target::parse`].
+    pub fn host(name: &str) -> Result<Self, NameError> {
+        if name.is_empty() {
+            return Err(NameError::new("host name", name, "it is empty"));
+        }
+        let target = Self::Host(name.to_owned());
+        let len = target.token().len();
+        if len > MAX_TARGET_TOKEN_LEN {
+            return Err(NameError::new(
+                "host name",
+                name,
+                format!("its subject token is {len} bytes long; the limit is {MAX_TARGET_TOKEN_LEN} (build it with `all`)"),
+            ));
+        }
+        Ok(target)
+    }
+
+    /// Reads a target token from a subject: `all`, or the canonical token of one host.
+    ///
+    /// # Errors
+    /// The token is empty or too long, holds a character other than `[A-Za-z0-9_%-]`, a `%` not
+    /// followed by two upper-case hex digits, bytes that are not UTF-8, or is not the canonical
+    /// token of the name it decodes to (e.g. `%77eb` for `web`); the error then names the
+    /// canonical one.
+    pub fn from_token(token: &str) -> Result<Self, NameError> {
+        const KIND: &str = "target";
+        if token == ALL_TARGETS {
+            return Ok(Self::All);
+        }
+        if token.is_empty() {
+            return Err(NameError::new(KIND, token, "it is empty"));
+        }
+        if token.len() > MAX_TARGET_TOKEN_LEN {
+            return Err(NameError::new(
+                KIND,
+                token,
+                format!("it must be at most {MAX_TARGET_TOKEN_LEN} characters long"),
+            ));
+        }
+        if let Some(bad) = token
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(*c, '_' | '-' | TOKEN_ESCAPE)))
+        {
+            return Err(NameError::new(
+                KIND,
+                token,
+                format!(
+                    "character {bad:?} is not allowed (only letters, digits, '_', '-' and '%XX' escapes; \
+                     docs/protocol.md says how to encode a host name)"
+                ),
+            ));
+        }
+        let name = percent_decode_str(token)
+            .decode_utf8()
+            .map_err(|_| NameError::new(KIND, token, "its %XX escapes do not decode to UTF-8"))?;
+        let target = Self::Host(name.into_owned());
+        let canonical = target.token();
+        if canonical != token {
+            return Err(NameError::new(
+                KIND,
+                token,
+                format!(
+                    "it is not the canonical token of host {}; use {canonical}",
+                    shown(target.as_str())
+                ),
+            ));
+        }
+        Ok(target)
+    }
+
+    /// The subject token: `all`, or the host name percent-encoded by [`encode_host`], with the
+    /// host named `all` as [`HOST_NAMED_ALL_TOKEN`].
+    pub fn token(&self) -> String {
+        match self {
+            Self::All => ALL_TARGETS.to_owned(),
+            Self::Host(host) if host == ALL_TARGETS => HOST_NAMED_ALL_TOKEN.to_owned(),
+            Self::Host(host) => encode_host(host),
+        }
+    }
+
+    /// The raw name, for people: `all` or the host name as the flake spells it.
     pub fn as_str(&self) -> &str {
         match self {
             Self::All => ALL_TARGETS,
@@ -138,6 +251,7 @@ impl Target {
     }
 }
 
+/// Shows the raw name (what a person reads); subjects use [`Target::token`].
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -173,7 +287,7 @@ impl fmt::Display for RequestId {
 
 /// `build.<repo>.<target>`: where a build request is published.
 pub fn request_subject(repo: &RepoName, target: &Target) -> String {
-    format!("build.{repo}.{target}")
+    format!("build.{repo}.{}", target.token())
 }
 
 /// `build.<repo>.*`: the request subjects of one repo (a stream subject and a consumer filter).
@@ -188,12 +302,12 @@ pub fn consumer_name(repo: &RepoName) -> String {
 
 /// `build.responses.<repo>.<target>.<id>.events`
 pub fn events_subject(repo: &RepoName, target: &Target, id: &RequestId) -> String {
-    format!("build.responses.{repo}.{target}.{id}.events")
+    format!("build.responses.{repo}.{}.{id}.events", target.token())
 }
 
 /// `build.responses.<repo>.<target>.<id>.logs`
 pub fn logs_subject(repo: &RepoName, target: &Target, id: &RequestId) -> String {
-    format!("build.responses.{repo}.{target}.{id}.logs")
+    format!("build.responses.{repo}.{}.{id}.logs", target.token())
 }
 
 /// Splits `build.<repo>.<target>` into its validated parts.
@@ -201,7 +315,7 @@ pub fn parse_request_subject(subject: &str) -> Result<(RepoName, Target), NameEr
     let mut tokens = subject.split('.');
     match (tokens.next(), tokens.next(), tokens.next(), tokens.next()) {
         (Some("build"), Some(repo), Some(target), None) => {
-            Ok((RepoName::parse(repo)?, Target::parse(target)?))
+            Ok((RepoName::parse(repo)?, Target::from_token(target)?))
         }
         _ => Err(NameError::new(
             "request subject",
@@ -242,13 +356,71 @@ mod tests {
     fn target_all_is_special_and_hosts_are_kept() {
         assert_eq!(Target::parse("all"), Ok(Target::All));
         assert_eq!(Target::parse("ns1"), Ok(Target::Host("ns1".into())));
-        let err = Target::parse("ns1.>").expect_err("wildcard accepted");
+        assert_eq!(Target::host("all"), Ok(Target::Host("all".into())));
+        assert_eq!(Target::from_token("all"), Ok(Target::All));
+        assert_eq!(Target::from_token("%61ll"), Ok(Target::Host("all".into())));
+        let err = Target::from_token("ns1.>").expect_err("wildcard accepted");
         assert!(err.to_string().contains("'.'"), "{err}");
+    }
+
+    /// The examples docs/protocol.md gives: the token of each raw host name.
+    #[test]
+    fn host_names_encode_to_documented_tokens() {
+        for (name, token) in [
+            ("web", "web"),
+            ("nix-cache_02", "nix-cache_02"),
+            ("web.example.org", "web%2Eexample%2Eorg"),
+            ("all", "%61ll"),
+            ("All", "All"),
+            ("all.example.org", "all%2Eexample%2Eorg"),
+            ("50%", "50%25"),
+            ("%2E", "%252E"),
+            ("../../x", "%2E%2E%2F%2E%2E%2Fx"),
+            ("a\"b", "a%22b"),
+            ("a\\b", "a%5Cb"),
+            ("${x}", "%24%7Bx%7D"),
+            ("new\nline", "new%0Aline"),
+            ("café", "caf%C3%A9"),
+            ("a b*>", "a%20b%2A%3E"),
+        ] {
+            let target = Target::host(name).expect("valid host name");
+            assert_eq!(target.token(), token, "{name:?}");
+            assert_eq!(Target::from_token(token), Ok(target), "{token}");
+        }
+    }
+
+    #[test]
+    fn only_canonical_tokens_are_accepted() {
+        for (token, canonical) in [
+            ("%77eb", Some("web")),
+            ("web%2eexample", None),
+            ("%41ll", Some("All")),
+            ("a%2Db", Some("a-b")),
+        ] {
+            let err = Target::from_token(token).expect_err(token).to_string();
+            assert!(
+                err.contains("canonical") || err.contains("escape"),
+                "{token}: {err}"
+            );
+            if let Some(canonical) = canonical {
+                assert!(err.contains(&format!("use {canonical}")), "{token}: {err}");
+            }
+        }
+        for bad in [
+            "", "%", "%G1", "%C3", "a.b", "a*", ">", "a b", "ä", "%C3%A9%",
+        ] {
+            assert!(Target::from_token(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(Target::parse("").is_err());
+        assert!(
+            Target::parse(&"é".repeat(100)).is_err(),
+            "token over 512 bytes accepted"
+        );
     }
 
     #[test]
     fn error_shows_escaped_truncated_value() {
-        let err = Target::parse(&format!("a\n{}", "b".repeat(200))).expect_err("accepted");
+        let err = Target::from_token(&format!("a\n{}", "b".repeat(200))).expect_err("accepted");
         let text = err.to_string();
         assert!(text.contains("a\\nbbb"), "{text}");
         assert!(text.len() < 250, "{text}");
@@ -280,16 +452,28 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever string is offered, an accepted name is one subject token without wildcards.
+        /// Whatever string is offered, an accepted repo name or target token is one subject
+        /// token without wildcards, and a host name's token holds only `[A-Za-z0-9_%-]`.
         #[test]
         fn accepted_names_are_single_safe_tokens(value in "\\PC{0,80}") {
             for accepted in [
                 RepoName::parse(&value).map(|r| r.to_string()),
-                Target::parse(&value).map(|t| t.to_string()),
+                Target::from_token(&value).map(|t| t.token()),
             ].into_iter().flatten() {
                 prop_assert!(!accepted.is_empty());
-                prop_assert!(accepted.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+                prop_assert!(accepted.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '%'));
             }
+            if let Ok(target) = Target::host(&value) {
+                prop_assert!(target.token().chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '%'));
+            }
+        }
+
+        /// Any host name Nix could list comes back from its token unchanged, and its token is
+        /// a different string for every different name (the encoding is reversible).
+        #[test]
+        fn any_host_name_round_trips(name in "\\PC{1,80}|[\\x00-\\x7f]{1,40}") {
+            let target = Target::host(&name).expect("valid host");
+            prop_assert_eq!(Target::from_token(&target.token()), Ok(Target::Host(name)));
         }
 
         /// Every name made of allowed characters is accepted, and its subject parses back to it.
