@@ -1,5 +1,5 @@
 # The homelab-deploy binary, built from Cargo.lock.
-{ lib, rustPlatform, pkg-config, openssl, zlib }:
+{ lib, stdenv, rustPlatform, installShellFiles, pkg-config, openssl, zlib }:
 rustPlatform.buildRustPackage {
   pname = "homelab-deploy";
   version = (builtins.fromTOML (builtins.readFile ../Cargo.toml)).workspace.package.version;
@@ -11,7 +11,7 @@ rustPlatform.buildRustPackage {
   };
   cargoLock.lockFile = ../Cargo.lock;
 
-  nativeBuildInputs = [ pkg-config ];
+  nativeBuildInputs = [ pkg-config installShellFiles ];
   buildInputs = [ openssl zlib ];
 
   cargoBuildFlags = [ "--package" "homelab-deploy" ];
@@ -19,6 +19,16 @@ rustPlatform.buildRustPackage {
   # which the build sandbox does not have. They run with ./scripts/test (and the flake's checks
   # build this package, which runs the unit tests).
   cargoTestFlags = [ "--workspace" "--lib" "--bins" ];
+
+  # Completions and man pages come from the clap definitions, so they always match --help.
+  postInstall = lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
+    for shell in bash fish zsh; do
+      $out/bin/homelab-deploy completions $shell > homelab-deploy.$shell
+    done
+    installShellCompletion homelab-deploy.{bash,fish,zsh}
+    $out/bin/homelab-deploy man --out-dir man
+    installManPage man/*.1
+  '';
 
   meta = {
     description = "Build NixOS hosts of flake repos on a fleet of builders over NATS";

@@ -4,6 +4,7 @@
 mod bench_smoke;
 mod build;
 mod cache;
+mod cli;
 mod config;
 mod eval;
 mod faults;

@@ -337,6 +337,25 @@ async fn watch_and_logs_replay_and_follow() {
     let all_lines: Vec<String> = text(&full).0.lines().map(str::to_owned).collect();
     assert!(all_lines.len() >= 2, "{all_lines:?}");
     assert_eq!(lines, all_lines[1..].to_vec());
+
+    // `--json`: the same lines, one object each, numbered per host from 1.
+    let json = fleet.cli(&["logs", &id, "--host", "medium", "--json"]);
+    assert_eq!(json.status.code(), Some(0), "{}", text(&json).1);
+    let records: Vec<Value> = text(&json)
+        .0
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("log line json"))
+        .collect();
+    let medium: Vec<String> = all_lines
+        .iter()
+        .filter_map(|line| line.strip_prefix("medium | ").map(str::to_owned))
+        .collect();
+    assert_eq!(records.len(), medium.len(), "{records:?}");
+    for (index, (record, line)) in records.iter().zip(&medium).enumerate() {
+        assert_eq!(record["host"], "medium");
+        assert_eq!(record["line"], index as u64 + 1);
+        assert_eq!(record["text"], line.as_str());
+    }
 }
 
 /// `builders` shows the fleet; `builds` filters by state; `builder drain NAME` over NATS makes

@@ -20,6 +20,8 @@ let
   package = import ../../nix/package.nix {
     inherit lib;
     rustPlatform.buildRustPackage = args: args;
+    stdenv = { buildPlatform.canExecute = _: true; hostPlatform = { }; };
+    installShellFiles = "installShellFiles";
     pkg-config = "pkg-config";
     openssl = "openssl";
     zlib = "zlib";
@@ -27,7 +29,7 @@ let
 in
 {
   package = {
-    inherit (package) pname version cargoBuildFlags;
+    inherit (package) pname version cargoBuildFlags postInstall nativeBuildInputs;
     lockFile = builtins.pathExists package.cargoLock.lockFile;
     srcHasLock = builtins.pathExists "${package.src}/Cargo.lock";
     srcHasCli = builtins.pathExists "${package.src}/crates/cli/src/main.rs";

@@ -16,9 +16,9 @@ Examples:
   homelab-deploy build nixos-servers web.example.org
   homelab-deploy build nixos-servers --host all      # the host named `all`, not every host
   homelab-deploy build nixos-servers --all --json > result.json
-  homelab-deploy build nixos-servers all --ref flake-update --timeout 1800
+  homelab-deploy build nixos-servers all --ref flake-update --timeout 30m
   id=$(homelab-deploy build nixos-servers all --no-wait)
-  homelab-deploy build nixos-servers all --rev $SHA --json --junit hosts.xml --timeout 3600
+  homelab-deploy build nixos-servers all --rev $SHA --json --junit hosts.xml --timeout 1h
 
 Progress goes to stderr; the result table (or with --json, exactly the `finished` event as one
 JSON object) goes to stdout.
@@ -49,9 +49,9 @@ pub struct BuildArgs {
     /// Exact commit to build (7 to 40 hex digits).
     #[arg(long, value_name = "COMMIT")]
     rev: Option<String>,
-    /// Give up waiting after this many seconds (exit 3); the build itself goes on.
-    #[arg(long, value_name = "SECS", default_value_t = 3 * 60 * 60)]
-    timeout: u64,
+    /// Give up waiting after this long (exit 3); the build itself goes on. E.g. 90s, 30m, 3h.
+    #[arg(long, value_name = "DURATION", default_value = "3h", value_parser = crate::parse_duration)]
+    timeout: Duration,
     /// Print exactly the `finished` event as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -71,12 +71,14 @@ pub struct BuildArgs {
     /// Queue class: interactive (people, the default) before ci before scheduled (timers).
     #[arg(long, value_enum, default_value_t = PriorityArg::Interactive)]
     priority: PriorityArg,
-    /// Time limit per host on the builder, instead of its default (within its maximum).
-    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
-    host_timeout: Option<u64>,
-    /// Time limit of the whole build on the builder, instead of its default (within its maximum).
-    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
-    build_timeout: Option<u64>,
+    /// Time limit per host on the builder, instead of its default (within its maximum); whole
+    /// seconds, e.g. 20m.
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    host_timeout: Option<Duration>,
+    /// Time limit of the whole build on the builder, instead of its default (within its
+    /// maximum); whole seconds, e.g. 2h.
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    build_timeout: Option<Duration>,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -154,8 +156,8 @@ pub async fn run(args: BuildArgs) -> u8 {
         git_ref: args.git_ref,
         rev: args.rev,
         mode: args.mode.into(),
-        host_timeout_secs: args.host_timeout,
-        timeout_secs: args.build_timeout,
+        host_timeout_secs: args.host_timeout.map(whole_seconds),
+        timeout_secs: args.build_timeout.map(whole_seconds),
         priority: args.priority.into(),
     };
     let mut submission = match submit(&client, &repo, &target, options).await {
@@ -168,7 +170,7 @@ pub async fn run(args: BuildArgs) -> u8 {
     }
 
     let mut progress = Progress::new(&submission.subject, submission.id.as_str(), args.quiet);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let deadline = tokio::time::Instant::now() + args.timeout;
     let waiting_since = Instant::now();
     let finished = loop {
         let next = tokio::select! {
@@ -176,8 +178,8 @@ pub async fn run(args: BuildArgs) -> u8 {
             _ = tokio::time::sleep_until(deadline) => {
                 progress.clear();
                 eprintln!(
-                    "error: timed out after {}s waiting for request {}; the build goes on (see its events on build.responses.{}.{}.{}.events)",
-                    args.timeout, submission.id, repo, target.token(), submission.id
+                    "error: timed out after {} waiting for request {}; the build goes on (see its events on build.responses.{}.{}.{}.events)",
+                    humantime::format_duration(args.timeout), submission.id, repo, target.token(), submission.id
                 );
                 return exit::UNAVAILABLE;
             }
@@ -252,4 +254,9 @@ pub fn requested_by() -> String {
         .take(200)
         .collect();
     by
+}
+
+/// The builder takes time limits in whole seconds; a sub-second rest is dropped, never to zero.
+fn whole_seconds(duration: Duration) -> u64 {
+    duration.as_secs().max(1)
 }

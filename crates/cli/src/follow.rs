@@ -36,6 +36,9 @@ pub struct LogsArgs {
     /// Keep following the log until the request finishes.
     #[arg(long)]
     follow: bool,
+    /// Print each line as one JSON object on stdout: `{"host": H, "line": N, "text": T}`.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -119,7 +122,11 @@ pub async fn logs(args: LogsArgs) -> u8 {
                     for (offset, line) in batch.lines.iter().enumerate() {
                         let number = batch.first_line + offset as u64;
                         if number >= args.from_line {
-                            println!("{} | {line}", batch.host);
+                            if args.json {
+                                print_json(&serde_json::json!({"host": batch.host, "line": number, "text": line}));
+                            } else {
+                                println!("{} | {line}", batch.host);
+                            }
                             printed += 1;
                         }
                     }

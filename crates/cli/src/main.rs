@@ -3,6 +3,7 @@
 mod build;
 mod builder;
 mod cancel;
+mod docs;
 mod follow;
 mod inspect;
 mod junit;
@@ -34,7 +35,10 @@ Exit codes:
   0  every host built or cached
   1  the build finished failed or cancelled, or was refused
   2  usage error (bad arguments, invalid names, bad config)
-  3  could not reach NATS, no builder serves the repo, or timed out";
+  3  could not reach NATS, no builder serves the repo, or timed out
+
+Durations (--timeout, --host-timeout, --build-timeout) are written as 90s, 30m, 3h, 1h30m or a
+plain number of seconds. NO_COLOR=1 turns colour off.";
 
 /// Build NixOS hosts of flake repos on a fleet of builders over NATS.
 #[derive(Parser)]
@@ -69,6 +73,10 @@ enum Command {
     /// Serve the MCP tools an AI assistant uses to list, build, watch and cancel (stdio).
     #[command(after_help = mcp::AFTER_HELP)]
     Mcp(mcp::McpArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(docs::CompletionsArgs),
+    /// Print the man page on stdout, or write one page per command with `--out-dir DIR`.
+    Man(docs::ManArgs),
 }
 
 /// How to reach NATS; shared by every client command. Unset values come from the user's, then
@@ -114,9 +122,37 @@ fn main() -> ExitCode {
             Command::Builders(args) => inspect::builders(args).await,
             Command::Nkey(args) => nkey::run(args),
             Command::Mcp(args) => mcp::run(args).await,
+            Command::Completions(args) => docs::completions(args),
+            Command::Man(args) => docs::man(args),
         }
     });
     ExitCode::from(code)
+}
+
+/// Colour only on a terminal, and never when `NO_COLOR` is set to anything but the empty string
+/// (<https://no-color.org>). The progress bars (indicatif) follow the same rule by themselves.
+fn colour_wanted() -> bool {
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+    !no_color && std::io::IsTerminal::is_terminal(&std::io::stderr())
+}
+
+/// A duration as people write it: `90s`, `30m`, `3h`, `1h 30m`, `2days`, or a plain number of
+/// seconds (`1800`, what earlier versions took). Zero is refused.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let duration = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        text.parse::<u64>()
+            .map(std::time::Duration::from_secs)
+            .map_err(|err| format!("{text:?} is not a number of seconds: {err}"))?
+    } else {
+        humantime::parse_duration(text).map_err(|err| {
+            format!("{text:?} is not a duration ({err}); write e.g. 90s, 30m, 3h or 1h30m")
+        })?
+    };
+    if duration.is_zero() {
+        return Err("a duration must be longer than zero".to_owned());
+    }
+    Ok(duration)
 }
 
 /// Logs go to stderr, as text or one JSON object per line; `RUST_LOG` overrides the level
@@ -135,7 +171,29 @@ fn init_logging(default_level: &str, json: bool) {
             .with_span_list(false)
             .init();
     } else {
-        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
+        logs.with_ansi(colour_wanted()).init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::parse_duration;
+
+    #[test]
+    fn durations_as_people_write_them() {
+        assert_eq!(parse_duration("3h"), Ok(Duration::from_secs(3 * 3600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2days"), Ok(Duration::from_secs(2 * 86400)));
+        assert_eq!(parse_duration("1800"), Ok(Duration::from_secs(1800)));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-5").is_err());
+        let err = parse_duration("banana").expect_err("banana is no duration");
+        assert!(err.contains("banana") && err.contains("3h"), "{err}");
     }
 }
