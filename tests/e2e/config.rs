@@ -1,4 +1,4 @@
-//! Starting the builder: config errors, missing nix, NATS not yet up, and drain on SIGTERM.
+//! Starting the builder: config errors, missing nix, NATS not yet up, and drain on SIGINT.
 
 use std::process::Command;
 use std::time::Duration;
@@ -119,10 +119,10 @@ fn builder_waits_for_nats_then_serves() {
     );
 }
 
-/// SIGTERM during a build lets the build finish (its request is answered), then the builder
-/// exits 0 and takes nothing more.
+/// SIGINT (Ctrl-C at a terminal) during a build lets the build finish (its request is
+/// answered), then the builder exits 0 and takes nothing more.
 #[test]
-fn sigterm_drains_the_running_build() {
+fn sigint_drains_the_running_build() {
     let mut setup = Setup::new("slow");
     let output = setup.cli(&["build", "demo", "first", "--no-wait"]);
     assert_eq!(output.status.code(), Some(0));
@@ -132,7 +132,7 @@ fn sigterm_drains_the_running_build() {
     assert!(building, "{}", setup.builder.log());
     let status = setup
         .builder
-        .terminate(Duration::from_secs(60))
+        .signal("INT", Duration::from_secs(60))
         .expect("builder exited");
     assert!(
         status.success(),

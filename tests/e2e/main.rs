@@ -16,6 +16,8 @@ mod nixos;
 mod permissions;
 mod queue;
 mod refusals;
+mod secrets;
+mod service;
 mod soak;
 mod vault;
 

@@ -54,7 +54,7 @@ async fn soak_with_builder_kills() {
     };
 
     let client = connect(&ConnectSettings {
-        url: nats.url.clone(),
+        url: nats.url.clone().into(),
         nkey_file: None,
         name: "soak".to_owned(),
         timeout: Duration::from_secs(5),

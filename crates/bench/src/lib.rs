@@ -319,7 +319,7 @@ pub async fn queue_throughput(bin: &Path, requests: usize) -> Result<Report> {
         );
     }
     let client = connect(&ConnectSettings {
-        url: nats.url.clone(),
+        url: nats.url.clone().into(),
         nkey_file: None,
         name: "bench".to_owned(),
         timeout: Duration::from_secs(5),

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use homelab_deploy_credentials::secret_url::redact_urls;
+use homelab_deploy_credentials::SecretUrl;
 use homelab_deploy_protocol::api::check_builder_name;
 use homelab_deploy_protocol::request::check_git_ref;
 use homelab_deploy_protocol::RepoName;
@@ -89,7 +91,9 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
-    pub url: String,
+    /// Server URL(s), comma-separated; a user and password (or token) in them authenticate,
+    /// and are never shown.
+    pub url: SecretUrl,
     /// File holding an NKey user seed to authenticate with.
     #[serde(default)]
     pub nkey_seed_file: Option<PathBuf>,
@@ -174,14 +178,15 @@ impl Default for StreamsConfig {
 #[serde(deny_unknown_fields)]
 pub struct RepoConfig {
     /// `git+https://…`, `git+ssh://…`, `git+file:///…`: any git URL, with nix's `git+` prefix.
-    pub url: String,
+    /// Credentials in it are never shown (prefer a token file).
+    pub url: SecretUrl,
     /// Branch (or tag) built when a request names no ref or rev.
     #[serde(rename = "ref", default = "default_ref")]
     pub git_ref: String,
     /// Nix store URI of a binary cache (`file:///var/cache/nix`, `s3://…`, `ssh-ng://…`): each
     /// built host's closure is copied there with `nix copy --to`.
     #[serde(default)]
-    pub push_to: Option<String>,
+    pub push_to: Option<SecretUrl>,
     /// Key to sign what is pushed with (`nix key generate-secret`); becomes the store URI's
     /// `secret-key` parameter.
     #[serde(default)]
@@ -190,20 +195,22 @@ pub struct RepoConfig {
 
 impl RepoConfig {
     /// The store URI `nix copy --to` takes, with the signing key when one is configured.
-    pub fn push_store(&self) -> Option<String> {
-        let store = self.push_to.as_ref()?;
-        Some(match &self.push_secret_key_file {
+    pub fn push_store(&self) -> Option<SecretUrl> {
+        let store = self.push_to.as_ref()?.expose();
+        Some(SecretUrl::new(match &self.push_secret_key_file {
             Some(key) => {
                 let separator = if store.contains('?') { '&' } else { '?' };
                 format!("{store}{separator}secret-key={}", key.display())
             }
-            None => store.clone(),
-        })
+            None => store.to_owned(),
+        }))
     }
 
-    /// The URL git2 fetches from: the flake URL without nix's `git+` prefix.
+    /// The URL git fetches from, credentials included: the flake URL without nix's `git+`
+    /// prefix. Show it as [`SecretUrl`] or through `redact_urls`, never as it is.
     pub fn git_url(&self) -> &str {
-        self.url.strip_prefix("git+").unwrap_or(&self.url)
+        let url = self.url.expose();
+        url.strip_prefix("git+").unwrap_or(url)
     }
 }
 
@@ -308,7 +315,8 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
             path: path.to_owned(),
-            message: err.to_string().trim_end().to_owned(),
+            // toml quotes the offending line, which may be a URL with a token in it.
+            message: redact_urls(err.to_string().trim_end()),
         })?;
         config.validate(path)?;
         Ok(config)
@@ -320,13 +328,10 @@ impl Config {
             key,
             message,
         };
-        if !self.nats.url.contains("://") && !self.nats.url.contains(':') {
+        if let Err(message) = self.nats.url.check_hosts("nats") {
             return Err(invalid(
                 "nats.url".into(),
-                format!(
-                    "{:?} is not a NATS URL (e.g. nats://127.0.0.1:4222)",
-                    self.nats.url
-                ),
+                format!("{message}; e.g. nats://127.0.0.1:4222"),
             ));
         }
         if let Err(err) = check_builder_name(&self.builder.name) {
@@ -432,11 +437,12 @@ impl Config {
             let known_scheme = ["https://", "http://", "ssh://", "file://", "git://"]
                 .iter()
                 .any(|scheme| url.starts_with(scheme));
-            if !repo.url.starts_with("git+") && !repo.url.starts_with("git://") || !known_scheme {
+            let full = repo.url.expose();
+            if !full.starts_with("git+") && !full.starts_with("git://") || !known_scheme {
                 return Err(invalid(
                     format!("{key}.url"),
                     format!(
-                        "{:?} is not a git URL; use git+https://, git+ssh://, git+http:// or git+file://",
+                        "\"{}\" is not a git URL; use git+https://, git+ssh://, git+http:// or git+file://",
                         repo.url
                     ),
                 ));
@@ -449,8 +455,8 @@ impl Config {
             }
             if repo
                 .push_to
-                .as_deref()
-                .is_some_and(|uri| !uri.contains("://"))
+                .as_ref()
+                .is_some_and(|uri| !uri.expose().contains("://"))
             {
                 return Err(invalid(
                     format!("{key}.push_to"),
@@ -587,6 +593,31 @@ ref = "master"
             "{text}"
         );
         assert!(parse(&GOOD.replace("[repos.nixos-servers]", "[repos.api]")).is_err());
+    }
+
+    #[test]
+    fn url_errors_never_show_credentials() {
+        for (text, key) in [
+            (
+                GOOD.replace("git+https://", "https://bot:s3cr'et@"),
+                "repos.nixos-servers.url",
+            ),
+            (
+                GOOD.replace("nats://127.0.0.1:4222", "nats://u:s3cr'et@"),
+                "nats.url",
+            ),
+            (
+                GOOD.replace("git+https://", "git+https://bot:s3cr'et@")
+                    .replace(".git\"", ".git\" junk"),
+                "/etc/hd.toml",
+            ),
+        ] {
+            let err = parse(&text).expect_err("accepted").to_string();
+            assert!(err.contains(key) && !err.contains("s3cr'et"), "{err}");
+        }
+        let config =
+            parse(&GOOD.replace("git+https://", "git+https://bot:s3cr'et@")).expect("valid");
+        assert!(!format!("{config:?}").contains("s3cr'et"));
     }
 
     #[test]

@@ -182,6 +182,7 @@ pub async fn run(
         slots = config.builder.max_concurrent_requests,
         "builder ready"
     );
+    notify_systemd(sd_notify::NotifyState::Ready);
 
     let slots = Arc::new(Semaphore::new(config.builder.max_concurrent_requests));
     let mut running = JoinSet::new();
@@ -198,7 +199,14 @@ pub async fn run(
 
     // Wait for a stop request; pull loops end on their own once draining.
     stopping(&mut stop, Stop::Drain).await;
-    info!("draining: taking no new requests, finishing running builds");
+    notify_systemd(sd_notify::NotifyState::Stopping);
+    if *stop.borrow() == Stop::Abort {
+        // SIGTERM: hand back now, not after the pull loops' last fetch has expired.
+        warn!("stopping: killing running builds; their requests go back to the queue");
+        jobs.interrupt_all();
+    } else {
+        info!("draining: taking no new requests, finishing running builds");
+    }
     while let Some(result) = pullers.join_next().await {
         match result {
             Ok(jobs_of_repo) => {
@@ -229,6 +237,15 @@ pub async fn run(
     let _ = registry_task.await;
     info!("builder stopped");
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) about a state change; nothing when not run by systemd
+/// (no `NOTIFY_SOCKET`). `NOTIFY_SOCKET` stays set (removing it from a running multi-threaded
+/// process is not sound); nix never sees it, as it gets an allowlisted environment.
+fn notify_systemd(state: sd_notify::NotifyState<'_>) {
+    if let Err(err) = sd_notify::notify(false, &[state]) {
+        warn!(error = %err, "telling systemd the builder's state failed");
+    }
 }
 
 async fn connect_with_retry(

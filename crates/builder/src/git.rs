@@ -219,25 +219,10 @@ fn branch_list(repo: &Repository) -> String {
     }
 }
 
-/// Hides the user-info part of URLs (`https://user:token@host/…` → `https://***@host/…`).
+/// Hides the credentials of URLs in `text` (`https://user:token@host/…` → `https://***@host/…`),
+/// a password holding a quote included; see `homelab_deploy_credentials::secret_url`.
 pub fn redact_url(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(scheme_end) = rest.find("://") {
-        let (head, tail) = rest.split_at(scheme_end + 3);
-        out.push_str(head);
-        let authority_end = tail.find(['/', ' ', '\'', '"']).unwrap_or(tail.len());
-        match tail[..authority_end].rfind('@') {
-            Some(at) => {
-                out.push_str("***");
-                out.push_str(&tail[at..authority_end]);
-            }
-            None => out.push_str(&tail[..authority_end]),
-        }
-        rest = &tail[authority_end..];
-    }
-    out.push_str(rest);
-    out
+    homelab_deploy_credentials::secret_url::redact_urls(text)
 }
 
 #[cfg(test)]

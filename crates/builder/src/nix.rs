@@ -10,6 +10,8 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use homelab_deploy_credentials::secret_url::redact_urls;
+use homelab_deploy_credentials::{Redactor, SecretUrl};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
@@ -277,12 +279,20 @@ impl Nix {
         }
     }
 
-    /// Copies `path` and its closure to the binary cache `store` (a nix store URI).
-    pub async fn copy_to(&self, store: &str, path: &str) -> Result<(), NixError> {
+    /// Copies `path` and its closure to the binary cache `store` (a nix store URI). nix quotes
+    /// the URI in its errors as it was given: its credentials are scrubbed from the error.
+    pub async fn copy_to(&self, store: &SecretUrl, path: &str) -> Result<(), NixError> {
         let what = format!("copying {path} to the binary cache");
-        self.run_captured(&what, &["copy", "--to", store, path])
+        self.run_captured(&what, &["copy", "--to", store.expose(), path])
             .await
             .map(|_| ())
+            .map_err(|err| match err {
+                NixError::Failed { what, excerpt } => NixError::Failed {
+                    what,
+                    excerpt: Redactor::new([store], []).redact(&excerpt),
+                },
+                other => other,
+            })
     }
 
     /// Evaluates the toplevel `.drv` of several hosts in one nix process, so the work they share
@@ -363,14 +373,33 @@ fn resident_bytes(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Environment a nix command may see: what nix needs to find its store, daemon and config.
+/// Environment a nix command may see: what nix needs to find its store, daemon and config, and
+/// what `nix copy --to` needs for a binary cache: `s3://` reads the AWS SDK's variables
+/// (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, `AWS_SHARED_CREDENTIALS_FILE`, …), `ssh://` and
+/// `ssh-ng://` run `ssh` (an agent, `NIX_SSHOPTS`), `http(s)://` honours the proxy variables.
 fn passes_through(key: &str) -> bool {
     matches!(
         key,
-        "PATH" | "HOME" | "USER" | "LOGNAME" | "TMPDIR" | "LANG" | "LC_ALL" | "TZ"
+        "PATH"
+            | "HOME"
+            | "USER"
+            | "LOGNAME"
+            | "TMPDIR"
+            | "LANG"
+            | "LC_ALL"
+            | "TZ"
+            | "SSH_AUTH_SOCK"
+            | "CURL_CA_BUNDLE"
+            | "http_proxy"
+            | "https_proxy"
+            | "no_proxy"
+            | "HTTP_PROXY"
+            | "HTTPS_PROXY"
+            | "NO_PROXY"
     ) || key.starts_with("NIX_")
         || key.starts_with("XDG_")
         || key.starts_with("SSL_CERT")
+        || key.starts_with("AWS_")
 }
 
 /// A child that is the leader of its own process group; dropping it kills the whole group.
@@ -475,7 +504,7 @@ impl Excerpt {
         if self.0.len() == EXCERPT_LINES {
             self.0.pop_front();
         }
-        self.0.push_back(line);
+        self.0.push_back(redact_urls(&line));
     }
 
     fn text(&self) -> String {
@@ -534,6 +563,11 @@ async fn follow_internal_json(
             },
             None => Some(BuildOutput::Line(line)),
         };
+        // A URL nix or a build prints may carry credentials (a flake input, a substituter).
+        let item = item.map(|item| match item {
+            BuildOutput::Line(text) => BuildOutput::Line(redact_urls(&text)),
+            other => other,
+        });
         if let Some(BuildOutput::Line(text)) = &item {
             if log.errors.0.back().is_none_or(|error| error != text) {
                 log.log_tail.push(text.clone());
@@ -708,6 +742,28 @@ fn finish_line(line: Vec<u8>, cut: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cache_push_gets_its_credentials_and_ssh_from_the_environment() {
+        for key in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_PROFILE",
+            "SSH_AUTH_SOCK",
+            "NIX_SSHOPTS",
+            "https_proxy",
+        ] {
+            assert!(passes_through(key), "{key}");
+        }
+        for key in [
+            "HOMELAB_DEPLOY_NKEY_SEED",
+            "NOTIFY_SOCKET",
+            "CREDENTIALS_DIRECTORY",
+            "VAULT_TOKEN",
+        ] {
+            assert!(!passes_through(key), "{key}");
+        }
+    }
 
     #[tokio::test]
     async fn long_lines_are_cut_and_memory_stays_bounded() {

@@ -26,8 +26,13 @@ NKey seed, first that is set: [nats] nkey_seed_file, $HOMELAB_DEPLOY_NKEY_SEED, 
 table (AppRole or token; see \"Seed from Vault\" in docs/configuration.md). While Vault cannot
 give the seed, the builder waits and says why at each attempt.
 
-Signals: the first SIGTERM or SIGINT stops taking requests and lets the running build finish
-(exit 0); a second one kills the running build and returns its request to the queue.
+Signals: SIGTERM (systemctl stop or restart) kills the running builds at once and hands their
+requests back to the queue, where another builder (or this one, restarted) builds them again
+(exit 0). SIGINT (Ctrl-C) stops taking requests and lets the running builds finish; a second
+SIGINT, or a SIGTERM, then hands them back. `homelab-deploy builder drain NAME` drains over NATS.
+
+Under systemd (NOTIFY_SOCKET set), READY=1 is sent once the streams and consumers are set up,
+and STOPPING=1 when it stops.
 
 Exit codes: 0 stopped cleanly; 2 invalid config; 3 nix unusable, NATS or JetStream setup failed.";
 
@@ -127,15 +132,19 @@ struct RunArgs {
     check: bool,
 }
 
+/// SIGTERM hands running requests back at once, so `systemctl restart` (a `nixos-rebuild
+/// switch` that changed the config) never waits for a build; SIGINT drains first, as a person
+/// at a terminal expects, and a second SIGINT hands back.
 async fn forward_signals(
     (mut term, mut int): (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
     stop: watch::Sender<Stop>,
 ) {
-    for level in [Stop::Drain, Stop::Abort] {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+    let mut level = Stop::Running;
+    while level != Stop::Abort {
+        level = tokio::select! {
+            _ = term.recv() => Stop::Abort,
+            _ = int.recv() => if level == Stop::Running { Stop::Drain } else { Stop::Abort },
+        };
         info!(?level, "signal received");
         let _ = stop.send(level);
     }

@@ -35,7 +35,7 @@ pub async fn run(args: McpArgs) -> u8 {
         }
     };
     let settings = ConnectSettings {
-        url: resolved.nats_url,
+        url: resolved.nats_url.into(),
         nkey_file: resolved.nkey_file,
         name: "homelab-deploy mcp".to_owned(),
         timeout: Duration::from_secs(3),

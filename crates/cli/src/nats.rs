@@ -16,7 +16,7 @@ pub async fn connect_or_exit(args: &NatsArgs, command: &str) -> Result<Client, u
         exit::USAGE
     })?;
     let settings = ConnectSettings {
-        url: resolved.nats_url,
+        url: resolved.nats_url.into(),
         nkey_file: resolved.nkey_file,
         name: format!("homelab-deploy {command}"),
         timeout: Duration::from_secs(5),

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::{Auth, AuthError, Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
+use homelab_deploy_credentials::secret_url::UrlCredentials;
 use homelab_deploy_credentials::vault::VaultSeed;
-use homelab_deploy_credentials::SeedSource;
+use homelab_deploy_credentials::{SecretUrl, SeedSource};
 use tracing::{debug, info, warn};
 
 use crate::ClientError;
@@ -14,8 +15,10 @@ use crate::ClientError;
 /// Where and how to connect.
 #[derive(Debug, Clone)]
 pub struct ConnectSettings {
-    /// One server URL, or several of one cluster separated by commas.
-    pub url: String,
+    /// One server URL, or several of one cluster separated by commas. A user and password
+    /// (`nats://user:password@host`) or a token (`nats://token@host`) in it authenticate; it is
+    /// shown with them replaced by `***`.
+    pub url: SecretUrl,
     pub nkey_file: Option<PathBuf>,
     /// Client name shown by the server (`nats server report connections`).
     pub name: String,
@@ -29,14 +32,17 @@ pub struct ConnectSettings {
 /// Later disconnects are retried by the client in the background and logged.
 pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> {
     let url = settings.url.clone();
+    let (servers, url_credentials) = server_addrs(&settings.url)?;
     let source = SeedSource::find(settings.nkey_file.as_deref(), settings.vault.as_ref())?;
     let mut public_key = None;
+    let callback_credentials = url_credentials.clone();
     let options = match source.clone() {
         Some(source) => {
             // Checked now for a clear error; read again at every (re)connect for rotation.
             public_key = Some(source.load().await?.public_key()?);
             ConnectOptions::with_auth_callback(move |nonce| {
                 let source = source.clone();
+                let url_credentials = callback_credentials.clone();
                 async move {
                     // On a task of its own: the callback's future must be Sync, Vault's is not.
                     let seed = tokio::spawn(async move { source.load().await })
@@ -52,11 +58,25 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
                             .map_err(|err| AuthError::new(err.to_string()))?,
                     );
                     auth.signature = Some(signature);
+                    // What the callback returns replaces the options' user, password and token.
+                    if let Some(credentials) = url_credentials {
+                        set_credentials(&mut auth, credentials);
+                    }
                     Ok(auth)
                 }
             })
         }
-        None => ConnectOptions::new(),
+        None => match url_credentials {
+            Some(UrlCredentials {
+                user,
+                password: Some(password),
+            }) => ConnectOptions::with_user_and_password(user, password),
+            Some(UrlCredentials {
+                user,
+                password: None,
+            }) => ConnectOptions::with_token(user),
+            None => ConnectOptions::new(),
+        },
     };
     let events_source = source.clone();
     let options = options
@@ -67,21 +87,20 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
             let source = events_source.clone();
             async move {
                 match event {
-                    Event::Connected => info!(url, "connected to NATS"),
-                    Event::Disconnected => warn!(url, "disconnected from NATS; reconnecting"),
+                    Event::Connected => info!(%url, "connected to NATS"),
+                    Event::Disconnected => warn!(%url, "disconnected from NATS; reconnecting"),
                     // We closed it ourselves (the command is ending): nothing to warn about.
-                    Event::Closed => debug!(url, "NATS connection closed"),
+                    Event::Closed => debug!(%url, "NATS connection closed"),
                     Event::ClientError(err) if is_auth_refusal(&err.to_string()) => {
-                        warn!(url, "NATS refused the NKey at reconnect; fetching it again");
+                        warn!(%url, "NATS refused the NKey at reconnect; fetching it again");
                         if let Some(source) = &source {
                             source.refused();
                         }
                     }
-                    other => warn!(url, event = %other, "NATS connection event"),
+                    other => warn!(%url, event = %other, "NATS connection event"),
                 }
             }
         });
-    let servers = server_addrs(&settings.url)?;
     options
         .connect(servers)
         .await
@@ -111,27 +130,54 @@ fn is_auth_refusal(message: &str) -> bool {
     message.contains("authorization violation")
 }
 
-/// `nats://a:4222,nats://b:4222`: several servers of one cluster, tried in turn.
-fn server_addrs(urls: &str) -> Result<Vec<ServerAddr>, ClientError> {
-    urls.split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(|url| {
-            url.parse::<ServerAddr>()
-                .map_err(|err| ClientError::Connect {
-                    url: url.to_owned(),
-                    message: format!("not a NATS server URL: {err}"),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .and_then(|servers| {
-            if servers.is_empty() {
-                Err(ClientError::Connect {
-                    url: urls.to_owned(),
-                    message: "no server URL given".to_owned(),
-                })
-            } else {
-                Ok(servers)
+fn set_credentials(auth: &mut Auth, credentials: UrlCredentials) {
+    match credentials.password {
+        Some(password) => {
+            auth.username = Some(credentials.user);
+            auth.password = Some(password);
+        }
+        None => auth.token = Some(credentials.user),
+    }
+}
+
+/// `nats://a:4222,nats://b:4222`: several servers of one cluster, tried in turn; and the
+/// credentials of the first URL that has any, which then authenticate at every server.
+///
+/// The credentials are taken out of the addresses handed to async-nats: it does not send a
+/// URL's user and password itself, and logs server addresses whole at debug level. The
+/// options that carry them instead are redacted in its `Debug` output.
+fn server_addrs(
+    urls: &SecretUrl,
+) -> Result<(Vec<ServerAddr>, Option<UrlCredentials>), ClientError> {
+    let mut credentials = None;
+    let mut servers = Vec::new();
+    for url in urls.split_list() {
+        // A bare `host:port` is a NATS URL too (as async-nats reads it).
+        let url = if url.expose().contains("://") {
+            url
+        } else {
+            SecretUrl::new(format!("nats://{}", url.expose()))
+        };
+        let address = match url.take_credentials() {
+            Some((found, bare)) => {
+                credentials.get_or_insert(found);
+                bare
             }
-        })
+            None => url.expose().to_owned(),
+        };
+        let server = address
+            .parse::<ServerAddr>()
+            .map_err(|err| ClientError::Connect {
+                url: url.clone(),
+                message: format!("not a NATS server URL: {err}"),
+            })?;
+        servers.push(server);
+    }
+    if servers.is_empty() {
+        return Err(ClientError::Connect {
+            url: urls.clone(),
+            message: "no server URL given".to_owned(),
+        });
+    }
+    Ok((servers, credentials))
 }

@@ -10,16 +10,17 @@ mod request;
 pub use connect::{connect, ConnectSettings};
 pub use request::{submit, EventStream, LogStream, Submission, SubmitOptions};
 
+use homelab_deploy_credentials::SecretUrl;
 use homelab_deploy_protocol::RepoName;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach NATS at {url}: {message}")]
-    Connect { url: String, message: String },
+    Connect { url: SecretUrl, message: String },
     #[error("NATS at {url} refused the NKey {public_key}: authorization violation; add this public key to the server's users, or use the seed that belongs to the configured one")]
-    AuthRefused { url: String, public_key: String },
+    AuthRefused { url: SecretUrl, public_key: String },
     #[error("NATS at {url} requires authentication: give an NKey user seed with --nkey-file (or HOMELAB_DEPLOY_NKEY_FILE, or nkey_file in the config file) or HOMELAB_DEPLOY_NKEY_SEED")]
-    AuthRequired { url: String },
+    AuthRequired { url: SecretUrl },
     #[error(transparent)]
     Credentials(#[from] homelab_deploy_credentials::CredentialError),
     #[error("no builder serves repo {repo}: no JetStream stream takes build.{repo}.* (is a builder configured with [repos.{repo}] and has it started?)")]

@@ -6,7 +6,10 @@
 //! Vault (the builder's `[vault]`, see [`vault`]). A seed file is read again at every connection,
 //! so a rotated seed is used at the next reconnect.
 
+pub mod secret_url;
 pub mod vault;
+
+pub use secret_url::{Redactor, SecretUrl};
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -469,8 +469,13 @@ impl Builder {
 
     /// Sends SIGTERM and waits for the exit status (with a timeout).
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.signal("TERM", timeout)
+    }
+
+    /// Sends `signal` (`TERM`, `INT`, …) and waits for the exit status (with a timeout).
+    pub fn signal(&mut self, signal: &str, timeout: Duration) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
