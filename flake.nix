@@ -31,12 +31,16 @@
         };
       });
 
-      # The builder service, scheduled builds and the CLI config; brings the package in with
-      # the overlay.
-      nixosModules.default = {
-        imports = [ ./nixos ];
-        nixpkgs.overlays = [ self.overlays.default ];
-      };
+      # The builder service, scheduled builds and the CLI config. The package is built from the
+      # host's own nixpkgs; the host's `nixpkgs.overlays` are left alone (add
+      # `overlays.default` yourself to get `pkgs.homelab-deploy` elsewhere).
+      nixosModules.default = { lib, pkgs, ... }:
+        let package = pkgs.callPackage ./nix/package.nix { };
+        in {
+          imports = [ ./nixos ];
+          services.homelab-deploy.builder.package = lib.mkDefault package;
+          programs.homelab-deploy.package = lib.mkDefault package;
+        };
       nixosModules.homelab-deploy = self.nixosModules.default;
 
       checks = forAllSystems (pkgs: {

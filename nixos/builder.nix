@@ -15,8 +15,18 @@ let
         description = "Git URL with nix's `git+` prefix (git+https, git+ssh, git+http, git+file).";
       };
       ref = mkOption { type = types.str; default = "main"; description = "Branch or tag built by default."; };
-      push_to = optional types.str "Nix store URI of a binary cache each built host is copied to.";
-      push_secret_key_file = optional types.str "Key to sign pushed paths with.";
+      push_to = optional types.str ''
+        Nix store URI of a binary cache each built host is copied to (`file://`, `s3://`,
+        `ssh-ng://`, `https://`). `s3://` reads its credentials from the environment
+        (`environmentFiles`: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, or `AWS_PROFILE` with
+        `AWS_SHARED_CREDENTIALS_FILE`); `ssh-ng://` runs `ssh` (in the service's path) and takes
+        its key as `?ssh-key=` (e.g. a credential, /run/credentials/homelab-deploy-builder.service/NAME).
+        Credentials in the URI are never shown.
+      '';
+      push_secret_key_file = optional types.str "Key to sign pushed paths with (passed to the service with LoadCredential).";
+      ssh_key_file = optional types.str "Private SSH (deploy) key for a `git+ssh://` url (passed with LoadCredential).";
+      ssh_known_hosts_file = optional types.str "known_hosts file the `git+ssh://` server's host key is checked against (passed with LoadCredential).";
+      token_file = optional types.str "File with an access token for a `git+https://` url, instead of one in the URL (passed with LoadCredential).";
     };
   };
 
@@ -25,7 +35,7 @@ let
     options = {
       nats = {
         url = mkOption { type = types.str; default = "nats://127.0.0.1:4222"; description = "NATS server URL(s), comma-separated."; };
-        nkey_seed_file = optional types.str "File with the NKey user seed the builder authenticates with.";
+        nkey_seed_file = optional types.str "File with the NKey user seed the builder authenticates with (passed with LoadCredential).";
       };
       builder = {
         name = mkOption { type = token; default = config.networking.hostName; description = "Builder name: shown in events, the fleet list and API subjects."; };
@@ -55,9 +65,9 @@ let
           nkey_secret = mkOption { type = types.str; default = "shared/homelab-deploy/builder-nkey"; description = "mount/path of the secret holding the seed."; };
           nkey_field = optional types.str "Field of the secret holding the seed (default nkey_seed).";
           auth = mkOption { type = types.enum [ "approle" "token" ]; default = "approle"; description = "How the builder logs in to Vault."; };
-          role_id_file = optional types.str "AppRole role id file.";
-          secret_id_file = optional types.str "AppRole secret id file.";
-          token_file = optional types.str "Vault token file (auth = token).";
+          role_id_file = optional types.str "AppRole role id file (passed with LoadCredential).";
+          secret_id_file = optional types.str "AppRole secret id file (passed with LoadCredential).";
+          token_file = optional types.str "Vault token file, auth = token (passed with LoadCredential).";
           kv_version = optional (types.enum [ 1 2 ]) "KV version of the mount (default: asked from Vault).";
           approle_mount = optional types.str "Mount path of the AppRole auth method (default approle).";
           refresh_interval_secs = optional types.ints.positive "Fetch the seed again after this long (default 3600).";
@@ -73,6 +83,33 @@ let
   };
 
   dropNulls = lib.filterAttrsRecursive (_: value: value != null);
+
+  # Every secret file reaches the service as a systemd credential (LoadCredential): systemd
+  # reads it as root, wherever it is and whoever owns it, and hands the builder a private copy
+  # under $CREDENTIALS_DIRECTORY, which the rendered config names instead.
+  credentialsDir = "/run/credentials/homelab-deploy-builder.service";
+  secretFile = id: path: { inherit id path; };
+  secretFiles = lib.filter (file: lib.attrByPath file.path null cfg.settings != null) (
+    [
+      (secretFile "nkey-seed" [ "nats" "nkey_seed_file" ])
+      (secretFile "vault-role-id" [ "vault" "role_id_file" ])
+      (secretFile "vault-secret-id" [ "vault" "secret_id_file" ])
+      (secretFile "vault-token" [ "vault" "token_file" ])
+    ]
+    ++ lib.concatMap
+      (repo: [
+        (secretFile "repo-${repo}-push-key" [ "repos" repo "push_secret_key_file" ])
+        (secretFile "repo-${repo}-ssh-key" [ "repos" repo "ssh_key_file" ])
+        (secretFile "repo-${repo}-known-hosts" [ "repos" repo "ssh_known_hosts_file" ])
+        (secretFile "repo-${repo}-token" [ "repos" repo "token_file" ])
+      ])
+      (lib.attrNames cfg.settings.repos)
+  );
+  loadCredentials = map (file: "${file.id}:${lib.getAttrFromPath file.path cfg.settings}") secretFiles;
+  settingsWithCredentials = lib.foldl'
+    (settings: file: lib.recursiveUpdate settings (lib.setAttrByPath file.path "${credentialsDir}/${file.id}"))
+    cfg.settings
+    secretFiles;
   # `nix copy --to file://DIR` writes DIR from inside the service: with ProtectSystem=strict it
   # must be listed as writable.
   pushDirs = lib.unique (lib.concatMap
@@ -81,18 +118,21 @@ let
       lib.optional (uri != null && lib.hasPrefix "file://" uri)
         (builtins.head (lib.splitString "?" (lib.removePrefix "file://" uri))))
     (lib.attrValues cfg.settings.repos));
-  configFile = settingsFormat.generate "homelab-deploy-builder.toml" (dropNulls cfg.settings);
+  configFile = settingsFormat.generate "homelab-deploy-builder.toml" (dropNulls settingsWithCredentials);
 in
 {
+  imports = [
+    (lib.mkRemovedOptionModule [ "services" "homelab-deploy" "builder" "drainTimeoutSec" ] ''
+      the builder no longer drains on stop: SIGTERM hands running requests back to the queue at
+      once (see stopTimeoutSec). Drain with `homelab-deploy builder drain NAME` before a planned
+      stop instead.
+    '')
+  ];
+
   options.services.homelab-deploy.builder = {
     enable = mkEnableOption "the homelab-deploy builder, which builds NixOS hosts of flake repos on request over NATS";
 
-    package = mkOption {
-      type = types.package;
-      default = pkgs.homelab-deploy;
-      defaultText = literalExpression "pkgs.homelab-deploy";
-      description = "The homelab-deploy package.";
-    };
+    package = lib.mkPackageOption pkgs "homelab-deploy" { };
 
     repos = mkOption {
       type = types.attrsOf (types.submodule {
@@ -137,12 +177,28 @@ in
       openFirewall = mkOption { type = types.bool; default = false; description = "Open the metrics port in the firewall."; };
     };
 
-    drainTimeoutSec = mkOption {
+    stopTimeoutSec = mkOption {
       type = types.ints.positive;
-      default = 7200;
+      default = 30;
       description = ''
-        How long `systemctl stop` waits for the running build to finish (the builder drains on
-        SIGTERM) before systemd kills it; its request then goes back to the queue.
+        How long `systemctl stop` or `restart` waits for the builder to exit. On SIGTERM it kills
+        its running builds and hands their requests back to the queue (another builder, or this
+        one once restarted, builds them again), which takes a few seconds; so a `nixos-rebuild
+        switch` that changes the config never waits for a build. After this time systemd kills
+        what is left (the requests then come back after the ack wait).
+      '';
+    };
+
+    environmentFiles = mkOption {
+      # Strings, not paths: a path literal would copy the secrets into the world-readable store.
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "/run/secrets/homelab-deploy/s3.env" ];
+      description = ''
+        systemd `EnvironmentFile`s of the service, for what a cache push needs from the environment:
+        `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, `AWS_SHARED_CREDENTIALS_FILE`
+        (`s3://`), `NIX_SSHOPTS` (`ssh://`, `ssh-ng://`), proxy variables. These pass the builder's
+        environment allowlist to `nix copy`; nothing else of the service's environment does.
       '';
     };
 
@@ -199,13 +255,27 @@ in
       };
     };
 
+    # A credential is a copy made at start: when a secret file is replaced (a rotated seed, a
+    # token that vault-agent renews), restart the builder so it reads the new one. The restart
+    # hands running requests back and takes seconds.
+    systemd.paths.homelab-deploy-builder-credentials = mkIf (secretFiles != [ ]) {
+      description = "restart homelab-deploy-builder when one of its secret files changes";
+      wantedBy = [ "multi-user.target" ];
+      pathConfig.PathChanged = map (file: lib.getAttrFromPath file.path cfg.settings) secretFiles;
+    };
+    systemd.services.homelab-deploy-builder-credentials = mkIf (secretFiles != [ ]) {
+      description = "restart homelab-deploy-builder for a changed secret file";
+      serviceConfig = {
+        Type = "oneshot";
+        ExecStart = "${config.systemd.package}/bin/systemctl try-restart homelab-deploy-builder.service";
+      };
+    };
+
     networking.firewall.allowedTCPPorts = lib.optional (cfg.metrics.enable && cfg.metrics.openFirewall) cfg.metrics.port;
 
-    # Setting allowed-users here would replace NixOS' default "*" and lock other users out of
-    # nix; instead, say so when a restrictive list leaves the builder out.
-    warnings = lib.optional
-      (!(lib.any (allowed: lib.elem allowed [ "*" "homelab-deploy" "@homelab-deploy" ]) config.nix.settings.allowed-users))
-      "services.homelab-deploy.builder: nix.settings.allowed-users does not include the builder's user; add \"homelab-deploy\" to it, or nix-daemon refuses every build.";
+    # extra-allowed-users adds to allowed-users (NixOS' default "*", or a host's own list)
+    # instead of replacing it: nix-daemon lets the builder build, and nobody else is locked out.
+    nix.settings.extra-allowed-users = [ "homelab-deploy" ];
 
     # A fixed user rather than DynamicUser: nix-daemon registers the builder's GC roots under
     # state_dir by path, and `nix.settings.allowed-users` names it; both need a stable identity.
@@ -221,22 +291,38 @@ in
       description = "homelab-deploy builder";
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
+      # Every build goes through nix-daemon: without its socket the builder can do nothing.
+      requires = [ "nix-daemon.socket" ];
       after = [ "network-online.target" "nix-daemon.socket" ];
+      # A changed config restarts the builder, which hands its running requests back to the queue
+      # and is ready again in seconds: the builder cannot reload streams, consumers, repos and
+      # credentials in place, and a drain could hold `nixos-rebuild switch` for hours.
       restartTriggers = [ configFile ];
-      # nix builds through nix-daemon; nix itself runs git for git+file flakes.
-      path = [ config.nix.package pkgs.git ];
+      # nix builds through nix-daemon; nix itself runs git for git+file flakes; git fetches
+      # git+ssh:// repos and nix pushes to ssh:// and ssh-ng:// caches with ssh.
+      path = [ config.nix.package pkgs.git pkgs.openssh ];
       environment.NIX_REMOTE = "daemon";
       serviceConfig = {
         ExecStart = "${cfg.package}/bin/homelab-deploy builder --config ${configFile}";
+        # READY=1 once the streams and consumers are set up (units ordered after the builder
+        # start then), STOPPING=1 when it stops.
+        Type = "notify";
+        NotifyAccess = "main";
+        LoadCredential = loadCredentials;
+        EnvironmentFile = cfg.environmentFiles;
+        # The kernel killing a nix evaluation that ran out of memory must not stop the builder:
+        # the host's build fails with that error and the builder goes on.
+        OOMPolicy = "continue";
         User = "homelab-deploy";
         Group = "homelab-deploy";
         StateDirectory = "homelab-deploy";
         StateDirectoryMode = "0750";
         Restart = "on-failure";
         RestartSec = 5;
-        # SIGTERM to the builder only: it drains, and stops its own nix process groups.
+        # SIGTERM to the builder only: it stops its own nix process groups and hands the
+        # requests back; SIGKILL reaches whatever is left after TimeoutStopSec.
         KillMode = "mixed";
-        TimeoutStopSec = cfg.drainTimeoutSec;
+        TimeoutStopSec = cfg.stopTimeoutSec;
         NoNewPrivileges = true;
         ProtectSystem = "strict";
         ProtectHome = true;

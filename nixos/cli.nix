@@ -2,19 +2,14 @@
 # (/etc/homelab-deploy/config.toml; flags, env and ~/.config/homelab-deploy/config.toml win).
 { config, lib, pkgs, ... }:
 let
-  inherit (lib) mkOption mkEnableOption mkIf types literalExpression;
+  inherit (lib) mkOption mkEnableOption mkIf types;
   cfg = config.programs.homelab-deploy;
   settingsFormat = pkgs.formats.toml { };
 in
 {
   options.programs.homelab-deploy = {
     enable = mkEnableOption "the homelab-deploy CLI";
-    package = mkOption {
-      type = types.package;
-      default = pkgs.homelab-deploy;
-      defaultText = literalExpression "pkgs.homelab-deploy";
-      description = "The homelab-deploy package.";
-    };
+    package = lib.mkPackageOption pkgs "homelab-deploy" { };
     natsUrl = mkOption { type = types.str; default = "nats://127.0.0.1:4222"; description = "NATS server URL(s)."; };
     nkeySeedFile = mkOption { type = types.nullOr types.str; default = null; description = "NKey user seed file the CLI authenticates with."; };
   };

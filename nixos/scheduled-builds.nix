@@ -20,9 +20,9 @@ let
       nkeySeedFile = mkOption { type = types.nullOr types.str; default = null; description = "NKey user seed to authenticate with (passed as a systemd credential)."; };
       package = mkOption {
         type = types.package;
-        default = pkgs.homelab-deploy;
-        defaultText = literalExpression "pkgs.homelab-deploy";
-        description = "The homelab-deploy package.";
+        default = config.programs.homelab-deploy.package;
+        defaultText = literalExpression "config.programs.homelab-deploy.package";
+        description = "The homelab-deploy package the timer runs.";
       };
     };
   };

@@ -48,8 +48,13 @@ fn eval_json(expr: &str) -> Result<Value, String> {
     }
 }
 
+/// Where systemd puts the builder's credentials (LoadCredential).
+const CREDENTIALS: &str = "/run/credentials/homelab-deploy-builder.service";
+
 /// The builder's config renders to TOML that `homelab-deploy builder --check` accepts, with
-/// every setting; the service is hardened and drains on stop.
+/// every setting; the service is hardened, reports readiness (`Type=notify`), survives the
+/// kernel killing an evaluation, needs nix-daemon's socket, gets its seed as a credential and
+/// stops in seconds (handing requests back) rather than draining.
 #[test]
 fn builder_module_renders_a_config_the_binary_accepts() {
     let summary = evaluate(
@@ -70,8 +75,9 @@ fn builder_module_renders_a_config_the_binary_accepts() {
     assert_eq!(summary["failedAssertions"], serde_json::json!([]));
     let file = summary["builderConfigFile"].as_str().expect("config file");
     let config = std::fs::read_to_string(file).expect("rendered config");
+    let seed = format!("nkey_seed_file = \"{CREDENTIALS}/nkey-seed\"");
     for expected in [
-        "nkey_seed_file = \"/run/secrets/builder-nkey\"",
+        seed.as_str(),
         "url = \"nats://nats1:4222,nats://nats2:4222\"",
         "replicas = 3",
         "build_jobs = 2",
@@ -105,16 +111,44 @@ fn builder_module_renders_a_config_the_binary_accepts() {
     assert_eq!(unit["ProtectSystem"], "strict");
     assert_eq!(unit["Restart"], "on-failure");
     assert_eq!(unit["KillMode"], "mixed");
-    assert_eq!(unit["TimeoutStopSec"], 7200);
+    assert_eq!(unit["TimeoutStopSec"], 30);
+    assert_eq!(unit["Type"], "notify");
+    assert_eq!(unit["OOMPolicy"], "continue");
+    assert_eq!(
+        unit["LoadCredential"],
+        serde_json::json!(["nkey-seed:/run/secrets/builder-nkey"])
+    );
+    assert_eq!(
+        service["requires"],
+        serde_json::json!(["nix-daemon.socket"])
+    );
+    assert!(service["restartTriggers"][0]
+        .as_str()
+        .is_some_and(|trigger| trigger == file));
+    assert_eq!(
+        summary["paths"]["homelab-deploy-builder-credentials"]["pathConfig"]["PathChanged"],
+        serde_json::json!(["/run/secrets/builder-nkey"])
+    );
+    assert_eq!(
+        summary["nixSettings"]["extra-allowed-users"],
+        serde_json::json!(["homelab-deploy"])
+    );
+    assert_eq!(summary["packages"]["builder"], "homelab-deploy");
     assert_eq!(unit["StateDirectory"], "homelab-deploy");
     // The file:// binary cache is written from inside the service (ProtectSystem=strict).
     assert_eq!(
         unit["ReadWritePaths"],
         serde_json::json!(["/var/lib/homelab-deploy", "/var/cache/nix"])
     );
-    assert!(service["path"].as_array().is_some_and(|p| p
-        .iter()
-        .any(|p| p.as_str().is_some_and(|p| p.ends_with("-nix")))));
+    for package in ["-nix", "-git", "-openssh"] {
+        assert!(
+            service["path"].as_array().is_some_and(|p| p
+                .iter()
+                .any(|p| p.as_str().is_some_and(|p| p.ends_with(package)))),
+            "{package} not in {}",
+            service["path"]
+        );
+    }
     assert_eq!(summary["users"]["homelab-deploy"]["isSystemUser"], true);
     assert_eq!(summary["firewall"], serde_json::json!([9973]));
 }
@@ -147,8 +181,8 @@ fn builder_module_takes_the_seed_from_vault() {
         "address = \"https://vault.example.org:8200\"",
         "nkey_secret = \"shared/homelab-deploy/builder-nkey\"",
         "auth = \"approle\"",
-        "role_id_file = \"/run/secrets/homelab-deploy/role-id\"",
-        "secret_id_file = \"/run/secrets/homelab-deploy/secret-id\"",
+        format!("role_id_file = \"{CREDENTIALS}/vault-role-id\"").as_str(),
+        format!("secret_id_file = \"{CREDENTIALS}/vault-secret-id\"").as_str(),
         "kv_version = 2",
     ] {
         assert!(
@@ -200,29 +234,98 @@ fn builder_module_takes_the_seed_from_vault() {
     );
 }
 
-/// A restrictive `nix.settings.allowed-users` that leaves the builder's user out is a warning
-/// that says what to add; NixOS' default `*` and a list naming the user are not.
+/// Every secret file of the builder (seed, Vault token, each repo's push signing key, SSH key,
+/// known-hosts file and token file) reaches the service with LoadCredential, under an id of its
+/// own, and the rendered config names the credential; a change to any of them restarts the
+/// builder. Cache-push environment files are the service's `EnvironmentFile`s.
 #[test]
-fn allowed_users_without_the_builder_is_a_warning() {
-    let with = |allowed: &str| {
-        evaluate(&format!(
-            r#"{{
-              services.homelab-deploy.builder = {{ enable = true; repos.x.url = "git+file:///srv/x"; }};
-              {allowed}
-            }}"#
-        ))
-        .unwrap_or_else(|err| panic!("{err}"))["warnings"]
-            .to_string()
-    };
-    let restricted = with(r#"nix.settings.allowed-users = [ "@wheel" ];"#);
-    assert!(
-        restricted.contains("add \\\"homelab-deploy\\\" to it"),
-        "{restricted}"
-    );
-    assert_eq!(with(""), "[]");
+fn every_secret_file_is_a_credential() {
+    let summary = evaluate(
+        r#"{
+          services.homelab-deploy.builder = {
+            enable = true;
+            environmentFiles = [ "/run/secrets/s3.env" ];
+            settings.vault = { address = "https://vault:8200"; auth = "token"; token_file = "/run/secrets/vault-token"; };
+            settings.repos = {
+              fleet = {
+                url = "git+ssh://git@git.example.org:2222/ops/fleet";
+                ssh_key_file = "/run/secrets/deploy-key";
+                ssh_known_hosts_file = "/etc/homelab-deploy/known_hosts";
+                push_to = "s3://cache?region=eu-west-1";
+                push_secret_key_file = "/run/secrets/cache-key";
+              };
+              web = { url = "git+https://git.example.org/ops/web.git"; token_file = "/run/secrets/web-token"; };
+            };
+          };
+        }"#,
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    let service = &summary["services"]["homelab-deploy-builder"];
+    let expected = [
+        ("vault-token", "/run/secrets/vault-token", "token_file"),
+        (
+            "repo-fleet-push-key",
+            "/run/secrets/cache-key",
+            "push_secret_key_file",
+        ),
+        (
+            "repo-fleet-ssh-key",
+            "/run/secrets/deploy-key",
+            "ssh_key_file",
+        ),
+        (
+            "repo-fleet-known-hosts",
+            "/etc/homelab-deploy/known_hosts",
+            "ssh_known_hosts_file",
+        ),
+        ("repo-web-token", "/run/secrets/web-token", "token_file"),
+    ];
     assert_eq!(
-        with(r#"nix.settings.allowed-users = [ "@wheel" "homelab-deploy" ];"#),
-        "[]"
+        service["serviceConfig"]["LoadCredential"],
+        serde_json::json!(expected
+            .iter()
+            .map(|(id, source, _)| format!("{id}:{source}"))
+            .collect::<Vec<_>>())
+    );
+    assert_eq!(
+        summary["paths"]["homelab-deploy-builder-credentials"]["pathConfig"]["PathChanged"],
+        serde_json::json!(expected
+            .iter()
+            .map(|(_, source, _)| *source)
+            .collect::<Vec<_>>())
+    );
+    let config = std::fs::read_to_string(summary["builderConfigFile"].as_str().expect("file"))
+        .expect("rendered config");
+    for (id, source, key) in expected {
+        assert!(
+            config.contains(&format!("{key} = \"{CREDENTIALS}/{id}\"")),
+            "{key} of {id} not a credential:\n{config}"
+        );
+        assert!(!config.contains(source), "{source} still in:\n{config}");
+    }
+    assert_eq!(
+        service["serviceConfig"]["EnvironmentFile"],
+        serde_json::json!(["/run/secrets/s3.env"])
+    );
+    let restart = &summary["services"]["homelab-deploy-builder-credentials"]["serviceConfig"];
+    assert!(
+        restart["ExecStart"].as_str().is_some_and(
+            |exec| exec.ends_with("systemctl try-restart homelab-deploy-builder.service")
+        )
+    );
+
+    // The old drain timeout is an assertion failure that says what replaced it.
+    let old = evaluate(
+        r#"{ services.homelab-deploy.builder = { enable = true; repos.x.url = "git+file:///srv/x"; drainTimeoutSec = 7200; }; }"#,
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        old["failedAssertions"]
+            .to_string()
+            .contains("stopTimeoutSec"),
+        "{}",
+        old["failedAssertions"]
     );
 }
 
@@ -357,7 +460,12 @@ fn flake_outputs_evaluate_without_nixpkgs() {
         serde_json::json!(["default", "homelab-deploy"])
     );
     assert_eq!(outputs["overlayIsFunction"], true);
-    assert_eq!(outputs["overlayCount"], 1);
+    // The module builds the package from the host's nixpkgs, without adding an overlay to it.
+    assert_eq!(outputs["overlayCount"], 0);
+    assert_eq!(
+        outputs["builderPackage"],
+        "homelab-deploy-callPackage-package.nix"
+    );
     assert_eq!(outputs["builderUnit"], true);
     let package = &outputs["package"];
     assert_eq!(package["version"], env!("CARGO_PKG_VERSION"));

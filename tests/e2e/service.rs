@@ -15,7 +15,9 @@ use crate::bin;
 fn next_notification(socket: &UnixDatagram, log: &std::path::Path) -> String {
     let mut buffer = [0u8; 4096];
     match socket.recv(&mut buffer) {
-        Ok(len) => String::from_utf8_lossy(&buffer[..len]).trim_end().to_owned(),
+        Ok(len) => String::from_utf8_lossy(&buffer[..len])
+            .trim_end()
+            .to_owned(),
         Err(err) => panic!(
             "no notification ({err}); builder log:\n{}",
             std::fs::read_to_string(log).unwrap_or_default()

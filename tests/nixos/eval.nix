@@ -12,10 +12,17 @@ in
 {
   services = cfg.systemd.services;
   timers = cfg.systemd.timers;
+  paths = cfg.systemd.paths;
+  nixSettings = cfg.nix.settings;
   users = cfg.users.users;
   etc = lib.mapAttrs (_: entry: { source = toString entry.source; }) cfg.environment.etc;
   firewall = cfg.networking.firewall.allowedTCPPorts;
   failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) cfg.assertions);
   warnings = cfg.warnings;
   builderConfigFile = if builder.enable then toString builder.configFile else null;
+  packages = {
+    builder = builder.package.name;
+    cli = cfg.programs.homelab-deploy.package.name;
+    scheduled = lib.mapAttrs (_: job: job.package.name) cfg.services.homelab-deploy.scheduledBuilds;
+  };
 }

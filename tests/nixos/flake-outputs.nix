@@ -42,5 +42,6 @@ in
   nixosModules = builtins.attrNames outputs.nixosModules;
   overlayIsFunction = builtins.isFunction outputs.overlays.default;
   overlayCount = builtins.length system.config.nixpkgs.overlays;
+  builderPackage = system.config.services.homelab-deploy.builder.package.name;
   builderUnit = system.config.systemd.services ? homelab-deploy-builder;
 }

@@ -31,6 +31,9 @@ let
   pkgs = {
     homelab-deploy = fakePackage "homelab-deploy";
     git = fakePackage "git";
+    openssh = fakePackage "openssh";
+    # What nix/package.nix would build, from the host's own nixpkgs (the flake's module).
+    callPackage = path: _: fakePackage "homelab-deploy-callPackage-${baseNameOf (toString path)}";
     formats.toml = { }: {
       type = types.attrsOf types.anything;
       generate = name: value: builtins.toFile name (toTOML value);
@@ -42,6 +45,8 @@ in
     assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; };
     systemd.services = mkOption { type = types.attrsOf types.anything; default = { }; };
     systemd.timers = mkOption { type = types.attrsOf types.anything; default = { }; };
+    systemd.paths = mkOption { type = types.attrsOf types.anything; default = { }; };
+    systemd.package = mkOption { type = types.package; default = fakePackage "systemd"; };
     users.users = mkOption { type = types.attrsOf types.anything; default = { }; };
     users.groups = mkOption { type = types.attrsOf types.anything; default = { }; };
     environment.etc = mkOption { type = types.attrsOf types.anything; default = { }; };
@@ -49,7 +54,8 @@ in
     networking.hostName = mkOption { type = types.str; default = "testhost"; };
     networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
     nix.package = mkOption { type = types.package; default = fakePackage "nix"; };
-    nix.settings.allowed-users = mkOption { type = types.listOf types.str; default = [ "*" ]; };
+    # NixOS' nix.settings is freeform too; `extra-allowed-users` is what the builder module sets.
+    nix.settings = mkOption { type = types.attrsOf types.anything; default = { }; };
     warnings = mkOption { type = types.listOf types.str; default = [ ]; };
     nixpkgs.overlays = mkOption { type = types.listOf types.unspecified; default = [ ]; };
   };
