@@ -565,7 +565,10 @@ async fn follow_internal_json(
         };
         // A URL nix or a build prints may carry credentials (a flake input, a substituter).
         let item = item.map(|item| match item {
-            BuildOutput::Line(text) => BuildOutput::Line(redact_urls(&text)),
+            // Most lines hold no URL: keep them as they are, without a copy.
+            BuildOutput::Line(text) if text.contains("://") => {
+                BuildOutput::Line(redact_urls(&text))
+            }
             other => other,
         });
         if let Some(BuildOutput::Line(text)) = &item {
