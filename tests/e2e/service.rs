@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use homelab_deploy_protocol::subject::consumer_name;
 use homelab_deploy_protocol::RepoName;
-use test_support::{Builder, FixtureRepo, NatsServer, NIX_CONFIG};
+use test_support::{free_port, Builder, FixtureRepo, NatsServer, NIX_CONFIG};
 
 use crate::bin;
 
@@ -25,11 +25,12 @@ fn next_notification(socket: &UnixDatagram, log: &std::path::Path) -> String {
     }
 }
 
-/// `READY=1` arrives only once the streams and the repo's consumer exist (systemd then starts
-/// what is ordered after the builder), and `STOPPING=1` when SIGTERM stops it.
+/// While NATS is down the builder says so in `STATUS=` (shown by `systemctl status`); `READY=1`
+/// arrives only once the streams and the repo's consumer exist (systemd then starts what is
+/// ordered after the builder), and `STOPPING=1` when SIGTERM stops it.
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_and_stopping_are_reported_to_systemd() {
-    let nats = NatsServer::start();
+    let port = free_port();
     let repo = FixtureRepo::new("fleet");
     let dir = tempfile::tempdir().expect("tempdir");
     let socket_path = dir.path().join("notify.sock");
@@ -42,7 +43,7 @@ async fn readiness_and_stopping_are_reported_to_systemd() {
         &config,
         Builder::config(
             "notified",
-            &nats.url,
+            &format!("nats://127.0.0.1:{port}"),
             &dir.path().join("state"),
             &[("demo", repo.url())],
         ),
@@ -61,7 +62,19 @@ async fn readiness_and_stopping_are_reported_to_systemd() {
         .spawn()
         .expect("start builder");
 
-    assert_eq!(next_notification(&socket, &log), "READY=1");
+    let waiting = next_notification(&socket, &log);
+    assert!(
+        waiting.starts_with(&format!(
+            "STATUS=waiting for NATS: cannot reach NATS at nats://127.0.0.1:{port}"
+        )),
+        "{waiting}"
+    );
+    let nats = NatsServer::start_on_port(port);
+    let mut notification = next_notification(&socket, &log);
+    while notification.starts_with("STATUS=waiting for NATS") {
+        notification = next_notification(&socket, &log);
+    }
+    assert_eq!(notification, "READY=1");
     let js = async_nats::jetstream::new(nats.client().await);
     let stream = js
         .get_stream("BUILD_REQUESTS")

@@ -262,7 +262,7 @@ async fn connect_with_retry(
     };
     let mut delay = Duration::from_secs(1);
     loop {
-        match connect(&settings).await {
+        let waiting = match connect(&settings).await {
             Ok(client) => return Ok(client),
             // Everything wrong on the Vault side can be fixed there (or by delivering the
             // AppRole files late), so the builder waits, saying what is wrong each time.
@@ -273,6 +273,7 @@ async fn connect_with_retry(
                 } else {
                     error!("{err}; trying again in {}s", delay.as_secs());
                 }
+                format!("waiting for Vault: {err}")
             }
             // A bad seed file does not get better by waiting.
             Err(ClientError::Credentials(err)) => return Err(DaemonError::Credentials(err)),
@@ -280,11 +281,15 @@ async fn connect_with_retry(
             // seed from Vault fetched again for the next attempt).
             Err(err @ ClientError::AuthRefused { .. }) => {
                 warn!("{err}; retrying in {}s", delay.as_secs());
+                format!("waiting for NATS: {err}")
             }
             Err(err) => {
                 warn!(error = %err, retry_in_secs = delay.as_secs(), "NATS unreachable; retrying");
+                format!("waiting for NATS: {err}")
             }
-        }
+        };
+        // `systemctl status` shows why the builder is not ready yet.
+        notify_systemd(sd_notify::NotifyState::Status(&waiting));
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stopping(stop, Stop::Drain) => return Err(DaemonError::StoppedWhileConnecting),
