@@ -51,7 +51,7 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct VaultConfig {
     /// `https://vault.example.org:8200`
-    pub address: String,
+    pub address: SecretUrl,
     /// `mount/path` of the secret holding the seed, e.g. `shared/homelab-deploy/builder-nkey`.
     pub nkey_secret: String,
     /// Field of the secret holding the seed.

@@ -16,6 +16,9 @@ use tracing::{info, warn};
 use vaultrs::client::{Client, VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
+use crate::secret_url::redact_urls;
+use crate::SecretUrl;
+
 use crate::Seed;
 
 /// Counter of failed fetches, by reason; the builder describes it.
@@ -36,7 +39,8 @@ pub enum VaultAuth {
 /// Where the seed is in Vault.
 #[derive(Debug, Clone)]
 pub struct VaultSettings {
-    pub address: String,
+    /// `https://vault.example.org:8200`; shown without credentials, should it hold any.
+    pub address: SecretUrl,
     /// `mount/path/to/secret`, e.g. `shared/homelab-deploy/builder-nkey`.
     pub secret: String,
     /// Field of the secret holding the seed.
@@ -55,16 +59,16 @@ pub struct VaultSettings {
 pub enum VaultError {
     /// Vault could not be reached: worth retrying.
     #[error("vault at {address} unreachable: {message}")]
-    Unreachable { address: String, message: String },
+    Unreachable { address: SecretUrl, message: String },
     #[error("vault at {address} refused the login ({method}): {message}; check [vault] role_id_file and secret_id_file (or token_file): a secret id or token may have expired")]
     Login {
-        address: String,
+        address: SecretUrl,
         method: &'static str,
         message: String,
     },
     #[error("vault at {address}: reading {secret} failed: {message}")]
     Read {
-        address: String,
+        address: SecretUrl,
         secret: String,
         message: String,
     },
@@ -78,11 +82,11 @@ pub enum VaultError {
     },
     #[error("cannot read {path}: {message}")]
     CredentialFile { path: PathBuf, message: String },
-    #[error("vault address {address:?} is not usable: {message}")]
-    Settings { address: String, message: String },
+    #[error("vault address \"{address}\" is not usable: {message}")]
+    Settings { address: SecretUrl, message: String },
     #[error("vault at {address}: cannot tell the KV version of the mount holding {secret} ({message}); set [vault] kv_version = 1 or 2")]
     KvVersion {
-        address: String,
+        address: SecretUrl,
         secret: String,
         message: String,
     },
@@ -123,6 +127,11 @@ fn status_of(err: &ClientError) -> Option<u16> {
 /// Vault's answer as text, without the response body (it may hold secrets): the status and
 /// Vault's own error strings, or what failed in the transport.
 fn describe(err: &ClientError) -> String {
+    // A transport error quotes the request's URL, which holds the address.
+    redact_urls(&describe_unredacted(err))
+}
+
+fn describe_unredacted(err: &ClientError) -> String {
     use rustify::errors::ClientError as Rest;
     match err {
         ClientError::APIError { code, errors } if errors.is_empty() => format!("HTTP {code}"),
@@ -157,7 +166,7 @@ fn vault_error_strings(body: &str) -> Option<String> {
 /// Vault down, sealed or not answering is worth waiting for; anything else is `otherwise`.
 fn unreachable_or(
     err: &ClientError,
-    address: &str,
+    address: &SecretUrl,
     otherwise: impl FnOnce(String) -> VaultError,
 ) -> VaultError {
     use rustify::errors::ClientError as Rest;
@@ -169,7 +178,7 @@ fn unreachable_or(
     );
     if transport || status_of(err).is_some_and(|code| code >= 500) {
         VaultError::Unreachable {
-            address: address.to_owned(),
+            address: address.clone(),
             message: describe(err),
         }
     } else {
@@ -267,7 +276,7 @@ impl VaultSettings {
 
     async fn login(&self) -> Result<VaultClient, VaultError> {
         let settings = VaultClientSettingsBuilder::default()
-            .address(&self.address)
+            .address(self.address.expose())
             .build()
             .map_err(|err| VaultError::Settings {
                 address: self.address.clone(),
