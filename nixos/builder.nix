@@ -27,6 +27,9 @@ let
       ssh_key_file = optional types.str "Private SSH (deploy) key for a `git+ssh://` url (passed with LoadCredential).";
       ssh_known_hosts_file = optional types.str "known_hosts file the `git+ssh://` server's host key is checked against (passed with LoadCredential).";
       token_file = optional types.str "File with an access token for a `git+https://` url, instead of one in the URL (passed with LoadCredential).";
+      impure = optional types.bool "Evaluate the flake with --impure (it reads the clock or the environment).";
+      nix_options = optional (types.attrsOf (types.oneOf [ types.str types.int types.bool (types.listOf types.str) ]))
+        "Extra nix settings for this repo, each passed as --option KEY VALUE (never written to nix.conf).";
     };
   };
 

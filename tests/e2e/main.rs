@@ -18,6 +18,7 @@ mod queue;
 mod refusals;
 mod secrets;
 mod service;
+mod settings;
 mod soak;
 mod vault;
 

@@ -67,6 +67,8 @@ fn builder_module_renders_a_config_the_binary_accepts() {
             settings.builder.build_jobs = 2;
             settings.streams.replicas = 3;
             settings.repos.nixos-servers.push_to = "file:///var/cache/nix";
+            settings.repos.nixos-servers.impure = true;
+            settings.repos.nixos-servers.nix_options = { cores = 4; extra-substituters = [ "https://a.example" "https://b.example" ]; };
             metrics = { enable = true; openFirewall = true; };
           };
         }"#,
@@ -84,6 +86,9 @@ fn builder_module_renders_a_config_the_binary_accepts() {
         "[repos.nixos-servers]",
         "ref = \"master\"",
         "push_to = \"file:///var/cache/nix\"",
+        "impure = true",
+        "[repos.nixos-servers.nix_options]",
+        "cores = 4",
         "[metrics]",
         "listen = \"0.0.0.0:9973\"",
     ] {

@@ -191,6 +191,68 @@ pub struct RepoConfig {
     /// `secret-key` parameter.
     #[serde(default)]
     pub push_secret_key_file: Option<PathBuf>,
+    /// Evaluate this repo's flake with `--impure`: it may read the environment, the clock
+    /// (`builtins.currentTime`) and paths outside the flake. Off by default, as in `nix build`.
+    #[serde(default)]
+    pub impure: bool,
+    /// Extra nix settings for this repo's evaluations, builds and pushes, each passed as
+    /// `--option KEY VALUE` on nix's command line (the machine's nix.conf is never edited).
+    /// Keys are nix setting names (`[a-z][a-z0-9-]*`, e.g. `cores`, `extra-substituters`);
+    /// values are strings, integers, booleans, or lists of strings (joined with spaces).
+    #[serde(default)]
+    pub nix_options: BTreeMap<String, NixOptionValue>,
+}
+
+/// The value of a `nix_options` entry, as TOML gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum NixOptionValue {
+    Text(String),
+    Integer(i64),
+    Bool(bool),
+    List(Vec<String>),
+}
+
+impl NixOptionValue {
+    /// The value as nix reads it on the command line: `true`/`false`, a number, or the list's
+    /// items separated by spaces.
+    pub fn to_arg(&self) -> String {
+        match self {
+            Self::Text(text) => text.clone(),
+            Self::Integer(number) => number.to_string(),
+            Self::Bool(flag) => flag.to_string(),
+            Self::List(items) => items.join(" "),
+        }
+    }
+}
+
+/// Settings the builder sets itself on every nix command; a repo may not change them.
+/// `accept-flake-config` is always `false`, so a flake's `nixConfig` can neither change nix's
+/// settings nor make nix ask about them; `experimental-features` would drop `flakes`.
+const RESERVED_NIX_OPTIONS: [&str; 3] = [
+    "accept-flake-config",
+    "experimental-features",
+    "extra-experimental-features",
+];
+
+/// Checks one `nix_options` entry: a setting name nix could know, and a value that reaches
+/// nix as one command-line argument.
+fn check_nix_option(key: &str, value: &NixOptionValue) -> Result<(), String> {
+    let mut chars = key.chars();
+    let well_formed = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && key.len() <= 64;
+    if !well_formed {
+        return Err("is not a nix setting name (lower-case letters, digits and '-', starting with a letter, e.g. `cores` or `extra-substituters`)".into());
+    }
+    if RESERVED_NIX_OPTIONS.contains(&key) {
+        return Err("is set by the builder itself and cannot be changed per repo".into());
+    }
+    let arg = value.to_arg();
+    if arg.chars().any(char::is_control) || arg.len() > 4096 {
+        return Err("value must be at most 4096 characters without control characters".into());
+    }
+    Ok(())
 }
 
 impl RepoConfig {
@@ -471,6 +533,10 @@ impl Config {
             }
             check_git_ref(&repo.git_ref)
                 .map_err(|err| invalid(format!("{key}.ref"), err.to_string()))?;
+            for (option, value) in &repo.nix_options {
+                check_nix_option(option, value)
+                    .map_err(|reason| invalid(format!("{key}.nix_options.{option:?}"), reason))?;
+            }
         }
         Ok(())
     }
@@ -560,6 +626,52 @@ ref = "master"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/hd.toml"), text)
+    }
+
+    #[test]
+    fn nix_options_become_arguments_and_bad_keys_are_refused() {
+        let config = parse(&format!(
+            "{GOOD}impure = true\n[repos.nixos-servers.nix_options]\ncores = 3\nsandbox = false\n\
+             extra-substituters = [\"https://a.example\", \"https://b.example\"]\nwarn-dirty = \"false\"\n"
+        ))
+        .expect("valid");
+        let repo = &config.repos()[0].config;
+        assert!(repo.impure);
+        let args: Vec<(String, String)> = repo
+            .nix_options
+            .iter()
+            .map(|(key, value)| (key.clone(), value.to_arg()))
+            .collect();
+        assert_eq!(
+            args,
+            [
+                ("cores", "3"),
+                ("extra-substituters", "https://a.example https://b.example"),
+                ("sandbox", "false"),
+                ("warn-dirty", "false"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        for (bad, why) in [
+            ("\"--impure\" = true", "not a nix setting name"),
+            ("\"a b\" = 1", "not a nix setting name"),
+            ("Cores = 1", "not a nix setting name"),
+            ("accept-flake-config = true", "set by the builder"),
+            ("experimental-features = \"flakes\"", "set by the builder"),
+            ("cores = \"1\\n2\"", "control characters"),
+        ] {
+            let err = parse(&format!("{GOOD}[repos.nixos-servers.nix_options]\n{bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                err.contains("nix_options") && err.contains(why),
+                "{bad}: {err}"
+            );
+        }
+        assert!(parse(&format!(
+            "{GOOD}[repos.nixos-servers.nix_options]\ncores = 1.5\n"
+        ))
+        .is_err());
     }
 
     #[test]

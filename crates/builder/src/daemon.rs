@@ -117,7 +117,14 @@ pub async fn run(
                 repo.name.as_str(),
                 repo.config.git_url(),
             );
+            let options: Vec<(String, String)> = repo
+                .config
+                .nix_options
+                .iter()
+                .map(|(key, value)| (key.clone(), value.to_arg()))
+                .collect();
             let served = ServedRepo {
+                nix: nix.for_repo(repo.config.impure, &options),
                 config: repo.config,
                 mirror,
                 fetch_lock: Arc::new(Mutex::new(())),

@@ -71,6 +71,8 @@ pub struct Jobs {
 /// fetching into the mirror at once.
 pub struct ServedRepo {
     pub config: RepoConfig,
+    /// The builder's nix with this repo's `impure` and `nix_options` ([`Nix::for_repo`]).
+    pub nix: Nix,
     pub mirror: Mirror,
     pub fetch_lock: Arc<Mutex<()>>,
 }
@@ -483,6 +485,14 @@ impl Jobs {
         events.finish(finish).await
     }
 
+    /// The nix that runs `repo`'s commands: the builder's, with the repo's settings.
+    fn nix_of(&self, repo: &RepoName) -> &Nix {
+        self.repos
+            .get(repo)
+            .map(|served| &served.nix)
+            .unwrap_or(&self.nix)
+    }
+
     /// Lists the hosts of `repo` at the head of its branch, so the registry can announce them
     /// before the first build. Best effort: a failure is only logged.
     pub async fn discover_hosts(&self, repo: &RepoName) {
@@ -543,7 +553,7 @@ impl Jobs {
         let available = match self.evaluated.hosts(repo.as_str(), rev) {
             Some(hosts) => hosts,
             None => {
-                let hosts = self.nix.list_hosts(flake).await.map_err(|err| {
+                let hosts = self.nix_of(repo).list_hosts(flake).await.map_err(|err| {
                     format!(
                         "cannot list nixosConfigurations of the flake at rev {rev}: {}",
                         cut(&err.excerpt())
@@ -617,7 +627,7 @@ impl Jobs {
             match evaluated_drv {
                 Some(drv) => Ok(drv.to_owned()),
                 None => {
-                    let drv = self.nix.eval_toplevel_drv(flake, host).await;
+                    let drv = self.nix_of(repo).eval_toplevel_drv(flake, host).await;
                     if let Ok(drv) = &drv {
                         self.evaluated.put_drv(repo.as_str(), rev, host, drv);
                     }
@@ -661,7 +671,7 @@ impl Jobs {
             host.to_owned(),
         );
         let (output_tx, mut output) = mpsc::channel(256);
-        let build = self.nix.build(&drv, &out_link, output_tx);
+        let build = self.nix_of(repo).build(&drv, &out_link, output_tx);
         tokio::pin!(build);
         let mut last_progress: Option<Instant> = None;
         let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
@@ -725,7 +735,7 @@ impl Jobs {
             .get(repo)
             .and_then(|served| served.config.push_store());
         if let (Some(store), Some(out_path)) = (push_store, host_result.out_path.clone()) {
-            let pushed = self.nix.copy_to(&store, &out_path).await;
+            let pushed = self.nix_of(repo).copy_to(&store, &out_path).await;
             host_result.pushed = Some(pushed.is_ok());
             host_result.push_error = pushed.err().map(|err| cut(&err.excerpt()));
             host_result.duration_ms = started.elapsed().as_millis() as u64;

@@ -78,7 +78,22 @@ pub struct Nix {
     /// Nix ≥ 2.13 reads a bare `.drv` path as the file itself; outputs need `^*`.
     drv_outputs_suffix: &'static str,
     pub version: String,
+    /// A repo's `nix_options` as `--option KEY VALUE` arguments, given to every command.
+    options: Vec<String>,
+    /// Evaluate with `--impure` (a repo's `impure`).
+    impure: bool,
 }
+
+/// Settings the builder passes to every nix command, before a repo's own: a flake's
+/// `nixConfig` is never applied (so it can neither change nix's settings, e.g. turn on a
+/// `post-build-hook`, nor make nix ask about them), whatever the machine's nix.conf says.
+const FIXED_ARGS: [&str; 5] = [
+    "--extra-experimental-features",
+    "nix-command flakes",
+    "--option",
+    "accept-flake-config",
+    "false",
+];
 
 impl Nix {
     /// Finds out which nix `program` is; fails when it cannot be run.
@@ -87,6 +102,8 @@ impl Nix {
             program: program.to_owned(),
             drv_outputs_suffix: "",
             version: String::new(),
+            options: Vec::new(),
+            impure: false,
         };
         let output = probe.run_captured("nix --version", &["--version"]).await?;
         let version = output
@@ -102,19 +119,38 @@ impl Nix {
         })
     }
 
+    /// This nix with a repo's settings: `--option KEY VALUE` for each of `options` on every
+    /// command, and `--impure` on evaluations when `impure`. Keys and values are passed as
+    /// arguments, never through a shell or nix.conf (the config checked them).
+    pub fn for_repo(&self, impure: bool, options: &[(String, String)]) -> Self {
+        let options = options
+            .iter()
+            .flat_map(|(key, value)| ["--option".to_owned(), key.clone(), value.clone()])
+            .collect();
+        Self {
+            options,
+            impure,
+            ..self.clone()
+        }
+    }
+
+    /// `nix eval` with `args`, and `--impure` when the repo asks for it.
+    fn eval_args<'a>(&self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec!["eval"];
+        if self.impure {
+            all.push("--impure");
+        }
+        all.extend_from_slice(args);
+        all
+    }
+
     /// Names of the flake's `nixosConfigurations`, sorted.
     pub async fn list_hosts(&self, flake: &str) -> Result<Vec<String>, NixError> {
         let installable = format!("{flake}#nixosConfigurations");
         let stdout = self
             .run_captured(
                 "listing the flake's nixosConfigurations",
-                &[
-                    "eval",
-                    "--json",
-                    &installable,
-                    "--apply",
-                    "builtins.attrNames",
-                ],
+                &self.eval_args(&["--json", &installable, "--apply", "builtins.attrNames"]),
             )
             .await?;
         let mut hosts: Vec<String> =
@@ -137,7 +173,7 @@ impl Nix {
         let drv = self
             .run_captured(
                 &format!("evaluating host {host}"),
-                &["eval", "--raw", &installable, "--apply", &apply],
+                &self.eval_args(&["--raw", &installable, "--apply", &apply]),
             )
             .await?;
         if !drv.starts_with('/') || !drv.ends_with(".drv") {
@@ -198,7 +234,8 @@ impl Nix {
     fn spawn(&self, args: &[&str]) -> Result<ProcessGroup, NixError> {
         let mut command = Command::new(&self.program);
         command
-            .args(["--extra-experimental-features", "nix-command flakes"])
+            .args(FIXED_ARGS)
+            .args(&self.options)
             .args(args)
             .env_clear()
             .envs(std::env::vars().filter(|(key, _)| passes_through(key)))
@@ -317,7 +354,7 @@ impl Nix {
         let (stdout, peak) = self
             .run_measured(
                 &what,
-                &["eval", "--json", &installable, "--apply", &apply],
+                &self.eval_args(&["--json", &installable, "--apply", &apply]),
                 memory_limit,
             )
             .await?;

@@ -21,6 +21,12 @@ The config is TOML; see docs/configuration.md. The smallest one:
   [repos.nixos-servers]
   url = \"git+https://git.example.org/torjus/nixos-servers.git\"
   ref = \"master\"
+  # impure = true                  # evaluate with --impure (builtins.currentTime, getEnv)
+  # [repos.nixos-servers.nix_options]
+  # cores = 4                      # each passed as --option KEY VALUE, never written to nix.conf
+
+A flake's nixConfig is never applied (nix runs with --option accept-flake-config false and no
+stdin), whatever the machine's nix.conf says.
 
 NKey seed, first that is set: [nats] nkey_seed_file, $HOMELAB_DEPLOY_NKEY_SEED, or a [vault]
 table (AppRole or token; see \"Seed from Vault\" in docs/configuration.md). While Vault cannot

@@ -389,7 +389,7 @@ impl Builder {
             "{state_dir}",
             &dir.path().join("state").display().to_string(),
         );
-        Self::launch(bin, dir, name.to_owned(), &config, &[])
+        Self::launch(bin, dir, name.to_owned(), &config, &[], NIX_CONFIG)
     }
 
     /// Starts a builder serving `repos` with extra command-line arguments, and waits until it
@@ -403,7 +403,7 @@ impl Builder {
         let dir = tempfile::tempdir().expect("temp dir for builder");
         let name = unique("builder");
         let config = Self::config(&name, nats_url, &dir.path().join("state"), repos);
-        let builder = Self::launch(bin, dir, name, &config, args);
+        let builder = Self::launch(bin, dir, name, &config, args, NIX_CONFIG);
         builder.wait_ready();
         builder
     }
@@ -422,10 +422,35 @@ impl Builder {
             &format!("{builder_extra}\n\n[repos"),
             1,
         );
-        Self::launch(bin, dir, name, &config, &[])
+        Self::launch(bin, dir, name, &config, &[], NIX_CONFIG)
     }
 
-    fn launch(bin: &Path, dir: TempDir, name: String, config: &str, args: &[&str]) -> Self {
+    /// Like [`Builder::start_config`], with `nix_config` as the builder's `NIX_CONFIG` (the
+    /// machine's nix settings) instead of [`NIX_CONFIG`].
+    pub fn start_config_with_nix_config(
+        bin: &Path,
+        name: &str,
+        config: &str,
+        nix_config: &str,
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for builder");
+        let config = config.replace(
+            "{state_dir}",
+            &dir.path().join("state").display().to_string(),
+        );
+        let builder = Self::launch(bin, dir, name.to_owned(), &config, &[], nix_config);
+        builder.wait_ready();
+        builder
+    }
+
+    fn launch(
+        bin: &Path,
+        dir: TempDir,
+        name: String,
+        config: &str,
+        args: &[&str],
+        nix_config: &str,
+    ) -> Self {
         let config_path = dir.path().join("builder.toml");
         std::fs::write(&config_path, config).expect("write builder config");
         let log = std::fs::File::create(dir.path().join("builder.log")).expect("builder log");
@@ -433,7 +458,7 @@ impl Builder {
             .args(["builder", "--config"])
             .arg(&config_path)
             .args(args)
-            .env("NIX_CONFIG", NIX_CONFIG)
+            .env("NIX_CONFIG", nix_config)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
