@@ -43,3 +43,67 @@ async fn log_flood_is_batched_and_memory_stays_bounded() {
         peak / (1024 * 1024)
     );
 }
+
+/// A 100 MB line, a run of NUL bytes and control characters arrive decoded from nix's
+/// records, escaped and cut, each as one numbered line between the plain lines around them, and
+/// the host's last progress event has nix's final counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn wide_lines_are_decoded_then_cut() {
+    let setup = Setup::new("wide");
+    let (code, finished) = setup.build_json("wide", &[]);
+    assert_eq!(code, 0, "{finished:#}");
+    let id = finished["id"].as_str().expect("id");
+    let client = setup.nats.client().await;
+    let batches = stored_messages(&client, &format!("build.responses.demo.wide.{id}.logs")).await;
+    let mut lines: Vec<String> = Vec::new();
+    for batch in &batches {
+        assert_eq!(
+            batch["first_line"],
+            lines.len() as u64 + 1,
+            "batches must be contiguous"
+        );
+        for line in batch["lines"].as_array().expect("lines") {
+            lines.push(line.as_str().expect("line").to_owned());
+        }
+    }
+    let at = |needle: &str| {
+        lines
+            .iter()
+            .position(|line| line.starts_with(needle))
+            .unwrap_or_else(|| panic!("no line starts with {needle:?}: {lines:#?}"))
+    };
+    let before = at("before the wide line");
+    let wide = &lines[before + 1];
+    assert!(
+        wide.starts_with("xxxxxxxx") && wide.ends_with("…[line cut]") && wide.len() < 9 * 1024,
+        "{}…",
+        &wide[..wide.len().min(80)]
+    );
+    let nuls = &lines[before + 2];
+    assert!(
+        nuls.starts_with("\\x00\\x00\\x00")
+            && nuls.ends_with("…[line cut]")
+            && nuls.len() < 9 * 1024,
+        "{}…",
+        &nuls[..nuls.len().min(80)]
+    );
+    // Nix itself writes bytes that are not UTF-8 as U+FFFD into its records; the bell is ours
+    // to escape.
+    assert_eq!(
+        lines[before + 3],
+        "bad bytes \u{fffd}\u{fffd} and a bell \\x07"
+    );
+    assert_eq!(at("after the wide line"), before + 4);
+    assert!(
+        !lines.iter().any(|line| line.starts_with("@nix")),
+        "undecoded records"
+    );
+
+    let events = stored_messages(&client, &format!("build.responses.demo.wide.{id}.events")).await;
+    let progress = events
+        .iter()
+        .rfind(|e| e["type"] == "progress")
+        .unwrap_or_else(|| panic!("no progress event: {events:#?}"));
+    assert_eq!(progress["done"], progress["expected"], "{progress:#}");
+    assert_eq!(progress["running"], 0, "{progress:#}");
+}

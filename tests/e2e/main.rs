@@ -14,6 +14,7 @@ mod metrics;
 mod names;
 mod nixos;
 mod permissions;
+mod processes;
 mod queue;
 mod refusals;
 mod secrets;

@@ -86,11 +86,27 @@ pub async fn run(
         info!(%listen, "serving metrics");
     }
     crate::metrics::builder_state("starting");
-    let nix = Nix::detect(&config.builder.nix).await?;
     std::fs::create_dir_all(&config.builder.state_dir).map_err(|source| DaemonError::StateDir {
         path: config.builder.state_dir.display().to_string(),
         source,
     })?;
+    // Whatever a builder that died here left running holds nix's locks: end it before starting.
+    let pid_dir = config.builder.state_dir.join("processes");
+    let ended = {
+        let pid_dir = pid_dir.clone();
+        tokio::task::spawn_blocking(move || crate::process::end_leftovers(&pid_dir))
+            .await
+            .unwrap_or_default()
+    };
+    if !ended.is_empty() {
+        warn!(pids = ?ended, "ended processes a previous builder left running");
+    }
+    // The GC roots of requests a previous builder did not finish: theirs to hold no more.
+    let _ = std::fs::remove_dir_all(crate::job::DrvRoots::parent(&config.builder.state_dir));
+    let nix = Nix::detect(&config.builder.nix)
+        .await?
+        .with_pid_dir(pid_dir)
+        .with_eval_memory_limit(config.evaluation().memory_limit);
 
     let vault = config.vault_settings().map(VaultSeed::new);
     let client = connect_with_retry(&config, vault.clone(), &mut stop).await?;

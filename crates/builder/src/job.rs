@@ -37,7 +37,7 @@ use crate::cache::EvalCache;
 use crate::config::{Evaluation, RepoConfig, Timeouts};
 use crate::git::{Mirror, Resolved, Wanted};
 use crate::logs::LogBatcher;
-use crate::nix::{BuildOutput, Nix};
+use crate::nix::{BuildOutput, Nix, NixError};
 
 /// Longest error excerpt kept in a host result or a `finished` event.
 const MAX_ERROR_BYTES: usize = 4096;
@@ -365,10 +365,12 @@ impl Jobs {
         let total = hosts.len();
         let mut cancelled: Option<(String, String)> = None;
         let logs = logs_subject(repo, target, id);
+        let roots = DrvRoots::new(&self.state_dir);
         let checkout = Checkout {
             flake: &flake,
             repo,
             rev: &rev,
+            roots: &roots,
         };
         let drvs = tokio::select! {
             drvs = self.evaluate_together(&checkout, &hosts, id) => drvs,
@@ -598,7 +600,12 @@ impl Jobs {
         deadline: &Deadline,
         interrupt: &mut watch::Receiver<Option<Interrupt>>,
     ) -> Result<HostOutcome, JobError> {
-        let Checkout { flake, repo, rev } = *checkout;
+        let Checkout {
+            flake,
+            repo,
+            rev,
+            roots,
+        } = *checkout;
         let started = Instant::now();
         let result = |status, out_path, error: Option<String>| HostResult {
             name: host.to_owned(),
@@ -630,6 +637,8 @@ impl Jobs {
                     let drv = self.nix_of(repo).eval_toplevel_drv(flake, host).await;
                     if let Ok(drv) = &drv {
                         self.evaluated.put_drv(repo.as_str(), rev, host, drv);
+                        let name = Path::new(drv).file_name().unwrap_or_default();
+                        roots.add(&self.nix, &[drv], &name.to_string_lossy()).await;
                     }
                     drv
                 }
@@ -674,6 +683,8 @@ impl Jobs {
         let build = self.nix_of(repo).build(&drv, &out_link, output_tx);
         tokio::pin!(build);
         let mut last_progress: Option<Instant> = None;
+        // The newest counts nix reported, and whether an event carried them already.
+        let mut latest_progress: Option<(EventBody, bool)> = None;
         let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
         // Dropping `build` (on timeout or interrupt) kills nix's whole process group.
         let built = loop {
@@ -682,11 +693,13 @@ impl Jobs {
                 Some(item) = output.recv() => match item {
                     BuildOutput::Line(line) => batcher.push(line).await?,
                     BuildOutput::Progress { done, expected, running, failed } => {
-                        if last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVENT_INTERVAL) {
+                        let progress = EventBody::Progress { host: host.to_owned(), done, expected, running, failed };
+                        let due = last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVENT_INTERVAL);
+                        if due {
                             last_progress = Some(Instant::now());
-                            let progress = EventBody::Progress { host: host.to_owned(), done, expected, running, failed };
-                            events.lock().await.emit(progress).await?;
+                            events.lock().await.emit(progress.clone()).await?;
                         }
+                        latest_progress = Some((progress, due));
                     }
                 },
                 _ = tokio::time::sleep_until(batcher.deadline().unwrap_or(far_future)) => batcher.flush().await?,
@@ -701,11 +714,31 @@ impl Jobs {
             }
         };
         while let Some(item) = output.recv().await {
-            if let BuildOutput::Line(line) = item {
-                batcher.push(line).await?;
+            match item {
+                BuildOutput::Line(line) => batcher.push(line).await?,
+                BuildOutput::Progress {
+                    done,
+                    expected,
+                    running,
+                    failed,
+                } => {
+                    let progress = EventBody::Progress {
+                        host: host.to_owned(),
+                        done,
+                        expected,
+                        running,
+                        failed,
+                    };
+                    latest_progress = Some((progress, false));
+                }
             }
         }
         batcher.flush().await?;
+        // The host's last progress event carries nix's final counts, however close together
+        // they came.
+        if let Some((progress, false)) = latest_progress {
+            events.lock().await.emit(progress).await?;
+        }
         let built = match built {
             Ok(built) => built,
             Err(err) => return done(HostStatus::BuildFailed, None, Some(err.excerpt())),
@@ -774,7 +807,24 @@ impl Jobs {
         hosts: &[String],
         request_id: &RequestId,
     ) -> HashMap<String, String> {
-        let Checkout { flake, repo, rev } = *checkout;
+        let mut drvs = self.evaluate_shared(checkout, hosts, request_id).await;
+        let paths: Vec<&str> = drvs.values().map(String::as_str).collect();
+        let gone = checkout.roots.add(&self.nix, &paths, "shared").await;
+        // A cached drv collected since: its host evaluates again when its turn comes.
+        drvs.retain(|_, drv| !gone.contains(drv));
+        drvs
+    }
+
+    /// [`Self::evaluate_together`] before the drvs are rooted.
+    async fn evaluate_shared(
+        &self,
+        checkout: &Checkout<'_>,
+        hosts: &[String],
+        request_id: &RequestId,
+    ) -> HashMap<String, String> {
+        let Checkout {
+            flake, repo, rev, ..
+        } = *checkout;
         let mut drvs: HashMap<String, String> = hosts
             .iter()
             .filter_map(|host| Some((host.clone(), self.evaluated.drv(repo.as_str(), rev, host)?)))
@@ -796,11 +846,8 @@ impl Jobs {
         let (mut processes, mut peak) = (0u32, 0u64);
         while let Some(batch) = batches.pop_front() {
             processes += 1;
-            match self
-                .nix
-                .eval_toplevel_drvs(flake, &batch, self.evaluation.memory_limit)
-                .await
-            {
+            let hosts_in_batch = batch.len();
+            match self.nix.eval_toplevel_drvs(flake, &batch).await {
                 Ok((evaluated, rss)) => {
                     peak = peak.max(rss);
                     drvs.extend(
@@ -808,6 +855,14 @@ impl Jobs {
                             .into_iter()
                             .filter_map(|(host, drv)| Some((host, drv?))),
                     );
+                }
+                Err(err @ NixError::MemoryLimit { .. }) => {
+                    // Halving would evaluate the shared part again at every level; the hosts
+                    // left evaluate one at a time instead, which costs no more than a plain
+                    // per-host loop plus this one stopped attempt.
+                    let left = hosts_in_batch + batches.iter().map(Vec::len).sum::<usize>();
+                    warn!(request_id = %request_id, hosts = left, error = %err, "shared evaluation ran out of memory; evaluating the hosts one at a time");
+                    batches.clear();
                 }
                 Err(err) if batch.len() > 1 => {
                     warn!(request_id = %request_id, hosts = batch.len(), error = %err, "shared evaluation failed; splitting the batch");
@@ -871,6 +926,52 @@ struct Checkout<'a> {
     flake: &'a str,
     repo: &'a RepoName,
     rev: &'a str,
+    /// GC roots of the request's evaluated drvs.
+    roots: &'a DrvRoots,
+}
+
+/// A directory of GC roots for the drvs one request builds, so a garbage collection between
+/// evaluation and build cannot delete them; removed (and with it the roots) when the request
+/// ends. A builder that died leaves its directories behind; the next one removes them at start.
+pub struct DrvRoots(PathBuf);
+
+impl DrvRoots {
+    /// Where every request's directory goes, under the state dir.
+    pub fn parent(state_dir: &Path) -> PathBuf {
+        state_dir.join("gcroots").join("requests")
+    }
+
+    fn new(state_dir: &Path) -> Self {
+        Self(Self::parent(state_dir).join(nuid::next().to_string()))
+    }
+
+    /// Roots the drvs still in the store; returns those that are not (collected while cached:
+    /// evaluate them again).
+    async fn add(&self, nix: &Nix, drvs: &[&str], name: &str) -> Vec<String> {
+        let (present, gone): (Vec<&str>, Vec<&str>) =
+            drvs.iter().partition(|drv| Path::new(drv).exists());
+        if present.is_empty() {
+            return gone.into_iter().map(str::to_owned).collect();
+        }
+        let rooted = match std::fs::create_dir_all(&self.0) {
+            Ok(()) => nix.add_drv_roots(&present, &self.0.join(name)).await,
+            Err(err) => Err(NixError::Output {
+                what: format!("creating GC root directory {}", self.0.display()),
+                detail: err.to_string(),
+            }),
+        };
+        if let Err(err) = rooted {
+            warn!(error = %err, drvs = present.len(), "cannot add GC roots for evaluated drvs; a garbage collection before their build would fail it");
+        }
+        gone.into_iter().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for DrvRoots {
+    fn drop(&mut self) {
+        // Nix removes the stale registration under gcroots/auto at its next collection.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// When a host's work must stop, and what to say then.

@@ -17,6 +17,7 @@ pub mod job;
 pub mod logs;
 pub mod metrics;
 pub mod nix;
+pub mod process;
 pub mod registry;
 
 pub use config::{Config, ConfigError};

@@ -1,24 +1,29 @@
 //! Running the `nix` CLI: list a flake's hosts, evaluate a host's toplevel to a derivation, build it.
 //!
-//! Every command runs in its own process group with a chosen environment; dropping a running
-//! command kills the whole group, so a timed-out or cancelled build leaves no `nix` behind.
-//! Only host names that the flake itself listed reach a command line, and only as Nix string
-//! literals ([`nix_string`]) inside an `--apply` function: a host name is data, never code or
-//! part of an attribute path.
+//! Every command is started by [`crate::process`]: in its own process group with a chosen
+//! environment, dying with the builder; dropping a running command kills the whole group, so a
+//! timed-out or cancelled build leaves no `nix` behind. Evaluations run one at a time, each under
+//! the data-segment limit `builder.eval_memory_limit_mb`, so the limit bounds what evaluation uses
+//! at once. Only host names that the flake itself listed reach a command line, and only as Nix
+//! string literals ([`nix_string`]) inside an `--apply` function: a host name is data, never code
+//! or part of an attribute path.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use homelab_deploy_credentials::secret_url::redact_urls;
 use homelab_deploy_credentials::{Redactor, SecretUrl};
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
-/// Longest log line kept; the rest of a longer line is dropped and marked.
-pub const MAX_LINE_BYTES: usize = 8 * 1024;
+pub use crate::logs::MAX_LINE_BYTES;
+use crate::logs::{cut_line, printable, RawLine, RecordLines};
+use crate::process;
+
 /// Lines of output kept for an error excerpt.
 const EXCERPT_LINES: usize = 25;
 /// Most stdout read from an evaluation; a host list or a store path is far smaller.
@@ -35,7 +40,9 @@ pub enum NixError {
     Failed { what: String, excerpt: String },
     #[error("{what} printed unexpected output: {detail}")]
     Output { what: String, detail: String },
-    #[error("{what} was stopped: nix used {} MiB, over the limit of {} MiB (builder.eval_memory_limit_mb)", rss / (1024 * 1024), limit / (1024 * 1024))]
+    /// The kernel refused nix memory past the limit; `rss` is nix's peak resident memory in bytes
+    /// (`ru_maxrss`), `limit` the data-segment limit in bytes.
+    #[error("{what} ran out of memory: nix may use {} MiB (builder.eval_memory_limit_mb) and reached {} MiB resident", limit / (1024 * 1024), rss / (1024 * 1024))]
     MemoryLimit { what: String, rss: u64, limit: u64 },
 }
 
@@ -82,6 +89,12 @@ pub struct Nix {
     options: Vec<String>,
     /// Evaluate with `--impure` (a repo's `impure`).
     impure: bool,
+    /// Where running commands leave pid files ([`process::end_leftovers`]).
+    pid_dir: Option<PathBuf>,
+    /// Data-segment limit of every evaluation, in bytes.
+    eval_memory_limit: Option<u64>,
+    /// One evaluation at a time, so the limit bounds all evaluation memory of the builder.
+    eval_slot: Arc<Semaphore>,
 }
 
 /// Settings the builder passes to every nix command, before a repo's own: a flake's
@@ -104,6 +117,9 @@ impl Nix {
             version: String::new(),
             options: Vec::new(),
             impure: false,
+            pid_dir: None,
+            eval_memory_limit: None,
+            eval_slot: Arc::new(Semaphore::new(1)),
         };
         let output = probe.run_captured("nix --version", &["--version"]).await?;
         let version = output
@@ -144,11 +160,27 @@ impl Nix {
         all
     }
 
+    /// Keeps a pid file of every running command in `dir`, for [`process::end_leftovers`].
+    pub fn with_pid_dir(self, dir: PathBuf) -> Self {
+        Self {
+            pid_dir: Some(dir),
+            ..self
+        }
+    }
+
+    /// Limits every evaluation's data segment to `bytes` (`None`: no limit).
+    pub fn with_eval_memory_limit(self, bytes: Option<u64>) -> Self {
+        Self {
+            eval_memory_limit: bytes,
+            ..self
+        }
+    }
+
     /// Names of the flake's `nixosConfigurations`, sorted.
     pub async fn list_hosts(&self, flake: &str) -> Result<Vec<String>, NixError> {
         let installable = format!("{flake}#nixosConfigurations");
         let stdout = self
-            .run_captured(
+            .evaluate(
                 "listing the flake's nixosConfigurations",
                 &self.eval_args(&["--json", &installable, "--apply", "builtins.attrNames"]),
             )
@@ -171,7 +203,7 @@ impl Nix {
             nix_string(host)
         );
         let drv = self
-            .run_captured(
+            .evaluate(
                 &format!("evaluating host {host}"),
                 &self.eval_args(&["--raw", &installable, "--apply", &apply]),
             )
@@ -196,15 +228,20 @@ impl Nix {
         let installable = format!("{drv}{}", self.drv_outputs_suffix);
         let out_link = out_link.to_string_lossy();
         let what = format!("building {drv}");
-        let mut child = self.spawn(&[
-            "build",
-            "--json",
-            "--log-format",
-            "internal-json",
-            "--out-link",
-            &out_link,
-            &installable,
-        ])?;
+        let mut child = self
+            .spawn(
+                &[
+                    "build",
+                    "--json",
+                    "--log-format",
+                    "internal-json",
+                    "--out-link",
+                    &out_link,
+                    &installable,
+                ],
+                None,
+            )
+            .await?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let (stdout, log) = tokio::join!(
@@ -231,8 +268,23 @@ impl Nix {
         })
     }
 
-    fn spawn(&self, args: &[&str]) -> Result<ProcessGroup, NixError> {
-        let mut command = Command::new(&self.program);
+    /// Starts nix with `args`; with `data_limit` (bytes) its data segment is capped there.
+    async fn spawn(
+        &self,
+        args: &[&str],
+        data_limit: Option<u64>,
+    ) -> Result<process::Child, NixError> {
+        self.spawn_program(&self.program, args, data_limit).await
+    }
+
+    /// Like [`Self::spawn`], for another program of nix's (`nix-instantiate`).
+    async fn spawn_program(
+        &self,
+        program: &Path,
+        args: &[&str],
+        data_limit: Option<u64>,
+    ) -> Result<process::Child, NixError> {
+        let mut command = std::process::Command::new(program);
         command
             .args(FIXED_ARGS)
             .args(&self.options)
@@ -242,13 +294,17 @@ impl Nix {
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Not `kill_on_drop`: an immediate SIGKILL would orphan nix's builders; dropping
-            // the `ProcessGroup` stops them in order instead (tokio reaps the child).
-            .process_group(0);
-        command
-            .spawn()
-            .map(ProcessGroup)
+            .stderr(Stdio::piped());
+        if let Some(limit) = data_limit {
+            // Nix reserves min(¼ of RAM, 384 MiB) of heap at start unless told otherwise; under a
+            // smaller limit that reservation alone leaves no room for its threads' stacks.
+            command.env(
+                "GC_INITIAL_HEAP_SIZE",
+                (limit / 4).min(384 << 20).to_string(),
+            );
+        }
+        process::spawn(command, data_limit, self.pid_dir.as_deref())
+            .await
             .map_err(|source| self.spawn_error(source))
     }
 
@@ -266,51 +322,95 @@ impl Nix {
             .map(|(stdout, _)| stdout)
     }
 
-    /// Like `run_captured`, and also returns nix's peak resident memory. With `memory_limit`,
-    /// nix is stopped once its RSS goes over it ([`NixError::MemoryLimit`]).
+    /// Runs an evaluation: alone, under the evaluation memory limit.
+    async fn evaluate(&self, what: &str, args: &[&str]) -> Result<String, NixError> {
+        self.evaluate_measured(what, args)
+            .await
+            .map(|(stdout, _)| stdout)
+    }
+
+    /// Like [`Self::evaluate`], and also returns nix's peak resident memory in bytes.
+    async fn evaluate_measured(
+        &self,
+        what: &str,
+        args: &[&str],
+    ) -> Result<(String, u64), NixError> {
+        // The semaphore is never closed, so this only fails if it were.
+        let _slot = self.eval_slot.acquire().await.ok();
+        self.run_measured(what, args, self.eval_memory_limit).await
+    }
+
+    /// Like `run_captured`, and also returns nix's peak resident memory (`ru_maxrss`, bytes).
+    /// With `data_limit` (bytes), nix cannot grow past it; running out of memory there is
+    /// [`NixError::MemoryLimit`].
     async fn run_measured(
         &self,
         what: &str,
         args: &[&str],
-        memory_limit: Option<u64>,
+        data_limit: Option<u64>,
     ) -> Result<(String, u64), NixError> {
-        let mut child = self.spawn(args)?;
-        let pid = child.id();
+        let mut child = self.spawn(args, data_limit).await?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        let output =
-            async { tokio::join!(read_bounded(stdout, MAX_STDOUT_BYTES), tail_lines(stderr)) };
-        let mut peak = 0u64;
-        let watch_memory = async {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                let rss = pid.map(resident_bytes).unwrap_or(0);
-                peak = peak.max(rss);
-                if memory_limit.is_some_and(|limit| rss > limit) {
-                    return rss;
-                }
-            }
-        };
-        let (stdout, stderr) = tokio::select! {
-            output = output => output,
-            rss = watch_memory => {
-                // Dropping `child` stops nix's process group.
-                return Err(NixError::MemoryLimit {
-                    what: what.to_owned(),
-                    rss,
-                    limit: memory_limit.unwrap_or_default(),
-                });
-            }
-        };
-        let status = child
+        let (stdout, stderr) =
+            tokio::join!(read_bounded(stdout, MAX_STDOUT_BYTES), tail_lines(stderr));
+        let exit = child
             .wait()
             .await
             .map_err(|source| self.spawn_error(source))?;
-        if status.success() {
-            Ok((stdout.trim().to_owned(), peak))
+        if exit.success() {
+            return Ok((stdout.trim().to_owned(), exit.peak_rss));
+        }
+        match data_limit {
+            Some(limit) if ran_out_of_memory(&exit, &stderr) => Err(NixError::MemoryLimit {
+                what: what.to_owned(),
+                rss: exit.peak_rss,
+                limit,
+            }),
+            _ => Err(NixError::Failed {
+                what: what.to_owned(),
+                excerpt: stderr,
+            }),
+        }
+    }
+
+    /// Registers `drvs` as indirect GC roots `link`, `link-2`, `link-3`, … so that a garbage
+    /// collection cannot delete them (and the drvs they need) before they are built; removing
+    /// the links ends the roots. Nix 2.8 has no `nix` subcommand that roots a `.drv` without
+    /// building it, but `nix-instantiate --add-root` roots what an expression instantiates, and
+    /// `import` of a `.drv` file reads the derivation back without evaluating the flake again.
+    pub async fn add_drv_roots(&self, drvs: &[&str], link: &Path) -> Result<(), NixError> {
+        let what = format!("adding GC roots for {} drvs", drvs.len());
+        let link = link.to_string_lossy();
+        // Store paths hold no spaces; passed as an argument, not spliced into the expression.
+        let paths = drvs.join(" ");
+        let program = match self.program.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join("nix-instantiate"),
+            _ => PathBuf::from("nix-instantiate"),
+        };
+        let args = [
+            "--add-root",
+            &link,
+            "--indirect",
+            "--argstr",
+            "drvs",
+            &paths,
+            "--expr",
+            "{ drvs }: map import (builtins.filter builtins.isString (builtins.split \" \" drvs))",
+        ];
+        let mut child = self.spawn_program(&program, &args, None).await?;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let (_, stderr) = tokio::join!(read_bounded(stdout, MAX_STDOUT_BYTES), tail_lines(stderr));
+        let exit = child
+            .wait()
+            .await
+            .map_err(|source| self.spawn_error(source))?;
+        if exit.success() {
+            Ok(())
         } else {
             Err(NixError::Failed {
-                what: what.to_owned(),
+                what,
                 excerpt: stderr,
             })
         }
@@ -340,7 +440,6 @@ impl Nix {
         &self,
         flake: &str,
         hosts: &[String],
-        memory_limit: Option<u64>,
     ) -> Result<(HashMap<String, Option<String>>, u64), NixError> {
         let names: Vec<String> = hosts.iter().map(String::as_str).map(nix_string).collect();
         let apply = format!(
@@ -352,10 +451,9 @@ impl Nix {
         let installable = format!("{flake}#nixosConfigurations");
         let what = format!("evaluating hosts {}", hosts.join(", "));
         let (stdout, peak) = self
-            .run_measured(
+            .evaluate_measured(
                 &what,
                 &self.eval_args(&["--json", &installable, "--apply", &apply]),
-                memory_limit,
             )
             .await?;
         let drvs: HashMap<String, Option<String>> =
@@ -389,25 +487,24 @@ pub fn nix_string(value: &str) -> String {
     literal
 }
 
-/// Resident memory of process `pid` in bytes (0 when it is gone).
-fn resident_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|value| {
-                    value
-                        .trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+/// Whether a nix that failed under a data limit failed for lack of memory: nix reports it
+/// ("out of memory", a failed `std::bad_alloc`, a thread it could not create), or it was ended
+/// by a signal the limit provokes when an allocation fails where nix cannot report it.
+fn ran_out_of_memory(exit: &process::Exit, stderr: &str) -> bool {
+    const SIGNALS: [i32; 3] = [
+        Signal::SIGSEGV as i32,
+        Signal::SIGABRT as i32,
+        Signal::SIGBUS as i32,
+    ];
+    exit.signal.is_some_and(|signal| SIGNALS.contains(&signal))
+        || [
+            "out of memory",
+            "bad_alloc",
+            "Cannot allocate memory",
+            "Resource temporarily unavailable",
+        ]
+        .iter()
+        .any(|needle| stderr.contains(needle))
 }
 
 /// Environment a nix command may see: what nix needs to find its store, daemon and config, and
@@ -437,48 +534,6 @@ fn passes_through(key: &str) -> bool {
         || key.starts_with("XDG_")
         || key.starts_with("SSL_CERT")
         || key.starts_with("AWS_")
-}
-
-/// A child that is the leader of its own process group; dropping it kills the whole group.
-struct ProcessGroup(Child);
-
-impl std::ops::Deref for ProcessGroup {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for ProcessGroup {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-/// How long nix gets to stop its builders after SIGTERM before the group is SIGKILLed.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        let Some(pid) = self.0.id().and_then(|pid| i32::try_from(pid).ok()) else {
-            return; // already reaped: nothing left to stop
-        };
-        // SIGTERM first: nix then kills its derivation builders, which run in sessions of
-        // their own that a signal to this group would not reach. SIGKILL whatever is left.
-        let group = nix::unistd::Pid::from_raw(pid);
-        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
-        std::thread::spawn(move || {
-            let deadline = std::time::Instant::now() + STOP_GRACE;
-            while std::time::Instant::now() < deadline {
-                // Signal 0 probes whether any process of the group is left.
-                if nix::sys::signal::killpg(group, None).is_err() {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-        });
-    }
 }
 
 fn parse_version(version: &str) -> (u32, u32) {
@@ -521,9 +576,12 @@ async fn read_bounded(pipe: Option<impl AsyncRead + Unpin>, max: usize) -> Strin
 async fn tail_lines(pipe: Option<impl AsyncRead + Unpin>) -> String {
     let mut tail = Excerpt::default();
     if let Some(pipe) = pipe {
-        let mut lines = BoundedLines::new(pipe);
+        let mut lines = RecordLines::new(pipe);
         while let Some(line) = lines.next_line().await {
-            tail.push(line);
+            match line {
+                RawLine::Text(text) => tail.push(text),
+                RawLine::Record(json) => tail.push(cut_line(printable(&format!("@nix {json}")))),
+            }
         }
     }
     tail.text()
@@ -588,43 +646,65 @@ async fn follow_internal_json(
         errors: Excerpt::default(),
     };
     let Some(stderr) = stderr else { return log };
-    let mut lines = BoundedLines::new(stderr);
+    let mut lines = RecordLines::new(stderr);
     let mut activity_types: HashMap<u64, u64> = HashMap::new();
     // Once the receiver is gone nobody reads logs, but the pipe must still be drained.
     let mut forward = true;
     while let Some(line) = lines.next_line().await {
-        let item = match line.strip_prefix("@nix ") {
-            Some(json) => match serde_json::from_str::<Value>(json) {
+        // Decode first, cut after: the record's text is what gets cut, never its JSON.
+        let (items, is_error) = match line {
+            RawLine::Record(json) => match serde_json::from_str::<Value>(&json) {
                 Ok(message) => interpret(&message, &mut activity_types, &mut log),
-                Err(_) => Some(BuildOutput::Line(line)),
+                Err(_) => (text_lines(&format!("@nix {json}")), false),
             },
-            None => Some(BuildOutput::Line(line)),
+            RawLine::Text(text) => (vec![BuildOutput::Line(text)], false),
         };
-        // A URL nix or a build prints may carry credentials (a flake input, a substituter).
-        let item = item.map(|item| match item {
-            // Most lines hold no URL: keep them as they are, without a copy.
-            BuildOutput::Line(text) if text.contains("://") => {
-                BuildOutput::Line(redact_urls(&text))
-            }
-            other => other,
-        });
-        if let Some(BuildOutput::Line(text)) = &item {
-            if log.errors.0.back().is_none_or(|error| error != text) {
+        for item in items {
+            // A URL nix or a build prints may carry credentials (a flake input, a substituter).
+            let item = match item {
+                // Most lines hold no URL: keep them as they are, without a copy.
+                BuildOutput::Line(text) if text.contains("://") => {
+                    BuildOutput::Line(redact_urls(&text))
+                }
+                other => other,
+            };
+            if let (BuildOutput::Line(text), false) = (&item, is_error) {
                 log.log_tail.push(text.clone());
             }
-        }
-        if let (Some(item), true) = (item, forward) {
-            forward = output.send(item).await.is_ok();
+            if forward {
+                forward = output.send(item).await.is_ok();
+            }
         }
     }
     log
 }
 
+/// Decoded text as log lines: one per line of the text (so the numbering matches what a reader
+/// sees), each printable and cut to [`MAX_LINE_BYTES`].
+fn text_lines(text: &str) -> Vec<BuildOutput> {
+    text.split('\n')
+        .map(|line| BuildOutput::Line(cut_line(printable(line.strip_suffix('\r').unwrap_or(line)))))
+        .collect()
+}
+
+/// What one decoded record means: the lines and progress it carries, and whether they are one
+/// of nix's error messages (kept in the excerpt's error part, not its log tail).
 fn interpret(
     message: &Value,
     activity_types: &mut HashMap<u64, u64>,
     log: &mut BuildLog,
-) -> Option<BuildOutput> {
+) -> (Vec<BuildOutput>, bool) {
+    match interpret_record(message, activity_types, log) {
+        Some((items, is_error)) => (items, is_error),
+        None => (Vec::new(), false),
+    }
+}
+
+fn interpret_record(
+    message: &Value,
+    activity_types: &mut HashMap<u64, u64>,
+    log: &mut BuildLog,
+) -> Option<(Vec<BuildOutput>, bool)> {
     let field = |name: &str| message.get(name);
     let number = |value: Option<&Value>| value.and_then(Value::as_u64).unwrap_or(0);
     match field("action")?.as_str()? {
@@ -636,7 +716,7 @@ fn interpret(
             if kind == ACT_BUILD {
                 log.derivations_built += 1;
             }
-            (kind == ACT_BUILD && !text.is_empty()).then(|| BuildOutput::Line(text.to_owned()))
+            (kind == ACT_BUILD && !text.is_empty()).then(|| (text_lines(text), false))
         }
         "stop" => {
             activity_types.remove(&number(field("id")));
@@ -649,15 +729,16 @@ fn interpret(
                 RES_BUILD_LOG_LINE | RES_POST_BUILD_LOG_LINE => fields
                     .first()?
                     .as_str()
-                    .map(|text| BuildOutput::Line(cut_line(text.to_owned()))),
+                    .map(|text| (text_lines(text), false)),
                 RES_PROGRESS if activity_types.get(&number(field("id"))) == Some(&ACT_BUILDS) => {
                     let at = |index: usize| fields.get(index).and_then(Value::as_u64).unwrap_or(0);
-                    Some(BuildOutput::Progress {
+                    let progress = BuildOutput::Progress {
                         done: at(0),
                         expected: at(1),
                         running: at(2),
                         failed: at(3),
-                    })
+                    };
+                    Some((vec![progress], false))
                 }
                 _ => None,
             }
@@ -667,11 +748,18 @@ fn interpret(
             let level = number(field("level"));
             // Levels: 0 error, 1 warn, 2 notice, 3 info and more verbose.
             if level <= 1 {
-                let text = strip_ansi(text);
+                let lines = text_lines(text);
                 if level == 0 {
-                    log.errors.push(text.clone());
+                    let text: Vec<&str> = lines
+                        .iter()
+                        .filter_map(|line| match line {
+                            BuildOutput::Line(line) => Some(line.as_str()),
+                            BuildOutput::Progress { .. } => None,
+                        })
+                        .collect();
+                    log.errors.push(text.join("\n"));
                 }
-                Some(BuildOutput::Line(cut_line(text)))
+                Some((lines, level == 0))
             } else {
                 None
             }
@@ -680,108 +768,10 @@ fn interpret(
     }
 }
 
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn cut_line(mut line: String) -> String {
-    if line.len() > MAX_LINE_BYTES {
-        let mut end = MAX_LINE_BYTES;
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
-        line.truncate(end);
-        line.push_str(" …[line cut]");
-    }
-    line
-}
-
-/// Splits a pipe into lines without ever holding more than one bounded line in memory.
-struct BoundedLines<R> {
-    reader: R,
-    buffer: Vec<u8>,
-    start: usize,
-    eof: bool,
-}
-
-impl<R: AsyncRead + Unpin> BoundedLines<R> {
-    fn new(reader: R) -> Self {
-        Self {
-            reader,
-            buffer: Vec::with_capacity(64 * 1024),
-            start: 0,
-            eof: false,
-        }
-    }
-
-    async fn next_line(&mut self) -> Option<String> {
-        // Internal-json lines carry a log line plus JSON framing; allow for both.
-        let limit = MAX_LINE_BYTES * 2;
-        let mut line: Vec<u8> = Vec::new();
-        let mut cut = false;
-        loop {
-            if let Some(newline) = self.buffer[self.start..].iter().position(|b| *b == b'\n') {
-                let end = self.start + newline;
-                take_into(&mut line, &self.buffer[self.start..end], limit, &mut cut);
-                self.start = end + 1;
-                return Some(finish_line(line, cut));
-            }
-            take_into(&mut line, &self.buffer[self.start..], limit, &mut cut);
-            self.buffer.clear();
-            self.start = 0;
-            if self.eof {
-                return (!line.is_empty()).then(|| finish_line(line, cut));
-            }
-            self.buffer.resize(64 * 1024, 0);
-            match self.reader.read(&mut self.buffer).await {
-                Ok(0) | Err(_) => {
-                    self.buffer.clear();
-                    self.eof = true;
-                }
-                Ok(read) => self.buffer.truncate(read),
-            }
-        }
-    }
-}
-
-fn take_into(line: &mut Vec<u8>, bytes: &[u8], limit: usize, cut: &mut bool) {
-    let room = limit.saturating_sub(line.len());
-    if bytes.len() > room {
-        *cut = true;
-    }
-    line.extend_from_slice(&bytes[..bytes.len().min(room)]);
-}
-
-fn finish_line(line: Vec<u8>, cut: bool) -> String {
-    let mut text = String::from_utf8_lossy(&line).into_owned();
-    if text.ends_with('\r') {
-        text.pop();
-    }
-    if cut {
-        text = cut_line(text);
-        if !text.ends_with("[line cut]") {
-            text.push_str(" …[line cut]");
-        }
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logs::CUT_MARK;
 
     #[test]
     fn a_cache_push_gets_its_credentials_and_ssh_from_the_environment() {
@@ -805,17 +795,57 @@ mod tests {
         }
     }
 
+    /// A 20 MB log line, a run of NULs, bytes that are not UTF-8 and a multi-line error: each
+    /// record is decoded before its text is cut, nothing shows raw, and every line is counted.
     #[tokio::test]
-    async fn long_lines_are_cut_and_memory_stays_bounded() {
-        let mut input = vec![b'x'; 1024 * 1024];
-        input.extend_from_slice(b"\nshort\nlast");
-        let mut lines = BoundedLines::new(&input[..]);
-        let first = lines.next_line().await.expect("line");
-        assert!(first.len() <= MAX_LINE_BYTES + 20, "{}", first.len());
-        assert!(first.ends_with("[line cut]"));
-        assert_eq!(lines.next_line().await.as_deref(), Some("short"));
-        assert_eq!(lines.next_line().await.as_deref(), Some("last"));
-        assert_eq!(lines.next_line().await, None);
+    async fn records_are_decoded_before_they_are_cut() {
+        let mut stderr = Vec::new();
+        stderr.extend_from_slice(b"@nix {\"action\":\"result\",\"fields\":[\"");
+        stderr.extend(std::iter::repeat_n(b'x', 20 << 20));
+        stderr.extend_from_slice(b"\"],\"id\":2,\"type\":101}\n");
+        stderr.extend_from_slice(b"@nix {\"action\":\"result\",\"fields\":[\"");
+        stderr.extend(std::iter::repeat_n(&b"\\u0000"[..], 100_000).flatten());
+        stderr.extend_from_slice(b"\"],\"id\":2,\"type\":101}\n");
+        stderr.extend_from_slice(b"not json: \xff\xfe and a bell \x07\n");
+        stderr.extend_from_slice(
+            b"@nix {\"action\":\"msg\",\"level\":0,\"msg\":\"error: first\\n  second\"}\n",
+        );
+        let (tx, mut rx) = mpsc::channel(16);
+        let reader = tokio::spawn(async move {
+            let mut lines = Vec::new();
+            while let Some(item) = rx.recv().await {
+                if let BuildOutput::Line(line) = item {
+                    lines.push(line);
+                }
+            }
+            lines
+        });
+        let log = follow_internal_json(Some(&stderr[..]), tx).await;
+        let lines = reader.await.expect("reader");
+        assert_eq!(
+            lines.len(),
+            5,
+            "{:?}",
+            lines
+                .iter()
+                .map(|l| &l[..l.len().min(40)])
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            lines[0].starts_with("xxxx") && lines[0].ends_with(CUT_MARK),
+            "{}",
+            &lines[0][..40]
+        );
+        assert!(lines[0].len() <= MAX_LINE_BYTES + CUT_MARK.len());
+        assert!(lines[1].starts_with("\\x00\\x00") && lines[1].ends_with(CUT_MARK));
+        assert!(lines[1].len() <= MAX_LINE_BYTES + CUT_MARK.len());
+        assert_eq!(lines[2], "not json: \\xff\\xfe and a bell \\x07");
+        assert_eq!(lines[3..], ["error: first", "  second"]);
+        let excerpt = log.excerpt();
+        assert!(
+            excerpt.ends_with("bell \\x07\nerror: first\n  second"),
+            "{excerpt}"
+        );
     }
 
     #[tokio::test]
