@@ -218,9 +218,66 @@ impl LineScanner {
         self.kept.is_empty() && !self.cut
     }
 
-    fn feed(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.push(byte);
+    /// Takes the next bytes of the line. Runs of plain bytes (a text line, or the inside of a
+    /// string value) are copied or skipped whole; only JSON's framing and escapes go byte by
+    /// byte.
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while let Some(&first) = bytes.first() {
+            match (self.record, self.json) {
+                (Some(false), _) => {
+                    let room = MAX_LINE_BYTES.saturating_sub(self.kept.len());
+                    let take = room.min(bytes.len());
+                    self.kept.extend_from_slice(&bytes[..take]);
+                    self.cut |= take < bytes.len();
+                    return;
+                }
+                (Some(true), _) if self.cut => return,
+                (Some(true), Json::String) if first != b'"' && first != b'\\' => {
+                    let run = bytes
+                        .iter()
+                        .position(|byte| *byte == b'"' || *byte == b'\\')
+                        .unwrap_or(bytes.len());
+                    self.keep_run(&bytes[..run]);
+                    bytes = &bytes[run..];
+                }
+                _ => {
+                    self.push(first);
+                    bytes = &bytes[1..];
+                }
+            }
+        }
+    }
+
+    /// Characters of a string value without quotes or escapes: kept while the string has room
+    /// (a character whose first byte fits is kept whole), the rest dropped.
+    fn keep_run(&mut self, run: &[u8]) {
+        let continuation = |byte: &u8| byte & 0xC0 == 0x80;
+        // Bytes that finish a character begun in the previous read follow its fate.
+        let carried = run.iter().take_while(|byte| continuation(byte)).count();
+        let (carried, run) = run.split_at(carried);
+        if self.keeping {
+            self.keep_slice(carried);
+        }
+        if run.is_empty() {
+            return;
+        }
+        self.high_surrogate = false;
+        let room = MAX_JSON_STRING_BYTES.saturating_sub(self.string_kept);
+        let mut take = room.min(run.len());
+        while take < run.len() && continuation(&run[take]) {
+            take += 1;
+        }
+        self.keep_slice(&run[..take]);
+        self.keeping = take == run.len();
+        self.string_dropped |= take < run.len();
+    }
+
+    fn keep_slice(&mut self, bytes: &[u8]) {
+        self.string_kept += bytes.len();
+        if self.kept.len() + bytes.len() <= MAX_RECORD_BYTES {
+            self.kept.extend_from_slice(bytes);
+        } else {
+            self.cut = true;
         }
     }
 
