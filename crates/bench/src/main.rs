@@ -89,6 +89,26 @@ const READING: &str = "## Reading the results
 - **idle**: a builder without work uses no CPU to speak of and about as much memory as the
   nats-server beside it; most of that is the binary's own code pages (the release profile uses
   LTO to keep them few).
+
+## Evaluation under a memory limit
+
+`builder.eval_memory_limit_mb` is a kernel limit (`RLIMIT_DATA`) on every evaluation, and
+evaluations run one at a time, so it bounds what evaluation uses at once; the peak below is the
+kernel's `ru_maxrss`. Measured on the eval-heavy fleet with the commands the builder runs
+(`nix eval` of all 16 hosts under `prlimit --data`, `GC_INITIAL_HEAP_SIZE` as the builder sets
+it), on the same 2-core machine under a load average of 12 from parallel test runs, 2026-11-29:
+
+| limit | shared evaluation of 16 hosts | per-host loop of `nix eval` (no limit) |
+| --- | --- | --- |
+| 8192 MiB (default) | 5.65 s, peak 266 MiB | 106.8 s, peak 266 MiB |
+| 300 MiB | 5.17 s, peak 224 MiB | |
+| 200 MiB | stopped at 4.23 s, peak 206 MiB; each host alone then stops at 206 MiB (4.7 s): all `eval_failed`, about 80 s in all | |
+
+A batch that runs out of memory is not halved (that would evaluate the shared part again at
+every level): its hosts go to the per-host loop, so splitting costs the loop plus the one stopped
+attempt, and memory never exceeds the limit. `eval::memory_limit_splits_the_evaluation` checks
+the split with the `evalhungry` fixture (hosts that fit alone, a batch that does not, a host that
+never fits).
 ";
 
 fn document(table: &str, args: &[String]) -> String {
