@@ -51,6 +51,7 @@ let
         eval_batch_size = optional types.ints.positive "Hosts evaluated together in one nix process.";
         eval_memory_limit_mb = optional types.ints.unsigned "Memory limit of a shared evaluation (0: none).";
         nix = optional types.str "The nix binary (default: nix on the service's PATH).";
+        max_attempts = optional types.ints.positive "Times a request is started before it is given up (default 3).";
       };
       streams = {
         events_max_age_secs = optional types.ints.positive "How long events and logs are kept.";
@@ -60,6 +61,7 @@ let
         requests_max_bytes = optional types.ints.positive "Bytes of queued requests in all.";
         replicas = optional (types.ints.between 1 5) "Stream replicas (3 on a NATS cluster).";
         request_ack_wait_secs = optional types.ints.positive "Redelivery delay of a dead builder's request.";
+        events_duplicate_window_secs = optional types.ints.positive "Duplicate window of the events stream.";
       };
       repos = mkOption { type = types.attrsOf repoSettings; default = { }; description = "Repos served, by name."; };
       vault = optional (types.submodule {

@@ -21,6 +21,7 @@ mod secrets;
 mod service;
 mod settings;
 mod soak;
+mod stalls;
 mod vault;
 
 use std::path::Path;

@@ -8,9 +8,9 @@ use async_nats::{Client, Message};
 use futures::StreamExt;
 use homelab_deploy_client::inspect::{list_builders, list_builds, pending_requests, request_state};
 use homelab_deploy_protocol::api::{
-    builder_cancel_subject, builder_drain_subject, ApiError, BuilderList, BuildsQuery, CancelReply,
-    CancelRequest, DrainReply, RequestPhase, StatusQuery, API_QUEUE_GROUP, BUILDERS_SUBJECT,
-    BUILDS_SUBJECT, CANCEL_SUBJECT, STATUS_SUBJECT,
+    builder_cancel_subject, builder_drain_subject, ApiError, BuilderList, BuilderState,
+    BuildsQuery, CancelReply, CancelRequest, DrainReply, RequestPhase, StatusQuery,
+    API_QUEUE_GROUP, BUILDERS_SUBJECT, BUILDS_SUBJECT, CANCEL_SUBJECT, STATUS_SUBJECT,
 };
 use homelab_deploy_protocol::{RepoName, RequestId};
 use serde::Serialize;
@@ -186,10 +186,25 @@ impl Api {
                 if self.jobs.cancel(id.as_str(), &by, &reason) {
                     return json(&running_cancelled(&id, &self.jobs.builder_name));
                 }
-                let Some(builder) = state.builder else {
-                    return Err(format!(
-                        "request {id} is being started by a builder; cancel it again in a moment"
-                    ));
+                // Not started yet (resolving its commit or listing hosts): the builder that
+                // took it lists it among its running requests in the registry.
+                let builder = match state.builder {
+                    Some(builder) => builder,
+                    None => list_builders(self.js())
+                        .await
+                        .map_err(|err| err.to_string())?
+                        .into_iter()
+                        .find(|builder| {
+                            builder.states.iter().any(|state| {
+                                matches!(state, BuilderState::Building { id: running, .. } if running == id.as_str())
+                            })
+                        })
+                        .map(|builder| builder.name)
+                        .ok_or_else(|| {
+                            format!(
+                                "request {id} is being started by a builder; cancel it again in a moment"
+                            )
+                        })?,
                 };
                 let forwarded = self.client.request(
                     builder_cancel_subject(&builder),

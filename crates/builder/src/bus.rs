@@ -9,7 +9,8 @@ use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, Storag
 use async_nats::jetstream::{self, Context};
 use homelab_deploy_protocol::request::MAX_REQUEST_BYTES;
 use homelab_deploy_protocol::subject::{
-    consumer_name, repo_requests_filter, EVENTS_STREAM, EVENTS_STREAM_SUBJECTS, REQUESTS_STREAM,
+    consumer_name, repo_requests_filter, EVENTS_STREAM, EVENTS_STREAM_SUBJECTS, MSG_ID_HEADER,
+    REQUESTS_STREAM,
 };
 use homelab_deploy_protocol::{Event, RepoName};
 use serde::Serialize;
@@ -17,8 +18,11 @@ use tracing::warn;
 
 use crate::config::StreamsConfig;
 
-/// Largest event or log batch message.
+/// Largest event or log batch message the events stream takes (its `max_message_size`).
 pub const MAX_EVENT_BYTES: i32 = 1024 * 1024;
+/// Room kept below a message size limit for the headers (message id, expected subject
+/// sequence) and the protocol line around the JSON body.
+const HEADER_ALLOWANCE: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -32,6 +36,14 @@ pub enum BusError {
         attempts: u32,
         message: String,
     },
+    /// The server refused the message for a reason that retrying cannot fix (too large, no
+    /// stream for the subject).
+    #[error("the server refused the message for {subject}: {message}")]
+    Refused { subject: String, message: String },
+    /// Another writer stored a message on the subject since this publisher's last one: the
+    /// request was taken over (redelivered to another builder, or cancelled while queued).
+    #[error("another writer published to {subject} since this builder's last event")]
+    Fenced { subject: String },
 }
 
 fn stream_error(stream: &str, err: impl std::fmt::Display) -> BusError {
@@ -59,8 +71,9 @@ pub async fn ensure_streams(
         max_bytes: limits.events_max_bytes,
         max_message_size: MAX_EVENT_BYTES,
         discard: DiscardPolicy::Old,
-        // Event and log publishes carry ids, so a retried publish is stored once.
-        duplicate_window: Duration::from_secs(120),
+        // Event and log publishes carry ids, so a retried publish is stored once; events are
+        // also fenced by subject sequence, which holds beyond this window.
+        duplicate_window: Duration::from_secs(limits.events_duplicate_window_secs),
         num_replicas: limits.replicas,
         ..Default::default()
     };
@@ -162,18 +175,27 @@ pub async fn ensure_consumer(
         .map_err(|err| consumer_error(&err))
 }
 
-/// How a publish went.
-#[derive(Debug, Clone, Copy)]
-pub struct Published {
-    /// The message id was already stored before this publisher's first attempt.
-    pub taken_by_another: bool,
-}
-
 /// Publishes JSON to JetStream and waits for the stream to store it, retrying while NATS
 /// reconnects. An event that could not be stored is an error: the caller must not ack the request.
 #[derive(Clone)]
 pub struct Publisher {
     js: Context,
+}
+
+/// A publish error that sending the same message again cannot fix.
+fn refused(err: &jetstream::context::PublishError) -> bool {
+    use jetstream::context::PublishErrorKind;
+    use std::error::Error as _;
+    match err.kind() {
+        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::StreamNotFound => true,
+        PublishErrorKind::Other => err
+            .source()
+            .and_then(|source| source.downcast_ref::<jetstream::Error>())
+            .is_some_and(|err| {
+                err.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+            }),
+        _ => false,
+    }
 }
 
 impl Publisher {
@@ -185,36 +207,98 @@ impl Publisher {
         &self.js
     }
 
+    /// Largest JSON body of an event or log batch, in bytes: the smaller of the server's
+    /// `max_payload` (from the INFO of the server this connection is on, so it follows a
+    /// reconnect to another server) and the events stream's [`MAX_EVENT_BYTES`], less room for
+    /// the headers.
+    pub fn max_body_bytes(&self) -> usize {
+        let max_payload = self.js.client().max_payload();
+        max_payload
+            .min(MAX_EVENT_BYTES as usize)
+            .saturating_sub(HEADER_ALLOWANCE)
+    }
+
     /// `message_id` makes retries safe: a publish that reached the stream but whose ack was lost
-    /// (NATS restarting) is de-duplicated when it is sent again. Returns whether the stream
-    /// already held a message with this id at the first attempt: then someone else published it.
+    /// (NATS restarting) is de-duplicated when it is sent again. Returns the stream sequence
+    /// the message is stored under.
     pub async fn publish_json(
         &self,
         subject: &str,
         message_id: &str,
         value: &impl Serialize,
-    ) -> Result<Published, BusError> {
+    ) -> Result<u64, BusError> {
         let payload = serde_json::to_vec(value).map_err(|err| BusError::Publish {
             subject: subject.to_owned(),
             attempts: 0,
             message: err.to_string(),
         })?;
-        let payload = bytes::Bytes::from(payload);
+        self.publish(subject, message_id, payload.into(), None)
+            .await
+    }
+
+    /// Publishes `payload` only if the last message stored on `subject` is still the one at
+    /// stream sequence `expected_last` (0: no message yet), JetStream's
+    /// `Nats-Expected-Last-Subject-Sequence`. Returns the new message's stream sequence, the
+    /// next `expected_last`.
+    ///
+    /// [`BusError::Fenced`] when someone else stored a message on the subject meanwhile. A
+    /// retry after a lost ack is not mistaken for that: within the stream's duplicate window
+    /// the message id answers with the stored copy, and past it the last message on the
+    /// subject is read back: if it carries this `message_id` (which names its writer), it is
+    /// the one stored before.
+    pub async fn publish_fenced(
+        &self,
+        subject: &str,
+        message_id: &str,
+        payload: bytes::Bytes,
+        expected_last: u64,
+    ) -> Result<u64, BusError> {
+        self.publish(subject, message_id, payload, Some(expected_last))
+            .await
+    }
+
+    async fn publish(
+        &self,
+        subject: &str,
+        message_id: &str,
+        payload: bytes::Bytes,
+        expected_last: Option<u64>,
+    ) -> Result<u64, BusError> {
+        use jetstream::context::PublishErrorKind;
         let attempts = 6;
         let mut last_error = String::new();
         for attempt in 1..=attempts {
-            let message = PublishMessage::build()
+            let mut message = PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(message_id);
-            match self.js.send_publish(subject.to_owned(), message).await {
-                Ok(ack) => match ack.await {
-                    Ok(ack) => {
-                        return Ok(Published {
-                            taken_by_another: ack.duplicate && attempt == 1,
-                        })
-                    }
-                    Err(err) => last_error = err.to_string(),
-                },
+            if let Some(expected) = expected_last {
+                message = message.expected_last_subject_sequence(expected);
+            }
+            let sent = match self.js.send_publish(subject.to_owned(), message).await {
+                Ok(ack) => ack.await,
+                Err(err) => Err(err),
+            };
+            match sent {
+                Ok(ack) => return Ok(ack.sequence),
+                Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                    return match self.stored_last(subject, message_id).await {
+                        Ok(Some(sequence)) => Ok(sequence),
+                        Ok(None) => Err(BusError::Fenced {
+                            subject: subject.to_owned(),
+                        }),
+                        Err(err) => Err(BusError::Publish {
+                            subject: subject.to_owned(),
+                            attempts: attempt,
+                            message: err,
+                        }),
+                    };
+                }
+                Err(err) if refused(&err) => {
+                    return Err(BusError::Refused {
+                        subject: subject.to_owned(),
+                        message: err.to_string(),
+                    })
+                }
                 Err(err) => last_error = err.to_string(),
             }
             if attempt < attempts {
@@ -229,17 +313,47 @@ impl Publisher {
             message: last_error,
         })
     }
+
+    /// The stream sequence of the last message on `subject` when it carries `message_id`
+    /// (this publisher's earlier copy), `None` when it is someone else's.
+    async fn stored_last(&self, subject: &str, message_id: &str) -> Result<Option<u64>, String> {
+        let stream = self
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|err| err.to_string())?;
+        let last = stream
+            .get_last_raw_message_by_subject(subject)
+            .await
+            .map_err(|err| err.to_string())?;
+        let ours = last
+            .headers
+            .get(MSG_ID_HEADER)
+            .is_some_and(|id| id.as_str() == message_id);
+        Ok(ours.then_some(last.sequence))
+    }
 }
 
-/// The last event stored for a request, so a redelivered request continues its numbering and a
-/// finished one is not built again.
-pub async fn last_event(js: &Context, events_subject: &str) -> Option<Event> {
-    let stream = js.get_stream(EVENTS_STREAM).await.ok()?;
-    let message = stream
-        .get_last_raw_message_by_subject(events_subject)
+/// The last message stored on an events subject: its stream sequence (what the next fenced
+/// publish expects) and the event, if it parses.
+pub async fn last_event(
+    js: &Context,
+    events_subject: &str,
+) -> Result<Option<(u64, Option<Event>)>, BusError> {
+    let stream = js
+        .get_stream(EVENTS_STREAM)
         .await
-        .ok()?;
-    serde_json::from_slice(&message.payload).ok()
+        .map_err(|err| stream_error(EVENTS_STREAM, err))?;
+    match stream.get_last_raw_message_by_subject(events_subject).await {
+        Ok(message) => Ok(Some((
+            message.sequence,
+            serde_json::from_slice(&message.payload).ok(),
+        ))),
+        Err(err) if err.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            Ok(None)
+        }
+        Err(err) => Err(stream_error(EVENTS_STREAM, err)),
+    }
 }
 
 pub use jetstream::Message as RequestMessage;

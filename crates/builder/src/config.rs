@@ -131,6 +131,10 @@ pub struct BuilderConfig {
     /// Path of the `nix` binary; looked up on PATH by default.
     #[serde(default = "default_nix")]
     pub nix: PathBuf,
+    /// A request is started at most this many times (a builder died or stalled during each
+    /// one); the next builder to take it ends it `failed` instead of starting it again.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u64,
 }
 
 /// Limits of the JetStream streams, applied when this builder creates them.
@@ -158,6 +162,10 @@ pub struct StreamsConfig {
     /// A request whose builder went silent (died) for this long is redelivered to another one.
     #[serde(default = "default_request_ack_wait_secs")]
     pub request_ack_wait_secs: u64,
+    /// Seconds within which the events stream drops a second copy of an event or log batch
+    /// (same message id), e.g. one sent again after its ack was lost.
+    #[serde(default = "default_events_duplicate_window_secs")]
+    pub events_duplicate_window_secs: u64,
 }
 
 impl Default for StreamsConfig {
@@ -167,6 +175,7 @@ impl Default for StreamsConfig {
             events_max_bytes: default_events_max_bytes(),
             max_pending_requests_per_target: default_requests_per_subject(),
             request_ack_wait_secs: default_request_ack_wait_secs(),
+            events_duplicate_window_secs: default_events_duplicate_window_secs(),
             replicas: default_replicas(),
             max_pending_requests: default_max_pending_requests(),
             requests_max_bytes: default_requests_max_bytes(),
@@ -336,6 +345,12 @@ fn default_requests_max_bytes() -> i64 {
 fn default_request_ack_wait_secs() -> u64 {
     60
 }
+fn default_events_duplicate_window_secs() -> u64 {
+    120
+}
+fn default_max_attempts() -> u64 {
+    3
+}
 fn default_ref() -> String {
     "main".to_owned()
 }
@@ -412,6 +427,20 @@ impl Config {
             return Err(invalid(
                 "streams.request_ack_wait_secs".into(),
                 "must be at least 2".into(),
+            ));
+        }
+        if self.streams.events_duplicate_window_secs == 0
+            || self.streams.events_duplicate_window_secs > self.streams.events_max_age_secs
+        {
+            return Err(invalid(
+                "streams.events_duplicate_window_secs".into(),
+                "must be at least 1 and at most streams.events_max_age_secs".into(),
+            ));
+        }
+        if self.builder.max_attempts == 0 {
+            return Err(invalid(
+                "builder.max_attempts".into(),
+                "must be at least 1".into(),
             ));
         }
         if self.builder.max_concurrent_requests == 0 {

@@ -166,6 +166,7 @@ pub async fn run(
         evaluation: config.evaluation(),
         evaluated: Default::default(),
         build_jobs: config.builder.build_jobs,
+        max_attempts: config.builder.max_attempts,
         repos: served,
         requests,
         replace_index: Default::default(),

@@ -41,6 +41,9 @@ use crate::nix::{BuildOutput, Nix, NixError};
 
 /// Longest error excerpt kept in a host result or a `finished` event.
 const MAX_ERROR_BYTES: usize = 4096;
+/// Shortest excerpt an event that must shrink to fit `max_payload` keeps before leaving
+/// excerpts out.
+const MIN_ERROR_BYTES: usize = 128;
 /// Progress events of one host are at most this frequent.
 const PROGRESS_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -54,6 +57,8 @@ pub struct Jobs {
     pub evaluation: Evaluation,
     /// Hosts of one request built at once.
     pub build_jobs: usize,
+    /// Attempts at a request (`started` events not ended by a hand-back) before it is given up.
+    pub max_attempts: u64,
     /// Host lists and toplevel drvs already evaluated, per commit.
     pub evaluated: EvalCache,
     pub repos: HashMap<RepoName, ServedRepo>,
@@ -101,6 +106,18 @@ pub enum JobError {
     Aborted,
     #[error("another builder took the request over (it was redelivered)")]
     Superseded,
+    /// An event the server refuses whatever the retries (too large, no stream): the request
+    /// ends with a short `finished` that says so, instead of going back to the queue.
+    #[error("{0}")]
+    Unpublishable(String),
+}
+
+/// How a request message was answered.
+enum Answered {
+    /// Its `finished` event is stored (now, or by an earlier delivery): ack it.
+    Finished,
+    /// It cannot be answered on any subject, or was answered as malformed: terminate it.
+    Never,
 }
 
 /// What happened to one host.
@@ -151,6 +168,11 @@ impl Jobs {
     }
 
     /// Runs one request message to its end, then acks it (or hands it back on shutdown).
+    ///
+    /// The message is acked, terminated or handed back only after this builder stored an
+    /// event under its fence (`finished`, or `requeued`): a builder that lost the request (its
+    /// fence broke) leaves the delivery alone, so it can never ack or hand back the delivery
+    /// another builder is running.
     pub async fn run(&self, message: RequestMessage) {
         let message = Arc::new(message);
         let (interrupt_tx, interrupt) = watch::channel(None);
@@ -164,17 +186,20 @@ impl Jobs {
         let outcome = self.run_request(&message, interrupt_tx, interrupt).await;
         watcher.abort();
         let ack = match &outcome {
-            Ok(()) => message.double_ack().await,
+            Ok(Answered::Finished) => message.double_ack().await,
+            Ok(Answered::Never) => message.ack_with(AckKind::Term).await,
             Err(JobError::Aborted) => message.ack_with(AckKind::Nak(None)).await,
-            Err(JobError::Superseded) => {
-                warn!(subject = %message.subject, "request was redelivered to another builder meanwhile; standing down without acking");
+            // Logged where the request id is known.
+            Err(JobError::Superseded) => Ok(()),
+            Err(JobError::Bus(err)) => {
+                // Not handed back (NAK): without a stored event this builder cannot tell that
+                // the delivery is still its own. It comes back after the ack wait.
+                error!(error = %err, subject = %message.subject, "could not publish events; the request is redelivered after the ack wait");
                 Ok(())
             }
-            Err(JobError::Bus(err)) => {
-                error!(error = %err, subject = %message.subject, "could not publish events; request goes back to the queue");
-                message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-                    .await
+            Err(JobError::Unpublishable(why)) => {
+                error!(error = %why, subject = %message.subject, "not even a short finished event could be stored; terminating the request");
+                message.ack_with(AckKind::Term).await
             }
         };
         if let Err(err) = ack {
@@ -187,12 +212,8 @@ impl Jobs {
         message: &RequestMessage,
         interrupt_tx: watch::Sender<Option<Interrupt>>,
         interrupt: watch::Receiver<Option<Interrupt>>,
-    ) -> Result<(), JobError> {
+    ) -> Result<Answered, JobError> {
         let info = message.info().ok();
-        let attempt = info
-            .as_ref()
-            .map(|i| i.delivered.max(1) as u64)
-            .unwrap_or(1);
         let stream_seq = info.as_ref().map(|i| i.stream_sequence).unwrap_or(0);
         let header_id = message
             .headers
@@ -211,37 +232,57 @@ impl Jobs {
             Ok(request) => request,
             Err(refusal) => {
                 warn!(subject = %message.subject, id = ?refusal.id.as_ref().map(|id| id.to_string()), reason = %refusal.reason, "refused malformed request");
-                if let (Some(id), Some(repo), Some(target)) =
-                    (refusal.id, refusal.repo, refusal.target)
-                {
-                    let mut events = Events::open(&self.publisher, &repo, &target, &id).await;
-                    if !events.already_finished() {
-                        events
-                            .finish_refused(
-                                &self.builder_name,
-                                &repo,
-                                &target,
-                                refusal.reason,
-                                started,
-                            )
-                            .await?;
-                    }
+                let (Some(repo), Some(target)) = (refusal.repo, refusal.target) else {
+                    return Ok(Answered::Never);
+                };
+                // An id that breaks the rules cannot name a subject: the answer goes to the id
+                // derived from the request's stream sequence, which its publish ack told the
+                // client (docs/protocol.md).
+                let id = match refusal.id {
+                    Some(id) => id,
+                    None => match RequestId::for_stream_sequence(stream_seq) {
+                        Ok(id) => id,
+                        Err(_) => return Ok(Answered::Never),
+                    },
+                };
+                let mut events = Events::open(&self.publisher, &repo, &target, &id).await?;
+                if !events.already_finished() {
+                    self.finish_or_explain(
+                        &mut events,
+                        Finish {
+                            error: Some(refusal.reason),
+                            ..Finish::new(&repo, &target, &self.builder_name, started)
+                        },
+                    )
+                    .await?;
                 }
-                // Term, not ack: a malformed request must never be retried.
-                let _ = message.ack_with(AckKind::Term).await;
-                return Ok(());
+                // Terminated, not acked: a malformed request must never be retried.
+                return Ok(Answered::Never);
             }
         };
         let ParsedRequest {
             id, repo, target, ..
         } = &request;
-        let mut events = Events::open(&self.publisher, repo, target, id).await;
+        let mut events = Events::open(&self.publisher, repo, target, id).await?;
         if events.already_finished() {
             info!(request_id = %id, "request already has a finished event (cancelled while queued, or a reused id); not building it again");
-            return Ok(());
+            return Ok(Answered::Finished);
         }
-        info!(request_id = %id, repo = %repo, target = target.as_str(), attempt, mode = request.mode.as_str(), requested_by = ?request.requested_by, "request received");
+        let attempts = events.attempts(id).await?;
+        info!(request_id = %id, repo = %repo, target = target.as_str(), attempt = attempts.started + 1, mode = request.mode.as_str(), requested_by = ?request.requested_by, "request received");
         crate::metrics::request_received(repo.as_str());
+        if attempts.failed >= self.max_attempts {
+            let mut finish = Finish::new(repo, target, &self.builder_name, started);
+            finish.error = Some(format!(
+                "given up after {} attempts (builder.max_attempts); {}",
+                attempts.failed,
+                attempts
+                    .last_ended
+                    .as_deref()
+                    .unwrap_or("the last one ended without a word")
+            ));
+            return self.finish_or_explain(&mut events, finish).await;
+        }
         self.lock_running().insert(
             id.to_string(),
             RunningJob {
@@ -256,24 +297,63 @@ impl Jobs {
                 &request,
                 &mut events,
                 interrupt,
-                attempt,
+                attempts.started + 1,
                 stream_seq,
                 started,
             )
             .instrument(span)
             .await;
         self.lock_running().remove(id.as_str());
-        if matches!(result, Err(JobError::Aborted)) {
-            // Without it, the request would look running until a builder takes it again.
-            let requeued = EventBody::Requeued {
-                builder: self.builder_name.clone(),
-                reason: format!("builder {} is shutting down", self.builder_name),
-            };
-            if let Err(err) = events.emit(requeued).await {
-                warn!(request_id = %id, error = %err, "could not say the request goes back to the queue");
+        match result {
+            Ok(()) => Ok(Answered::Finished),
+            Err(JobError::Aborted) => {
+                // Without it, the request would look running until a builder takes it again;
+                // stored under the fence, it also proves the delivery is still this builder's.
+                let requeued = EventBody::Requeued {
+                    builder: self.builder_name.clone(),
+                    reason: format!("builder {} is shutting down", self.builder_name),
+                };
+                events.emit(requeued).await?;
+                Err(JobError::Aborted)
             }
+            Err(JobError::Superseded) => {
+                warn!(request_id = %id, "another writer published events of this request meanwhile (it was redelivered or cancelled); standing down without acking");
+                Err(JobError::Superseded)
+            }
+            Err(JobError::Unpublishable(why)) => {
+                let mut finish = Finish::new(repo, target, &self.builder_name, started);
+                finish.error = Some(format!("the request cannot be reported in full: {why}"));
+                self.finish_or_explain(&mut events, finish).await
+            }
+            Err(err) => Err(err),
         }
-        result
+    }
+
+    /// Publishes `finish`; when the server refuses it whatever the retries, publishes a short
+    /// one that says why instead.
+    async fn finish_or_explain(
+        &self,
+        events: &mut Events<'_>,
+        finish: Finish,
+    ) -> Result<Answered, JobError> {
+        let short = Finish {
+            hosts: Vec::new(),
+            rev: finish.rev.clone(),
+            ..Finish::new_like(&finish)
+        };
+        match events.finish(finish).await {
+            Ok(()) => Ok(Answered::Finished),
+            Err(JobError::Unpublishable(why)) => {
+                let mut short = short;
+                short.status = BuildStatus::Failed;
+                short.error = Some(format!(
+                    "the request's finished event could not be stored: {why}"
+                ));
+                events.finish(short).await?;
+                Ok(Answered::Finished)
+            }
+            Err(err) => Err(err),
+        }
     }
 
     async fn build_request(
@@ -320,34 +400,33 @@ impl Jobs {
             return events.finish(finish).await;
         }
 
-        // 2. Resolve one commit.
-        let resolved = match self
-            .resolve(served, request.rev.as_deref(), request.git_ref.as_deref())
-            .await
-        {
+        // 2. Resolve one commit, and 3. list the hosts at it. Both race the request's
+        //    interrupt and deadline: dropping the losing future kills its git or nix process.
+        let finish_early = |error: String, rev: Option<String>| Finish {
+            error: Some(error),
+            rev,
+            ..Finish::new(repo, target, &self.builder_name, started)
+        };
+        let resolved = tokio::select! {
+            resolved = self.resolve(served, request.rev.as_deref(), request.git_ref.as_deref()) => resolved,
+            _ = tokio::time::sleep_until(request_deadline.at) => Err(format!("{} while resolving the commit", request_deadline.why)),
+            why = interrupted(&mut interrupt) => return self.stopped_early(events, why, finish_early(String::new(), None)).await,
+        };
+        let resolved = match resolved {
             Ok(resolved) => resolved,
-            Err(reason) => {
-                return events
-                    .finish_refused(&self.builder_name, repo, target, reason, started)
-                    .await
-            }
+            Err(reason) => return events.finish(finish_early(reason, None)).await,
         };
         let flake = served.mirror.flake_url(&resolved);
         let rev = resolved.rev;
-
-        // 3. Hosts at that commit.
-        let hosts = match self.hosts_to_build(&flake, repo, target, &rev).await {
-            Ok(hosts) => hosts,
-            Err(reason) => {
-                let mut finish = Finish::new(repo, target, &self.builder_name, started);
-                finish.rev = Some(rev);
-                finish.error = Some(reason);
-                return events.finish(finish).await;
-            }
+        let hosts = tokio::select! {
+            hosts = self.hosts_to_build(&flake, repo, target, &rev) => hosts,
+            _ = tokio::time::sleep_until(request_deadline.at) => Err(format!("{} while listing the flake's hosts", request_deadline.why)),
+            why = interrupted(&mut interrupt) => return self.stopped_early(events, why, finish_early(String::new(), Some(rev))).await,
         };
-        // A cancel may have finished the request while it was being resolved.
-        events.check_still_owner().await?;
-        let attempt = events.attempt(id, attempt).await;
+        let hosts = match hosts {
+            Ok(hosts) => hosts,
+            Err(reason) => return events.finish(finish_early(reason, Some(rev))).await,
+        };
         events
             .emit(EventBody::Started {
                 builder: self.builder_name.clone(),
@@ -415,16 +494,12 @@ impl Jobs {
                 } else {
                     request_deadline.clone()
                 };
-                {
-                    let mut events = shared_events.lock().await;
-                    events.check_still_owner().await?;
-                    let started = EventBody::HostStarted {
-                        host: host.clone(),
-                        index,
-                        total,
-                    };
-                    events.emit(started).await?;
-                }
+                let started = EventBody::HostStarted {
+                    host: host.clone(),
+                    index,
+                    total,
+                };
+                shared_events.lock().await.emit(started).await?;
                 let drv = drvs.get(host).map(String::as_str);
                 let outcome = self
                     .build_host(
@@ -483,7 +558,6 @@ impl Jobs {
         finish.rev = Some(rev);
         finish.hosts = results;
         info!(request_id = %id, status = finish.status.as_str(), "request finished");
-        events.check_still_owner().await?;
         events.finish(finish).await
     }
 
@@ -501,20 +575,44 @@ impl Jobs {
         let Some(served) = self.repos.get(repo) else {
             return;
         };
-        let outcome = match self.resolve(served, None, None).await {
-            Ok(resolved) => self
-                .hosts_to_build(
-                    &served.mirror.flake_url(&resolved),
-                    repo,
-                    &Target::All,
-                    &resolved.rev,
-                )
-                .await
-                .map(|_| ()),
-            Err(err) => Err(err),
+        let discover = async {
+            let resolved = self.resolve(served, None, None).await?;
+            self.hosts_to_build(
+                &served.mirror.flake_url(&resolved),
+                repo,
+                &Target::All,
+                &resolved.rev,
+            )
+            .await
+            .map(|_| ())
         };
+        // Bounded like a request, so a hung remote or evaluation is not waited on forever.
+        let limit = self.timeouts.request;
+        let outcome = tokio::time::timeout(limit, discover)
+            .await
+            .unwrap_or_else(|_| Err(format!("gave up after {}s", limit.as_secs())));
         if let Err(err) = outcome {
             warn!(repo = %repo, error = %err, "could not list the repo's hosts at start");
+        }
+    }
+
+    /// Ends a request interrupted before it started building: a cancel finishes it
+    /// `cancelled` (with what `finish` knows, e.g. the rev), a shutdown hands it back.
+    async fn stopped_early(
+        &self,
+        events: &mut Events<'_>,
+        why: Interrupt,
+        mut finish: Finish,
+    ) -> Result<(), JobError> {
+        match why {
+            Interrupt::Shutdown => Err(JobError::Aborted),
+            Interrupt::Cancel { by, reason } => {
+                info!(request_id = %events.id, cancelled_by = %by, "cancelled before its build started");
+                finish.status = BuildStatus::Cancelled;
+                finish.error = Some(format!("cancelled by {by}: {reason}"));
+                finish.cancelled_by = Some(by);
+                events.finish(finish).await
+            }
         }
     }
 
@@ -558,7 +656,7 @@ impl Jobs {
                 let hosts = self.nix_of(repo).list_hosts(flake).await.map_err(|err| {
                     format!(
                         "cannot list nixosConfigurations of the flake at rev {rev}: {}",
-                        cut(&err.excerpt())
+                        cut(&err.excerpt(), MAX_ERROR_BYTES)
                     )
                 })?;
                 self.evaluated.put_hosts(repo.as_str(), rev, hosts.clone());
@@ -612,7 +710,7 @@ impl Jobs {
             status,
             out_path,
             duration_ms: started.elapsed().as_millis() as u64,
-            error: error.map(|e| cut(&e)),
+            error: error.map(|e| cut(&e, MAX_ERROR_BYTES)),
             pushed: None,
             push_error: None,
         };
@@ -651,7 +749,23 @@ impl Jobs {
         };
         let drv = match drv {
             Ok(drv) => drv,
-            Err(err) => return done(HostStatus::EvalFailed, None, Some(err.excerpt())),
+            Err(err) => {
+                // Events may carry a shortened excerpt (to fit `max_payload`); the logs
+                // subject keeps it whole, as it keeps a failed build's log.
+                let excerpt = err.excerpt();
+                let mut batcher = LogBatcher::new(
+                    self.publisher.clone(),
+                    repo.to_string(),
+                    logs.to_owned(),
+                    request_id.to_owned(),
+                    host.to_owned(),
+                );
+                for line in excerpt.lines() {
+                    batcher.push(line.to_owned()).await?;
+                }
+                batcher.flush().await?;
+                return done(HostStatus::EvalFailed, None, Some(excerpt));
+            }
         };
 
         let out_link = self
@@ -770,7 +884,7 @@ impl Jobs {
         if let (Some(store), Some(out_path)) = (push_store, host_result.out_path.clone()) {
             let pushed = self.nix_of(repo).copy_to(&store, &out_path).await;
             host_result.pushed = Some(pushed.is_ok());
-            host_result.push_error = pushed.err().map(|err| cut(&err.excerpt()));
+            host_result.push_error = pushed.err().map(|err| cut(&err.excerpt(), MAX_ERROR_BYTES));
             host_result.duration_ms = started.elapsed().as_millis() as u64;
         }
         host_result
@@ -787,7 +901,7 @@ impl Jobs {
         by: &str,
         reason: &str,
     ) -> Result<(), JobError> {
-        let mut events = Events::open(&self.publisher, repo, target, id).await;
+        let mut events = Events::open(&self.publisher, repo, target, id).await?;
         let mut finish = Finish::new(repo, target, &self.builder_name, Instant::now());
         finish.status = BuildStatus::Cancelled;
         finish.cancelled_by = Some(by.to_owned());
@@ -1195,12 +1309,21 @@ async fn watch_request(
     }
 }
 
-/// The numbered events of one request.
+/// The numbered events of one request, published under a fence: each publish expects the
+/// subject's last stored message to be this writer's previous one (JetStream's
+/// `Nats-Expected-Last-Subject-Sequence`), so a builder that lost the request (paused past the
+/// ack wait while another builder took it over, or cancelled while queued) cannot add to it.
 struct Events<'a> {
     publisher: &'a Publisher,
     subject: String,
     id: String,
     seq: u64,
+    /// Stream sequence of the last message stored on the subject (0: none): what the next
+    /// publish expects.
+    last_stored: u64,
+    /// Names this writer in its message ids, so that a copy it stored itself (its ack lost)
+    /// is never taken for another writer's message, nor another's for its own.
+    writer: String,
     last_was_finished: bool,
 }
 
@@ -1218,6 +1341,21 @@ struct Finish {
 }
 
 impl Finish {
+    /// An empty `finished` of the same request, builder and start time as `other`.
+    fn new_like(other: &Finish) -> Self {
+        Self {
+            status: BuildStatus::Failed,
+            repo: other.repo.clone(),
+            target: other.target.clone(),
+            rev: None,
+            hosts: Vec::new(),
+            error: None,
+            builder: other.builder.clone(),
+            cancelled_by: None,
+            started: other.started,
+        }
+    }
+
     fn new(repo: &RepoName, target: &Target, builder: &str, started: Instant) -> Self {
         Self {
             status: BuildStatus::Failed,
@@ -1233,6 +1371,56 @@ impl Finish {
     }
 }
 
+/// What earlier builders did with a request, from its stored events.
+#[derive(Debug, Default, PartialEq)]
+struct Attempts {
+    /// `started` events so far.
+    started: u64,
+    /// Of those, the ones that did not end by handing the request back (`requeued`): the
+    /// builder died, stalled past the ack wait, or could not publish.
+    failed: u64,
+    /// How the last attempt ended, for the error of a request given up on.
+    last_ended: Option<String>,
+}
+
+impl Attempts {
+    fn of(events: &[Event]) -> Self {
+        let mut attempts = Self::default();
+        let mut current: Option<(String, String)> = None;
+        let close = |attempts: &mut Self, current: Option<(String, String)>| {
+            if let Some((builder, last)) = current {
+                attempts.failed += 1;
+                attempts.last_ended = Some(format!(
+                    "the last one, on builder {builder}, stopped without a word after {last} (the builder died, stalled past the ack wait, or lost NATS)"
+                ));
+            }
+        };
+        for event in events {
+            match &event.body {
+                EventBody::Started { builder, .. } => {
+                    close(&mut attempts, current.take());
+                    attempts.started += 1;
+                    current = Some((builder.clone(), "starting".to_owned()));
+                }
+                EventBody::Requeued { .. } => current = None,
+                EventBody::HostStarted { host, .. } | EventBody::Progress { host, .. } => {
+                    if let Some((_, last)) = current.as_mut() {
+                        *last = format!("starting host {host}");
+                    }
+                }
+                EventBody::HostFinished { host, .. } => {
+                    if let Some((_, last)) = current.as_mut() {
+                        *last = format!("finishing host {host}");
+                    }
+                }
+                EventBody::Finished { .. } => current = None,
+            }
+        }
+        close(&mut attempts, current);
+        attempts
+    }
+}
+
 impl<'a> Events<'a> {
     /// Continues after the last stored event of this request, if any (a redelivered request).
     async fn open(
@@ -1240,17 +1428,20 @@ impl<'a> Events<'a> {
         repo: &RepoName,
         target: &Target,
         id: &RequestId,
-    ) -> Events<'a> {
+    ) -> Result<Events<'a>, JobError> {
         let subject = events_subject(repo, target, id);
-        let last = last_event(publisher.jetstream(), &subject).await;
-        Events {
+        let last = last_event(publisher.jetstream(), &subject).await?;
+        let (last_stored, event) = last.unwrap_or((0, None));
+        Ok(Events {
             publisher,
             subject,
             id: id.to_string(),
-            seq: last.as_ref().map(|event| event.seq).unwrap_or(0),
-            last_was_finished: last
+            seq: event.as_ref().map(|event| event.seq).unwrap_or(0),
+            last_stored,
+            writer: nuid::next().to_string(),
+            last_was_finished: event
                 .is_some_and(|event| matches!(event.body, EventBody::Finished { .. })),
-        }
+        })
     }
 
     /// The request already ended (cancelled while queued, or an id used again).
@@ -1258,72 +1449,72 @@ impl<'a> Events<'a> {
         self.last_was_finished
     }
 
-    /// 1 for the first `started` of a request, one more for each `started` before this one.
-    /// JetStream's delivery count also counts priority hand-backs, so it is only the fallback
-    /// when the events cannot be read.
-    async fn attempt(&self, id: &RequestId, delivered: u64) -> u64 {
+    /// What earlier attempts at this request did; none when nothing is stored yet.
+    async fn attempts(&self, id: &RequestId) -> Result<Attempts, JobError> {
         if self.seq == 0 {
-            return 1;
+            return Ok(Attempts::default());
         }
-        match homelab_deploy_client::inspect::request_events(self.publisher.jetstream(), id).await {
-            Ok(events) => {
-                let starts = events
-                    .iter()
-                    .filter(|event| matches!(event.body, EventBody::Started { .. }))
-                    .count();
-                starts as u64 + 1
-            }
-            Err(_) => delivered,
-        }
+        let events = homelab_deploy_client::inspect::request_events(self.publisher.jetstream(), id)
+            .await
+            .map_err(|err| {
+                JobError::Bus(BusError::Stream {
+                    stream: homelab_deploy_protocol::subject::EVENTS_STREAM.to_owned(),
+                    message: err.to_string(),
+                })
+            })?;
+        Ok(Attempts::of(&events))
     }
 
-    /// Fails when another builder has published events of this request since our last one:
-    /// the request was redelivered while this builder was paused, and the other builder owns it.
-    async fn check_still_owner(&self) -> Result<(), JobError> {
-        match last_event(self.publisher.jetstream(), &self.subject).await {
-            Some(event) if event.seq > self.seq => Err(JobError::Superseded),
-            _ => Ok(()),
-        }
-    }
-
-    /// Publishes the next event. Another event stored under the same `seq` first means another
-    /// builder (or a cancel) took the request over: stand down.
+    /// Publishes the next event under the fence. Another writer on the subject means the
+    /// request was taken over: [`JobError::Superseded`], and this builder stands down.
     async fn emit(&mut self, body: EventBody) -> Result<(), JobError> {
-        self.seq += 1;
+        let seq = self.seq + 1;
+        let kind = body.kind();
         let event = Event {
             id: self.id.clone(),
-            seq: self.seq,
+            seq,
             time: OffsetDateTime::now_utc(),
             body,
         };
-        let message_id = format!("{}.event.{}", self.id, self.seq);
-        let published = self
+        let max = self.publisher.max_body_bytes();
+        let payload = encode_fitting(event, max).map_err(JobError::Unpublishable)?;
+        let message_id = format!("{}.event.{seq}.{}", self.id, self.writer);
+        match self
             .publisher
-            .publish_json(&self.subject, &message_id, &event)
-            .await?;
-        if published.taken_by_another {
-            return Err(JobError::Superseded);
+            .publish_fenced(&self.subject, &message_id, payload.into(), self.last_stored)
+            .await
+        {
+            Ok(stored) => {
+                self.seq = seq;
+                self.last_stored = stored;
+                Ok(())
+            }
+            Err(BusError::Fenced { .. }) => Err(JobError::Superseded),
+            Err(BusError::Refused { message, .. }) => Err(JobError::Unpublishable(format!(
+                "the {kind} event was refused by the server: {message}"
+            ))),
+            Err(err) => Err(JobError::Bus(err)),
         }
-        Ok(())
     }
 
     async fn finish(&mut self, finish: Finish) -> Result<(), JobError> {
         if let Some(error) = &finish.error {
             warn!(request_id = %self.id, error = %error, "request failed");
         }
-        crate::metrics::request_finished(&finish.repo, finish.status.as_str());
+        let (repo, status) = (finish.repo.clone(), finish.status);
         self.emit(EventBody::Finished {
             status: finish.status,
             repo: finish.repo,
             target: finish.target,
             rev: finish.rev,
             hosts: finish.hosts,
-            error: finish.error.map(|e| cut(&e)),
+            error: finish.error.map(|e| cut(&e, MAX_ERROR_BYTES)),
             builder: Some(finish.builder),
             cancelled_by: finish.cancelled_by,
             duration_ms: finish.started.elapsed().as_millis() as u64,
         })
         .await?;
+        crate::metrics::request_finished(&repo, status.as_str());
         Ok(())
     }
 
@@ -1341,13 +1532,117 @@ impl<'a> Events<'a> {
     }
 }
 
-/// Keeps the end of an error excerpt (where nix puts the cause) within [`MAX_ERROR_BYTES`].
-fn cut(text: &str) -> String {
+/// Serializes `event` within `max` bytes. A `finished` (or `host_finished`) event that is too
+/// large first has identical host errors grouped, then its error excerpts cut shorter (keeping
+/// their ends), then dropped, and last its host list dropped (each host's result is in its own
+/// `host_finished` event, and the full text in the logs subject). Fails only when not even that
+/// fits.
+fn encode_fitting(mut event: Event, max: usize) -> Result<Vec<u8>, String> {
+    let encode = |event: &Event| serde_json::to_vec(event).map_err(|err| err.to_string());
+    let bytes = encode(&event)?;
+    if bytes.len() <= max {
+        return Ok(bytes);
+    }
+    let full = bytes.len();
+    if let EventBody::Finished { hosts, .. } = &mut event.body {
+        group_identical_errors(hosts);
+        let bytes = encode(&event)?;
+        if bytes.len() <= max {
+            return Ok(bytes);
+        }
+    }
+    let mut budget = MAX_ERROR_BYTES / 2;
+    while budget >= MIN_ERROR_BYTES {
+        for_each_excerpt(&mut event.body, |excerpt| *excerpt = cut(excerpt, budget));
+        let bytes = encode(&event)?;
+        if bytes.len() <= max {
+            return Ok(bytes);
+        }
+        budget /= 2;
+    }
+    for_each_excerpt(&mut event.body, |excerpt| {
+        *excerpt =
+            "(excerpt left out to fit the server's max_payload; see the logs subject)".to_owned()
+    });
+    let bytes = encode(&event)?;
+    if bytes.len() <= max {
+        return Ok(bytes);
+    }
+    let EventBody::Finished { hosts, error, .. } = &mut event.body else {
+        return Err(too_large(&event, full, max));
+    };
+    let failed = hosts.iter().filter(|h| !h.status.is_success()).count();
+    let note = format!(
+        "{} hosts, {failed} of them not built: the list does not fit the server's max_payload ({max} bytes); each host's result is in its host_finished event",
+        hosts.len()
+    );
+    hosts.clear();
+    *error = Some(match error.take() {
+        Some(error) => format!("{}; {note}", cut(&error, MIN_ERROR_BYTES)),
+        None => note,
+    });
+    let bytes = encode(&event)?;
+    if bytes.len() <= max {
+        return Ok(bytes);
+    }
+    Err(too_large(&event, full, max))
+}
+
+fn too_large(event: &Event, size: usize, max: usize) -> String {
+    format!(
+        "a {} event of {size} bytes does not fit the server's max_payload ({max} bytes usable) even shortened",
+        event.body.kind()
+    )
+}
+
+/// Every host error after the first with the same text becomes a pointer to that first host.
+fn group_identical_errors(hosts: &mut [HostResult]) {
+    let mut first: HashMap<String, String> = HashMap::new();
+    for host in hosts {
+        if let Some(error) = host.error.take() {
+            host.error = Some(match first.get(&error) {
+                Some(name) => format!("same error as host {name}"),
+                None => {
+                    first.insert(error.clone(), host.name.clone());
+                    error
+                }
+            });
+        }
+    }
+}
+
+/// Calls `shorten` on every error excerpt an event carries.
+fn for_each_excerpt(body: &mut EventBody, mut shorten: impl FnMut(&mut String)) {
+    let mut host = |result: &mut HostResult| {
+        for excerpt in [&mut result.error, &mut result.push_error]
+            .into_iter()
+            .flatten()
+        {
+            if !excerpt.starts_with("same error as host ") {
+                shorten(excerpt);
+            }
+        }
+    };
+    match body {
+        EventBody::Finished { hosts, error, .. } => {
+            hosts.iter_mut().for_each(&mut host);
+            if let Some(error) = error {
+                shorten(error);
+            }
+        }
+        EventBody::HostFinished { result, .. } => host(result),
+        EventBody::Requeued { reason, .. } => shorten(reason),
+        _ => {}
+    }
+}
+
+/// Keeps the end of an error excerpt (where nix puts the cause) within `max` bytes.
+fn cut(text: &str, max: usize) -> String {
     let text = text.trim();
-    if text.len() <= MAX_ERROR_BYTES {
+    if text.len() <= max {
         return text.to_owned();
     }
-    let mut start = text.len() - MAX_ERROR_BYTES;
+    let mut start = text.len() - max;
     while !text.is_char_boundary(start) {
         start += 1;
     }

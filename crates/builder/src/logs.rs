@@ -77,26 +77,63 @@ impl LogBatcher {
             return Ok(());
         }
         let lines = std::mem::take(&mut self.lines);
-        let count = lines.len() as u64;
-        let batch = LogBatch {
-            id: self.request_id.clone(),
-            host: self.host.clone(),
-            first_line: self.next_line,
-            lines,
-            time: OffsetDateTime::now_utc(),
-        };
-        // The host's token: a header value holds no newline, and no `.` makes two ids alike.
-        let message_id = format!(
-            "{}.log.{}.{}",
-            self.request_id,
-            encode_host(&self.host),
-            self.next_line
-        );
-        self.publisher
-            .publish_json(&self.subject, &message_id, &batch)
-            .await?;
-        // A batch id already stored means this batch was stored before; nothing is lost.
-        self.next_line += count;
+        // A batch over the server's max_payload goes out in parts, each a batch of its own.
+        let max = self.publisher.max_body_bytes();
+        let mut parts = vec![lines];
+        while let Some(mut lines) = parts.pop() {
+            let count = lines.len() as u64;
+            let mut batch = LogBatch {
+                id: self.request_id.clone(),
+                host: self.host.clone(),
+                first_line: self.next_line,
+                lines: Vec::new(),
+                time: OffsetDateTime::now_utc(),
+            };
+            let fixed = LOG_BATCH_OVERHEAD + batch.id.len() + batch.host.len();
+            let raw: usize = lines.iter().map(|line| line.len() + 3).sum();
+            // JSON escaping makes a byte at most 6 (`\u0000`): only measure when it could matter.
+            let size = if fixed + 6 * raw <= max {
+                fixed + raw
+            } else {
+                fixed
+                    + lines
+                        .iter()
+                        .map(|line| {
+                            serde_json::to_string(line).map_or(line.len(), |json| json.len() + 1)
+                        })
+                        .sum::<usize>()
+            };
+            if size > max && lines.len() > 1 {
+                let second = lines.split_off(lines.len() / 2);
+                parts.push(second);
+                parts.push(lines);
+                continue;
+            }
+            if size > max {
+                // One line alone is too large: keep its start, escaped at most 6 bytes a byte.
+                if let Some(line) = lines.first_mut() {
+                    let mut end = (max.saturating_sub(LOG_BATCH_OVERHEAD + 64) / 6).min(line.len());
+                    while !line.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    line.truncate(end);
+                    line.push_str("…[line cut]");
+                }
+            }
+            batch.lines = lines;
+            // The host's token: a header value holds no newline, and no `.` makes two ids alike.
+            let message_id = format!(
+                "{}.log.{}.{}",
+                self.request_id,
+                encode_host(&self.host),
+                self.next_line
+            );
+            self.publisher
+                .publish_json(&self.subject, &message_id, &batch)
+                .await?;
+            // A batch id already stored means this batch was stored before; nothing is lost.
+            self.next_line += count;
+        }
         self.published_bytes += self.bytes as u64;
         crate::metrics::log_bytes(&self.repo, self.bytes as u64);
         self.bytes = 0;
@@ -104,6 +141,9 @@ impl LogBatcher {
         Ok(())
     }
 }
+
+/// JSON of a log batch besides its lines, id and host (field names, line number, time).
+const LOG_BATCH_OVERHEAD: usize = 128;
 
 /// Longest log line kept, in bytes of printable text; the rest of a longer line is dropped and
 /// marked with [`CUT_MARK`].

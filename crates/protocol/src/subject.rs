@@ -268,6 +268,13 @@ impl RequestId {
         Ok(Self(value.to_owned()))
     }
 
+    /// The id a request is answered under when it has no valid one of its own (too short, a
+    /// dot, not JSON and no header): `stream-seq-<N>`, N being the request's sequence in the
+    /// requests stream, which the publish ack tells the client.
+    pub fn for_stream_sequence(stream_sequence: u64) -> Result<Self, NameError> {
+        Self::parse(&format!("stream-seq-{stream_sequence}"))
+    }
+
     /// Wraps an id produced by a generator that only emits valid characters (e.g. a NUID).
     /// Falls back to validation so that a bad generator cannot sneak in a wildcard.
     pub fn generated(value: String) -> Result<Self, NameError> {
