@@ -1653,6 +1653,159 @@ fn cut(text: &str, max: usize) -> String {
 mod tests {
     use super::*;
 
+    fn failed_host(name: &str, error: String) -> HostResult {
+        HostResult {
+            name: name.to_owned(),
+            status: HostStatus::BuildFailed,
+            out_path: None,
+            duration_ms: 1,
+            error: Some(error),
+            pushed: None,
+            push_error: None,
+        }
+    }
+
+    fn finished(hosts: Vec<HostResult>) -> Event {
+        Event {
+            id: "REQUEST01".to_owned(),
+            seq: 9,
+            time: OffsetDateTime::UNIX_EPOCH,
+            body: EventBody::Finished {
+                status: BuildStatus::Failed,
+                repo: "demo".to_owned(),
+                target: "all".to_owned(),
+                rev: None,
+                hosts,
+                error: None,
+                builder: Some("b1".to_owned()),
+                cancelled_by: None,
+                duration_ms: 1,
+            },
+        }
+    }
+
+    fn excerpt(host: usize) -> String {
+        (0..64)
+            .map(|line| format!("host{host:03} line {line:02} {}", "x".repeat(48)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The input of the issue: 300 hosts that each fail with a 4 KiB excerpt (1.26 MB of JSON)
+    /// fit the default 1 MiB `max_payload`, every host still listed with the end of its error.
+    #[test]
+    fn three_hundred_failing_hosts_fit_one_mebibyte() {
+        let hosts = (0..300)
+            .map(|host| {
+                failed_host(
+                    &format!("host{host:03}"),
+                    cut(&excerpt(host), MAX_ERROR_BYTES),
+                )
+            })
+            .collect();
+        let event = finished(hosts);
+        assert!(serde_json::to_vec(&event).expect("json").len() > 1024 * 1024);
+        let max = 1024 * 1024 - 512;
+        let bytes = encode_fitting(event, max).expect("fits");
+        assert!(bytes.len() <= max);
+        let decoded: Event = serde_json::from_slice(&bytes).expect("json");
+        let EventBody::Finished { hosts, .. } = decoded.body else {
+            panic!("not a finished event");
+        };
+        assert_eq!(hosts.len(), 300);
+        let error = hosts[299].error.as_deref().unwrap_or_default();
+        assert!(
+            error.ends_with(&"x".repeat(48)) && error.contains("host299 line 63"),
+            "{error}"
+        );
+    }
+
+    /// Identical errors are grouped before anything is cut, and a limit too small for even the
+    /// shortest excerpts leaves the host list out with a note instead of failing.
+    #[test]
+    fn identical_errors_are_grouped_and_the_host_list_goes_last() {
+        let same = excerpt(1);
+        let hosts: Vec<HostResult> = (0..40)
+            .map(|host| failed_host(&format!("host{host:03}"), same.clone()))
+            .collect();
+        let bytes = encode_fitting(finished(hosts.clone()), 16 * 1024).expect("fits");
+        let decoded: Event = serde_json::from_slice(&bytes).expect("json");
+        let EventBody::Finished { hosts: fitted, .. } = decoded.body else {
+            panic!("not a finished event");
+        };
+        assert_eq!(fitted[0].error.as_deref(), Some(same.as_str()));
+        assert_eq!(
+            fitted[39].error.as_deref(),
+            Some("same error as host host000")
+        );
+
+        let many = (0..600)
+            .map(|host| failed_host(&format!("host{host:04}"), excerpt(host)))
+            .collect();
+        let bytes = encode_fitting(finished(many), 4096).expect("fits");
+        assert!(bytes.len() <= 4096);
+        let decoded: Event = serde_json::from_slice(&bytes).expect("json");
+        let EventBody::Finished { hosts, error, .. } = decoded.body else {
+            panic!("not a finished event");
+        };
+        assert!(hosts.is_empty());
+        let error = error.unwrap_or_default();
+        assert!(
+            error.contains("600 hosts, 600 of them not built"),
+            "{error}"
+        );
+    }
+
+    fn event(seq: u64, body: EventBody) -> Event {
+        Event {
+            id: "REQUEST01".to_owned(),
+            seq,
+            time: OffsetDateTime::UNIX_EPOCH,
+            body,
+        }
+    }
+
+    fn started(builder: &str) -> EventBody {
+        EventBody::Started {
+            builder: builder.to_owned(),
+            repo: "demo".to_owned(),
+            target: "all".to_owned(),
+            rev: "0".repeat(40),
+            hosts: vec!["web".to_owned()],
+            requested_by: None,
+            attempt: 1,
+        }
+    }
+
+    /// Attempts that ended without a word count; a hand-back at shutdown does not.
+    #[test]
+    fn attempts_count_silent_ends_only() {
+        let host_started = EventBody::HostStarted {
+            host: "web".to_owned(),
+            index: 1,
+            total: 1,
+        };
+        let requeued = EventBody::Requeued {
+            builder: "b1".to_owned(),
+            reason: "shutting down".to_owned(),
+        };
+        let events = [
+            event(1, started("b1")),
+            event(2, requeued),
+            event(3, started("b2")),
+            event(4, host_started),
+            event(5, started("b3")),
+        ];
+        let attempts = Attempts::of(&events);
+        assert_eq!(attempts.started, 3);
+        assert_eq!(attempts.failed, 2);
+        let last = attempts.last_ended.unwrap_or_default();
+        assert!(
+            last.contains("builder b3") && last.contains("after starting"),
+            "{last}"
+        );
+    }
+
     /// Whatever the host is called, its GC root is one plain file name inside `gcroots/<repo>/`.
     #[test]
     fn gc_root_names_stay_in_their_directory() {
