@@ -36,8 +36,7 @@ pub enum BusError {
         attempts: u32,
         message: String,
     },
-    /// The server refused the message for a reason that retrying cannot fix (too large, no
-    /// stream for the subject).
+    /// The server refused the message for a reason that retrying cannot fix (too large).
     #[error("the server refused the message for {subject}: {message}")]
     Refused { subject: String, message: String },
     /// Another writer stored a message on the subject since this publisher's last one: the
@@ -182,12 +181,13 @@ pub struct Publisher {
     js: Context,
 }
 
-/// A publish error that sending the same message again cannot fix.
+/// A publish error that sending the same message again cannot fix: the message is too large.
+/// "No stream" is not one: a cluster answers so while it elects a new stream leader.
 fn refused(err: &jetstream::context::PublishError) -> bool {
     use jetstream::context::PublishErrorKind;
     use std::error::Error as _;
     match err.kind() {
-        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::StreamNotFound => true,
+        PublishErrorKind::MaxPayloadExceeded => true,
         PublishErrorKind::Other => err
             .source()
             .and_then(|source| source.downcast_ref::<jetstream::Error>())

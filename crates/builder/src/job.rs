@@ -106,7 +106,7 @@ pub enum JobError {
     Aborted,
     #[error("another builder took the request over (it was redelivered)")]
     Superseded,
-    /// An event the server refuses whatever the retries (too large, no stream): the request
+    /// An event the server refuses whatever the retries (too large): the request
     /// ends with a short `finished` that says so, instead of going back to the queue.
     #[error("{0}")]
     Unpublishable(String),
