@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod eval;
 mod faults;
+mod git;
 mod logs;
 mod mcp;
 mod metrics;

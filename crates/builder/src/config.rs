@@ -210,6 +210,21 @@ pub struct RepoConfig {
     /// values are strings, integers, booleans, or lists of strings (joined with spaces).
     #[serde(default)]
     pub nix_options: BTreeMap<String, NixOptionValue>,
+    /// Private SSH key (deploy key) for a `git+ssh://` url; readable by the builder only.
+    #[serde(default)]
+    pub ssh_key_file: Option<PathBuf>,
+    /// The known-hosts file a `git+ssh://` server's host key is checked against, strictly
+    /// (an unknown or changed key fails the fetch).
+    #[serde(default)]
+    pub ssh_known_hosts_file: Option<PathBuf>,
+    /// File holding an access token for a `git+https://` url; git gets it from a credential
+    /// helper, never in the URL or on a command line.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Seconds one fetch of the repo (or of one of its submodules) may take before git is
+    /// stopped and the request fails.
+    #[serde(default = "default_fetch_timeout_secs")]
+    pub fetch_timeout_secs: u64,
 }
 
 /// The value of a `nix_options` entry, as TOML gives it.
@@ -264,6 +279,63 @@ fn check_nix_option(key: &str, value: &NixOptionValue) -> Result<(), String> {
     Ok(())
 }
 
+/// Query parameters of a repo's `url` that mean what they mean to nix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlakeParams {
+    /// `?dir=infra/nixos`: the flake is in this directory of the repo.
+    pub dir: Option<String>,
+    /// `?submodules=1`: the flake's source includes git submodules.
+    pub submodules: bool,
+}
+
+impl FlakeParams {
+    /// Parses the query of a repo url; an error says which parameter is wrong and why.
+    fn parse(query: &str) -> Result<Self, String> {
+        let mut params = Self::default();
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "dir" => {
+                    let valid_segment = |segment: &str| {
+                        !segment.is_empty()
+                            && segment != "."
+                            && segment != ".."
+                            && segment
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b))
+                    };
+                    if !value.trim_end_matches('/').split('/').all(valid_segment) {
+                        return Err(format!(
+                            "dir={value:?} must be a relative directory of the repo (letters, digits, `._+-` and `/`, no `..`), e.g. dir=infra/nixos"
+                        ));
+                    }
+                    params.dir = Some(value.trim_end_matches('/').to_owned());
+                }
+                "submodules" => {
+                    params.submodules = match value {
+                        "1" | "true" => true,
+                        "0" | "false" => false,
+                        other => {
+                            return Err(format!("submodules={other:?} must be 1 or 0"));
+                        }
+                    }
+                }
+                "ref" | "rev" => {
+                    return Err(format!(
+                        "`{key}=` does not belong in the url: set the branch with the repo's `ref` key, and a request's --rev picks a commit"
+                    ));
+                }
+                other => {
+                    return Err(format!(
+                        "query parameter {other:?} is not supported (only dir= and submodules=)"
+                    ));
+                }
+            }
+        }
+        Ok(params)
+    }
+}
+
 impl RepoConfig {
     /// The store URI `nix copy --to` takes, with the signing key when one is configured.
     pub fn push_store(&self) -> Option<SecretUrl> {
@@ -278,10 +350,36 @@ impl RepoConfig {
     }
 
     /// The URL git fetches from, credentials included: the flake URL without nix's `git+`
-    /// prefix. Show it as [`SecretUrl`] or through `redact_urls`, never as it is.
+    /// prefix and without its query (`?dir=…&submodules=…`). Show it as [`SecretUrl`] or through
+    /// `redact_urls`, never as it is.
     pub fn git_url(&self) -> &str {
         let url = self.url.expose();
-        url.strip_prefix("git+").unwrap_or(url)
+        let url = url.strip_prefix("git+").unwrap_or(url);
+        url.split_once('?').map_or(url, |(url, _)| url)
+    }
+
+    /// The url's `dir` and `submodules` parameters (validated when the config was loaded).
+    pub fn flake_params(&self) -> FlakeParams {
+        let query = self
+            .url
+            .expose()
+            .split_once('?')
+            .map_or("", |(_, query)| query);
+        FlakeParams::parse(query).unwrap_or_default()
+    }
+
+    /// What the git layer needs of the repo: where to fetch from and with which credentials.
+    pub fn git_source(&self) -> crate::git::Source {
+        let params = self.flake_params();
+        crate::git::Source {
+            url: self.git_url().to_owned(),
+            dir: params.dir,
+            submodules: params.submodules,
+            ssh_key_file: self.ssh_key_file.clone(),
+            ssh_known_hosts_file: self.ssh_known_hosts_file.clone(),
+            token_file: self.token_file.clone(),
+            fetch_timeout: Duration::from_secs(self.fetch_timeout_secs),
+        }
     }
 }
 
@@ -350,6 +448,9 @@ fn default_events_duplicate_window_secs() -> u64 {
 }
 fn default_max_attempts() -> u64 {
     3
+}
+fn default_fetch_timeout_secs() -> u64 {
+    10 * 60
 }
 fn default_ref() -> String {
     "main".to_owned()
@@ -538,10 +639,51 @@ impl Config {
                     ),
                 ));
             }
-            if url.contains(['?', '#']) {
+            if full.contains('#') {
                 return Err(invalid(
                     format!("{key}.url"),
-                    "must not contain a query or fragment; set the branch with `ref`".into(),
+                    "must not contain a fragment (#…); set the branch with `ref`".into(),
+                ));
+            }
+            if let Some((_, query)) = full.split_once('?') {
+                FlakeParams::parse(query)
+                    .map_err(|message| invalid(format!("{key}.url"), message))?;
+            }
+            let ssh = url.starts_with("ssh://");
+            let https = url.starts_with("https://") || url.starts_with("http://");
+            for (name, set) in [
+                ("ssh_key_file", repo.ssh_key_file.is_some()),
+                ("ssh_known_hosts_file", repo.ssh_known_hosts_file.is_some()),
+            ] {
+                if set && !ssh {
+                    return Err(invalid(
+                        format!("{key}.{name}"),
+                        "only applies to a git+ssh:// url".into(),
+                    ));
+                }
+            }
+            if repo.token_file.is_some() && !https {
+                return Err(invalid(
+                    format!("{key}.token_file"),
+                    "only applies to a git+https:// (or git+http://) url".into(),
+                ));
+            }
+            let url_password = url.split('/').nth(2).is_some_and(|authority| {
+                authority
+                    .rsplit_once('@')
+                    .is_some_and(|(user_info, _)| user_info.contains(':'))
+            });
+            if repo.token_file.is_some() && url_password {
+                return Err(invalid(
+                    format!("{key}.token_file"),
+                    "is set, but the url carries a password too; keep the secret in the file only"
+                        .into(),
+                ));
+            }
+            if repo.fetch_timeout_secs == 0 {
+                return Err(invalid(
+                    format!("{key}.fetch_timeout_secs"),
+                    "must be at least 1".into(),
                 ));
             }
             if repo
@@ -767,5 +909,60 @@ ref = "master"
         assert!(err.to_string().contains("repos.nixos-servers.ref"), "{err}");
         let err = parse(&GOOD.replace("git+https://", "ftp://")).expect_err("accepted");
         assert!(err.to_string().contains("repos.nixos-servers.url"), "{err}");
+    }
+    #[test]
+    fn flake_url_parameters_and_private_repo_keys() {
+        let config = parse(&GOOD.replace(
+            "nixos-servers.git\"",
+            "nixos-servers.git?dir=infra/nixos&submodules=1\"",
+        ))
+        .expect("valid");
+        let repo = &config.repos()[0].config;
+        assert_eq!(
+            repo.git_url(),
+            "https://git.example.org/torjus/nixos-servers.git"
+        );
+        let source = repo.git_source();
+        assert_eq!(source.dir.as_deref(), Some("infra/nixos"));
+        assert!(source.submodules);
+        for bad in [
+            "?dir=../x",
+            "?dir=/abs",
+            "?ref=main",
+            "?submodules=yes",
+            "#frag",
+        ] {
+            let err =
+                parse(&GOOD.replace("nixos-servers.git\"", &format!("nixos-servers.git{bad}\"")))
+                    .expect_err(bad);
+            assert!(
+                err.to_string().contains("repos.nixos-servers.url"),
+                "{bad}: {err}"
+            );
+        }
+        let err = parse(&GOOD.replace(
+            "ref = \"master\"",
+            "ref = \"master\"\nssh_key_file = \"/k\"",
+        ))
+        .expect_err("ssh key on an https url");
+        assert!(err.to_string().contains("ssh_key_file"), "{err}");
+        let ssh = GOOD
+            .replace(
+                "git+https://git.example.org/",
+                "git+ssh://git@git.example.org:2222/",
+            )
+            .replace(
+                "ref = \"master\"",
+                "ref = \"master\"\nssh_key_file = \"/k\"\nssh_known_hosts_file = \"/h\"",
+            );
+        let source = parse(&ssh).expect("valid").repos()[0].config.git_source();
+        assert_eq!(source.ssh_key_file.as_deref(), Some(Path::new("/k")));
+        let err = parse(
+            &GOOD
+                .replace("ref = \"master\"", "ref = \"master\"\ntoken_file = \"/t\"")
+                .replace("https://", "https://u:pw@"),
+        )
+        .expect_err("password and token file");
+        assert!(err.to_string().contains("token_file"), "{err}");
     }
 }

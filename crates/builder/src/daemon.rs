@@ -7,7 +7,7 @@
 //! [`Stop::Abort`] kills running builds and puts their requests back in the queue.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -131,7 +131,7 @@ pub async fn run(
             let mirror = Mirror::new(
                 &config.builder.state_dir,
                 repo.name.as_str(),
-                repo.config.git_url(),
+                repo.config.git_source(),
             );
             let options: Vec<(String, String)> = repo
                 .config
@@ -143,7 +143,6 @@ pub async fn run(
                 nix: nix.for_repo(repo.config.impure, &options),
                 config: repo.config,
                 mirror,
-                fetch_lock: Arc::new(Mutex::new(())),
             };
             (repo.name, served)
         })

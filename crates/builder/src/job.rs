@@ -72,14 +72,13 @@ pub struct Jobs {
     pub(crate) running: Mutex<HashMap<String, RunningJob>>,
 }
 
-/// A repo this builder serves, with its mirror. The lock keeps two jobs of the same repo from
-/// fetching into the mirror at once.
+/// A repo this builder serves, with its mirror (which keeps two jobs of the repo from fetching
+/// into it at once).
 pub struct ServedRepo {
     pub config: RepoConfig,
     /// The builder's nix with this repo's `impure` and `nix_options` ([`Nix::for_repo`]).
     pub nix: Nix,
     pub mirror: Mirror,
-    pub fetch_lock: Arc<Mutex<()>>,
 }
 
 /// Why a running request must stop.
@@ -623,24 +622,17 @@ impl Jobs {
         rev: Option<&str>,
         git_ref: Option<&str>,
     ) -> Result<Resolved, String> {
-        let mirror = served.mirror.clone();
-        let lock = served.fetch_lock.clone();
-        let default_ref = served.config.git_ref.clone();
-        let rev = rev.map(str::to_owned);
-        let git_ref = git_ref
-            .map(str::to_owned)
-            .unwrap_or_else(|| default_ref.clone());
-        tokio::task::spawn_blocking(move || {
-            let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let wanted = match &rev {
-                Some(rev) => Wanted::Rev(rev),
-                None => Wanted::Ref(&git_ref),
-            };
-            mirror.fetch_and_resolve(wanted, &default_ref)
-        })
-        .await
-        .map_err(|err| format!("resolving the commit failed: {err}"))?
-        .map_err(|err| err.to_string())
+        let wanted = match (rev, git_ref) {
+            (Some(rev), _) => Wanted::Rev(rev),
+            (None, Some(git_ref)) => Wanted::Ref(git_ref),
+            (None, None) => Wanted::Ref(&served.config.git_ref),
+        };
+        // Dropping this future (cancel, deadline, shutdown) kills the git it waits for.
+        served
+            .mirror
+            .fetch_and_resolve(wanted, &served.config.git_ref)
+            .await
+            .map_err(|err| err.to_string())
     }
 
     async fn hosts_to_build(

@@ -28,6 +28,11 @@ The config is TOML; see docs/configuration.md. The smallest one:
 A flake's nixConfig is never applied (nix runs with --option accept-flake-config false and no
 stdin), whatever the machine's nix.conf says.
 
+Private repos: `url = \"git+ssh://git@host:2222/owner/repo\"` with ssh_key_file and
+ssh_known_hosts_file (host keys checked strictly), or git+https:// with token_file (never put in
+the URL). A url may end in ?dir=infra/nixos and/or submodules=1, as in a flake URL; a commit
+that keeps files in Git LFS is refused. Each git fetch is limited by fetch_timeout_secs (600).
+
 NKey seed, first that is set: [nats] nkey_seed_file, $HOMELAB_DEPLOY_NKEY_SEED, or a [vault]
 table (AppRole or token; see \"Seed from Vault\" in docs/configuration.md). While Vault cannot
 give the seed, the builder waits and says why at each attempt.

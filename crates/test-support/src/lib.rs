@@ -2,8 +2,10 @@
 //! from fixture flakes, the real builder binary, and the real `nix`. Everything lives in temp
 //! dirs and is torn down on drop.
 
+mod hostile;
 mod vault;
 
+pub use hostile::{HostileHttp, Hostility};
 pub use vault::{AppRoleFiles, VaultServer};
 
 use std::io::Read;
