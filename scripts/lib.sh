@@ -105,9 +105,19 @@ ensure_rvault() {
     export RVAULT_BIN
 }
 
+ensure_git_servers() {
+    # The git tests serve private repos with a real sshd and make LFS repos with git-lfs.
+    local missing=()
+    [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+    command -v ssh-keygen >/dev/null || missing+=(openssh-client)
+    command -v git-lfs >/dev/null || missing+=(git-lfs)
+    if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
 ensure_deps() {
     ensure_rust
     ensure_build_deps
+    ensure_git_servers
     ensure_nix
     ensure_nats_server
     ensure_promtool
