@@ -106,11 +106,13 @@ ensure_rvault() {
 }
 
 ensure_git_servers() {
-    # The git tests serve private repos with a real sshd and make LFS repos with git-lfs.
+    # The git tests serve private repos with a real sshd and a real git http-backend behind
+    # lighttpd, and make LFS repos with git-lfs.
     local missing=()
     [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
     command -v ssh-keygen >/dev/null || missing+=(openssh-client)
     command -v git-lfs >/dev/null || missing+=(git-lfs)
+    command -v lighttpd >/dev/null || [ -x /usr/sbin/lighttpd ] || missing+=(lighttpd)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 

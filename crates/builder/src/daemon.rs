@@ -106,7 +106,8 @@ pub async fn run(
     let nix = Nix::detect(&config.builder.nix)
         .await?
         .with_pid_dir(pid_dir)
-        .with_eval_memory_limit(config.evaluation().memory_limit);
+        .with_eval_memory_limit(config.evaluation().memory_limit)
+        .with_git_config(crate::git::nix_git_config(&config.builder.state_dir));
 
     let vault = config.vault_settings().map(VaultSeed::new);
     let client = connect_with_retry(&config, vault.clone(), &mut stop).await?;

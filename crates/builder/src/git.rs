@@ -179,6 +179,8 @@ pub struct Mirror {
 
 #[derive(Debug)]
 struct Inner {
+    /// `state_dir/mirrors`
+    mirrors: PathBuf,
     path: PathBuf,
     source: Source,
     shown_url: String,
@@ -189,9 +191,19 @@ struct Inner {
 
 impl Mirror {
     pub fn new(state_dir: &Path, repo_name: &str, source: Source) -> Self {
+        let mirrors = state_dir.join("mirrors");
+        Self::at(
+            mirrors.clone(),
+            mirrors.join(format!("{repo_name}.git")),
+            source,
+        )
+    }
+
+    fn at(mirrors: PathBuf, path: PathBuf, source: Source) -> Self {
         Self {
             inner: Arc::new(Inner {
-                path: state_dir.join("mirrors").join(format!("{repo_name}.git")),
+                mirrors,
+                path,
                 shown_url: redact_url(&source.url),
                 source,
                 state: Default::default(),
@@ -220,15 +232,7 @@ impl Mirror {
         // One process at a time per mirror, also across builder processes sharing a state dir;
         // the kernel releases it when a builder dies, so a leftover lock file is stale.
         let _flock = self.lock_file().await?;
-        if self.heal().await? {
-            verified.clear();
-        }
-        if let Err(err) = self.fetch().await {
-            if !err.is_local_damage() {
-                return Err(err);
-            }
-            self.refetch(&format!("fetching into it failed: {err}"))
-                .await?;
+        if self.sync().await? {
             verified.clear();
         }
         let mut rev = self.resolve(wanted, default_branch).await?;
@@ -245,8 +249,168 @@ impl Mirror {
             verified.insert(rev.clone());
         }
         self.refuse_lfs(&rev).await?;
+        if self.inner.source.submodules {
+            let base = format!("file://{}", self.inner.path.display());
+            Box::pin(self.mirror_submodules(&rev, &base, 0)).await?;
+        }
         let pin_ref = self.pin(&rev).await?;
         Ok(Resolved { rev, pin_ref })
+    }
+
+    /// Heals the mirror and fetches into it, fetching anew once when the mirror turns out
+    /// damaged; true when it was made anew.
+    async fn sync(&self) -> Result<bool, GitError> {
+        let mut remade = self.heal().await?;
+        if let Err(err) = self.fetch().await {
+            if !err.is_local_damage() {
+                return Err(err);
+            }
+            self.refetch(&format!("fetching into it failed: {err}"))
+                .await?;
+            remade = true;
+        }
+        Ok(remade)
+    }
+
+    /// Mirrors every submodule of `rev` (recursively) with this repo's credentials, pins the
+    /// commits the superproject records, and points their URLs at the mirrors in the git config
+    /// nix reads. `nix_base` is the URL nix's git resolves this repo's relative submodule URLs
+    /// against: the mirror's `file://` URL for the repo itself, the original URL below it.
+    async fn mirror_submodules(
+        &self,
+        rev: &str,
+        nix_base: &str,
+        depth: usize,
+    ) -> Result<(), GitError> {
+        const MAX_DEPTH: usize = 5;
+        for (path, url) in self.submodule_urls(rev).await? {
+            let submodule_error = |message: String| GitError::Submodule {
+                url: self.inner.shown_url.clone(),
+                rev: rev.to_owned(),
+                path: path.clone(),
+                message,
+            };
+            if depth >= MAX_DEPTH {
+                return Err(submodule_error(format!(
+                    "submodules are nested deeper than {MAX_DEPTH} levels"
+                )));
+            }
+            let Some(commit) = self.gitlink(rev, &path).await? else {
+                // Listed in .gitmodules but not in the tree: git ignores it, and so does nix.
+                continue;
+            };
+            let fetch_url = resolve_submodule_url(&self.inner.source.url, &url);
+            let nix_url = resolve_submodule_url(nix_base, &url);
+            let local = fetch_url.starts_with("file://") || fetch_url.starts_with('/');
+            if local && !self.inner.source.url.starts_with("file://") {
+                return Err(submodule_error(format!(
+                    "url {} is a path on the builder; only a repo that is itself on the builder (file://) may use those",
+                    redact_url(&url)
+                )));
+            }
+            let fetch_url = match fetch_url.strip_prefix('/') {
+                Some(_) => format!("file://{fetch_url}"),
+                None => fetch_url,
+            };
+            let source = Source {
+                url: fetch_url.clone(),
+                dir: None,
+                submodules: false,
+                ..self.inner.source.clone()
+            };
+            let submodule = Mirror::at(
+                self.inner.mirrors.clone(),
+                self.inner
+                    .mirrors
+                    .join("submodules")
+                    .join(format!("{}.git", mirror_name(&fetch_url))),
+                source,
+            );
+            submodule
+                .sync_commit(&commit)
+                .await
+                .map_err(|err| submodule_error(err.to_string()))?;
+            add_url_rewrite(
+                &nix_git_config_in(&self.inner.mirrors),
+                &submodule.inner.path,
+                &nix_url,
+            )
+            .map_err(|err| submodule_error(err.to_string()))?;
+            Box::pin(submodule.mirror_submodules(&commit, &nix_url, depth + 1)).await?;
+        }
+        Ok(())
+    }
+
+    /// Fetches into a submodule's mirror and makes sure `commit` is there, complete and pinned.
+    async fn sync_commit(&self, commit: &str) -> Result<(), GitError> {
+        let _state = self.inner.state.lock().await;
+        let _flock = self.lock_file().await?;
+        self.sync().await?;
+        if self.rev_parse(commit).await?.is_none() {
+            return Err(GitError::RevNotFound {
+                rev: commit.to_owned(),
+                url: self.inner.shown_url.clone(),
+            });
+        }
+        if let Err(missing) = self.check_complete(commit).await {
+            self.refetch(&format!("commit {commit} is incomplete in it: {missing}"))
+                .await?;
+            self.check_complete(commit)
+                .await
+                .map_err(|message| self.mirror_error(message))?;
+        }
+        self.pin(commit).await.map(|_| ())
+    }
+
+    /// `(path, url)` of each submodule in `.gitmodules` at `rev`; none without that file.
+    async fn submodule_urls(&self, rev: &str) -> Result<Vec<(String, String)>, GitError> {
+        let output = self
+            .run(GitRun {
+                args: &[
+                    "config".as_ref(),
+                    "--null".as_ref(),
+                    "--blob".as_ref(),
+                    format!("{rev}:.gitmodules").as_ref(),
+                    "--get-regexp".as_ref(),
+                    r"^submodule\..*\.(path|url)$".as_ref(),
+                ],
+                ..GitRun::local(&self.inner.path)
+            })
+            .await?;
+        if !output.success {
+            // No .gitmodules (or no entries in it).
+            return Ok(Vec::new());
+        }
+        let text = output.stdout_text();
+        let mut paths = std::collections::BTreeMap::new();
+        let mut urls = std::collections::BTreeMap::new();
+        for entry in text.split('\0').filter(|entry| !entry.is_empty()) {
+            let (key, value) = entry.split_once('\n').unwrap_or((entry, ""));
+            let Some(name) = key.strip_prefix("submodule.") else {
+                continue;
+            };
+            if let Some(name) = name.strip_suffix(".path") {
+                paths.insert(name.to_owned(), value.to_owned());
+            } else if let Some(name) = name.strip_suffix(".url") {
+                urls.insert(name.to_owned(), value.to_owned());
+            }
+        }
+        Ok(paths
+            .into_iter()
+            .filter_map(|(name, path)| Some((path, urls.get(&name)?.clone())))
+            .collect())
+    }
+
+    /// The commit recorded for the submodule at `path` in `rev`'s tree, if there is one.
+    async fn gitlink(&self, rev: &str, path: &str) -> Result<Option<String>, GitError> {
+        let listing = self.local(&["ls-tree", "-z", rev, "--", path]).await?;
+        Ok(listing.split('\0').find_map(|entry| {
+            let (meta, _) = entry.split_once('\t')?;
+            let mut fields = meta.split(' ');
+            (fields.next()? == "160000" && fields.next()? == "commit")
+                .then(|| fields.next().map(str::to_owned))
+                .flatten()
+        }))
     }
 
     /// The flake URL nix builds from: this mirror at exactly `resolved`'s commit, with the
@@ -706,6 +870,102 @@ impl Mirror {
             message,
         }
     }
+}
+
+/// The git config file that nix's git reads as its global config (`GIT_CONFIG_GLOBAL`): it sends
+/// submodule URLs to the builder's mirrors. Written once a repo with submodules is fetched.
+pub fn nix_git_config(state_dir: &Path) -> PathBuf {
+    nix_git_config_in(&state_dir.join("mirrors"))
+}
+
+fn nix_git_config_in(mirrors: &Path) -> PathBuf {
+    mirrors.join("nix-gitconfig")
+}
+
+/// Serialises rewrites of the nix git config between the repos of this builder.
+static NIX_GIT_CONFIG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Adds `url."file://MIRROR".insteadOf = URL` to the nix git config, unless it is there.
+fn add_url_rewrite(config: &Path, mirror: &Path, url: &str) -> std::io::Result<()> {
+    let _guard = NIX_GIT_CONFIG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut text = match std::fs::read_to_string(config) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            // The user's own global config still applies; `file` transport is needed because
+            // git refuses it for submodules by default (CVE-2022-39253), and the mirrors are
+            // local.
+            "# Written by homelab-deploy: nix's git fetches submodules from the builder's mirrors.\n\
+             [include]\n\tpath = ~/.gitconfig\n[protocol \"file\"]\n\tallow = always\n"
+                .to_owned()
+        }
+        Err(err) => return Err(err),
+    };
+    let quoted = |value: &str| value.replace('\\', "\\\\").replace('"', "\\\"");
+    let block = format!(
+        "[url \"file://{}\"]\n\tinsteadOf = \"{}\"\n",
+        quoted(&mirror.display().to_string()),
+        quoted(url)
+    );
+    if text.contains(&block) {
+        return Ok(());
+    }
+    text.push_str(&block);
+    let temporary = config.with_extension(format!("tmp-{}", nuid::next()));
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, config)
+}
+
+/// A submodule's URL as git resolves it against its superproject's URL: `./x` and `../x` are
+/// relative to `base`, anything else is taken as it is.
+fn resolve_submodule_url(base: &str, url: &str) -> String {
+    if !url.starts_with("./") && !url.starts_with("../") {
+        return url.to_owned();
+    }
+    let mut base = base.trim_end_matches('/').to_owned();
+    let mut rest = url;
+    loop {
+        if let Some(next) = rest.strip_prefix("./") {
+            rest = next;
+        } else if let Some(next) = rest.strip_prefix("../") {
+            rest = next;
+            let cut = base.rfind('/').unwrap_or(0);
+            // Never above the host part (`https://host`).
+            if base[..cut].ends_with('/') || cut == 0 {
+                break;
+            }
+            base.truncate(cut);
+        } else {
+            break;
+        }
+    }
+    format!("{base}/{rest}")
+}
+
+/// A directory name for a submodule's mirror: readable, unique per URL (FNV-1a of it; written
+/// here rather than pulling a hash crate for 64 bits that only need to be stable).
+fn mirror_name(url: &str) -> String {
+    let shown = redact_url(url);
+    let readable: String = shown
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .trim_end_matches(".git")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    let hash = url.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{readable}-{hash:016x}")
 }
 
 /// Lock files (`*.lock`) anywhere in the mirror except among loose objects.

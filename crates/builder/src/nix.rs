@@ -95,6 +95,9 @@ pub struct Nix {
     eval_memory_limit: Option<u64>,
     /// One evaluation at a time, so the limit bounds all evaluation memory of the builder.
     eval_slot: Arc<Semaphore>,
+    /// Git config file for the git that nix runs (`GIT_CONFIG_GLOBAL`), once it exists: it points
+    /// submodule URLs into the builder's mirrors ([`crate::git::nix_git_config`]).
+    git_config: Option<PathBuf>,
 }
 
 /// Settings the builder passes to every nix command, before a repo's own: a flake's
@@ -120,6 +123,7 @@ impl Nix {
             pid_dir: None,
             eval_memory_limit: None,
             eval_slot: Arc::new(Semaphore::new(1)),
+            git_config: None,
         };
         let output = probe.run_captured("nix --version", &["--version"]).await?;
         let version = output
@@ -172,6 +176,14 @@ impl Nix {
     pub fn with_eval_memory_limit(self, bytes: Option<u64>) -> Self {
         Self {
             eval_memory_limit: bytes,
+            ..self
+        }
+    }
+
+    /// The same nix, with `path` as its git's global config once that file exists.
+    pub fn with_git_config(self, path: PathBuf) -> Self {
+        Self {
+            git_config: Some(path),
             ..self
         }
     }
@@ -291,6 +303,12 @@ impl Nix {
             .args(args)
             .env_clear()
             .envs(std::env::vars().filter(|(key, _)| passes_through(key)))
+            .envs(
+                self.git_config
+                    .iter()
+                    .filter(|path| path.exists())
+                    .map(|path| ("GIT_CONFIG_GLOBAL", path)),
+            )
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

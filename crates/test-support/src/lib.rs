@@ -641,3 +641,190 @@ pub async fn try_stored_messages(
         }
     }
 }
+
+/// A real OpenSSH server (Debian's `/usr/sbin/sshd`) on a free loopback port, with its own host
+/// key and config, letting the current user in with a generated key only; git repos on this
+/// machine are then reachable as `ssh://USER@127.0.0.1:PORT/abs/path`.
+pub struct SshServer {
+    child: Child,
+    dir: TempDir,
+    pub port: u16,
+    user: String,
+}
+
+impl SshServer {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for sshd");
+        for key in ["host_key", "client_key"] {
+            let status = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", key, "-f"])
+                .arg(dir.path().join(key))
+                .status()
+                .expect("ssh-keygen runs (Debian: apt install openssh-client)");
+            assert!(status.success(), "ssh-keygen failed");
+        }
+        std::fs::copy(
+            dir.path().join("client_key.pub"),
+            dir.path().join("authorized_keys"),
+        )
+        .expect("authorized_keys");
+        let user = String::from_utf8_lossy(
+            &Command::new("id")
+                .arg("-un")
+                .output()
+                .expect("id runs")
+                .stdout,
+        )
+        .trim()
+        .to_owned();
+        // sshd refuses to start without its privilege-separation directory.
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let port = free_port();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {dir}/host_key\nPidFile {dir}/sshd.pid\n\
+             AuthorizedKeysFile {dir}/authorized_keys\nPubkeyAuthentication yes\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             StrictModes no\nPermitRootLogin prohibit-password\nAllowUsers {user}\n\
+             LogLevel VERBOSE\n",
+            dir = dir.path().display()
+        );
+        std::fs::write(dir.path().join("sshd_config"), config).expect("sshd_config");
+        let log = std::fs::File::create(dir.path().join("sshd.log")).expect("sshd log");
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(dir.path().join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start /usr/sbin/sshd (Debian: apt install openssh-server)");
+        let server = Self {
+            child,
+            dir,
+            port,
+            user,
+        };
+        let up = wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "sshd did not start; log:\n{}", server.log());
+        server
+    }
+
+    /// `git+ssh://USER@127.0.0.1:PORT/abs/path` for a repo on this machine.
+    pub fn url(&self, repo: &Path) -> String {
+        format!(
+            "git+ssh://{}@127.0.0.1:{}{}",
+            self.user,
+            self.port,
+            repo.display()
+        )
+    }
+
+    /// The private key sshd lets in.
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.path().join("client_key")
+    }
+
+    /// A known-hosts file with this server's host key.
+    pub fn known_hosts(&self) -> PathBuf {
+        let path = self.dir.path().join("known_hosts");
+        let key = std::fs::read_to_string(self.dir.path().join("host_key.pub")).expect("host key");
+        std::fs::write(&path, format!("[127.0.0.1]:{} {key}", self.port)).expect("known_hosts");
+        path
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for SshServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real `git http-backend` behind a real web server (Debian's `lighttpd`, CGI) on a free
+/// loopback port, serving one repo at `http://127.0.0.1:PORT/git/repo` with HTTP basic auth: the
+/// user `x-access-token` and a token as its password.
+pub struct GitHttpServer {
+    child: Child,
+    dir: TempDir,
+    pub port: u16,
+}
+
+impl GitHttpServer {
+    pub fn start(repo: &Path, token: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for lighttpd");
+        let root = dir.path().join("repos");
+        std::fs::create_dir_all(&root).expect("repos dir");
+        std::os::unix::fs::symlink(repo, root.join("repo")).expect("link the repo");
+        std::fs::create_dir_all(dir.path().join("www")).expect("www dir");
+        std::fs::write(
+            dir.path().join("users"),
+            format!("x-access-token:{token}\n"),
+        )
+        .expect("users file");
+        let exec_path = String::from_utf8_lossy(
+            &Command::new("git")
+                .arg("--exec-path")
+                .output()
+                .expect("git runs")
+                .stdout,
+        )
+        .trim()
+        .to_owned();
+        let port = free_port();
+        let d = dir.path().display();
+        let config = format!(
+            "server.document-root = \"{d}/www\"\nserver.port = {port}\nserver.bind = \"127.0.0.1\"\n\
+             server.modules = (\"mod_auth\", \"mod_authn_file\", \"mod_alias\", \"mod_setenv\", \"mod_cgi\")\n\
+             server.errorlog = \"{d}/error.log\"\n\
+             alias.url = ( \"/git\" => \"{exec_path}/git-http-backend\" )\n\
+             $HTTP[\"url\"] =~ \"^/git\" {{\n  cgi.assign = ( \"\" => \"\" )\n  \
+             setenv.add-environment = ( \"GIT_PROJECT_ROOT\" => \"{root}\", \"GIT_HTTP_EXPORT_ALL\" => \"\" )\n}}\n\
+             auth.backend = \"plain\"\nauth.backend.plain.userfile = \"{d}/users\"\n\
+             auth.require = ( \"/git\" => ( \"method\" => \"basic\", \"realm\" => \"git\", \"require\" => \"valid-user\" ) )\n",
+            root = root.display()
+        );
+        std::fs::write(dir.path().join("lighttpd.conf"), config).expect("lighttpd.conf");
+        let log = std::fs::File::create(dir.path().join("lighttpd.log")).expect("lighttpd log");
+        let child = Command::new("/usr/sbin/lighttpd")
+            .args(["-D", "-f"])
+            .arg(dir.path().join("lighttpd.conf"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start lighttpd (Debian: apt install lighttpd)");
+        let server = Self { child, dir, port };
+        let up = wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "lighttpd did not start; log:\n{}", server.log());
+        server
+    }
+
+    /// `git+http://127.0.0.1:PORT/git/repo`
+    pub fn url(&self) -> String {
+        format!("git+http://127.0.0.1:{}/git/repo", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        let mut log =
+            std::fs::read_to_string(self.dir.path().join("lighttpd.log")).unwrap_or_default();
+        log.push_str(
+            &std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default(),
+        );
+        log
+    }
+}
+
+impl Drop for GitHttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
