@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `homelab-deploy` binary against a real nats-server, real git repos
 //! and the real nix. Each test starts its own server, repo and builder.
 
+mod api;
 mod bench_smoke;
 mod build;
 mod cache;

@@ -13,10 +13,10 @@ use test_support::free_port;
 
 use crate::{bin, Setup};
 
-/// A client that records the progress notifications it gets.
+/// A client that records the progress notifications it gets: value and message.
 #[derive(Clone, Default)]
 struct Recorder {
-    progress: Arc<Mutex<Vec<String>>>,
+    progress: Arc<Mutex<Vec<(f64, String)>>>,
 }
 
 impl ClientHandler for Recorder {
@@ -28,7 +28,7 @@ impl ClientHandler for Recorder {
         self.progress
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(params.message.unwrap_or_default());
+            .push((params.progress, params.message.unwrap_or_default()));
     }
 }
 
@@ -134,6 +134,69 @@ async fn tools_are_listed_by_mode() {
     let _ = service.cancel().await;
 }
 
+/// Every tool says what it is and what it returns: a title, read-only or destructive
+/// annotations, an output schema, enums for modes and states, and bounds for numbers.
+#[tokio::test(flavor = "multi_thread")]
+async fn tools_declare_titles_annotations_and_schemas() {
+    let setup = Setup::new("fleet");
+    let (service, _) = start(&setup.nats.url, true).await;
+    let tools: Vec<Value> = service
+        .list_all_tools()
+        .await
+        .expect("tools/list")
+        .into_iter()
+        .map(|t| serde_json::to_value(t).expect("tool as JSON"))
+        .collect();
+    let tool = |name: &str| {
+        tools
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("no tool {name}"))
+            .clone()
+    };
+    for t in &tools {
+        assert!(t["title"].is_string(), "{t:#}");
+        assert_eq!(t["outputSchema"]["type"], "object", "{t:#}");
+        let read_only = !["build", "cancel_build"].contains(&t["name"].as_str().unwrap_or(""));
+        assert_eq!(t["annotations"]["readOnlyHint"], read_only, "{t:#}");
+        if !read_only {
+            assert_eq!(t["annotations"]["destructiveHint"], true, "{t:#}");
+        }
+    }
+    let build = tool("build");
+    let props = &build["inputSchema"]["properties"];
+    assert_eq!(
+        props["mode"]["enum"],
+        json!(["enqueue", "replace"]),
+        "{props:#}"
+    );
+    assert_eq!(
+        props["priority"]["enum"],
+        json!(["interactive", "ci", "scheduled"]),
+        "{props:#}"
+    );
+    assert_eq!(props["wait_secs"]["maximum"], 1800, "{props:#}");
+    let list = tool("list_builds");
+    let props = &list["inputSchema"]["properties"];
+    assert_eq!(props["limit"]["maximum"], 100, "{props:#}");
+    assert_eq!(props["limit"]["minimum"], 1, "{props:#}");
+    assert!(
+        props["state"]["enum"]
+            .as_array()
+            .is_some_and(|states| states.contains(&json!("queued"))),
+        "{props:#}"
+    );
+    assert_eq!(
+        tool("build_logs")["inputSchema"]["properties"]["lines"]["maximum"],
+        400
+    );
+    assert!(
+        build["outputSchema"]["properties"]["failures"].is_object(),
+        "{build:#}"
+    );
+    let _ = service.cancel().await;
+}
+
 /// A build through MCP: progress notifications arrive, the result lists every host with the
 /// failed one's error, and status and logs can be asked for by id.
 #[tokio::test(flavor = "multi_thread")]
@@ -150,26 +213,43 @@ async fn build_with_progress_and_a_failed_host() {
         "{summary}"
     );
     assert!(summary.contains("the disk image does not fit"), "{summary}");
-    assert_eq!(
-        result["structuredContent"]["type"], "finished",
-        "{result:#}"
+    let structured = &result["structuredContent"];
+    assert_eq!(structured["phase"], "failed", "{result:#}");
+    let failures = structured["failures"].as_array().expect("failures");
+    assert!(
+        failures.iter().any(|f| f["status"] == "eval_failed"
+            && f["hosts"] == json!(["broken-eval"])
+            && f["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("services.nginx.enable")),
+        "{failures:#?}"
     );
     let progress = recorder
         .progress
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    let id = structured["id"].as_str().expect("id").to_owned();
     assert!(
-        progress.iter().any(|m| m.contains("host 1 of 4")),
+        progress.first().is_some_and(|(_, m)| m.contains(&id)),
+        "the first notification names the request: {progress:?}"
+    );
+    assert!(
+        progress.iter().any(|(_, m)| m.contains("host 1 of 4")),
         "{progress:?}"
     );
+    assert!(
+        progress.windows(2).all(|w| w[1].0 > w[0].0),
+        "progress rises: {progress:?}"
+    );
 
-    let id = result["structuredContent"]["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
     let status = call(&service, "build_status", json!({"id": id})).await;
     assert!(text(&status).contains("failed"), "{status:#}");
+    assert!(
+        text(&status).contains("services.nginx.enable"),
+        "an evaluation error is in the status: {status:#}"
+    );
     let logs = call(
         &service,
         "build_logs",
@@ -182,6 +262,12 @@ async fn build_with_progress_and_a_failed_host() {
     );
     let builds = call(&service, "list_builds", json!({"state": "failed"})).await;
     assert!(text(&builds).contains(&id), "{builds:#}");
+    let entry = &builds["structuredContent"]["builds"][0];
+    assert_eq!(entry["id"], id.as_str(), "{builds:#}");
+    assert!(
+        entry["failures"].as_array().is_some_and(|f| f.len() == 2),
+        "{builds:#}"
+    );
     let _ = service.cancel().await;
 }
 
@@ -228,7 +314,11 @@ async fn invalid_arguments_are_tool_errors() {
         ),
         (
             json!({"repo": "demo", "target": "web", "mode": "explode"}),
-            "replace",
+            "enqueue",
+        ),
+        (
+            json!({"repo": "demo", "target": "web", "wait_secs": 100000}),
+            "wait_secs 100000 is out of range: give 0 to 1800",
         ),
     ] {
         let result = call(&service, "build", args.clone()).await;
@@ -241,6 +331,14 @@ async fn invalid_arguments_are_tool_errors() {
     }
     let status = call(&service, "build_status", json!({"id": "no such id"})).await;
     assert_eq!(status["isError"], true);
+    for (tool, args) in [
+        ("build_logs", json!({"id": "abcdefgh", "lines": 100000})),
+        ("list_builds", json!({"limit": 0})),
+    ] {
+        let refused = call(&service, tool, args.clone()).await;
+        assert_eq!(refused["isError"], true, "{args}: {refused:#}");
+        assert!(text(&refused).contains("out of range"), "{refused:#}");
+    }
     let ok = call(&service, "list_builders", json!({})).await;
     assert!(text(&ok).contains("idle"), "{ok:#}");
     let _ = service.cancel().await;
@@ -260,5 +358,101 @@ async fn nats_down_is_a_tool_error() {
             text(&result)
         );
     }
+    let _ = service.cancel().await;
+}
+
+/// With no builder online, `build` (default mode `enqueue`, as the CLI) returns when its wait
+/// ends and says the request is queued with no builder to take it, not "still running".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wait_that_ends_says_the_real_phase() {
+    let mut setup = Setup::new("fleet");
+    setup.builder.terminate(Duration::from_secs(30));
+    let (service, recorder) = start(&setup.nats.url, true).await;
+    let result = call(
+        &service,
+        "build",
+        json!({"repo": "demo", "target": "web", "wait_secs": 1}),
+    )
+    .await;
+    assert!(!result["isError"].as_bool().unwrap_or(false), "{result:#}");
+    let structured = &result["structuredContent"];
+    assert_eq!(structured["phase"], "queued", "{result:#}");
+    assert!(
+        structured["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no builder serving demo is online"),
+        "{result:#}"
+    );
+    assert!(!text(&result).contains("still running"), "{result:#}");
+    let id = structured["id"].as_str().expect("id").to_owned();
+    let progress = recorder
+        .progress
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    assert!(
+        progress.is_empty() || progress[0].1.contains(&id),
+        "{progress:?}"
+    );
+
+    let client = async_nats::connect(&setup.nats.url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let pending = homelab_deploy_client::inspect::pending_requests(&js)
+        .await
+        .expect("read the queue");
+    let request = pending.iter().find(|p| p.id == id).expect("request queued");
+    assert_eq!(request.mode, homelab_deploy_protocol::Mode::Enqueue);
+    let _ = service.cancel().await;
+}
+
+/// A build of 300 failing hosts reads as a page: identical errors grouped, text and
+/// structuredContent within 8 KB each, and the call that gives details named.
+#[tokio::test(flavor = "multi_thread")]
+async fn results_for_300_failing_hosts_stay_small() {
+    let setup = Setup::new("fleet");
+    let client = async_nats::connect(&setup.nats.url).await.expect("connect");
+    let id = "manyfailures02";
+    crate::api::store_events(&client, id, &[crate::api::failed_finished(id, 300, 2000)]).await;
+    let (service, _) = start(&setup.nats.url, false).await;
+    for (tool, args) in [
+        ("build_status", json!({"id": id})),
+        ("list_builds", json!({"state": "failed", "limit": 100})),
+    ] {
+        let result = call(&service, tool, args).await;
+        let body = text(&result);
+        let structured = serde_json::to_string(&result["structuredContent"]).expect("json");
+        assert!(
+            body.len() <= 8 * 1024,
+            "{tool}: {} bytes of text",
+            body.len()
+        );
+        assert!(
+            structured.len() <= 8 * 1024,
+            "{tool}: {} bytes",
+            structured.len()
+        );
+        assert!(
+            body.contains("build_status") || body.contains("build_logs"),
+            "{body}"
+        );
+    }
+    let status = call(&service, "build_status", json!({"id": id})).await;
+    let failures = status["structuredContent"]["failures"]
+        .as_array()
+        .expect("failures");
+    assert_eq!(failures.len(), 3, "{status:#}");
+    assert_eq!(failures[0]["hosts"][0], "host000");
+    assert_eq!(
+        failures[0]["hosts"].as_array().map(Vec::len).unwrap_or(0)
+            + failures[0]["more_hosts"].as_u64().unwrap_or(0) as usize,
+        100
+    );
+    assert!(
+        text(&status).contains("100 hosts build_failed"),
+        "{}",
+        text(&status)
+    );
+    assert!(text(&status).contains("build_logs with id manyfailures02 and host host000"));
     let _ = service.cancel().await;
 }

@@ -7,14 +7,17 @@ use std::time::Duration;
 use async_nats::{Client, Message};
 use futures::StreamExt;
 use homelab_deploy_client::inspect::{list_builders, list_builds, pending_requests, request_state};
+use homelab_deploy_client::ClientError;
 use homelab_deploy_protocol::api::{
-    builder_cancel_subject, builder_drain_subject, ApiError, BuilderList, BuilderState,
-    BuildsQuery, CancelReply, CancelRequest, DrainReply, RequestPhase, StatusQuery,
-    API_QUEUE_GROUP, BUILDERS_SUBJECT, BUILDS_SUBJECT, CANCEL_SUBJECT, STATUS_SUBJECT,
+    builder_cancel_subject, builder_drain_subject, ApiError, BuildList, BuilderList, BuilderState,
+    BuildsCursor, BuildsQuery, CancelReply, CancelRequest, DrainReply, RequestPhase, StatusQuery,
+    API_QUEUE_GROUP, BUILDERS_SUBJECT, BUILDS_SUBJECT, CANCEL_SUBJECT, DEFAULT_BUILDS_LIMIT,
+    ERROR_BUSY, ERROR_INVALID, ERROR_TOO_LARGE, MAX_BUILDS_LIMIT, STATUS_SUBJECT,
 };
 use homelab_deploy_protocol::{RepoName, RequestId};
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::daemon::Stop;
@@ -22,7 +25,15 @@ use crate::job::Jobs;
 
 const MAX_TEXT_CHARS: usize = 256;
 
-/// Serves the API until the builder stops.
+/// Queries (status, builds, builders, cancel) one builder answers at once. Each reads JetStream
+/// and holds what it read until it replies, so this bounds the API's memory: a flood of queries
+/// gets [`ERROR_BUSY`] replies instead of one task each.
+pub const MAX_CONCURRENT_QUERIES: usize = 4;
+
+/// Bytes kept free below the server's `max_payload` for a reply's headers.
+const REPLY_HEADROOM: usize = 1024;
+
+/// Serves the API until the builder stops (dropping the future ends every query it runs).
 pub async fn serve(
     client: Client,
     jobs: Arc<Jobs>,
@@ -50,9 +61,38 @@ pub async fn serve(
         jobs,
         stop_tx,
     });
+    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_QUERIES));
+    let mut queries = JoinSet::new();
     while let Some(message) = requests.next().await {
-        let api = api.clone();
-        tokio::spawn(async move { api.handle(message).await });
+        while queries.try_join_next().is_some() {}
+        if api.is_own_subject(&message.subject) {
+            // This builder's cancel and drain touch only its own state: answered here at once,
+            // never refused as busy.
+            api.handle(message).await;
+            continue;
+        }
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let api = api.clone();
+                queries.spawn(async move {
+                    api.handle(message).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                warn!(subject = %message.subject, limit = MAX_CONCURRENT_QUERIES, "API busy: refused a query");
+                api.answer(
+                    &message,
+                    Err(ApiFailure::new(
+                        ERROR_BUSY,
+                        format!(
+                            "builder {me} is answering {MAX_CONCURRENT_QUERIES} API queries already; retry in a moment"
+                        ),
+                    )),
+                )
+                .await;
+            }
+        }
     }
     Ok(())
 }
@@ -63,7 +103,30 @@ struct Api {
     stop_tx: watch::Sender<Stop>,
 }
 
+/// A failed query: its message, and a machine-readable [`ApiError::code`] where one applies.
+struct ApiFailure {
+    error: String,
+    code: Option<&'static str>,
+}
+
+impl ApiFailure {
+    fn new(code: &'static str, error: String) -> Self {
+        Self {
+            error,
+            code: Some(code),
+        }
+    }
+}
+
+impl From<String> for ApiFailure {
+    fn from(error: String) -> Self {
+        Self { error, code: None }
+    }
+}
+
 type Reply = Result<Vec<u8>, String>;
+/// A reply, or a failure with its code.
+type Answer = Result<Vec<u8>, ApiFailure>;
 
 fn json(value: &impl Serialize) -> Reply {
     serde_json::to_vec(value).map_err(|err| format!("cannot encode the reply: {err}"))
@@ -77,23 +140,63 @@ fn parse<T: serde::de::DeserializeOwned + Default>(payload: &[u8]) -> Result<T, 
 }
 
 impl Api {
+    fn is_own_subject(&self, subject: &str) -> bool {
+        let me = &self.jobs.builder_name;
+        subject == builder_cancel_subject(me) || subject == builder_drain_subject(me)
+    }
+
+    /// The largest reply the server takes from this connection.
+    fn max_reply_bytes(&self) -> usize {
+        self.client
+            .server_info()
+            .max_payload
+            .saturating_sub(REPLY_HEADROOM)
+    }
+
     async fn handle(&self, message: Message) {
+        let me = &self.jobs.builder_name;
+        let reply: Answer = match message.subject.as_str() {
+            BUILDS_SUBJECT => self.builds(&message.payload).await,
+            STATUS_SUBJECT => self.status(&message.payload).await.map_err(Into::into),
+            BUILDERS_SUBJECT => self.builders().await.map_err(Into::into),
+            CANCEL_SUBJECT => self.cancel(&message.payload).await.map_err(Into::into),
+            subject if subject == builder_cancel_subject(me) => {
+                self.cancel_here(&message.payload).map_err(Into::into)
+            }
+            subject if subject == builder_drain_subject(me) => self.drain().map_err(Into::into),
+            other => Err(format!("unknown API subject {other}").into()),
+        };
+        self.answer(&message, reply).await;
+    }
+
+    /// Sends `reply` (or its error) to the asker; a reply over `max_payload` becomes an
+    /// [`ERROR_TOO_LARGE`] error, so the asker always hears something.
+    async fn answer(&self, message: &Message, reply: Answer) {
         let Some(reply_to) = message.reply.clone() else {
             return;
         };
-        let me = &self.jobs.builder_name;
-        let reply = match message.subject.as_str() {
-            STATUS_SUBJECT => self.status(&message.payload).await,
-            BUILDS_SUBJECT => self.builds(&message.payload).await,
-            BUILDERS_SUBJECT => self.builders().await,
-            CANCEL_SUBJECT => self.cancel(&message.payload).await,
-            subject if subject == builder_cancel_subject(me) => self.cancel_here(&message.payload),
-            subject if subject == builder_drain_subject(me) => self.drain(),
-            other => Err(format!("unknown API subject {other}")),
-        };
+        let max = self.max_reply_bytes();
+        let reply = reply.and_then(|payload| {
+            if payload.len() <= max {
+                Ok(payload)
+            } else {
+                Err(ApiFailure::new(
+                    ERROR_TOO_LARGE,
+                    format!(
+                        "the reply is {} bytes, over the NATS server's max_payload of {} bytes (less {REPLY_HEADROOM} for headers)",
+                        payload.len(),
+                        self.client.server_info().max_payload
+                    ),
+                ))
+            }
+        });
         let payload = match reply {
             Ok(payload) => payload,
-            Err(error) => serde_json::to_vec(&ApiError { error }).unwrap_or_default(),
+            Err(failure) => serde_json::to_vec(&ApiError {
+                error: failure.error,
+                code: failure.code.map(str::to_owned),
+            })
+            .unwrap_or_default(),
         };
         if let Err(err) = self.client.publish(reply_to, payload.into()).await {
             warn!(error = %err, subject = %message.subject, "answering an API request failed");
@@ -119,13 +222,26 @@ impl Api {
         }
     }
 
-    async fn builds(&self, payload: &[u8]) -> Reply {
-        let query: BuildsQuery = parse(payload)?;
-        json(
-            &list_builds(self.js(), &query)
-                .await
-                .map_err(|err| err.to_string())?,
-        )
+    async fn builds(&self, payload: &[u8]) -> Answer {
+        let query: BuildsQuery =
+            parse(payload).map_err(|error| ApiFailure::new(ERROR_INVALID, error))?;
+        let limit = query.limit.unwrap_or(DEFAULT_BUILDS_LIMIT);
+        if !(1..=MAX_BUILDS_LIMIT).contains(&limit) {
+            return Err(ApiFailure::new(
+                ERROR_INVALID,
+                format!(
+                    "limit {limit} is out of range: ask for 1 to {MAX_BUILDS_LIMIT} builds and page with next_cursor"
+                ),
+            ));
+        }
+        let list = list_builds(self.js(), &query).await.map_err(|err| {
+            let text = err.to_string();
+            match err {
+                ClientError::BadCursor { .. } => ApiFailure::new(ERROR_INVALID, text),
+                _ => text.into(),
+            }
+        })?;
+        fit_page(list, self.max_reply_bytes())
     }
 
     async fn builders(&self) -> Reply {
@@ -257,6 +373,35 @@ impl Api {
             message: "draining: finishing the running build, taking no new ones, then exiting"
                 .to_owned(),
         })
+    }
+}
+
+/// Encodes a page of builds that fits in `max` bytes: a page too large is cut short, and its
+/// `next_cursor` then continues after the last build it holds.
+fn fit_page(mut list: BuildList, max: usize) -> Answer {
+    loop {
+        let payload = serde_json::to_vec(&list)
+            .map_err(|err| ApiFailure::from(format!("cannot encode the reply: {err}")))?;
+        if payload.len() <= max {
+            return Ok(payload);
+        }
+        if list.builds.len() <= 1 {
+            return Err(ApiFailure::new(
+                ERROR_TOO_LARGE,
+                format!(
+                    "build {} alone is {} bytes, over the {max} bytes the NATS server takes in one message; ask build.api.v1.status for it",
+                    list.builds.first().map(|b| b.id.as_str()).unwrap_or("?"),
+                    payload.len()
+                ),
+            ));
+        }
+        // Cut by the share that fits (at least half of the excess), then check again.
+        let keep = (list.builds.len() * max / payload.len()).clamp(1, list.builds.len() - 1);
+        list.builds.truncate(keep);
+        list.next_cursor = list
+            .builds
+            .last()
+            .map(|last| BuildsCursor::after(last).to_string());
     }
 }
 

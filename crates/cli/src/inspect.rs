@@ -6,6 +6,7 @@ use homelab_deploy_client::inspect::{list_builders, list_builds, request_state};
 use homelab_deploy_protocol::api::{
     BuildsQuery, RequestPhase, RequestState, BUILDER_LOST_AFTER_SECS,
 };
+use homelab_deploy_protocol::group_failures;
 use time::OffsetDateTime;
 
 use crate::build::client_error;
@@ -34,6 +35,9 @@ pub struct BuildsArgs {
     /// At most this many requests, newest first.
     #[arg(long, default_value_t = 20)]
     limit: usize,
+    /// Continue after an earlier page: the cursor printed at its end (`next_cursor` in JSON).
+    #[arg(long)]
+    cursor: Option<String>,
     /// Print the list as one JSON object.
     #[arg(long)]
     json: bool,
@@ -124,7 +128,46 @@ fn print_state(state: &RequestState) {
     if let Some(error) = &state.error {
         println!("error     {error}");
     }
+    let groups = group_failures(
+        state
+            .host_results
+            .iter()
+            .map(|h| (h.name.as_str(), h.status, h.error.as_deref())),
+    );
+    for group in groups.iter().take(STATUS_GROUPS_SHOWN) {
+        let mut names = group
+            .hosts
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if group.hosts.len() > 5 {
+            names.push_str(&format!(" and {} more", group.hosts.len() - 5));
+        }
+        let last = group.error.lines().last().unwrap_or_default();
+        println!(
+            "failed    {} {names}: {}",
+            group.status.as_str(),
+            last.chars().take(160).collect::<String>()
+        );
+    }
+    if groups.len() > STATUS_GROUPS_SHOWN {
+        println!(
+            "failed    … {} more distinct errors (status --json lists every host)",
+            groups.len() - STATUS_GROUPS_SHOWN
+        );
+    }
+    if let Some(group) = groups.first() {
+        println!(
+            "log       homelab-deploy logs {} --host {}",
+            state.id, group.hosts[0]
+        );
+    }
 }
+
+/// Groups of identical host errors `status` shows, one line each.
+const STATUS_GROUPS_SHOWN: usize = 5;
 
 pub async fn builds(args: BuildsArgs) -> u8 {
     let client = match connect_or_exit(&args.nats, "builds").await {
@@ -136,6 +179,7 @@ pub async fn builds(args: BuildsArgs) -> u8 {
         repo: args.repo,
         phase: args.state,
         limit: Some(args.limit),
+        cursor: args.cursor,
     };
     let list = match list_builds(&js, &query).await {
         Ok(list) => list,
@@ -168,6 +212,9 @@ pub async fn builds(args: BuildsArgs) -> u8 {
             build.hosts.done,
             build.hosts.total
         );
+    }
+    if let Some(cursor) = &list.next_cursor {
+        eprintln!("more: homelab-deploy builds --cursor {cursor}");
     }
     exit::OK
 }

@@ -6,11 +6,22 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use homelab_deploy_protocol::{Event, EventBody, HostResult, HostStatus};
+use homelab_deploy_protocol::{
+    error_excerpt, group_failures, Event, EventBody, FailureGroup, HostResult, HostStatus,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Lines of a failed host's error shown under the result table.
 const ERROR_LINES_SHOWN: usize = 15;
+/// Characters of one error line shown (a 100 MB line stays one screen line or so).
+const ERROR_LINE_CHARS: usize = 300;
+/// Rows of the result table: past this many hosts, only the ones that did not succeed are
+/// listed, up to this many, and the rest are counted.
+const TABLE_ROWS_SHOWN: usize = 50;
+/// Groups of identical errors shown under the table; the rest are counted.
+const ERROR_GROUPS_SHOWN: usize = 8;
+/// Host names listed per group of identical errors.
+const GROUP_NAMES_SHOWN: usize = 10;
 
 pub struct Progress {
     quiet: bool,
@@ -164,7 +175,9 @@ impl Drop for Progress {
     }
 }
 
-/// Prints the result table of a `finished` event, then the errors of failed hosts.
+/// Prints the result table of a `finished` event, then the errors of failed hosts grouped by
+/// identical error. Bounded for any number of hosts: at most [`TABLE_ROWS_SHOWN`] rows and
+/// [`ERROR_GROUPS_SHOWN`] errors, each saying which command shows the rest.
 pub fn print_result(finished: &Event) {
     let EventBody::Finished {
         status,
@@ -180,13 +193,22 @@ pub fn print_result(finished: &Event) {
     else {
         return;
     };
-    let name_width = hosts.iter().map(|h| h.name.len()).max().unwrap_or(4).max(4);
-    if !hosts.is_empty() {
+    let rows: Vec<&HostResult> = if hosts.len() <= TABLE_ROWS_SHOWN {
+        hosts.iter().collect()
+    } else {
+        hosts
+            .iter()
+            .filter(|h| !h.status.is_success())
+            .take(TABLE_ROWS_SHOWN)
+            .collect()
+    };
+    let name_width = rows.iter().map(|h| h.name.len()).max().unwrap_or(4).max(4);
+    if !rows.is_empty() {
         println!(
             "{:<name_width$}  {:<12}  {:>9}  OUT PATH",
             "HOST", "STATUS", "DURATION"
         );
-        for host in hosts {
+        for host in &rows {
             println!(
                 "{:<name_width$}  {:<12}  {:>9}  {}",
                 host.name,
@@ -196,8 +218,38 @@ pub fn print_result(finished: &Event) {
             );
         }
     }
-    for host in hosts.iter().filter(|h| !h.status.is_success()) {
-        print_host_error(host);
+    if rows.len() < hosts.len() {
+        println!(
+            "… {} more hosts not listed{}; every host: `homelab-deploy watch {} --json` (or `build --json`)",
+            hosts.len() - rows.len(),
+            if rows.is_empty() {
+                String::new()
+            } else {
+                " (only hosts that did not succeed are listed)".to_owned()
+            },
+            finished.id
+        );
+    }
+    let groups = group_failures(
+        hosts
+            .iter()
+            .map(|h| (h.name.as_str(), h.status, h.error.as_deref())),
+    );
+    for group in groups.iter().take(ERROR_GROUPS_SHOWN) {
+        print_failure_group(group, hosts);
+    }
+    if groups.len() > ERROR_GROUPS_SHOWN {
+        println!(
+            "\n… {} more distinct errors not shown: `homelab-deploy watch {} --json` has them all",
+            groups.len() - ERROR_GROUPS_SHOWN,
+            finished.id
+        );
+    }
+    if let Some(group) = groups.first() {
+        println!(
+            "\nwhole log of a host: homelab-deploy logs {} --host {}",
+            finished.id, group.hosts[0]
+        );
     }
     let counts = count(hosts);
     println!(
@@ -214,16 +266,48 @@ pub fn print_result(finished: &Event) {
         counts,
     );
     if let Some(error) = error {
-        println!("error: {error}");
+        println!("error: {}", error_excerpt(error, 2000));
     }
 }
 
-fn print_host_error(host: &HostResult) {
-    let Some(error) = &host.error else { return };
-    println!("\n{} {}:", host.name, host.status.as_str());
+/// One group of hosts that failed the same way: who, and the end of the first one's error.
+fn print_failure_group(group: &FailureGroup, hosts: &[HostResult]) {
+    let mut names = group
+        .hosts
+        .iter()
+        .take(GROUP_NAMES_SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if group.hosts.len() > GROUP_NAMES_SHOWN {
+        names.push_str(&format!(
+            " and {} more",
+            group.hosts.len() - GROUP_NAMES_SHOWN
+        ));
+    }
+    if group.hosts.len() == 1 {
+        println!("\n{} {}:", names, group.status.as_str());
+    } else {
+        println!(
+            "\n{} hosts {} with the same error ({names}):",
+            group.hosts.len(),
+            group.status.as_str()
+        );
+    }
+    // The first host's whole error, not the group's excerpt: a person gets more lines.
+    let error = hosts
+        .iter()
+        .find(|h| h.name == group.hosts[0])
+        .and_then(|h| h.error.as_deref())
+        .unwrap_or(&group.error);
     let lines: Vec<&str> = error.lines().collect();
     for line in &lines[lines.len().saturating_sub(ERROR_LINES_SHOWN)..] {
-        println!("  {line}");
+        if line.chars().count() > ERROR_LINE_CHARS {
+            let cut: String = line.chars().take(ERROR_LINE_CHARS).collect();
+            println!("  {cut}…");
+        } else {
+            println!("  {line}");
+        }
     }
 }
 

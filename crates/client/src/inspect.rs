@@ -9,13 +9,15 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, Context};
 use futures::StreamExt;
 use homelab_deploy_protocol::api::{
-    BuildList, BuilderInfo, BuildsQuery, RequestPhase, RequestState, BUILDERS_BUCKET,
+    BuildList, BuilderInfo, BuildsCursor, BuildsQuery, HostOutcome, RequestPhase, RequestState,
+    BUILDERS_BUCKET, DEFAULT_BUILDS_LIMIT,
 };
 use homelab_deploy_protocol::subject::{
     consumer_name, parse_request_subject, EVENTS_STREAM, MSG_ID_HEADER, REQUESTS_STREAM,
 };
 use homelab_deploy_protocol::{
-    BuildRequest, Event, EventBody, HostStatus, Mode, RequestId, Target,
+    error_excerpt, BuildRequest, Event, EventBody, HostResult, HostStatus, Mode, RequestId,
+    Target,
 };
 use time::OffsetDateTime;
 
@@ -34,6 +36,19 @@ pub async fn read_stream(
     stream: &str,
     filter: &str,
 ) -> Result<Vec<jetstream::Message>, ClientError> {
+    let mut out = Vec::new();
+    for_each_message(js, stream, filter, |message| out.push(message)).await?;
+    Ok(out)
+}
+
+/// Hands every message stored under `filter` in `stream` to `each`, oldest first, without
+/// keeping them: memory stays at one fetched batch whatever the stream holds.
+pub async fn for_each_message(
+    js: &Context,
+    stream: &str,
+    filter: &str,
+    mut each: impl FnMut(jetstream::Message),
+) -> Result<(), ClientError> {
     let error = nats_error("reading a stream");
     let stream = js.get_stream(stream).await.map_err(|e| error(&e))?;
     let consumer = stream
@@ -46,23 +61,26 @@ pub async fn read_stream(
         })
         .await
         .map_err(|e| error(&e))?;
-    let mut out = Vec::new();
     loop {
         let mut batch = consumer
             .fetch()
-            .max_messages(1000)
+            .max_messages(FETCH_BATCH)
             .messages()
             .await
             .map_err(|e| error(&e))?;
-        let before = out.len();
+        let mut got = 0;
         while let Some(message) = batch.next().await {
-            out.push(message.map_err(|e| error(&e))?);
+            each(message.map_err(|e| error(&e))?);
+            got += 1;
         }
-        if out.len() == before {
-            return Ok(out);
+        if got == 0 {
+            return Ok(());
         }
     }
 }
+
+/// Messages fetched per round trip while reading a stream.
+const FETCH_BATCH: usize = 500;
 
 /// Events of one request, oldest first.
 pub async fn request_events(js: &Context, id: &RequestId) -> Result<Vec<Event>, ClientError> {
@@ -148,93 +166,125 @@ pub fn fold_events(events: &[Event]) -> Option<RequestState> {
     let first = events.first()?;
     let mut state = blank_state(&first.id, "", "", RequestPhase::Running, first.time);
     for event in events {
-        state.last_seq = state.last_seq.max(event.seq);
-        match &event.body {
-            EventBody::Started {
-                builder,
-                repo,
-                target,
-                rev,
-                hosts,
-                requested_by,
-                ..
-            } => {
-                state.phase = RequestPhase::Running;
-                state.builder = Some(builder.clone());
-                state.repo = repo.clone();
-                state.target = target.clone();
-                state.rev = Some(rev.clone());
-                state.requested_by = requested_by.clone();
-                state.started_at = Some(event.time);
-                state.hosts = Default::default();
-                state.hosts.total = hosts.len() as u64;
-                state.hosts.queued = hosts.len() as u64;
+        fold_event(&mut state, event);
+    }
+    Some(state)
+}
+
+/// Characters of each host's error excerpt in [`RequestState::host_results`].
+pub const HOST_EXCERPT_CHARS: usize = 240;
+
+fn host_outcome(result: &HostResult, before: Option<&HostOutcome>) -> HostOutcome {
+    HostOutcome {
+        name: result.name.clone(),
+        status: result.status,
+        error: result
+            .error
+            .as_deref()
+            .map(|error| error_excerpt(error, HOST_EXCERPT_CHARS))
+            .or_else(|| before.and_then(|b| b.error.clone())),
+    }
+}
+
+/// Applies one event of a request to its state (events in `seq` order).
+pub fn fold_event(state: &mut RequestState, event: &Event) {
+    state.last_seq = state.last_seq.max(event.seq);
+    match &event.body {
+        EventBody::Started {
+            builder,
+            repo,
+            target,
+            rev,
+            hosts,
+            requested_by,
+            ..
+        } => {
+            state.phase = RequestPhase::Running;
+            state.builder = Some(builder.clone());
+            state.repo = repo.clone();
+            state.target = target.clone();
+            state.rev = Some(rev.clone());
+            state.requested_by = requested_by.clone();
+            state.started_at = Some(event.time);
+            state.hosts = Default::default();
+            state.hosts.total = hosts.len() as u64;
+            state.hosts.queued = hosts.len() as u64;
+            state.host_results.clear();
+        }
+        EventBody::HostStarted { host, .. } => {
+            state.current_host = Some(host.clone());
+            state.hosts.running = 1;
+            state.hosts.queued = state.hosts.queued.saturating_sub(1);
+            state.derivations = Default::default();
+        }
+        EventBody::Progress {
+            done,
+            expected,
+            running,
+            failed,
+            ..
+        } => {
+            state.derivations.done = *done;
+            state.derivations.expected = *expected;
+            state.derivations.running = *running;
+            state.derivations.failed = *failed;
+        }
+        EventBody::HostFinished { result, .. } => {
+            state.current_host = None;
+            state.hosts.running = 0;
+            state.hosts.done += 1;
+            match result.status {
+                HostStatus::Built => state.hosts.built += 1,
+                HostStatus::Cached => state.hosts.cached += 1,
+                HostStatus::Cancelled => state.hosts.cancelled += 1,
+                _ => state.hosts.failed += 1,
             }
-            EventBody::HostStarted { host, .. } => {
-                state.current_host = Some(host.clone());
-                state.hosts.running = 1;
-                state.hosts.queued = state.hosts.queued.saturating_sub(1);
-                state.derivations = Default::default();
-            }
-            EventBody::Progress {
-                done,
-                expected,
-                running,
-                failed,
-                ..
-            } => {
-                state.derivations.done = *done;
-                state.derivations.expected = *expected;
-                state.derivations.running = *running;
-                state.derivations.failed = *failed;
-            }
-            EventBody::HostFinished { result, .. } => {
-                state.current_host = None;
-                state.hosts.running = 0;
-                state.hosts.done += 1;
-                match result.status {
-                    HostStatus::Built => state.hosts.built += 1,
-                    HostStatus::Cached => state.hosts.cached += 1,
-                    HostStatus::Cancelled => state.hosts.cancelled += 1,
-                    _ => state.hosts.failed += 1,
-                }
-            }
-            EventBody::Requeued { .. } => {
-                state.phase = RequestPhase::Queued;
-                state.builder = None;
-                state.current_host = None;
-                state.hosts.running = 0;
-            }
-            EventBody::Finished {
-                status,
-                repo,
-                target,
-                rev,
-                hosts,
-                error,
-                builder,
-                ..
-            } => {
-                state.phase = RequestPhase::from_status(*status);
-                state.repo = repo.clone();
-                state.target = target.clone();
-                state.rev = rev.clone().or(state.rev.take());
-                state.builder = builder.clone().or(state.builder.take());
-                state.finished_at = Some(event.time);
-                state.error = error.clone();
-                state.current_host = None;
-                state.hosts.running = 0;
-                state.hosts.queued = 0;
-                let cancelled = hosts
+            state.host_results.retain(|h| h.name != result.name);
+            state.host_results.push(host_outcome(result, None));
+        }
+        EventBody::Requeued { .. } => {
+            state.phase = RequestPhase::Queued;
+            state.builder = None;
+            state.current_host = None;
+            state.hosts.running = 0;
+        }
+        EventBody::Finished {
+            status,
+            repo,
+            target,
+            rev,
+            hosts,
+            error,
+            builder,
+            ..
+        } => {
+            state.phase = RequestPhase::from_status(*status);
+            state.repo = repo.clone();
+            state.target = target.clone();
+            state.rev = rev.clone().or(state.rev.take());
+            state.builder = builder.clone().or(state.builder.take());
+            state.finished_at = Some(event.time);
+            state.error = error.clone();
+            state.current_host = None;
+            state.hosts.running = 0;
+            state.hosts.queued = 0;
+            let cancelled = hosts
+                .iter()
+                .filter(|h| h.status == HostStatus::Cancelled)
+                .count() as u64;
+            state.hosts.cancelled = cancelled;
+            state.hosts.total = state.hosts.total.max(hosts.len() as u64);
+            if !hosts.is_empty() {
+                // The `finished` list is complete (cancelled hosts included); keep the
+                // excerpt a `host_finished` gave when `finished` carries none for a host.
+                let before = std::mem::take(&mut state.host_results);
+                state.host_results = hosts
                     .iter()
-                    .filter(|h| h.status == HostStatus::Cancelled)
-                    .count() as u64;
-                state.hosts.cancelled = cancelled;
-                state.hosts.total = state.hosts.total.max(hosts.len() as u64);
+                    .map(|host| host_outcome(host, before.iter().find(|b| b.name == host.name)))
+                    .collect();
             }
         }
     }
-    Some(state)
 }
 
 /// A request state with nothing known yet but its id, place and phase.
@@ -259,6 +309,7 @@ fn blank_state(
         finished_at: None,
         current_host: None,
         hosts: Default::default(),
+        host_results: Vec::new(),
         derivations: Default::default(),
         error: None,
         last_seq: 0,
@@ -318,38 +369,67 @@ pub async fn request_state(
     }))
 }
 
-/// Queued and recent requests, newest first.
+/// Queued and recent requests, newest first: one page of at most `query.limit` (default
+/// [`DEFAULT_BUILDS_LIMIT`]) from `query.cursor` on, with the cursor of the next page.
+///
+/// Events are folded as they are read, so memory grows with the number of requests in the
+/// events stream, not with the number of events.
+///
+/// # Errors
+/// [`ClientError::BadCursor`] when `query.cursor` is not a cursor this function wrote;
+/// [`ClientError::Nats`] when a stream cannot be read.
 pub async fn list_builds(js: &Context, query: &BuildsQuery) -> Result<BuildList, ClientError> {
+    let cursor = match query.cursor.as_deref() {
+        Some(text) => Some(
+            BuildsCursor::parse(text).ok_or_else(|| ClientError::BadCursor {
+                cursor: text.chars().take(80).collect(),
+            })?,
+        ),
+        None => None,
+    };
     let pending = pending_requests(js).await?;
     let mut builds = queued_states(&pending);
-    let messages = read_stream(js, EVENTS_STREAM, "build.responses.*.*.*.events").await?;
-    let mut by_id: HashMap<String, Vec<Event>> = HashMap::new();
-    let mut order: Vec<String> = Vec::new();
-    for message in &messages {
-        let Ok(event) = serde_json::from_slice::<Event>(&message.payload) else {
-            continue;
-        };
-        let entry = by_id.entry(event.id.clone()).or_insert_with(|| {
-            order.push(event.id.clone());
-            Vec::new()
-        });
-        entry.push(event);
-    }
-    for id in &order {
-        if let Some(mut state) = by_id.get(id).and_then(|events| fold_events(events)) {
-            if let Some(request) = pending.iter().find(|p| &p.id == id) {
-                state.queued_at = request.queued_at;
-            }
-            builds.push(state);
+    let mut by_id: HashMap<String, RequestState> = HashMap::new();
+    for_each_message(
+        js,
+        EVENTS_STREAM,
+        "build.responses.*.*.*.events",
+        |message| {
+            let Ok(event) = serde_json::from_slice::<Event>(&message.payload) else {
+                return;
+            };
+            let state = by_id.entry(event.id.clone()).or_insert_with(|| {
+                blank_state(&event.id, "", "", RequestPhase::Running, event.time)
+            });
+            fold_event(state, &event);
+        },
+    )
+    .await?;
+    for (id, mut state) in by_id {
+        if let Some(request) = pending.iter().find(|p| p.id == id) {
+            state.queued_at = request.queued_at;
         }
+        builds.push(state);
     }
     builds.retain(|b| {
         query.repo.as_ref().is_none_or(|repo| &b.repo == repo)
             && query.phase.is_none_or(|phase| b.phase == phase)
+            && cursor.as_ref().is_none_or(|cursor| cursor.precedes(b))
     });
-    builds.sort_by_key(|b| std::cmp::Reverse(b.queued_at));
-    builds.truncate(query.limit.unwrap_or(20));
-    Ok(BuildList { builds })
+    builds.sort_by(|a, b| b.queued_at.cmp(&a.queued_at).then_with(|| a.id.cmp(&b.id)));
+    let limit = query.limit.unwrap_or(DEFAULT_BUILDS_LIMIT);
+    let next_cursor = (builds.len() > limit)
+        .then(|| {
+            builds
+                .get(limit.wrapping_sub(1))
+                .map(|b| BuildsCursor::after(b).to_string())
+        })
+        .flatten();
+    builds.truncate(limit);
+    Ok(BuildList {
+        builds,
+        next_cursor,
+    })
 }
 
 /// Every builder that announced itself, by name.

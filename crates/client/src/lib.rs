@@ -36,6 +36,8 @@ pub enum ClientError {
         action: &'static str,
         message: String,
     },
+    #[error("invalid: {cursor:?} is not a page cursor (pass the next_cursor of the page before)")]
+    BadCursor { cursor: String },
     #[error("event {seq} of request {id} is not valid JSON: {message}")]
     BadEvent {
         id: String,

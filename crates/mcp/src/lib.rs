@@ -4,30 +4,46 @@
 //! (otherwise they are not listed, and calling them is a tool error that says how to enable
 //! them). Every failure — bad arguments, NATS down, unknown request — is a tool error with a
 //! clear message; the server keeps serving. Logs go to stderr: stdout is the protocol.
+//!
+//! Every tool declares a title, annotations (read-only or destructive) and an `outputSchema`
+//! that its `structuredContent` follows; results stay within [`summary::RESULT_MAX_BYTES`] (see
+//! [`summary`]).
+
+pub mod summary;
 
 use std::time::Duration;
 
-use homelab_deploy_client::inspect::{list_builders, list_builds, request_state};
+use async_nats::connection::State;
+use homelab_deploy_client::inspect::{
+    fold_event, fold_events, list_builders, list_builds, request_state,
+};
 use homelab_deploy_client::{connect, submit, ConnectSettings, LogStream, SubmitOptions};
 use homelab_deploy_protocol::api::{
-    ApiError, BuildsQuery, CancelReply, CancelRequest, RequestPhase, CANCEL_SUBJECT,
+    ApiError, BuildsCursor, BuildsQuery, CancelReply, CancelRequest, RequestPhase, RequestState,
+    BUILDER_LOST_AFTER_SECS, CANCEL_SUBJECT,
 };
 use homelab_deploy_protocol::request::{check_git_ref, check_rev};
-use homelab_deploy_protocol::{Event, EventBody, Mode, RepoName, RequestId, Target};
+use homelab_deploy_protocol::{Event, EventBody, Mode, Priority, RepoName, RequestId, Target};
 use rmcp::handler::server::router::tool::ToolRouter;
-use rmcp::handler::server::tool::ToolCallContext;
+use rmcp::handler::server::tool::{schema_for_output, ToolCallContext};
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
-    ProgressNotificationParam, RequestMetaObject, ServerCapabilities, ServerConfig,
+    ProgressNotificationParam, ProgressToken, RequestMetaObject, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::RequestContext;
 use rmcp::{
     schemars, tool, tool_handler, tool_router, ErrorData, Peer, RoleServer, ServerHandler,
     ServiceExt,
 };
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::summary::{
+    cap_text, list_line, summarize, summary_text, BuildSummary, BuilderSummary, FULL, LIST,
+    RESULT_MAX_BYTES,
+};
 
 /// Tools that change something; only with `--enable-builds`.
 const WRITE_TOOLS: [&str; 2] = ["build", "cancel_build"];
@@ -35,7 +51,8 @@ const DEFAULT_WAIT_SECS: u64 = 300;
 const MAX_WAIT_SECS: u64 = 1800;
 const DEFAULT_LOG_LINES: usize = 40;
 const MAX_LOG_LINES: usize = 400;
-const MAX_LOG_BYTES: usize = 32 * 1024;
+const DEFAULT_LIST_LIMIT: usize = 10;
+const MAX_LIST_LIMIT: usize = 100;
 
 /// Serves MCP on stdin/stdout until the client goes away.
 pub async fn serve_stdio(settings: ConnectSettings, enable_builds: bool) -> Result<(), String> {
@@ -69,9 +86,16 @@ pub struct BuildArgs {
     /// Branch or tag to build instead of the repo's default branch.
     #[serde(rename = "ref")]
     pub git_ref: Option<String>,
-    /// "replace" (default): cancel an older build of the same target; "enqueue": wait behind it.
+    /// "enqueue" (default, as the CLI): wait in line behind other builds of the same target.
+    /// "replace": cancel them, queued or running, even someone else's (destructive).
+    #[schemars(extend("enum" = ["enqueue", "replace"]))]
     pub mode: Option<String>,
-    /// Seconds to wait for the result before returning the id (default 300, at most 1800).
+    /// Queue class: "interactive" (default) starts before "ci", which starts before "scheduled".
+    #[schemars(extend("enum" = ["interactive", "ci", "scheduled"]))]
+    pub priority: Option<String>,
+    /// Seconds to wait for the result before returning the id and the build's phase
+    /// (default 300). The build goes on either way.
+    #[schemars(range(min = 0, max = 1800))]
     pub wait_secs: Option<u64>,
 }
 
@@ -85,7 +109,7 @@ pub struct IdArgs {
 pub struct CancelArgs {
     /// The request id to cancel.
     pub id: String,
-    /// Why; shown to whoever looks at the build.
+    /// Why; shown to whoever looks at the build (at most 256 characters).
     pub reason: Option<String>,
 }
 
@@ -95,7 +119,8 @@ pub struct LogsArgs {
     pub id: String,
     /// Only this host's log (recommended for failed hosts).
     pub host: Option<String>,
-    /// How many of the last lines to return (default 40, at most 400).
+    /// How many of the last lines to return (default 40).
+    #[schemars(range(min = 1, max = 400))]
     pub lines: Option<usize>,
 }
 
@@ -103,23 +128,168 @@ pub struct LogsArgs {
 pub struct ListBuildsArgs {
     /// Only builds of this repo.
     pub repo: Option<String>,
-    /// Only builds in this state: queued, running, succeeded, failed, cancelled.
+    /// Only builds in this state.
+    #[schemars(extend("enum" = ["queued", "running", "succeeded", "failed", "cancelled"]))]
     pub state: Option<String>,
-    /// At most this many, newest first (default 10, at most 100).
+    /// At most this many, newest first (default 10).
+    #[schemars(range(min = 1, max = 100))]
     pub limit: Option<usize>,
+    /// The next_cursor of the page before, for older builds.
+    pub cursor: Option<String>,
+}
+
+/// `list_repos_and_hosts`: repo → builders serving it, and repo → the flake's hosts.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct ReposOutput {
+    pub repos: std::collections::BTreeMap<String, Vec<String>>,
+    pub hosts: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// `list_builders`.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct BuildersOutput {
+    pub builders: Vec<BuilderSummary>,
+}
+
+/// `list_builds`: one page, newest first.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct BuildsOutput {
+    pub builds: Vec<BuildSummary>,
+    /// Pass as `cursor` for older builds; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// `build_logs`.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct LogsOutput {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The last lines, `host | line`, cut at the front to stay small.
+    pub log: String,
+}
+
+/// `cancel_build`.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct CancelOutput {
+    pub id: String,
+    /// The phase the build was in.
+    #[schemars(extend("enum" = ["queued", "running"]))]
+    pub was: String,
+    pub message: String,
 }
 
 fn tool_error(message: impl Into<String>) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(message.into())])
 }
 
-fn structured(text: String, value: Value) -> CallToolResult {
+fn structured(text: String, value: &impl Serialize) -> CallToolResult {
     let mut result = CallToolResult::success(vec![ContentBlock::text(text)]);
-    result.structured_content = Some(value);
+    result.structured_content = Some(serde_json::to_value(value).unwrap_or(Value::Null));
     result
 }
 
+/// A number argument outside `min..=max` is refused, not clamped: the caller learns the bound.
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    name: &str,
+    value: Option<T>,
+    default: T,
+    min: T,
+    max: T,
+) -> Result<T, CallToolResult> {
+    let value = value.unwrap_or(default);
+    if value < min || value > max {
+        return Err(tool_error(format!(
+            "{name} {value} is out of range: give {min} to {max}"
+        )));
+    }
+    Ok(value)
+}
+
 type ToolResult = Result<CallToolResult, ErrorData>;
+
+/// Sends progress notifications that only rise, as MCP requires.
+struct ProgressReporter {
+    token: Option<ProgressToken>,
+    peer: Peer<RoleServer>,
+    last: Option<f64>,
+}
+
+impl ProgressReporter {
+    async fn report(&mut self, progress: f64, total: Option<f64>, message: String) {
+        let Some(token) = &self.token else { return };
+        if self.last.is_some_and(|last| progress <= last) {
+            return;
+        }
+        self.last = Some(progress);
+        let mut param =
+            ProgressNotificationParam::new(token.clone(), progress).with_message(message);
+        if let Some(total) = total {
+            param = param.with_total(total);
+        }
+        let _ = self.peer.notify_progress(param).await;
+    }
+
+    /// Progress of a request's event: host index plus the derivation fraction of the host
+    /// being built, out of the number of hosts.
+    async fn event(&mut self, event: &Event, current: &mut (usize, usize)) {
+        match &event.body {
+            EventBody::Started { builder, hosts, .. } => {
+                *current = (0, hosts.len());
+                let message = format!(
+                    "request {} started on builder {builder}: {} host{}",
+                    event.id,
+                    hosts.len(),
+                    if hosts.len() == 1 { "" } else { "s" }
+                );
+                self.report(0.0, Some(hosts.len() as f64), message).await;
+            }
+            EventBody::HostStarted { host, index, total } => {
+                *current = (*index, *total);
+                self.report(
+                    (*index - 1) as f64,
+                    Some(*total as f64),
+                    format!("host {index} of {total}: {host}"),
+                )
+                .await;
+            }
+            EventBody::Progress {
+                host,
+                done,
+                expected,
+                ..
+            } if *expected > 0 && current.0 > 0 => {
+                let (index, total) = *current;
+                let fraction = (*done as f64 / *expected as f64).min(0.99);
+                self.report(
+                    (index - 1) as f64 + fraction,
+                    Some(total as f64),
+                    format!("host {index} of {total}: {host}, {done}/{expected} derivations"),
+                )
+                .await;
+            }
+            EventBody::HostFinished {
+                index,
+                total,
+                result,
+                ..
+            } => {
+                self.report(
+                    *index as f64,
+                    Some(*total as f64),
+                    format!(
+                        "host {index} of {total}: {} {}",
+                        result.name,
+                        result.status.as_str()
+                    ),
+                )
+                .await;
+            }
+            _ => {}
+        }
+    }
+}
 
 #[tool_router]
 impl BuildTools {
@@ -149,7 +319,10 @@ impl BuildTools {
     }
 
     #[tool(
-        description = "List the repos the builders serve (what can be built) and which builders serve each. Use this first to learn valid repo names; hosts are the flake's nixosConfigurations, or \"all\"."
+        title = "List repos and hosts",
+        description = "List the repos the builders serve (what can be built) and which builders serve each. Use this first to learn valid repo names; hosts are the flake's nixosConfigurations, or \"all\".",
+        annotations(read_only_hint = true, open_world_hint = false),
+        output_schema = schema_for_output::<ReposOutput>()
     )]
     async fn list_repos_and_hosts(&self) -> ToolResult {
         let js = match self.jetstream().await {
@@ -160,29 +333,37 @@ impl BuildTools {
             Ok(builders) => builders,
             Err(err) => return Ok(tool_error(err.to_string())),
         };
-        let mut repos: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-        let mut hosts: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        let mut output = ReposOutput {
+            repos: Default::default(),
+            hosts: Default::default(),
+        };
         for builder in &builders {
             for repo in &builder.repos {
-                repos
+                output
+                    .repos
                     .entry(repo.clone())
                     .or_default()
                     .push(builder.name.clone());
             }
             for (repo, list) in &builder.hosts {
-                hosts.entry(repo.clone()).or_insert_with(|| list.clone());
+                output
+                    .hosts
+                    .entry(repo.clone())
+                    .or_insert_with(|| list.clone());
             }
         }
-        if repos.is_empty() {
+        if output.repos.is_empty() {
             return Ok(structured(
                 "No builder has announced itself: nothing can be built right now.".into(),
-                json!({ "repos": {} }),
+                &output,
             ));
         }
-        let text = repos
+        let text = output
+            .repos
             .iter()
             .map(|(repo, builders)| {
-                let known = hosts
+                let known = output
+                    .hosts
                     .get(repo)
                     .map(|h| h.join(", "))
                     .unwrap_or_else(|| "not known yet".to_owned());
@@ -191,13 +372,19 @@ impl BuildTools {
             .collect::<Vec<_>>()
             .join("\n");
         Ok(structured(
-            format!("Repos that can be built (target: one of the hosts, or \"all\"):\n{text}"),
-            json!({ "repos": repos, "hosts": hosts }),
+            cap_text(
+                format!("Repos that can be built (target: one of the hosts, or \"all\"):\n{text}"),
+                "",
+            ),
+            &output,
         ))
     }
 
     #[tool(
-        description = "List the builders of the fleet: name, state (idle, building, draining), repos and last heartbeat."
+        title = "List builders",
+        description = "List the builders of the fleet: name, state (idle, building, draining, lost), repos and seconds since the last heartbeat.",
+        annotations(read_only_hint = true, open_world_hint = false),
+        output_schema = schema_for_output::<BuildersOutput>()
     )]
     async fn list_builders(&self) -> ToolResult {
         let js = match self.jetstream().await {
@@ -206,34 +393,42 @@ impl BuildTools {
         };
         match list_builders(&js).await {
             Ok(builders) => {
-                let text = if builders.is_empty() {
+                let now = OffsetDateTime::now_utc();
+                let output = BuildersOutput {
+                    builders: builders
+                        .iter()
+                        .map(|b| BuilderSummary::new(b, now))
+                        .collect(),
+                };
+                let text = if output.builders.is_empty() {
                     "No builder has announced itself.".to_owned()
                 } else {
-                    builders
+                    output
+                        .builders
                         .iter()
                         .map(|b| {
                             format!(
-                                "{}: {} (repos: {})",
+                                "{}: {} (repos: {}; heartbeat {}s ago)",
                                 b.name,
-                                b.states
-                                    .iter()
-                                    .map(|s| s.label())
-                                    .collect::<Vec<_>>()
-                                    .join(", "),
-                                b.repos.join(", ")
+                                b.states.join(", "),
+                                b.repos.join(", "),
+                                b.heartbeat_age_secs
                             )
                         })
                         .collect::<Vec<_>>()
                         .join("\n")
                 };
-                Ok(structured(text, json!({ "builders": builders })))
+                Ok(structured(cap_text(text, ""), &output))
             }
             Err(err) => Ok(tool_error(err.to_string())),
         }
     }
 
     #[tool(
-        description = "List queued and recent builds, newest first, optionally by repo and state (queued, running, succeeded, failed, cancelled)."
+        title = "List builds",
+        description = "List queued and recent builds, newest first, optionally by repo and state. Finished entries name their failed hosts with the error, grouped; build_status gives one build in full. Pages: pass next_cursor as cursor.",
+        annotations(read_only_hint = true, open_world_hint = false),
+        output_schema = schema_for_output::<BuildsOutput>()
     )]
     async fn list_builds(&self, Parameters(args): Parameters<ListBuildsArgs>) -> ToolResult {
         let phase = match args
@@ -249,6 +444,10 @@ impl BuildTools {
             Some(Ok(phase)) => Some(phase),
             None => None,
         };
+        let limit = match in_range("limit", args.limit, DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT) {
+            Ok(limit) => limit,
+            Err(error) => return Ok(error),
+        };
         let js = match self.jetstream().await {
             Ok(js) => js,
             Err(error) => return Ok(error),
@@ -256,37 +455,23 @@ impl BuildTools {
         let query = BuildsQuery {
             repo: args.repo,
             phase,
-            limit: Some(args.limit.unwrap_or(10).min(100)),
+            limit: Some(limit),
+            cursor: args.cursor,
         };
         match list_builds(&js, &query).await {
             Ok(list) => {
-                let text = if list.builds.is_empty() {
-                    "No builds.".to_owned()
-                } else {
-                    list.builds
-                        .iter()
-                        .map(|b| {
-                            format!(
-                                "{} {} {}: {} ({}/{} hosts done)",
-                                b.id,
-                                b.repo,
-                                b.target,
-                                b.phase.as_str(),
-                                b.hosts.done,
-                                b.hosts.total
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                };
-                Ok(structured(text, json!(list)))
+                let (output, text) = builds_page(&list.builds, list.next_cursor);
+                Ok(structured(text, &output))
             }
             Err(err) => Ok(tool_error(err.to_string())),
         }
     }
 
     #[tool(
-        description = "The state of one build by request id: queued (with position), running (current host, hosts done), or the finished result."
+        title = "Build status",
+        description = "The state of one build by request id: queued (with position), running (current host, derivations), or the finished result with every failed host's error, grouped.",
+        annotations(read_only_hint = true, open_world_hint = false),
+        output_schema = schema_for_output::<BuildSummary>()
     )]
     async fn build_status(&self, Parameters(args): Parameters<IdArgs>) -> ToolResult {
         let id = match RequestId::parse(&args.id) {
@@ -298,33 +483,7 @@ impl BuildTools {
             Err(error) => return Ok(error),
         };
         match request_state(&js, &id).await {
-            Ok(Some(state)) => {
-                let mut text = format!(
-                    "Build {} of {} {}: {}",
-                    state.id,
-                    state.repo,
-                    state.target,
-                    state.phase.as_str()
-                );
-                if let Some(position) = state.queue_position {
-                    text.push_str(&format!(", position {position} in the queue"));
-                }
-                if let Some(host) = &state.current_host {
-                    text.push_str(&format!(", building {host}"));
-                }
-                text.push_str(&format!(
-                    ". Hosts: {} of {} done ({} built, {} cached, {} failed).",
-                    state.hosts.done,
-                    state.hosts.total,
-                    state.hosts.built,
-                    state.hosts.cached,
-                    state.hosts.failed
-                ));
-                if let Some(error) = &state.error {
-                    text.push_str(&format!(" Error: {error}"));
-                }
-                Ok(structured(text, json!(state)))
-            }
+            Ok(Some(state)) => Ok(summary_result(summarize(&state, FULL))),
             Ok(None) => Ok(tool_error(format!(
                 "no build with id {id} (never sent, or too old)"
             ))),
@@ -333,7 +492,10 @@ impl BuildTools {
     }
 
     #[tool(
-        description = "The last lines of a build's log, or of one host's log (use it to explain why a host failed). Bounded in size."
+        title = "Build log",
+        description = "The last lines of a build's log, or of one host's log (use it to explain why a host failed). At most 8 KB; a host that failed to evaluate has its error in build_status instead.",
+        annotations(read_only_hint = true, open_world_hint = false),
+        output_schema = schema_for_output::<LogsOutput>()
     )]
     async fn build_logs(&self, Parameters(args): Parameters<LogsArgs>) -> ToolResult {
         let id = match RequestId::parse(&args.id) {
@@ -343,10 +505,10 @@ impl BuildTools {
         if let Some(Err(err)) = args.host.as_deref().map(Target::parse) {
             return Ok(tool_error(err.to_string()));
         }
-        let wanted = args
-            .lines
-            .unwrap_or(DEFAULT_LOG_LINES)
-            .clamp(1, MAX_LOG_LINES);
+        let wanted = match in_range("lines", args.lines, DEFAULT_LOG_LINES, 1, MAX_LOG_LINES) {
+            Ok(wanted) => wanted,
+            Err(error) => return Ok(error),
+        };
         let js = match self.jetstream().await {
             Ok(js) => js,
             Err(error) => return Ok(error),
@@ -373,8 +535,11 @@ impl BuildTools {
             }
         }
         let mut text = tail.into_iter().collect::<Vec<_>>().join("\n");
-        if text.len() > MAX_LOG_BYTES {
-            let mut start = text.len() - MAX_LOG_BYTES;
+        // Keep the end (where nix puts the cause), with room for the JSON escaping of the copy
+        // in structuredContent.
+        let max = RESULT_MAX_BYTES / 2;
+        if text.len() > max {
+            let mut start = text.len() - max;
             while !text.is_char_boundary(start) {
                 start += 1;
             }
@@ -382,18 +547,28 @@ impl BuildTools {
         }
         if text.is_empty() {
             text = format!(
-                "No log lines for build {id}{}.",
-                args.host.map(|h| format!(" host {h}")).unwrap_or_default()
+                "No log lines for build {id}{}. A host that failed to evaluate has no build log: build_status shows its error.",
+                args.host.as_deref().map(|h| format!(" host {h}")).unwrap_or_default()
             );
         }
-        Ok(structured(
-            text.clone(),
-            json!({ "id": id.to_string(), "log": text }),
-        ))
+        let output = LogsOutput {
+            id: id.to_string(),
+            host: args.host,
+            log: text.clone(),
+        };
+        Ok(structured(text, &output))
     }
 
     #[tool(
-        description = "Build NixOS hosts: repo and target (a host, or \"all\"), optionally a rev or ref. Waits up to wait_secs (default 300) and returns per-host results; if still running then, returns the request id: call build_status. Sends progress notifications (host k of n) when the client gives a progress token."
+        title = "Build NixOS hosts",
+        description = "Build NixOS hosts: repo and target (a host, or \"all\"), optionally a rev or ref. mode \"enqueue\" (default) waits behind other builds of the target; \"replace\" cancels them. Waits up to wait_secs (default 300) and returns per-host results with failed hosts grouped by error; if not finished by then, returns the id and what the build is doing (queued with or without a builder online, running, NATS lost): call build_status. Sends progress notifications (the first one has the request id) when the client gives a progress token.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = false,
+            open_world_hint = false
+        ),
+        output_schema = schema_for_output::<BuildSummary>()
     )]
     async fn build(
         &self,
@@ -416,19 +591,34 @@ impl BuildTools {
             return Ok(tool_error(err.to_string()));
         }
         let mode = match args.mode.as_deref() {
-            None | Some("replace") => Mode::Replace,
-            Some("enqueue") => Mode::Enqueue,
+            None | Some("enqueue") => Mode::Enqueue,
+            Some("replace") => Mode::Replace,
             Some(other) => {
                 return Ok(tool_error(format!(
-                    "mode {other:?} is not \"replace\" or \"enqueue\""
+                    "mode {other:?} is not \"enqueue\" or \"replace\""
                 )))
             }
         };
-        let wait = Duration::from_secs(
-            args.wait_secs
-                .unwrap_or(DEFAULT_WAIT_SECS)
-                .min(MAX_WAIT_SECS),
-        );
+        let priority = match args.priority.as_deref() {
+            None | Some("interactive") => Priority::Interactive,
+            Some("ci") => Priority::Ci,
+            Some("scheduled") => Priority::Scheduled,
+            Some(other) => {
+                return Ok(tool_error(format!(
+                    "priority {other:?} is not \"interactive\", \"ci\" or \"scheduled\""
+                )))
+            }
+        };
+        let wait = match in_range(
+            "wait_secs",
+            args.wait_secs,
+            DEFAULT_WAIT_SECS,
+            0,
+            MAX_WAIT_SECS,
+        ) {
+            Ok(secs) => Duration::from_secs(secs),
+            Err(error) => return Ok(error),
+        };
         let client = match connect(&self.settings).await {
             Ok(client) => client,
             Err(err) => {
@@ -442,54 +632,67 @@ impl BuildTools {
             git_ref: args.git_ref,
             rev: args.rev,
             mode,
+            priority,
             ..Default::default()
         };
         let mut submission = match submit(&client, &repo, &target, options).await {
             Ok(submission) => submission,
             Err(err) => return Ok(tool_error(err.to_string())),
         };
-        let token = meta.get_progress_token();
         let id = submission.id.to_string();
+        let mut progress = ProgressReporter {
+            token: meta.get_progress_token(),
+            peer,
+            last: None,
+        };
+        progress
+            .report(
+                0.0,
+                None,
+                format!(
+                    "request {id} queued ({repo} {target}); build_status with this id follows it"
+                ),
+            )
+            .await;
+        let mut state: Option<RequestState> = None;
+        let mut current = (0, 0);
         let deadline = tokio::time::Instant::now() + wait;
-        loop {
+        let lost = loop {
             let next = tokio::select! {
                 next = submission.events.next() => next,
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Ok(structured(
-                        format!("Build {id} of {repo} {target} is still running after {}s; call build_status with this id.", wait.as_secs()),
-                        json!({ "id": id, "phase": "running" }),
-                    ));
-                }
+                _ = tokio::time::sleep_until(deadline) => break None,
             };
             let event = match next {
                 Some(Ok(event)) => event,
-                Some(Err(err)) => {
-                    return Ok(tool_error(format!(
-                        "following build {id} failed: {err}; call build_status with this id"
-                    )))
-                }
-                None => {
-                    return Ok(tool_error(format!(
-                        "lost the event stream of build {id}; call build_status with this id"
-                    )))
-                }
+                Some(Err(err)) => break Some(format!("following its events failed: {err}")),
+                None => break Some("the event subscription ended".to_owned()),
             };
-            if let (Some(token), EventBody::HostStarted { host, index, total }) =
-                (&token, &event.body)
-            {
-                let progress = ProgressNotificationParam::new(token.clone(), (*index - 1) as f64)
-                    .with_total(*total as f64)
-                    .with_message(format!("host {index} of {total}: {host}"));
-                let _ = peer.notify_progress(progress).await;
+            progress.event(&event, &mut current).await;
+            match &mut state {
+                Some(state) => fold_event(state, &event),
+                None => state = fold_events(std::slice::from_ref(&event)),
             }
             if matches!(event.body, EventBody::Finished { .. }) {
-                return Ok(finished_result(&event));
+                if let Some(state) = &state {
+                    return Ok(summary_result(summarize(state, FULL)));
+                }
             }
-        }
+        };
+        Ok(self
+            .unfinished(&client, &submission.id, &repo, &target, state, lost, wait)
+            .await)
     }
 
     #[tool(
-        description = "Cancel a build by request id: a queued build never starts, a running one is stopped at once. Not a failure."
+        title = "Cancel a build",
+        description = "Cancel a build by request id: a queued build never starts, a running one is stopped at once. Not a failure.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        ),
+        output_schema = schema_for_output::<CancelOutput>()
     )]
     async fn cancel_build(&self, Parameters(args): Parameters<CancelArgs>) -> ToolResult {
         if let Err(err) = RequestId::parse(&args.id) {
@@ -522,7 +725,12 @@ impl BuildTools {
         {
             Ok(Ok(answer)) => {
                 if let Ok(reply) = serde_json::from_slice::<CancelReply>(&answer.payload) {
-                    return Ok(structured(reply.message.clone(), json!(reply)));
+                    let output = CancelOutput {
+                        id: reply.id,
+                        was: reply.was.as_str().to_owned(),
+                        message: reply.message,
+                    };
+                    return Ok(structured(output.message.clone(), &output));
                 }
                 let error = serde_json::from_slice::<ApiError>(&answer.payload)
                     .map(|e| e.error)
@@ -537,53 +745,141 @@ impl BuildTools {
     }
 }
 
-/// A `finished` event as short text an assistant can read aloud, plus the event itself.
-fn finished_result(event: &Event) -> CallToolResult {
-    let EventBody::Finished {
-        status,
-        repo,
-        target,
-        rev,
-        hosts,
-        error,
-        duration_ms,
-        ..
-    } = &event.body
-    else {
-        return tool_error("unexpected event");
-    };
-    let mut text = format!(
-        "Build {} of {repo} {target} {} in {:.1}s{}.",
-        event.id,
-        status.as_str(),
-        *duration_ms as f64 / 1000.0,
-        rev.as_deref()
-            .map(|r| format!(" at {}", r.get(..12).unwrap_or(r)))
-            .unwrap_or_default()
-    );
-    for host in hosts {
-        text.push_str(&format!(
-            "\n- {}: {} ({:.1}s)",
-            host.name,
-            host.status.as_str(),
-            host.duration_ms as f64 / 1000.0
-        ));
-        if let Some(error) = &host.error {
-            let excerpt: Vec<&str> = error
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            text.push_str(&format!(": {}", excerpt.join(" / ")));
+impl BuildTools {
+    /// The result of a `build` call that stopped waiting before `finished`: what the build is
+    /// doing now, read from the streams, and why it is not done.
+    #[allow(clippy::too_many_arguments)]
+    async fn unfinished(
+        &self,
+        client: &async_nats::Client,
+        id: &RequestId,
+        repo: &RepoName,
+        target: &Target,
+        followed: Option<RequestState>,
+        lost: Option<String>,
+        waited: Duration,
+    ) -> CallToolResult {
+        let js = async_nats::jetstream::new(client.clone());
+        let nats_down = client.connection_state() != State::Connected;
+        let read = if nats_down {
+            None
+        } else {
+            tokio::time::timeout(Duration::from_secs(10), request_state(&js, id))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
+        };
+        let state = read.or(followed);
+        let why = match (&lost, nats_down) {
+            (_, true) => format!(
+                "The connection to NATS is lost, so its phase is unknown; the build goes on if a builder has it. Call build_status with id {id} once NATS is back."
+            ),
+            (Some(reason), false) => format!("Stopped following it: {reason}."),
+            (None, false) => format!("Not finished after waiting {}s.", waited.as_secs()),
+        };
+        let Some(state) = state else {
+            let mut summary = summarize(&blank(id, repo, target), FULL);
+            summary.phase = "queued".to_owned();
+            summary.note = Some(why);
+            return summary_result(summary);
+        };
+        let now = match state.phase {
+            RequestPhase::Queued if !nats_down => {
+                let builders = list_builders(&js).await.unwrap_or_default();
+                let now = OffsetDateTime::now_utc();
+                let online: Vec<&str> = builders
+                    .iter()
+                    .filter(|b| {
+                        b.repos.iter().any(|r| r == repo.as_str())
+                            && (now - b.heartbeat).whole_seconds() <= BUILDER_LOST_AFTER_SECS
+                    })
+                    .map(|b| b.name.as_str())
+                    .collect();
+                if online.is_empty() {
+                    format!(" It is queued, and no builder serving {repo} is online (none announced itself in the last {BUILDER_LOST_AFTER_SECS}s): it starts when one comes.")
+                } else {
+                    format!(
+                        " It is queued behind other builds; builders serving {repo}: {}.",
+                        online.join(", ")
+                    )
+                }
+            }
+            RequestPhase::Running => " It is running.".to_owned(),
+            _ => String::new(),
+        };
+        let mut summary = summarize(&state, FULL);
+        summary.note = Some(format!("{why}{now}"));
+        summary_result(summary)
+    }
+}
+
+/// A state with only the id, repo and target, for a request no stream answers about.
+fn blank(id: &RequestId, repo: &RepoName, target: &Target) -> RequestState {
+    RequestState {
+        id: id.to_string(),
+        repo: repo.to_string(),
+        target: target.to_string(),
+        phase: RequestPhase::Queued,
+        queue_position: None,
+        rev: None,
+        builder: None,
+        requested_by: None,
+        queued_at: OffsetDateTime::now_utc(),
+        started_at: None,
+        finished_at: None,
+        current_host: None,
+        hosts: Default::default(),
+        host_results: Vec::new(),
+        derivations: Default::default(),
+        error: None,
+        last_seq: 0,
+    }
+}
+
+fn summary_result(summary: BuildSummary) -> CallToolResult {
+    structured(summary_text(&summary), &summary)
+}
+
+/// A page of `list_builds` that fits in [`RESULT_MAX_BYTES`]: cut short (with a cursor to the
+/// rest) when the entries do not fit.
+fn builds_page(states: &[RequestState], next_cursor: Option<String>) -> (BuildsOutput, String) {
+    let mut keep = states.len();
+    loop {
+        let builds: Vec<BuildSummary> = states[..keep].iter().map(|s| summarize(s, LIST)).collect();
+        let cursor = if keep < states.len() {
+            states[..keep]
+                .last()
+                .map(|last| BuildsCursor::after(last).to_string())
+        } else {
+            next_cursor.clone()
+        };
+        let output = BuildsOutput {
+            builds,
+            next_cursor: cursor,
+        };
+        let size = serde_json::to_vec(&output).map(|v| v.len()).unwrap_or(0);
+        if size <= RESULT_MAX_BYTES || keep <= 1 {
+            let mut text = if output.builds.is_empty() {
+                "No builds.".to_owned()
+            } else {
+                output
+                    .builds
+                    .iter()
+                    .map(list_line)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            if let Some(cursor) = &output.next_cursor {
+                text.push_str(&format!(
+                    "\nMore builds: call list_builds with cursor {cursor:?}."
+                ));
+            }
+            text.push_str("\nbuild_status with an id gives that build in full.");
+            return (output, cap_text(text, ""));
         }
+        keep = (keep * RESULT_MAX_BYTES / size).clamp(1, keep - 1);
     }
-    if let Some(error) = error {
-        text.push_str(&format!("\nError: {error}"));
-    }
-    structured(text, serde_json::to_value(event).unwrap_or(Value::Null))
 }
 
 #[tool_handler(router = self.tool_router)]
@@ -592,7 +888,7 @@ impl ServerHandler for BuildTools {
         let mut instructions = "homelab-deploy builds NixOS hosts of flake repos on a fleet of builders. Use list_repos_and_hosts to see what can be built, list_builds and build_status to see builds, build_logs to explain a failure.".to_owned();
         if self.enable_builds {
             instructions.push_str(
-                " build starts a build (default mode replace) and cancel_build stops one.",
+                " build starts a build (default mode enqueue: it waits behind other builds of the same target; mode replace cancels them) and cancel_build stops one.",
             );
         } else {
             instructions.push_str(

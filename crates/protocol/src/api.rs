@@ -4,11 +4,16 @@
 //! | subject | served by | body → reply |
 //! | --- | --- | --- |
 //! | `build.api.v1.status` | any builder (queue group) | [`StatusQuery`] → [`RequestState`] or [`ApiError`] |
-//! | `build.api.v1.builds` | any builder (queue group) | [`BuildsQuery`] → [`BuildList`] |
+//! | `build.api.v1.builds` | any builder (queue group) | [`BuildsQuery`] → [`BuildList`] (one page) or [`ApiError`] |
 //! | `build.api.v1.builders` | any builder (queue group) | `{}` → [`BuilderList`] |
 //! | `build.api.v1.cancel` | any builder (queue group) | [`CancelRequest`] → [`CancelReply`] or [`ApiError`] |
 //! | `build.api.builder.<name>.cancel` | builder `<name>` | [`CancelRequest`] → [`CancelReply`] |
 //! | `build.api.builder.<name>.drain` | builder `<name>` | `{}` → [`DrainReply`] |
+//!
+//! Every reply fits the server's `max_payload`: a page of builds is cut short (with
+//! [`BuildList::next_cursor`]) and any other reply too large becomes an [`ApiError`] with code
+//! [`ERROR_TOO_LARGE`]. A builder answers at most a few queries at once; the rest get an
+//! [`ApiError`] with code [`ERROR_BUSY`] at once.
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -54,10 +59,27 @@ pub fn check_builder_name(name: &str) -> Result<(), NameError> {
     }
 }
 
+/// Default page size of `builds` when the query names no `limit`.
+pub const DEFAULT_BUILDS_LIMIT: usize = 20;
+/// Largest `limit` a `builds` query may ask for; more is refused with [`ERROR_INVALID`] (page
+/// with `cursor` instead).
+pub const MAX_BUILDS_LIMIT: usize = 200;
+
+/// [`ApiError::code`]: the builder is answering as many queries as it allows; retry in a moment.
+pub const ERROR_BUSY: &str = "busy";
+/// [`ApiError::code`]: the reply would not fit the server's `max_payload`.
+pub const ERROR_TOO_LARGE: &str = "too_large";
+/// [`ApiError::code`]: the query itself is not valid (bad JSON, `limit` out of range, bad cursor).
+pub const ERROR_INVALID: &str = "invalid";
+
 /// Any API reply that failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     pub error: String,
+    /// Machine-readable kind, when there is one: [`ERROR_BUSY`], [`ERROR_TOO_LARGE`],
+    /// [`ERROR_INVALID`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +152,16 @@ pub struct DerivationCounts {
     pub failed: u64,
 }
 
+/// The outcome of one finished host of a request, slim enough for lists: its status and the
+/// end of its error ([`crate::error_excerpt`]); the whole log is on the logs subject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostOutcome {
+    pub name: String,
+    pub status: crate::HostStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// The state of one request, from the streams.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestState {
@@ -164,6 +196,10 @@ pub struct RequestState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_host: Option<String>,
     pub hosts: HostCounts,
+    /// Each finished host's status and error excerpt, in the order they finished (evaluation
+    /// failures included); empty until a host finishes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_results: Vec<HostOutcome>,
     pub derivations: DerivationCounts,
     /// Why it failed or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -178,14 +214,61 @@ pub struct BuildsQuery {
     pub repo: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<RequestPhase>,
+    /// Page size: 1 to [`MAX_BUILDS_LIMIT`] (default [`DEFAULT_BUILDS_LIMIT`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+    /// Where the page starts: the `next_cursor` of the page before; absent for the newest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BuildList {
     /// Newest first.
     pub builds: Vec<RequestState>,
+    /// More builds follow: pass this as `cursor` for the next page. Absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A page cursor: the `queued_at` (Unix nanoseconds) and id of the last build of a page. Builds
+/// are ordered newest `queued_at` first, then by id, so a cursor stays valid while new requests
+/// arrive.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BuildsCursor {
+    pub queued_at_ns: i128,
+    pub id: String,
+}
+
+impl BuildsCursor {
+    /// The cursor that continues after `state`.
+    pub fn after(state: &RequestState) -> Self {
+        Self {
+            queued_at_ns: state.queued_at.unix_timestamp_nanos(),
+            id: state.id.clone(),
+        }
+    }
+
+    /// Whether `state` comes after this cursor in list order (newest first, then by id).
+    pub fn precedes(&self, state: &RequestState) -> bool {
+        let at = state.queued_at.unix_timestamp_nanos();
+        at < self.queued_at_ns || (at == self.queued_at_ns && state.id > self.id)
+    }
+
+    /// Reads a cursor written by [`BuildsCursor::to_string`].
+    pub fn parse(text: &str) -> Option<Self> {
+        let (at, id) = text.split_once(':')?;
+        Some(Self {
+            queued_at_ns: at.parse().ok()?,
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for BuildsCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.queued_at_ns, self.id)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

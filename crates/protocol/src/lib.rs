@@ -10,15 +10,18 @@
 //!   or a refusal.
 //! - [`event`]: lifecycle events and log batches a builder publishes.
 //! - [`api`]: the control API under `build.api.>` and the fleet registry.
+//! - [`summary`]: short forms of host failures (excerpts, grouped errors) for lists and tools.
 
 pub mod api;
 pub mod event;
 pub mod request;
 pub mod subject;
+pub mod summary;
 
 pub use event::{BuildStatus, Event, EventBody, HostResult, HostStatus, LogBatch};
 pub use request::{BuildRequest, Mode, ParsedRequest, Priority, Refusal};
 pub use subject::{NameError, RepoName, RequestId, Target};
+pub use summary::{error_excerpt, group_failures, FailureGroup};
 
 /// Bumped on an incompatible change of any subject, request field or event.
 pub const PROTOCOL_VERSION: u32 = 1;

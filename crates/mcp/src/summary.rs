@@ -1,0 +1,415 @@
+//! What the tools return: slim summaries whose JSON schema is each tool's `outputSchema`, and
+//! the short text beside them. Both stay within [`RESULT_MAX_BYTES`] however many hosts failed:
+//! identical errors are grouped, excerpts are cut, and each result says which call has more.
+
+use homelab_deploy_protocol::api::{BuilderInfo, RequestState, BUILDER_LOST_AFTER_SECS};
+use homelab_deploy_protocol::{error_excerpt, group_failures};
+use rmcp::schemars::{self, JsonSchema};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+/// Most bytes of a result's text, and of its `structuredContent`: about 2,000 tokens each, so
+/// a build of 300 failing hosts reads as a page, not as tens of thousands of tokens.
+pub const RESULT_MAX_BYTES: usize = 8 * 1024;
+
+/// How much of a request a summary shows.
+#[derive(Debug, Clone, Copy)]
+pub struct Detail {
+    /// Failure groups shown (the rest are counted).
+    pub groups: usize,
+    /// Host names shown per group (the rest are counted).
+    pub names: usize,
+    /// Characters of each group's error excerpt.
+    pub excerpt_chars: usize,
+    /// Up to this many hosts, every host's status is listed.
+    pub host_lines: usize,
+}
+
+/// One request on its own (`build`, `build_status`).
+pub const FULL: Detail = Detail {
+    groups: 6,
+    names: 20,
+    excerpt_chars: 400,
+    host_lines: 30,
+};
+
+/// One entry of `list_builds`.
+pub const LIST: Detail = Detail {
+    groups: 2,
+    names: 5,
+    excerpt_chars: 160,
+    host_lines: 0,
+};
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Counts across a request's hosts.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct HostTotals {
+    pub total: u64,
+    pub done: u64,
+    pub built: u64,
+    pub cached: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub running: u64,
+    pub queued: u64,
+}
+
+/// Derivations of the host being built, from the builder's last `progress` event.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Derivations {
+    pub done: u64,
+    pub expected: u64,
+}
+
+/// Hosts that failed with the same status and the same error (store hashes and the host's own
+/// name aside).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Failure {
+    #[schemars(extend("enum" = ["build_failed", "eval_failed", "timed_out", "cancelled"]))]
+    pub status: String,
+    /// The end of the first host's error; `build_logs` with that host has the whole log.
+    pub error: String,
+    /// The first hosts that failed this way.
+    pub hosts: Vec<String>,
+    /// How many more hosts failed this way (not named).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub more_hosts: usize,
+}
+
+/// One host and its status.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct HostLine {
+    pub name: String,
+    #[schemars(extend("enum" = ["built", "cached", "build_failed", "eval_failed", "cancelled", "timed_out"]))]
+    pub status: String,
+}
+
+/// A build request as an assistant needs it.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct BuildSummary {
+    pub id: String,
+    pub repo: String,
+    pub target: String,
+    #[schemars(extend("enum" = ["queued", "running", "succeeded", "failed", "cancelled"]))]
+    pub phase: String,
+    /// 1-based place among the repo's queued requests, when queued.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub builder: Option<String>,
+    /// The host being evaluated or built, when running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_host: Option<String>,
+    pub hosts: HostTotals,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub derivations: Option<Derivations>,
+    /// Every finished host's status, when the request has few hosts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<HostLine>,
+    /// Failed hosts grouped by identical error (evaluation errors included).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<Failure>,
+    /// Further distinct errors not shown.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub more_failures: usize,
+    /// Why the whole request failed or was cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What is happening now, when a `build` call stopped waiting before the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Which call gives more.
+    pub details: String,
+}
+
+/// The summary of `state` at `detail`.
+pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
+    let groups = group_failures(
+        state
+            .host_results
+            .iter()
+            .map(|h| (h.name.as_str(), h.status, h.error.as_deref())),
+    );
+    let more_failures = groups.len().saturating_sub(detail.groups);
+    let failures: Vec<Failure> = groups
+        .into_iter()
+        .take(detail.groups)
+        .map(|group| Failure {
+            status: group.status.as_str().to_owned(),
+            error: error_excerpt(&group.error, detail.excerpt_chars),
+            more_hosts: group.hosts.len().saturating_sub(detail.names),
+            hosts: group.hosts.into_iter().take(detail.names).collect(),
+        })
+        .collect();
+    let results = if state.host_results.len() <= detail.host_lines {
+        state
+            .host_results
+            .iter()
+            .map(|h| HostLine {
+                name: h.name.clone(),
+                status: h.status.as_str().to_owned(),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let running = state.phase.as_str() == "running";
+    let details = match (&failures.first(), running) {
+        (_, true) => format!("build_status with id {} follows it", state.id),
+        (Some(failure), _) => format!(
+            "build_logs with id {} and host {} has that host's whole log",
+            state.id,
+            failure.hosts.first().map(String::as_str).unwrap_or("…")
+        ),
+        (None, false) => format!("build_logs with id {} has the build log", state.id),
+    };
+    let h = &state.hosts;
+    BuildSummary {
+        id: state.id.clone(),
+        repo: state.repo.clone(),
+        target: state.target.clone(),
+        phase: state.phase.as_str().to_owned(),
+        queue_position: state.queue_position,
+        rev: state.rev.clone(),
+        builder: state.builder.clone(),
+        current_host: state.current_host.clone(),
+        hosts: HostTotals {
+            total: h.total,
+            done: h.done,
+            built: h.built,
+            cached: h.cached,
+            failed: h.failed,
+            cancelled: h.cancelled,
+            running: h.running,
+            queued: h.queued,
+        },
+        derivations: (running && state.derivations.expected > 0).then_some(Derivations {
+            done: state.derivations.done,
+            expected: state.derivations.expected,
+        }),
+        results,
+        failures,
+        more_failures,
+        error: state
+            .error
+            .as_deref()
+            .map(|error| error_excerpt(error, detail.excerpt_chars.max(400))),
+        note: None,
+        details,
+    }
+}
+
+/// The summary as text an assistant can read aloud, at most [`RESULT_MAX_BYTES`].
+pub fn summary_text(summary: &BuildSummary) -> String {
+    let mut text = format!(
+        "Build {} of {} {}: {}",
+        summary.id, summary.repo, summary.target, summary.phase
+    );
+    if let Some(position) = summary.queue_position {
+        text.push_str(&format!(", position {position} in the queue"));
+    }
+    if let Some(rev) = &summary.rev {
+        text.push_str(&format!(", rev {}", rev.get(..12).unwrap_or(rev)));
+    }
+    if let Some(builder) = &summary.builder {
+        text.push_str(&format!(", builder {builder}"));
+    }
+    text.push('.');
+    if let Some(note) = &summary.note {
+        text.push_str(&format!("\n{note}"));
+    }
+    let h = &summary.hosts;
+    if h.total > 0 {
+        text.push_str(&format!(
+            "\nHosts: {} of {} done ({} built, {} cached, {} failed, {} cancelled).",
+            h.done, h.total, h.built, h.cached, h.failed, h.cancelled
+        ));
+    }
+    if let Some(host) = &summary.current_host {
+        text.push_str(&format!("\nBuilding {host}"));
+        if let Some(d) = &summary.derivations {
+            text.push_str(&format!(": {}/{} derivations", d.done, d.expected));
+        }
+        text.push('.');
+    }
+    for line in &summary.results {
+        text.push_str(&format!("\n- {}: {}", line.name, line.status));
+    }
+    for failure in &summary.failures {
+        let count = failure.hosts.len() + failure.more_hosts;
+        let more = if failure.more_hosts > 0 {
+            format!(" and {} more", failure.more_hosts)
+        } else {
+            String::new()
+        };
+        text.push_str(&format!(
+            "\n{count} host{} {} ({}{more}):\n  {}",
+            if count == 1 { "" } else { "s" },
+            failure.status,
+            failure.hosts.join(", "),
+            failure.error.replace('\n', "\n  ")
+        ));
+    }
+    if summary.more_failures > 0 {
+        text.push_str(&format!(
+            "\n{} more distinct errors not shown.",
+            summary.more_failures
+        ));
+    }
+    if let Some(error) = &summary.error {
+        text.push_str(&format!("\nError: {error}"));
+    }
+    text.push_str(&format!("\nMore: {}.", summary.details));
+    cap_text(text, &summary.id)
+}
+
+/// `text` cut to [`RESULT_MAX_BYTES`], saying where the rest is.
+pub fn cap_text(text: String, id: &str) -> String {
+    if text.len() <= RESULT_MAX_BYTES {
+        return text;
+    }
+    let tail = format!("\n… (cut; build_status and build_logs with id {id} give the details)");
+    let mut end = RESULT_MAX_BYTES - tail.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{tail}", &text[..end])
+}
+
+/// One line of `list_builds`.
+pub fn list_line(summary: &BuildSummary) -> String {
+    let mut line = format!(
+        "{} {} {}: {}",
+        summary.id, summary.repo, summary.target, summary.phase
+    );
+    if let Some(position) = summary.queue_position {
+        line.push_str(&format!(" #{position}"));
+    }
+    line.push_str(&format!(
+        " ({}/{} hosts done",
+        summary.hosts.done, summary.hosts.total
+    ));
+    if summary.hosts.failed > 0 {
+        line.push_str(&format!(", {} failed", summary.hosts.failed));
+    }
+    line.push(')');
+    if let Some(failure) = summary.failures.first() {
+        let last = failure.error.lines().last().unwrap_or_default();
+        line.push_str(&format!(
+            "; {} {}: {}",
+            failure.hosts.first().map(String::as_str).unwrap_or("?"),
+            failure.status,
+            last.chars().take(120).collect::<String>()
+        ));
+    } else if let Some(error) = &summary.error {
+        let last = error.lines().last().unwrap_or_default();
+        line.push_str(&format!("; {}", last.chars().take(120).collect::<String>()));
+    }
+    line
+}
+
+/// A builder as an assistant needs it.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct BuilderSummary {
+    pub name: String,
+    pub version: String,
+    /// `idle`, `building`, `draining`, `starting`; `lost` when its heartbeat is older than 30 s.
+    pub states: Vec<String>,
+    /// Request ids it is building.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub building: Vec<String>,
+    pub repos: Vec<String>,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age_secs: i64,
+    pub lost: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vault_error: Option<String>,
+}
+
+impl BuilderSummary {
+    pub fn new(info: &BuilderInfo, now: OffsetDateTime) -> Self {
+        let age = (now - info.heartbeat).whole_seconds().max(0);
+        let lost = age > BUILDER_LOST_AFTER_SECS;
+        Self {
+            name: info.name.clone(),
+            version: info.version.clone(),
+            states: if lost {
+                vec!["lost".to_owned()]
+            } else {
+                info.states.iter().map(|s| s.label().to_owned()).collect()
+            },
+            building: info
+                .states
+                .iter()
+                .filter_map(|s| match s {
+                    homelab_deploy_protocol::api::BuilderState::Building { id, .. } => {
+                        Some(id.clone())
+                    }
+                    _ => None,
+                })
+                .collect(),
+            repos: info.repos.clone(),
+            heartbeat_age_secs: age,
+            lost,
+            vault_error: info
+                .vault_error
+                .as_deref()
+                .map(|error| error_excerpt(error, 200)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use homelab_deploy_protocol::api::{HostOutcome, RequestPhase};
+    use homelab_deploy_protocol::HostStatus;
+
+    fn failed_state(hosts: usize) -> RequestState {
+        let error =
+            "error: builder for '/nix/store/0123456789abcdefghijklmnopqrstuv-x.drv' failed\n"
+                .repeat(3)
+                + &"y".repeat(3000);
+        let mut state: RequestState = serde_json::from_value(serde_json::json!({
+            "id": "REQUEST01", "repo": "demo", "target": "all", "phase": "failed",
+            "queued_at": "2026-11-23T10:00:00Z",
+            "hosts": {"total": hosts, "done": hosts, "built": 0, "cached": 0, "running": 0,
+                      "failed": hosts, "cancelled": 0, "queued": 0},
+            "derivations": {"done": 0, "expected": 0, "running": 0, "failed": 0},
+            "last_seq": 1
+        }))
+        .expect("state");
+        state.phase = RequestPhase::Failed;
+        state.host_results = (0..hosts)
+            .map(|i| HostOutcome {
+                name: format!("host{i:03}"),
+                status: if i % 2 == 0 {
+                    HostStatus::BuildFailed
+                } else {
+                    HostStatus::EvalFailed
+                },
+                error: Some(error.clone()),
+            })
+            .collect();
+        state
+    }
+
+    #[test]
+    fn three_hundred_failures_stay_small() {
+        let summary = summarize(&failed_state(300), FULL);
+        assert_eq!(summary.failures.len(), 2);
+        assert_eq!(summary.failures[0].more_hosts, 150 - FULL.names);
+        let json = serde_json::to_string(&summary).expect("json");
+        assert!(json.len() < RESULT_MAX_BYTES, "{}", json.len());
+        let text = summary_text(&summary);
+        assert!(text.len() <= RESULT_MAX_BYTES);
+        assert!(text.contains("150 hosts build_failed"), "{text}");
+        assert!(text.contains("build_logs"), "{text}");
+    }
+}
