@@ -16,8 +16,7 @@ use homelab_deploy_protocol::subject::{
     consumer_name, parse_request_subject, EVENTS_STREAM, MSG_ID_HEADER, REQUESTS_STREAM,
 };
 use homelab_deploy_protocol::{
-    error_excerpt, BuildRequest, Event, EventBody, HostResult, HostStatus, Mode, RequestId,
-    Target,
+    error_excerpt, BuildRequest, Event, EventBody, HostResult, HostStatus, Mode, RequestId, Target,
 };
 use time::OffsetDateTime;
 
