@@ -12,6 +12,9 @@ MIN_NATS_SERVER="2.10"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$ROOT/.tools"
 export PATH="$TOOLS/bin:$HOME/.cargo/bin:$PATH"
+# A one-off build (CI, a fresh clone) gains nothing from incremental state, which roughly doubles
+# target/; a developer can still turn it on.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 # Flakes on and no substituters for our own nix runs (no network here); the machine's nix.conf
 # stays as it is.
 export NIX_CONFIG="experimental-features = nix-command flakes
