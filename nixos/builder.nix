@@ -3,6 +3,7 @@
 let
   inherit (lib) mkOption mkEnableOption mkIf mkDefault types literalExpression;
   cfg = config.services.homelab-deploy.builder;
+  ephemeral = cfg.session.maxBuilds != null || cfg.session.idleExit != null || cfg.session.lifetime != null;
   settingsFormat = pkgs.formats.toml { };
   token = types.strMatching "[A-Za-z0-9_-]{1,64}";
   optional = type: description: mkOption { type = types.nullOr type; default = null; inherit description; };
@@ -194,6 +195,32 @@ in
       '';
     };
 
+    session = {
+      maxBuilds = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = ''
+          Make this an ephemeral builder that takes at most this many requests, finishes them
+          and exits (`--max-builds`; 1 is `--once`). Any session option shows the builder as
+          ephemeral in the registry and keeps its state in `state_dir/sessions/NAME`, removed at
+          exit. The unit then counts exit 1 (a build it took failed) as success: pair it with a
+          timer that starts it when the queue is deep (docs/operations.md).
+        '';
+      };
+      idleExit = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "10m";
+        description = "Exit once no request has been running or taken for this long (`--idle-exit`).";
+      };
+      lifetime = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "2h";
+        description = "Take requests for this long, then finish the running ones and exit (`--lifetime`).";
+      };
+    };
+
     environmentFiles = mkOption {
       # Strings, not paths: a path literal would copy the secrets into the world-readable store.
       type = types.listOf types.str;
@@ -308,7 +335,12 @@ in
       path = [ config.nix.package pkgs.git pkgs.openssh ];
       environment.NIX_REMOTE = "daemon";
       serviceConfig = {
-        ExecStart = "${cfg.package}/bin/homelab-deploy builder --config ${configFile}";
+        ExecStart = lib.concatStringsSep " " ([ "${cfg.package}/bin/homelab-deploy builder --config ${configFile}" ]
+          ++ lib.optional (cfg.session.maxBuilds != null) "--max-builds ${toString cfg.session.maxBuilds}"
+          ++ lib.optional (cfg.session.idleExit != null) "--idle-exit ${lib.escapeShellArg cfg.session.idleExit}"
+          ++ lib.optional (cfg.session.lifetime != null) "--lifetime ${lib.escapeShellArg cfg.session.lifetime}");
+        # A session builder's verdict (1: a build it took failed) is no unit failure.
+        SuccessExitStatus = lib.mkIf ephemeral "1";
         # READY=1 once the streams and consumers are set up (units ordered after the builder
         # start then), STOPPING=1 when it stops.
         Type = "notify";

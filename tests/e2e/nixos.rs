@@ -478,3 +478,48 @@ fn flake_outputs_evaluate_without_nixpkgs() {
     assert_eq!(package["srcHasLock"], true);
     assert_eq!(package["srcHasCli"], true);
 }
+
+/// An on-demand builder: the session options become `--max-builds`, `--idle-exit` and
+/// `--lifetime` flags the binary accepts, and exit 1 (a build it took failed) is no unit failure;
+/// a long-running builder has neither.
+#[test]
+fn session_options_make_an_ephemeral_builder() {
+    let module = |session: &str| {
+        format!(
+            r#"{{
+              services.homelab-deploy.builder = {{
+                enable = true;
+                repos.nixos-servers.url = "git+https://git.example.org/torjus/nixos-servers.git";
+                {session}
+              }};
+            }}"#
+        )
+    };
+    let summary = evaluate(&module(
+        r#"session = { maxBuilds = 3; idleExit = "10m"; lifetime = "2h"; };"#,
+    ))
+    .unwrap_or_else(|err| panic!("{err}"));
+    let unit = &summary["services"]["homelab-deploy-builder"]["serviceConfig"];
+    let exec = unit["ExecStart"].as_str().expect("ExecStart");
+    assert!(
+        exec.ends_with("--max-builds 3 --idle-exit 10m --lifetime 2h"),
+        "{exec}"
+    );
+    assert_eq!(unit["SuccessExitStatus"], "1");
+    let file = summary["builderConfigFile"].as_str().expect("config file");
+    let args: Vec<&str> = exec
+        .split_whitespace()
+        .skip(1)
+        .map(|a| a.trim_matches('\''))
+        .collect();
+    let check = Command::new(bin())
+        .args(&args)
+        .arg("--check")
+        .output()
+        .expect("check");
+    assert!(check.status.success(), "{}\n{file}", text(&check).1);
+
+    let summary = evaluate(&module("")).unwrap_or_else(|err| panic!("{err}"));
+    let unit = &summary["services"]["homelab-deploy-builder"]["serviceConfig"];
+    assert!(unit.get("SuccessExitStatus").is_none(), "{unit:#}");
+}

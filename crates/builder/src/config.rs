@@ -102,9 +102,13 @@ pub struct NatsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BuilderConfig {
-    /// Shown in `started` events and the fleet list.
-    pub name: String,
-    /// Git mirrors and GC roots of built hosts live here.
+    /// Shown in `started` events and the fleet list. Required, except for an ephemeral
+    /// builder (`--once`, `--max-builds`, `--idle-exit`, `--lifetime`), which takes a generated
+    /// unique name when it has none.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Git mirrors and GC roots of built hosts live here. An ephemeral builder keeps its own
+    /// in `sessions/<name>` below it and removes that when it exits.
     pub state_dir: PathBuf,
     /// Requests this builder runs at once.
     #[serde(default = "default_max_concurrent_requests")]
@@ -512,7 +516,7 @@ impl Config {
                 format!("{message}; e.g. nats://127.0.0.1:4222"),
             ));
         }
-        if let Err(err) = check_builder_name(&self.builder.name) {
+        if let Some(Err(err)) = self.builder.name.as_deref().map(check_builder_name) {
             return Err(invalid(
                 "builder.name".into(),
                 format!("{err}; it names the builder's control subjects"),

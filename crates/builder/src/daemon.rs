@@ -4,7 +4,8 @@
 //! streams and one durable consumer per repo. Then one pull loop per repo takes one request at a
 //! time, only while a build slot is free, so a busy builder never holds requests another builder
 //! could start. Shutdown: [`Stop::Drain`] stops pulling and lets running builds finish;
-//! [`Stop::Abort`] kills running builds and puts their requests back in the queue.
+//! [`Stop::Abort`] kills running builds and puts their requests back in the queue. An ephemeral
+//! builder's [`Session`] limits drain it by themselves.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use crate::git::Mirror;
 use crate::job::{Jobs, ServedRepo};
 use crate::nix::Nix;
 use crate::registry::Registry;
+use crate::session::{Session, SessionDir, SessionReport, Tracker};
 
 /// How long one pull waits for a request; also the longest a drain waits for a pull to end.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
@@ -61,13 +63,20 @@ pub enum DaemonError {
     Metrics(#[from] crate::metrics::MetricsError),
 }
 
-/// Runs the builder until `external_stop` (signals) or a drain request over NATS asks it to end;
-/// returns once every running build is done.
+/// Runs the builder until `external_stop` (signals), a drain request over NATS or a limit of
+/// `session` asks it to end; returns what the session did once every running build is done.
 pub async fn run(
     config: Config,
+    session: Session,
     mut external_stop: watch::Receiver<Stop>,
-) -> Result<(), DaemonError> {
+) -> Result<SessionReport, DaemonError> {
     let (stop_tx, mut stop) = watch::channel(*external_stop.borrow());
+    let tracker = Tracker::new(&session, stop_tx.clone());
+    let name = session.builder_name(config.builder.name.as_deref());
+    let state_dir = session.state_dir(&config.builder.state_dir, &name);
+    let _session_dir = session
+        .is_ephemeral()
+        .then(|| SessionDir(state_dir.clone()));
     let follow_tx = stop_tx.clone();
     tokio::spawn(async move {
         while external_stop.changed().await.is_ok() {
@@ -86,12 +95,12 @@ pub async fn run(
         info!(%listen, "serving metrics");
     }
     crate::metrics::builder_state("starting");
-    std::fs::create_dir_all(&config.builder.state_dir).map_err(|source| DaemonError::StateDir {
-        path: config.builder.state_dir.display().to_string(),
+    std::fs::create_dir_all(&state_dir).map_err(|source| DaemonError::StateDir {
+        path: state_dir.display().to_string(),
         source,
     })?;
     // Whatever a builder that died here left running holds nix's locks: end it before starting.
-    let pid_dir = config.builder.state_dir.join("processes");
+    let pid_dir = state_dir.join("processes");
     let ended = {
         let pid_dir = pid_dir.clone();
         tokio::task::spawn_blocking(move || crate::process::end_leftovers(&pid_dir))
@@ -102,15 +111,15 @@ pub async fn run(
         warn!(pids = ?ended, "ended processes a previous builder left running");
     }
     // The GC roots of requests a previous builder did not finish: theirs to hold no more.
-    let _ = std::fs::remove_dir_all(crate::job::DrvRoots::parent(&config.builder.state_dir));
+    let _ = std::fs::remove_dir_all(crate::job::DrvRoots::parent(&state_dir));
     let nix = Nix::detect(&config.builder.nix)
         .await?
         .with_pid_dir(pid_dir)
         .with_eval_memory_limit(config.evaluation().memory_limit)
-        .with_git_config(crate::git::nix_git_config(&config.builder.state_dir));
+        .with_git_config(crate::git::nix_git_config(&state_dir));
 
     let vault = config.vault_settings().map(VaultSeed::new);
-    let client = connect_with_retry(&config, vault.clone(), &mut stop).await?;
+    let client = connect_with_retry(&config, &name, vault.clone(), &mut stop).await?;
     let vault_refresher = vault
         .clone()
         .map(|vault| tokio::spawn(refresh_vault_seed(vault)));
@@ -129,11 +138,7 @@ pub async fn run(
     let served = repos
         .into_iter()
         .map(|repo| {
-            let mirror = Mirror::new(
-                &config.builder.state_dir,
-                repo.name.as_str(),
-                repo.config.git_source(),
-            );
+            let mirror = Mirror::new(&state_dir, repo.name.as_str(), repo.config.git_source());
             let options: Vec<(String, String)> = repo
                 .config
                 .nix_options
@@ -158,8 +163,8 @@ pub async fn run(
     // Keep-alives well inside the ack wait; also how fast a newer `replace` request is noticed.
     let watch_interval = (config.request_ack_wait() / 4).min(Duration::from_secs(2));
     let jobs = Arc::new(Jobs {
-        builder_name: config.builder.name.clone(),
-        state_dir: config.builder.state_dir.clone(),
+        builder_name: name.clone(),
+        state_dir: state_dir.clone(),
         nix,
         publisher: Publisher::new(js.clone()),
         timeouts: config.timeouts(),
@@ -175,10 +180,11 @@ pub async fn run(
     });
     let registry = Registry::open(
         &js,
-        &config.builder.name,
+        &name,
         repo_names.iter().map(|r| r.to_string()).collect(),
         config.streams.replicas,
         vault,
+        session.is_ephemeral(),
     )
     .await?;
     for repo in repo_names.clone() {
@@ -199,8 +205,16 @@ pub async fn run(
         jobs.clone(),
         stop_tx.clone(),
     ));
+    // Both limits count from here: waiting for NATS or Vault is no part of a session.
+    let idle_exit = session
+        .idle_exit
+        .map(|idle| tokio::spawn(tracker.clone().idle_exit(idle)));
+    let lifetime = session
+        .lifetime
+        .map(|lifetime| tokio::spawn(tracker.clone().lifetime(lifetime)));
     info!(
-        builder = %config.builder.name,
+        builder = %name,
+        ephemeral = session.is_ephemeral(),
         repos = ?repo_names.iter().map(RepoName::as_str).collect::<Vec<_>>(),
         nix_version = %jobs.nix.version,
         slots = config.builder.max_concurrent_requests,
@@ -217,6 +231,7 @@ pub async fn run(
             consumer,
             slots.clone(),
             jobs.clone(),
+            tracker.clone(),
             stop.clone(),
         ));
     }
@@ -254,13 +269,19 @@ pub async fn run(
     }
     api_task.abort();
     sampler.abort();
-    if let Some(refresher) = vault_refresher {
-        refresher.abort();
+    for task in [vault_refresher, idle_exit, lifetime].into_iter().flatten() {
+        task.abort();
     }
     let _ = finished_tx.send(true);
     let _ = registry_task.await;
-    info!("builder stopped");
-    Ok(())
+    let report = tracker.report();
+    info!(
+        taken = report.taken,
+        succeeded = report.succeeded,
+        failed = report.failed,
+        "builder stopped"
+    );
+    Ok(report)
 }
 
 /// Tells systemd (`Type=notify`) about a state change; nothing when not run by systemd
@@ -274,13 +295,14 @@ fn notify_systemd(state: sd_notify::NotifyState<'_>) {
 
 async fn connect_with_retry(
     config: &Config,
+    name: &str,
     vault: Option<VaultSeed>,
     stop: &mut watch::Receiver<Stop>,
 ) -> Result<async_nats::Client, DaemonError> {
     let settings = ConnectSettings {
         url: config.nats.url.clone(),
         nkey_file: config.nats.nkey_seed_file.clone(),
-        name: format!("homelab-deploy builder {}", config.builder.name),
+        name: format!("homelab-deploy builder {name}"),
         timeout: Duration::from_secs(5),
         vault,
     };
@@ -448,6 +470,7 @@ async fn pull_loop(
     consumer: PullConsumer,
     slots: Arc<Semaphore>,
     jobs: Arc<Jobs>,
+    session: Arc<Tracker>,
     stop: watch::Receiver<Stop>,
 ) -> Vec<JobHandle> {
     let mut running: JoinSet<()> = JoinSet::new();
@@ -463,6 +486,14 @@ async fn pull_loop(
             }
         }
         while running.try_join_next().is_some() {}
+        // Pull only what the session may still take, so a limit never strands a request.
+        let ticket = {
+            let mut stop = stop.clone();
+            tokio::select! {
+                ticket = session.ticket() => ticket,
+                _ = stopping(&mut stop, Stop::Drain) => break,
+            }
+        };
         let batch = consumer
             .batch()
             .max_messages(1)
@@ -509,9 +540,11 @@ async fn pull_loop(
             }
             continue;
         }
-        let jobs = jobs.clone();
+        session.taken(ticket);
+        let (jobs, session) = (jobs.clone(), session.clone());
         running.spawn(async move {
-            jobs.run(message).await;
+            let verdict = jobs.run(message).await;
+            session.done(verdict);
             drop(permit);
         });
     }

@@ -172,7 +172,11 @@ impl Jobs {
     /// event under its fence (`finished`, or `requeued`): a builder that lost the request (its
     /// fence broke) leaves the delivery alone, so it can never ack or hand back the delivery
     /// another builder is running.
-    pub async fn run(&self, message: RequestMessage) {
+    ///
+    /// Returns the status of the `finished` event this builder stored for the request; `None`
+    /// when it stored none (handed back on shutdown, taken over, ended by an earlier delivery,
+    /// or NATS failed).
+    pub async fn run(&self, message: RequestMessage) -> Option<BuildStatus> {
         let message = Arc::new(message);
         let (interrupt_tx, interrupt) = watch::channel(None);
         let watcher = tokio::spawn(watch_request(
@@ -182,7 +186,10 @@ impl Jobs {
             interrupt_tx.clone(),
             self.watch_interval,
         ));
-        let outcome = self.run_request(&message, interrupt_tx, interrupt).await;
+        let mut verdict = None;
+        let outcome = self
+            .run_request(&message, interrupt_tx, interrupt, &mut verdict)
+            .await;
         watcher.abort();
         let ack = match &outcome {
             Ok(Answered::Finished) => message.double_ack().await,
@@ -204,13 +211,16 @@ impl Jobs {
         if let Err(err) = ack {
             warn!(error = %err, subject = %message.subject, "acknowledging the request failed; it may be redelivered");
         }
+        verdict
     }
 
+    /// Answers the request; `verdict` gets the status of the `finished` event stored here.
     async fn run_request(
         &self,
         message: &RequestMessage,
         interrupt_tx: watch::Sender<Option<Interrupt>>,
         interrupt: watch::Receiver<Option<Interrupt>>,
+        verdict: &mut Option<BuildStatus>,
     ) -> Result<Answered, JobError> {
         let info = message.info().ok();
         let stream_seq = info.as_ref().map(|i| i.stream_sequence).unwrap_or(0);
@@ -254,15 +264,41 @@ impl Jobs {
                         },
                     )
                     .await?;
+                    *verdict = events.verdict;
                 }
                 // Terminated, not acked: a malformed request must never be retried.
                 return Ok(Answered::Never);
             }
         };
+        let mut events =
+            Events::open(&self.publisher, &request.repo, &request.target, &request.id).await?;
+        let answered = self
+            .run_parsed(
+                &request,
+                &mut events,
+                interrupt_tx,
+                interrupt,
+                stream_seq,
+                started,
+            )
+            .await;
+        *verdict = events.verdict;
+        answered
+    }
+
+    /// Runs a valid request whose events subject is open.
+    async fn run_parsed(
+        &self,
+        request: &ParsedRequest,
+        events: &mut Events<'_>,
+        interrupt_tx: watch::Sender<Option<Interrupt>>,
+        interrupt: watch::Receiver<Option<Interrupt>>,
+        stream_seq: u64,
+        started: Instant,
+    ) -> Result<Answered, JobError> {
         let ParsedRequest {
             id, repo, target, ..
-        } = &request;
-        let mut events = Events::open(&self.publisher, repo, target, id).await?;
+        } = request;
         if events.already_finished() {
             info!(request_id = %id, "request already has a finished event (cancelled while queued, or a reused id); not building it again");
             return Ok(Answered::Finished);
@@ -280,7 +316,7 @@ impl Jobs {
                     .as_deref()
                     .unwrap_or("the last one ended without a word")
             ));
-            return self.finish_or_explain(&mut events, finish).await;
+            return self.finish_or_explain(events, finish).await;
         }
         self.lock_running().insert(
             id.to_string(),
@@ -293,8 +329,8 @@ impl Jobs {
         let span = tracing::info_span!("request", request_id = %id, repo = %repo, target = target.as_str());
         let result = self
             .build_request(
-                &request,
-                &mut events,
+                request,
+                events,
                 interrupt,
                 attempts.started + 1,
                 stream_seq,
@@ -322,7 +358,7 @@ impl Jobs {
             Err(JobError::Unpublishable(why)) => {
                 let mut finish = Finish::new(repo, target, &self.builder_name, started);
                 finish.error = Some(format!("the request cannot be reported in full: {why}"));
-                self.finish_or_explain(&mut events, finish).await
+                self.finish_or_explain(events, finish).await
             }
             Err(err) => Err(err),
         }
@@ -1317,6 +1353,8 @@ struct Events<'a> {
     /// is never taken for another writer's message, nor another's for its own.
     writer: String,
     last_was_finished: bool,
+    /// Status of the `finished` event this writer stored, once it has.
+    verdict: Option<BuildStatus>,
 }
 
 /// The parts of a `finished` event, filled in as the request goes.
@@ -1433,6 +1471,7 @@ impl<'a> Events<'a> {
             writer: nuid::next().to_string(),
             last_was_finished: event
                 .is_some_and(|event| matches!(event.body, EventBody::Finished { .. })),
+            verdict: None,
         })
     }
 
@@ -1506,6 +1545,7 @@ impl<'a> Events<'a> {
             duration_ms: finish.started.elapsed().as_millis() as u64,
         })
         .await?;
+        self.verdict = Some(status);
         crate::metrics::request_finished(&repo, status.as_str());
         Ok(())
     }

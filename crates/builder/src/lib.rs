@@ -5,6 +5,7 @@
 //! - [`daemon`]: startup, the pull loops and shutdown.
 //! - [`job`]: one request's life, top to bottom.
 //! - [`api`], [`registry`]: the control API under `build.api.>` and the fleet registry.
+//! - [`session`]: the limits of an ephemeral builder (`--once`, `--max-builds`, …).
 //! - [`bus`], [`git`], [`nix`], [`logs`]: the seams to NATS, git, nix and log batching.
 
 pub mod api;
@@ -19,6 +20,8 @@ pub mod metrics;
 pub mod nix;
 pub mod process;
 pub mod registry;
+pub mod session;
 
 pub use config::{Config, ConfigError};
 pub use daemon::{run, Stop};
+pub use session::{Session, SessionReport};

@@ -23,6 +23,7 @@ pub struct Registry {
     repos: Vec<String>,
     started_at: OffsetDateTime,
     vault: Option<VaultSeed>,
+    ephemeral: bool,
 }
 
 impl Registry {
@@ -32,6 +33,7 @@ impl Registry {
         repos: Vec<String>,
         replicas: usize,
         vault: Option<VaultSeed>,
+        ephemeral: bool,
     ) -> Result<Self, crate::bus::BusError> {
         let store = match js.get_key_value(BUILDERS_BUCKET).await {
             Ok(store) => store,
@@ -57,6 +59,7 @@ impl Registry {
             repos,
             started_at: OffsetDateTime::now_utc(),
             vault,
+            ephemeral,
         })
     }
 
@@ -74,6 +77,7 @@ impl Registry {
             heartbeat: OffsetDateTime::now_utc(),
             hosts,
             vault_error: self.vault.as_ref().and_then(VaultSeed::last_error),
+            ephemeral: self.ephemeral,
         };
         let Ok(payload) = serde_json::to_vec(&info) else {
             return;

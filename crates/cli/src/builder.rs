@@ -1,9 +1,11 @@
-//! `homelab-deploy builder`: run the daemon until SIGTERM or SIGINT.
+//! `homelab-deploy builder`: run the daemon until SIGTERM or SIGINT, or as an ephemeral builder
+//! until a session limit.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use homelab_deploy_builder::{Config, Stop};
+use homelab_deploy_builder::{Config, Session, SessionReport, Stop};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -45,7 +47,17 @@ SIGINT, or a SIGTERM, then hands them back. `homelab-deploy builder drain NAME` 
 Under systemd (NOTIFY_SOCKET set), READY=1 is sent once the streams and consumers are set up,
 and STOPPING=1 when it stops.
 
-Exit codes: 0 stopped cleanly; 2 invalid config; 3 nix unusable, NATS or JetStream setup failed.";
+Ephemeral builders (CI runners, on-demand units): --once, --max-builds, --idle-exit and
+--lifetime bound a session; reaching one drains the builder (no new request, the running one
+finishes). Such a builder may leave builder.name out and takes a unique one (HOSTNAME-NUID),
+shows as ephemeral in `homelab-deploy builders`, keeps its state in STATE_DIR/sessions/NAME and
+leaves no registry entry and no state behind. It shares the repo's durable consumer with the
+fleet; it never creates one of its own. See \"Ephemeral builders\" in docs/operations.md.
+
+Exit codes: 0 stopped cleanly (a session: every request it took succeeded, or it took none);
+1 a session request it took finished failed or cancelled; 2 invalid config or flags; 3 nix
+unusable, NATS or JetStream setup failed; 4 (--once only) no verdict: no request came before
+--idle-exit, --lifetime or a signal, or the request was handed back (SIGTERM).";
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -62,6 +74,20 @@ pub struct BuilderArgs {
     /// Every line about a request carries its `request_id`.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Take one request, build it and exit with its verdict (0 succeeded, 1 failed).
+    #[arg(long, conflicts_with = "max_builds")]
+    once: bool,
+    /// Take at most N requests, finish them, then exit.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_builds: Option<u64>,
+    /// Exit once no request has been running or taken for DURATION (90s, 10m, 1h), counted
+    /// from when the builder is ready or its last request ended.
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    idle_exit: Option<Duration>,
+    /// Take requests for DURATION after the builder is ready, then finish the running ones and
+    /// exit.
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    lifetime: Option<Duration>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -96,9 +122,15 @@ pub async fn run(args: BuilderArgs) -> u8 {
             return exit::USAGE;
         }
     };
+    let session = Session {
+        max_builds: if args.once { Some(1) } else { args.max_builds },
+        idle_exit: args.idle_exit,
+        lifetime: args.lifetime,
+    };
     let args = RunArgs {
         config: path,
         check: args.check,
+        once: args.once,
     };
     let config = match Config::load(&args.config) {
         Ok(config) => config,
@@ -107,11 +139,22 @@ pub async fn run(args: BuilderArgs) -> u8 {
             return exit::USAGE;
         }
     };
+    if config.builder.name.is_none() && !session.is_ephemeral() {
+        eprintln!(
+            "error: config file {}: key `builder.name` is required, except for an ephemeral builder (--once, --max-builds, --idle-exit or --lifetime), which takes a generated one",
+            args.config.display()
+        );
+        return exit::USAGE;
+    }
     if args.check {
         println!(
             "config {} is valid: builder {}, repos {}",
             args.config.display(),
-            config.builder.name,
+            config
+                .builder
+                .name
+                .as_deref()
+                .unwrap_or("(a generated name)"),
             config.repos.keys().cloned().collect::<Vec<_>>().join(", ")
         );
         return exit::OK;
@@ -128,8 +171,9 @@ pub async fn run(args: BuilderArgs) -> u8 {
         }
     };
     tokio::spawn(forward_signals(signals, stop_tx));
-    match homelab_deploy_builder::run(config, stop_rx).await {
-        Ok(()) => exit::OK,
+    match homelab_deploy_builder::run(config, session, stop_rx).await {
+        Ok(report) if session.is_ephemeral() => session_exit(&report, args.once),
+        Ok(_) => exit::OK,
         Err(err) => {
             error!(error = %err, "builder failed");
             eprintln!("error: {err}");
@@ -141,6 +185,20 @@ pub async fn run(args: BuilderArgs) -> u8 {
 struct RunArgs {
     config: PathBuf,
     check: bool,
+    once: bool,
+}
+
+/// The exit code of an ephemeral builder that stopped cleanly: a failed request it took makes
+/// it 1, and `--once` without a verdict is [`exit::NO_VERDICT`]. (A long-running builder exits
+/// 0: its builds' verdicts are the requesters' business, not systemd's.)
+fn session_exit(report: &SessionReport, once: bool) -> u8 {
+    if report.failed > 0 {
+        exit::BUILD_FAILED
+    } else if once && report.succeeded == 0 {
+        exit::NO_VERDICT
+    } else {
+        exit::OK
+    }
 }
 
 /// SIGTERM hands running requests back at once, so `systemctl restart` (a `nixos-rebuild

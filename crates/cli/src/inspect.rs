@@ -259,9 +259,14 @@ pub async fn builders(args: BuildersArgs) -> u8 {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let name = if builder.ephemeral {
+            format!("{} (ephemeral)", builder.name)
+        } else {
+            builder.name.clone()
+        };
         println!(
             "{:<20}  {:<8}  {:<40}  {:<10}  {}",
-            builder.name,
+            name,
             builder.version,
             state,
             format!("{age}s ago"),

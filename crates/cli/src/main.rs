@@ -28,6 +28,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// NATS unreachable, no builder serves the repo, or timed out.
     pub const UNAVAILABLE: u8 = 3;
+    /// `builder --once` ended without a verdict: no request came, or it was handed back.
+    pub const NO_VERDICT: u8 = 4;
 }
 
 const EXIT_CODES: &str = "\

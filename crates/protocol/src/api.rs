@@ -333,6 +333,11 @@ pub struct BuilderInfo {
     /// (the builder runs on with the seed it holds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vault_error: Option<String>,
+    /// A session builder (`builder --once`, `--max-builds`, `--idle-exit`, `--lifetime`): it
+    /// exits by itself and removes this entry, its name is usually generated. Absent (false)
+    /// in entries of older builders.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

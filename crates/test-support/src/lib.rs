@@ -394,6 +394,26 @@ impl Builder {
         Self::launch(bin, dir, name.to_owned(), &config, &[], NIX_CONFIG)
     }
 
+    /// Like [`Builder::spawn_config`], with extra command-line arguments (`--once`, …).
+    pub fn spawn_config_with_args(bin: &Path, name: &str, config: &str, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for builder");
+        let config = config.replace(
+            "{state_dir}",
+            &dir.path().join("state").display().to_string(),
+        );
+        Self::launch(bin, dir, name.to_owned(), &config, args, NIX_CONFIG)
+    }
+
+    /// Waits up to `timeout` for the builder to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status
+    }
+
     /// Starts a builder serving `repos` with extra command-line arguments, and waits until it
     /// is ready.
     pub fn start_with_args(

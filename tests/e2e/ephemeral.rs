@@ -1,0 +1,251 @@
+//! Ephemeral builders: `builder --once`, `--max-builds`, `--idle-exit` and `--lifetime` bound a
+//! session; the builder takes a generated name, shows as ephemeral, and leaves no registry
+//! entry, consumer or state behind. Scale-in is safe: nothing is lost or built twice.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use test_support::{run_cli, wait_until, Builder, FixtureRepo, NatsServer};
+
+use crate::build::wait_for_finished;
+use crate::{bin, seqs_are_contiguous, text};
+
+/// A nats-server and a fixture repo served as `demo`, with session builders added on demand.
+struct Fleet {
+    nats: NatsServer,
+    repo: FixtureRepo,
+}
+
+impl Fleet {
+    fn new(fixture: &str) -> Self {
+        Self {
+            nats: NatsServer::start(),
+            repo: FixtureRepo::new(fixture),
+        }
+    }
+
+    /// A builder config without `builder.name`.
+    fn nameless_config(&self) -> String {
+        format!(
+            "[nats]\nurl = \"{}\"\n\n[builder]\nstate_dir = \"{{state_dir}}\"\n\n[repos.demo]\nurl = \"{}\"\nref = \"main\"\n",
+            self.nats.url,
+            self.repo.url()
+        )
+    }
+
+    /// Starts a nameless builder with `args` and waits until it is ready.
+    fn session(&self, args: &[&str]) -> Builder {
+        let builder = Builder::spawn_config_with_args(bin(), "", &self.nameless_config(), args);
+        builder.wait_ready();
+        builder
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        run_cli(bin(), &self.nats.url, args, Duration::from_secs(120))
+    }
+
+    /// `build demo TARGET --no-wait ARGS`: the request id.
+    fn submit(&self, target: &str, extra: &[&str]) -> String {
+        let mut args = vec!["build", "demo", target, "--no-wait"];
+        args.extend_from_slice(extra);
+        let output = self.cli(&args);
+        let (stdout, stderr) = text(&output);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        stdout.trim().to_owned()
+    }
+
+    /// A request with a new salt, so it really builds.
+    fn submit_new(&self, target: &str) -> String {
+        let rev = self.repo.commit_file("salt", &test_support::unique("salt"));
+        self.submit(target, &["--rev", &rev])
+    }
+
+    async fn finished(&self, id: &str) -> Vec<Value> {
+        let client = self.nats.client().await;
+        wait_for_finished(&client, &format!("build.responses.demo.*.{id}.events")).await
+    }
+
+    async fn events(&self, id: &str) -> Vec<Value> {
+        let client = self.nats.client().await;
+        test_support::stored_messages(&client, &format!("build.responses.demo.*.{id}.events")).await
+    }
+
+    fn phase(&self, id: &str) -> Value {
+        let output = self.cli(&["status", id, "--json"]);
+        let state: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        state["phase"].clone()
+    }
+
+    /// The registry as `homelab-deploy builders --json` shows it.
+    fn builders(&self) -> Vec<Value> {
+        let output = self.cli(&["builders", "--json"]);
+        let list: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        list["builders"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Names of the consumers on the requests stream.
+    async fn consumers(&self) -> Vec<String> {
+        use futures::TryStreamExt;
+        let js = async_nats::jetstream::new(self.nats.client().await);
+        let stream = js
+            .get_stream("BUILD_REQUESTS")
+            .await
+            .expect("requests stream");
+        stream
+            .consumer_names()
+            .try_collect()
+            .await
+            .expect("consumer names")
+    }
+}
+
+/// Runs `builder` to its own exit; its exit code.
+fn exit_code(builder: &mut Builder) -> i32 {
+    let status = builder
+        .wait_exit(Duration::from_secs(90))
+        .unwrap_or_else(|| panic!("the builder did not exit; log:\n{}", builder.log()));
+    status.code().unwrap_or(-1)
+}
+
+/// `--once` without a configured name: a unique name, shown as ephemeral while it runs; it
+/// takes exactly one request, exits with its verdict (0 succeeded, 1 failed) and leaves no
+/// registry entry, no consumer of its own and no state directory behind. The next request
+/// stays queued for the next builder.
+#[tokio::test(flavor = "multi_thread")]
+async fn once_takes_one_request_and_exits_with_its_verdict() {
+    let fleet = Fleet::new("fleet");
+    let mut first = fleet.session(&["--once"]);
+    let listed = wait_until(Duration::from_secs(20), || {
+        fleet.builders().iter().any(|b| b["ephemeral"] == true)
+    });
+    assert!(listed, "not listed as ephemeral: {:#?}", fleet.builders());
+    let name = fleet.builders()[0]["name"]
+        .as_str()
+        .expect("name")
+        .to_owned();
+    assert!(!name.is_empty());
+    let good = fleet.submit("web", &[]);
+    let bad = fleet.submit("broken-build", &[]);
+
+    assert_eq!(exit_code(&mut first), 0, "log:\n{}", first.log());
+    let events = fleet.finished(&good).await;
+    seqs_are_contiguous(&events);
+    let finished = events.last().expect("finished");
+    assert_eq!(finished["status"], "succeeded", "{finished:#}");
+    assert_eq!(finished["builder"], name.as_str());
+    assert_eq!(fleet.phase(&bad), "queued");
+    assert!(fleet.builders().is_empty(), "{:#?}", fleet.builders());
+    assert_eq!(fleet.consumers().await, vec!["builder-demo".to_owned()]);
+    assert!(
+        !first.state_dir().join("sessions").exists(),
+        "session state left behind"
+    );
+
+    let mut second = fleet.session(&["--once"]);
+    assert_eq!(exit_code(&mut second), 1, "log:\n{}", second.log());
+    let events = fleet.finished(&bad).await;
+    let finished = events.last().expect("finished");
+    assert_eq!(finished["status"], "failed", "{finished:#}");
+    assert_ne!(finished["builder"], name.as_str(), "names are unique");
+}
+
+/// `--max-builds 2` takes two of three queued requests and exits; `--idle-exit` takes the third,
+/// then exits once nothing came for that long; `--once --idle-exit` with an empty queue exits 4
+/// (no verdict).
+#[tokio::test(flavor = "multi_thread")]
+async fn max_builds_and_idle_exit_bound_a_session() {
+    let fleet = Fleet::new("queue");
+    let mut first = fleet.session(&["--max-builds", "2"]);
+    let ids: Vec<String> = (0..3).map(|_| fleet.submit_new("short")).collect();
+    assert_eq!(exit_code(&mut first), 0, "log:\n{}", first.log());
+    for id in &ids[..2] {
+        let events = fleet.finished(id).await;
+        assert_eq!(
+            events.last().map(|e| e["status"].clone()),
+            Some(Value::from("succeeded"))
+        );
+    }
+    assert_eq!(fleet.phase(&ids[2]), "queued");
+
+    let mut second = fleet.session(&["--idle-exit", "2s"]);
+    let events = fleet.finished(&ids[2]).await;
+    seqs_are_contiguous(&events);
+    assert_eq!(exit_code(&mut second), 0, "log:\n{}", second.log());
+    assert!(second.log().contains("--idle-exit"), "{}", second.log());
+
+    let mut third = fleet.session(&["--once", "--idle-exit", "1s"]);
+    assert_eq!(exit_code(&mut third), 4, "log:\n{}", third.log());
+    assert!(fleet.builders().is_empty(), "{:#?}", fleet.builders());
+}
+
+/// `--lifetime` ends the session while a request builds: that request finishes (succeeded, not
+/// handed back) and a request queued meanwhile stays queued.
+#[tokio::test(flavor = "multi_thread")]
+async fn lifetime_lets_the_running_request_finish() {
+    let fleet = Fleet::new("queue");
+    // A session that ends at once sets up the streams, so requests can queue before the next.
+    let mut setup = fleet.session(&["--idle-exit", "100ms"]);
+    assert_eq!(exit_code(&mut setup), 0, "log:\n{}", setup.log());
+    let running = fleet.submit_new("medium");
+    let waiting = fleet.submit_new("short");
+    // Well inside `medium`'s five seconds of building.
+    let mut builder = fleet.session(&["--lifetime", "3s"]);
+    assert_eq!(exit_code(&mut builder), 0, "log:\n{}", builder.log());
+    let events = fleet.finished(&running).await;
+    seqs_are_contiguous(&events);
+    assert_eq!(
+        events.last().map(|e| e["status"].clone()),
+        Some(Value::from("succeeded"))
+    );
+    assert!(
+        events.iter().all(|e| e["type"] != "requeued"),
+        "{events:#?}"
+    );
+    assert_eq!(fleet.phase(&waiting), "queued");
+}
+
+/// Scale-in by SIGTERM: the ephemeral builder hands its request back (exit 4 with `--once`: no
+/// verdict), the next one builds it to the end, and it is built once, not twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_hands_the_request_to_the_next_session() {
+    let fleet = Fleet::new("queue");
+    let mut first = fleet.session(&["--once"]);
+    let id = fleet.submit_new("medium");
+    let mut building = false;
+    for _ in 0..600 {
+        building = fleet
+            .events(&id)
+            .await
+            .iter()
+            .any(|e| e["type"] == "host_started");
+        if building {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(building, "never started building; log:\n{}", first.log());
+    let status = first
+        .terminate(Duration::from_secs(10))
+        .expect("builder exited");
+    assert_eq!(status.code(), Some(4), "log:\n{}", first.log());
+    assert_eq!(
+        fleet.events(&id).await.last().map(|e| e["type"].clone()),
+        Some(Value::from("requeued"))
+    );
+
+    let mut second = fleet.session(&["--once"]);
+    assert_eq!(exit_code(&mut second), 0, "log:\n{}", second.log());
+    let events = fleet.finished(&id).await;
+    seqs_are_contiguous(&events);
+    let started: Vec<&Value> = events.iter().filter(|e| e["type"] == "started").collect();
+    assert_eq!(started.len(), 2, "{events:#?}");
+    assert_eq!(
+        events.last().map(|e| e["status"].clone()),
+        Some(Value::from("succeeded"))
+    );
+    let built = events
+        .iter()
+        .filter(|e| e["type"] == "host_finished" && e["result"]["status"] == "built")
+        .count();
+    assert_eq!(built, 1, "{events:#?}");
+}
