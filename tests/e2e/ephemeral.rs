@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use test_support::{run_cli, wait_until, Builder, FixtureRepo, NatsServer};
+use test_support::{free_port, run_cli, wait_until, Builder, FixtureRepo, NatsServer};
 
 use crate::build::wait_for_finished;
 use crate::{bin, seqs_are_contiguous, text};
@@ -22,6 +22,25 @@ impl Fleet {
             nats: NatsServer::start(),
             repo: FixtureRepo::new(fixture),
         }
+    }
+
+    /// With nats-server's HTTP monitoring endpoint on.
+    fn monitored(fixture: &str) -> Self {
+        Self {
+            nats: NatsServer::start_with_monitoring(),
+            repo: FixtureRepo::new(fixture),
+        }
+    }
+
+    async fn wait_building(&self, id: &str, builder: &Builder) {
+        for _ in 0..600 {
+            let events = self.events(id).await;
+            if events.iter().any(|e| e["type"] == "host_started") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{id} never started building; log:\n{}", builder.log());
     }
 
     /// A builder config without `builder.name`.
@@ -211,19 +230,7 @@ async fn sigterm_hands_the_request_to_the_next_session() {
     let fleet = Fleet::new("queue");
     let mut first = fleet.session(&["--once"]);
     let id = fleet.submit_new("medium");
-    let mut building = false;
-    for _ in 0..600 {
-        building = fleet
-            .events(&id)
-            .await
-            .iter()
-            .any(|e| e["type"] == "host_started");
-        if building {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(building, "never started building; log:\n{}", first.log());
+    fleet.wait_building(&id, &first).await;
     let status = first
         .terminate(Duration::from_secs(10))
         .expect("builder exited");
@@ -248,4 +255,79 @@ async fn sigterm_hands_the_request_to_the_next_session() {
         .filter(|e| e["type"] == "host_finished" && e["result"]["status"] == "built")
         .count();
     assert_eq!(built, 1, "{events:#?}");
+}
+
+/// What KEDA's NATS JetStream scaler reads: `GET /jsz?acc=$G&consumers=true&config=true` on
+/// nats-server's monitoring port, account `$G` (`DEPLOY` with the shipped accounts), stream
+/// `BUILD_REQUESTS`, consumer `builder-<repo>`, lag = `num_pending` (queued) + `num_ack_pending`
+/// (running). With one request running and three queued, the figures are 3 and 1, and the
+/// builder's gauge `homelab_deploy_queue_depth{repo="demo"}` says 3 too.
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_depth_is_where_autoscalers_look() {
+    let fleet = Fleet::monitored("queue");
+    let port = free_port();
+    let builder = Builder::start_with(
+        bin(),
+        &fleet.nats.url,
+        &[("demo", fleet.repo.url())],
+        &format!("\n\n[metrics]\nlisten = \"127.0.0.1:{port}\""),
+    );
+    let running = fleet.submit_new("long");
+    fleet.wait_building(&running, &builder).await;
+    for _ in 0..3 {
+        fleet.submit_new("short");
+    }
+
+    let mut figures = (None, None);
+    for _ in 0..200 {
+        let jsz = fleet
+            .nats
+            .monitoring("/jsz?acc=$G&consumers=true&config=true")
+            .await;
+        let consumer = jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|account| account["name"] == "$G")
+            .flat_map(|account| account["stream_detail"].as_array().into_iter().flatten())
+            .filter(|stream| stream["name"] == "BUILD_REQUESTS")
+            .flat_map(|stream| stream["consumer_detail"].as_array().into_iter().flatten())
+            .find(|consumer| consumer["name"] == "builder-demo")
+            .cloned();
+        figures = consumer.map_or((None, None), |c| {
+            (c["num_pending"].as_u64(), c["num_ack_pending"].as_u64())
+        });
+        if figures == (Some(3), Some(1)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(figures, (Some(3), Some(1)), "queued, running per /jsz");
+    // The timer's script of docs/operations.md reads the same figure: 3 waiting, 2 per builder.
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../docs/systemd/homelab-deploy-scale");
+    let monitor = fleet.nats.monitoring_url().expect("monitoring url");
+    let output = std::process::Command::new(script)
+        .env("MONITOR", monitor)
+        .env("ACCOUNT", "$G")
+        .env("REPO", "demo")
+        .env("START", "echo")
+        .output()
+        .expect("run homelab-deploy-scale");
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(
+        stdout,
+        "homelab-deploy-ephemeral@1.service\nhomelab-deploy-ephemeral@2.service\ndemo: 3 waiting; builders 1..2 started\n"
+    );
+
+    let gauge = "homelab_deploy_queue_depth{repo=\"demo\"} ";
+    let mut depth = None;
+    let seen = wait_until(Duration::from_secs(20), || {
+        depth = crate::metrics::scrape(port)
+            .lines()
+            .find_map(|line| line.strip_prefix(gauge).map(str::to_owned));
+        depth.as_deref() == Some("3")
+    });
+    assert!(seen, "{gauge}is {depth:?}, not 3");
 }

@@ -118,6 +118,36 @@ impl NatsServer {
         server
     }
 
+    /// Starts with the HTTP monitoring endpoint on a port the server picks (`-m -1`).
+    pub fn start_with_monitoring() -> Self {
+        Self::start_with(&["-m", "-1"])
+    }
+
+    /// `http://127.0.0.1:PORT` of the monitoring endpoint, when it was started with one.
+    pub fn monitoring_url(&self) -> Option<String> {
+        let ports_file = self
+            .dir
+            .path()
+            .join(format!("nats-server_{}.ports", self.child.id()));
+        std::fs::read_to_string(ports_file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|ports| ports["monitoring"][0].as_str().map(str::to_owned))
+    }
+
+    /// GET `path_and_query` (e.g. `/jsz?consumers=true`) of the monitoring endpoint, as JSON.
+    pub async fn monitoring(&self, path_and_query: &str) -> serde_json::Value {
+        let base = self
+            .monitoring_url()
+            .expect("nats-server started without monitoring (start_with_monitoring)");
+        reqwest::get(format!("{base}{path_and_query}"))
+            .await
+            .expect("GET the monitoring endpoint")
+            .json()
+            .await
+            .expect("monitoring endpoint answers JSON")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
