@@ -27,7 +27,7 @@
 
       devShells = forAllSystems (pkgs: {
         default = pkgs.mkShell {
-          packages = with pkgs; [ cargo rustc clippy rustfmt cargo-nextest nats-server natscli git pkg-config openssl zlib ];
+          packages = with pkgs; [ cargo rustc clippy rustfmt cargo-nextest nats-server natscli git pkg-config openssl ];
         };
       });
 

@@ -1,5 +1,5 @@
 # The homelab-deploy binary, built from Cargo.lock.
-{ lib, stdenv, rustPlatform, installShellFiles, pkg-config, openssl, zlib }:
+{ lib, stdenv, rustPlatform, installShellFiles, pkg-config, openssl }:
 rustPlatform.buildRustPackage {
   pname = "homelab-deploy";
   version = (builtins.fromTOML (builtins.readFile ../Cargo.toml)).workspace.package.version;
@@ -12,7 +12,7 @@ rustPlatform.buildRustPackage {
   cargoLock.lockFile = ../Cargo.lock;
 
   nativeBuildInputs = [ pkg-config installShellFiles ];
-  buildInputs = [ openssl zlib ];
+  buildInputs = [ openssl ];
 
   cargoBuildFlags = [ "--package" "homelab-deploy" ];
   # Unit tests only: the end-to-end tests need a nats-server, a writable nix store and git repos,

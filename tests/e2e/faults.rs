@@ -195,3 +195,63 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+/// A builder whose NATS user may store events but not log batches: the server refuses the first
+/// log batch with an asynchronous permissions violation. The request ends at its first attempt
+/// with a `finished` that names the refused subject, instead of being handed back and started
+/// again until `builder.max_attempts`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_the_server_refuses_ends_the_request_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("nats.conf");
+    std::fs::write(
+        &config,
+        r#"authorization {
+  users = [
+    { user: builder, password: builder-pw,
+      permissions: { publish: { allow: ">", deny: "build.responses.*.*.*.logs" }, subscribe: ">" } }
+    { user: client, password: client-pw }
+  ]
+}
+"#,
+    )
+    .expect("write nats config");
+    let nats = NatsServer::start_with(&["-c", &config.display().to_string()]);
+    let builder_url = nats.url.replace("nats://", "nats://builder:builder-pw@");
+    let client_url = nats.url.replace("nats://", "nats://client:client-pw@");
+    let repo = FixtureRepo::new("fleet");
+    let builder = Builder::start(bin(), &builder_url, &[("demo", repo.url())]);
+
+    let output = run_cli(
+        bin(),
+        &client_url,
+        &["build", "demo", "broken-build", "--json"],
+        Duration::from_secs(120),
+    );
+    let (stdout, stderr) = text(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nbuilder:\n{}",
+        builder.log()
+    );
+    let finished: Value = serde_json::from_str(stdout.trim()).expect("finished json");
+    let error = finished["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("permission denied") && error.contains(".logs"),
+        "the error names the refusal and the subject: {finished}"
+    );
+    let id = finished["id"].as_str().expect("id");
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("client".into(), "client-pw".into())
+            .connect(&nats.url)
+            .await
+            .expect("connect");
+    let events = stored_messages(&client, &format!("build.responses.demo.*.{id}.events")).await;
+    let started = events.iter().filter(|e| e["type"] == "started").count();
+    assert_eq!(started, 1, "started once, not retried: {events:?}");
+    assert!(
+        !builder.log().contains("builder-pw"),
+        "the builder's log never shows its NATS password"
+    );
+}

@@ -183,3 +183,81 @@ async fn collection_between_evaluation_and_build_spares_the_request() {
         "request GC roots left behind"
     );
 }
+
+/// `kill -9` of a builder while git fetches from a server that never answers: git and its
+/// transport helper (`git-remote-http`, in git's process group) do not hang on for the fetch
+/// timeout; the next builder on the state dir ends whatever the death left.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_builder_takes_its_git_along() {
+    let nats = NatsServer::start();
+    let silent = test_support::HostileHttp::start(test_support::Hostility::Silent);
+    let name = test_support::unique("builder");
+    let state_dir = tempfile::tempdir().expect("state dir");
+    let config = Builder::config(
+        &name,
+        &nats.url,
+        state_dir.path(),
+        &[("silent", format!("git+{}", silent.url))],
+    )
+    .replace(
+        "ref = \"main\"\n",
+        "ref = \"main\"\nfetch_timeout_secs = 600\n",
+    );
+    let victim = Builder::start_config(bin(), &name, &config);
+    let output = run_cli(
+        bin(),
+        &nats.url,
+        &["build", "silent", "all", "--no-wait"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    assert!(
+        wait_until(Duration::from_secs(60), || !processes_matching(&silent.url)
+            .is_empty()),
+        "git never started:\n{}",
+        victim.log()
+    );
+
+    // git and its transport helper (the helper may take a moment to start).
+    assert!(
+        wait_until(Duration::from_secs(30), || processes_matching(&silent.url)
+            .lines()
+            .count()
+            >= 2),
+        "no transport helper:\n{}",
+        processes_matching(&silent.url)
+    );
+    let pids: Vec<String> = processes_matching(&silent.url)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect();
+    let alive = |pid: &String| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    };
+    Command::new("kill")
+        .args(["-KILL", &victim.pid().to_string()])
+        .status()
+        .expect("kill");
+    let git = processes_matching("git fetch");
+    let git_pids: Vec<&String> = pids
+        .iter()
+        .filter(|pid| git.lines().any(|line| line.starts_with(&format!("{pid} "))))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(2), || !git_pids
+            .iter()
+            .any(|pid| alive(pid))),
+        "git left running after the builder was killed: {git_pids:?}"
+    );
+    let next = Builder::start_config(bin(), &format!("{name}-next"), &config);
+    let left: Vec<&String> = pids.iter().filter(|pid| alive(pid)).collect();
+    assert!(
+        left.is_empty(),
+        "processes {left:?} of the dead builder's git outlived the next builder's start:\n{}",
+        next.log()
+    );
+}

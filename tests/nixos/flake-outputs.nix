@@ -24,7 +24,6 @@ let
     installShellFiles = "installShellFiles";
     pkg-config = "pkg-config";
     openssl = "openssl";
-    zlib = "zlib";
   };
 in
 {

@@ -7,6 +7,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsum
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, Context};
+use homelab_deploy_client::denials::publish_refused_since;
 use homelab_deploy_protocol::request::MAX_REQUEST_BYTES;
 use homelab_deploy_protocol::subject::{
     consumer_name, repo_requests_filter, EVENTS_STREAM, EVENTS_STREAM_SUBJECTS, MSG_ID_HEADER,
@@ -182,6 +183,8 @@ pub struct Publisher {
 }
 
 /// A publish error that sending the same message again cannot fix: the message is too large.
+/// (A permission violation is the other; the server reports it apart from the publish, see
+/// [`publish_refused_since`].)
 /// "No stream" is not one: a cluster answers so while it elects a new stream leader.
 fn refused(err: &jetstream::context::PublishError) -> bool {
     use jetstream::context::PublishErrorKind;
@@ -267,6 +270,7 @@ impl Publisher {
         use jetstream::context::PublishErrorKind;
         let attempts = 6;
         let mut last_error = String::new();
+        let began = std::time::Instant::now();
         for attempt in 1..=attempts {
             let mut message = PublishMessage::build()
                 .payload(payload.clone())
@@ -297,6 +301,12 @@ impl Publisher {
                     return Err(BusError::Refused {
                         subject: subject.to_owned(),
                         message: err.to_string(),
+                    })
+                }
+                Err(err) if publish_refused_since(subject, began) => {
+                    return Err(BusError::Refused {
+                        subject: subject.to_owned(),
+                        message: format!("permission denied ({err}: the server reported a permissions violation for publishing to it); allow this builder's NATS user to publish to {subject}"),
                     })
                 }
                 Err(err) => last_error = err.to_string(),

@@ -13,13 +13,14 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
+use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
+
+use crate::process;
 
 /// Most stdout kept from one git command; the rest is read and dropped. A list of branches or
 /// of `.gitattributes` files is far smaller.
@@ -184,6 +185,8 @@ struct Inner {
     path: PathBuf,
     source: Source,
     shown_url: String,
+    /// Where git's pid files go (`state_dir/processes`, shared with nix's).
+    pid_dir: Option<PathBuf>,
     /// Held while git works in the mirror; holds the commits checked to be complete since the
     /// mirror was (re)made.
     state: tokio::sync::Mutex<HashSet<String>>,
@@ -196,13 +199,15 @@ impl Mirror {
             mirrors.clone(),
             mirrors.join(format!("{repo_name}.git")),
             source,
+            Some(state_dir.join("processes")),
         )
     }
 
-    fn at(mirrors: PathBuf, path: PathBuf, source: Source) -> Self {
+    fn at(mirrors: PathBuf, path: PathBuf, source: Source, pid_dir: Option<PathBuf>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 mirrors,
+                pid_dir,
                 path,
                 shown_url: redact_url(&source.url),
                 source,
@@ -325,6 +330,7 @@ impl Mirror {
                     .join("submodules")
                     .join(format!("{}.git", mirror_name(&fetch_url))),
                 source,
+                self.inner.pid_dir.clone(),
             );
             submodule
                 .sync_commit(&commit)
@@ -614,14 +620,17 @@ impl Mirror {
         if url.starts_with("ssh://") {
             env.push(("GIT_SSH_COMMAND".to_owned(), ssh_command(source)));
         }
-        let output = run_git(GitRun {
-            dir,
-            args: &args.iter().map(|arg| arg.as_ref()).collect::<Vec<_>>(),
-            config: &config,
-            env: &env,
-            input: None,
-            timeout: source.fetch_timeout,
-        })
+        let output = run_git(
+            GitRun {
+                dir,
+                args: &args.iter().map(|arg| arg.as_ref()).collect::<Vec<_>>(),
+                config: &config,
+                env: &env,
+                input: None,
+                timeout: source.fetch_timeout,
+            },
+            self.inner.pid_dir.as_deref(),
+        )
         .await;
         match output {
             Err(GitError::Timeout { .. }) => Err(GitError::Timeout {
@@ -856,12 +865,14 @@ impl Mirror {
 
     /// Runs a git command that stays on this machine; a timeout is the mirror's error.
     async fn run(&self, run: GitRun<'_>) -> Result<Output, GitError> {
-        run_git(run).await.map_err(|err| match err {
-            GitError::Timeout { secs, .. } => {
-                self.mirror_error(format!("a local git command did not finish in {secs}s"))
-            }
-            other => other,
-        })
+        run_git(run, self.inner.pid_dir.as_deref())
+            .await
+            .map_err(|err| match err {
+                GitError::Timeout { secs, .. } => {
+                    self.mirror_error(format!("a local git command did not finish in {secs}s"))
+                }
+                other => other,
+            })
     }
 
     fn mirror_error(&self, message: String) -> GitError {
@@ -1111,23 +1122,10 @@ impl Output {
     }
 }
 
-/// A git child in its own process group; dropping it kills the whole group (git's helpers, ssh,
-/// `git-remote-https`), and tokio reaps git.
-struct GitChild {
-    child: Child,
-    pgid: Option<nix::unistd::Pid>,
-}
-
-impl Drop for GitChild {
-    fn drop(&mut self) {
-        // The group leader is not reaped before `child` drops, so its id cannot be reused yet.
-        if let Some(pgid) = self.pgid.take() {
-            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-}
-
-async fn run_git(run: GitRun<'_>) -> Result<Output, GitError> {
+/// Runs git as a child of [`crate::process`]: in its own process group (dropping it ends git's
+/// helpers too: ssh, `git-remote-https`), killed with the builder on any death, and with a pid
+/// file under `pid_dir` so a builder that starts after a crash ends a git left behind.
+async fn run_git(run: GitRun<'_>, pid_dir: Option<&Path>) -> Result<Output, GitError> {
     let mut command = Command::new("git");
     command
         .args(run.args)
@@ -1147,24 +1145,17 @@ async fn run_git(run: GitRun<'_>) -> Result<Output, GitError> {
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
+        .stderr(Stdio::piped());
     for (index, (key, value)) in run.config.iter().enumerate() {
         command.env(format!("GIT_CONFIG_KEY_{index}"), key);
         command.env(format!("GIT_CONFIG_VALUE_{index}"), value);
     }
-    let child = command
-        .spawn()
+    let mut git = process::spawn(command, None, pid_dir)
+        .await
         .map_err(|source| GitError::Spawn { source })?;
-    let pgid = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .map(nix::unistd::Pid::from_raw);
-    let mut git = GitChild { child, pgid };
-    let stdin = git.child.stdin.take();
-    let stdout = git.child.stdout.take();
-    let stderr = git.child.stderr.take();
+    let stdin = git.stdin.take();
+    let stdout = git.stdout.take();
+    let stderr = git.stderr.take();
     let input = run.input;
     let work = async {
         let write = async {
@@ -1175,25 +1166,21 @@ async fn run_git(run: GitRun<'_>) -> Result<Output, GitError> {
         };
         let (_, stdout, stderr) = tokio::join!(
             write,
-            read_head(stdout, MAX_STDOUT_BYTES),
-            read_tail(stderr, MAX_STDERR_BYTES)
+            process::read_head(stdout, MAX_STDOUT_BYTES),
+            process::read_tail(stderr, MAX_STDERR_BYTES)
         );
-        let status = git.child.wait().await;
-        (stdout, stderr, status)
+        let exit = git.wait().await;
+        (stdout, stderr, exit)
     };
     match tokio::time::timeout(run.timeout, work).await {
-        Ok((stdout, stderr, Ok(status))) => {
-            // Reaped: the group id may be reused from now on.
-            git.pgid = None;
-            Ok(Output {
-                success: status.success(),
-                code: status.code(),
-                stdout,
-                stderr,
-            })
-        }
+        Ok((stdout, stderr, Ok(exit))) => Ok(Output {
+            success: exit.success(),
+            code: exit.code,
+            stdout,
+            stderr,
+        }),
         Ok((_, _, Err(source))) => Err(GitError::Spawn { source }),
-        // Dropping `git` kills the group.
+        // Dropping `git` ends its process group.
         Err(_) => Err(GitError::Timeout {
             url: String::new(),
             secs: run.timeout.as_secs(),
@@ -1204,63 +1191,7 @@ async fn run_git(run: GitRun<'_>) -> Result<Output, GitError> {
 /// The environment git may see from the builder's; the rest (`GIT_*` settings, askpass
 /// helpers) is dropped.
 fn passes_through(key: &str) -> bool {
-    matches!(
-        key,
-        "PATH"
-            | "HOME"
-            | "USER"
-            | "LOGNAME"
-            | "TMPDIR"
-            | "TZ"
-            | "http_proxy"
-            | "https_proxy"
-            | "no_proxy"
-            | "HTTP_PROXY"
-            | "HTTPS_PROXY"
-            | "NO_PROXY"
-            | "ALL_PROXY"
-            | "all_proxy"
-    ) || key.starts_with("XDG_")
-        || key.starts_with("SSL_CERT")
-        || key == "GIT_SSL_CAINFO"
-}
-
-/// Reads up to `limit` bytes, then reads and drops the rest (so the writer never blocks).
-async fn read_head(reader: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<u8> {
-    let mut kept = Vec::new();
-    let Some(mut reader) = reader else {
-        return kept;
-    };
-    let mut buffer = [0u8; 8192];
-    loop {
-        match reader.read(&mut buffer).await {
-            Ok(0) | Err(_) => return kept,
-            Ok(n) => {
-                let room = limit.saturating_sub(kept.len());
-                kept.extend_from_slice(&buffer[..n.min(room)]);
-            }
-        }
-    }
-}
-
-/// Reads everything, keeping the last `limit` bytes.
-async fn read_tail(reader: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<u8> {
-    let mut kept = Vec::new();
-    let Some(mut reader) = reader else {
-        return kept;
-    };
-    let mut buffer = [0u8; 8192];
-    loop {
-        match reader.read(&mut buffer).await {
-            Ok(0) | Err(_) => return kept,
-            Ok(n) => {
-                kept.extend_from_slice(&buffer[..n]);
-                if kept.len() > limit {
-                    kept.drain(..kept.len() - limit);
-                }
-            }
-        }
-    }
+    process::inherits_env(key) || key == "GIT_SSL_CAINFO"
 }
 
 /// Hides the credentials of URLs in `text` (`https://user:token@host/…` → `https://***@host/…`),

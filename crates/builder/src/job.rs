@@ -99,16 +99,28 @@ pub(crate) struct RunningJob {
 /// Why a job stopped without finishing its request.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
+    /// A publish failed in a way a later attempt may not ([`BusError::Refused`] becomes
+    /// [`JobError::Unpublishable`] instead).
     #[error(transparent)]
-    Bus(#[from] BusError),
+    Bus(BusError),
     #[error("stopped by shutdown")]
     Aborted,
     #[error("another builder took the request over (it was redelivered)")]
     Superseded,
-    /// An event the server refuses whatever the retries (too large): the request
-    /// ends with a short `finished` that says so, instead of going back to the queue.
+    /// An event or log batch the server refuses whatever the retries (too large, or a
+    /// subject this builder may not publish to): the request ends with a short `finished` that
+    /// says so, instead of going back to the queue.
     #[error("{0}")]
     Unpublishable(String),
+}
+
+impl From<BusError> for JobError {
+    fn from(err: BusError) -> Self {
+        match err {
+            BusError::Refused { .. } => JobError::Unpublishable(err.to_string()),
+            other => JobError::Bus(other),
+        }
+    }
 }
 
 /// How a request message was answered.

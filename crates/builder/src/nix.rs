@@ -17,7 +17,7 @@ use homelab_deploy_credentials::secret_url::redact_urls;
 use homelab_deploy_credentials::{Redactor, SecretUrl};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 use tokio::sync::{mpsc, Semaphore};
 
 pub use crate::logs::MAX_LINE_BYTES;
@@ -530,27 +530,9 @@ fn ran_out_of_memory(exit: &process::Exit, stderr: &str) -> bool {
 /// (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, `AWS_SHARED_CREDENTIALS_FILE`, …), `ssh://` and
 /// `ssh-ng://` run `ssh` (an agent, `NIX_SSHOPTS`), `http(s)://` honours the proxy variables.
 fn passes_through(key: &str) -> bool {
-    matches!(
-        key,
-        "PATH"
-            | "HOME"
-            | "USER"
-            | "LOGNAME"
-            | "TMPDIR"
-            | "LANG"
-            | "LC_ALL"
-            | "TZ"
-            | "SSH_AUTH_SOCK"
-            | "CURL_CA_BUNDLE"
-            | "http_proxy"
-            | "https_proxy"
-            | "no_proxy"
-            | "HTTP_PROXY"
-            | "HTTPS_PROXY"
-            | "NO_PROXY"
-    ) || key.starts_with("NIX_")
-        || key.starts_with("XDG_")
-        || key.starts_with("SSL_CERT")
+    process::inherits_env(key)
+        || matches!(key, "LANG" | "LC_ALL" | "SSH_AUTH_SOCK" | "CURL_CA_BUNDLE")
+        || key.starts_with("NIX_")
         || key.starts_with("AWS_")
 }
 
@@ -583,11 +565,7 @@ fn truncate(text: &str, max: usize) -> &str {
 }
 
 async fn read_bounded(pipe: Option<impl AsyncRead + Unpin>, max: usize) -> String {
-    let mut out = Vec::new();
-    if let Some(pipe) = pipe {
-        let _ = pipe.take(max as u64).read_to_end(&mut out).await;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&process::read_head(pipe, max).await).into_owned()
 }
 
 /// The last lines of a pipe (for error messages), read to its end.

@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::process::{ChildStderr, ChildStdout};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{ChildStderr, ChildStdin, ChildStdout};
 use tracing::warn;
 
 /// How long a stopped child gets to end its own helpers after SIGTERM before its group is
@@ -59,6 +60,7 @@ pub struct Child {
     pid: Pid,
     reaped: Arc<AtomicBool>,
     exit: Option<tokio::task::JoinHandle<io::Result<Exit>>>,
+    pub stdin: Option<ChildStdin>,
     pub stdout: Option<ChildStdout>,
     pub stderr: Option<ChildStderr>,
 }
@@ -129,6 +131,7 @@ pub async fn spawn(
         .map_err(|_| io::Error::other("the process spawner thread is gone"))??;
     let pid = Pid::from_raw(i32::try_from(child.id()).map_err(io::Error::other)?);
     let pid_file = pid_dir.and_then(|dir| write_pid_file(dir, pid));
+    let stdin = child.stdin.take().map(ChildStdin::from_std).transpose()?;
     let stdout = child.stdout.take().map(ChildStdout::from_std).transpose()?;
     let stderr = child.stderr.take().map(ChildStderr::from_std).transpose()?;
     let reaped = Arc::new(AtomicBool::new(false));
@@ -149,6 +152,7 @@ pub async fn spawn(
         pid,
         reaped,
         exit: Some(exit),
+        stdin,
         stdout,
         stderr,
     })
@@ -191,6 +195,70 @@ fn stop_group(pgid: Pid) {
         }
         let _ = killpg(pgid, Signal::SIGKILL);
     });
+}
+
+/// Whether a child (nix or git) inherits the builder's environment variable `key`: where to find
+/// programs and home, locale-independent basics, proxies and CA bundles. Callers add what their
+/// program needs on top; everything else (credentials, `GIT_*`, askpass helpers) is dropped.
+pub fn inherits_env(key: &str) -> bool {
+    matches!(
+        key,
+        "PATH"
+            | "HOME"
+            | "USER"
+            | "LOGNAME"
+            | "TMPDIR"
+            | "TZ"
+            | "http_proxy"
+            | "https_proxy"
+            | "no_proxy"
+            | "all_proxy"
+            | "HTTP_PROXY"
+            | "HTTPS_PROXY"
+            | "NO_PROXY"
+            | "ALL_PROXY"
+    ) || key.starts_with("XDG_")
+        || key.starts_with("SSL_CERT")
+}
+
+/// Reads a child's pipe to its end, keeping the first `limit` bytes and dropping the rest, so
+/// the child never blocks on a full pipe and the builder's memory stays bounded. A read error
+/// ends the read with what was kept.
+pub async fn read_head(pipe: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let Some(mut pipe) = pipe else {
+        return kept;
+    };
+    let mut buffer = [0u8; 8192];
+    loop {
+        match pipe.read(&mut buffer).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                let room = limit.saturating_sub(kept.len());
+                kept.extend_from_slice(&buffer[..n.min(room)]);
+            }
+        }
+    }
+}
+
+/// Reads a child's pipe to its end, keeping the last `limit` bytes (where an error message is).
+pub async fn read_tail(pipe: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let Some(mut pipe) = pipe else {
+        return kept;
+    };
+    let mut buffer = [0u8; 8192];
+    loop {
+        match pipe.read(&mut buffer).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                kept.extend_from_slice(&buffer[..n]);
+                if kept.len() > limit {
+                    kept.drain(..kept.len() - limit);
+                }
+            }
+        }
+    }
 }
 
 /// `wait4(pid)`: blocks until the child ends and reaps it.
@@ -246,7 +314,8 @@ fn write_pid_file(dir: &Path, pid: Pid) -> Option<PathBuf> {
 }
 
 /// Ends the process groups that a builder which died left running, as named by the pid files in
-/// `dir`, and removes the files. A pid file whose process is gone, or whose pid now belongs to
+/// `dir`, and removes the files: the group of a child still running, or of one that died with the
+/// builder while its helpers live on. A pid file whose group is gone, or whose pid now belongs to
 /// another process (another start time or boot), is only removed. When any pid file was left,
 /// also ends orphaned derivation builders ([`end_orphaned_derivation_builders`]). Returns the
 /// pids it ended. Blocks up to [`STOP_GRACE`] per process that needs a SIGKILL.
@@ -267,14 +336,21 @@ pub fn end_leftovers(dir: &Path) -> Vec<u32> {
             .map(Pid::from_raw);
         let recorded = std::fs::read_to_string(&file).unwrap_or_default();
         if let Some(pid) = pid {
-            if identity(pid).is_some_and(|now| now == recorded.trim()) {
+            let left = match identity(pid) {
+                Some(now) => now == recorded.trim(),
+                // The leader is gone, but its helpers (git's transport, a nix substituter) may
+                // live on in its group: the kernel gives no new process a pid that is still a
+                // live group's id, so a group with this id is the one the leader made.
+                None => killpg(pid, None).is_ok(),
+            };
+            if left {
                 warn!(
                     pid = pid.as_raw(),
-                    "ending a process a previous builder left running"
+                    "ending a process group a previous builder left running"
                 );
                 let _ = killpg(pid, Signal::SIGTERM);
                 let deadline = Instant::now() + STOP_GRACE;
-                while identity(pid).is_some() && Instant::now() < deadline {
+                while killpg(pid, None).is_ok() && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 let _ = killpg(pid, Signal::SIGKILL);

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::{Auth, AuthError, Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
+use async_nats::{
+    Auth, AuthError, Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr, ServerError,
+};
 use homelab_deploy_credentials::secret_url::UrlCredentials;
 use homelab_deploy_credentials::vault::VaultSeed;
 use homelab_deploy_credentials::{SecretUrl, SeedSource};
@@ -96,6 +98,10 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
                         if let Some(source) = &source {
                             source.refused();
                         }
+                    }
+                    Event::ServerError(ServerError::Other(error)) => {
+                        crate::denials::record(&error);
+                        warn!(%url, error = %error, "NATS server error");
                     }
                     other => warn!(%url, event = %other, "NATS connection event"),
                 }

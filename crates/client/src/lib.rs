@@ -4,6 +4,7 @@
 //! all of them submit and watch builds the same way.
 
 mod connect;
+pub mod denials;
 pub mod inspect;
 mod request;
 
