@@ -11,8 +11,22 @@ const FLOOD_LINES: u64 = 700_000;
 #[tokio::test(flavor = "multi_thread")]
 async fn log_flood_is_batched_and_memory_stays_bounded() {
     let setup = Setup::new("flood");
-    let (code, finished) = setup.build_json("flood", &[]);
-    assert_eq!(code, 0, "{finished:#}");
+    // Moving 50 MB through nix's JSON log records and NATS takes a while on a loaded 2-core
+    // machine; this test checks what arrives and the memory it took, not the time.
+    let output = test_support::run_cli(
+        crate::bin(),
+        &setup.nats.url,
+        &["build", "demo", "flood", "--json"],
+        std::time::Duration::from_secs(600),
+    );
+    let finished: serde_json::Value =
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+            panic!(
+                "stdout is not one JSON object ({err}); stderr:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    assert_eq!(output.status.code(), Some(0), "{finished:#}");
     let peak = setup.builder.peak_rss_bytes();
     let id = finished["id"].as_str().expect("id");
     let client = setup.nats.client().await;

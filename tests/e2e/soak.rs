@@ -24,7 +24,9 @@ async fn soak_with_builder_kills() {
     let nats = NatsServer::start();
     let repo = FixtureRepo::new("fleet");
     let repos = [("demo", repo.url())];
-    let extra = "\n[streams]\nrequest_ack_wait_secs = 3";
+    // A request the killer hits three times would be given up (builder.max_attempts, tested in
+    // stalls.rs); here every request must come through the kills.
+    let extra = "max_attempts = 100\n\n[streams]\nrequest_ack_wait_secs = 3";
     let steady = Builder::start_with(bin(), &nats.url, &repos, extra);
     let flaky = Arc::new(Mutex::new(Builder::start_with(
         bin(),
@@ -127,11 +129,13 @@ async fn soak_with_builder_kills() {
         match *target {
             "web" | "db" => assert!(
                 ["succeeded", "cancelled"].contains(&status),
-                "{id} {target}: {status}"
+                "{id} {target}: {status}: {}",
+                finished[0]["error"]
             ),
             _ => assert!(
                 ["failed", "cancelled"].contains(&status),
-                "{id} {target}: {status}"
+                "{id} {target}: {status}: {}",
+                finished[0]["error"]
             ),
         }
         redelivered += events
