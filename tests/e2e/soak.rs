@@ -26,7 +26,7 @@ async fn soak_with_builder_kills() {
     let repos = [("demo", repo.url())];
     // A request the killer hits three times would be given up (builder.max_attempts, tested in
     // stalls.rs); here every request must come through the kills.
-    let extra = "max_attempts = 100\n\n[streams]\nrequest_ack_wait_secs = 3";
+    let extra = "\nmax_attempts = 100\n\n[streams]\nrequest_ack_wait_secs = 3";
     let steady = Builder::start_with(bin(), &nats.url, &repos, extra);
     let flaky = Arc::new(Mutex::new(Builder::start_with(
         bin(),
