@@ -421,7 +421,7 @@ impl Jobs {
                 .finish_refused(&self.builder_name, repo, target, reason, started)
                 .await;
         };
-        let limits = match self.request_limits(request) {
+        let limits = match request_limits(&self.timeouts, request) {
             Ok(limits) => limits,
             Err(reason) => {
                 return events
@@ -1141,31 +1141,28 @@ impl Deadline {
     }
 }
 
-impl Jobs {
-    /// The time limits of `request`: the builder's defaults, or what it asked for within the
-    /// builder's maximum.
-    fn request_limits(&self, request: &ParsedRequest) -> Result<Limits, String> {
-        let pick = |asked: Option<u64>, default: Duration, field: &str| match asked {
-            None => Ok(default),
-            Some(secs) if Duration::from_secs(secs) <= self.timeouts.max => {
-                Ok(Duration::from_secs(secs))
-            }
-            Some(secs) => Err(format!(
-                "{field} {secs} is over this builder's maximum of {}s (builder.max_timeout_secs)",
-                self.timeouts.max.as_secs()
-            )),
-        };
-        Ok(Limits {
-            host: pick(
-                request.host_timeout_secs,
-                self.timeouts.host,
-                "host_timeout_secs",
-            )?,
-            request: pick(request.timeout_secs, self.timeouts.request, "timeout_secs")?,
-        })
-    }
+/// The time limits of `request`: `timeouts`' defaults, or what the request asked for up to
+/// `timeouts.max`. The error names the field and the maximum.
+fn request_limits(timeouts: &Timeouts, request: &ParsedRequest) -> Result<Limits, String> {
+    let pick = |asked: Option<u64>, default: Duration, field: &str| match asked {
+        None => Ok(default),
+        Some(secs) if Duration::from_secs(secs) <= timeouts.max => Ok(Duration::from_secs(secs)),
+        Some(secs) => Err(format!(
+            "{field} {secs} is over this builder's maximum of {}s (builder.max_timeout_secs)",
+            timeouts.max.as_secs()
+        )),
+    };
+    Ok(Limits {
+        host: pick(
+            request.host_timeout_secs,
+            timeouts.host,
+            "host_timeout_secs",
+        )?,
+        request: pick(request.timeout_secs, timeouts.request, "timeout_secs")?,
+    })
 }
 
+#[derive(Debug, PartialEq)]
 struct Limits {
     host: Duration,
     request: Duration,
@@ -1209,6 +1206,26 @@ struct Scanned {
 }
 
 impl Scanned {
+    /// The parts of `wanted` not read yet: all of it at first, then what lies before and after
+    /// the range read so far (each possibly empty).
+    fn unread(&self, wanted: &std::ops::Range<u64>) -> [std::ops::Range<u64>; 2] {
+        if self.up_to == 0 {
+            [wanted.clone(), 0..0]
+        } else {
+            [wanted.start..self.from, self.up_to + 1..wanted.end]
+        }
+    }
+
+    /// Notes that `wanted`, and the newest message at `newest`, have been read.
+    fn mark_read(&mut self, wanted: &std::ops::Range<u64>, newest: u64) {
+        self.from = if self.up_to == 0 {
+            wanted.start
+        } else {
+            self.from.min(wanted.start)
+        };
+        self.up_to = self.up_to.max(newest);
+    }
+
     fn saw(&mut self, sequence: u64, id: Option<String>) {
         if let Some(id) = id {
             if self
@@ -1238,26 +1255,12 @@ impl ReplaceIndex {
         if let Ok(newest) = requests.get_last_raw_message_by_subject(subject).await {
             scanned.saw(newest.sequence, replace_request_id(&newest));
             let wanted = stream_seq + 1..newest.sequence;
-            let read = if scanned.up_to == 0 {
-                read_range(requests, subject, wanted.clone(), &mut scanned).await
-            } else {
-                // Only what lies outside the range read before.
-                read_range(requests, subject, wanted.start..scanned.from, &mut scanned).await
-                    && read_range(
-                        requests,
-                        subject,
-                        scanned.up_to + 1..wanted.end,
-                        &mut scanned,
-                    )
-                    .await
-            };
+            let mut read = true;
+            for range in scanned.unread(&wanted) {
+                read = read && read_range(requests, subject, range, &mut scanned).await;
+            }
             if read {
-                scanned.from = if scanned.up_to == 0 {
-                    wanted.start
-                } else {
-                    scanned.from.min(wanted.start)
-                };
-                scanned.up_to = scanned.up_to.max(newest.sequence);
+                scanned.mark_read(&wanted, newest.sequence);
             }
         }
         let answer = scanned
@@ -1696,6 +1699,89 @@ fn cut(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            host: Duration::from_secs(60),
+            request: Duration::from_secs(600),
+            max: Duration::from_secs(3600),
+        }
+    }
+
+    fn asking(host_timeout_secs: Option<u64>, timeout_secs: Option<u64>) -> ParsedRequest {
+        ParsedRequest {
+            id: RequestId::parse("REQUEST01").expect("id"),
+            repo: RepoName::parse("demo").expect("repo"),
+            target: Target::parse("web").expect("target"),
+            requested_by: None,
+            git_ref: None,
+            rev: None,
+            mode: Mode::Enqueue,
+            host_timeout_secs,
+            timeout_secs,
+        }
+    }
+
+    #[test]
+    fn request_limits_default_allow_up_to_the_maximum_and_name_the_field_over_it() {
+        assert_eq!(
+            request_limits(&timeouts(), &asking(None, None)),
+            Ok(Limits {
+                host: Duration::from_secs(60),
+                request: Duration::from_secs(600)
+            })
+        );
+        assert_eq!(
+            request_limits(&timeouts(), &asking(Some(3600), Some(5))),
+            Ok(Limits {
+                host: Duration::from_secs(3600),
+                request: Duration::from_secs(5)
+            })
+        );
+        let over =
+            request_limits(&timeouts(), &asking(None, Some(3601))).expect_err("over the maximum");
+        assert!(
+            over.contains("timeout_secs 3601") && over.contains("3600s"),
+            "{over}"
+        );
+        let over = request_limits(&timeouts(), &asking(Some(u64::MAX), None))
+            .expect_err("over the maximum");
+        assert!(over.starts_with("host_timeout_secs"), "{over}");
+    }
+
+    #[test]
+    fn the_replace_index_reads_each_sequence_once() {
+        let mut scanned = Scanned::default();
+        // First look, from a request at sequence 10 with the newest message at 20.
+        let wanted = 11..20;
+        assert_eq!(scanned.unread(&wanted), [11..20, 0..0]);
+        scanned.mark_read(&wanted, 20);
+        assert_eq!((scanned.from, scanned.up_to), (11, 20));
+        // Again, nothing new: nothing to read.
+        assert!(scanned.unread(&wanted).iter().all(|range| range.is_empty()));
+        // Newer messages up to 30: only 21..30 is read.
+        let wanted = 11..30;
+        assert_eq!(scanned.unread(&wanted)[1], 21..30);
+        assert!(scanned.unread(&wanted)[0].is_empty());
+        scanned.mark_read(&wanted, 30);
+        assert_eq!((scanned.from, scanned.up_to), (11, 30));
+        // An older running request (at 4) reads only what lies before: 5..11.
+        let wanted = 5..30;
+        let [before, after] = scanned.unread(&wanted);
+        assert_eq!(before, 5..11);
+        assert!(after.is_empty());
+        scanned.mark_read(&wanted, 30);
+        assert_eq!((scanned.from, scanned.up_to), (5, 30));
+    }
+
+    #[test]
+    fn the_newest_replace_wins_whatever_order_it_is_seen_in() {
+        let mut scanned = Scanned::default();
+        scanned.saw(20, Some("LATER".to_owned()));
+        scanned.saw(12, Some("EARLIER".to_owned()));
+        scanned.saw(25, None);
+        assert_eq!(scanned.newest_replace, Some((20, "LATER".to_owned())));
+    }
 
     fn failed_host(name: &str, error: String) -> HostResult {
         HostResult {
