@@ -7,6 +7,7 @@ mod build;
 mod cache;
 mod cli;
 mod config;
+mod dashboard;
 mod ephemeral;
 mod eval;
 mod faults;

@@ -3,6 +3,7 @@
 mod build;
 mod builder;
 mod cancel;
+mod dashboard;
 mod docs;
 mod follow;
 mod inspect;
@@ -70,6 +71,9 @@ enum Command {
     Builds(inspect::BuildsArgs),
     /// List the builders of the fleet, with their state and last heartbeat.
     Builders(inspect::BuildersArgs),
+    /// Serve a read-only live web page of the fleet, the queue and the builds.
+    #[command(after_help = dashboard::AFTER_HELP)]
+    Dashboard(dashboard::DashboardArgs),
     /// Make NKey user seeds and show their public keys.
     Nkey(nkey::NkeyArgs),
     /// Serve the MCP tools an AI assistant uses to list, build, watch and cancel (stdio).
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (default_level, json) = match &cli.command {
         Command::Builder(args) if args.runs_daemon() => ("info", args.json_logs()),
+        Command::Dashboard(_) => ("info", false),
         _ => ("warn", false),
     };
     init_logging(default_level, json);
@@ -122,6 +127,7 @@ fn main() -> ExitCode {
             Command::Logs(args) => follow::logs(args).await,
             Command::Builds(args) => inspect::builds(args).await,
             Command::Builders(args) => inspect::builders(args).await,
+            Command::Dashboard(args) => dashboard::run(args).await,
             Command::Nkey(args) => nkey::run(args),
             Command::Mcp(args) => mcp::run(args).await,
             Command::Completions(args) => docs::completions(args),

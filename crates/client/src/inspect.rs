@@ -16,7 +16,8 @@ use homelab_deploy_protocol::subject::{
     consumer_name, parse_request_subject, EVENTS_STREAM, MSG_ID_HEADER, REQUESTS_STREAM,
 };
 use homelab_deploy_protocol::{
-    error_excerpt, BuildRequest, Event, EventBody, HostResult, HostStatus, Mode, RequestId, Target,
+    error_excerpt, BuildRequest, Event, EventBody, HostResult, HostStatus, Mode, Priority,
+    RequestId, Target,
 };
 use time::OffsetDateTime;
 
@@ -105,6 +106,8 @@ pub struct PendingRequest {
     pub target: Target,
     pub requested_by: Option<String>,
     pub mode: Mode,
+    /// The request's priority class (`interactive` when it named none).
+    pub priority: Priority,
     pub queued_at: OffsetDateTime,
     /// Not yet handed to any builder.
     pub waiting: bool,
@@ -153,6 +156,7 @@ pub async fn pending_requests(js: &Context) -> Result<Vec<PendingRequest>, Clien
             target,
             requested_by: body.requested_by,
             mode: body.mode.unwrap_or_default(),
+            priority: body.priority.unwrap_or_default(),
             queued_at: message.time,
             waiting,
         });

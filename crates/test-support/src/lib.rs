@@ -2,9 +2,11 @@
 //! from fixture flakes, the real builder binary, and the real `nix`. Everything lives in temp
 //! dirs and is torn down on drop.
 
+mod browser;
 mod hostile;
 mod vault;
 
+pub use browser::{chromium_bin, Browser};
 pub use hostile::{HostileHttp, Hostility};
 pub use vault::{AppRoleFiles, VaultServer};
 

@@ -1,0 +1,215 @@
+//! The dashboard in a real headless Chromium: what a person sees while a fixture build runs
+//! (each host's derivations done of expected), its result, its log following live, and a
+//! builder going away, all read from the page itself.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use test_support::{free_port, run_cli, wait_until, Browser, Builder, FixtureRepo, NatsServer};
+
+use crate::bin;
+
+/// `homelab-deploy dashboard` on a free port; killed on drop.
+struct Dashboard {
+    child: Child,
+    log: tempfile::NamedTempFile,
+    url: String,
+}
+
+impl Dashboard {
+    fn start(nats_url: &str, extra: &[&str]) -> Self {
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let child = Command::new(bin())
+            .args(["dashboard", "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .env("HOMELAB_DEPLOY_NATS_URL", nats_url)
+            .env("HOME", std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().expect("log file"))
+            .spawn()
+            .expect("start the dashboard");
+        let dashboard = Self {
+            child,
+            log,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        assert!(
+            wait_until(Duration::from_secs(30), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "the dashboard did not listen in 30 s:\n{}",
+            dashboard.log()
+        );
+        dashboard
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// A plain HTTP/1.0 GET (no JavaScript, no browser): status line and body.
+    fn get(&self, path: &str) -> (String, String) {
+        let address = self.url.trim_start_matches("http://");
+        let mut stream = TcpStream::connect(address).expect("connect to the dashboard");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (
+            head.lines().next().unwrap_or("").to_owned(),
+            body.to_owned(),
+        )
+    }
+}
+
+impl Drop for Dashboard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where the screenshot goes: `HOMELAB_DEPLOY_SCREENSHOT` (docs/dashboard.png is made that
+/// way), else a temp file (the capture still runs).
+fn screenshot_path(dir: &tempfile::TempDir) -> PathBuf {
+    std::env::var_os("HOMELAB_DEPLOY_SCREENSHOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.path().join("dashboard.png"))
+}
+
+/// "N/M derivations" with 0 < N < M on the `alpha` row: a build part-way through.
+fn alpha_part_way(text: &str) -> bool {
+    text.lines()
+        .filter(|line| line.contains("alpha"))
+        .filter_map(|line| line.split(" derivations").next()?.rsplit(' ').next())
+        .filter_map(|counts| counts.split_once('/'))
+        .filter_map(|(done, expected)| {
+            Some((done.parse::<u64>().ok()?, expected.parse::<u64>().ok()?))
+        })
+        .any(|(done, expected)| done > 0 && done < expected)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_sees_a_build_progress_finish_and_its_builder_leave() {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("dashboard");
+    let mut builder = Builder::start(bin(), &nats.url, &[("demo", repo.url())]);
+    let dashboard = Dashboard::start(&nats.url, &[]);
+    let shots = tempfile::tempdir().expect("temp dir");
+    let long = Duration::from_secs(120);
+
+    // Server-rendered first: without JavaScript the page lists the fleet.
+    assert!(
+        wait_until(Duration::from_secs(30), || dashboard
+            .get("/")
+            .1
+            .contains(&builder.name)),
+        "GET / never listed builder {}:\n{}",
+        builder.name,
+        dashboard.get("/").1
+    );
+    let (status, body) = dashboard.get("/builds/not%20an%20id");
+    assert!(status.contains("400"), "{status}\n{body}");
+
+    let mut browser = Browser::open(&dashboard.url).await;
+    browser
+        .wait_for_text("#fleet", long, "the builder as idle", |text| {
+            text.contains(&builder.name) && text.contains("idle")
+        })
+        .await;
+    browser
+        .wait_for_text("#live", long, "the live marker", |text| text == "live")
+        .await;
+
+    let nats_url = nats.url.clone();
+    let build = std::thread::spawn(move || {
+        run_cli(
+            bin(),
+            &nats_url,
+            &["build", "demo", "all", "--json"],
+            Duration::from_secs(300),
+        )
+    });
+
+    // Live, without a reload: the running build and alpha's derivations part-way.
+    let running = browser
+        .wait_for_text(
+            "#running",
+            long,
+            "alpha part-way through its derivations",
+            alpha_part_way,
+        )
+        .await;
+    assert!(running.contains("beta"), "{running}");
+    browser
+        .wait_for_text("#fleet", long, "the builder building", |text| {
+            text.contains("building") && text.contains("demo all")
+        })
+        .await;
+    browser.screenshot(&screenshot_path(&shots)).await;
+
+    // The build's own page: its log follows live, then the result.
+    let id = browser
+        .eval("document.querySelector('#running article.build').getAttribute('data-id')")
+        .await
+        .as_str()
+        .expect("the running build's id on the page")
+        .to_owned();
+    browser
+        .navigate(&format!("{}/builds/{id}", dashboard.url))
+        .await;
+    browser
+        .wait_for_text("#log", long, "alpha's last step in the log", |text| {
+            text.contains("alpha step 3 of 3") && text.contains("beta builds")
+        })
+        .await;
+    browser
+        .wait_for_text("#build", long, "the build succeeded", |text| {
+            text.contains("succeeded") && text.contains("alpha") && text.contains("built")
+        })
+        .await;
+
+    let output = build.join().expect("build thread");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+
+    browser.navigate(&dashboard.url).await;
+    let recent = browser
+        .wait_for_text("#recent", long, "the result with each host", |text| {
+            text.contains("succeeded")
+                && text.contains("alpha built")
+                && text.contains("beta built")
+        })
+        .await;
+    assert!(recent.contains("demo all"), "{recent}");
+    let charts = browser.text("#charts").await;
+    assert!(
+        charts.contains("demo/alpha") && charts.contains("queue depth"),
+        "{charts}"
+    );
+
+    // The builder goes away: the page says so without a reload.
+    assert!(
+        builder.terminate(Duration::from_secs(60)).is_some(),
+        "builder did not stop"
+    );
+    browser
+        .wait_for_text("#fleet", long, "the builder gone", |text| {
+            text.lines()
+                .any(|line| line.contains(&builder.name) && line.contains("gone"))
+        })
+        .await;
+    assert!(
+        !dashboard.log().contains("ERROR"),
+        "dashboard log:\n{}",
+        dashboard.log()
+    );
+}
