@@ -142,6 +142,13 @@ ensure_git_servers() {
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
+ensure_chromium() {
+    # The dashboard's tests drive a real headless Chromium (Debian's package); CHROMIUM_BIN
+    # points elsewhere when set.
+    if [ -n "${CHROMIUM_BIN:-}" ] && [ -x "$CHROMIUM_BIN" ]; then return; fi
+    command -v chromium >/dev/null || apt_install chromium
+}
+
 ensure_deps() {
     ensure_rust
     ensure_build_deps
@@ -150,4 +157,5 @@ ensure_deps() {
     ensure_nats_server
     ensure_mcp_sdk
     ensure_promtool
+    ensure_chromium
 }

@@ -155,7 +155,6 @@ async fn a_browser_sees_a_build_progress_finish_and_its_builder_leave() {
             text.contains("building") && text.contains("demo all")
         })
         .await;
-    browser.screenshot(&screenshot_path(&shots)).await;
 
     // The build's own page: its log follows live, then the result.
     let id = browser
@@ -196,7 +195,30 @@ async fn a_browser_sees_a_build_progress_finish_and_its_builder_leave() {
         "{charts}"
     );
 
-    // The builder goes away: the page says so without a reload.
+    // A second build (a new commit rebuilds both hosts) runs on top of that history.
+    repo.commit_file(
+        "nonce.nix",
+        &format!("\"{}\"\n", test_support::unique("second")),
+    );
+    let queued = run_cli(
+        bin(),
+        &nats.url,
+        &["build", "demo", "all", "--no-wait"],
+        long,
+    );
+    assert_eq!(queued.status.code(), Some(0), "{queued:?}");
+    browser
+        .wait_for_text(
+            "#running",
+            long,
+            "the second build part-way",
+            alpha_part_way,
+        )
+        .await;
+    browser.screenshot(&screenshot_path(&shots)).await;
+
+    // The builder goes away mid-build: the page shows it gone and the build handed back,
+    // without a reload.
     assert!(
         builder.terminate(Duration::from_secs(60)).is_some(),
         "builder did not stop"
@@ -205,6 +227,11 @@ async fn a_browser_sees_a_build_progress_finish_and_its_builder_leave() {
         .wait_for_text("#fleet", long, "the builder gone", |text| {
             text.lines()
                 .any(|line| line.contains(&builder.name) && line.contains("gone"))
+        })
+        .await;
+    browser
+        .wait_for_text("#running", long, "the build handed back", |text| {
+            text.contains("requeued")
         })
         .await;
     assert!(

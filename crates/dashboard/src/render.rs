@@ -343,7 +343,8 @@ fn queue_chart(model: &Model, now: OffsetDateTime) -> Markup {
 fn duration_chart<'a>(points: impl Iterator<Item = (u64, HostStatus, &'a str)>) -> Markup {
     let points: Vec<(u64, HostStatus, &str)> = points.collect();
     let max = points.iter().map(|p| p.0).max().unwrap_or(0).max(1);
-    let slot = CHART_W / points.len().max(1) as f64;
+    // At least ten slots: one early build is a bar, not a block.
+    let slot = CHART_W / points.len().max(10) as f64;
     html! {
         svg .chart viewBox={"0 0 " (CHART_W) " " (CHART_H + 12.0)} width=(CHART_W) height=(CHART_H + 12.0) role="img" aria-label="build durations" {
             line x1="0" y1=(CHART_H) x2=(CHART_W) y2=(CHART_H) .axis {}
