@@ -12,6 +12,7 @@ mod ephemeral;
 mod eval;
 mod faults;
 mod git;
+mod identity;
 mod logs;
 mod mcp;
 mod metrics;

@@ -12,8 +12,10 @@ use homelab_deploy_protocol::api::{
     builder_cancel_subject, builder_drain_subject, ApiError, BuildList, BuilderList, BuilderState,
     BuildsCursor, BuildsQuery, CancelReply, CancelRequest, DrainReply, RequestPhase, StatusQuery,
     API_QUEUE_GROUP, BUILDERS_SUBJECT, BUILDS_SUBJECT, CANCEL_SUBJECT, DEFAULT_BUILDS_LIMIT,
-    ERROR_BUSY, ERROR_INVALID, ERROR_TOO_LARGE, MAX_BUILDS_LIMIT, STATUS_SUBJECT,
+    ERROR_BUSY, ERROR_FORBIDDEN, ERROR_INVALID, ERROR_TOO_LARGE, MAX_BUILDS_LIMIT, STATUS_SUBJECT,
 };
+use homelab_deploy_protocol::identity::Purpose;
+use homelab_deploy_protocol::subject::shown;
 use homelab_deploy_protocol::{RepoName, RequestId};
 use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
@@ -21,7 +23,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::daemon::Stop;
-use crate::job::Jobs;
+use crate::job::{CancelOutcome, Canceller, Jobs};
 
 const MAX_TEXT_CHARS: usize = 256;
 
@@ -159,10 +161,8 @@ impl Api {
             BUILDS_SUBJECT => self.builds(&message.payload).await,
             STATUS_SUBJECT => self.status(&message.payload).await.map_err(Into::into),
             BUILDERS_SUBJECT => self.builders().await.map_err(Into::into),
-            CANCEL_SUBJECT => self.cancel(&message.payload).await.map_err(Into::into),
-            subject if subject == builder_cancel_subject(me) => {
-                self.cancel_here(&message.payload).map_err(Into::into)
-            }
+            CANCEL_SUBJECT => self.cancel(&message).await,
+            subject if subject == builder_cancel_subject(me) => self.cancel_here(&message),
             subject if subject == builder_drain_subject(me) => self.drain().map_err(Into::into),
             other => Err(format!("unknown API subject {other}").into()),
         };
@@ -251,15 +251,31 @@ impl Api {
         json(&BuilderList { builders })
     }
 
-    /// Cancels a queued request (removes it from the queue and finishes it) or a running one
-    /// (asks the builder running it to kill its build).
-    async fn cancel(&self, payload: &[u8]) -> Reply {
-        let request = parse_cancel(payload)?;
-        let id = RequestId::parse(&request.id).map_err(|err| err.to_string())?;
-        let by = request
+    /// Who sent a cancel and what it says; a cancel whose signature fails (or that is unsigned
+    /// where signatures are required) is refused with [`ERROR_FORBIDDEN`].
+    fn cancel_sender(&self, message: &Message) -> Result<(CancelRequest, Canceller), ApiFailure> {
+        let request = parse_cancel(&message.payload)?;
+        let key = self
+            .jobs
+            .access
+            .sender(message.headers.as_ref(), Purpose::Cancel, &message.payload)
+            .map_err(|why| {
+                warn!(request_id = %shown(&request.id), reason = %why, "refused a cancel");
+                ApiFailure::new(ERROR_FORBIDDEN, why)
+            })?;
+        let note = request
             .requested_by
             .clone()
             .unwrap_or_else(|| "unknown".to_owned());
+        Ok((request, Canceller { note, key }))
+    }
+
+    /// Cancels a queued request (removes it from the queue and finishes it) or a running one
+    /// (asks the builder running it to kill its build), if the sender may
+    /// ([`crate::access::Access::may_cancel`]).
+    async fn cancel(&self, message: &Message) -> Answer {
+        let (request, by) = self.cancel_sender(message)?;
+        let id = RequestId::parse(&request.id).map_err(|err| err.to_string())?;
         let reason = request
             .reason
             .clone()
@@ -281,26 +297,55 @@ impl Api {
                     .ok_or_else(|| {
                         format!("request {id} was just taken by a builder; cancel it again")
                     })?;
+                let repo = RepoName::parse(&queued.repo).map_err(|err| err.to_string())?;
+                // Who asked for it, from the queued message itself: checked before it is removed.
+                let owner = self
+                    .jobs
+                    .requests
+                    .get_raw_message(queued.stream_seq)
+                    .await
+                    .ok()
+                    .and_then(|stored| {
+                        self.jobs
+                            .access
+                            .build_request(
+                                Some(&stored.headers),
+                                &repo,
+                                &queued.target,
+                                &stored.payload,
+                            )
+                            .ok()
+                            .flatten()
+                    });
+                self.jobs
+                    .access
+                    .may_cancel(by.key.as_ref(), owner.as_ref(), id.as_str())
+                    .map_err(|why| ApiFailure::new(ERROR_FORBIDDEN, why))?;
                 self.jobs
                     .requests
                     .delete_message(queued.stream_seq)
                     .await
                     .map_err(|err| format!("removing request {id} from the queue failed: {err}"))?;
-                let repo = RepoName::parse(&queued.repo).map_err(|err| err.to_string())?;
                 self.jobs
-                    .finish_cancelled_queued(&repo, &queued.target, &id, &by, &reason)
+                    .finish_cancelled_queued(&repo, &queued.target, &id, &by, &reason, owner)
                     .await
                     .map_err(|err| err.to_string())?;
                 info!(request_id = %id, cancelled_by = %by, "cancelled a queued request");
-                json(&CancelReply {
+                Ok(json(&CancelReply {
                     id: id.to_string(),
                     was: RequestPhase::Queued,
                     message: format!("request {id} removed from the queue; it will not be built"),
-                })
+                })?)
             }
             RequestPhase::Running => {
-                if self.jobs.cancel(id.as_str(), &by, &reason) {
-                    return json(&running_cancelled(&id, &self.jobs.builder_name));
+                match self.jobs.cancel(id.as_str(), &by, &reason) {
+                    CancelOutcome::Cancelling => {
+                        return Ok(json(&running_cancelled(&id, &self.jobs.builder_name))?)
+                    }
+                    CancelOutcome::Refused(why) => {
+                        return Err(ApiFailure::new(ERROR_FORBIDDEN, why))
+                    }
+                    CancelOutcome::NotHere => {}
                 }
                 // Not started yet (resolving its commit or listing hosts): the builder that
                 // took it lists it among its running requests in the registry.
@@ -322,40 +367,43 @@ impl Api {
                             )
                         })?,
                 };
-                let forwarded = self.client.request(
+                // Passed on as it came, signature headers included: that builder checks them.
+                let forwarded = self.client.request_with_headers(
                     builder_cancel_subject(&builder),
-                    serde_json::to_vec(&request).unwrap_or_default().into(),
+                    message.headers.clone().unwrap_or_default(),
+                    message.payload.clone(),
                 );
                 match tokio::time::timeout(Duration::from_secs(5), forwarded).await {
                     Ok(Ok(answer)) => Ok(answer.payload.to_vec()),
                     Ok(Err(err)) => Err(format!(
                         "builder {builder}, which runs request {id}, did not answer: {err}"
-                    )),
+                    )
+                    .into()),
                     Err(_) => Err(format!(
                         "builder {builder}, which runs request {id}, did not answer within 5s"
-                    )),
+                    )
+                    .into()),
                 }
             }
-            finished => Err(format!(
-                "request {id} already finished: {}",
-                finished.as_str()
-            )),
+            finished => Err(format!("request {id} already finished: {}", finished.as_str()).into()),
         }
     }
 
-    fn cancel_here(&self, payload: &[u8]) -> Reply {
-        let request = parse_cancel(payload)?;
-        let by = request.requested_by.as_deref().unwrap_or("unknown");
+    fn cancel_here(&self, message: &Message) -> Answer {
+        let (request, by) = self.cancel_sender(message)?;
         let reason = request.reason.as_deref().unwrap_or("no reason given");
-        if self.jobs.cancel(&request.id, by, reason) {
-            info!(request_id = %request.id, cancelled_by = %by, "cancelling a running request");
-            let id = RequestId::parse(&request.id).map_err(|err| err.to_string())?;
-            json(&running_cancelled(&id, &self.jobs.builder_name))
-        } else {
-            Err(format!(
+        match self.jobs.cancel(&request.id, &by, reason) {
+            CancelOutcome::Cancelling => {
+                info!(request_id = %request.id, cancelled_by = %by, "cancelling a running request");
+                let id = RequestId::parse(&request.id).map_err(|err| err.to_string())?;
+                Ok(json(&running_cancelled(&id, &self.jobs.builder_name))?)
+            }
+            CancelOutcome::Refused(why) => Err(ApiFailure::new(ERROR_FORBIDDEN, why)),
+            CancelOutcome::NotHere => Err(format!(
                 "request {} is not running on builder {}",
                 request.id, self.jobs.builder_name
-            ))
+            )
+            .into()),
         }
     }
 

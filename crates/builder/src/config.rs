@@ -44,6 +44,9 @@ pub struct Config {
     /// Prometheus metrics; off when the table is absent.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Known users and whether requests must be signed (`crate::access`).
+    #[serde(default)]
+    pub access: crate::access::AccessConfig,
     pub repos: BTreeMap<String, RepoConfig>,
 }
 
@@ -541,6 +544,9 @@ impl Config {
                 "streams.events_duplicate_window_secs".into(),
                 "must be at least 1 and at most streams.events_max_age_secs".into(),
             ));
+        }
+        if let Err((key, message)) = self.access.validate() {
+            return Err(invalid(key, message));
         }
         if self.builder.max_attempts == 0 {
             return Err(invalid(

@@ -177,6 +177,7 @@ pub async fn run(
         replace_index: Default::default(),
         watch_interval,
         running: Default::default(),
+        access: Arc::new(crate::access::Access::new(&config.access)),
     });
     let registry = Registry::open(
         &js,

@@ -21,17 +21,19 @@ use futures::{StreamExt, TryStreamExt};
 use homelab_deploy_protocol::api::BuilderState;
 use homelab_deploy_protocol::request::parse_request;
 use homelab_deploy_protocol::subject::{
-    encode_host, events_subject, logs_subject, request_subject, MSG_ID_HEADER,
+    encode_host, events_subject, logs_subject, parse_request_subject, request_subject,
+    MSG_ID_HEADER,
 };
 use homelab_deploy_protocol::{
-    BuildRequest, BuildStatus, Event, EventBody, HostResult, HostStatus, Mode, ParsedRequest,
-    RepoName, RequestId, Target,
+    BuildRequest, BuildStatus, Event, EventBody, HostResult, HostStatus, Identity, Mode,
+    ParsedRequest, RepoName, RequestId, Target,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn, Instrument};
 
+use crate::access::Access;
 use crate::bus::{last_event, BusError, Publisher, RequestMessage};
 use crate::cache::EvalCache;
 use crate::config::{Evaluation, RepoConfig, Timeouts};
@@ -70,6 +72,8 @@ pub struct Jobs {
     pub watch_interval: Duration,
     /// Requests running here, by id.
     pub(crate) running: Mutex<HashMap<String, RunningJob>>,
+    /// Who may build and cancel what (`[access]`).
+    pub access: Arc<Access>,
 }
 
 /// A repo this builder serves, with its mirror (which keeps two jobs of the repo from fetching
@@ -87,12 +91,53 @@ pub enum Interrupt {
     /// The builder is going away: the request goes back to the queue.
     Shutdown,
     /// Cancelled (by a person, or by a newer `replace` request): it ends `cancelled`.
-    Cancel { by: String, reason: String },
+    Cancel { by: Canceller, reason: String },
+}
+
+/// Who cancelled a request: the free-text note of the cancel (`requested_by`, or "replace
+/// request <id>"), and the verified signer when the cancel was signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Canceller {
+    pub note: String,
+    pub key: Option<Identity>,
+}
+
+impl Canceller {
+    /// A cancel by the builder itself, with no signer.
+    pub fn note(note: impl Into<String>) -> Self {
+        Self {
+            note: note.into(),
+            key: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Canceller {
+    /// The verified signer when there is one, else the note.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "{key}"),
+            None => f.write_str(&self.note),
+        }
+    }
+}
+
+/// What [`Jobs::cancel`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The request runs here; its build is being stopped.
+    Cancelling,
+    /// The request does not run here.
+    NotHere,
+    /// The sender may not cancel it ([`Access::may_cancel`]).
+    Refused(String),
 }
 
 pub(crate) struct RunningJob {
     repo: String,
     target: String,
+    /// Who requested it (verified), for [`Access::may_cancel`].
+    requested_by_key: Option<Identity>,
     interrupt: watch::Sender<Option<Interrupt>>,
 }
 
@@ -134,7 +179,7 @@ enum Answered {
 /// What happened to one host.
 enum HostOutcome {
     Done(HostResult),
-    Cancelled(HostResult, String, String),
+    Cancelled(HostResult, Canceller, String),
 }
 
 impl Jobs {
@@ -150,17 +195,23 @@ impl Jobs {
             .collect()
     }
 
-    /// Cancels request `id` if it runs here; false when it does not.
-    pub fn cancel(&self, id: &str, by: &str, reason: &str) -> bool {
+    /// Cancels request `id` if it runs here and `by` may cancel it.
+    pub fn cancel(&self, id: &str, by: &Canceller, reason: &str) -> CancelOutcome {
         match self.lock_running().get(id) {
             Some(job) => {
+                if let Err(why) =
+                    self.access
+                        .may_cancel(by.key.as_ref(), job.requested_by_key.as_ref(), id)
+                {
+                    return CancelOutcome::Refused(why);
+                }
                 let _ = job.interrupt.send(Some(Interrupt::Cancel {
-                    by: by.to_owned(),
+                    by: by.clone(),
                     reason: reason.to_owned(),
                 }));
-                true
+                CancelOutcome::Cancelling
             }
-            None => false,
+            None => CancelOutcome::NotHere,
         }
     }
 
@@ -195,6 +246,7 @@ impl Jobs {
             message.clone(),
             self.requests.clone(),
             self.replace_index.clone(),
+            self.access.clone(),
             interrupt_tx.clone(),
             self.watch_interval,
         ));
@@ -286,6 +338,7 @@ impl Jobs {
             Events::open(&self.publisher, &request.repo, &request.target, &request.id).await?;
         let answered = self
             .run_parsed(
+                message,
                 &request,
                 &mut events,
                 interrupt_tx,
@@ -301,6 +354,7 @@ impl Jobs {
     /// Runs a valid request whose events subject is open.
     async fn run_parsed(
         &self,
+        message: &RequestMessage,
         request: &ParsedRequest,
         events: &mut Events<'_>,
         interrupt_tx: watch::Sender<Option<Interrupt>>,
@@ -314,6 +368,26 @@ impl Jobs {
         if events.already_finished() {
             info!(request_id = %id, "request already has a finished event (cancelled while queued, or a reused id); not building it again");
             return Ok(Answered::Finished);
+        }
+        match self
+            .access
+            .build_request(message.headers.as_ref(), repo, target, &message.payload)
+        {
+            Ok(sender) => events.requested_by_key = sender,
+            Err(reason) => {
+                warn!(request_id = %id, reason = %reason, "refused a request: its signature or its signer's rights");
+                crate::metrics::request_received(repo.as_str());
+                self.finish_or_explain(
+                    events,
+                    Finish {
+                        error: Some(reason),
+                        ..Finish::new(repo, target, &self.builder_name, started)
+                    },
+                )
+                .await?;
+                // Terminated: sent again, it would be refused again.
+                return Ok(Answered::Never);
+            }
         }
         let attempts = events.attempts(id).await?;
         info!(request_id = %id, repo = %repo, target = target.as_str(), attempt = attempts.started + 1, mode = request.mode.as_str(), requested_by = ?request.requested_by, "request received");
@@ -335,6 +409,7 @@ impl Jobs {
             RunningJob {
                 repo: repo.to_string(),
                 target: target.to_string(),
+                requested_by_key: events.requested_by_key.clone(),
                 interrupt: interrupt_tx,
             },
         );
@@ -435,12 +510,17 @@ impl Jobs {
         };
         if let Some(newer) = self
             .replace_index
-            .newer_replace(&self.requests, &request_subject(repo, target), stream_seq)
+            .newer_replace(
+                &self.requests,
+                &self.access,
+                &request_subject(repo, target),
+                stream_seq,
+            )
             .await
         {
             let mut finish = Finish::new(repo, target, &self.builder_name, started);
             finish.status = BuildStatus::Cancelled;
-            finish.cancelled_by = Some(format!("replace request {newer}"));
+            finish.cancelled_by = Some(Canceller::note(format!("replace request {newer}")));
             finish.error = Some(format!(
                 "superseded by newer request {newer} (mode replace)"
             ));
@@ -482,6 +562,7 @@ impl Jobs {
                 rev: rev.clone(),
                 hosts: hosts.clone(),
                 requested_by: request.requested_by.clone(),
+                requested_by_key: events.requested_by_key.clone(),
                 attempt,
             })
             .await?;
@@ -489,7 +570,7 @@ impl Jobs {
         // 4. Evaluate the hosts together where the memory budget allows, then build each in
         //    turn; after a cancel the rest are cancelled without building.
         let total = hosts.len();
-        let mut cancelled: Option<(String, String)> = None;
+        let mut cancelled: Option<(Canceller, String)> = None;
         let logs = logs_subject(repo, target, id);
         let roots = DrvRoots::new(&self.state_dir);
         let checkout = Checkout {
@@ -938,13 +1019,15 @@ impl Jobs {
         repo: &RepoName,
         target: &Target,
         id: &RequestId,
-        by: &str,
+        by: &Canceller,
         reason: &str,
+        requested_by_key: Option<Identity>,
     ) -> Result<(), JobError> {
         let mut events = Events::open(&self.publisher, repo, target, id).await?;
+        events.requested_by_key = requested_by_key;
         let mut finish = Finish::new(repo, target, &self.builder_name, Instant::now());
         finish.status = BuildStatus::Cancelled;
-        finish.cancelled_by = Some(by.to_owned());
+        finish.cancelled_by = Some(by.clone());
         finish.error = Some(format!("cancelled by {by} while queued: {reason}"));
         events.finish(finish).await
     }
@@ -1240,10 +1323,12 @@ impl Scanned {
 }
 
 impl ReplaceIndex {
-    /// The id of a `replace` request for `subject` newer than `stream_seq`, if any.
+    /// The id of a `replace` request for `subject` newer than `stream_seq`, if any; only a
+    /// request that `access` lets build counts.
     async fn newer_replace(
         &self,
         requests: &jetstream::stream::Stream,
+        access: &Access,
         subject: &str,
         stream_seq: u64,
     ) -> Option<String> {
@@ -1253,11 +1338,11 @@ impl ReplaceIndex {
             .map(|subjects| subjects.get(subject).cloned().unwrap_or_default())
             .unwrap_or_default();
         if let Ok(newest) = requests.get_last_raw_message_by_subject(subject).await {
-            scanned.saw(newest.sequence, replace_request_id(&newest));
+            scanned.saw(newest.sequence, replace_request_id(&newest, access));
             let wanted = stream_seq + 1..newest.sequence;
             let mut read = true;
             for range in scanned.unread(&wanted) {
-                read = read && read_range(requests, subject, range, &mut scanned).await;
+                read = read && read_range(requests, access, subject, range, &mut scanned).await;
             }
             if read {
                 scanned.mark_read(&wanted, newest.sequence);
@@ -1279,6 +1364,7 @@ impl ReplaceIndex {
 /// false if reading failed (the range then counts as not read).
 async fn read_range(
     requests: &jetstream::stream::Stream,
+    access: &Access,
     subject: &str,
     range: std::ops::Range<u64>,
     scanned: &mut Scanned,
@@ -1293,7 +1379,7 @@ async fn read_range(
             .await
         {
             Ok(message) if message.sequence < range.end => {
-                scanned.saw(message.sequence, replace_request_id(&message));
+                scanned.saw(message.sequence, replace_request_id(&message, access));
                 next = message.sequence + 1;
             }
             Ok(_) => return true,
@@ -1306,12 +1392,20 @@ async fn read_range(
     true
 }
 
-/// The request's id when it is a `replace` request.
-fn replace_request_id(message: &jetstream::message::StreamMessage) -> Option<String> {
+/// The request's id when it is a `replace` request that `access` lets build: an unsigned or
+/// badly signed one, refused when its turn comes, cancels nothing.
+fn replace_request_id(
+    message: &jetstream::message::StreamMessage,
+    access: &Access,
+) -> Option<String> {
     let body: BuildRequest = serde_json::from_slice(&message.payload).unwrap_or_default();
     if body.mode != Some(Mode::Replace) {
         return None;
     }
+    let (repo, target) = parse_request_subject(&message.subject).ok()?;
+    access
+        .build_request(Some(&message.headers), &repo, &target, &message.payload)
+        .ok()?;
     let id = message
         .headers
         .get(MSG_ID_HEADER)
@@ -1326,6 +1420,7 @@ async fn watch_request(
     message: Arc<RequestMessage>,
     requests: jetstream::stream::Stream,
     replace_index: Arc<ReplaceIndex>,
+    access: Arc<Access>,
     interrupt: watch::Sender<Option<Interrupt>>,
     interval: Duration,
 ) {
@@ -1341,11 +1436,11 @@ async fn watch_request(
             continue;
         }
         if let Some(newer) = replace_index
-            .newer_replace(&requests, &message.subject, stream_seq)
+            .newer_replace(&requests, &access, &message.subject, stream_seq)
             .await
         {
             let _ = interrupt.send(Some(Interrupt::Cancel {
-                by: format!("replace request {newer}"),
+                by: Canceller::note(format!("replace request {newer}")),
                 reason: "replaced by a newer request for the same target".to_owned(),
             }));
         }
@@ -1370,6 +1465,8 @@ struct Events<'a> {
     last_was_finished: bool,
     /// Status of the `finished` event this writer stored, once it has.
     verdict: Option<BuildStatus>,
+    /// The verified signer of the request, shown in `started` and `finished`.
+    requested_by_key: Option<Identity>,
 }
 
 /// The parts of a `finished` event, filled in as the request goes.
@@ -1381,7 +1478,7 @@ struct Finish {
     hosts: Vec<HostResult>,
     error: Option<String>,
     builder: String,
-    cancelled_by: Option<String>,
+    cancelled_by: Option<Canceller>,
     started: Instant,
 }
 
@@ -1487,6 +1584,7 @@ impl<'a> Events<'a> {
             last_was_finished: event
                 .is_some_and(|event| matches!(event.body, EventBody::Finished { .. })),
             verdict: None,
+            requested_by_key: None,
         })
     }
 
@@ -1556,7 +1654,9 @@ impl<'a> Events<'a> {
             hosts: finish.hosts,
             error: finish.error.map(|e| cut(&e, MAX_ERROR_BYTES)),
             builder: Some(finish.builder),
-            cancelled_by: finish.cancelled_by,
+            cancelled_by: finish.cancelled_by.as_ref().map(|by| by.note.clone()),
+            cancelled_by_key: finish.cancelled_by.and_then(|by| by.key),
+            requested_by_key: self.requested_by_key.clone(),
             duration_ms: finish.started.elapsed().as_millis() as u64,
         })
         .await?;
@@ -1809,6 +1909,8 @@ mod tests {
                 error: None,
                 builder: Some("b1".to_owned()),
                 cancelled_by: None,
+                cancelled_by_key: None,
+                requested_by_key: None,
                 duration_ms: 1,
             },
         }
@@ -1903,6 +2005,7 @@ mod tests {
             rev: "0".repeat(40),
             hosts: vec!["web".to_owned()],
             requested_by: None,
+            requested_by_key: None,
             attempt: 1,
         }
     }

@@ -8,6 +8,7 @@
 //! - [`session`]: the limits of an ephemeral builder (`--once`, `--max-builds`, …).
 //! - [`bus`], [`git`], [`nix`], [`logs`]: the seams to NATS, git, nix and log batching.
 
+pub mod access;
 pub mod api;
 pub mod bus;
 pub mod cache;

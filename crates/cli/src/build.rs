@@ -147,8 +147,8 @@ pub async fn run(args: BuildArgs) -> u8 {
         return usage_error(err);
     }
 
-    let client = match crate::nats::connect_or_exit(&args.nats, "build").await {
-        Ok(client) => client,
+    let (client, signer) = match crate::nats::connect_signing_or_exit(&args.nats, "build").await {
+        Ok(connected) => connected,
         Err(code) => return code,
     };
     let options = SubmitOptions {
@@ -159,6 +159,7 @@ pub async fn run(args: BuildArgs) -> u8 {
         host_timeout_secs: args.host_timeout.map(whole_seconds),
         timeout_secs: args.build_timeout.map(whole_seconds),
         priority: args.priority.into(),
+        signer,
     };
     let mut submission = match submit(&client, &repo, &target, options).await {
         Ok(submission) => submission,

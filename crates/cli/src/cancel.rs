@@ -7,10 +7,11 @@ use homelab_deploy_protocol::api::{
     builder_drain_subject, check_builder_name, ApiError, CancelReply, CancelRequest, DrainReply,
     CANCEL_SUBJECT,
 };
+use homelab_deploy_protocol::identity::Purpose;
 use serde::de::DeserializeOwned;
 
 use crate::build::requested_by;
-use crate::nats::{connect_or_exit, print_json, request_id_or_exit};
+use crate::nats::{connect_signing_or_exit, print_json, request_id_or_exit};
 use crate::{exit, NatsArgs};
 
 #[derive(Args)]
@@ -39,16 +40,25 @@ pub struct DrainArgs {
 }
 
 /// Sends an API request and decodes the reply, or prints why it failed and returns the exit code.
+/// A cancel is signed with the connection's seed, so the builders know who sent it.
 async fn api_request<T: DeserializeOwned>(
     nats: &NatsArgs,
     command: &str,
     subject: String,
     body: Vec<u8>,
+    signed: Option<Purpose<'_>>,
 ) -> Result<T, u8> {
-    let client = connect_or_exit(nats, command).await?;
+    let (client, signer) = connect_signing_or_exit(nats, command).await?;
+    let mut headers = async_nats::HeaderMap::new();
+    if let (Some(purpose), Some(signer)) = (signed, signer) {
+        headers = signer
+            .headers(purpose, &body)
+            .await
+            .map_err(crate::build::client_error)?;
+    }
     let reply = tokio::time::timeout(
         Duration::from_secs(15),
-        client.request(subject.clone(), body.into()),
+        client.request_with_headers(subject.clone(), headers, body.into()),
     )
     .await;
     let message = match reply {
@@ -90,7 +100,15 @@ pub async fn cancel(args: CancelArgs) -> u8 {
         requested_by: Some(requested_by()),
     };
     let body = serde_json::to_vec(&request).unwrap_or_default();
-    match api_request::<CancelReply>(&args.nats, "cancel", CANCEL_SUBJECT.to_owned(), body).await {
+    match api_request::<CancelReply>(
+        &args.nats,
+        "cancel",
+        CANCEL_SUBJECT.to_owned(),
+        body,
+        Some(Purpose::Cancel),
+    )
+    .await
+    {
         Ok(reply) if args.json => {
             print_json(&reply);
             exit::OK
@@ -109,7 +127,9 @@ pub async fn drain(args: DrainArgs) -> u8 {
         return exit::USAGE;
     }
     let subject = builder_drain_subject(&args.name);
-    match api_request::<DrainReply>(&args.nats, "builder drain", subject, b"{}".to_vec()).await {
+    match api_request::<DrainReply>(&args.nats, "builder drain", subject, b"{}".to_vec(), None)
+        .await
+    {
         Ok(reply) if args.json => {
             print_json(&reply);
             exit::OK

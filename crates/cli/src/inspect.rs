@@ -106,6 +106,9 @@ fn print_state(state: &RequestState) {
     if let Some(by) = &state.requested_by {
         println!("by        {by}");
     }
+    if let Some(key) = &state.requested_by_key {
+        println!("signed by {key}");
+    }
     println!("queued    {}", rfc3339(state.queued_at));
     if let Some(at) = state.started_at {
         println!("started   {}", rfc3339(at));

@@ -142,6 +142,8 @@ mod tests {
                 error: None,
                 builder: None,
                 cancelled_by: None,
+                cancelled_by_key: None,
+                requested_by_key: None,
                 duration_ms: 4000,
             },
         };

@@ -200,6 +200,7 @@ pub fn fold_event(state: &mut RequestState, event: &Event) {
             rev,
             hosts,
             requested_by,
+            requested_by_key,
             ..
         } => {
             state.phase = RequestPhase::Running;
@@ -208,6 +209,7 @@ pub fn fold_event(state: &mut RequestState, event: &Event) {
             state.target = target.clone();
             state.rev = Some(rev.clone());
             state.requested_by = requested_by.clone();
+            state.requested_by_key = requested_by_key.clone();
             state.started_at = Some(event.time);
             state.hosts = Default::default();
             state.hosts.total = hosts.len() as u64;
@@ -259,9 +261,13 @@ pub fn fold_event(state: &mut RequestState, event: &Event) {
             hosts,
             error,
             builder,
+            requested_by_key,
             ..
         } => {
             state.phase = RequestPhase::from_status(*status);
+            if requested_by_key.is_some() {
+                state.requested_by_key = requested_by_key.clone();
+            }
             state.repo = repo.clone();
             state.target = target.clone();
             state.rev = rev.clone().or(state.rev.take());
@@ -307,6 +313,7 @@ fn blank_state(
         rev: None,
         builder: None,
         requested_by: None,
+        requested_by_key: None,
         queued_at,
         started_at: None,
         finished_at: None,

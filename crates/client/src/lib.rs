@@ -7,9 +7,11 @@ mod connect;
 pub mod denials;
 pub mod inspect;
 mod request;
+mod sign;
 
 pub use connect::{connect, ConnectSettings};
 pub use request::{submit, EventStream, LogStream, Submission, SubmitOptions};
+pub use sign::Signer;
 
 use homelab_deploy_credentials::SecretUrl;
 use homelab_deploy_protocol::RepoName;

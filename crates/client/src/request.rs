@@ -8,12 +8,13 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, Context};
 use async_nats::Client;
 use futures::StreamExt;
+use homelab_deploy_protocol::identity::Purpose;
 use homelab_deploy_protocol::subject::{events_subject, request_subject, EVENTS_STREAM};
 use homelab_deploy_protocol::{
     BuildRequest, Event, LogBatch, Mode, Priority, RepoName, RequestId, Target,
 };
 
-use crate::ClientError;
+use crate::{ClientError, Signer};
 
 /// Optional parts of a request.
 #[derive(Debug, Clone, Default)]
@@ -27,6 +28,8 @@ pub struct SubmitOptions {
     /// Time limit of the whole request instead of the builder's default.
     pub timeout_secs: Option<u64>,
     pub priority: Priority,
+    /// Signs the request, so builders know who sent it; `None` sends it unsigned.
+    pub signer: Option<Signer>,
 }
 
 /// A request that is safely in the queue, and the stream of its events.
@@ -71,9 +74,15 @@ pub async fn submit(
         message: err.to_string(),
     })?;
     let subject = request_subject(repo, target);
-    let publish = PublishMessage::build()
-        .payload(payload.into())
-        .message_id(id.as_str());
+    let mut publish = PublishMessage::build();
+    if let Some(signer) = &options.signer {
+        publish = publish.headers(
+            signer
+                .headers(Purpose::Build { repo, target }, &payload)
+                .await?,
+        );
+    }
+    let publish = publish.payload(payload.into()).message_id(id.as_str());
     let publish_error = |kind: PublishErrorKind, message: String| match kind {
         PublishErrorKind::StreamNotFound => ClientError::NoBuilder { repo: repo.clone() },
         PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => ClientError::Nats {

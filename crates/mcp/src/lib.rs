@@ -17,11 +17,12 @@ use async_nats::connection::State;
 use homelab_deploy_client::inspect::{
     fold_event, fold_events, list_builders, list_builds, request_state,
 };
-use homelab_deploy_client::{connect, submit, ConnectSettings, LogStream, SubmitOptions};
+use homelab_deploy_client::{connect, submit, ConnectSettings, LogStream, Signer, SubmitOptions};
 use homelab_deploy_protocol::api::{
     ApiError, BuildsCursor, BuildsQuery, CancelReply, CancelRequest, RequestPhase, RequestState,
     BUILDER_LOST_AFTER_SECS, CANCEL_SUBJECT,
 };
+use homelab_deploy_protocol::identity::Purpose;
 use homelab_deploy_protocol::request::{check_git_ref, check_rev};
 use homelab_deploy_protocol::{Event, EventBody, Mode, Priority, RepoName, RequestId, Target};
 use rmcp::handler::server::router::tool::ToolRouter;
@@ -627,12 +628,17 @@ impl BuildTools {
                 )))
             }
         };
+        let signer = match Signer::for_settings(&self.settings) {
+            Ok(signer) => signer,
+            Err(err) => return Ok(tool_error(err.to_string())),
+        };
         let options = SubmitOptions {
             requested_by: Some("mcp".to_owned()),
             git_ref: args.git_ref,
             rev: args.rev,
             mode,
             priority,
+            signer,
             ..Default::default()
         };
         let mut submission = match submit(&client, &repo, &target, options).await {
@@ -717,9 +723,18 @@ impl BuildTools {
             requested_by: Some("mcp".to_owned()),
         };
         let payload = serde_json::to_vec(&body).unwrap_or_default();
+        // Signed with the seed the server connects with, so the builders know who cancels.
+        let headers = match Signer::for_settings(&self.settings) {
+            Ok(Some(signer)) => match signer.headers(Purpose::Cancel, &payload).await {
+                Ok(headers) => headers,
+                Err(err) => return Ok(tool_error(err.to_string())),
+            },
+            Ok(None) => Default::default(),
+            Err(err) => return Ok(tool_error(err.to_string())),
+        };
         match tokio::time::timeout(
             Duration::from_secs(15),
-            client.request(CANCEL_SUBJECT, payload.into()),
+            client.request_with_headers(CANCEL_SUBJECT, headers, payload.into()),
         )
         .await
         {
@@ -825,6 +840,7 @@ fn blank(id: &RequestId, repo: &RepoName, target: &Target) -> RequestState {
         rev: None,
         builder: None,
         requested_by: None,
+        requested_by_key: None,
         queued_at: OffsetDateTime::now_utc(),
         started_at: None,
         finished_at: None,

@@ -69,6 +69,10 @@ pub const MAX_BUILDS_LIMIT: usize = 200;
 pub const ERROR_BUSY: &str = "busy";
 /// [`ApiError::code`]: the reply would not fit the server's `max_payload`.
 pub const ERROR_TOO_LARGE: &str = "too_large";
+/// [`ApiError::code`]: the sender may not do this: its signature does not verify, it is
+/// unsigned where the builders require signatures, or its user lacks the right (a deployer
+/// cancelling another user's build). See `docs/security.md`.
+pub const ERROR_FORBIDDEN: &str = "forbidden";
 /// [`ApiError::code`]: the query itself is not valid (bad JSON, `limit` out of range, bad cursor).
 pub const ERROR_INVALID: &str = "invalid";
 
@@ -77,7 +81,7 @@ pub const ERROR_INVALID: &str = "invalid";
 pub struct ApiError {
     pub error: String,
     /// Machine-readable kind, when there is one: [`ERROR_BUSY`], [`ERROR_TOO_LARGE`],
-    /// [`ERROR_INVALID`].
+    /// [`ERROR_INVALID`], [`ERROR_FORBIDDEN`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
 }
@@ -176,8 +180,13 @@ pub struct RequestState {
     pub rev: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builder: Option<String>,
+    /// The request's free-text note of who asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<String>,
+    /// Who asked, verified by the builder from the request's signature (from its `started` or
+    /// `finished` event; absent while queued and for unsigned requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by_key: Option<crate::Identity>,
     #[serde(with = "time::serde::rfc3339")]
     pub queued_at: OffsetDateTime,
     #[serde(

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::Identity;
+
 /// One lifecycle or progress event of a request. `seq` counts 1, 2, 3 … per request without gaps,
 /// across builders when a request is redelivered, so a client can tell what it missed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +31,10 @@ pub enum EventBody {
         hosts: Vec<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         requested_by: Option<String>,
+        /// Who requested it, verified from the request's signature
+        /// ([`crate::identity`]); absent for an unsigned request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requested_by_key: Option<Identity>,
         /// Delivery attempt: 1 the first time, more after a builder died mid-build.
         attempt: u64,
     },
@@ -71,9 +77,16 @@ pub enum EventBody {
         error: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         builder: Option<String>,
-        /// Who cancelled the request, when `status` is `cancelled`.
+        /// Who cancelled the request, when `status` is `cancelled`: the cancel's free-text
+        /// `requested_by`, or `replace request <id>`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cancelled_by: Option<String>,
+        /// Who cancelled it, verified from the cancel's signature; absent for an unsigned one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cancelled_by_key: Option<Identity>,
+        /// Who requested it, verified from the request's signature; absent for an unsigned one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requested_by_key: Option<Identity>,
         duration_ms: u64,
     },
 }
@@ -212,6 +225,8 @@ mod tests {
                 error: None,
                 builder: Some("b1".into()),
                 cancelled_by: None,
+                cancelled_by_key: None,
+                requested_by_key: None,
                 duration_ms: 40,
             },
         };
