@@ -65,6 +65,20 @@ let
         events_duplicate_window_secs = optional types.ints.positive "Duplicate window of the events stream.";
       };
       repos = mkOption { type = types.attrsOf repoSettings; default = { }; description = "Repos served, by name."; };
+      access = {
+        require_signed = optional types.bool "Refuse unsigned build requests and cancels, and keys not in access.users (docs/configuration.md, [access]).";
+        users = mkOption {
+          type = types.attrsOf (types.submodule {
+            options = {
+              key = mkOption { type = types.str; description = "The user's NKey public key (U…), the one it connects and signs with."; };
+              role = optional (types.enum [ "deployer" "admin" ]) "deployer (default): builds its repos, cancels its own builds; admin: anything.";
+              repos = optional (types.listOf token) "Repos a deployer may build (default: every repo).";
+            };
+          });
+          default = { };
+          description = "Known users by name: who signed a request or cancel.";
+        };
+      };
       vault = optional (types.submodule {
         options = {
           address = mkOption { type = types.str; example = "https://vault.example.org:8200"; description = "Vault (or OpenBao) address."; };

@@ -70,6 +70,11 @@ fn builder_module_renders_a_config_the_binary_accepts() {
             settings.repos.nixos-servers.impure = true;
             settings.repos.nixos-servers.nix_options = { cores = 4; extra-substituters = [ "https://a.example" "https://b.example" ]; };
             metrics = { enable = true; openFirewall = true; };
+            settings.access = {
+              require_signed = true;
+              users.alice = { key = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4"; repos = [ "nixos-servers" ]; };
+              users.ops = { key = "UCUUZBTCYOLVUNDEPXOKCNYYT4A22MQGFSRJIG5RPYWWRBIG37X6FSWT"; role = "admin"; };
+            };
           };
         }"#,
     )
@@ -91,6 +96,10 @@ fn builder_module_renders_a_config_the_binary_accepts() {
         "cores = 4",
         "[metrics]",
         "listen = \"0.0.0.0:9973\"",
+        "require_signed = true",
+        "[access.users.alice]",
+        "repos = [ \"nixos-servers\" ]",
+        "role = \"admin\"",
     ] {
         assert!(
             config.contains(expected),
