@@ -343,7 +343,6 @@ impl Jobs {
                 &mut events,
                 interrupt_tx,
                 interrupt,
-                stream_seq,
                 started,
             )
             .await;
@@ -351,7 +350,7 @@ impl Jobs {
         answered
     }
 
-    /// Runs a valid request whose events subject is open.
+    /// Runs a valid request (parsed from `message`) whose events subject is open.
     async fn run_parsed(
         &self,
         message: &RequestMessage,
@@ -359,9 +358,9 @@ impl Jobs {
         events: &mut Events<'_>,
         interrupt_tx: watch::Sender<Option<Interrupt>>,
         interrupt: watch::Receiver<Option<Interrupt>>,
-        stream_seq: u64,
         started: Instant,
     ) -> Result<Answered, JobError> {
+        let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         let ParsedRequest {
             id, repo, target, ..
         } = request;
