@@ -88,6 +88,7 @@ impl BuildView {
                 rev: None,
                 builder: None,
                 requested_by: None,
+                requested_by_key: None,
                 queued_at: event.time,
                 started_at: None,
                 finished_at: None,
@@ -424,6 +425,8 @@ mod tests {
                 error: None,
                 builder: None,
                 cancelled_by: None,
+                cancelled_by_key: None,
+                requested_by_key: None,
                 duration_ms: 7,
             },
         )
@@ -455,6 +458,7 @@ mod tests {
                 rev: "abc".into(),
                 hosts: vec!["web".into(), "db".into()],
                 requested_by: None,
+                requested_by_key: None,
                 attempt: 1,
             },
         ));
