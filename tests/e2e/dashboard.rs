@@ -10,22 +10,33 @@ use std::time::Duration;
 
 use test_support::{free_port, run_cli, wait_until, Browser, Builder, FixtureRepo, NatsServer};
 
+use crate::permissions::SecuredNats;
+use crate::text;
+
 use crate::bin;
 
-/// `homelab-deploy dashboard` on a free port; killed on drop.
-struct Dashboard {
+/// `homelab-deploy dashboard`; killed on drop.
+pub(crate) struct Dashboard {
     child: Child,
     log: tempfile::NamedTempFile,
     url: String,
 }
 
 impl Dashboard {
-    fn start(nats_url: &str, extra: &[&str]) -> Self {
+    /// On a free port, with `extra` arguments.
+    pub fn start(nats_url: &str, extra: &[&str]) -> Self {
         let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["dashboard", "--listen", &listen];
+        args.extend_from_slice(extra);
+        Self::run(nats_url, &args, port)
+    }
+
+    /// `homelab-deploy ARGS` (which make it listen on 127.0.0.1:`port`); waits until it listens.
+    pub fn run(nats_url: &str, args: &[&str], port: u16) -> Self {
         let log = tempfile::NamedTempFile::new().expect("log file");
         let child = Command::new(bin())
-            .args(["dashboard", "--listen", &format!("127.0.0.1:{port}")])
-            .args(extra)
+            .args(args)
             .env("HOMELAB_DEPLOY_NATS_URL", nats_url)
             .env("HOME", std::env::temp_dir())
             .stdout(Stdio::null())
@@ -49,18 +60,13 @@ impl Dashboard {
         dashboard
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
     /// A plain HTTP/1.0 GET (no JavaScript, no browser): status line and body.
-    fn get(&self, path: &str) -> (String, String) {
-        let address = self.url.trim_start_matches("http://");
-        let mut stream = TcpStream::connect(address).expect("connect to the dashboard");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("send");
+    pub fn get(&self, path: &str) -> (String, String) {
+        let mut stream = self.send_get(path);
         let mut response = String::new();
         stream.read_to_string(&mut response).expect("read");
         let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
@@ -68,6 +74,33 @@ impl Dashboard {
             head.lines().next().unwrap_or("").to_owned(),
             body.to_owned(),
         )
+    }
+}
+
+impl Dashboard {
+    fn send_get(&self, path: &str) -> TcpStream {
+        let address = self.url.trim_start_matches("http://");
+        let mut stream = TcpStream::connect(address).expect("connect to the dashboard");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("send");
+        stream
+    }
+
+    /// Opens `path` and reads up to its first event (or the end of a refusal); the stream
+    /// stays open while the returned connection lives.
+    fn open_stream(&self, path: &str) -> (TcpStream, String) {
+        let mut stream = self.send_get(path);
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("data:") {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buffer[..n]),
+            }
+        }
+        (stream, String::from_utf8_lossy(&seen).into_owned())
     }
 }
 
@@ -238,5 +271,81 @@ async fn a_browser_sees_a_build_progress_finish_and_its_builder_leave() {
         !dashboard.log().contains("ERROR"),
         "dashboard log:\n{}",
         dashboard.log()
+    );
+}
+
+/// The `viewer` user of nats/prod.example.conf is all the dashboard needs: the page lists the
+/// fleet and a finished build with no NATS error; the same key cannot queue a build.
+#[test]
+fn the_viewer_user_reads_everything_the_page_shows_and_nothing_more() {
+    let secured = SecuredNats::start();
+    let repo = FixtureRepo::new("fleet");
+    let name = test_support::unique("builder");
+    let config = secured.builder_config(&name, &repo).replacen(
+        "[builder]",
+        &format!(
+            "nkey_seed_file = \"{}\"\n\n[builder]",
+            secured.builder_seed.display()
+        ),
+        1,
+    );
+    let _builder = Builder::start_config(bin(), &name, &config);
+    let built = secured.cli(&secured.deployer_seed, &["build", "demo", "web", "--quiet"]);
+    assert_eq!(built.status.code(), Some(0), "{}", text(&built).1);
+
+    let seed = secured.viewer_seed.display().to_string();
+    let dashboard = Dashboard::start(&secured.nats.url, &["--nkey-file", &seed]);
+    let mut page = String::new();
+    let shown = wait_until(Duration::from_secs(60), || {
+        page = dashboard.get("/").1;
+        page.contains(&name) && page.contains("succeeded")
+    });
+    assert!(
+        shown,
+        "the page never showed the builder and the build:\n{page}\n{}",
+        dashboard.log()
+    );
+    assert!(!page.contains("NATS:"), "{page}");
+    assert!(
+        !dashboard.log().contains("ermissions"),
+        "{}",
+        dashboard.log()
+    );
+
+    let refused = secured.cli(&secured.viewer_seed, &["build", "demo", "web", "--no-wait"]);
+    assert_ne!(refused.status.code(), Some(0), "the viewer queued a build");
+}
+
+/// Live pages are capped: beyond `--max-clients` a page gets `503 busy` at once (and still
+/// works as a static page), and a closed page frees its place.
+#[test]
+fn live_pages_beyond_the_cap_are_refused_not_queued() {
+    let nats = NatsServer::start();
+    let dashboard = Dashboard::start(&nats.url, &["--max-clients", "1"]);
+    let (first, head) = dashboard.open_stream("/events");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    assert!(head.contains("text/event-stream"), "{head}");
+    let (_, refused) = dashboard.open_stream("/events");
+    assert!(
+        refused.contains(" 503 ") && refused.contains("busy"),
+        "{refused}"
+    );
+    let (status, page) = dashboard.get("/");
+    assert!(
+        status.contains("200") && page.contains("Fleet"),
+        "{status}\n{page}"
+    );
+    drop(first);
+    // The server notices the closed page at its next write (a section update, every second).
+    let mut last = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            last = dashboard.open_stream("/events").1;
+            last.contains(" 200 ")
+        }),
+        "the closed page's place was never freed: {last}"
     );
 }

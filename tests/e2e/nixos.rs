@@ -532,3 +532,64 @@ fn session_options_make_an_ephemeral_builder() {
     let unit = &summary["services"]["homelab-deploy-builder"]["serviceConfig"];
     assert!(unit.get("SuccessExitStatus").is_none(), "{unit:#}");
 }
+
+/// The dashboard's service: hardened like the builder, its seed a credential, and the command
+/// line systemd would run serves the page (run here with the real binary against a real fleet).
+#[test]
+fn dashboard_module_runs_a_hardened_page_server() {
+    let setup = Setup::new("fleet");
+    let port = test_support::free_port();
+    let summary = evaluate(&format!(
+        r#"{{ services.homelab-deploy.dashboard = {{
+              enable = true; listen = "127.0.0.1:{port}"; natsUrl = "{}";
+              nkeySeedFile = "/run/secrets/viewer.nk"; maxClients = 4; openFirewall = true; }}; }}"#,
+        setup.nats.url
+    ))
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    assert_eq!(summary["firewall"], serde_json::json!([port]));
+    let service = &summary["services"]["homelab-deploy-dashboard"];
+    assert_eq!(
+        service["environment"]["HOMELAB_DEPLOY_NATS_URL"],
+        setup.nats.url.as_str()
+    );
+    let unit = &service["serviceConfig"];
+    assert_eq!(
+        unit["LoadCredential"],
+        serde_json::json!(["nkey:/run/secrets/viewer.nk"])
+    );
+    for key in [
+        "DynamicUser",
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "RestrictNamespaces",
+        "MemoryDenyWriteExecute",
+    ] {
+        assert_eq!(unit[key], true, "{key} in {unit:#}");
+    }
+    assert_eq!(unit["ProtectSystem"], "strict");
+    assert_eq!(unit["CapabilityBoundingSet"], "");
+    let exec = unit["ExecStart"].as_str().expect("ExecStart");
+    let words: Vec<&str> = exec.split(' ').map(|w| w.trim_matches('\'')).collect();
+    assert!(words[0].ends_with("/bin/homelab-deploy"), "{exec}");
+    let nkey = words
+        .iter()
+        .position(|w| *w == "--nkey-file")
+        .expect("--nkey-file");
+    assert_eq!(words[nkey + 1], "%d/nkey", "{exec}");
+    // The test server has no users: the same command line without the credential.
+    let args = &words[1..nkey];
+    let dashboard = crate::dashboard::Dashboard::run(&setup.nats.url, args, port);
+    let mut page = String::new();
+    let shown = test_support::wait_until(Duration::from_secs(60), || {
+        page = dashboard.get("/").1;
+        page.contains(&setup.builder.name)
+    });
+    assert!(
+        shown,
+        "the service's command line served no fleet:\n{page}\n{}",
+        dashboard.log()
+    );
+}

@@ -11,13 +11,15 @@ use test_support::{run_cli, unique, Builder, FixtureRepo, NatsServer};
 
 use crate::{bin, text};
 
-/// nats-server running the shipped `nats/prod.example.conf` with fresh keys for its three users.
+/// nats-server running the shipped `nats/prod.example.conf` with fresh keys for its four users.
 pub(crate) struct SecuredNats {
     pub nats: NatsServer,
     pub dir: PathBuf,
     config_path: PathBuf,
     pub builder_seed: PathBuf,
     pub deployer_seed: PathBuf,
+    /// The read-only `VIEWER` user (the dashboard).
+    pub viewer_seed: PathBuf,
     builder_public: String,
 }
 
@@ -28,6 +30,7 @@ impl SecuredNats {
         let builder_seed = dir.join("builder.nk");
         let deployer_seed = dir.join("deployer.nk");
         let admin_seed = dir.join("admin.nk");
+        let viewer_seed = dir.join("viewer.nk");
         let template = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/prod.example.conf"),
         )
@@ -38,7 +41,8 @@ impl SecuredNats {
             .replace("store_dir: \"/var/lib/nats/jetstream\"", "")
             .replace("BUILDER_PUBLIC_KEY", &builder_public)
             .replace("TEST_DEPLOYER_PUBLIC_KEY", &generate(&deployer_seed))
-            .replace("ADMIN_DEPLOYER_PUBLIC_KEY", &generate(&admin_seed));
+            .replace("ADMIN_DEPLOYER_PUBLIC_KEY", &generate(&admin_seed))
+            .replace("VIEWER_PUBLIC_KEY", &generate(&viewer_seed));
         let config_path = dir.join("nats.conf");
         std::fs::write(&config_path, config).expect("write nats config");
         let nats = NatsServer::start_with(&["-c", &config_path.display().to_string()]);
@@ -48,6 +52,7 @@ impl SecuredNats {
             config_path,
             builder_seed,
             deployer_seed,
+            viewer_seed,
             builder_public,
         }
     }

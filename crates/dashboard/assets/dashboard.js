@@ -12,7 +12,11 @@
     live.className = "live " + cls;
   }
   events.onopen = function () { mark("live", "on"); };
-  events.onerror = function () { mark("reconnecting…", "off"); };
+  events.onerror = function () {
+    // CLOSED: refused (e.g. 503 busy), no retry; otherwise the browser reconnects by itself.
+    if (events.readyState === EventSource.CLOSED) mark("static: reload for updates", "off");
+    else mark("reconnecting…", "off");
+  };
   events.addEventListener("section", function (e) {
     var update = JSON.parse(e.data);
     var old = document.getElementById(update.id);
