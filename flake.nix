@@ -40,6 +40,7 @@
           imports = [ ./nixos ];
           services.homelab-deploy.builder.package = lib.mkDefault package;
           programs.homelab-deploy.package = lib.mkDefault package;
+          services.homelab-deploy.dashboard.package = lib.mkDefault package;
         };
       nixosModules.homelab-deploy = self.nixosModules.default;
 
