@@ -54,6 +54,20 @@ pub async fn store_events(client: &async_nats::Client, id: &str, events: &[Value
     }
 }
 
+/// Folds the stored history into the request-state bucket with the builder's own rebuild (what
+/// a builder does when it finds the bucket missing): the events stored here come from the test,
+/// not from a builder that would have written the bucket as it published them.
+pub async fn fold_history(client: &async_nats::Client) {
+    let js = async_nats::jetstream::new(client.clone());
+    let limits = homelab_deploy_builder::config::StreamsConfig::default();
+    homelab_deploy_builder::state::StateStore::open(&js, &limits)
+        .await
+        .expect("open the state bucket")
+        .rebuild(&js)
+        .await
+        .expect("rebuild the state bucket");
+}
+
 async fn ask(client: &async_nats::Client, subject: &str, body: Value) -> Value {
     let reply = tokio::time::timeout(
         Duration::from_secs(30),
@@ -79,6 +93,7 @@ async fn concurrent_queries_are_bounded_and_all_answered() {
     for id in &ids {
         store_events(&client, id, &[failed_finished(id, 1, 4000)]).await;
     }
+    fold_history(&client).await;
     let before = setup.builder.peak_rss_bytes();
     let queries = (0..100).map(|_| {
         let client = client.clone();
@@ -143,6 +158,7 @@ async fn replies_fit_max_payload_and_page() {
     for id in &ids {
         store_events(&client, id, &[failed_finished(id, 2, 1500)]).await;
     }
+    fold_history(&client).await;
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
     let mut pages = 0;
@@ -186,6 +202,7 @@ async fn replies_fit_max_payload_and_page() {
         })
         .collect();
     store_events(&client, big, &events).await;
+    fold_history(&client).await;
     let status = ask(&client, "build.api.v1.status", json!({"id": big})).await;
     assert_eq!(status["code"], "too_large", "{status}");
     assert!(
@@ -217,6 +234,7 @@ async fn cli_output_for_300_failing_hosts_is_bounded() {
     let client = async_nats::connect(&setup.nats.url).await.expect("connect");
     let id = "manyfailures01";
     store_events(&client, id, &[failed_finished(id, 300, 2000)]).await;
+    fold_history(&client).await;
 
     let output = setup.cli(&["watch", id]);
     let (stdout, stderr) = crate::text(&output);

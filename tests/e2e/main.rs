@@ -21,6 +21,7 @@ mod nixos;
 mod permissions;
 mod processes;
 mod queue;
+mod readmodel;
 mod refusals;
 mod secrets;
 mod service;

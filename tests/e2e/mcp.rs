@@ -414,6 +414,7 @@ async fn results_for_300_failing_hosts_stay_small() {
     let client = async_nats::connect(&setup.nats.url).await.expect("connect");
     let id = "manyfailures02";
     crate::api::store_events(&client, id, &[crate::api::failed_finished(id, 300, 2000)]).await;
+    crate::api::fold_history(&client).await;
     let (service, _) = start(&setup.nats.url, false).await;
     for (tool, args) in [
         ("build_status", json!({"id": id})),
@@ -467,6 +468,7 @@ async fn the_python_sdk_accepts_every_result() {
     let client = async_nats::connect(&setup.nats.url).await.expect("connect");
     let id = "manyfailures03";
     crate::api::store_events(&client, id, &[crate::api::failed_finished(id, 300, 2000)]).await;
+    crate::api::fold_history(&client).await;
     let python = std::env::var("MCP_SDK_PYTHON").unwrap_or_else(|_| {
         panic!("MCP_SDK_PYTHON is not set: run ./scripts/test, which installs the MCP Python SDK (pip install mcp) under .tools")
     });

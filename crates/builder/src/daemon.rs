@@ -30,6 +30,7 @@ use crate::job::{Jobs, ServedRepo};
 use crate::nix::Nix;
 use crate::registry::Registry;
 use crate::session::{Session, SessionDir, SessionReport, Tracker};
+use crate::state::StateStore;
 
 /// How long one pull waits for a request; also the longest a drain waits for a pull to end.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
@@ -162,11 +163,13 @@ pub async fn run(
             })?;
     // Keep-alives well inside the ack wait; also how fast a newer `replace` request is noticed.
     let watch_interval = (config.request_ack_wait() / 4).min(Duration::from_secs(2));
+    let state = StateStore::open(&js, &config.streams).await?;
     let jobs = Arc::new(Jobs {
         builder_name: name.clone(),
         state_dir: state_dir.clone(),
         nix,
         publisher: Publisher::new(js.clone()),
+        state,
         timeouts: config.timeouts(),
         evaluation: config.evaluation(),
         evaluated: Default::default(),

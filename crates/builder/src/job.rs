@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use futures::{StreamExt, TryStreamExt};
-use homelab_deploy_protocol::api::BuilderState;
+use homelab_deploy_client::inspect::{blank_state, fold_event, fold_events, request_events};
+use homelab_deploy_protocol::api::{BuilderState, RequestPhase, RequestState};
 use homelab_deploy_protocol::request::parse_request;
 use homelab_deploy_protocol::subject::{
     encode_host, events_subject, logs_subject, parse_request_subject, request_subject,
@@ -40,6 +41,7 @@ use crate::config::{Evaluation, RepoConfig, Timeouts};
 use crate::git::{Mirror, Resolved, Wanted};
 use crate::logs::LogBatcher;
 use crate::nix::{BuildOutput, Nix, NixError};
+use crate::state::StateStore;
 
 /// Longest error excerpt kept in a host result or a `finished` event.
 const MAX_ERROR_BYTES: usize = 4096;
@@ -55,6 +57,8 @@ pub struct Jobs {
     pub state_dir: PathBuf,
     pub nix: Nix,
     pub publisher: Publisher,
+    /// The request-state bucket each event is folded into.
+    pub state: StateStore,
     pub timeouts: Timeouts,
     pub evaluation: Evaluation,
     /// Hosts of one request built at once.
@@ -318,7 +322,8 @@ impl Jobs {
                         Err(_) => return Ok(Answered::Never),
                     },
                 };
-                let mut events = Events::open(&self.publisher, &repo, &target, &id).await?;
+                let mut events =
+                    Events::open(&self.publisher, &self.state, &repo, &target, &id).await?;
                 if !events.already_finished() {
                     self.finish_or_explain(
                         &mut events,
@@ -334,8 +339,14 @@ impl Jobs {
                 return Ok(Answered::Never);
             }
         };
-        let mut events =
-            Events::open(&self.publisher, &request.repo, &request.target, &request.id).await?;
+        let mut events = Events::open(
+            &self.publisher,
+            &self.state,
+            &request.repo,
+            &request.target,
+            &request.id,
+        )
+        .await?;
         let answered = self
             .run_parsed(
                 message,
@@ -1022,7 +1033,7 @@ impl Jobs {
         reason: &str,
         requested_by_key: Option<Identity>,
     ) -> Result<(), JobError> {
-        let mut events = Events::open(&self.publisher, repo, target, id).await?;
+        let mut events = Events::open(&self.publisher, &self.state, repo, target, id).await?;
         events.requested_by_key = requested_by_key;
         let mut finish = Finish::new(repo, target, &self.builder_name, Instant::now());
         finish.status = BuildStatus::Cancelled;
@@ -1452,6 +1463,10 @@ async fn watch_request(
 /// ack wait while another builder took it over, or cancelled while queued) cannot add to it.
 struct Events<'a> {
     publisher: &'a Publisher,
+    /// Where [`Events::state`] is written after each event.
+    store: &'a StateStore,
+    /// The request's state with every stored event folded in.
+    state: RequestState,
     subject: String,
     id: String,
     seq: u64,
@@ -1466,6 +1481,24 @@ struct Events<'a> {
     verdict: Option<BuildStatus>,
     /// The verified signer of the request, shown in `started` and `finished`.
     requested_by_key: Option<Identity>,
+}
+
+fn events_error(err: &homelab_deploy_client::ClientError) -> JobError {
+    JobError::Bus(BusError::Stream {
+        stream: homelab_deploy_protocol::subject::EVENTS_STREAM.to_owned(),
+        message: err.to_string(),
+    })
+}
+
+/// The state of a request no event was stored for yet.
+fn new_state(id: &RequestId, repo: &RepoName, target: &Target) -> RequestState {
+    blank_state(
+        id.as_str(),
+        repo.as_str(),
+        target.as_str(),
+        RequestPhase::Queued,
+        OffsetDateTime::now_utc(),
+    )
 }
 
 /// The parts of a `finished` event, filled in as the request goes.
@@ -1566,6 +1599,7 @@ impl<'a> Events<'a> {
     /// Continues after the last stored event of this request, if any (a redelivered request).
     async fn open(
         publisher: &'a Publisher,
+        store: &'a StateStore,
         repo: &RepoName,
         target: &Target,
         id: &RequestId,
@@ -1573,8 +1607,23 @@ impl<'a> Events<'a> {
         let subject = events_subject(repo, target, id);
         let last = last_event(publisher.jetstream(), &subject).await?;
         let (last_stored, event) = last.unwrap_or((0, None));
+        let seq = event.as_ref().map(|event| event.seq).unwrap_or(0);
+        let state = match store.get(id.as_str()).await {
+            Ok(Some(state)) if state.last_seq == seq => state,
+            // Behind the events (a write failed, or the bucket was rebuilt without them): fold
+            // the request's own events again.
+            _ if seq > 0 => {
+                let events = request_events(publisher.jetstream(), id)
+                    .await
+                    .map_err(|err| events_error(&err))?;
+                fold_events(&events).unwrap_or_else(|| new_state(id, repo, target))
+            }
+            _ => new_state(id, repo, target),
+        };
         Ok(Events {
             publisher,
+            store,
+            state,
             subject,
             id: id.to_string(),
             seq: event.as_ref().map(|event| event.seq).unwrap_or(0),
@@ -1597,14 +1646,9 @@ impl<'a> Events<'a> {
         if self.seq == 0 {
             return Ok(Attempts::default());
         }
-        let events = homelab_deploy_client::inspect::request_events(self.publisher.jetstream(), id)
+        let events = request_events(self.publisher.jetstream(), id)
             .await
-            .map_err(|err| {
-                JobError::Bus(BusError::Stream {
-                    stream: homelab_deploy_protocol::subject::EVENTS_STREAM.to_owned(),
-                    message: err.to_string(),
-                })
-            })?;
+            .map_err(|err| events_error(&err))?;
         Ok(Attempts::of(&events))
     }
 
@@ -1620,6 +1664,7 @@ impl<'a> Events<'a> {
             body,
         };
         let max = self.publisher.max_body_bytes();
+        let folded = event.clone();
         let payload = encode_fitting(event, max).map_err(JobError::Unpublishable)?;
         let message_id = format!("{}.event.{seq}.{}", self.id, self.writer);
         match self
@@ -1630,6 +1675,12 @@ impl<'a> Events<'a> {
             Ok(stored) => {
                 self.seq = seq;
                 self.last_stored = stored;
+                fold_event(&mut self.state, &folded);
+                // The event is stored: a state write that fails is caught up by the next one,
+                // or by the next builder that opens the request.
+                if let Err(err) = self.store.record(&self.state).await {
+                    warn!(request_id = %self.id, seq, error = %err, "writing the request state failed");
+                }
                 Ok(())
             }
             Err(BusError::Fenced { .. }) => Err(JobError::Superseded),

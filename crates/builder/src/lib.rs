@@ -6,6 +6,7 @@
 //! - [`job`]: one request's life, top to bottom.
 //! - [`api`], [`registry`]: the control API under `build.api.>` and the fleet registry.
 //! - [`session`]: the limits of an ephemeral builder (`--once`, `--max-builds`, …).
+//! - [`state`]: the request-state bucket, the read model derived from the events.
 //! - [`bus`], [`git`], [`nix`], [`logs`]: the seams to NATS, git, nix and log batching.
 
 pub mod access;
@@ -22,6 +23,7 @@ pub mod nix;
 pub mod process;
 pub mod registry;
 pub mod session;
+pub mod state;
 
 pub use config::{Config, ConfigError};
 pub use daemon::{run, Stop};

@@ -1,23 +1,28 @@
-//! Reading the state of requests and of the fleet straight from JetStream: the events stream,
-//! the requests stream and the builders' key-value bucket. Works with no builder running; the
+//! Reading the state of requests and of the fleet straight from JetStream: the request-state
+//! bucket (the read model the builders keep, docs/decisions/read-model.md), the requests stream
+//! (what is queued) and the builders' key-value bucket. Works with no builder running; the
 //! builders serve the same answers on `build.api.>` for plain NATS clients.
+//!
+//! Without the state bucket (deleted, or a server where no builder of this version started) the
+//! same answers come from replaying the events stream, which costs as much as the history.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
-use async_nats::jetstream::{self, Context};
+use async_nats::jetstream::{self, kv, Context};
 use futures::StreamExt;
 use homelab_deploy_protocol::api::{
     BuildList, BuilderInfo, BuildsCursor, BuildsQuery, HostOutcome, RequestPhase, RequestState,
-    BUILDERS_BUCKET, DEFAULT_BUILDS_LIMIT,
+    BUILDERS_BUCKET, DEFAULT_BUILDS_LIMIT, STATE_BUCKET,
 };
 use homelab_deploy_protocol::subject::{
-    consumer_name, parse_request_subject, EVENTS_STREAM, MSG_ID_HEADER, REQUESTS_STREAM,
+    consumer_name, events_subject, parse_request_subject, EVENTS_STREAM, MSG_ID_HEADER,
+    REQUESTS_STREAM,
 };
 use homelab_deploy_protocol::{
     error_excerpt, BuildRequest, Event, EventBody, HostResult, HostStatus, Mode, Priority,
-    RequestId, Target,
+    RepoName, RequestId, Target,
 };
 use time::OffsetDateTime;
 
@@ -127,8 +132,14 @@ pub async fn pending_requests(js: &Context) -> Result<Vec<PendingRequest>, Clien
     }
     let mut delivered: HashMap<String, u64> = HashMap::new();
     let mut out = Vec::new();
-    for seq in state.first_sequence..=state.last_sequence {
-        let Ok(message) = stream.get_raw_message(seq).await else {
+    // The queue is bounded (`max_pending_requests`); its messages are read QUEUE_GETS_IN_FLIGHT
+    // at a time rather than one round trip after another.
+    let stream_ref = &stream;
+    let mut messages = futures::stream::iter(state.first_sequence..=state.last_sequence)
+        .map(|seq| async move { (seq, stream_ref.get_raw_message(seq).await) })
+        .buffered(QUEUE_GETS_IN_FLIGHT);
+    while let Some((seq, message)) = messages.next().await {
+        let Ok(message) = message else {
             continue; // acked or deleted
         };
         let Ok((repo, target)) = parse_request_subject(&message.subject) else {
@@ -163,6 +174,9 @@ pub async fn pending_requests(js: &Context) -> Result<Vec<PendingRequest>, Clien
     }
     Ok(out)
 }
+
+/// Direct gets of queued requests (and of state entries) in flight at once.
+const QUEUE_GETS_IN_FLIGHT: usize = 64;
 
 /// Folds a request's events into its state.
 pub fn fold_events(events: &[Event]) -> Option<RequestState> {
@@ -297,7 +311,7 @@ pub fn fold_event(state: &mut RequestState, event: &Event) {
 }
 
 /// A request state with nothing known yet but its id, place and phase.
-fn blank_state(
+pub fn blank_state(
     id: &str,
     repo: &str,
     target: &str,
@@ -353,37 +367,108 @@ fn queued_states(pending: &[PendingRequest]) -> Vec<RequestState> {
         .collect()
 }
 
+/// The request-state bucket, or `None` when it does not exist.
+pub async fn state_bucket(js: &Context) -> Option<kv::Store> {
+    js.get_key_value(STATE_BUCKET).await.ok()
+}
+
+/// The state of request `id` as the state bucket holds it (one direct get).
+///
+/// # Errors
+/// [`ClientError::Nats`] when the bucket cannot be read.
+pub async fn stored_state(
+    store: &kv::Store,
+    id: &str,
+) -> Result<Option<RequestState>, ClientError> {
+    let bytes = store
+        .get(id)
+        .await
+        .map_err(|e| nats_error("reading the request-state bucket")(&e))?;
+    Ok(bytes.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+}
+
 /// The state of request `id`, or `None` when no stream knows it (never sent, or expired).
+///
+/// A request the state bucket shows running or finished costs one read of the bucket,
+/// whatever the history holds. A queued one (or one the bucket does not know) is looked up in
+/// the queue, which is bounded; only an id known to neither replays its own events.
 pub async fn request_state(
     js: &Context,
     id: &RequestId,
 ) -> Result<Option<RequestState>, ClientError> {
-    let events = request_events(js, id).await?;
+    let stored = match state_bucket(js).await {
+        Some(store) => stored_state(&store, id.as_str()).await?,
+        None => None,
+    };
+    if let Some(state) = stored.as_ref().filter(|s| s.phase != RequestPhase::Queued) {
+        return Ok(Some(caught_up(js, id, state.clone()).await?));
+    }
     let pending = pending_requests(js).await?;
-    if let Some(mut state) = fold_events(&events) {
-        if let Some(request) = pending.iter().find(|p| p.id == id.as_str()) {
-            state.queued_at = request.queued_at;
+    let queued = queued_states(&pending);
+    if let Some(mut state) = queued.into_iter().find(|s| s.id == id.as_str()) {
+        if let Some(stored) = stored {
+            // Handed back (`requeued`): keep what its earlier attempts said.
+            let position = state.queue_position;
+            state = stored;
+            state.phase = RequestPhase::Queued;
+            state.queue_position = position;
         }
         return Ok(Some(state));
     }
-    let queued = queued_states(&pending);
-    if let Some(state) = queued.into_iter().find(|s| s.id == id.as_str()) {
-        return Ok(Some(state));
-    }
-    // Handed to a builder that has not published `started` yet.
-    Ok(pending.iter().find(|p| p.id == id.as_str()).map(|p| {
-        let mut state = queued_state(p, 0);
+    if let Some(request) = pending.iter().find(|p| p.id == id.as_str()) {
+        // Handed to a builder that has not published `started` yet.
+        let mut state = stored.unwrap_or_else(|| queued_state(request, 0));
         state.phase = RequestPhase::Running;
         state.queue_position = None;
-        state
-    }))
+        return Ok(Some(state));
+    }
+    if stored.is_some() {
+        return Ok(stored);
+    }
+    let events = request_events(js, id).await?;
+    Ok(fold_events(&events))
+}
+
+/// `state` with the events stored after it folded in. The builder writes the bucket just after
+/// each event, so a client that saw an event may read the state before it; one read of the
+/// subject's last event tells, for a request that has not finished.
+async fn caught_up(
+    js: &Context,
+    id: &RequestId,
+    state: RequestState,
+) -> Result<RequestState, ClientError> {
+    if state.phase != RequestPhase::Running {
+        return Ok(state);
+    }
+    let (Ok(repo), Ok(target)) = (RepoName::parse(&state.repo), Target::parse(&state.target))
+    else {
+        return Ok(state);
+    };
+    let error = nats_error("reading the events stream");
+    let stream = js.get_stream(EVENTS_STREAM).await.map_err(|e| error(&e))?;
+    let last_seq = match stream
+        .get_last_raw_message_by_subject(&events_subject(&repo, &target, id))
+        .await
+    {
+        Ok(message) => serde_json::from_slice::<Event>(&message.payload)
+            .map(|event| event.seq)
+            .unwrap_or(0),
+        Err(_) => 0,
+    };
+    if last_seq <= state.last_seq {
+        return Ok(state);
+    }
+    let events = request_events(js, id).await?;
+    Ok(fold_events(&events).unwrap_or(state))
 }
 
 /// Queued and recent requests, newest first: one page of at most `query.limit` (default
 /// [`DEFAULT_BUILDS_LIMIT`]) from `query.cursor` on, with the cursor of the next page.
 ///
-/// Events are folded as they are read, so memory grows with the number of requests in the
-/// events stream, not with the number of events.
+/// Queued requests come from the queue (bounded); the others from the newest entries of the
+/// state bucket, read back from its end until the page is certain (see [`recent_states`]), so
+/// the first page costs the same whatever the history holds. Without the bucket, every stored
+/// event is replayed.
 ///
 /// # Errors
 /// [`ClientError::BadCursor`] when `query.cursor` is not a cursor this function wrote;
@@ -397,8 +482,52 @@ pub async fn list_builds(js: &Context, query: &BuildsQuery) -> Result<BuildList,
         ),
         None => None,
     };
+    let wanted = |b: &RequestState| {
+        query.repo.as_ref().is_none_or(|repo| &b.repo == repo)
+            && query.phase.is_none_or(|phase| b.phase == phase)
+            && cursor.as_ref().is_none_or(|cursor| cursor.precedes(b))
+    };
+    let limit = query.limit.unwrap_or(DEFAULT_BUILDS_LIMIT);
     let pending = pending_requests(js).await?;
     let mut builds = queued_states(&pending);
+    // Every queued request is in the queue: the bucket is read only for the other phases.
+    if query.phase != Some(RequestPhase::Queued) {
+        let in_queue: std::collections::HashSet<&str> =
+            builds.iter().map(|b| b.id.as_str()).collect();
+        let mut others = match state_bucket(js).await {
+            Some(store) => recent_states(&store, limit + 1, &wanted).await?,
+            None => replayed_states(js).await?.into_values().collect(),
+        };
+        others.retain(|b| !in_queue.contains(b.id.as_str()));
+        for state in &mut others {
+            if let Some(request) = pending.iter().find(|p| p.id == state.id) {
+                state.queued_at = request.queued_at;
+            }
+        }
+        builds.extend(others);
+    }
+    builds.retain(|b| wanted(b));
+    builds.sort_by(|a, b| b.queued_at.cmp(&a.queued_at).then_with(|| a.id.cmp(&b.id)));
+    let next_cursor = (builds.len() > limit)
+        .then(|| {
+            builds
+                .get(limit.wrapping_sub(1))
+                .map(|b| BuildsCursor::after(b).to_string())
+        })
+        .flatten();
+    builds.truncate(limit);
+    Ok(BuildList {
+        builds,
+        next_cursor,
+    })
+}
+
+/// Every request's state, folded from every stored event: what the state bucket is rebuilt
+/// from. Memory grows with the number of requests in the events stream, not of events.
+///
+/// # Errors
+/// [`ClientError::Nats`] when the events stream cannot be read.
+pub async fn replayed_states(js: &Context) -> Result<HashMap<String, RequestState>, ClientError> {
     let mut by_id: HashMap<String, RequestState> = HashMap::new();
     for_each_message(
         js,
@@ -415,31 +544,75 @@ pub async fn list_builds(js: &Context, query: &BuildsQuery) -> Result<BuildList,
         },
     )
     .await?;
-    for (id, mut state) in by_id {
-        if let Some(request) = pending.iter().find(|p| p.id == id) {
-            state.queued_at = request.queued_at;
-        }
-        builds.push(state);
+    Ok(by_id)
+}
+
+/// Clock difference allowed between the builders that write `queued_at` and the NATS server
+/// that stamps each bucket entry; [`recent_states`] reads this much further back.
+const CLOCK_SKEW: time::Duration = time::Duration::minutes(1);
+
+/// Bucket entries read at first by [`recent_states`]; each further round reads twice as many.
+const FIRST_WINDOW: u64 = 64;
+
+/// The newest bucket entries for which `wanted` holds: at least the `count` of them with the
+/// latest `queued_at`, when the bucket holds that many.
+///
+/// Entries are read back from the end of the bucket's stream, where each request's entry moves
+/// whenever it changes. An entry is stored no earlier than its request was queued, so once
+/// `count` wanted entries were queued after the oldest entry read so far was stored (less
+/// [`CLOCK_SKEW`]), no older entry can come before them. The first page thus costs a few dozen
+/// direct gets; a page far back, or a filter few entries match, reads further.
+async fn recent_states(
+    store: &kv::Store,
+    count: usize,
+    wanted: &impl Fn(&RequestState) -> bool,
+) -> Result<Vec<RequestState>, ClientError> {
+    let error = nats_error("reading the request-state bucket");
+    let info = store.stream.get_info().await.map_err(|e| error(&e))?;
+    let (first, mut end) = (info.state.first_sequence, info.state.last_sequence + 1);
+    if info.state.messages == 0 {
+        return Ok(Vec::new());
     }
-    builds.retain(|b| {
-        query.repo.as_ref().is_none_or(|repo| &b.repo == repo)
-            && query.phase.is_none_or(|phase| b.phase == phase)
-            && cursor.as_ref().is_none_or(|cursor| cursor.precedes(b))
-    });
-    builds.sort_by(|a, b| b.queued_at.cmp(&a.queued_at).then_with(|| a.id.cmp(&b.id)));
-    let limit = query.limit.unwrap_or(DEFAULT_BUILDS_LIMIT);
-    let next_cursor = (builds.len() > limit)
-        .then(|| {
-            builds
-                .get(limit.wrapping_sub(1))
-                .map(|b| BuildsCursor::after(b).to_string())
-        })
-        .flatten();
-    builds.truncate(limit);
-    Ok(BuildList {
-        builds,
-        next_cursor,
-    })
+    let mut found: Vec<RequestState> = Vec::new();
+    let mut window = FIRST_WINDOW;
+    let mut oldest_stored: Option<OffsetDateTime> = None;
+    while end > first {
+        let start = end.saturating_sub(window).max(first);
+        let stream = &store.stream;
+        let mut entries = futures::stream::iter(start..end)
+            .map(|seq| async move { stream.direct_get(seq).await })
+            .buffer_unordered(QUEUE_GETS_IN_FLIGHT);
+        while let Some(entry) = entries.next().await {
+            let Ok(message) = entry else {
+                continue; // an older revision, since replaced or expired
+            };
+            let deleted = message
+                .headers
+                .get("KV-Operation")
+                .is_some_and(|op| op.as_str() != "PUT");
+            let stored_at = message.time;
+            oldest_stored = Some(oldest_stored.map_or(stored_at, |o| o.min(stored_at)));
+            if deleted {
+                continue;
+            }
+            if let Ok(state) = serde_json::from_slice::<RequestState>(&message.payload) {
+                if wanted(&state) {
+                    found.push(state);
+                }
+            }
+        }
+        end = start;
+        window = window.saturating_mul(2);
+        if found.len() >= count {
+            found.sort_by(|a, b| b.queued_at.cmp(&a.queued_at).then_with(|| a.id.cmp(&b.id)));
+            let certain = oldest_stored
+                .is_some_and(|oldest| found[count - 1].queued_at > oldest + CLOCK_SKEW);
+            if certain {
+                break;
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Every builder that announced itself, by name.

@@ -29,6 +29,10 @@ pub const CANCEL_SUBJECT: &str = "build.api.v1.cancel";
 pub const API_QUEUE_GROUP: &str = "homelab-deploy-api";
 /// JetStream key-value bucket where builders announce themselves.
 pub const BUILDERS_BUCKET: &str = "BUILD_BUILDERS";
+/// JetStream key-value bucket holding each request's [`RequestState`] under its id: the read
+/// model, written by the builder that runs the request at each event and rebuilt from the events
+/// stream when missing (docs/decisions/read-model.md).
+pub const STATE_BUCKET: &str = "BUILD_STATE";
 /// A builder that has not announced itself for this long is shown as lost.
 pub const BUILDER_LOST_AFTER_SECS: i64 = 30;
 

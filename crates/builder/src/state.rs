@@ -1,0 +1,163 @@
+//! The read model: each request's [`RequestState`] under its id in the key-value bucket
+//! [`STATE_BUCKET`], so `status` and `builds` cost the same whatever the history holds. The
+//! events stream stays the source of truth; this bucket is derived from it, written by the
+//! builder that publishes each event, and rebuilt from the events when it is missing at start
+//! (docs/decisions/read-model.md).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use homelab_deploy_client::inspect::{replayed_states, stored_state};
+use homelab_deploy_protocol::api::{RequestState, STATE_BUCKET};
+use tracing::{info, warn};
+
+use crate::bus::BusError;
+use crate::config::StreamsConfig;
+
+/// Writes to the bucket in flight at once while it is rebuilt.
+const REBUILD_WRITES_IN_FLIGHT: usize = 32;
+/// Compare-and-set attempts of one write before it gives up (another writer kept winning).
+const WRITE_ATTEMPTS: usize = 5;
+
+/// The request-state bucket.
+pub struct StateStore {
+    store: kv::Store,
+}
+
+/// What [`StateStore::record`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recorded {
+    Written,
+    /// The bucket already holds this request at this `last_seq` or a later one.
+    Stale,
+}
+
+fn bucket_error(err: impl std::fmt::Display) -> BusError {
+    BusError::Stream {
+        stream: format!("KV_{STATE_BUCKET}"),
+        message: err.to_string(),
+    }
+}
+
+impl StateStore {
+    /// Opens the bucket, or creates it and rebuilds every request's state from the events
+    /// stream when it does not exist (first start, or deleted). Entries expire with the events
+    /// they come from (`events_max_age_secs`) and take at most `events_max_bytes` in all: an
+    /// entry is smaller than the events it folds.
+    ///
+    /// # Errors
+    /// [`BusError::Stream`] when the bucket can be neither opened nor created. A failed rebuild
+    /// is logged, not an error: clients then read the events for what the bucket lacks.
+    pub async fn open(js: &jetstream::Context, limits: &StreamsConfig) -> Result<Self, BusError> {
+        if let Ok(store) = js.get_key_value(STATE_BUCKET).await {
+            return Ok(Self { store });
+        }
+        let store = js
+            .create_key_value(kv::Config {
+                bucket: STATE_BUCKET.to_owned(),
+                description: "homelab-deploy request states: id → state, derived from the events"
+                    .to_owned(),
+                history: 1,
+                max_age: Duration::from_secs(limits.events_max_age_secs),
+                max_bytes: limits.events_max_bytes,
+                num_replicas: limits.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(bucket_error)?;
+        let state = Self { store };
+        match state.rebuild(js).await {
+            Ok(count) => info!(
+                bucket = STATE_BUCKET,
+                requests = count,
+                "rebuilt the request-state bucket from the events stream"
+            ),
+            Err(err) => warn!(
+                bucket = STATE_BUCKET,
+                error = %err,
+                "rebuilding the request-state bucket failed; status falls back to the events"
+            ),
+        }
+        Ok(state)
+    }
+
+    /// Folds every stored event and writes each request's state (an entry already at that
+    /// event is left alone); returns how many requests the events stream holds. What a builder
+    /// does when it finds the bucket missing at start.
+    ///
+    /// # Errors
+    /// [`BusError::Stream`] when the events cannot be read or the bucket written.
+    pub async fn rebuild(&self, js: &jetstream::Context) -> Result<usize, BusError> {
+        let states = replayed_states(js).await.map_err(bucket_error)?;
+        let count = states.len();
+        let mut writes = futures::stream::iter(states.into_values())
+            .map(|state| async move { self.record(&state).await })
+            .buffer_unordered(REBUILD_WRITES_IN_FLIGHT);
+        while let Some(written) = writes.next().await {
+            written?;
+        }
+        Ok(count)
+    }
+
+    /// The state the bucket holds for request `id`.
+    ///
+    /// # Errors
+    /// [`BusError::Stream`] when the bucket cannot be read.
+    pub async fn get(&self, id: &str) -> Result<Option<RequestState>, BusError> {
+        stored_state(&self.store, id).await.map_err(bucket_error)
+    }
+
+    /// Writes `state` unless the bucket holds the same request at the same or a later
+    /// `last_seq`: a compare-and-set on the entry's revision, so a builder that lost the request
+    /// (or a rebuild racing a live writer) never puts an older state over a newer one.
+    ///
+    /// # Errors
+    /// [`BusError::Stream`] when the bucket cannot be written, or other writers kept changing
+    /// the entry through every attempt.
+    pub async fn record(&self, state: &RequestState) -> Result<Recorded, BusError> {
+        let value: bytes::Bytes = serde_json::to_vec(state).map_err(bucket_error)?.into();
+        for _attempt in 0..WRITE_ATTEMPTS {
+            let entry = self.store.entry(&state.id).await.map_err(bucket_error)?;
+            // Err(None): another writer changed the entry meanwhile, read it again.
+            let written: Result<u64, Option<String>> = match entry
+                .filter(|e| e.operation == kv::Operation::Put)
+            {
+                Some(entry) => {
+                    let held: Option<RequestState> = serde_json::from_slice(&entry.value).ok();
+                    if held.is_some_and(|held| held.last_seq >= state.last_seq) {
+                        return Ok(Recorded::Stale);
+                    }
+                    self.store
+                        .update(&state.id, value.clone(), entry.revision)
+                        .await
+                        .map_err(|err| {
+                            (err.kind() != kv::UpdateErrorKind::WrongLastRevision)
+                                .then(|| err.to_string())
+                        })
+                }
+                None => self
+                    .store
+                    .create(&state.id, value.clone())
+                    .await
+                    .map_err(|err| {
+                        (err.kind() != kv::CreateErrorKind::AlreadyExists).then(|| err.to_string())
+                    }),
+            };
+            match written {
+                Ok(_) => return Ok(Recorded::Written),
+                Err(None) => continue,
+                Err(Some(message)) => {
+                    return Err(bucket_error(format!(
+                        "writing the state of request {}: {message}",
+                        state.id
+                    )))
+                }
+            }
+        }
+        Err(bucket_error(format!(
+            "the state of request {} kept changing under {WRITE_ATTEMPTS} writes",
+            state.id
+        )))
+    }
+}
