@@ -233,6 +233,20 @@ async fn nkey_users_build_end_to_end() {
         text(&output).1,
         fleet.builder.as_ref().map(|b| b.log()).unwrap_or_default()
     );
+    let finished: serde_json::Value =
+        serde_json::from_str(text(&output).0.trim()).expect("build --json prints finished");
+    let id = finished["id"].as_str().expect("id").to_owned();
+    // The deployer reads the request's state from the state bucket (read-only to it).
+    let output = fleet.cli(&fleet.secured.deployer_seed, &["status", &id, "--json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    assert!(
+        text(&output).0.contains("\"phase\":\"succeeded\""),
+        "{}",
+        text(&output).0
+    );
+    let output = fleet.cli(&fleet.secured.deployer_seed, &["builds", "--json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    assert!(text(&output).0.contains(&id), "{}", text(&output).0);
     let output = fleet.cli(&fleet.secured.deployer_seed, &["builders", "--json"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
     assert!(text(&output).0.contains("demo"), "{}", text(&output).0);
@@ -292,6 +306,25 @@ async fn the_server_refuses_what_each_role_must_not_do() {
             .await
             .expect("events are readable");
     assert!(forged.is_empty(), "a deployer forged an event");
+
+    // Writing a request's state: the bucket is the builders' to write.
+    let states = js
+        .get_key_value("BUILD_STATE")
+        .await
+        .expect("a deployer may read the state bucket");
+    let written = tokio::time::timeout(
+        Duration::from_secs(3),
+        states.put("FORGED0001", r#"{"phase":"succeeded"}"#.into()),
+    )
+    .await;
+    assert!(
+        written.map(|r| r.is_err()).unwrap_or(true),
+        "a deployer wrote a request state"
+    );
+    assert!(
+        states.get("FORGED0001").await.expect("readable").is_none(),
+        "a deployer forged a request state"
+    );
 
     // Taking a request off the queue.
     let stream = js.get_stream("BUILD_REQUESTS").await.expect("stream info");

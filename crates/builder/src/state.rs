@@ -20,9 +20,44 @@ const REBUILD_WRITES_IN_FLIGHT: usize = 32;
 /// Compare-and-set attempts of one write before it gives up (another writer kept winning).
 const WRITE_ATTEMPTS: usize = 5;
 
+/// Bytes kept free below the server's `max_payload` for an entry's headers.
+const ENTRY_HEADROOM: usize = 1024;
+
+/// `state` as JSON within `max` bytes. A request with many failed hosts can fold into more
+/// than the server takes in one message (each event fits, their sum need not): the hosts'
+/// error excerpts go first, then the per-host list; the counts stay, and the events keep
+/// every detail (`watch`, `logs`).
+fn fitting(state: &RequestState, max: usize) -> Result<Vec<u8>, BusError> {
+    let encode = |state: &RequestState| serde_json::to_vec(state).map_err(bucket_error);
+    let bytes = encode(state)?;
+    if bytes.len() <= max {
+        return Ok(bytes);
+    }
+    let mut state = state.clone();
+    for host in &mut state.host_results {
+        host.error = None;
+    }
+    let bytes = encode(&state)?;
+    if bytes.len() <= max {
+        return Ok(bytes);
+    }
+    state.host_results.clear();
+    let bytes = encode(&state)?;
+    if bytes.len() <= max {
+        return Ok(bytes);
+    }
+    Err(bucket_error(format!(
+        "the state of request {} is {} bytes even without its host list, over the server's max_payload",
+        state.id,
+        bytes.len()
+    )))
+}
+
 /// The request-state bucket.
 pub struct StateStore {
     store: kv::Store,
+    /// For the server's `max_payload`, which an entry must fit.
+    js: jetstream::Context,
 }
 
 /// What [`StateStore::record`] did.
@@ -51,7 +86,10 @@ impl StateStore {
     /// is logged, not an error: clients then read the events for what the bucket lacks.
     pub async fn open(js: &jetstream::Context, limits: &StreamsConfig) -> Result<Self, BusError> {
         if let Ok(store) = js.get_key_value(STATE_BUCKET).await {
-            return Ok(Self { store });
+            return Ok(Self {
+                store,
+                js: js.clone(),
+            });
         }
         let store = js
             .create_key_value(kv::Config {
@@ -66,7 +104,10 @@ impl StateStore {
             })
             .await
             .map_err(bucket_error)?;
-        let state = Self { store };
+        let state = Self {
+            store,
+            js: js.clone(),
+        };
         match state.rebuild(js).await {
             Ok(count) => info!(
                 bucket = STATE_BUCKET,
@@ -95,7 +136,9 @@ impl StateStore {
             .map(|state| async move { self.record(&state).await })
             .buffer_unordered(REBUILD_WRITES_IN_FLIGHT);
         while let Some(written) = writes.next().await {
-            written?;
+            if let Err(err) = written {
+                warn!(error = %err, "a request's state was left out of the rebuilt bucket");
+            }
         }
         Ok(count)
     }
@@ -116,7 +159,13 @@ impl StateStore {
     /// [`BusError::Stream`] when the bucket cannot be written, or other writers kept changing
     /// the entry through every attempt.
     pub async fn record(&self, state: &RequestState) -> Result<Recorded, BusError> {
-        let value: bytes::Bytes = serde_json::to_vec(state).map_err(bucket_error)?.into();
+        let max = self
+            .js
+            .client()
+            .server_info()
+            .max_payload
+            .saturating_sub(ENTRY_HEADROOM);
+        let value: bytes::Bytes = fitting(state, max)?.into();
         for _attempt in 0..WRITE_ATTEMPTS {
             let entry = self.store.entry(&state.id).await.map_err(bucket_error)?;
             // Err(None): another writer changed the entry meanwhile, read it again.

@@ -400,30 +400,31 @@ pub async fn request_state(
         Some(store) => stored_state(&store, id.as_str()).await?,
         None => None,
     };
-    if let Some(state) = stored.as_ref().filter(|s| s.phase != RequestPhase::Queued) {
-        return Ok(Some(caught_up(js, id, state.clone()).await?));
+    if let Some(state) = stored {
+        let mut state = caught_up(js, id, state).await?;
+        if state.phase == RequestPhase::Queued {
+            // Handed back (`requeued`): its place comes from the queue.
+            let pending = pending_requests(js).await?;
+            state.queue_position = queued_states(&pending)
+                .into_iter()
+                .find(|s| s.id == id.as_str())
+                .and_then(|s| s.queue_position);
+        }
+        return Ok(Some(state));
     }
     let pending = pending_requests(js).await?;
-    let queued = queued_states(&pending);
-    if let Some(mut state) = queued.into_iter().find(|s| s.id == id.as_str()) {
-        if let Some(stored) = stored {
-            // Handed back (`requeued`): keep what its earlier attempts said.
-            let position = state.queue_position;
-            state = stored;
-            state.phase = RequestPhase::Queued;
-            state.queue_position = position;
-        }
+    if let Some(state) = queued_states(&pending)
+        .into_iter()
+        .find(|s| s.id == id.as_str())
+    {
         return Ok(Some(state));
     }
     if let Some(request) = pending.iter().find(|p| p.id == id.as_str()) {
         // Handed to a builder that has not published `started` yet.
-        let mut state = stored.unwrap_or_else(|| queued_state(request, 0));
+        let mut state = queued_state(request, 0);
         state.phase = RequestPhase::Running;
         state.queue_position = None;
         return Ok(Some(state));
-    }
-    if stored.is_some() {
-        return Ok(stored);
     }
     let events = request_events(js, id).await?;
     Ok(fold_events(&events))
@@ -437,7 +438,7 @@ async fn caught_up(
     id: &RequestId,
     state: RequestState,
 ) -> Result<RequestState, ClientError> {
-    if state.phase != RequestPhase::Running {
+    if !matches!(state.phase, RequestPhase::Queued | RequestPhase::Running) {
         return Ok(state);
     }
     let (Ok(repo), Ok(target)) = (RepoName::parse(&state.repo), Target::parse(&state.target))
