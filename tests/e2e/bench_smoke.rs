@@ -38,3 +38,14 @@ fn bench_smoke_log_flood() {
 fn bench_smoke_idle() {
     sane(&bench::idle(bin(), Duration::from_secs(2)).expect("idle benchmark runs"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_smoke_read_model() {
+    let reports = bench::read_model(bin(), &[30, 60], 25, 3)
+        .await
+        .expect("read model benchmark runs");
+    assert_eq!(reports.len(), 4, "{reports:?}");
+    for report in &reports {
+        sane(report);
+    }
+}

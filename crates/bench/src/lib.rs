@@ -457,3 +457,264 @@ pub fn default_bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/release/homelab-deploy"))
 }
+
+/// Id of the `i`th request of the synthetic history.
+fn history_id(i: usize) -> String {
+    format!("history{i:07}")
+}
+
+/// Publishes the events of requests `from..to` of the synthetic history (`started`,
+/// `host_started`, `host_finished`, `finished` of one host, as a builder writes them, timed
+/// now), keeping up to 1,000 publishes in flight.
+async fn store_history(js: &async_nats::jetstream::Context, from: usize, to: usize) -> Result<()> {
+    use std::future::IntoFuture;
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for i in from..to {
+        let id = history_id(i);
+        let subject = format!("build.responses.demo.web.{id}.events");
+        let time = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)?;
+        let result = serde_json::json!({"name": "web", "status": "built", "duration_ms": 1200,
+            "out_path": "/nix/store/00000000000000000000000000000000-web"});
+        let events = [
+            serde_json::json!({"type": "started", "id": id, "seq": 1, "time": time, "builder": "b1",
+                "repo": "demo", "target": "web", "rev": "0123456789abcdef0123456789abcdef01234567",
+                "hosts": ["web"], "requested_by": "bench", "attempt": 1}),
+            serde_json::json!({"type": "host_started", "id": id, "seq": 2, "time": time,
+                "host": "web", "index": 1, "total": 1}),
+            serde_json::json!({"type": "host_finished", "id": id, "seq": 3, "time": time,
+                "host": "web", "index": 1, "total": 1, "result": result}),
+            serde_json::json!({"type": "finished", "id": id, "seq": 4, "time": time,
+                "status": "succeeded", "repo": "demo", "target": "web",
+                "rev": "0123456789abcdef0123456789abcdef01234567", "hosts": [result],
+                "builder": "b1", "duration_ms": 1300}),
+        ];
+        for event in events {
+            acks.push(
+                js.publish(subject.clone(), serde_json::to_vec(&event)?.into())
+                    .await?
+                    .into_future(),
+            );
+            while acks.len() >= 1000 {
+                if let Some(ack) = acks.next().await {
+                    ack?;
+                }
+            }
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack?;
+    }
+    Ok(())
+}
+
+/// Starts a builder serving `demo` and waits (up to 10 minutes: it rebuilds the request-state
+/// bucket from the whole history first) until it is ready; returns it and how long that took.
+fn start_rebuilding_builder(
+    bin: &Path,
+    nats_url: &str,
+    repos: &[(&str, String)],
+) -> Result<(Builder, Duration)> {
+    let started = Instant::now();
+    let builder = Builder::spawn(bin, nats_url, repos, "");
+    let ready = test_support::wait_until(Duration::from_secs(600), || {
+        builder.log().contains("builder ready")
+    });
+    if !ready {
+        bail!("builder did not become ready:\n{}", builder.log());
+    }
+    Ok((builder, started.elapsed()))
+}
+
+/// Latency of one client call, `samples` times: (p50, p99).
+async fn latency<F, Fut>(samples: usize, mut call: F) -> Result<(Duration, Duration)>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut times = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let started = Instant::now();
+        call(i).await?;
+        times.push(started.elapsed());
+    }
+    Ok((percentile(&mut times, 0.5), percentile(&mut times, 0.99)))
+}
+
+fn millis(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// `status` (of a finished request), `builds` (first page) and `builds --state queued` with
+/// `histories` requests in the events stream (each level adds to the one before) and `queued`
+/// requests waiting for a repo no builder serves, `samples` calls each, in process through the
+/// client library that the CLI, the MCP server and the builders' control API all use. Before
+/// each level a builder rebuilds the request-state bucket from the events (its time is reported
+/// too). Baseline: the same calls at the first (smallest) history, same run.
+pub async fn read_model(
+    bin: &Path,
+    histories: &[usize],
+    queued: usize,
+    samples: usize,
+) -> Result<Vec<Report>> {
+    use homelab_deploy_client::inspect::{list_builds, request_state};
+    use homelab_deploy_protocol::api::{BuildsQuery, RequestPhase, STATE_BUCKET};
+    use homelab_deploy_protocol::RequestId;
+
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("fleet");
+    let both = [("demo", repo.url()), ("parked", repo.url())];
+    let demo = [("demo", repo.url())];
+    // A builder sets up the streams for both repos, then `parked` is left without a builder so
+    // its requests stay queued.
+    let limits = "\n[streams]\nmax_pending_requests_per_target = 5000";
+    let mut setup = Builder::start_with(bin, &nats.url, &both, limits);
+    setup.terminate(Duration::from_secs(30));
+    let client = connect(&ConnectSettings {
+        url: nats.url.clone().into(),
+        nkey_file: None,
+        name: "bench".to_owned(),
+        timeout: Duration::from_secs(5),
+        vault: None,
+    })
+    .await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut queued_ids = Vec::new();
+    for i in 0..queued {
+        let id = format!("parked{i:06}{}", nuid_suffix());
+        let message = async_nats::jetstream::message::PublishMessage::build()
+            .payload(format!(r#"{{"id":"{id}"}}"#).into())
+            .message_id(id.as_str());
+        js.send_publish("build.parked.web", message).await?.await?;
+        queued_ids.push(id);
+    }
+
+    struct Level {
+        history: usize,
+        rebuild: Duration,
+        status: (Duration, Duration),
+        status_queued: (Duration, Duration),
+        builds: (Duration, Duration),
+        queued: (Duration, Duration),
+    }
+    let mut levels: Vec<Level> = Vec::new();
+    let mut stored = 0;
+    let mut builder: Option<Builder> = None;
+    for &history in histories {
+        drop(builder.take());
+        store_history(&js, stored, history).await?;
+        stored = history;
+        let _ = js.delete_key_value(STATE_BUCKET).await;
+        let (started, rebuild) = start_rebuilding_builder(bin, &nats.url, &demo)?;
+        builder = Some(started);
+        let ids: Vec<RequestId> = (0..samples)
+            .map(|i| RequestId::parse(&history_id((i * 7919) % history)))
+            .collect::<Result<_, _>>()?;
+        let queued_sample: Vec<RequestId> = (0..samples)
+            .map(|i| RequestId::parse(&queued_ids[(i * 31) % queued_ids.len().max(1)]))
+            .collect::<Result<_, _>>()?;
+        let status = latency(samples, |i| {
+            let (js, id) = (js.clone(), ids[i].clone());
+            async move {
+                let state = request_state(&js, &id)
+                    .await?
+                    .context("request not found")?;
+                anyhow::ensure!(state.phase == RequestPhase::Succeeded, "{state:?}");
+                Ok(())
+            }
+        })
+        .await?;
+        let status_queued = latency(samples, |i| {
+            let (js, id) = (js.clone(), queued_sample[i].clone());
+            async move {
+                let state = request_state(&js, &id)
+                    .await?
+                    .context("request not found")?;
+                anyhow::ensure!(state.phase == RequestPhase::Queued, "{state:?}");
+                Ok(())
+            }
+        })
+        .await?;
+        let builds = latency(samples, |_| {
+            let js = js.clone();
+            async move {
+                let list = list_builds(&js, &BuildsQuery::default()).await?;
+                anyhow::ensure!(list.builds.len() == 20, "{} builds", list.builds.len());
+                Ok(())
+            }
+        })
+        .await?;
+        let queued_list = latency(samples, |_| {
+            let js = js.clone();
+            async move {
+                let query = BuildsQuery {
+                    phase: Some(RequestPhase::Queued),
+                    ..Default::default()
+                };
+                let list = list_builds(&js, &query).await?;
+                anyhow::ensure!(list.builds.len() == 20, "{} builds", list.builds.len());
+                Ok(())
+            }
+        })
+        .await?;
+        levels.push(Level {
+            history,
+            rebuild,
+            status,
+            status_queued,
+            builds,
+            queued: queued_list,
+        });
+    }
+    let (Some(base), Some(top)) = (levels.first(), levels.last()) else {
+        bail!("no history sizes given");
+    };
+    let row = |name: &'static str, pick: &dyn Fn(&Level) -> (Duration, Duration)| {
+        let measured = levels
+            .iter()
+            .skip(1)
+            .map(|level| {
+                let (p50, p99) = pick(level);
+                format!(
+                    "{}: p50 {}, p99 {}",
+                    level.history,
+                    millis(p50),
+                    millis(p99)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let (base50, base99) = pick(base);
+        Report {
+            name,
+            measured,
+            baseline: format!(
+                "{}: p50 {}, p99 {}",
+                base.history,
+                millis(base50),
+                millis(base99)
+            ),
+            ratio: pick(top).1.as_secs_f64() / base99.as_secs_f64().max(1e-6),
+            goal: "≤ 2, p99 < 100 ms (ratio: p99 at the largest history ÷ at the smallest)",
+            notes: format!("requests in history; {queued} queued; {samples} calls each"),
+        }
+    };
+    let rebuilds = levels
+        .iter()
+        .map(|level| format!("{}: {}", level.history, seconds(level.rebuild)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut status = row("read model: `status` (finished request)", &|l| l.status);
+    status.notes = format!(
+        "{}; builder start with bucket rebuild {rebuilds}",
+        status.notes
+    );
+    Ok(vec![
+        status,
+        row("read model: `status` (queued request)", &|l| {
+            l.status_queued
+        }),
+        row("read model: `builds` (first page)", &|l| l.builds),
+        row("read model: `builds --state queued`", &|l| l.queued),
+    ])
+}

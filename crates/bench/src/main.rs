@@ -8,7 +8,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bench::Report;
 
-const SCENARIOS: [&str; 5] = ["eval-heavy", "dispatch", "queue", "log-flood", "idle"];
+const SCENARIOS: [&str; 6] = [
+    "eval-heavy",
+    "dispatch",
+    "queue",
+    "log-flood",
+    "idle",
+    "read-model",
+];
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -38,6 +45,21 @@ async fn main() -> Result<()> {
     let mut reports: Vec<Report> = Vec::new();
     for scenario in chosen {
         eprintln!("running {scenario}…");
+        if scenario == "read-model" {
+            let (histories, queued, samples): (&[usize], usize, usize) = if quick {
+                (&[50, 200, 500], 100, 20)
+            } else {
+                (&[500, 5_000, 50_000], 1_000, 200)
+            };
+            for report in bench::read_model(&bin, histories, queued, samples)
+                .await
+                .context("benchmark read-model")?
+            {
+                eprintln!("{}", report.markdown_row());
+                reports.push(report);
+            }
+            continue;
+        }
         let report = match scenario {
             "eval-heavy" => bench::eval_heavy(&bin),
             "dispatch" => bench::dispatch_overhead(&bin, if quick { 3 } else { 20 }),
@@ -89,6 +111,14 @@ const READING: &str = "## Reading the results
 - **idle**: a builder without work uses no CPU to speak of and about as much memory as the
   nats-server beside it; most of that is the binary's own code pages (the release profile uses
   LTO to keep them few).
+- **read model**: `status` and `builds` read the `BUILD_STATE` bucket (docs/decisions/read-model.md),
+  so their cost does not follow the history: each row compares the largest history with the
+  smallest, in the same run, with the same 1,000 requests queued for a repo no builder serves.
+  `status` of a finished request is one bucket read; of a queued one, and `builds`, read the
+  queue (parallel gets, bounded by `streams.max_pending_requests`), which is what they cost here.
+  The calls are the client library's (`request_state`, `list_builds`), which the CLI, the MCP
+  server and the builders' control API all use. History: finished one-host requests whose events
+  are stored as a builder stores them; a builder then rebuilds the bucket from them at start.
 
 ## Evaluation under a memory limit
 

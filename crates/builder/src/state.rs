@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, kv};
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use homelab_deploy_client::inspect::{replayed_states, stored_state};
 use homelab_deploy_protocol::api::{RequestState, STATE_BUCKET};
@@ -16,9 +18,29 @@ use crate::bus::BusError;
 use crate::config::StreamsConfig;
 
 /// Writes to the bucket in flight at once while it is rebuilt.
-const REBUILD_WRITES_IN_FLIGHT: usize = 32;
+const REBUILD_WRITES_IN_FLIGHT: usize = 256;
 /// Compare-and-set attempts of one write before it gives up (another writer kept winning).
 const WRITE_ATTEMPTS: usize = 5;
+
+/// Sorts out one create of a rebuild: an entry that exists already is kept for a
+/// compare-and-set write.
+fn created<'a>(
+    written: Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+    state: &'a RequestState,
+    existing: &mut Vec<&'a RequestState>,
+) -> Result<(), BusError> {
+    match written {
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+            existing.push(state);
+            Ok(())
+        }
+        Err(err) => Err(bucket_error(format!(
+            "writing the state of request {}: {err}",
+            state.id
+        ))),
+    }
+}
 
 /// Bytes kept free below the server's `max_payload` for an entry's headers.
 const ENTRY_HEADROOM: usize = 1024;
@@ -123,24 +145,68 @@ impl StateStore {
         Ok(state)
     }
 
-    /// Folds every stored event and writes each request's state (an entry already at that
-    /// event is left alone); returns how many requests the events stream holds. What a builder
-    /// does when it finds the bucket missing at start.
+    /// Folds every stored event and writes each request's state, oldest `updated_at` first
+    /// (`builds` reads the bucket back from its end and relies on that order); an entry that
+    /// already exists (a live writer, or a bucket not empty) goes through [`StateStore::record`].
+    /// Returns how many requests the events stream holds. What a builder does when it finds the
+    /// bucket missing at start.
     ///
     /// # Errors
     /// [`BusError::Stream`] when the events cannot be read or the bucket written.
     pub async fn rebuild(&self, js: &jetstream::Context) -> Result<usize, BusError> {
-        let states = replayed_states(js).await.map_err(bucket_error)?;
+        let mut states: Vec<RequestState> = replayed_states(js)
+            .await
+            .map_err(bucket_error)?
+            .into_values()
+            .collect();
+        states.sort_by_key(|state| state.updated_at.unwrap_or(state.queued_at));
         let count = states.len();
-        let mut writes = futures::stream::iter(states.into_values())
-            .map(|state| async move { self.record(&state).await })
-            .buffer_unordered(REBUILD_WRITES_IN_FLIGHT);
-        while let Some(written) = writes.next().await {
-            if let Err(err) = written {
+        let max = self.max_entry_bytes();
+        let prefix = self.store.put_prefix.as_ref().unwrap_or(&self.store.prefix);
+        // Creates are sent one after another on this connection, so the stream stores them in
+        // this order; their acks are awaited REBUILD_WRITES_IN_FLIGHT at a time.
+        let mut acks = FuturesUnordered::new();
+        let mut existing = Vec::new();
+        for state in &states {
+            let value = match fitting(state, max) {
+                Ok(value) => value,
+                Err(err) => {
+                    warn!(error = %err, "a request's state was left out of the rebuilt bucket");
+                    continue;
+                }
+            };
+            let create = PublishMessage::build()
+                .payload(value.into())
+                .expected_last_subject_sequence(0);
+            let ack = self
+                .js
+                .send_publish(format!("{prefix}{}", state.id), create)
+                .await
+                .map_err(bucket_error)?;
+            acks.push(async move { (ack.await, state) });
+            while acks.len() >= REBUILD_WRITES_IN_FLIGHT {
+                if let Some((written, state)) = acks.next().await {
+                    created(written, state, &mut existing)?;
+                }
+            }
+        }
+        while let Some((written, state)) = acks.next().await {
+            created(written, state, &mut existing)?;
+        }
+        for state in existing {
+            if let Err(err) = self.record(state).await {
                 warn!(error = %err, "a request's state was left out of the rebuilt bucket");
             }
         }
         Ok(count)
+    }
+
+    fn max_entry_bytes(&self) -> usize {
+        self.js
+            .client()
+            .server_info()
+            .max_payload
+            .saturating_sub(ENTRY_HEADROOM)
     }
 
     /// The state the bucket holds for request `id`.
@@ -159,13 +225,7 @@ impl StateStore {
     /// [`BusError::Stream`] when the bucket cannot be written, or other writers kept changing
     /// the entry through every attempt.
     pub async fn record(&self, state: &RequestState) -> Result<Recorded, BusError> {
-        let max = self
-            .js
-            .client()
-            .server_info()
-            .max_payload
-            .saturating_sub(ENTRY_HEADROOM);
-        let value: bytes::Bytes = fitting(state, max)?.into();
+        let value: bytes::Bytes = fitting(state, self.max_entry_bytes())?.into();
         for _attempt in 0..WRITE_ATTEMPTS {
             let entry = self.store.entry(&state.id).await.map_err(bucket_error)?;
             // Err(None): another writer changed the entry meanwhile, read it again.

@@ -205,6 +205,9 @@ fn host_outcome(result: &HostResult, before: Option<&HostOutcome>) -> HostOutcom
 
 /// Applies one event of a request to its state (events in `seq` order).
 pub fn fold_event(state: &mut RequestState, event: &Event) {
+    if event.seq >= state.last_seq {
+        state.updated_at = Some(event.time);
+    }
     state.last_seq = state.last_seq.max(event.seq);
     match &event.body {
         EventBody::Started {
@@ -337,6 +340,7 @@ pub fn blank_state(
         derivations: Default::default(),
         error: None,
         last_seq: 0,
+        updated_at: None,
     }
 }
 
@@ -548,8 +552,8 @@ pub async fn replayed_states(js: &Context) -> Result<HashMap<String, RequestStat
     Ok(by_id)
 }
 
-/// Clock difference allowed between the builders that write `queued_at` and the NATS server
-/// that stamps each bucket entry; [`recent_states`] reads this much further back.
+/// How far apart two builders' clocks, or an event and the write of its state, may be;
+/// [`recent_states`] reads this much further back.
 const CLOCK_SKEW: time::Duration = time::Duration::minutes(1);
 
 /// Bucket entries read at first by [`recent_states`]; each further round reads twice as many.
@@ -559,10 +563,12 @@ const FIRST_WINDOW: u64 = 64;
 /// latest `queued_at`, when the bucket holds that many.
 ///
 /// Entries are read back from the end of the bucket's stream, where each request's entry moves
-/// whenever it changes. An entry is stored no earlier than its request was queued, so once
-/// `count` wanted entries were queued after the oldest entry read so far was stored (less
-/// [`CLOCK_SKEW`]), no older entry can come before them. The first page thus costs a few dozen
-/// direct gets; a page far back, or a filter few entries match, reads further.
+/// whenever it changes (a rebuild writes them in `updated_at` order). An entry stored before
+/// another changed no later than that one's `updated_at` (give or take [`CLOCK_SKEW`]), and a
+/// request is queued before it changes; so once `count` wanted entries were queued after the
+/// oldest `updated_at` read so far (plus the skew), no entry further back can come before them.
+/// The first page thus costs a few dozen direct gets; a page far back, or a filter few entries
+/// match, reads further.
 async fn recent_states(
     store: &kv::Store,
     count: usize,
@@ -576,7 +582,7 @@ async fn recent_states(
     }
     let mut found: Vec<RequestState> = Vec::new();
     let mut window = FIRST_WINDOW;
-    let mut oldest_stored: Option<OffsetDateTime> = None;
+    let mut oldest_change: Option<OffsetDateTime> = None;
     while end > first {
         let start = end.saturating_sub(window).max(first);
         let stream = &store.stream;
@@ -591,22 +597,26 @@ async fn recent_states(
                 .headers
                 .get("KV-Operation")
                 .is_some_and(|op| op.as_str() != "PUT");
-            let stored_at = message.time;
-            oldest_stored = Some(oldest_stored.map_or(stored_at, |o| o.min(stored_at)));
             if deleted {
                 continue;
             }
-            if let Ok(state) = serde_json::from_slice::<RequestState>(&message.payload) {
-                if wanted(&state) {
-                    found.push(state);
-                }
+            let Ok(state) = serde_json::from_slice::<RequestState>(&message.payload) else {
+                continue;
+            };
+            let changed = state
+                .updated_at
+                .unwrap_or(state.queued_at)
+                .min(message.time);
+            oldest_change = Some(oldest_change.map_or(changed, |o| o.min(changed)));
+            if wanted(&state) {
+                found.push(state);
             }
         }
         end = start;
         window = window.saturating_mul(2);
         if found.len() >= count {
             found.sort_by(|a, b| b.queued_at.cmp(&a.queued_at).then_with(|| a.id.cmp(&b.id)));
-            let certain = oldest_stored
+            let certain = oldest_change
                 .is_some_and(|oldest| found[count - 1].queued_at > oldest + CLOCK_SKEW);
             if certain {
                 break;

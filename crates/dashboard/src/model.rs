@@ -98,6 +98,7 @@ impl BuildView {
                 derivations: Default::default(),
                 error: None,
                 last_seq: 0,
+                updated_at: None,
             },
             hosts: Vec::new(),
             duration_ms: None,

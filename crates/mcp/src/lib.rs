@@ -850,6 +850,7 @@ fn blank(id: &RequestId, repo: &RepoName, target: &Target) -> RequestState {
         derivations: Default::default(),
         error: None,
         last_seq: 0,
+        updated_at: None,
     }
 }
 

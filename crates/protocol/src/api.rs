@@ -219,6 +219,13 @@ pub struct RequestState {
     pub error: Option<String>,
     /// Highest event `seq` so far (0 when queued).
     pub last_seq: u64,
+    /// `time` of the event with `last_seq`: when the state last changed (absent when queued).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub updated_at: Option<OffsetDateTime>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
