@@ -142,6 +142,10 @@ pub struct BuilderConfig {
     /// one); the next builder to take it ends it `failed` instead of starting it again.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u64,
+    /// Builds of each host kept (as GC roots under `state_dir/closures`) to compare new builds
+    /// with; 0 keeps none and turns closure diffs off.
+    #[serde(default = "default_closure_history")]
+    pub closure_history: usize,
 }
 
 /// Limits of the JetStream streams, applied when this builder creates them.
@@ -456,6 +460,12 @@ fn default_events_duplicate_window_secs() -> u64 {
 fn default_max_attempts() -> u64 {
     3
 }
+/// Most builds kept per host for closure diffs: each is a GC root that keeps a whole system
+/// closure alive.
+const MAX_CLOSURE_HISTORY: usize = 100;
+fn default_closure_history() -> usize {
+    5
+}
 fn default_fetch_timeout_secs() -> u64 {
     10 * 60
 }
@@ -547,6 +557,12 @@ impl Config {
         }
         if let Err((key, message)) = self.access.validate() {
             return Err(invalid(key, message));
+        }
+        if self.builder.closure_history > MAX_CLOSURE_HISTORY {
+            return Err(invalid(
+                "builder.closure_history".into(),
+                format!("must be at most {MAX_CLOSURE_HISTORY} (0 turns closure diffs off)"),
+            ));
         }
         if self.builder.max_attempts == 0 {
             return Err(invalid(

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::bus::{ensure_consumer, ensure_streams, Publisher};
+use crate::closures::History;
 use crate::config::Config;
 use crate::git::Mirror;
 use crate::job::{Jobs, ServedRepo};
@@ -181,6 +182,7 @@ pub async fn run(
         watch_interval,
         running: Default::default(),
         access: Arc::new(crate::access::Access::new(&config.access)),
+        history: History::new(&config.builder.state_dir, config.builder.closure_history),
     });
     let registry = Registry::open(
         &js,

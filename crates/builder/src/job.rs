@@ -20,14 +20,15 @@ use async_nats::jetstream::{self, AckKind};
 use futures::{StreamExt, TryStreamExt};
 use homelab_deploy_client::inspect::{blank_state, fold_event, fold_events, request_events};
 use homelab_deploy_protocol::api::{BuilderState, RequestPhase, RequestState};
+use homelab_deploy_protocol::diff::MAX_LISTED_PACKAGES;
 use homelab_deploy_protocol::request::parse_request;
 use homelab_deploy_protocol::subject::{
     encode_host, events_subject, logs_subject, parse_request_subject, request_subject,
     MSG_ID_HEADER,
 };
 use homelab_deploy_protocol::{
-    BuildRequest, BuildStatus, Event, EventBody, HostResult, HostStatus, Identity, Mode,
-    ParsedRequest, RepoName, RequestId, Target,
+    BuildRequest, BuildStatus, ClosureDiff, DiffStatus, Event, EventBody, HostResult, HostStatus,
+    Identity, Mode, ParsedRequest, RepoName, RequestId, Target,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -37,6 +38,7 @@ use tracing::{error, info, warn, Instrument};
 use crate::access::Access;
 use crate::bus::{last_event, BusError, Publisher, RequestMessage};
 use crate::cache::EvalCache;
+use crate::closures::History;
 use crate::config::{Evaluation, RepoConfig, Timeouts};
 use crate::git::{Mirror, Resolved, Wanted};
 use crate::logs::LogBatcher;
@@ -78,6 +80,8 @@ pub struct Jobs {
     pub(crate) running: Mutex<HashMap<String, RunningJob>>,
     /// Who may build and cancel what (`[access]`).
     pub access: Arc<Access>,
+    /// Each host's recent builds, for closure diffs.
+    pub history: History,
 }
 
 /// A repo this builder serves, with its mirror (which keeps two jobs of the repo from fetching
@@ -844,6 +848,7 @@ impl Jobs {
             error: error.map(|e| cut(&e, MAX_ERROR_BYTES)),
             pushed: None,
             push_error: None,
+            closure_diff: None,
         };
         let done = |status, out_path, error| Ok(HostOutcome::Done(result(status, out_path, error)));
         let timed_out = || deadline.why.clone();
@@ -913,10 +918,6 @@ impl Jobs {
                 return done(HostStatus::BuildFailed, None, Some(error));
             }
         }
-        if let Some(out_path) = self.held_by_gc_root(&drv, &out_link) {
-            let cached = result(HostStatus::Cached, Some(out_path), None);
-            return Ok(HostOutcome::Done(self.push(repo, cached, started).await));
-        }
         let mut batcher = LogBatcher::new(
             self.publisher.clone(),
             repo.to_string(),
@@ -924,6 +925,14 @@ impl Jobs {
             request_id.to_owned(),
             host.to_owned(),
         );
+        if let Some(out_path) = self.held_by_gc_root(&drv, &out_link) {
+            let closure_diff = self
+                .closure_diff(repo, rev, host, &out_path, &mut batcher)
+                .await?;
+            let mut cached = result(HostStatus::Cached, Some(out_path), None);
+            cached.closure_diff = closure_diff;
+            return Ok(HostOutcome::Done(self.push(repo, cached, started).await));
+        }
         let (output_tx, mut output) = mpsc::channel(256);
         let build = self.nix_of(repo).build(&drv, &out_link, output_tx);
         tokio::pin!(build);
@@ -994,10 +1003,62 @@ impl Jobs {
         } else {
             HostStatus::Built
         };
-        let host_result = result(status, Some(built.out_path), None);
+        let closure_diff = self
+            .closure_diff(repo, rev, host, &built.out_path, &mut batcher)
+            .await?;
+        let mut host_result = result(status, Some(built.out_path), None);
+        host_result.closure_diff = closure_diff;
         Ok(HostOutcome::Done(
             self.push(repo, host_result, started).await,
         ))
+    }
+
+    /// Compares the host's new toplevel with its newest held build at another commit, writes
+    /// the whole diff to the host's logs, and keeps the new toplevel for later diffs. `None`
+    /// when diffs are off; a failure is the diff's `failed` status, never the host's. Only a
+    /// failure to publish the log lines is an error.
+    async fn closure_diff(
+        &self,
+        repo: &RepoName,
+        rev: &str,
+        host: &str,
+        out_path: &str,
+        batcher: &mut LogBatcher,
+    ) -> Result<Option<ClosureDiff>, JobError> {
+        if !self.history.enabled() {
+            return Ok(None);
+        }
+        let host_file = gc_root_name(host);
+        let mut diff = match self.history.previous(repo.as_str(), &host_file, rev) {
+            Some(previous) => self.history.compare(&self.nix, &previous, out_path).await,
+            None => ClosureDiff::no_previous(),
+        };
+        if let Err(err) = self
+            .history
+            .record(&self.nix, repo.as_str(), &host_file, rev, out_path)
+            .await
+        {
+            warn!(repo = %repo, host, error = %err, "cannot keep the build for later closure diffs");
+        }
+        match diff.status {
+            DiffStatus::Failed => {
+                let error = diff.error.take().unwrap_or_default();
+                warn!(repo = %repo, host, error = %error, "closure diff failed");
+                batcher
+                    .push(format!("closure diff failed: {}", error.trim()))
+                    .await?;
+                diff.error = Some(cut(&error, MAX_ERROR_BYTES));
+            }
+            DiffStatus::NoPrevious => {}
+            DiffStatus::Compared => {
+                for line in diff_log_lines(&diff) {
+                    batcher.push(line).await?;
+                }
+            }
+        }
+        batcher.flush().await?;
+        diff.keep_packages(MAX_LISTED_PACKAGES);
+        Ok(Some(diff))
     }
 
     /// Copies a finished host to the repo's binary cache, when it has one. A failed push is
@@ -1151,6 +1212,22 @@ fn gc_root_name(host: &str) -> String {
     }
 }
 
+/// The whole closure diff as log lines: a heading naming the earlier build, one line per
+/// package, and the closure sizes.
+fn diff_log_lines(diff: &ClosureDiff) -> Vec<String> {
+    let mut lines = vec![format!(
+        "closure diff against rev {} ({}): {}",
+        diff.from_rev.as_deref().unwrap_or("?"),
+        diff.from_path.as_deref().unwrap_or("?"),
+        diff.summary()
+    )];
+    lines.extend(diff.packages.iter().map(|p| format!("  {p}")));
+    if let (Some(before), Some(after)) = (diff.size_before, diff.size_after) {
+        lines.push(format!("closure size: {before} → {after} bytes"));
+    }
+    lines
+}
+
 /// Longest file name Linux file systems take.
 const MAX_FILE_NAME_BYTES: usize = 255;
 
@@ -1164,6 +1241,7 @@ fn skipped_host(host: &str, status: HostStatus, error: Option<String>) -> HostRe
         error,
         pushed: None,
         push_error: None,
+        closure_diff: None,
     }
 }
 
@@ -1942,6 +2020,7 @@ mod tests {
             error: Some(error),
             pushed: None,
             push_error: None,
+            closure_diff: None,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod access;
 pub mod api;
 pub mod bus;
 pub mod cache;
+pub mod closures;
 pub mod config;
 pub mod daemon;
 pub mod git;

@@ -434,6 +434,41 @@ impl Nix {
         }
     }
 
+    /// Keeps the store path `path` alive with an indirect GC root at `link` (`nix build` of a
+    /// path already in the store builds nothing and only adds the root).
+    pub async fn add_root(&self, path: &str, link: &Path) -> Result<(), NixError> {
+        let link = link.to_string_lossy();
+        self.run_captured(
+            &format!("adding a GC root for {path}"),
+            &["build", "--out-link", &link, path],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `nix store diff-closures BEFORE AFTER`: one line per package whose versions or size
+    /// differ (format: [`crate::closures::parse_diff_closures`]).
+    pub async fn diff_closures(&self, before: &str, after: &str) -> Result<String, NixError> {
+        self.run_captured(
+            &format!("nix store diff-closures {before} {after}"),
+            &["store", "diff-closures", before, after],
+        )
+        .await
+    }
+
+    /// The closure size in bytes (`nix path-info -S`, the sum of the NAR sizes of the path
+    /// and everything it references) of each of `paths`, by path.
+    pub async fn closure_sizes(&self, paths: &[&str]) -> Result<HashMap<String, u64>, NixError> {
+        let what = "nix path-info -S --json";
+        let mut args = vec!["path-info", "-S", "--json"];
+        args.extend_from_slice(paths);
+        let stdout = self.run_captured(what, &args).await?;
+        parse_closure_sizes(&stdout).ok_or_else(|| NixError::Output {
+            what: what.to_owned(),
+            detail: format!("no closureSize in {:?}", truncate(&stdout, 300)),
+        })
+    }
+
     /// Copies `path` and its closure to the binary cache `store` (a nix store URI). nix quotes
     /// the URI in its errors as it was given: its credentials are scrubbed from the error.
     pub async fn copy_to(&self, store: &SecretUrl, path: &str) -> Result<(), NixError> {
@@ -555,6 +590,25 @@ fn parse_build_json(stdout: &str) -> Option<String> {
         .or_else(|| outputs.as_object()?.values().next())?
         .as_str()
         .map(str::to_owned)
+}
+
+/// `closureSize` by path from `nix path-info -S --json`: a list of objects with `path` (nix
+/// before 2.19) or an object keyed by path (later).
+fn parse_closure_sizes(stdout: &str) -> Option<HashMap<String, u64>> {
+    let value: Value = serde_json::from_str(stdout.trim()).ok()?;
+    let size = |info: &Value| info.get("closureSize")?.as_u64();
+    let sizes: HashMap<String, u64> = match &value {
+        Value::Array(infos) => infos
+            .iter()
+            .filter_map(|info| Some((info.get("path")?.as_str()?.to_owned(), size(info)?)))
+            .collect(),
+        Value::Object(by_path) => by_path
+            .iter()
+            .filter_map(|(path, info)| Some((path.clone(), size(info)?)))
+            .collect(),
+        _ => return None,
+    };
+    (!sizes.is_empty()).then_some(sizes)
 }
 
 fn truncate(text: &str, max: usize) -> &str {

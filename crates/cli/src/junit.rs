@@ -116,6 +116,7 @@ mod tests {
             error: error.map(str::to_owned),
             pushed: None,
             push_error: None,
+            closure_diff: None,
         }
     }
 

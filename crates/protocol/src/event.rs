@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::Identity;
+use crate::diff::ClosureDiff;
 
 /// One lifecycle or progress event of a request. `seq` counts 1, 2, 3 … per request without gaps,
 /// across builders when a request is redelivered, so a client can tell what it missed.
@@ -183,6 +184,10 @@ pub struct HostResult {
     /// Why the copy to the binary cache failed; the host still counts as built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push_error: Option<String>,
+    /// The closure compared with the builder's earlier build of the host at another commit;
+    /// set when the host was built or cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closure_diff: Option<ClosureDiff>,
 }
 
 /// A batch of build log lines of one host, on `build.responses.<repo>.<target>.<id>.logs`.
@@ -221,6 +226,8 @@ mod tests {
                     error: Some("boom".into()),
                     pushed: None,
                     push_error: None,
+                    closure_diff: None,
+                    closure_diff: None,
                 }],
                 error: None,
                 builder: Some("b1".into()),
@@ -261,6 +268,7 @@ mod tests {
             error: None,
             pushed: None,
             push_error: None,
+            closure_diff: None,
         };
         assert_eq!(BuildStatus::from_hosts(&[]), BuildStatus::Failed);
         assert_eq!(

@@ -8,18 +8,21 @@
 //! - [`subject`]: names (repo, target, request id) and the subjects built from them.
 //! - [`request`]: the build request body and how a builder turns a raw message into a valid request
 //!   or a refusal.
+//! - [`diff`]: closure diffs between two builds of a host.
 //! - [`event`]: lifecycle events and log batches a builder publishes.
 //! - [`identity`]: signing requests and cancels with an NKey, and checking the signature.
 //! - [`api`]: the control API under `build.api.>` and the fleet registry.
 //! - [`summary`]: short forms of host failures (excerpts, grouped errors) for lists and tools.
 
 pub mod api;
+pub mod diff;
 pub mod event;
 pub mod identity;
 pub mod request;
 pub mod subject;
 pub mod summary;
 
+pub use diff::{ClosureDiff, DiffStatus, PackageChange};
 pub use event::{BuildStatus, Event, EventBody, HostResult, HostStatus, LogBatch};
 pub use identity::Identity;
 pub use request::{BuildRequest, Mode, ParsedRequest, Priority, Refusal};
