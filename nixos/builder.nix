@@ -53,6 +53,7 @@ let
         eval_memory_limit_mb = optional types.ints.unsigned "Memory limit of a shared evaluation (0: none).";
         nix = optional types.str "The nix binary (default: nix on the service's PATH).";
         max_attempts = optional types.ints.positive "Times a request is started before it is given up (default 3).";
+        closure_history = optional (types.ints.between 0 100) "Builds of each host kept as GC roots for closure diffs (default 5; 0: no diffs).";
       };
       streams = {
         events_max_age_secs = optional types.ints.positive "How long events and logs are kept.";

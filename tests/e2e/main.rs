@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod dashboard;
 mod ephemeral;
+mod diffs;
 mod eval;
 mod faults;
 mod git;

@@ -1808,7 +1808,8 @@ impl<'a> Events<'a> {
 }
 
 /// Serializes `event` within `max` bytes. A `finished` (or `host_finished`) event that is too
-/// large first has identical host errors grouped, then its error excerpts cut shorter (keeping
+/// large first has its closure diffs' package lists left out (counts kept) and identical host
+/// errors grouped, then its error excerpts cut shorter (keeping
 /// their ends), then dropped, and last its host list dropped (each host's result is in its own
 /// `host_finished` event, and the full text in the logs subject). Fails only when not even that
 /// fits.
@@ -1820,6 +1821,10 @@ fn encode_fitting(mut event: Event, max: usize) -> Result<Vec<u8>, String> {
     }
     let full = bytes.len();
     if let EventBody::Finished { hosts, .. } = &mut event.body {
+        // Each host's package list is in its host_finished event; the counts stay.
+        for diff in hosts.iter_mut().filter_map(|h| h.closure_diff.as_mut()) {
+            diff.keep_packages(0);
+        }
         group_identical_errors(hosts);
         let bytes = encode(&event)?;
         if bytes.len() <= max {
