@@ -4,7 +4,7 @@
 use serde_json::Value;
 use test_support::stored_messages;
 
-use crate::{host, Setup};
+use crate::{host, text, Setup};
 
 /// The second commit of the `diffs` fixture: openssl 3.0.1 → 3.0.2, nano removed, htop added
 /// (about 40 KiB, so nix reports its size).
@@ -118,4 +118,86 @@ async fn a_new_commit_shows_added_removed_and_changed_packages() {
     assert_eq!(web["status"], "cached", "{again:#}");
     assert_eq!(web["closure_diff"]["from_rev"], first_rev.as_str());
     assert_eq!(web["closure_diff"]["changed"], 1, "{again:#}");
+}
+
+/// What a person and CI see: the result table has a CHANGES column and the package changes
+/// under it, the JUnit test case of the host carries the diff, and `homelab-deploy diff`
+/// compares any two held builds, saying plainly when a side is gone.
+#[test]
+fn the_table_junit_and_diff_command_show_the_changes() {
+    let setup = Setup::new("diffs");
+    let first_rev = setup.repo.head();
+    let (code, first) = setup.build_json("web", &[]);
+    assert_eq!(code, 0, "{first:#}");
+    let second_rev = setup.repo.commit_file("packages.nix", SECOND_PACKAGES);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let report = dir.path().join("hosts.xml");
+    let report_arg = report.display().to_string();
+    let output = setup.cli(&["build", "demo", "web", "--junit", &report_arg]);
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("CHANGES"), "{stdout}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("no row for web:\n{stdout}"));
+    assert!(row.contains("+1 -1 ~1, +"), "{row}");
+    for wanted in [
+        format!("changes of web against rev {first_rev}"),
+        "openssl 3.0.1 → 3.0.2".to_owned(),
+        "+ htop 3.3.0".to_owned(),
+        "- nano 7.2".to_owned(),
+    ] {
+        assert!(stdout.contains(&wanted), "{wanted:?} missing:\n{stdout}");
+    }
+    let xml = std::fs::read_to_string(&report).expect("JUnit report written");
+    assert!(
+        xml.contains("closure_diff: against rev") && xml.contains("openssl 3.0.1 → 3.0.2"),
+        "{xml}"
+    );
+
+    let output = setup.cli(&["diff", "demo", "web"]);
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "rev {} → rev {}",
+            &first_rev[..12],
+            &second_rev[..12]
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("openssl 3.0.1 → 3.0.2"), "{stdout}");
+
+    // Backwards, by short revs: the same packages the other way round.
+    let output = setup.cli(&[
+        "diff",
+        "demo",
+        "web",
+        "--from",
+        &second_rev[..8],
+        "--to",
+        &first_rev[..8],
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    let reply: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(
+        package_lines(&reply["diff"]),
+        ["htop 3.3.0 → ", "nano  → 7.2", "openssl 3.0.2 → 3.0.1"],
+        "{reply:#}"
+    );
+
+    let gone = "0123456789abcdef";
+    let output = setup.cli(&["diff", "demo", "web", "--from", gone]);
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!("at rev {gone} is gone: no builder holds it"))
+            && stderr.contains(&first_rev[..12])
+            && stderr.contains(&second_rev[..12]),
+        "{stderr}"
+    );
 }

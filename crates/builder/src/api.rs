@@ -15,6 +15,12 @@ use homelab_deploy_protocol::api::{
     ERROR_BUSY, ERROR_FORBIDDEN, ERROR_INVALID, ERROR_TOO_LARGE, MAX_BUILDS_LIMIT, STATUS_SUBJECT,
 };
 use homelab_deploy_protocol::identity::Purpose;
+    builder_cancel_subject, builder_diff_subject, builder_drain_subject, ApiError, BuildList,
+    BuilderList, BuilderState, BuildsCursor, BuildsQuery, CancelReply, CancelRequest, DiffQuery,
+    DiffReply, DrainReply, HeldBuild, RequestPhase, StatusQuery, API_QUEUE_GROUP, BUILDERS_SUBJECT,
+    BUILDS_SUBJECT, CANCEL_SUBJECT, DEFAULT_BUILDS_LIMIT, ERROR_BUSY, ERROR_INVALID,
+    ERROR_TOO_LARGE, MAX_BUILDS_LIMIT, STATUS_SUBJECT,
+};
 use homelab_deploy_protocol::subject::shown;
 use homelab_deploy_protocol::{RepoName, RequestId};
 use serde::Serialize;
@@ -22,10 +28,13 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use crate::closures;
 use crate::daemon::Stop;
 use crate::job::{CancelOutcome, Canceller, Jobs};
 
 const MAX_TEXT_CHARS: usize = 256;
+/// Longest host name a diff query may carry (what a request subject's token allows, unescaped).
+const MAX_HOST_BYTES: usize = 512;
 
 /// Queries (status, builds, builders, cancel) one builder answers at once. Each reads JetStream
 /// and holds what it read until it replies, so this bounds the API's memory: a flood of queries
@@ -57,6 +66,8 @@ pub async fn serve(
     }
     subscriptions.push(client.subscribe(builder_cancel_subject(&me)).await?);
     subscriptions.push(client.subscribe(builder_drain_subject(&me)).await?);
+    // Runs nix, so it takes a query permit like the JetStream queries.
+    subscriptions.push(client.subscribe(builder_diff_subject(&me)).await?);
     let mut requests = futures::stream::select_all(subscriptions);
     let api = Arc::new(Api {
         client: client.clone(),
@@ -164,6 +175,7 @@ impl Api {
             CANCEL_SUBJECT => self.cancel(&message).await,
             subject if subject == builder_cancel_subject(me) => self.cancel_here(&message),
             subject if subject == builder_drain_subject(me) => self.drain().map_err(Into::into),
+            subject if subject == builder_diff_subject(me) => self.diff(&message.payload).await,
             other => Err(format!("unknown API subject {other}").into()),
         };
         self.answer(&message, reply).await;
@@ -404,6 +416,79 @@ impl Api {
                 request.id, self.jobs.builder_name
             )
             .into()),
+        }
+    }
+
+    /// Compares two builds of a host this builder holds. A side it does not hold is left out
+    /// of the reply (the asker tries the other builders and says which side is gone).
+    async fn diff(&self, payload: &[u8]) -> Answer {
+        let query: DiffQuery = parse(payload).map_err(|err| ApiFailure::new(ERROR_INVALID, err))?;
+        let repo = RepoName::parse(&query.repo)
+            .map_err(|err| ApiFailure::new(ERROR_INVALID, err.to_string()))?;
+        if query.host.is_empty() || query.host.len() > MAX_HOST_BYTES {
+            return Err(ApiFailure::new(
+                ERROR_INVALID,
+                format!("a host name is 1 to {MAX_HOST_BYTES} bytes"),
+            ));
+        }
+        for rev in [&query.from, &query.to].into_iter().flatten() {
+            if !(7..=40).contains(&rev.len()) || !rev.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ApiFailure::new(
+                    ERROR_INVALID,
+                    format!("rev {} is not 7 to 40 hex digits", shown(rev)),
+                ));
+            }
+        }
+        let history = &self.jobs.history;
+        let held = history.held(repo.as_str(), &crate::job::gc_root_name(&query.host));
+        let matches = |wanted: &str, build: &closures::HeldBuild| {
+            build.rev.starts_with(&wanted.to_ascii_lowercase())
+        };
+        let to = match &query.to {
+            Some(rev) => held.iter().position(|b| matches(rev, b)),
+            None => (!held.is_empty()).then_some(0),
+        };
+        let from = match (&query.from, to) {
+            (Some(rev), _) => held.iter().position(|b| matches(rev, b)),
+            (None, Some(to)) => held
+                .iter()
+                .enumerate()
+                .skip(to + 1)
+                .find(|(_, b)| b.rev != held[to].rev)
+                .map(|(index, _)| index),
+            (None, None) => None,
+        };
+        let diff = match (from, to) {
+            (Some(from), Some(to)) => Some(
+                history
+                    .compare(&self.jobs.nix, &held[from], &held[to].out_path)
+                    .await,
+            ),
+            _ => None,
+        };
+        let wire = |build: &closures::HeldBuild| HeldBuild {
+            rev: build.rev.clone(),
+            out_path: build.out_path.clone(),
+            built_at: build.recorded_at(),
+        };
+        let mut reply = DiffReply {
+            builder: self.jobs.builder_name.clone(),
+            held: held.iter().map(wire).collect(),
+            from: from.map(|i| wire(&held[i])),
+            to: to.map(|i| wire(&held[i])),
+            diff,
+        };
+        // Halve the package list until the reply fits; the counts always stay.
+        let max = self.max_reply_bytes();
+        loop {
+            let payload = json(&reply)?;
+            let listed = reply.diff.as_ref().map_or(0, |d| d.packages.len());
+            if payload.len() <= max || listed == 0 {
+                return Ok(payload);
+            }
+            if let Some(diff) = reply.diff.as_mut() {
+                diff.keep_packages(listed / 2);
+            }
         }
     }
 

@@ -28,6 +28,16 @@ pub struct HeldBuild {
     pub out_path: String,
 }
 
+impl HeldBuild {
+    /// When it was recorded, as a time.
+    pub fn recorded_at(&self) -> time::OffsetDateTime {
+        i128::try_from(self.recorded_ms)
+            .ok()
+            .and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).ok())
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    }
+}
+
 /// Width of the time part of a root's name, so names sort by time.
 const TIME_DIGITS: usize = 16;
 
@@ -92,7 +102,7 @@ impl History {
                 })
             })
             .collect();
-        builds.sort_by(|a, b| b.recorded_ms.cmp(&a.recorded_ms));
+        builds.sort_by_key(|b| std::cmp::Reverse(b.recorded_ms));
         builds
     }
 

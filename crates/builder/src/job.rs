@@ -1201,7 +1201,7 @@ impl Jobs {
 /// outside that directory; a plain name like `web` is its own file name. A name whose encoding is
 /// empty or longer than a file name may be (255 bytes) is named `%sha256-<hex of the name>`,
 /// which no encoded name can be (an encoded `%` is always followed by two upper-case hex digits).
-fn gc_root_name(host: &str) -> String {
+pub(crate) fn gc_root_name(host: &str) -> String {
     let encoded = encode_host(host);
     if (1..=MAX_FILE_NAME_BYTES).contains(&encoded.len()) {
         encoded

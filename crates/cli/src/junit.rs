@@ -42,8 +42,13 @@ pub fn report(finished: &Event) -> Option<String> {
                 ));
             }
         }
+        let closure_diff = host
+            .closure_diff
+            .as_ref()
+            .map(|diff| format!("\nclosure_diff: {}", escape(&diff.lines().join("\n"))))
+            .unwrap_or_default();
         cases.push_str(&format!(
-            "      <system-out>status: {}{}</system-out>\n    </testcase>\n",
+            "      <system-out>status: {}{}{closure_diff}</system-out>\n    </testcase>\n",
             host.status.as_str(),
             host.out_path
                 .as_deref()

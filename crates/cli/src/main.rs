@@ -4,6 +4,7 @@ mod build;
 mod builder;
 mod cancel;
 mod dashboard;
+mod diff;
 mod docs;
 mod follow;
 mod inspect;
@@ -74,6 +75,9 @@ enum Command {
     /// Serve a read-only live web page of the fleet, the queue and the builds.
     #[command(after_help = dashboard::AFTER_HELP)]
     Dashboard(dashboard::DashboardArgs),
+    /// Show what changed between two builds of a host (packages, versions, closure size).
+    #[command(after_help = diff::AFTER_HELP)]
+    Diff(diff::DiffArgs),
     /// Make NKey user seeds and show their public keys.
     Nkey(nkey::NkeyArgs),
     /// Serve the MCP tools an AI assistant uses to list, build, watch and cancel (stdio).
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
             Command::Builds(args) => inspect::builds(args).await,
             Command::Builders(args) => inspect::builders(args).await,
             Command::Dashboard(args) => dashboard::run(args).await,
+            Command::Diff(args) => diff::run(args).await,
             Command::Nkey(args) => nkey::run(args),
             Command::Mcp(args) => mcp::run(args).await,
             Command::Completions(args) => docs::completions(args),

@@ -20,6 +20,10 @@ const ERROR_LINE_CHARS: usize = 300;
 const TABLE_ROWS_SHOWN: usize = 50;
 /// Groups of identical errors shown under the table; the rest are counted.
 const ERROR_GROUPS_SHOWN: usize = 8;
+/// Package change lines (closure diffs) under the table, over all hosts.
+const PACKAGE_LINES_SHOWN: usize = 40;
+/// Widest closure-diff summary in the table's CHANGES column.
+const CHANGES_WIDTH: usize = 40;
 /// Host names listed per group of identical errors.
 const GROUP_NAMES_SHOWN: usize = 10;
 
@@ -203,21 +207,31 @@ pub fn print_result(finished: &Event) {
             .collect()
     };
     let name_width = rows.iter().map(|h| h.name.len()).max().unwrap_or(4).max(4);
+    let changes = |h: &HostResult| h.closure_diff.as_ref().map(|d| d.summary());
+    let changes_width = rows
+        .iter()
+        .filter_map(|h| changes(h).map(|c| c.chars().count()))
+        .max()
+        .unwrap_or(0)
+        .clamp(7, CHANGES_WIDTH);
     if !rows.is_empty() {
         println!(
-            "{:<name_width$}  {:<12}  {:>9}  OUT PATH",
-            "HOST", "STATUS", "DURATION"
+            "{:<name_width$}  {:<12}  {:>9}  {:<changes_width$}  OUT PATH",
+            "HOST", "STATUS", "DURATION", "CHANGES"
         );
         for host in &rows {
+            let changes = changes(host).unwrap_or_else(|| "-".to_owned());
             println!(
-                "{:<name_width$}  {:<12}  {:>9}  {}",
+                "{:<name_width$}  {:<12}  {:>9}  {:<changes_width$}  {}",
                 host.name,
                 host.status.as_str(),
                 duration(host.duration_ms),
+                cell(&changes, CHANGES_WIDTH),
                 host.out_path.as_deref().unwrap_or("-")
             );
         }
     }
+    print_package_changes(repo, hosts);
     if rows.len() < hosts.len() {
         println!(
             "… {} more hosts not listed{}; every host: `homelab-deploy watch {} --json` (or `build --json`)",
@@ -267,6 +281,52 @@ pub fn print_result(finished: &Event) {
     );
     if let Some(error) = error {
         println!("error: {}", error_excerpt(error, 2000));
+    }
+}
+
+/// The first line of `text`, at most `max` characters (cut with `…`).
+fn cell(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    if line.chars().count() <= max {
+        return line.to_owned();
+    }
+    let kept: String = line.chars().take(max.saturating_sub(1)).collect();
+    format!("{kept}…")
+}
+
+/// The package changes of each host whose closure was compared, at most
+/// [`PACKAGE_LINES_SHOWN`] lines in all, then which command shows the rest.
+fn print_package_changes(repo: &str, hosts: &[HostResult]) {
+    let mut budget = PACKAGE_LINES_SHOWN;
+    let mut cut: Vec<&str> = Vec::new();
+    for host in hosts {
+        let Some(diff) = host
+            .closure_diff
+            .as_ref()
+            .filter(|d| !d.packages.is_empty())
+        else {
+            continue;
+        };
+        let lines = diff.lines();
+        let Some((heading, packages)) = lines.split_first().filter(|_| budget > 0) else {
+            cut.push(&host.name);
+            continue;
+        };
+        println!("\nchanges of {} {heading}", host.name);
+        let shown = packages.len().min(budget);
+        for line in &packages[..shown] {
+            println!("{line}");
+        }
+        budget -= shown;
+        if shown < packages.len() {
+            cut.push(&host.name);
+        }
+    }
+    if let Some(first) = cut.first() {
+        println!(
+            "\n… not every change is listed ({}): homelab-deploy diff {repo} {first}",
+            cut.join(", ")
+        );
     }
 }
 

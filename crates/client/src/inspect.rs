@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, kv, Context};
 use futures::StreamExt;
 use homelab_deploy_protocol::api::{
     BuildList, BuilderInfo, BuildsCursor, BuildsQuery, HostOutcome, RequestPhase, RequestState,
-    BUILDERS_BUCKET, DEFAULT_BUILDS_LIMIT, STATE_BUCKET,
+    BUILDERS_BUCKET, DEFAULT_BUILDS_LIMIT, HOST_OUTCOME_PACKAGES, STATE_BUCKET,
 };
 use homelab_deploy_protocol::subject::{
     consumer_name, events_subject, parse_request_subject, EVENTS_STREAM, MSG_ID_HEADER,
@@ -200,6 +200,16 @@ fn host_outcome(result: &HostResult, before: Option<&HostOutcome>) -> HostOutcom
             .as_deref()
             .map(|error| error_excerpt(error, HOST_EXCERPT_CHARS))
             .or_else(|| before.and_then(|b| b.error.clone())),
+        // A `finished` that had to shrink lists no packages; its host_finished did.
+        closure_diff: result
+            .closure_diff
+            .clone()
+            .filter(|d| !d.packages.is_empty() || d.packages_omitted == 0)
+            .or_else(|| before.and_then(|b| b.closure_diff.clone()))
+            .map(|mut diff| {
+                diff.keep_packages(HOST_OUTCOME_PACKAGES);
+                diff
+            }),
     }
 }
 

@@ -86,7 +86,23 @@ pub struct HostLine {
     pub name: String,
     #[schemars(extend("enum" = ["built", "cached", "build_failed", "eval_failed", "cancelled", "timed_out"]))]
     pub status: String,
+    /// What the build changes against the builder's earlier build of the host at another
+    /// commit: `+1 -1 ~1, +40.0 KiB` (added, removed, changed packages; closure size change),
+    /// `no earlier build`, or `diff failed: …`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changes: Option<String>,
+    /// The first package changes (`openssl 3.0.1 → 3.0.2`, `+ htop 3.3.0`, `- nano 7.2`);
+    /// `homelab-deploy diff` has them all.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
 }
+
+/// Package changes listed per host in a summary, and over all hosts; with
+/// [`PACKAGE_CHARS`] per change they keep a summary well inside [`RESULT_MAX_BYTES`].
+const PACKAGES_SHOWN: usize = 5;
+const PACKAGES_SHOWN_IN_ALL: usize = 15;
+/// Characters of one listed package change.
+const PACKAGE_CHARS: usize = 100;
 
 /// A build request as an assistant needs it.
 #[derive(Debug, Serialize, JsonSchema)]
@@ -128,6 +144,15 @@ pub struct BuildSummary {
     pub details: String,
 }
 
+/// The start of `text`, at most `max` characters (cut with `…`).
+fn first_chars(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let kept: String = text.chars().take(max.saturating_sub(1)).collect();
+    format!("{kept}…")
+}
+
 /// The summary of `state` at `detail`.
 pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
     let groups = group_failures(
@@ -147,6 +172,7 @@ pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
             hosts: group.hosts.into_iter().take(detail.names).collect(),
         })
         .collect();
+    let mut package_budget = PACKAGES_SHOWN_IN_ALL;
     let results = if state.host_results.len() <= detail.host_lines {
         state
             .host_results
@@ -154,6 +180,24 @@ pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
             .map(|h| HostLine {
                 name: h.name.clone(),
                 status: h.status.as_str().to_owned(),
+                changes: h.closure_diff.as_ref().map(|d| {
+                    let mut line = error_excerpt(&d.summary(), detail.excerpt_chars);
+                    if let Some(rev) = d.from_rev.as_deref() {
+                        line.push_str(&format!(" (against rev {})", rev.get(..12).unwrap_or(rev)));
+                    }
+                    line
+                }),
+                packages: {
+                    let shown: Vec<String> = h
+                        .closure_diff
+                        .iter()
+                        .flat_map(|d| d.packages.iter())
+                        .take(PACKAGES_SHOWN.min(package_budget))
+                        .map(|p| first_chars(&p.to_string(), PACKAGE_CHARS))
+                        .collect();
+                    package_budget -= shown.len();
+                    shown
+                },
             })
             .collect()
     } else {
@@ -240,6 +284,12 @@ pub fn summary_text(summary: &BuildSummary) -> String {
     }
     for line in &summary.results {
         text.push_str(&format!("\n- {}: {}", line.name, line.status));
+        if let Some(changes) = &line.changes {
+            text.push_str(&format!("; changes {changes}"));
+        }
+        for package in &line.packages {
+            text.push_str(&format!("\n    {package}"));
+        }
     }
     for failure in &summary.failures {
         let count = failure.hosts.len() + failure.more_hosts;
@@ -395,6 +445,7 @@ mod tests {
                     HostStatus::EvalFailed
                 },
                 error: Some(error.clone()),
+                closure_diff: None,
             })
             .collect();
         state

@@ -9,6 +9,7 @@
 //! | `build.api.v1.cancel` | any builder (queue group) | [`CancelRequest`] → [`CancelReply`] or [`ApiError`] |
 //! | `build.api.builder.<name>.cancel` | builder `<name>` | [`CancelRequest`] → [`CancelReply`] |
 //! | `build.api.builder.<name>.drain` | builder `<name>` | `{}` → [`DrainReply`] |
+//! | `build.api.builder.<name>.diff` | builder `<name>` | [`DiffQuery`] → [`DiffReply`] or [`ApiError`] |
 //!
 //! Every reply fits the server's `max_payload`: a page of builds is cut short (with
 //! [`BuildList::next_cursor`]) and any other reply too large becomes an [`ApiError`] with code
@@ -44,6 +45,11 @@ pub fn builder_cancel_subject(builder: &str) -> String {
 /// `build.api.builder.<name>.drain`
 pub fn builder_drain_subject(builder: &str) -> String {
     format!("build.api.builder.{builder}.drain")
+}
+
+/// `build.api.builder.<name>.diff`
+pub fn builder_diff_subject(builder: &str) -> String {
+    format!("build.api.builder.{builder}.diff")
 }
 
 /// A builder name: it becomes a subject token of the API, so the same rule as a repo name.
@@ -168,7 +174,14 @@ pub struct HostOutcome {
     pub status: crate::HostStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The host result's closure diff, its package list cut to
+    /// [`HOST_OUTCOME_PACKAGES`] (counts kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closure_diff: Option<crate::ClosureDiff>,
 }
+
+/// Most package changes of a closure diff in a [`HostOutcome`].
+pub const HOST_OUTCOME_PACKAGES: usize = 10;
 
 /// The state of one request, from the streams.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -363,6 +376,49 @@ pub struct BuilderInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuilderList {
     pub builders: Vec<BuilderInfo>,
+}
+
+/// Which two builds of a host to compare. A rev is a commit or a prefix of one (at least 7 hex
+/// digits) among the builds the builder holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffQuery {
+    pub repo: String,
+    /// The host's raw name.
+    pub host: String,
+    /// The earlier build; default: the newest held build, older than `to`, at another commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The later build; default: the newest held build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
+/// One build of a host a builder holds (keeps alive with a GC root).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldBuild {
+    pub rev: String,
+    /// The toplevel store path.
+    pub out_path: String,
+    /// When the builder built (or last found cached) it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub built_at: OffsetDateTime,
+}
+
+/// A builder's answer to a [`DiffQuery`]: the builds of the host it holds, which of them it
+/// took for each side, and the diff when it holds both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffReply {
+    pub builder: String,
+    /// The builds of the host this builder holds, newest first.
+    pub held: Vec<HeldBuild>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<HeldBuild>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<HeldBuild>,
+    /// Set when both sides are held; its package list is cut to fit `max_payload`
+    /// (`packages_omitted` counts the rest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<crate::ClosureDiff>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

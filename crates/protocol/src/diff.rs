@@ -191,6 +191,21 @@ impl ClosureDiff {
         Some(self.size_after? as i64 - self.size_before? as i64)
     }
 
+    /// The diff for people: a heading (`against rev 0123abc…: +1 -1 ~1, +40.0 KiB`), then
+    /// one indented line per listed package, then how many are not listed. `None` when there
+    /// was nothing to compare.
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines = vec![match (&self.status, &self.from_rev) {
+            (DiffStatus::Compared, Some(rev)) => format!("against rev {rev}: {}", self.summary()),
+            _ => self.summary(),
+        }];
+        lines.extend(self.packages.iter().map(|p| format!("  {p}")));
+        if self.packages_omitted > 0 {
+            lines.push(format!("  … and {} more", self.packages_omitted));
+        }
+        lines
+    }
+
     /// One line for tables: `+1 −1 ~2, +45.9 KiB` / `no earlier build` / `diff failed: …`.
     pub fn summary(&self) -> String {
         match self.status {

@@ -227,7 +227,6 @@ mod tests {
                     pushed: None,
                     push_error: None,
                     closure_diff: None,
-                    closure_diff: None,
                 }],
                 error: None,
                 builder: Some("b1".into()),
