@@ -73,7 +73,7 @@ fn all_reports_every_host_when_some_fail() {
 }
 
 /// The second build of the same rev finds the toplevel in the store: `cached`, same out path.
-/// Once the builder's GC root is gone and the output collected, it is built again, not
+/// Once the builder's GC roots are gone and the output collected, it is built again, not
 /// reported cached from memory.
 #[test]
 fn second_build_of_same_rev_is_cached() {
@@ -92,6 +92,9 @@ fn second_build_of_same_rev_is_cached() {
 
     let root = setup.builder.state_dir().join("gcroots/demo/db");
     std::fs::remove_file(&root).expect("remove the builder's GC root");
+    // The builds kept for closure diffs hold the output too.
+    std::fs::remove_dir_all(setup.builder.state_dir().join("closures/demo/db"))
+        .expect("remove the builder's kept builds");
     let deleted = std::process::Command::new("nix-store")
         .args(["--delete", &out_path])
         .output()

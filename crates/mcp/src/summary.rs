@@ -3,7 +3,7 @@
 //! identical errors are grouped, excerpts are cut, and each result says which call has more.
 
 use homelab_deploy_protocol::api::{BuilderInfo, RequestState, BUILDER_LOST_AFTER_SECS};
-use homelab_deploy_protocol::{error_excerpt, group_failures};
+use homelab_deploy_protocol::{error_excerpt, group_failures, DiffStatus};
 use rmcp::schemars::{self, JsonSchema};
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -87,8 +87,8 @@ pub struct HostLine {
     #[schemars(extend("enum" = ["built", "cached", "build_failed", "eval_failed", "cancelled", "timed_out"]))]
     pub status: String,
     /// What the build changes against the builder's earlier build of the host at another
-    /// commit: `+1 -1 ~1, +40.0 KiB` (added, removed, changed packages; closure size change),
-    /// `no earlier build`, or `diff failed: …`.
+    /// commit: `+1 -1 ~1, +40.0 KiB (against rev …)` (added, removed, changed packages;
+    /// closure size change) or `diff failed: …`; absent when there was nothing to compare with.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub changes: Option<String>,
     /// The first package changes (`openssl 3.0.1 → 3.0.2`, `+ htop 3.3.0`, `- nano 7.2`);
@@ -180,13 +180,20 @@ pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
             .map(|h| HostLine {
                 name: h.name.clone(),
                 status: h.status.as_str().to_owned(),
-                changes: h.closure_diff.as_ref().map(|d| {
-                    let mut line = error_excerpt(&d.summary(), detail.excerpt_chars);
-                    if let Some(rev) = d.from_rev.as_deref() {
-                        line.push_str(&format!(" (against rev {})", rev.get(..12).unwrap_or(rev)));
-                    }
-                    line
-                }),
+                changes: h
+                    .closure_diff
+                    .as_ref()
+                    .filter(|d| d.status != DiffStatus::NoPrevious)
+                    .map(|d| {
+                        let mut line = error_excerpt(&d.summary(), detail.excerpt_chars);
+                        if let Some(rev) = d.from_rev.as_deref() {
+                            line.push_str(&format!(
+                                " (against rev {})",
+                                rev.get(..12).unwrap_or(rev)
+                            ));
+                        }
+                        line
+                    }),
                 packages: {
                     let shown: Vec<String> = h
                         .closure_diff
