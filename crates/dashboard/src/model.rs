@@ -422,6 +422,7 @@ mod tests {
                     error: None,
                     pushed: None,
                     push_error: None,
+                    closure_diff: None,
                 }],
                 error: None,
                 builder: None,
