@@ -9,18 +9,13 @@ use futures::StreamExt;
 use homelab_deploy_client::inspect::{list_builders, list_builds, pending_requests, request_state};
 use homelab_deploy_client::ClientError;
 use homelab_deploy_protocol::api::{
-    builder_cancel_subject, builder_drain_subject, ApiError, BuildList, BuilderList, BuilderState,
-    BuildsCursor, BuildsQuery, CancelReply, CancelRequest, DrainReply, RequestPhase, StatusQuery,
-    API_QUEUE_GROUP, BUILDERS_SUBJECT, BUILDS_SUBJECT, CANCEL_SUBJECT, DEFAULT_BUILDS_LIMIT,
-    ERROR_BUSY, ERROR_FORBIDDEN, ERROR_INVALID, ERROR_TOO_LARGE, MAX_BUILDS_LIMIT, STATUS_SUBJECT,
-};
-use homelab_deploy_protocol::identity::Purpose;
     builder_cancel_subject, builder_diff_subject, builder_drain_subject, ApiError, BuildList,
     BuilderList, BuilderState, BuildsCursor, BuildsQuery, CancelReply, CancelRequest, DiffQuery,
     DiffReply, DrainReply, HeldBuild, RequestPhase, StatusQuery, API_QUEUE_GROUP, BUILDERS_SUBJECT,
-    BUILDS_SUBJECT, CANCEL_SUBJECT, DEFAULT_BUILDS_LIMIT, ERROR_BUSY, ERROR_INVALID,
-    ERROR_TOO_LARGE, MAX_BUILDS_LIMIT, STATUS_SUBJECT,
+    BUILDS_SUBJECT, CANCEL_SUBJECT, DEFAULT_BUILDS_LIMIT, ERROR_BUSY, ERROR_FORBIDDEN,
+    ERROR_INVALID, ERROR_TOO_LARGE, MAX_BUILDS_LIMIT, STATUS_SUBJECT,
 };
+use homelab_deploy_protocol::identity::Purpose;
 use homelab_deploy_protocol::subject::shown;
 use homelab_deploy_protocol::{RepoName, RequestId};
 use serde::Serialize;

@@ -182,7 +182,6 @@ pub async fn run(
         watch_interval,
         running: Default::default(),
         access: Arc::new(crate::access::Access::new(&config.access)),
-        history: History::new(&config.builder.state_dir, config.builder.closure_history),
         history: History::new(&state_dir, config.builder.closure_history),
     });
     let registry = Registry::open(

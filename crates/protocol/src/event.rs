@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::Identity;
 use crate::diff::ClosureDiff;
+use crate::Identity;
 
 /// One lifecycle or progress event of a request. `seq` counts 1, 2, 3 … per request without gaps,
 /// across builders when a request is redelivered, so a client can tell what it missed.
