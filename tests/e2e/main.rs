@@ -7,6 +7,7 @@ mod build;
 mod cache;
 mod cli;
 mod config;
+mod creds;
 mod dashboard;
 mod diffs;
 mod ephemeral;

@@ -58,6 +58,7 @@ async fn soak_with_builder_kills() {
     let client = connect(&ConnectSettings {
         url: nats.url.clone().into(),
         nkey_file: None,
+        creds_file: None,
         name: "soak".to_owned(),
         timeout: Duration::from_secs(5),
         vault: None,

@@ -321,6 +321,7 @@ pub async fn queue_throughput(bin: &Path, requests: usize) -> Result<Report> {
     let client = connect(&ConnectSettings {
         url: nats.url.clone().into(),
         nkey_file: None,
+        creds_file: None,
         name: "bench".to_owned(),
         timeout: Duration::from_secs(5),
         vault: None,
@@ -573,6 +574,7 @@ pub async fn read_model(
     let client = connect(&ConnectSettings {
         url: nats.url.clone().into(),
         nkey_file: None,
+        creds_file: None,
         name: "bench".to_owned(),
         timeout: Duration::from_secs(5),
         vault: None,

@@ -100,6 +100,10 @@ pub struct NatsConfig {
     /// File holding an NKey user seed to authenticate with.
     #[serde(default)]
     pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (user JWT and seed, e.g. from `homelab-deploy creds mint`) to
+    /// authenticate with instead; read again at every reconnect.
+    #[serde(default)]
+    pub creds_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -527,6 +531,14 @@ impl Config {
             return Err(invalid(
                 "nats.url".into(),
                 format!("{message}; e.g. nats://127.0.0.1:4222"),
+            ));
+        }
+        if self.nats.creds_file.is_some()
+            && (self.nats.nkey_seed_file.is_some() || self.vault.is_some())
+        {
+            return Err(invalid(
+                "nats.creds_file".into(),
+                "cannot be combined with nats.nkey_seed_file or [vault]: a creds file carries its own seed".into(),
             ));
         }
         if let Some(Err(err)) = self.builder.name.as_deref().map(check_builder_name) {

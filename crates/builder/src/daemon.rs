@@ -308,6 +308,7 @@ async fn connect_with_retry(
     let settings = ConnectSettings {
         url: config.nats.url.clone(),
         nkey_file: config.nats.nkey_seed_file.clone(),
+        creds_file: config.nats.creds_file.clone(),
         name: format!("homelab-deploy builder {name}"),
         timeout: Duration::from_secs(5),
         vault,
@@ -331,7 +332,7 @@ async fn connect_with_retry(
             Err(ClientError::Credentials(err)) => return Err(DaemonError::Credentials(err)),
             // The server's users or the seed may be fixed while we wait (`connect` has the
             // seed from Vault fetched again for the next attempt).
-            Err(err @ ClientError::AuthRefused { .. }) => {
+            Err(err @ (ClientError::AuthRefused { .. } | ClientError::CredsRefused { .. })) => {
                 warn!("{err}; retrying in {}s", delay.as_secs());
                 format!("waiting for NATS: {err}")
             }

@@ -3,6 +3,7 @@
 mod build;
 mod builder;
 mod cancel;
+mod creds;
 mod dashboard;
 mod diff;
 mod docs;
@@ -80,6 +81,8 @@ enum Command {
     Diff(diff::DiffArgs),
     /// Make NKey user seeds and show their public keys.
     Nkey(nkey::NkeyArgs),
+    /// Mint short-lived NATS credentials (a .creds file) for a role, e.g. an ephemeral builder.
+    Creds(creds::CredsArgs),
     /// Serve the MCP tools an AI assistant uses to list, build, watch and cancel (stdio).
     #[command(after_help = mcp::AFTER_HELP)]
     Mcp(mcp::McpArgs),
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
             Command::Dashboard(args) => dashboard::run(args).await,
             Command::Diff(args) => diff::run(args).await,
             Command::Nkey(args) => nkey::run(args),
+            Command::Creds(args) => creds::run(args),
             Command::Mcp(args) => mcp::run(args).await,
             Command::Completions(args) => docs::completions(args),
             Command::Man(args) => docs::man(args),

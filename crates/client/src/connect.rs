@@ -22,6 +22,9 @@ pub struct ConnectSettings {
     /// shown with them replaced by `***`.
     pub url: SecretUrl,
     pub nkey_file: Option<PathBuf>,
+    /// A `.creds` file (user JWT and seed, NATS decentralized auth): used instead of an NKey
+    /// seed, read again at every (re)connect so a re-minted file is picked up.
+    pub creds_file: Option<PathBuf>,
     /// Client name shown by the server (`nats server report connections`).
     pub name: String,
     /// How long the first connection attempt may take.
@@ -35,11 +38,33 @@ pub struct ConnectSettings {
 pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> {
     let url = settings.url.clone();
     let (servers, url_credentials) = server_addrs(&settings.url)?;
-    let source = SeedSource::find(settings.nkey_file.as_deref(), settings.vault.as_ref())?;
+    let source = match settings.creds_file {
+        Some(_) => None,
+        None => SeedSource::find(settings.nkey_file.as_deref(), settings.vault.as_ref())?,
+    };
     let mut public_key = None;
     let callback_credentials = url_credentials.clone();
-    let options = match source.clone() {
-        Some(source) => {
+    let options = match (source.clone(), settings.creds_file.clone()) {
+        (_, Some(path)) => {
+            // Checked now for a clear error; read again at every (re)connect.
+            homelab_deploy_credentials::jwt::read_creds_file(&path)
+                .map_err(homelab_deploy_credentials::CredentialError::from)?;
+            ConnectOptions::with_auth_callback(move |nonce| {
+                let path = path.clone();
+                async move {
+                    let (jwt, seed) = homelab_deploy_credentials::jwt::read_creds_file(&path)
+                        .map_err(|err| AuthError::new(err.to_string()))?;
+                    let mut auth = Auth::new();
+                    auth.jwt = Some(jwt);
+                    auth.signature = Some(
+                        seed.sign(&nonce)
+                            .map_err(|err| AuthError::new(err.to_string()))?,
+                    );
+                    Ok(auth)
+                }
+            })
+        }
+        (Some(source), None) => {
             // Checked now for a clear error; read again at every (re)connect for rotation.
             public_key = Some(source.load().await?.public_key()?);
             ConnectOptions::with_auth_callback(move |nonce| {
@@ -68,7 +93,7 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
                 }
             })
         }
-        None => match url_credentials {
+        (None, None) => match url_credentials {
             Some(UrlCredentials {
                 user,
                 password: Some(password),
@@ -111,6 +136,12 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
         .connect(servers)
         .await
         .map_err(|err| match (err.kind(), public_key) {
+            (ConnectErrorKind::AuthorizationViolation, _) if settings.creds_file.is_some() => {
+                ClientError::CredsRefused {
+                    url: settings.url.clone(),
+                    path: settings.creds_file.clone().unwrap_or_default(),
+                }
+            }
             (ConnectErrorKind::AuthorizationViolation, Some(public_key)) => {
                 // A seed from Vault is fetched again for the next attempt, as at a reconnect.
                 if let Some(source) = &source {

@@ -22,6 +22,11 @@ pub enum ClientError {
     Connect { url: SecretUrl, message: String },
     #[error("NATS at {url} refused the NKey {public_key}: authorization violation; add this public key to the server's users, or use the seed that belongs to the configured one")]
     AuthRefused { url: SecretUrl, public_key: String },
+    #[error("NATS at {url} refused the credentials in {path}: authorization violation; they expired (mint new ones with `homelab-deploy creds mint`), or the server does not trust the account that signed them")]
+    CredsRefused {
+        url: SecretUrl,
+        path: std::path::PathBuf,
+    },
     #[error("NATS at {url} requires authentication: give an NKey user seed with --nkey-file (or HOMELAB_DEPLOY_NKEY_FILE, or nkey_file in the config file) or HOMELAB_DEPLOY_NKEY_SEED")]
     AuthRequired { url: SecretUrl },
     #[error(transparent)]

@@ -4,8 +4,10 @@
 //! Sources, first that is set wins: a seed file (`--nkey-file`, `[nats] nkey_seed_file`), then
 //! the environment variable `HOMELAB_DEPLOY_NKEY_SEED` (the seed itself, for CI secrets), then
 //! Vault (the builder's `[vault]`, see [`vault`]). A seed file is read again at every connection,
-//! so a rotated seed is used at the next reconnect.
+//! so a rotated seed is used at the next reconnect. A `.creds` file (a user JWT and its seed,
+//! [`jwt`]) is the other way in: short-lived credentials for NATS decentralized auth.
 
+pub mod jwt;
 pub mod secret_url;
 pub mod vault;
 
@@ -40,6 +42,8 @@ pub enum CredentialError {
     Sign(String),
     #[error(transparent)]
     Vault(#[from] vault::VaultError),
+    #[error(transparent)]
+    Creds(#[from] jwt::MintError),
 }
 
 /// An NKey user seed. Neither `Debug` nor anything else prints it.

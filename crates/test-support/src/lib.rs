@@ -4,10 +4,12 @@
 
 mod browser;
 mod hostile;
+mod operator;
 mod vault;
 
 pub use browser::{chromium_bin, Browser};
 pub use hostile::{HostileHttp, Hostility};
+pub use operator::OperatorServer;
 pub use vault::{AppRoleFiles, VaultServer};
 
 use std::io::Read;
