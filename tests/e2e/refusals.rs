@@ -19,6 +19,19 @@ async fn pending_requests(client: &async_nats::Client) -> u64 {
     stream.info().await.expect("stream info").state.messages
 }
 
+/// Waits up to 10 s for the requests stream to be empty: the builder acks a request just after
+/// storing its `finished` event, which the CLI may have seen first.
+async fn queue_drains(client: &async_nats::Client) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pending = pending_requests(client).await;
+        if pending == 0 || Instant::now() >= deadline {
+            return pending;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// An unknown repo fails within seconds, names the repo, exits 3 and parks nothing in the queue.
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_repo_is_refused_at_once() {
@@ -138,7 +151,7 @@ async fn malformed_requests_are_answered_and_acked() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(setup.builder.is_running());
-    assert_eq!(pending_requests(&client).await, 0);
+    assert_eq!(queue_drains(&client).await, 0);
     let log = setup.builder.log();
     assert!(
         log.contains("refused malformed request") && log.contains("web$evil"),
@@ -227,5 +240,5 @@ async fn builder_survives_a_flood_of_hostile_requests() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(setup.builder.is_running());
-    assert_eq!(pending_requests(&client).await, 0);
+    assert_eq!(queue_drains(&client).await, 0);
 }
