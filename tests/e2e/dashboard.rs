@@ -222,6 +222,8 @@ async fn a_browser_sees_a_build_progress_finish_and_its_builder_leave() {
         })
         .await;
     assert!(recent.contains("demo all"), "{recent}");
+    // Each host's closure-diff summary: a first build has nothing to compare with.
+    assert!(recent.contains("no earlier build"), "{recent}");
     let charts = browser.text("#charts").await;
     assert!(
         charts.contains("demo/alpha") && charts.contains("queue depth"),

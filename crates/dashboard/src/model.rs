@@ -65,6 +65,19 @@ pub struct HostView {
     pub expected: u64,
     pub duration_ms: Option<u64>,
     pub error: Option<String>,
+    /// What deploying the new toplevel would change: the closure diff's one-line summary
+    /// (`+1 -1 ~2, +45.9 KiB`, `no earlier build`), at most [`MAX_CHANGES_CHARS`] characters.
+    pub changes: Option<String>,
+}
+
+/// Longest closure-diff summary kept per host (a failed diff's error can be long).
+pub const MAX_CHANGES_CHARS: usize = 200;
+
+fn changes(result: &homelab_deploy_protocol::HostResult) -> Option<String> {
+    result
+        .closure_diff
+        .as_ref()
+        .map(|diff| diff.summary().chars().take(MAX_CHANGES_CHARS).collect())
 }
 
 /// A build: its folded state and its hosts in request order.
@@ -142,6 +155,7 @@ impl BuildView {
                 view.status = Some(result.status);
                 view.duration_ms = Some(result.duration_ms);
                 view.error = result.error.clone();
+                view.changes = changes(result);
             }
             EventBody::Requeued { .. } => {
                 for host in &mut self.hosts {
@@ -160,6 +174,9 @@ impl BuildView {
                     if result.error.is_some() {
                         view.error = result.error.clone();
                     }
+                    if result.closure_diff.is_some() {
+                        view.changes = changes(result);
+                    }
                 }
             }
         }
@@ -176,6 +193,7 @@ impl HostView {
             expected: 0,
             duration_ms: None,
             error: None,
+            changes: None,
         }
     }
 }
@@ -422,7 +440,15 @@ mod tests {
                     error: None,
                     pushed: None,
                     push_error: None,
-                    closure_diff: None,
+                    closure_diff: Some(homelab_deploy_protocol::ClosureDiff {
+                        status: homelab_deploy_protocol::DiffStatus::Compared,
+                        added: 1,
+                        removed: 2,
+                        changed: 3,
+                        size_before: Some(1024),
+                        size_after: Some(2048),
+                        ..homelab_deploy_protocol::ClosureDiff::no_previous()
+                    }),
                 }],
                 error: None,
                 builder: None,
@@ -445,6 +471,19 @@ mod tests {
         }
         let ids: Vec<&str> = model.recent().iter().map(|b| b.state.id.as_str()).collect();
         assert_eq!(ids, ["req00009", "req00008", "req00007"]);
+    }
+
+    #[test]
+    fn a_hosts_closure_diff_shows_as_its_changes() {
+        let mut model = Model::new(Limits::default());
+        model.apply(&finished("req1", 1));
+        let recent = model.recent();
+        assert_eq!(
+            recent[0].hosts[0].changes.as_deref(),
+            Some("+1 -2 ~3, +1.0 KiB")
+        );
+        let page = crate::render::recent(&model).into_string();
+        assert!(page.contains("+1 -2 ~3, +1.0 KiB"), "{page}");
     }
 
     #[test]

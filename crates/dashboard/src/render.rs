@@ -233,6 +233,9 @@ fn host_row(host: &HostView) -> Markup {
                 }
             }
             td { @if let Some(ms) = host.duration_ms { (seconds(ms)) } }
+            td .changes title="closure diff against this host's previous build" {
+                @if let Some(changes) = &host.changes { (changes) }
+            }
             td .error { @if let Some(error) = &host.error { (last_line(error)) } }
         }
     }
@@ -253,7 +256,7 @@ fn status_class(status: HostStatus) -> &'static str {
     }
 }
 
-fn recent(model: &Model) -> Markup {
+pub(crate) fn recent(model: &Model) -> Markup {
     let recent = model.recent();
     html! {
         section #recent {
@@ -273,6 +276,7 @@ fn recent(model: &Model) -> Markup {
                                      title=(host.error.as_deref().map(last_line).unwrap_or("")) {
                                     (host.name) " " (host.status.map(|s| s.as_str()).unwrap_or("—"))
                                     @if let Some(ms) = host.duration_ms { " " (seconds(ms)) }
+                                    @if let Some(changes) = &host.changes { " · " span .changes { (changes) } }
                                 }
                             }
                             @if let Some(error) = &build.state.error { span .error { (last_line(error)) } } }
