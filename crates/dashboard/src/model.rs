@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use homelab_deploy_client::inspect::{fold_event, PendingRequest};
+use homelab_deploy_client::inspect::{blank_state, fold_event, PendingRequest};
 use homelab_deploy_protocol::api::{BuilderInfo, RequestPhase, RequestState};
 use homelab_deploy_protocol::{Event, EventBody, HostStatus, Priority};
 use time::{Duration, OffsetDateTime};
@@ -92,27 +92,7 @@ pub struct BuildView {
 impl BuildView {
     fn new(event: &Event) -> Self {
         Self {
-            state: RequestState {
-                id: event.id.clone(),
-                repo: String::new(),
-                target: String::new(),
-                phase: RequestPhase::Running,
-                queue_position: None,
-                rev: None,
-                builder: None,
-                requested_by: None,
-                requested_by_key: None,
-                queued_at: event.time,
-                started_at: None,
-                finished_at: None,
-                current_host: None,
-                hosts: Default::default(),
-                host_results: Vec::new(),
-                derivations: Default::default(),
-                error: None,
-                last_seq: 0,
-                updated_at: None,
-            },
+            state: blank_state(&event.id, "", "", RequestPhase::Running, event.time),
             hosts: Vec::new(),
             duration_ms: None,
         }

@@ -831,27 +831,13 @@ impl BuildTools {
 
 /// A state with only the id, repo and target, for a request no stream answers about.
 fn blank(id: &RequestId, repo: &RepoName, target: &Target) -> RequestState {
-    RequestState {
-        id: id.to_string(),
-        repo: repo.to_string(),
-        target: target.to_string(),
-        phase: RequestPhase::Queued,
-        queue_position: None,
-        rev: None,
-        builder: None,
-        requested_by: None,
-        requested_by_key: None,
-        queued_at: OffsetDateTime::now_utc(),
-        started_at: None,
-        finished_at: None,
-        current_host: None,
-        hosts: Default::default(),
-        host_results: Vec::new(),
-        derivations: Default::default(),
-        error: None,
-        last_seq: 0,
-        updated_at: None,
-    }
+    homelab_deploy_client::inspect::blank_state(
+        id.as_str(),
+        repo.as_str(),
+        target.as_str(),
+        RequestPhase::Queued,
+        OffsetDateTime::now_utc(),
+    )
 }
 
 fn summary_result(summary: BuildSummary) -> CallToolResult {
