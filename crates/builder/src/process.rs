@@ -225,24 +225,29 @@ pub fn inherits_env(key: &str) -> bool {
 /// the child never blocks on a full pipe and the builder's memory stays bounded. A read error
 /// ends the read with what was kept.
 pub async fn read_head(pipe: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<u8> {
-    let mut kept = Vec::new();
-    let Some(mut pipe) = pipe else {
-        return kept;
-    };
-    let mut buffer = [0u8; 8192];
-    loop {
-        match pipe.read(&mut buffer).await {
-            Ok(0) | Err(_) => return kept,
-            Ok(n) => {
-                let room = limit.saturating_sub(kept.len());
-                kept.extend_from_slice(&buffer[..n.min(room)]);
-            }
-        }
-    }
+    read_keeping(pipe, |kept, chunk| {
+        let room = limit.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    })
+    .await
 }
 
 /// Reads a child's pipe to its end, keeping the last `limit` bytes (where an error message is).
 pub async fn read_tail(pipe: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<u8> {
+    read_keeping(pipe, |kept, chunk| {
+        kept.extend_from_slice(chunk);
+        if kept.len() > limit {
+            kept.drain(..kept.len() - limit);
+        }
+    })
+    .await
+}
+
+/// Reads `pipe` to its end (or its first error), handing each chunk to `keep` with what is kept.
+async fn read_keeping(
+    pipe: Option<impl AsyncRead + Unpin>,
+    mut keep: impl FnMut(&mut Vec<u8>, &[u8]),
+) -> Vec<u8> {
     let mut kept = Vec::new();
     let Some(mut pipe) = pipe else {
         return kept;
@@ -251,12 +256,7 @@ pub async fn read_tail(pipe: Option<impl AsyncRead + Unpin>, limit: usize) -> Ve
     loop {
         match pipe.read(&mut buffer).await {
             Ok(0) | Err(_) => return kept,
-            Ok(n) => {
-                kept.extend_from_slice(&buffer[..n]);
-                if kept.len() > limit {
-                    kept.drain(..kept.len() - limit);
-                }
-            }
+            Ok(n) => keep(&mut kept, &buffer[..n]),
         }
     }
 }
