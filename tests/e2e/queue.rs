@@ -662,3 +662,69 @@ async fn interactive_requests_go_before_scheduled_ones() {
         assert_eq!(started.map(|e| e["attempt"].clone()), Some(Value::from(1)));
     }
 }
+
+/// Sending someone's request id again (in the body only, so the server's duplicate window does
+/// not drop the copy) neither takes over their running build nor ends their queued one: the copy
+/// is answered under its own `stream-seq-<N>` id, and the owner's request builds as if alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reused_id_cannot_take_over_or_end_another_request() {
+    let fleet = Fleet::new();
+    let _first = fleet.builder("");
+    let _second = fleet.builder("");
+    let js = async_nats::jetstream::new(fleet.nats.client().await);
+    let send_copy = |id: String| {
+        let js = js.clone();
+        async move {
+            let body = serde_json::json!({ "id": id }).to_string();
+            js.publish("build.demo.short", body.into())
+                .await
+                .expect("publish")
+                .await
+                .expect("stored")
+                .sequence
+        }
+    };
+    let fleet = &fleet;
+    let refused_copy = |seq: u64| async move {
+        let events = fleet.finished(&format!("stream-seq-{seq}")).await;
+        let finished = events.last().expect("finished");
+        assert_eq!(finished["status"], "failed", "{finished:#}");
+        assert!(
+            finished["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("belongs to another request")),
+            "{finished:#}"
+        );
+    };
+    let built_alone = |events: Vec<Value>, copy: u64| {
+        seqs_are_contiguous(&events);
+        let started: Vec<&Value> = events.iter().filter(|e| e["type"] == "started").collect();
+        assert_eq!(started.len(), 1, "{events:#?}");
+        assert_ne!(started[0]["request_seq"], copy, "{events:#?}");
+        let finished = events.last().expect("finished");
+        assert_eq!(finished["status"], "succeeded", "{finished:#}");
+    };
+
+    // Running on one builder while the other takes the copy.
+    let rev = fleet.new_salt();
+    let running = fleet.submit("medium", &["--rev", &rev]);
+    fleet.wait_started(&running).await;
+    let copy = send_copy(running.clone()).await;
+    refused_copy(copy).await;
+    built_alone(fleet.finished(&running).await, copy);
+
+    // Queued behind both builders at a lower priority than the copy, which goes first.
+    let blockers = [fleet.submit("long", &[]), fleet.submit("long", &[])];
+    for blocker in &blockers {
+        fleet.wait_started(blocker).await;
+    }
+    let rev = fleet.new_salt();
+    let queued = fleet.submit("short", &["--rev", &rev, "--priority", "scheduled"]);
+    let copy = send_copy(queued.clone()).await;
+    for blocker in &blockers {
+        let output = fleet.cli(&["cancel", blocker]);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    }
+    refused_copy(copy).await;
+    built_alone(fleet.finished(&queued).await, copy);
+}

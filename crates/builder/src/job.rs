@@ -319,6 +319,7 @@ impl Jobs {
                 // An id that breaks the rules cannot name a subject: the answer goes to the id
                 // derived from the request's stream sequence, which its publish ack told the
                 // client (docs/protocol.md).
+                let chosen = refusal.id.is_some();
                 let id = match refusal.id {
                     Some(id) => id,
                     None => match RequestId::for_stream_sequence(stream_seq) {
@@ -328,17 +329,25 @@ impl Jobs {
                 };
                 let mut events =
                     Events::open(&self.publisher, &self.state, &repo, &target, &id).await?;
-                if !events.already_finished() {
-                    self.finish_or_explain(
-                        &mut events,
-                        Finish {
-                            error: Some(refusal.reason),
-                            ..Finish::new(&repo, &target, &self.builder_name, started)
-                        },
-                    )
-                    .await?;
-                    *verdict = events.verdict;
+                if events.already_finished() {
+                    return Ok(Answered::Never);
                 }
+                if chosen {
+                    if let Some(holder) = self.id_holder(&id, &events, stream_seq).await? {
+                        return self
+                            .refuse_reused_id(&repo, &target, &id, holder, stream_seq, started)
+                            .await;
+                    }
+                }
+                self.finish_or_explain(
+                    &mut events,
+                    Finish {
+                        error: Some(refusal.reason),
+                        ..Finish::new(&repo, &target, &self.builder_name, started)
+                    },
+                )
+                .await?;
+                *verdict = events.verdict;
                 // Terminated, not acked: a malformed request must never be retried.
                 return Ok(Answered::Never);
             }
@@ -382,6 +391,11 @@ impl Jobs {
         if events.already_finished() {
             info!(request_id = %id, "request already has a finished event (cancelled while queued, or a reused id); not building it again");
             return Ok(Answered::Finished);
+        }
+        if let Some(holder) = self.id_holder(id, events, stream_seq).await? {
+            return self
+                .refuse_reused_id(repo, target, id, holder, stream_seq, started)
+                .await;
         }
         match self
             .access
@@ -463,6 +477,66 @@ impl Jobs {
             }
             Err(err) => Err(err),
         }
+    }
+
+    /// The stream sequence of another request message that holds `id`: the one the id's
+    /// events were started for (`started.request_seq`), or an older one still queued. Whoever
+    /// sends someone's id again (after the requests stream's 2-minute duplicate window) must
+    /// not end, take over or answer that request; its own message is answered under
+    /// `stream-seq-<N>` instead ([`Jobs::refuse_reused_id`]).
+    async fn id_holder(
+        &self,
+        id: &RequestId,
+        events: &Events<'_>,
+        stream_seq: u64,
+    ) -> Result<Option<u64>, JobError> {
+        if stream_seq == 0 {
+            return Ok(None);
+        }
+        if events.seq > 0 {
+            let stored = request_events(self.publisher.jetstream(), id)
+                .await
+                .map_err(|err| events_error(&err))?;
+            return Ok(stored
+                .iter()
+                .find_map(|event| match &event.body {
+                    EventBody::Started {
+                        request_seq: Some(seq),
+                        ..
+                    } => Some(*seq),
+                    _ => None,
+                })
+                .filter(|seq| *seq != stream_seq));
+        }
+        Ok(older_queued_holder(&self.requests, id, stream_seq).await)
+    }
+
+    /// Answers a message whose id another request holds under the message's own
+    /// `stream-seq-<N>` id (which its publish ack told the sender), and terminates it.
+    async fn refuse_reused_id(
+        &self,
+        repo: &RepoName,
+        target: &Target,
+        id: &RequestId,
+        holder: u64,
+        stream_seq: u64,
+        started: Instant,
+    ) -> Result<Answered, JobError> {
+        warn!(request_id = %id, stream_seq, holder, "refused a request whose id another request holds");
+        let Ok(own) = RequestId::for_stream_sequence(stream_seq) else {
+            return Ok(Answered::Never);
+        };
+        let mut events = Events::open(&self.publisher, &self.state, repo, target, &own).await?;
+        if !events.already_finished() {
+            let finish = Finish {
+                error: Some(format!(
+                    "refused: id {id} belongs to another request (stream sequence {holder}); send this request again with a new id"
+                )),
+                ..Finish::new(repo, target, &self.builder_name, started)
+            };
+            self.finish_or_explain(&mut events, finish).await?;
+        }
+        Ok(Answered::Never)
     }
 
     /// Publishes `finish`; when the server refuses it whatever the retries, publishes a short
@@ -578,6 +652,7 @@ impl Jobs {
                 requested_by: request.requested_by.clone(),
                 requested_by_key: events.requested_by_key.clone(),
                 attempt,
+                request_seq: (stream_seq > 0).then_some(stream_seq),
             })
             .await?;
 
@@ -1502,6 +1577,46 @@ fn replace_request_id(
     Some(id.unwrap_or_else(|| format!("at stream sequence {}", message.sequence)))
 }
 
+/// Queued messages an id check reads at most: the default `streams.max_pending_requests`.
+const MAX_HOLDER_SCAN: usize = 10_000;
+
+/// The stream sequence of a message older than `stream_seq` still in the requests stream
+/// (queued, or running elsewhere) that carries `id`. Older messages still there are few in a
+/// first-in first-out queue: the ones running and the ones lower priority classes hold back.
+async fn older_queued_holder(
+    requests: &jetstream::stream::Stream,
+    id: &RequestId,
+    stream_seq: u64,
+) -> Option<u64> {
+    let mut next = 1;
+    for _ in 0..MAX_HOLDER_SCAN {
+        let message = requests
+            .raw_message_builder()
+            .sequence(next)
+            .next_by_subject(">")
+            .send()
+            .await
+            .ok()?;
+        if message.sequence >= stream_seq {
+            return None;
+        }
+        let header = message
+            .headers
+            .get(MSG_ID_HEADER)
+            .map(|value| value.as_str().to_owned());
+        let carried = header.or_else(|| {
+            serde_json::from_slice::<BuildRequest>(&message.payload)
+                .ok()
+                .and_then(|body| body.id)
+        });
+        if carried.as_deref() == Some(id.as_str()) {
+            return Some(message.sequence);
+        }
+        next = message.sequence + 1;
+    }
+    None
+}
+
 /// While a request runs: keeps it alive with progress acks, and cancels it when a newer
 /// `replace` request for the same repo and target is queued.
 async fn watch_request(
@@ -2141,6 +2256,7 @@ mod tests {
             requested_by: None,
             requested_by_key: None,
             attempt: 1,
+            request_seq: Some(7),
         }
     }
 

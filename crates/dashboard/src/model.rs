@@ -481,6 +481,7 @@ mod tests {
                 requested_by: None,
                 requested_by_key: None,
                 attempt: 1,
+                request_seq: None,
             },
         ));
         model.apply(&event(

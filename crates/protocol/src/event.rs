@@ -38,6 +38,12 @@ pub enum EventBody {
         requested_by_key: Option<Identity>,
         /// Delivery attempt: 1 the first time, more after a builder died mid-build.
         attempt: u64,
+        /// Stream sequence of the request message in `BUILD_REQUESTS` (what its publish ack
+        /// told the sender). It binds the id to that one message: another message carrying the
+        /// same id is refused under `stream-seq-<N>` instead of writing here. Absent from
+        /// builders before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_seq: Option<u64>,
     },
     /// The builder starts on one host (evaluation, then build).
     HostStarted {
