@@ -54,6 +54,7 @@ let
         nix = optional types.str "The nix binary (default: nix on the service's PATH).";
         max_attempts = optional types.ints.positive "Times a request is started before it is given up (default 3).";
         closure_history = optional (types.ints.between 0 100) "Builds of each host kept as GC roots for closure diffs (default 5; 0: no diffs).";
+        hosts_refresh_secs = optional types.ints.unsigned "Seconds between two listings of each repo's hosts at its branch head, for the fleet registry (default 300; 0: only at start and at builds).";
       };
       streams = {
         events_max_age_secs = optional types.ints.positive "How long events and logs are kept.";

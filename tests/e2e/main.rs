@@ -22,6 +22,7 @@ mod names;
 mod nixos;
 mod permissions;
 mod processes;
+mod protocol;
 mod queue;
 mod readmodel;
 mod refusals;

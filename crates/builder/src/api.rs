@@ -9,11 +9,11 @@ use futures::StreamExt;
 use homelab_deploy_client::inspect::{list_builders, list_builds, pending_requests, request_state};
 use homelab_deploy_client::ClientError;
 use homelab_deploy_protocol::api::{
-    builder_cancel_subject, builder_diff_subject, builder_drain_subject, ApiError, BuildList,
-    BuilderList, BuilderState, BuildsCursor, BuildsQuery, CancelReply, CancelRequest, DiffQuery,
-    DiffReply, DrainReply, HeldBuild, RequestPhase, StatusQuery, API_QUEUE_GROUP, BUILDERS_SUBJECT,
-    BUILDS_SUBJECT, CANCEL_SUBJECT, DEFAULT_BUILDS_LIMIT, ERROR_BUSY, ERROR_FORBIDDEN,
-    ERROR_INVALID, ERROR_TOO_LARGE, MAX_BUILDS_LIMIT, STATUS_SUBJECT,
+    builder_cancel_subject, builder_diff_subject, builder_drain_subject, builder_wildcard_subject,
+    ApiError, BuildList, BuilderList, BuildsCursor, BuildsQuery, CancelReply, CancelRequest,
+    DiffQuery, DiffReply, DrainReply, ErrorCode, HeldBuild, RequestPhase, StatusQuery,
+    API_QUEUE_GROUP, API_V1_WILDCARD, BUILDERS_SUBJECT, BUILDS_SUBJECT, CANCEL_SUBJECT,
+    DEFAULT_BUILDS_LIMIT, MAX_BUILDS_LIMIT, STATUS_SUBJECT,
 };
 use homelab_deploy_protocol::identity::Purpose;
 use homelab_deploy_protocol::subject::shown;
@@ -33,11 +33,33 @@ const MAX_HOST_BYTES: usize = 512;
 
 /// Queries (status, builds, builders, cancel) one builder answers at once. Each reads JetStream
 /// and holds what it read until it replies, so this bounds the API's memory: a flood of queries
-/// gets [`ERROR_BUSY`] replies instead of one task each.
+/// gets [`ErrorCode::Busy`] replies instead of one task each.
 pub const MAX_CONCURRENT_QUERIES: usize = 4;
 
 /// Bytes kept free below the server's `max_payload` for a reply's headers.
 const REPLY_HEADROOM: usize = 1024;
+
+/// How long a cancel looks for a request that a builder took but has not started (or that is
+/// between two builders) before it answers [`ErrorCode::Retry`].
+pub const CANCEL_SETTLE: Duration = Duration::from_secs(5);
+/// Pause between two looks of a cancel that is settling.
+const CANCEL_POLL: Duration = Duration::from_millis(200);
+/// How long a cancel waits for the builder it forwards to.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What an API subject asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verb {
+    Status,
+    Builds,
+    Builders,
+    Cancel,
+    /// `build.api.builder.<me>.cancel`
+    CancelHere,
+    Drain,
+    Diff,
+    Unknown,
+}
 
 /// Serves the API until the builder stops (dropping the future ends every query it runs).
 pub async fn serve(
@@ -46,23 +68,13 @@ pub async fn serve(
     stop_tx: watch::Sender<Stop>,
 ) -> Result<(), async_nats::SubscribeError> {
     let me = jobs.builder_name.clone();
-    let mut subscriptions = Vec::new();
-    for subject in [
-        STATUS_SUBJECT,
-        BUILDS_SUBJECT,
-        BUILDERS_SUBJECT,
-        CANCEL_SUBJECT,
-    ] {
-        subscriptions.push(
-            client
-                .queue_subscribe(subject, API_QUEUE_GROUP.to_owned())
-                .await?,
-        );
-    }
-    subscriptions.push(client.subscribe(builder_cancel_subject(&me)).await?);
-    subscriptions.push(client.subscribe(builder_drain_subject(&me)).await?);
-    // Runs nix, so it takes a query permit like the JetStream queries.
-    subscriptions.push(client.subscribe(builder_diff_subject(&me)).await?);
+    // Wildcards, so that a verb this builder does not know is answered, not met with silence.
+    let subscriptions = vec![
+        client
+            .queue_subscribe(API_V1_WILDCARD, API_QUEUE_GROUP.to_owned())
+            .await?,
+        client.subscribe(builder_wildcard_subject(&me)).await?,
+    ];
     let mut requests = futures::stream::select_all(subscriptions);
     let api = Arc::new(Api {
         client: client.clone(),
@@ -73,9 +85,13 @@ pub async fn serve(
     let mut queries = JoinSet::new();
     while let Some(message) = requests.next().await {
         while queries.try_join_next().is_some() {}
-        if api.is_own_subject(&message.subject) {
-            // This builder's cancel and drain touch only its own state: answered here at once,
-            // never refused as busy.
+        if matches!(
+            api.verb(&message.subject),
+            Verb::CancelHere | Verb::Drain | Verb::Unknown
+        ) {
+            // This builder's cancel and drain touch only its own state, and an unknown verb
+            // reads nothing: answered here at once, never refused as busy. (The diff runs nix,
+            // so it takes a query permit like the JetStream queries.)
             api.handle(message).await;
             continue;
         }
@@ -92,7 +108,7 @@ pub async fn serve(
                 api.answer(
                     &message,
                     Err(ApiFailure::new(
-                        ERROR_BUSY,
+                        ErrorCode::Busy,
                         format!(
                             "builder {me} is answering {MAX_CONCURRENT_QUERIES} API queries already; retry in a moment"
                         ),
@@ -111,46 +127,67 @@ struct Api {
     stop_tx: watch::Sender<Stop>,
 }
 
-/// A failed query: its message, and a machine-readable [`ApiError::code`] where one applies.
+/// A failed query: its message and its machine-readable [`ApiError::code`].
 struct ApiFailure {
     error: String,
-    code: Option<&'static str>,
+    code: ErrorCode,
 }
 
 impl ApiFailure {
-    fn new(code: &'static str, error: String) -> Self {
-        Self {
-            error,
-            code: Some(code),
-        }
+    fn new(code: ErrorCode, error: String) -> Self {
+        Self { error, code }
+    }
+
+    /// JetStream (or NATS) could not be read or written.
+    fn unavailable(err: impl std::fmt::Display) -> Self {
+        Self::new(ErrorCode::Unavailable, err.to_string())
+    }
+
+    fn invalid(err: impl std::fmt::Display) -> Self {
+        Self::new(ErrorCode::Invalid, err.to_string())
+    }
+
+    fn not_found(id: &RequestId) -> Self {
+        Self::new(
+            ErrorCode::NotFound,
+            format!("no request with id {id} (never sent, or its events expired)"),
+        )
     }
 }
 
-impl From<String> for ApiFailure {
-    fn from(error: String) -> Self {
-        Self { error, code: None }
-    }
-}
-
-type Reply = Result<Vec<u8>, String>;
 /// A reply, or a failure with its code.
 type Answer = Result<Vec<u8>, ApiFailure>;
 
-fn json(value: &impl Serialize) -> Reply {
-    serde_json::to_vec(value).map_err(|err| format!("cannot encode the reply: {err}"))
+fn json(value: &impl Serialize) -> Answer {
+    serde_json::to_vec(value).map_err(|err| {
+        ApiFailure::new(
+            ErrorCode::TooLarge,
+            format!("cannot encode the reply: {err}"),
+        )
+    })
 }
 
-fn parse<T: serde::de::DeserializeOwned + Default>(payload: &[u8]) -> Result<T, String> {
+fn parse<T: serde::de::DeserializeOwned + Default>(payload: &[u8]) -> Result<T, ApiFailure> {
     if payload.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(payload).map_err(|err| format!("request body is not valid: {err}"))
+    serde_json::from_slice(payload)
+        .map_err(|err| ApiFailure::invalid(format!("request body is not valid: {err}")))
 }
 
 impl Api {
-    fn is_own_subject(&self, subject: &str) -> bool {
+    fn verb(&self, subject: &str) -> Verb {
         let me = &self.jobs.builder_name;
-        subject == builder_cancel_subject(me) || subject == builder_drain_subject(me)
+        match subject {
+            STATUS_SUBJECT => Verb::Status,
+            BUILDS_SUBJECT => Verb::Builds,
+            BUILDERS_SUBJECT => Verb::Builders,
+            CANCEL_SUBJECT => Verb::Cancel,
+            s if s == builder_cancel_subject(me) => Verb::CancelHere,
+            s if s == builder_drain_subject(me) => Verb::Drain,
+            s if s == builder_diff_subject(me) => Verb::Diff,
+            _ => Verb::Unknown,
+        }
     }
 
     /// The largest reply the server takes from this connection.
@@ -162,22 +199,27 @@ impl Api {
     }
 
     async fn handle(&self, message: Message) {
-        let me = &self.jobs.builder_name;
-        let reply: Answer = match message.subject.as_str() {
-            BUILDS_SUBJECT => self.builds(&message.payload).await,
-            STATUS_SUBJECT => self.status(&message.payload).await.map_err(Into::into),
-            BUILDERS_SUBJECT => self.builders().await.map_err(Into::into),
-            CANCEL_SUBJECT => self.cancel(&message).await,
-            subject if subject == builder_cancel_subject(me) => self.cancel_here(&message),
-            subject if subject == builder_drain_subject(me) => self.drain().map_err(Into::into),
-            subject if subject == builder_diff_subject(me) => self.diff(&message.payload).await,
-            other => Err(format!("unknown API subject {other}").into()),
+        let reply: Answer = match self.verb(&message.subject) {
+            Verb::Builds => self.builds(&message.payload).await,
+            Verb::Status => self.status(&message.payload).await,
+            Verb::Builders => self.builders().await,
+            Verb::Cancel => self.cancel(&message).await,
+            Verb::CancelHere => self.cancel_here(&message),
+            Verb::Drain => self.drain(),
+            Verb::Diff => self.diff(&message.payload).await,
+            Verb::Unknown => Err(ApiFailure::new(
+                ErrorCode::UnknownVerb,
+                format!(
+                    "no API verb {}: builders answer {STATUS_SUBJECT}, {BUILDS_SUBJECT}, {BUILDERS_SUBJECT}, {CANCEL_SUBJECT}, and build.api.builder.<name>.cancel, .drain, .diff",
+                    shown(&message.subject)
+                ),
+            )),
         };
         self.answer(&message, reply).await;
     }
 
     /// Sends `reply` (or its error) to the asker; a reply over `max_payload` becomes an
-    /// [`ERROR_TOO_LARGE`] error, so the asker always hears something.
+    /// [`ErrorCode::TooLarge`] error, so the asker always hears something.
     async fn answer(&self, message: &Message, reply: Answer) {
         let Some(reply_to) = message.reply.clone() else {
             return;
@@ -188,7 +230,7 @@ impl Api {
                 Ok(payload)
             } else {
                 Err(ApiFailure::new(
-                    ERROR_TOO_LARGE,
+                    ErrorCode::TooLarge,
                     format!(
                         "the reply is {} bytes, over the NATS server's max_payload of {} bytes (less {REPLY_HEADROOM} for headers)",
                         payload.len(),
@@ -201,7 +243,7 @@ impl Api {
             Ok(payload) => payload,
             Err(failure) => serde_json::to_vec(&ApiError {
                 error: failure.error,
-                code: failure.code.map(str::to_owned),
+                code: Some(failure.code),
             })
             .unwrap_or_default(),
         };
@@ -214,52 +256,48 @@ impl Api {
         self.jobs.publisher.jetstream()
     }
 
-    async fn status(&self, payload: &[u8]) -> Reply {
+    async fn status(&self, payload: &[u8]) -> Answer {
         let query: StatusQuery = serde_json::from_slice(payload)
-            .map_err(|err| format!("expected {{\"id\": \"…\"}}: {err}"))?;
-        let id = RequestId::parse(&query.id).map_err(|err| err.to_string())?;
+            .map_err(|err| ApiFailure::invalid(format!("expected {{\"id\": \"…\"}}: {err}")))?;
+        let id = RequestId::parse(&query.id).map_err(ApiFailure::invalid)?;
         match request_state(self.js(), &id)
             .await
-            .map_err(|err| err.to_string())?
+            .map_err(ApiFailure::unavailable)?
         {
             Some(state) => json(&state),
-            None => Err(format!(
-                "no request with id {id} (never sent, or its events expired)"
-            )),
+            None => Err(ApiFailure::not_found(&id)),
         }
     }
 
     async fn builds(&self, payload: &[u8]) -> Answer {
-        let query: BuildsQuery =
-            parse(payload).map_err(|error| ApiFailure::new(ERROR_INVALID, error))?;
+        let query: BuildsQuery = parse(payload)?;
         let limit = query.limit.unwrap_or(DEFAULT_BUILDS_LIMIT);
         if !(1..=MAX_BUILDS_LIMIT).contains(&limit) {
             return Err(ApiFailure::new(
-                ERROR_INVALID,
+                ErrorCode::Invalid,
                 format!(
                     "limit {limit} is out of range: ask for 1 to {MAX_BUILDS_LIMIT} builds and page with next_cursor"
                 ),
             ));
         }
-        let list = list_builds(self.js(), &query).await.map_err(|err| {
-            let text = err.to_string();
-            match err {
-                ClientError::BadCursor { .. } => ApiFailure::new(ERROR_INVALID, text),
-                _ => text.into(),
-            }
-        })?;
+        let list = list_builds(self.js(), &query)
+            .await
+            .map_err(|err| match err {
+                ClientError::BadCursor { .. } => ApiFailure::invalid(err),
+                _ => ApiFailure::unavailable(err),
+            })?;
         fit_page(list, self.max_reply_bytes())
     }
 
-    async fn builders(&self) -> Reply {
+    async fn builders(&self) -> Answer {
         let builders = list_builders(self.js())
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(ApiFailure::unavailable)?;
         json(&BuilderList { builders })
     }
 
     /// Who sent a cancel and what it says; a cancel whose signature fails (or that is unsigned
-    /// where signatures are required) is refused with [`ERROR_FORBIDDEN`].
+    /// where signatures are required) is refused with [`ErrorCode::Forbidden`].
     fn cancel_sender(&self, message: &Message) -> Result<(CancelRequest, Canceller), ApiFailure> {
         let request = parse_cancel(&message.payload)?;
         let key = self
@@ -268,7 +306,7 @@ impl Api {
             .sender(message.headers.as_ref(), Purpose::Cancel, &message.payload)
             .map_err(|why| {
                 warn!(request_id = %shown(&request.id), reason = %why, "refused a cancel");
-                ApiFailure::new(ERROR_FORBIDDEN, why)
+                ApiFailure::new(ErrorCode::Forbidden, why)
             })?;
         let note = request
             .requested_by
@@ -280,120 +318,165 @@ impl Api {
     /// Cancels a queued request (removes it from the queue and finishes it) or a running one
     /// (asks the builder running it to kill its build), if the sender may
     /// ([`crate::access::Access::may_cancel`]).
+    ///
+    /// A request a builder took but has not started yet, or one between two builders, is
+    /// looked for again for up to [`CANCEL_SETTLE`]: on the builder its state names, else on
+    /// every live builder, each of which answers for the requests it holds. Only a request
+    /// whose builder answers for none of that time gets [`ErrorCode::Retry`].
     async fn cancel(&self, message: &Message) -> Answer {
         let (request, by) = self.cancel_sender(message)?;
-        let id = RequestId::parse(&request.id).map_err(|err| err.to_string())?;
+        let id = RequestId::parse(&request.id).map_err(ApiFailure::invalid)?;
         let reason = request
             .reason
             .clone()
             .unwrap_or_else(|| "no reason given".to_owned());
-        let state = request_state(self.js(), &id)
+        let settle_until = tokio::time::Instant::now() + CANCEL_SETTLE;
+        loop {
+            let state = request_state(self.js(), &id)
+                .await
+                .map_err(ApiFailure::unavailable)?
+                .ok_or_else(|| ApiFailure::not_found(&id))?;
+            let answered = match state.phase {
+                RequestPhase::Queued => self.cancel_queued(&id, &by, &reason).await?,
+                RequestPhase::Running => {
+                    self.cancel_running(message, &id, &by, &reason, state.builder)
+                        .await?
+                }
+                finished => {
+                    return Err(ApiFailure::new(
+                        ErrorCode::AlreadyFinished,
+                        format!("request {id} already finished: {}", finished.as_str()),
+                    ))
+                }
+            };
+            if let Some(reply) = answered {
+                return Ok(reply);
+            }
+            if tokio::time::Instant::now() >= settle_until {
+                return Err(ApiFailure::new(
+                    ErrorCode::Retry,
+                    format!(
+                        "request {id} was taken by a builder that has not answered for it in {}s (it may have stopped or lost NATS); the queue hands it out again after its ack wait: cancel it again then",
+                        CANCEL_SETTLE.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(CANCEL_POLL).await;
+        }
+    }
+
+    /// Removes request `id` from the queue and finishes it `cancelled`; `None` when no
+    /// queued message of it waits any more (a builder took it meanwhile).
+    async fn cancel_queued(
+        &self,
+        id: &RequestId,
+        by: &Canceller,
+        reason: &str,
+    ) -> Result<Option<Vec<u8>>, ApiFailure> {
+        let pending = pending_requests(self.js())
             .await
-            .map_err(|err| err.to_string())?
-            .ok_or_else(|| {
-                format!("no request with id {id} (never sent, or its events expired)")
-            })?;
-        match state.phase {
-            RequestPhase::Queued => {
-                let pending = pending_requests(self.js())
-                    .await
-                    .map_err(|err| err.to_string())?;
-                let queued = pending
-                    .iter()
-                    .find(|p| p.id == id.as_str() && p.waiting)
-                    .ok_or_else(|| {
-                        format!("request {id} was just taken by a builder; cancel it again")
-                    })?;
-                let repo = RepoName::parse(&queued.repo).map_err(|err| err.to_string())?;
-                // Who asked for it, from the queued message itself: checked before it is removed.
-                let owner = self
-                    .jobs
-                    .requests
-                    .get_raw_message(queued.stream_seq)
-                    .await
-                    .ok()
-                    .and_then(|stored| {
-                        self.jobs
-                            .access
-                            .build_request(
-                                Some(&stored.headers),
-                                &repo,
-                                &queued.target,
-                                &stored.payload,
-                            )
-                            .ok()
-                            .flatten()
-                    });
+            .map_err(ApiFailure::unavailable)?;
+        let Some(queued) = pending.iter().find(|p| p.id == id.as_str() && p.waiting) else {
+            return Ok(None);
+        };
+        let repo = RepoName::parse(&queued.repo).map_err(ApiFailure::invalid)?;
+        // Who asked for it, from the queued message itself: checked before it is removed.
+        let owner = self
+            .jobs
+            .requests
+            .get_raw_message(queued.stream_seq)
+            .await
+            .ok()
+            .and_then(|stored| {
                 self.jobs
                     .access
-                    .may_cancel(by.key.as_ref(), owner.as_ref(), id.as_str())
-                    .map_err(|why| ApiFailure::new(ERROR_FORBIDDEN, why))?;
-                self.jobs
-                    .requests
-                    .delete_message(queued.stream_seq)
-                    .await
-                    .map_err(|err| format!("removing request {id} from the queue failed: {err}"))?;
-                self.jobs
-                    .finish_cancelled_queued(&repo, &queued.target, &id, &by, &reason, owner)
-                    .await
-                    .map_err(|err| err.to_string())?;
-                info!(request_id = %id, cancelled_by = %by, "cancelled a queued request");
-                Ok(json(&CancelReply {
-                    id: id.to_string(),
-                    was: RequestPhase::Queued,
-                    message: format!("request {id} removed from the queue; it will not be built"),
-                })?)
-            }
-            RequestPhase::Running => {
-                match self.jobs.cancel(id.as_str(), &by, &reason) {
-                    CancelOutcome::Cancelling => {
-                        return Ok(json(&running_cancelled(&id, &self.jobs.builder_name))?)
-                    }
-                    CancelOutcome::Refused(why) => {
-                        return Err(ApiFailure::new(ERROR_FORBIDDEN, why))
-                    }
-                    CancelOutcome::NotHere => {}
-                }
-                // Not started yet (resolving its commit or listing hosts): the builder that
-                // took it lists it among its running requests in the registry.
-                let builder = match state.builder {
-                    Some(builder) => builder,
-                    None => list_builders(self.js())
-                        .await
-                        .map_err(|err| err.to_string())?
-                        .into_iter()
-                        .find(|builder| {
-                            builder.states.iter().any(|state| {
-                                matches!(state, BuilderState::Building { id: running, .. } if running == id.as_str())
-                            })
-                        })
-                        .map(|builder| builder.name)
-                        .ok_or_else(|| {
-                            format!(
-                                "request {id} is being started by a builder; cancel it again in a moment"
-                            )
-                        })?,
-                };
-                // Passed on as it came, signature headers included: that builder checks them.
-                let forwarded = self.client.request_with_headers(
-                    builder_cancel_subject(&builder),
-                    message.headers.clone().unwrap_or_default(),
-                    message.payload.clone(),
-                );
-                match tokio::time::timeout(Duration::from_secs(5), forwarded).await {
-                    Ok(Ok(answer)) => Ok(answer.payload.to_vec()),
-                    Ok(Err(err)) => Err(format!(
-                        "builder {builder}, which runs request {id}, did not answer: {err}"
+                    .build_request(
+                        Some(&stored.headers),
+                        &repo,
+                        &queued.target,
+                        &stored.payload,
                     )
-                    .into()),
-                    Err(_) => Err(format!(
-                        "builder {builder}, which runs request {id}, did not answer within 5s"
-                    )
-                    .into()),
-                }
-            }
-            finished => Err(format!("request {id} already finished: {}", finished.as_str()).into()),
+                    .ok()
+                    .flatten()
+            });
+        self.jobs
+            .access
+            .may_cancel(by.key.as_ref(), owner.as_ref(), id.as_str())
+            .map_err(|why| ApiFailure::new(ErrorCode::Forbidden, why))?;
+        if let Err(err) = self.jobs.requests.delete_message(queued.stream_seq).await {
+            // Most likely taken and acked by a builder in this instant: look again.
+            info!(request_id = %id, error = %err, "a queued request left the queue while being cancelled");
+            return Ok(None);
         }
+        self.jobs
+            .finish_cancelled_queued(queued, &repo, id, by, reason, owner)
+            .await
+            .map_err(ApiFailure::unavailable)?;
+        info!(request_id = %id, cancelled_by = %by, "cancelled a queued request");
+        json(&CancelReply {
+            id: id.to_string(),
+            was: RequestPhase::Queued,
+            message: format!("request {id} removed from the queue; it will not be built"),
+        })
+        .map(Some)
+    }
+
+    /// Asks the builder that runs request `id` to cancel it: this one, the one its state names,
+    /// or else each live builder in the registry. `None` when none of them holds it (yet).
+    async fn cancel_running(
+        &self,
+        message: &Message,
+        id: &RequestId,
+        by: &Canceller,
+        reason: &str,
+        builder: Option<String>,
+    ) -> Result<Option<Vec<u8>>, ApiFailure> {
+        match self.jobs.cancel(id.as_str(), by, reason) {
+            CancelOutcome::Cancelling => {
+                return json(&running_cancelled(id, &self.jobs.builder_name)).map(Some)
+            }
+            CancelOutcome::Refused(why) => return Err(ApiFailure::new(ErrorCode::Forbidden, why)),
+            CancelOutcome::NotHere => {}
+        }
+        let me = &self.jobs.builder_name;
+        let candidates: Vec<String> = match builder {
+            Some(builder) if &builder != me => vec![builder],
+            Some(_) => Vec::new(),
+            // Taken, not started: the registry may not list it for a heartbeat yet, so every
+            // live builder is asked.
+            None => list_builders(self.js())
+                .await
+                .map_err(ApiFailure::unavailable)?
+                .into_iter()
+                .filter(|b| !b.lost && &b.name != me)
+                .map(|b| b.name)
+                .collect(),
+        };
+        for builder in candidates {
+            // Passed on as it came, signature headers included: that builder checks them.
+            let forwarded = self.client.request_with_headers(
+                builder_cancel_subject(&builder),
+                message.headers.clone().unwrap_or_default(),
+                message.payload.clone(),
+            );
+            let answer = match tokio::time::timeout(FORWARD_TIMEOUT, forwarded).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(err)) => {
+                    info!(request_id = %id, builder, error = %err, "forwarding a cancel failed");
+                    continue;
+                }
+                Err(_) => {
+                    warn!(request_id = %id, builder, timeout_secs = FORWARD_TIMEOUT.as_secs(), "a builder did not answer a forwarded cancel");
+                    continue;
+                }
+            };
+            let not_here = serde_json::from_slice::<ApiError>(&answer.payload)
+                .is_ok_and(|error| error.code == Some(ErrorCode::NotFound));
+            if !not_here {
+                return Ok(Some(answer.payload.to_vec()));
+            }
+        }
+        Ok(None)
     }
 
     fn cancel_here(&self, message: &Message) -> Answer {
@@ -402,34 +485,36 @@ impl Api {
         match self.jobs.cancel(&request.id, &by, reason) {
             CancelOutcome::Cancelling => {
                 info!(request_id = %request.id, cancelled_by = %by, "cancelling a running request");
-                let id = RequestId::parse(&request.id).map_err(|err| err.to_string())?;
-                Ok(json(&running_cancelled(&id, &self.jobs.builder_name))?)
+                let id = RequestId::parse(&request.id).map_err(ApiFailure::invalid)?;
+                json(&running_cancelled(&id, &self.jobs.builder_name))
             }
-            CancelOutcome::Refused(why) => Err(ApiFailure::new(ERROR_FORBIDDEN, why)),
-            CancelOutcome::NotHere => Err(format!(
-                "request {} is not running on builder {}",
-                request.id, self.jobs.builder_name
-            )
-            .into()),
+            CancelOutcome::Refused(why) => Err(ApiFailure::new(ErrorCode::Forbidden, why)),
+            CancelOutcome::NotHere => Err(ApiFailure::new(
+                ErrorCode::NotFound,
+                format!(
+                    "request {} is not running on builder {}",
+                    shown(&request.id),
+                    self.jobs.builder_name
+                ),
+            )),
         }
     }
 
     /// Compares two builds of a host this builder holds. A side it does not hold is left out
     /// of the reply (the asker tries the other builders and says which side is gone).
     async fn diff(&self, payload: &[u8]) -> Answer {
-        let query: DiffQuery = parse(payload).map_err(|err| ApiFailure::new(ERROR_INVALID, err))?;
-        let repo = RepoName::parse(&query.repo)
-            .map_err(|err| ApiFailure::new(ERROR_INVALID, err.to_string()))?;
+        let query: DiffQuery = parse(payload)?;
+        let repo = RepoName::parse(&query.repo).map_err(ApiFailure::invalid)?;
         if query.host.is_empty() || query.host.len() > MAX_HOST_BYTES {
             return Err(ApiFailure::new(
-                ERROR_INVALID,
+                ErrorCode::Invalid,
                 format!("a host name is 1 to {MAX_HOST_BYTES} bytes"),
             ));
         }
         for rev in [&query.from, &query.to].into_iter().flatten() {
             if !(7..=40).contains(&rev.len()) || !rev.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(ApiFailure::new(
-                    ERROR_INVALID,
+                    ErrorCode::Invalid,
                     format!("rev {} is not 7 to 40 hex digits", shown(rev)),
                 ));
             }
@@ -487,7 +572,7 @@ impl Api {
         }
     }
 
-    fn drain(&self) -> Reply {
+    fn drain(&self) -> Answer {
         info!("drain requested over NATS");
         self.stop_tx.send_if_modified(|stop| {
             let changed = *stop == Stop::Running;
@@ -508,14 +593,13 @@ impl Api {
 /// `next_cursor` then continues after the last build it holds.
 fn fit_page(mut list: BuildList, max: usize) -> Answer {
     loop {
-        let payload = serde_json::to_vec(&list)
-            .map_err(|err| ApiFailure::from(format!("cannot encode the reply: {err}")))?;
+        let payload = json(&list)?;
         if payload.len() <= max {
             return Ok(payload);
         }
         if list.builds.len() <= 1 {
             return Err(ApiFailure::new(
-                ERROR_TOO_LARGE,
+                ErrorCode::TooLarge,
                 format!(
                     "build {} alone is {} bytes, over the {max} bytes the NATS server takes in one message; ask build.api.v1.status for it",
                     list.builds.first().map(|b| b.id.as_str()).unwrap_or("?"),
@@ -533,18 +617,20 @@ fn fit_page(mut list: BuildList, max: usize) -> Answer {
     }
 }
 
-fn parse_cancel(payload: &[u8]) -> Result<CancelRequest, String> {
+fn parse_cancel(payload: &[u8]) -> Result<CancelRequest, ApiFailure> {
     let request: CancelRequest = serde_json::from_slice(payload).map_err(|err| {
-        format!("expected {{\"id\": \"…\", \"reason\": \"…\", \"requested_by\": \"…\"}}: {err}")
+        ApiFailure::invalid(format!(
+            "expected {{\"id\": \"…\", \"reason\": \"…\", \"requested_by\": \"…\"}}: {err}"
+        ))
     })?;
     for text in [&request.reason, &request.requested_by]
         .into_iter()
         .flatten()
     {
         if text.chars().count() > MAX_TEXT_CHARS || text.chars().any(char::is_control) {
-            return Err(format!(
+            return Err(ApiFailure::invalid(format!(
                 "reason and requested_by must be at most {MAX_TEXT_CHARS} printable characters"
-            ));
+            )));
         }
     }
     Ok(request)

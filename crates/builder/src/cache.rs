@@ -14,6 +14,8 @@ const MAX_ENTRIES: usize = 10_000;
 #[derive(Default)]
 pub struct EvalCache {
     inner: Mutex<Inner>,
+    /// Woken when a repo's latest host list changes, so the registry announces it at once.
+    hosts_changed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -44,8 +46,20 @@ impl EvalCache {
     pub fn put_hosts(&self, repo: &str, rev: &str, hosts: Vec<String>) {
         let mut inner = self.lock();
         inner.make_room();
-        inner.latest_hosts.insert(repo.to_owned(), hosts.clone());
-        inner.hosts.insert((repo.to_owned(), rev.to_owned()), hosts);
+        let before = inner.latest_hosts.insert(repo.to_owned(), hosts.clone());
+        inner
+            .hosts
+            .insert((repo.to_owned(), rev.to_owned()), hosts.clone());
+        drop(inner);
+        if before.as_ref() != Some(&hosts) {
+            self.hosts_changed.notify_one();
+        }
+    }
+
+    /// Waits until a repo's latest host list changes (at once when it changed since the last
+    /// wait ended).
+    pub async fn hosts_changed(&self) {
+        self.hosts_changed.notified().await;
     }
 
     /// The host list of the last commit evaluated, per repo.

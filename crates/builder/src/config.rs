@@ -150,6 +150,11 @@ pub struct BuilderConfig {
     /// with; 0 keeps none and turns closure diffs off.
     #[serde(default = "default_closure_history")]
     pub closure_history: usize,
+    /// Every this many seconds the builder fetches each repo's branch and lists its hosts
+    /// again, so the registry's host lists follow new commits without a build; 0: only at
+    /// start and at each build.
+    #[serde(default = "default_hosts_refresh_secs")]
+    pub hosts_refresh_secs: u64,
 }
 
 /// Limits of the JetStream streams, applied when this builder creates them.
@@ -469,6 +474,9 @@ fn default_max_attempts() -> u64 {
 const MAX_CLOSURE_HISTORY: usize = 100;
 fn default_closure_history() -> usize {
     5
+}
+fn default_hosts_refresh_secs() -> u64 {
+    300
 }
 fn default_fetch_timeout_secs() -> u64 {
     10 * 60

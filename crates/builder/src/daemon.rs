@@ -193,10 +193,11 @@ pub async fn run(
         session.is_ephemeral(),
     )
     .await?;
-    for repo in repo_names.clone() {
-        let jobs = jobs.clone();
-        tokio::spawn(async move { jobs.discover_hosts(&repo).await });
-    }
+    let hosts_refresher = tokio::spawn(refresh_hosts(
+        jobs.clone(),
+        repo_names.clone(),
+        Duration::from_secs(config.builder.hosts_refresh_secs),
+    ));
     let (finished_tx, finished_rx) = watch::channel(false);
     let registry_task = tokio::spawn(registry.run(jobs.clone(), stop.clone(), finished_rx));
     let sampler = tokio::spawn(sample_metrics(
@@ -275,6 +276,7 @@ pub async fn run(
     }
     api_task.abort();
     sampler.abort();
+    hosts_refresher.abort();
     for task in [vault_refresher, idle_exit, lifetime].into_iter().flatten() {
         task.abort();
     }
@@ -562,4 +564,16 @@ async fn pull_loop(
         }));
     }
     left
+}
+
+/// Lists each repo's hosts at the head of its branch now and then every `every` (never again
+/// when zero), so the registry announces the hosts a new commit adds without a build.
+async fn refresh_hosts(jobs: Arc<Jobs>, repos: Vec<RepoName>, every: Duration) {
+    loop {
+        futures::future::join_all(repos.iter().map(|repo| jobs.discover_hosts(repo))).await;
+        if every.is_zero() {
+            return;
+        }
+        tokio::time::sleep(every).await;
+    }
 }

@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use futures::{StreamExt, TryStreamExt};
-use homelab_deploy_client::inspect::{blank_state, fold_event, fold_events, request_events};
-use homelab_deploy_protocol::api::{BuilderState, RequestPhase, RequestState};
+use homelab_deploy_client::inspect::{
+    blank_state, fold_event, fold_events, request_events, PendingRequest,
+};
+use homelab_deploy_protocol::api::{BuilderState, ErrorCode, RequestPhase, RequestState};
 use homelab_deploy_protocol::diff::MAX_LISTED_PACKAGES;
 use homelab_deploy_protocol::request::parse_request;
 use homelab_deploy_protocol::subject::{
@@ -40,7 +42,7 @@ use crate::bus::{last_event, BusError, Publisher, RequestMessage};
 use crate::cache::EvalCache;
 use crate::closures::History;
 use crate::config::{Evaluation, RepoConfig, Timeouts};
-use crate::git::{Mirror, Resolved, Wanted};
+use crate::git::{GitError, Mirror, Resolved, Wanted};
 use crate::logs::LogBatcher;
 use crate::nix::{BuildOutput, Nix, NixError};
 use crate::state::StateStore;
@@ -296,6 +298,8 @@ impl Jobs {
     ) -> Result<Answered, JobError> {
         let info = message.info().ok();
         let stream_seq = info.as_ref().map(|i| i.stream_sequence).unwrap_or(0);
+        // The time JetStream stored the request: kept in `started` and `finished`.
+        let queued_at = info.as_ref().map(|i| i.published);
         let header_id = message
             .headers
             .as_ref()
@@ -328,7 +332,8 @@ impl Jobs {
                     },
                 };
                 let mut events =
-                    Events::open(&self.publisher, &self.state, &repo, &target, &id).await?;
+                    Events::open(&self.publisher, &self.state, &repo, &target, &id, queued_at)
+                        .await?;
                 if events.already_finished() {
                     return Ok(Answered::Never);
                 }
@@ -343,6 +348,7 @@ impl Jobs {
                     &mut events,
                     Finish {
                         error: Some(refusal.reason),
+                        code: Some(ErrorCode::Invalid),
                         ..Finish::new(&repo, &target, &self.builder_name, started)
                     },
                 )
@@ -358,6 +364,7 @@ impl Jobs {
             &request.repo,
             &request.target,
             &request.id,
+            queued_at,
         )
         .await?;
         let answered = self
@@ -409,6 +416,7 @@ impl Jobs {
                     events,
                     Finish {
                         error: Some(reason),
+                        code: Some(ErrorCode::Forbidden),
                         ..Finish::new(repo, target, &self.builder_name, started)
                     },
                 )
@@ -422,6 +430,7 @@ impl Jobs {
         crate::metrics::request_received(repo.as_str());
         if attempts.failed >= self.max_attempts {
             let mut finish = Finish::new(repo, target, &self.builder_name, started);
+            finish.code = Some(ErrorCode::GaveUp);
             finish.error = Some(format!(
                 "given up after {} attempts (builder.max_attempts); {}",
                 attempts.failed,
@@ -473,6 +482,7 @@ impl Jobs {
             Err(JobError::Unpublishable(why)) => {
                 let mut finish = Finish::new(repo, target, &self.builder_name, started);
                 finish.error = Some(format!("the request cannot be reported in full: {why}"));
+                finish.code = Some(ErrorCode::TooLarge);
                 self.finish_or_explain(events, finish).await
             }
             Err(err) => Err(err),
@@ -526,12 +536,14 @@ impl Jobs {
         let Ok(own) = RequestId::for_stream_sequence(stream_seq) else {
             return Ok(Answered::Never);
         };
-        let mut events = Events::open(&self.publisher, &self.state, repo, target, &own).await?;
+        let mut events =
+            Events::open(&self.publisher, &self.state, repo, target, &own, None).await?;
         if !events.already_finished() {
             let finish = Finish {
                 error: Some(format!(
                     "refused: id {id} belongs to another request (stream sequence {holder}); send this request again with a new id"
                 )),
+                code: Some(ErrorCode::Invalid),
                 ..Finish::new(repo, target, &self.builder_name, started)
             };
             self.finish_or_explain(&mut events, finish).await?;
@@ -556,6 +568,7 @@ impl Jobs {
             Err(JobError::Unpublishable(why)) => {
                 let mut short = short;
                 short.status = BuildStatus::Failed;
+                short.code = Some(ErrorCode::TooLarge);
                 short.error = Some(format!(
                     "the request's finished event could not be stored: {why}"
                 ));
@@ -581,14 +594,26 @@ impl Jobs {
         let Some(served) = self.repos.get(repo) else {
             let reason = format!("repo {repo} is not served by builder {}", self.builder_name);
             return events
-                .finish_refused(&self.builder_name, repo, target, reason, started)
+                .finish_refused(
+                    &self.builder_name,
+                    repo,
+                    target,
+                    (ErrorCode::NotServed, reason),
+                    started,
+                )
                 .await;
         };
         let limits = match request_limits(&self.timeouts, request) {
             Ok(limits) => limits,
             Err(reason) => {
                 return events
-                    .finish_refused(&self.builder_name, repo, target, reason, started)
+                    .finish_refused(
+                        &self.builder_name,
+                        repo,
+                        target,
+                        (ErrorCode::Invalid, reason),
+                        started,
+                    )
                     .await
             }
         };
@@ -609,6 +634,7 @@ impl Jobs {
             let mut finish = Finish::new(repo, target, &self.builder_name, started);
             finish.status = BuildStatus::Cancelled;
             finish.cancelled_by = Some(Canceller::note(format!("replace request {newer}")));
+            finish.code = Some(ErrorCode::Superseded);
             finish.error = Some(format!(
                 "superseded by newer request {newer} (mode replace)"
             ));
@@ -617,15 +643,16 @@ impl Jobs {
 
         // 2. Resolve one commit, and 3. list the hosts at it. Both race the request's
         //    interrupt and deadline: dropping the losing future kills its git or nix process.
-        let finish_early = |error: String, rev: Option<String>| Finish {
+        let finish_early = |(code, error): (ErrorCode, String), rev: Option<String>| Finish {
             error: Some(error),
+            code: Some(code),
             rev,
             ..Finish::new(repo, target, &self.builder_name, started)
         };
         let resolved = tokio::select! {
             resolved = self.resolve(served, request.rev.as_deref(), request.git_ref.as_deref()) => resolved,
-            _ = tokio::time::sleep_until(request_deadline.at) => Err(format!("{} while resolving the commit", request_deadline.why)),
-            why = interrupted(&mut interrupt) => return self.stopped_early(events, why, finish_early(String::new(), None)).await,
+            _ = tokio::time::sleep_until(request_deadline.at) => Err((ErrorCode::TimedOut, format!("{} while resolving the commit", request_deadline.why))),
+            why = interrupted(&mut interrupt) => return self.stopped_early(events, why, finish_early((ErrorCode::Cancelled, String::new()), None)).await,
         };
         let resolved = match resolved {
             Ok(resolved) => resolved,
@@ -635,8 +662,8 @@ impl Jobs {
         let rev = resolved.rev;
         let hosts = tokio::select! {
             hosts = self.hosts_to_build(&flake, repo, target, &rev) => hosts,
-            _ = tokio::time::sleep_until(request_deadline.at) => Err(format!("{} while listing the flake's hosts", request_deadline.why)),
-            why = interrupted(&mut interrupt) => return self.stopped_early(events, why, finish_early(String::new(), Some(rev))).await,
+            _ = tokio::time::sleep_until(request_deadline.at) => Err((ErrorCode::TimedOut, format!("{} while listing the flake's hosts", request_deadline.why))),
+            why = interrupted(&mut interrupt) => return self.stopped_early(events, why, finish_early((ErrorCode::Cancelled, String::new()), Some(rev))).await,
         };
         let hosts = match hosts {
             Ok(hosts) => hosts,
@@ -653,6 +680,7 @@ impl Jobs {
                 requested_by_key: events.requested_by_key.clone(),
                 attempt,
                 request_seq: (stream_seq > 0).then_some(stream_seq),
+                queued_at: events.queued_at,
             })
             .await?;
 
@@ -807,8 +835,13 @@ impl Jobs {
         let limit = self.timeouts.request;
         let outcome = tokio::time::timeout(limit, discover)
             .await
-            .unwrap_or_else(|_| Err(format!("gave up after {}s", limit.as_secs())));
-        if let Err(err) = outcome {
+            .unwrap_or_else(|_| {
+                Err((
+                    ErrorCode::TimedOut,
+                    format!("gave up after {}s", limit.as_secs()),
+                ))
+            });
+        if let Err((_, err)) = outcome {
             warn!(repo = %repo, error = %err, "could not list the repo's hosts at start");
         }
     }
@@ -826,6 +859,7 @@ impl Jobs {
             Interrupt::Cancel { by, reason } => {
                 info!(request_id = %events.id, cancelled_by = %by, "cancelled before its build started");
                 finish.status = BuildStatus::Cancelled;
+                finish.code = Some(ErrorCode::Cancelled);
                 finish.error = Some(format!("cancelled by {by}: {reason}"));
                 finish.cancelled_by = Some(by);
                 events.finish(finish).await
@@ -839,7 +873,7 @@ impl Jobs {
         served: &ServedRepo,
         rev: Option<&str>,
         git_ref: Option<&str>,
-    ) -> Result<Resolved, String> {
+    ) -> Result<Resolved, (ErrorCode, String)> {
         let wanted = match (rev, git_ref) {
             (Some(rev), _) => Wanted::Rev(rev),
             (None, Some(git_ref)) => Wanted::Ref(git_ref),
@@ -850,7 +884,15 @@ impl Jobs {
             .mirror
             .fetch_and_resolve(wanted, &served.config.git_ref)
             .await
-            .map_err(|err| err.to_string())
+            .map_err(|err| {
+                let code = match err {
+                    GitError::RefNotFound { .. }
+                    | GitError::RevNotFound { .. }
+                    | GitError::RevAmbiguous { .. } => ErrorCode::UnknownRef,
+                    _ => ErrorCode::FetchFailed,
+                };
+                (code, err.to_string())
+            })
     }
 
     async fn hosts_to_build(
@@ -859,14 +901,17 @@ impl Jobs {
         repo: &RepoName,
         target: &Target,
         rev: &str,
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Vec<String>, (ErrorCode, String)> {
         let available = match self.evaluated.hosts(repo.as_str(), rev) {
             Some(hosts) => hosts,
             None => {
                 let hosts = self.nix_of(repo).list_hosts(flake).await.map_err(|err| {
-                    format!(
-                        "cannot list nixosConfigurations of the flake at rev {rev}: {}",
-                        cut(&err.excerpt(), MAX_ERROR_BYTES)
+                    (
+                        ErrorCode::EvalFailed,
+                        format!(
+                            "cannot list nixosConfigurations of the flake at rev {rev}: {}",
+                            cut(&err.excerpt(), MAX_ERROR_BYTES)
+                        ),
                     )
                 })?;
                 self.evaluated.put_hosts(repo.as_str(), rev, hosts.clone());
@@ -874,14 +919,18 @@ impl Jobs {
             }
         };
         match target {
-            Target::All if available.is_empty() => {
-                Err(format!("the flake at rev {rev} has no nixosConfigurations"))
-            }
+            Target::All if available.is_empty() => Err((
+                ErrorCode::EvalFailed,
+                format!("the flake at rev {rev} has no nixosConfigurations"),
+            )),
             Target::All => Ok(available),
             Target::Host(host) if available.contains(host) => Ok(vec![host.clone()]),
-            Target::Host(host) => Err(format!(
-                "host {host} is not in the flake's nixosConfigurations at rev {rev}; hosts: {}",
-                available.join(", ")
+            Target::Host(host) => Err((
+                ErrorCode::UnknownHost,
+                format!(
+                    "host {host} is not in the flake's nixosConfigurations at rev {rev}; hosts: {}",
+                    available.join(", ")
+                ),
             )),
         }
     }
@@ -1160,16 +1209,26 @@ impl Jobs {
 
 impl Jobs {
     /// Ends a request that was removed from the queue before any builder took it.
+    /// `queued` is the message removed from the queue, `repo` its repo.
     pub async fn finish_cancelled_queued(
         &self,
+        queued: &PendingRequest,
         repo: &RepoName,
-        target: &Target,
         id: &RequestId,
         by: &Canceller,
         reason: &str,
         requested_by_key: Option<Identity>,
     ) -> Result<(), JobError> {
-        let mut events = Events::open(&self.publisher, &self.state, repo, target, id).await?;
+        let target = &queued.target;
+        let mut events = Events::open(
+            &self.publisher,
+            &self.state,
+            repo,
+            target,
+            id,
+            Some(queued.queued_at),
+        )
+        .await?;
         events.requested_by_key = requested_by_key;
         let mut finish = Finish::new(repo, target, &self.builder_name, Instant::now());
         finish.status = BuildStatus::Cancelled;
@@ -1674,6 +1733,8 @@ struct Events<'a> {
     verdict: Option<BuildStatus>,
     /// The verified signer of the request, shown in `started` and `finished`.
     requested_by_key: Option<Identity>,
+    /// When JetStream stored the request, shown in `started` and `finished`.
+    queued_at: Option<OffsetDateTime>,
 }
 
 fn events_error(err: &homelab_deploy_client::ClientError) -> JobError {
@@ -1683,14 +1744,20 @@ fn events_error(err: &homelab_deploy_client::ClientError) -> JobError {
     })
 }
 
-/// The state of a request no event was stored for yet.
-fn new_state(id: &RequestId, repo: &RepoName, target: &Target) -> RequestState {
+/// The state of a request no event was stored for yet, queued at `queued_at` (now when the
+/// request's stream message time is unknown).
+fn new_state(
+    id: &RequestId,
+    repo: &RepoName,
+    target: &Target,
+    queued_at: Option<OffsetDateTime>,
+) -> RequestState {
     blank_state(
         id.as_str(),
         repo.as_str(),
         target.as_str(),
         RequestPhase::Queued,
-        OffsetDateTime::now_utc(),
+        queued_at.unwrap_or_else(OffsetDateTime::now_utc),
     )
 }
 
@@ -1704,6 +1771,8 @@ struct Finish {
     error: Option<String>,
     builder: String,
     cancelled_by: Option<Canceller>,
+    /// The kind of failure; when unset, [`Events::finish`] derives it from `status`.
+    code: Option<ErrorCode>,
     started: Instant,
 }
 
@@ -1717,6 +1786,7 @@ impl Finish {
             rev: None,
             hosts: Vec::new(),
             error: None,
+            code: None,
             builder: other.builder.clone(),
             cancelled_by: None,
             started: other.started,
@@ -1731,6 +1801,7 @@ impl Finish {
             rev: None,
             hosts: Vec::new(),
             error: None,
+            code: None,
             builder: builder.to_owned(),
             cancelled_by: None,
             started,
@@ -1790,12 +1861,14 @@ impl Attempts {
 
 impl<'a> Events<'a> {
     /// Continues after the last stored event of this request, if any (a redelivered request).
+    /// `queued_at` is when JetStream stored the request (unknown for a message without info).
     async fn open(
         publisher: &'a Publisher,
         store: &'a StateStore,
         repo: &RepoName,
         target: &Target,
         id: &RequestId,
+        queued_at: Option<OffsetDateTime>,
     ) -> Result<Events<'a>, JobError> {
         let subject = events_subject(repo, target, id);
         let last = last_event(publisher.jetstream(), &subject).await?;
@@ -1809,9 +1882,9 @@ impl<'a> Events<'a> {
                 let events = request_events(publisher.jetstream(), id)
                     .await
                     .map_err(|err| events_error(&err))?;
-                fold_events(&events).unwrap_or_else(|| new_state(id, repo, target))
+                fold_events(&events).unwrap_or_else(|| new_state(id, repo, target, queued_at))
             }
-            _ => new_state(id, repo, target),
+            _ => new_state(id, repo, target, queued_at),
         };
         Ok(Events {
             publisher,
@@ -1826,6 +1899,7 @@ impl<'a> Events<'a> {
                 .is_some_and(|event| matches!(event.body, EventBody::Finished { .. })),
             verdict: None,
             requested_by_key: None,
+            queued_at,
         })
     }
 
@@ -1889,6 +1963,11 @@ impl<'a> Events<'a> {
             warn!(request_id = %self.id, error = %error, "request failed");
         }
         let (repo, status) = (finish.repo.clone(), finish.status);
+        let code = match status {
+            BuildStatus::Succeeded => None,
+            BuildStatus::Cancelled => Some(finish.code.unwrap_or(ErrorCode::Cancelled)),
+            BuildStatus::Failed => Some(finish.code.unwrap_or(ErrorCode::HostsFailed)),
+        };
         self.emit(EventBody::Finished {
             status: finish.status,
             repo: finish.repo,
@@ -1896,6 +1975,8 @@ impl<'a> Events<'a> {
             rev: finish.rev,
             hosts: finish.hosts,
             error: finish.error.map(|e| cut(&e, MAX_ERROR_BYTES)),
+            code,
+            queued_at: self.queued_at,
             builder: Some(finish.builder),
             cancelled_by: finish.cancelled_by.as_ref().map(|by| by.note.clone()),
             cancelled_by_key: finish.cancelled_by.and_then(|by| by.key),
@@ -1913,10 +1994,11 @@ impl<'a> Events<'a> {
         builder: &str,
         repo: &RepoName,
         target: &Target,
-        reason: String,
+        (code, reason): (ErrorCode, String),
         started: Instant,
     ) -> Result<(), JobError> {
         let mut finish = Finish::new(repo, target, builder, started);
+        finish.code = Some(code);
         finish.error = Some(reason);
         self.finish(finish).await
     }
@@ -2156,6 +2238,8 @@ mod tests {
                 rev: None,
                 hosts,
                 error: None,
+                code: None,
+                queued_at: None,
                 builder: Some("b1".to_owned()),
                 cancelled_by: None,
                 cancelled_by_key: None,
@@ -2257,6 +2341,7 @@ mod tests {
             requested_by_key: None,
             attempt: 1,
             request_seq: Some(7),
+            queued_at: None,
         }
     }
 

@@ -78,6 +78,8 @@ impl Registry {
             hosts,
             vault_error: self.vault.as_ref().and_then(VaultSeed::last_error),
             ephemeral: self.ephemeral,
+            heartbeat_age_secs: 0,
+            lost: false,
         };
         let Ok(payload) = serde_json::to_vec(&info) else {
             return;
@@ -106,6 +108,7 @@ impl Registry {
             self.announce(states, jobs.evaluated.latest_hosts()).await;
             tokio::select! {
                 _ = ticker.tick() => {}
+                _ = jobs.evaluated.hosts_changed() => {}
                 _ = stop.changed() => {}
                 _ = all_done(&mut finished) => break,
             }

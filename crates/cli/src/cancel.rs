@@ -80,6 +80,10 @@ async fn api_request<T: DeserializeOwned>(
         return Ok(answer);
     }
     match serde_json::from_slice::<ApiError>(&message.payload) {
+        Ok(ApiError {
+            error,
+            code: Some(code),
+        }) => eprintln!("error: {code}: {error}"),
         Ok(error) => eprintln!("error: {}", error.error),
         Err(_) => eprintln!(
             "error: unexpected answer on {subject}: {}",

@@ -8,10 +8,9 @@ use std::time::Duration;
 use clap::Args;
 use homelab_deploy_client::inspect::list_builders;
 use homelab_deploy_protocol::api::{
-    builder_diff_subject, ApiError, DiffQuery, DiffReply, HeldBuild, BUILDER_LOST_AFTER_SECS,
+    builder_diff_subject, ApiError, DiffQuery, DiffReply, HeldBuild,
 };
 use homelab_deploy_protocol::RepoName;
-use time::OffsetDateTime;
 
 use crate::nats::{connect_or_exit, print_json};
 use crate::{exit, NatsArgs};
@@ -67,11 +66,9 @@ pub async fn run(args: DiffArgs) -> u8 {
             return exit::UNAVAILABLE;
         }
     };
-    let now = OffsetDateTime::now_utc();
     let names: Vec<String> = builders
         .into_iter()
-        .filter(|b| b.repos.contains(&args.repo))
-        .filter(|b| (now - b.heartbeat).whole_seconds() <= BUILDER_LOST_AFTER_SECS)
+        .filter(|b| b.repos.contains(&args.repo) && !b.lost)
         .map(|b| b.name)
         .collect();
     if names.is_empty() {

@@ -3,9 +3,7 @@
 
 use clap::Args;
 use homelab_deploy_client::inspect::{list_builders, list_builds, request_state};
-use homelab_deploy_protocol::api::{
-    BuildsQuery, RequestPhase, RequestState, BUILDER_LOST_AFTER_SECS,
-};
+use homelab_deploy_protocol::api::{BuildsQuery, RequestPhase, RequestState};
 use homelab_deploy_protocol::group_failures;
 use time::OffsetDateTime;
 
@@ -129,7 +127,16 @@ fn print_state(state: &RequestState) {
         );
     }
     if let Some(error) = &state.error {
-        println!("error     {error}");
+        match state.code {
+            Some(code) => println!("error     {code}: {error}"),
+            None => println!("error     {error}"),
+        }
+    }
+    if let Some(subject) = &state.events_subject {
+        println!("events    {subject}");
+    }
+    if let Some(subject) = &state.logs_subject {
+        println!("logs      {subject}");
     }
     let groups = group_failures(
         state
@@ -244,10 +251,9 @@ pub async fn builders(args: BuildersArgs) -> u8 {
         "{:<20}  {:<8}  {:<40}  {:<10}  REPOS",
         "NAME", "VERSION", "STATE", "HEARTBEAT"
     );
-    let now = OffsetDateTime::now_utc();
     for builder in &builders {
-        let age = (now - builder.heartbeat).whole_seconds().max(0);
-        let state = if age > BUILDER_LOST_AFTER_SECS {
+        let age = builder.heartbeat_age_secs;
+        let state = if builder.lost {
             "lost".to_owned()
         } else {
             builder

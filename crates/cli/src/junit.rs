@@ -146,6 +146,8 @@ mod tests {
                     host("mail", HostStatus::Cancelled, None),
                 ],
                 error: None,
+                code: None,
+                queued_at: None,
                 builder: None,
                 cancelled_by: None,
                 cancelled_by_key: None,

@@ -17,8 +17,8 @@ use homelab_deploy_protocol::api::{
     BUILDERS_BUCKET, DEFAULT_BUILDS_LIMIT, HOST_OUTCOME_PACKAGES, STATE_BUCKET,
 };
 use homelab_deploy_protocol::subject::{
-    consumer_name, events_subject, parse_request_subject, EVENTS_STREAM, MSG_ID_HEADER,
-    REQUESTS_STREAM,
+    consumer_name, events_subject, logs_subject, parse_request_subject, EVENTS_STREAM,
+    MSG_ID_HEADER, REQUESTS_STREAM,
 };
 use homelab_deploy_protocol::{
     error_excerpt, BuildRequest, Event, EventBody, HostResult, HostStatus, Mode, Priority,
@@ -228,9 +228,13 @@ pub fn fold_event(state: &mut RequestState, event: &Event) {
             hosts,
             requested_by,
             requested_by_key,
+            queued_at,
             ..
         } => {
             state.phase = RequestPhase::Running;
+            if let Some(at) = queued_at {
+                state.queued_at = *at;
+            }
             state.builder = Some(builder.clone());
             state.repo = repo.clone();
             state.target = target.clone();
@@ -289,9 +293,15 @@ pub fn fold_event(state: &mut RequestState, event: &Event) {
             error,
             builder,
             requested_by_key,
+            code,
+            queued_at,
             ..
         } => {
             state.phase = RequestPhase::from_status(*status);
+            state.code = *code;
+            if let Some(at) = queued_at {
+                state.queued_at = *at;
+            }
             if requested_by_key.is_some() {
                 state.requested_by_key = requested_by_key.clone();
             }
@@ -349,8 +359,11 @@ pub fn blank_state(
         host_results: Vec::new(),
         derivations: Default::default(),
         error: None,
+        code: None,
         last_seq: 0,
         updated_at: None,
+        events_subject: None,
+        logs_subject: None,
     }
 }
 
@@ -367,17 +380,29 @@ fn queued_state(pending: &PendingRequest, position: u64) -> RequestState {
     state
 }
 
-/// Queued requests with their 1-based position in their repo's queue.
+/// Queued requests, oldest first, each with its 1-based position in its repo's queue in the
+/// order builders start them: every `interactive` request before any `ci` one before any
+/// `scheduled` one, oldest first within a class (docs/protocol.md, `priority`).
 fn queued_states(pending: &[PendingRequest]) -> Vec<RequestState> {
-    let mut positions: HashMap<&str, u64> = HashMap::new();
+    let mut order: Vec<&PendingRequest> = pending.iter().filter(|p| p.waiting).collect();
+    order.sort_by(|a, b| {
+        (a.repo.as_str(), a.priority, a.stream_seq).cmp(&(
+            b.repo.as_str(),
+            b.priority,
+            b.stream_seq,
+        ))
+    });
+    let mut positions: HashMap<u64, u64> = HashMap::with_capacity(order.len());
+    let mut counts: HashMap<&str, u64> = HashMap::new();
+    for request in order {
+        let count = counts.entry(request.repo.as_str()).or_insert(0);
+        *count += 1;
+        positions.insert(request.stream_seq, *count);
+    }
     pending
         .iter()
         .filter(|p| p.waiting)
-        .map(|p| {
-            let position = positions.entry(p.repo.as_str()).or_insert(0);
-            *position += 1;
-            queued_state(p, *position)
-        })
+        .map(|p| queued_state(p, positions.get(&p.stream_seq).copied().unwrap_or(0)))
         .collect()
 }
 
@@ -401,7 +426,20 @@ pub async fn stored_state(
     Ok(bytes.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
 }
 
-/// The state of request `id`, or `None` when no stream knows it (never sent, or expired).
+/// `state` with its events and logs subjects named.
+fn with_subjects(mut state: RequestState) -> RequestState {
+    let id = RequestId::parse(&state.id);
+    let repo = RepoName::parse(&state.repo);
+    let target = Target::parse(&state.target);
+    if let (Ok(id), Ok(repo), Ok(target)) = (id, repo, target) {
+        state.events_subject = Some(events_subject(&repo, &target, &id));
+        state.logs_subject = Some(logs_subject(&repo, &target, &id));
+    }
+    state
+}
+
+/// The state of request `id`, with its events and logs subjects, or `None` when no stream
+/// knows it (never sent, or expired). Reads JetStream only: works with no builder running.
 ///
 /// A request the state bucket shows running or finished costs one read of the bucket,
 /// whatever the history holds. A queued one (or one the bucket does not know) is looked up in
@@ -410,6 +448,10 @@ pub async fn request_state(
     js: &Context,
     id: &RequestId,
 ) -> Result<Option<RequestState>, ClientError> {
+    Ok(find_state(js, id).await?.map(with_subjects))
+}
+
+async fn find_state(js: &Context, id: &RequestId) -> Result<Option<RequestState>, ClientError> {
     let stored = match state_bucket(js).await {
         Some(store) => stored_state(&store, id.as_str()).await?,
         None => None,
@@ -636,7 +678,8 @@ async fn recent_states(
     Ok(found)
 }
 
-/// Every builder that announced itself, by name.
+/// Every builder that announced itself, by name, with the age of its heartbeat and whether
+/// it is lost ([`BuilderInfo::judge`]).
 pub async fn list_builders(js: &Context) -> Result<Vec<BuilderInfo>, ClientError> {
     let error = nats_error("reading the builder registry");
     let Ok(store) = js.get_key_value(BUILDERS_BUCKET).await else {
@@ -648,13 +691,54 @@ pub async fn list_builders(js: &Context) -> Result<Vec<BuilderInfo>, ClientError
         names.push(key.map_err(|e| error(&e))?);
     }
     let mut builders = Vec::new();
+    let now = OffsetDateTime::now_utc();
     for name in names {
         if let Some(bytes) = store.get(&name).await.map_err(|e| error(&e))? {
-            if let Ok(info) = serde_json::from_slice::<BuilderInfo>(&bytes) {
+            if let Ok(mut info) = serde_json::from_slice::<BuilderInfo>(&bytes) {
+                info.judge(now);
                 builders.push(info);
             }
         }
     }
     builders.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(builders)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(seq: u64, repo: &str, priority: Priority) -> PendingRequest {
+        PendingRequest {
+            stream_seq: seq,
+            id: format!("request{seq:02}"),
+            repo: repo.to_owned(),
+            target: Target::All,
+            requested_by: None,
+            mode: Mode::Enqueue,
+            priority,
+            queued_at: OffsetDateTime::UNIX_EPOCH,
+            waiting: true,
+        }
+    }
+
+    /// Positions follow the order builders start requests in: class first, then age, per repo.
+    #[test]
+    fn queue_positions_put_priority_classes_first() {
+        let queue = [
+            pending(1, "demo", Priority::Scheduled),
+            pending(2, "demo", Priority::Ci),
+            pending(3, "other", Priority::Scheduled),
+            pending(4, "demo", Priority::Interactive),
+            pending(5, "demo", Priority::Scheduled),
+            pending(6, "demo", Priority::Interactive),
+        ];
+        let positions: Vec<(String, Option<u64>)> = queued_states(&queue)
+            .into_iter()
+            .map(|s| (s.id, s.queue_position))
+            .collect();
+        let expected = [(1, 4), (2, 3), (3, 1), (4, 1), (5, 5), (6, 2)]
+            .map(|(seq, at)| (format!("request{seq:02}"), Some(at)));
+        assert_eq!(positions, expected);
+    }
 }

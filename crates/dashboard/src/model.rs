@@ -431,6 +431,8 @@ mod tests {
                     }),
                 }],
                 error: None,
+                code: None,
+                queued_at: None,
                 builder: None,
                 cancelled_by: None,
                 cancelled_by_key: None,
@@ -482,6 +484,7 @@ mod tests {
                 requested_by_key: None,
                 attempt: 1,
                 request_seq: None,
+                queued_at: None,
             },
         ));
         model.apply(&event(

@@ -11,10 +11,13 @@
 //! | `build.api.builder.<name>.drain` | builder `<name>` | `{}` → [`DrainReply`] |
 //! | `build.api.builder.<name>.diff` | builder `<name>` | [`DiffQuery`] → [`DiffReply`] or [`ApiError`] |
 //!
+//! Builders subscribe `build.api.v1.>` (queue group) and `build.api.builder.<name>.>`, so any
+//! other verb there gets an [`ApiError`] with [`ErrorCode::UnknownVerb`], never silence.
+//!
 //! Every reply fits the server's `max_payload`: a page of builds is cut short (with
 //! [`BuildList::next_cursor`]) and any other reply too large becomes an [`ApiError`] with code
-//! [`ERROR_TOO_LARGE`]. A builder answers at most a few queries at once; the rest get an
-//! [`ApiError`] with code [`ERROR_BUSY`] at once.
+//! [`ErrorCode::TooLarge`]. A builder answers at most a few queries at once; the rest get an
+//! [`ApiError`] with code [`ErrorCode::Busy`] at once.
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -26,6 +29,8 @@ pub const STATUS_SUBJECT: &str = "build.api.v1.status";
 pub const BUILDS_SUBJECT: &str = "build.api.v1.builds";
 pub const BUILDERS_SUBJECT: &str = "build.api.v1.builders";
 pub const CANCEL_SUBJECT: &str = "build.api.v1.cancel";
+/// What the builders' queue group subscribes: every `build.api.v1.<verb>`.
+pub const API_V1_WILDCARD: &str = "build.api.v1.>";
 /// Queue group of the API subjects any builder may answer.
 pub const API_QUEUE_GROUP: &str = "homelab-deploy-api";
 /// JetStream key-value bucket where builders announce themselves.
@@ -34,7 +39,8 @@ pub const BUILDERS_BUCKET: &str = "BUILD_BUILDERS";
 /// model, written by the builder that runs the request at each event and rebuilt from the events
 /// stream when missing (docs/decisions/read-model.md).
 pub const STATE_BUCKET: &str = "BUILD_STATE";
-/// A builder that has not announced itself for this long is shown as lost.
+/// A builder that has not announced itself for this long is shown as lost: six heartbeats
+/// (one every 5 s) missed in a row.
 pub const BUILDER_LOST_AFTER_SECS: i64 = 30;
 
 /// `build.api.builder.<name>.cancel`
@@ -50,6 +56,11 @@ pub fn builder_drain_subject(builder: &str) -> String {
 /// `build.api.builder.<name>.diff`
 pub fn builder_diff_subject(builder: &str) -> String {
     format!("build.api.builder.{builder}.diff")
+}
+
+/// `build.api.builder.<name>.>`: every verb addressed to builder `<name>`.
+pub fn builder_wildcard_subject(builder: &str) -> String {
+    format!("build.api.builder.{builder}.>")
 }
 
 /// A builder name: it becomes a subject token of the API, so the same rule as a repo name.
@@ -71,29 +82,113 @@ pub fn check_builder_name(name: &str) -> Result<(), NameError> {
 
 /// Default page size of `builds` when the query names no `limit`.
 pub const DEFAULT_BUILDS_LIMIT: usize = 20;
-/// Largest `limit` a `builds` query may ask for; more is refused with [`ERROR_INVALID`] (page
+/// Largest `limit` a `builds` query may ask for; more is refused with [`ErrorCode::Invalid`] (page
 /// with `cursor` instead).
 pub const MAX_BUILDS_LIMIT: usize = 200;
 
-/// [`ApiError::code`]: the builder is answering as many queries as it allows; retry in a moment.
-pub const ERROR_BUSY: &str = "busy";
-/// [`ApiError::code`]: the reply would not fit the server's `max_payload`.
-pub const ERROR_TOO_LARGE: &str = "too_large";
-/// [`ApiError::code`]: the sender may not do this: its signature does not verify, it is
-/// unsigned where the builders require signatures, or its user lacks the right (a deployer
-/// cancelling another user's build). See `docs/security.md`.
-pub const ERROR_FORBIDDEN: &str = "forbidden";
-/// [`ApiError::code`]: the query itself is not valid (bad JSON, `limit` out of range, bad cursor).
-pub const ERROR_INVALID: &str = "invalid";
+/// Machine-readable kind of a failure, serialized in snake case (`not_found`, `queue_full`, …):
+/// the `code` of an [`ApiError`] reply, of a `finished` event that did not succeed, and of a
+/// client error. A program acts on the code; the text beside it is for people. A code this
+/// version does not know (from a newer builder) reads as [`ErrorCode::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// API: no request with that id (never sent, or its events expired); a builder's own
+    /// `cancel` also answers it for a request it does not run.
+    NotFound,
+    /// API: the request has already finished (a `cancel` too late); its state is in the reply.
+    AlreadyFinished,
+    /// API: try the same call again in a few seconds. A `cancel` of a request a builder took
+    /// but that no builder answers for (see docs/protocol.md, "Cancelling").
+    Retry,
+    /// API: the query is not valid (bad JSON, `limit` out of range, bad cursor, bad id).
+    /// `finished`: the request itself is not valid (bad body, bad id, a time limit over the
+    /// builder's maximum).
+    Invalid,
+    /// Client: the queue refused the request, its limit for the target or in all is reached.
+    QueueFull,
+    /// API and `finished`: the sender may not do this: its signature does not verify, it is
+    /// unsigned where the builders require signatures, or its user lacks the right (a
+    /// deployer cancelling another user's build, or building a repo outside its list). See
+    /// `docs/security.md`.
+    Forbidden,
+    /// API: the builder is answering as many queries as it allows; retry in a moment.
+    Busy,
+    /// API: the reply would not fit the server's `max_payload`. `finished`: an event of the
+    /// request could not be stored, even shortened.
+    TooLarge,
+    /// API: no such verb under `build.api.v1.` or `build.api.builder.<name>.`.
+    UnknownVerb,
+    /// API: reading JetStream, or asking the builder that runs the request, failed.
+    Unavailable,
+    /// `finished`: the builder that took the request does not serve its repo.
+    NotServed,
+    /// `finished`: the `ref` or `rev` is not in the repo (or a rev prefix is ambiguous).
+    UnknownRef,
+    /// `finished`: fetching the repo failed (network, credentials, host key, LFS, submodule).
+    FetchFailed,
+    /// `finished`: the target host is not in the flake's `nixosConfigurations` at that commit.
+    UnknownHost,
+    /// `finished`: the flake's host list could not be evaluated (or it is empty).
+    EvalFailed,
+    /// `finished`: the request's time limit ran out before a host was built.
+    TimedOut,
+    /// `finished`: cancelled (`cancelled_by` says by whom).
+    Cancelled,
+    /// `finished`: cancelled because a newer `replace` request for the same target came.
+    Superseded,
+    /// `finished`: started `builder.max_attempts` times without an end; not tried again.
+    GaveUp,
+    /// `finished`: at least one host failed (see each host's `status` and `error`).
+    HostsFailed,
+    /// A code this version does not know.
+    #[serde(other)]
+    Other,
+}
 
-/// Any API reply that failed.
+impl ErrorCode {
+    /// The wire name (`not_found`, `queue_full`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::AlreadyFinished => "already_finished",
+            Self::Retry => "retry",
+            Self::Invalid => "invalid",
+            Self::QueueFull => "queue_full",
+            Self::Forbidden => "forbidden",
+            Self::Busy => "busy",
+            Self::TooLarge => "too_large",
+            Self::UnknownVerb => "unknown_verb",
+            Self::Unavailable => "unavailable",
+            Self::NotServed => "not_served",
+            Self::UnknownRef => "unknown_ref",
+            Self::FetchFailed => "fetch_failed",
+            Self::UnknownHost => "unknown_host",
+            Self::EvalFailed => "eval_failed",
+            Self::TimedOut => "timed_out",
+            Self::Cancelled => "cancelled",
+            Self::Superseded => "superseded",
+            Self::GaveUp => "gave_up",
+            Self::HostsFailed => "hosts_failed",
+            Self::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Any API reply that failed: `{"error": "…", "code": "…"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
+    /// What failed and what to do, for people.
     pub error: String,
-    /// Machine-readable kind, when there is one: [`ERROR_BUSY`], [`ERROR_TOO_LARGE`],
-    /// [`ERROR_INVALID`], [`ERROR_FORBIDDEN`].
+    /// Machine-readable kind; every builder of this version sets it (absent from older ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<String>,
+    pub code: Option<ErrorCode>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +299,8 @@ pub struct RequestState {
     /// `finished` event; absent while queued and for unsigned requests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by_key: Option<crate::Identity>,
+    /// When the request was stored in the queue; never changes (from the queue, or the
+    /// `queued_at` of its `started` and `finished` events).
     #[serde(with = "time::serde::rfc3339")]
     pub queued_at: OffsetDateTime,
     #[serde(
@@ -230,8 +327,18 @@ pub struct RequestState {
     /// Why it failed or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The `code` of its `finished` event: the kind of failure, for programs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
     /// Highest event `seq` so far (0 when queued).
     pub last_seq: u64,
+    /// Where the request's events come (`build.responses.<repo>.<target>.<id>.events`), so an
+    /// id is enough to follow it. Set in `status` answers; not stored in the bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_subject: Option<String>,
+    /// Where its build log batches come (`….logs`). Set with `events_subject`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs_subject: Option<String>,
     /// `time` of the event with `last_seq`: when the state last changed (absent when queued).
     #[serde(
         default,
@@ -371,6 +478,23 @@ pub struct BuilderInfo {
     /// in entries of older builders.
     #[serde(default)]
     pub ephemeral: bool,
+    /// Seconds since `heartbeat`, as the reader of the registry saw it (the entry in the
+    /// bucket holds 0).
+    #[serde(default)]
+    pub heartbeat_age_secs: u64,
+    /// The heartbeat is older than [`BUILDER_LOST_AFTER_SECS`]: the builder died, hangs or
+    /// lost NATS, whatever `states` says (the entry in the bucket holds `false`).
+    #[serde(default)]
+    pub lost: bool,
+}
+
+impl BuilderInfo {
+    /// Sets [`BuilderInfo::heartbeat_age_secs`] and [`BuilderInfo::lost`] as seen at `now`.
+    pub fn judge(&mut self, now: OffsetDateTime) {
+        let age = (now - self.heartbeat).whole_seconds().max(0);
+        self.heartbeat_age_secs = age as u64;
+        self.lost = age > BUILDER_LOST_AFTER_SECS;
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -459,6 +583,35 @@ mod tests {
                 "{subject}"
             );
         }
+    }
+
+    #[test]
+    fn error_codes_are_snake_case_and_unknown_ones_still_parse() {
+        let error = ApiError {
+            error: "no request with id x".into(),
+            code: Some(ErrorCode::AlreadyFinished),
+        };
+        let json = serde_json::to_value(&error).expect("serializes");
+        assert_eq!(json["code"], "already_finished");
+        assert_eq!(
+            serde_json::to_value(ErrorCode::UnknownVerb).expect("serializes"),
+            "unknown_verb"
+        );
+        for code in [
+            ErrorCode::QueueFull,
+            ErrorCode::HostsFailed,
+            ErrorCode::GaveUp,
+        ] {
+            assert_eq!(
+                serde_json::to_value(code).expect("serializes"),
+                code.as_str()
+            );
+        }
+        let newer: ApiError =
+            serde_json::from_str(r#"{"error":"x","code":"something_new"}"#).expect("parses");
+        assert_eq!(newer.code, Some(ErrorCode::Other));
+        let older: ApiError = serde_json::from_str(r#"{"error":"x"}"#).expect("parses");
+        assert_eq!(older.code, None);
     }
 
     #[test]

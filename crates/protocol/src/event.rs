@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::api::ErrorCode;
 use crate::diff::ClosureDiff;
 use crate::Identity;
 
@@ -44,6 +45,14 @@ pub enum EventBody {
         /// builders before it existed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         request_seq: Option<u64>,
+        /// When the request was stored in the queue (its JetStream message time), the same in
+        /// every event that carries it; absent from older builders.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "time::serde::rfc3339::option"
+        )]
+        queued_at: Option<OffsetDateTime>,
     },
     /// The builder starts on one host (evaluation, then build).
     HostStarted {
@@ -82,6 +91,18 @@ pub enum EventBody {
         /// Why the whole request failed (refused, unknown ref, flake did not evaluate, …).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+        /// The kind of failure, for programs: set whenever `status` is not `succeeded`
+        /// (`hosts_failed` when only hosts failed); absent from older builders.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<ErrorCode>,
+        /// When the request was stored in the queue, as in `started`; absent from older
+        /// builders, and when a request whose id could not be read is refused.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "time::serde::rfc3339::option"
+        )]
+        queued_at: Option<OffsetDateTime>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         builder: Option<String>,
         /// Who cancelled the request, when `status` is `cancelled`: the cancel's free-text
@@ -235,6 +256,8 @@ mod tests {
                     closure_diff: None,
                 }],
                 error: None,
+                code: Some(ErrorCode::HostsFailed),
+                queued_at: Some(OffsetDateTime::UNIX_EPOCH),
                 builder: Some("b1".into()),
                 cancelled_by: None,
                 cancelled_by_key: None,
@@ -249,6 +272,8 @@ mod tests {
         assert_eq!(json["status"], "failed");
         assert_eq!(json["hosts"][0]["status"], "eval_failed");
         assert!(json.get("error").is_none());
+        assert_eq!(json["code"], "hosts_failed");
+        assert_eq!(json["queued_at"], "1970-01-01T00:00:00Z");
         let back: Event = serde_json::from_value(json).expect("parses back");
         assert_eq!(back, event);
     }

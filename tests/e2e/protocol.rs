@@ -1,0 +1,278 @@
+//! The protocol is complete for a client that has only an id (issue 15 §2): machine-readable
+//! error codes, an answer for every API verb, the real queue time, queue positions in start
+//! order, `status` with no builder running, and a fleet list that shows new hosts and lost
+//! builders. Everything is read the way any NATS client reads it.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use test_support::{run_cli, stored_messages, wait_until, Builder, FixtureRepo, NatsServer};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::{bin, text, Setup};
+
+/// Runs `homelab-deploy ARGS` and parses its stdout as one JSON object.
+fn cli_json(nats_url: &str, args: &[&str]) -> (i32, Value) {
+    let output = run_cli(bin(), nats_url, args, Duration::from_secs(120));
+    let (stdout, stderr) = text(&output);
+    let value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|err| panic!("{args:?}: stdout is not JSON ({err}): {stdout}\n{stderr}"));
+    (output.status.code().unwrap_or(-1), value)
+}
+
+fn at(value: &Value) -> OffsetDateTime {
+    OffsetDateTime::parse(value.as_str().unwrap_or_default(), &Rfc3339)
+        .unwrap_or_else(|err| panic!("{value} is not an RFC 3339 time: {err}"))
+}
+
+async fn ask(client: &async_nats::Client, subject: &str, body: &[u8]) -> Value {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request(subject.to_owned(), body.to_vec().into()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no reply on {subject} within 30s"))
+    .unwrap_or_else(|err| panic!("{subject}: {err}"));
+    serde_json::from_slice(&reply.payload).expect("the reply is JSON")
+}
+
+/// Every API error carries a `code`: an unknown verb is answered (`unknown_verb`), on the
+/// queue group's subjects and on a builder's own; an unknown id is `not_found`, a bad query
+/// `invalid`, a cancel too late `already_finished`. A `finished` that did not succeed says
+/// why in `code` too: `unknown_host`, `unknown_ref`, `hosts_failed`; a success has none.
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_carry_codes_and_every_verb_is_answered() {
+    let setup = Setup::new("fleet");
+    let client = async_nats::connect(&setup.nats.url).await.expect("connect");
+
+    let unknown = ask(&client, "build.api.v1.frobnicate", b"{}").await;
+    assert_eq!(unknown["code"], "unknown_verb", "{unknown}");
+    assert!(
+        unknown["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("build.api.v1.status")),
+        "the error lists the verbs there are: {unknown}"
+    );
+    let own = format!("build.api.builder.{}.frobnicate", setup.builder.name);
+    assert_eq!(ask(&client, &own, b"{}").await["code"], "unknown_verb");
+    let deeper = ask(&client, "build.api.v1.status.extra", b"{}").await;
+    assert_eq!(deeper["code"], "unknown_verb", "{deeper}");
+
+    let missing = ask(
+        &client,
+        "build.api.v1.status",
+        br#"{"id":"no-such-request-01"}"#,
+    )
+    .await;
+    assert_eq!(missing["code"], "not_found", "{missing}");
+    let bad = ask(&client, "build.api.v1.status", b"not json").await;
+    assert_eq!(bad["code"], "invalid", "{bad}");
+
+    let (code, finished) = setup.build_json("web", &[]);
+    assert_eq!(code, 0, "{finished}");
+    assert!(
+        finished.get("code").is_none(),
+        "a success has no code: {finished}"
+    );
+    let id = finished["id"].as_str().expect("id").to_owned();
+    let late = ask(
+        &client,
+        "build.api.v1.cancel",
+        json!({"id": id, "reason": "too late"})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(late["code"], "already_finished", "{late}");
+    let cancel = run_cli(
+        bin(),
+        &setup.nats.url,
+        &["cancel", &id],
+        Duration::from_secs(60),
+    );
+    let (_, stderr) = text(&cancel);
+    assert_eq!(cancel.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("already_finished:"), "{stderr}");
+
+    let (code, finished) = setup.build_json("no-such-host", &[]);
+    assert_eq!(code, 1);
+    assert_eq!(finished["code"], "unknown_host", "{finished}");
+    let (_, finished) = setup.build_json("web", &["--ref", "no-such-branch"]);
+    assert_eq!(finished["code"], "unknown_ref", "{finished}");
+    let (_, finished) = setup.build_json("broken-build", &[]);
+    assert_eq!(finished["status"], "failed");
+    assert_eq!(finished["code"], "hosts_failed", "{finished}");
+    // The read model keeps the code.
+    let failed = finished["id"].as_str().expect("id");
+    let (_, state) = cli_json(&setup.nats.url, &["status", failed, "--json"]);
+    assert_eq!(state["code"], "hosts_failed", "{state}");
+}
+
+/// With no builder running, `status ID` answers from JetStream alone: three requests queued as
+/// scheduled, ci and interactive are at positions 3, 2 and 1 (the order builders start them),
+/// each names its events and logs subjects. Once a builder builds them, the real queue time
+/// stays: the same in `status` before and after, in `started` and in `finished`, and before
+/// the start.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_id_is_enough_and_the_queue_time_stays() {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("fleet");
+    let repos = [("demo", repo.url())];
+    // A builder creates the streams, then stops: the requests wait with no builder at all.
+    let mut first = Builder::start(bin(), &nats.url, &repos);
+    first.terminate(Duration::from_secs(30));
+    let mut ids = Vec::new();
+    for (host, priority) in [("web", "scheduled"), ("db", "ci"), ("web", "interactive")] {
+        let output = run_cli(
+            bin(),
+            &nats.url,
+            &["build", "demo", host, "--no-wait", "--priority", priority],
+            Duration::from_secs(60),
+        );
+        let (stdout, stderr) = text(&output);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        ids.push((stdout.trim().to_owned(), host));
+    }
+    let mut queued_at = Vec::new();
+    for ((id, host), position) in ids.iter().zip([3, 2, 1]) {
+        let (code, state) = cli_json(&nats.url, &["status", id, "--json"]);
+        assert_eq!(code, 0, "{state}");
+        assert_eq!(state["phase"], "queued", "{state}");
+        assert_eq!(state["queue_position"], position, "{id}: {state}");
+        assert_eq!(
+            state["events_subject"],
+            format!("build.responses.demo.{host}.{id}.events")
+        );
+        assert_eq!(
+            state["logs_subject"],
+            format!("build.responses.demo.{host}.{id}.logs")
+        );
+        queued_at.push(at(&state["queued_at"]));
+    }
+    let human = run_cli(
+        bin(),
+        &nats.url,
+        &["status", &ids[0].0],
+        Duration::from_secs(60),
+    );
+    let (stdout, _) = text(&human);
+    assert!(stdout.contains("position 3"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("build.responses.demo.web.{}.events", ids[0].0)),
+        "{stdout}"
+    );
+
+    let _builder = Builder::start(bin(), &nats.url, &repos);
+    let client = nats.client().await;
+    for ((id, host), queued) in ids.iter().zip(&queued_at) {
+        let mut state = Value::Null;
+        let done = wait_until(Duration::from_secs(120), || {
+            state = cli_json(&nats.url, &["status", id, "--json"]).1;
+            state["phase"] == "succeeded"
+        });
+        assert!(done, "{id} did not succeed: {state}");
+        let close = |seen: OffsetDateTime, what: &str| {
+            assert!(
+                (seen - *queued).abs() < time::Duration::milliseconds(1),
+                "{id}: {what} {seen} is not the queue time {queued}"
+            );
+        };
+        close(at(&state["queued_at"]), "status queued_at");
+        assert!(at(&state["started_at"]) > *queued, "{state}");
+        let events =
+            stored_messages(&client, &format!("build.responses.demo.{host}.{id}.events")).await;
+        let started = events
+            .iter()
+            .find(|e| e["type"] == "started")
+            .expect("started");
+        let finished = events.last().expect("finished");
+        close(at(&started["queued_at"]), "started queued_at");
+        close(at(&finished["queued_at"]), "finished queued_at");
+        assert!(at(&started["time"]) > *queued, "{started}");
+    }
+}
+
+/// `builders` shows the hosts a new commit adds without a build (`hosts_refresh_secs`), and a
+/// builder whose heartbeat stopped as `lost`, with the age of its heartbeat.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fleet_list_follows_new_hosts_and_shows_lost_builders() {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("fleet");
+    let builder = Builder::start_with(
+        bin(),
+        &nats.url,
+        &[("demo", repo.url())],
+        "\nhosts_refresh_secs = 1\n",
+    );
+    let hosts = |list: &Value| -> Vec<String> {
+        list["builders"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|b| b["name"] == builder.name.as_str())
+            .flat_map(|b| b["hosts"]["demo"].as_array().cloned().unwrap_or_default())
+            .filter_map(|h| h.as_str().map(str::to_owned))
+            .collect()
+    };
+    let mut list = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            list = cli_json(&nats.url, &["builders", "--json"]).1;
+            hosts(&list).contains(&"web".to_owned())
+        }),
+        "{list}"
+    );
+    assert!(!hosts(&list).contains(&"added".to_owned()));
+    let flake = std::fs::read_to_string(repo.path().join("flake.nix")).expect("read flake");
+    let grown = flake.replacen(
+        "db = ok \"db\";",
+        "db = ok \"db\";\n        added = ok \"added\";",
+        1,
+    );
+    assert_ne!(grown, flake, "the fixture flake defines db");
+    repo.commit_file("flake.nix", &grown);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            list = cli_json(&nats.url, &["builders", "--json"]).1;
+            hosts(&list).contains(&"added".to_owned())
+        }),
+        "the new commit's host is never announced: {list}\n{}",
+        builder.log()
+    );
+    let me = list["builders"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["name"] == builder.name.as_str()))
+        .expect("the builder is listed");
+    assert_eq!(me["lost"], false, "{me}");
+
+    // A builder that died two minutes ago, as its last announcement left it.
+    let js = async_nats::jetstream::new(nats.client().await);
+    let store = js
+        .get_key_value("BUILD_BUILDERS")
+        .await
+        .expect("registry bucket");
+    let two_minutes_ago = (OffsetDateTime::now_utc() - time::Duration::minutes(2))
+        .format(&Rfc3339)
+        .expect("format");
+    let entry = json!({"name": "gone01", "version": "0.1.0", "repos": ["demo"],
+        "states": [{"state": "idle"}], "started_at": two_minutes_ago, "heartbeat": two_minutes_ago});
+    store
+        .put("gone01", entry.to_string().into())
+        .await
+        .expect("put the entry");
+    let list = cli_json(&nats.url, &["builders", "--json"]).1;
+    let gone = list["builders"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["name"] == "gone01"))
+        .expect("the dead builder is listed");
+    assert_eq!(gone["lost"], true, "{gone}");
+    assert!(gone["heartbeat_age_secs"].as_u64() >= Some(120), "{gone}");
+    let table = run_cli(bin(), &nats.url, &["builders"], Duration::from_secs(60));
+    let (stdout, _) = text(&table);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("gone01"))
+        .unwrap_or_default();
+    assert!(line.contains("lost"), "{stdout}");
+}
