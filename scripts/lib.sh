@@ -7,6 +7,8 @@ NATS_SERVER_VERSION="2.15.1"
 # The official MCP Python SDK (PyPI `mcp`), the client of the MCP server's tests: it checks each
 # tool result against the tool's outputSchema.
 MCP_SDK_VERSION="2.3.0"
+# nats-py (PyPI), the Python NATS client the protocol tests drive the documented resume recipe with.
+NATS_PY_VERSION="2.16.0"
 MIN_NATS_SERVER="2.10"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -115,6 +117,22 @@ ensure_mcp_sdk() {
     export MCP_SDK_PYTHON="$venv/bin/python"
 }
 
+ensure_nats_py() {
+    # Its own venv under .tools, like the MCP SDK's.
+    local venv="$TOOLS/nats-py-venv"
+    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('nats-py') != '$NATS_PY_VERSION')" 2>/dev/null; then
+        export NATS_PY_PYTHON="$venv/bin/python"
+        return
+    fi
+    ensure_python_venv
+    say "installing nats-py $NATS_PY_VERSION (PyPI) into .tools"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "nats-py==$NATS_PY_VERSION"
+    "$venv/bin/python" -c "import nats.js.api" || die "nats-py was installed into $venv but does not import"
+    export NATS_PY_PYTHON="$venv/bin/python"
+}
+
 ensure_promtool() {
     # Debian's prometheus package ships promtool, which checks metrics and alert rules.
     command -v promtool >/dev/null || apt_install prometheus
@@ -156,6 +174,7 @@ ensure_deps() {
     ensure_nix
     ensure_nats_server
     ensure_mcp_sdk
+    ensure_nats_py
     ensure_promtool
     ensure_chromium
 }

@@ -276,3 +276,115 @@ async fn the_fleet_list_follows_new_hosts_and_shows_lost_builders() {
         .unwrap_or_default();
     assert!(line.contains("lost"), "{stdout}");
 }
+
+/// The Python of docs/protocol.md ("Resuming"), between its snippet markers.
+fn resume_snippet() -> String {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/protocol.md"
+    ))
+    .expect("read docs/protocol.md");
+    let start = doc
+        .find("# resume-snippet-start")
+        .expect("the resume snippet starts");
+    let end = doc
+        .find("# resume-snippet-end")
+        .expect("the resume snippet ends");
+    doc[start..end].to_owned()
+}
+
+/// Runs the documented recipe: events of request ID from seq SEQ, and HOST's log from LINE.
+const RESUME_HARNESS: &str = r#"
+import asyncio, sys
+import nats
+
+async def main():
+    url, request_id, seq, host, line = sys.argv[1:6]
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    events = [event async for event in events_from(js, request_id, int(seq))]
+    log_lines = next(e["log_lines"] for e in events
+                     if e["type"] == "host_finished" and e["host"] == host)
+    lines = await host_log_from(js, request_id, host, int(line), log_lines)
+    print(json.dumps({"events": events, "log_lines": log_lines, "lines": lines}))
+    await nc.close()
+
+asyncio.run(main())
+"#;
+
+/// The Python interpreter with nats-py: `NATS_PY_PYTHON` (set by scripts/lib.sh), else the
+/// venv `ensure_nats_py` makes under `.tools`.
+fn nats_py_python() -> String {
+    if let Ok(python) = std::env::var("NATS_PY_PYTHON") {
+        return python;
+    }
+    let venv = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../.tools/nats-py-venv/bin/python"
+    );
+    assert!(
+        std::path::Path::new(venv).exists(),
+        "NATS_PY_PYTHON is not set and {venv} is missing: run ./scripts/test, which installs nats-py under .tools"
+    );
+    venv.to_owned()
+}
+
+/// A Python client with only an id follows the documented recipe: the events from `seq` 2 on
+/// (contiguous, ending with `finished`) and one host's log from line 2, which it knows is
+/// complete because `host_finished` says how many lines the host produced, the number the
+/// logs subject holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_documented_resume_recipe_works_from_python() {
+    let python = nats_py_python();
+    let setup = Setup::new("fleet");
+    let (_, finished) = setup.build_json("all", &[]);
+    let id = finished["id"].as_str().expect("id").to_owned();
+    let client = setup.nats.client().await;
+    let events = stored_messages(&client, &format!("build.responses.demo.all.{id}.events")).await;
+    let batches = stored_messages(&client, &format!("build.responses.demo.all.{id}.logs")).await;
+    let mut web_log: Vec<String> = Vec::new();
+    for batch in batches.iter().filter(|b| b["host"] == "web") {
+        assert_eq!(batch["first_line"], web_log.len() as u64 + 1, "{batch}");
+        let lines = batch["lines"].as_array().expect("lines");
+        web_log.extend(lines.iter().filter_map(|l| l.as_str().map(str::to_owned)));
+    }
+    assert!(web_log.len() >= 2, "web logged {web_log:?}");
+    for event in events.iter().filter(|e| e["type"] == "host_finished") {
+        let host = event["host"].as_str().expect("host");
+        let stored = batches
+            .iter()
+            .filter(|b| b["host"] == host)
+            .map(|b| b["lines"].as_array().map_or(0, Vec::len) as u64)
+            .sum::<u64>();
+        assert_eq!(event["log_lines"], stored, "{host}: {event}");
+    }
+
+    let script = format!("{}\n{RESUME_HARNESS}", resume_snippet());
+    let run = tokio::process::Command::new(&python)
+        .args(["-c", &script, &setup.nats.url, &id, "2", "web", "2"])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the Python client finished in time")
+        .expect("python runs");
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    let resumed: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let seqs: Vec<u64> = resumed["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["seq"].as_u64())
+        .collect();
+    assert_eq!(seqs, (2..=events.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        resumed["events"]
+            .as_array()
+            .and_then(|e| e.last())
+            .map(|e| &e["type"]),
+        Some(&Value::from("finished"))
+    );
+    assert_eq!(resumed["log_lines"], web_log.len() as u64);
+    assert_eq!(resumed["lines"], json!(web_log[1..]));
+}

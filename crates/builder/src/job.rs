@@ -746,11 +746,12 @@ impl Jobs {
                 };
                 shared_events.lock().await.emit(started).await?;
                 let drv = drvs.get(host).map(String::as_str);
+                let mut log_lines = 0;
                 let outcome = self
                     .build_host(
                         shared_events,
                         checkout,
-                        host,
+                        (host, &mut log_lines),
                         logs,
                         id.as_str(),
                         drv,
@@ -777,6 +778,7 @@ impl Jobs {
                     index,
                     total,
                     result: result.clone(),
+                    log_lines: Some(log_lines),
                 };
                 shared_events.lock().await.emit(finished).await?;
                 Ok::<_, JobError>(result)
@@ -946,11 +948,12 @@ impl Jobs {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// `log_lines` gets how many log lines of the host were published (all of them stored).
     async fn build_host(
         &self,
         events: &tokio::sync::Mutex<&mut Events<'_>>,
         checkout: &Checkout<'_>,
-        host: &str,
+        (host, log_lines): (&str, &mut u64),
         logs: &str,
         request_id: &str,
         evaluated_drv: Option<&str>,
@@ -1024,6 +1027,7 @@ impl Jobs {
                     batcher.push(line.to_owned()).await?;
                 }
                 batcher.flush().await?;
+                *log_lines = batcher.lines_published();
                 return done(HostStatus::EvalFailed, None, Some(excerpt));
             }
         };
@@ -1053,6 +1057,7 @@ impl Jobs {
             let closure_diff = self
                 .closure_diff(repo, rev, host, &out_path, &mut batcher)
                 .await?;
+            *log_lines = batcher.lines_published();
             let mut cached = result(HostStatus::Cached, Some(out_path), None);
             cached.closure_diff = closure_diff;
             return Ok(HostOutcome::Done(self.push(repo, cached, started).await));
@@ -1083,10 +1088,12 @@ impl Jobs {
                 _ = tokio::time::sleep_until(batcher.deadline().unwrap_or(far_future)) => batcher.flush().await?,
                 _ = tokio::time::sleep_until(deadline.at) => {
                     batcher.flush().await?;
+                    *log_lines = batcher.lines_published();
                     return done(HostStatus::TimedOut, None, Some(timed_out()));
                 }
                 why = interrupted(interrupt) => {
                     batcher.flush().await?;
+                    *log_lines = batcher.lines_published();
                     return stopped(why);
                 }
             }
@@ -1112,6 +1119,7 @@ impl Jobs {
             }
         }
         batcher.flush().await?;
+        *log_lines = batcher.lines_published();
         // The host's last progress event carries nix's final counts, however close together
         // they came.
         if let Some((progress, false)) = latest_progress {
@@ -1130,6 +1138,7 @@ impl Jobs {
         let closure_diff = self
             .closure_diff(repo, rev, host, &built.out_path, &mut batcher)
             .await?;
+        *log_lines = batcher.lines_published();
         let mut host_result = result(status, Some(built.out_path), None);
         host_result.closure_diff = closure_diff;
         Ok(HostOutcome::Done(

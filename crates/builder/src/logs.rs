@@ -67,6 +67,11 @@ impl LogBatcher {
         Ok(())
     }
 
+    /// Lines published (and stored) so far: the host's lines are numbered 1 to this.
+    pub fn lines_published(&self) -> u64 {
+        self.next_line - 1
+    }
+
     /// When the pending batch must go out even if no more lines come.
     pub fn deadline(&self) -> Option<Instant> {
         self.first_at.map(|first| first + MAX_BATCH_AGE)

@@ -75,6 +75,11 @@ pub enum EventBody {
         index: usize,
         total: usize,
         result: HostResult,
+        /// Log lines the host produced on the logs subject (numbered 1 to this), all stored
+        /// before this event: a follower holding line `log_lines` has the whole log. Absent
+        /// from older builders.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_lines: Option<u64>,
     },
     /// The builder handed the request back to the queue unfinished (it was stopped while
     /// building); the next builder to take it sends a new `started`.
