@@ -3,7 +3,9 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use homelab_deploy_client::control::{wait_for_finished, Seen, WaitEnd};
 use homelab_deploy_client::{submit, ClientError, SubmitOptions};
+use homelab_deploy_protocol::api::ErrorCode;
 use homelab_deploy_protocol::request::{check_git_ref, check_rev};
 use homelab_deploy_protocol::{BuildStatus, EventBody, Mode, Priority, RepoName, Target};
 
@@ -173,41 +175,32 @@ pub async fn run(args: BuildArgs) -> u8 {
     let mut progress = Progress::new(&submission.subject, submission.id.as_str(), args.quiet);
     let deadline = tokio::time::Instant::now() + args.timeout;
     let waiting_since = Instant::now();
-    let finished = loop {
-        let next = tokio::select! {
-            next = submission.events.next() => next,
-            _ = tokio::time::sleep_until(deadline) => {
-                progress.clear();
-                eprintln!(
-                    "error: timed out after {} waiting for request {}; the build goes on (see its events on build.responses.{}.{}.{}.events)",
-                    humantime::format_duration(args.timeout), submission.id, repo, target.token(), submission.id
-                );
-                return exit::UNAVAILABLE;
-            }
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                progress.tick(waiting_since.elapsed());
-                continue;
-            }
-        };
-        match next {
-            Some(Ok(event)) => {
-                progress.event(&event);
-                if matches!(event.body, EventBody::Finished { .. }) {
-                    break event;
-                }
-            }
-            Some(Err(err)) => {
-                progress.clear();
-                return client_error(err);
-            }
-            None => {
-                progress.clear();
-                eprintln!("error: the event subscription ended before the build finished (NATS connection lost?)");
-                return exit::UNAVAILABLE;
-            }
+    let waited = wait_for_finished(
+        &mut submission.events,
+        deadline,
+        Duration::from_secs(1),
+        |seen| match seen {
+            Seen::Event(event) => progress.event(event),
+            Seen::Tick => progress.tick(waiting_since.elapsed()),
+        },
+    )
+    .await;
+    progress.clear();
+    let finished = match waited {
+        Ok(finished) => finished,
+        Err(WaitEnd::TimedOut) => {
+            eprintln!(
+                "error: timed out after {} waiting for request {}; the build goes on (see its events on build.responses.{}.{}.{}.events)",
+                humantime::format_duration(args.timeout), submission.id, repo, target.token(), submission.id
+            );
+            return exit::UNAVAILABLE;
+        }
+        Err(WaitEnd::Failed(err)) => return client_error(err),
+        Err(WaitEnd::Closed) => {
+            eprintln!("error: the event subscription ended before the build finished (NATS connection lost?)");
+            return exit::UNAVAILABLE;
         }
     };
-    progress.clear();
     if let Some(path) = &args.junit {
         let xml = crate::junit::report(&finished).unwrap_or_default();
         if let Err(err) = std::fs::write(path, xml) {
@@ -238,7 +231,11 @@ pub fn client_error(err: ClientError) -> u8 {
     eprintln!("error: {err}");
     match err {
         ClientError::Credentials(_) => exit::USAGE,
-        ClientError::Refused { .. } => exit::BUILD_FAILED,
+        ClientError::Api {
+            code: Some(ErrorCode::Invalid),
+            ..
+        } => exit::USAGE,
+        ClientError::Refused { .. } | ClientError::Api { .. } => exit::BUILD_FAILED,
         _ => exit::UNAVAILABLE,
     }
 }

@@ -1,9 +1,12 @@
-//! Client side of homelab-deploy: connect to NATS, request a build, follow its events.
+//! Client side of homelab-deploy: connect to NATS, request a build, follow its events, and
+//! every control verb ([`control`]: status, cancel, drain, lists of builds and builders, wait
+//! for a result).
 //!
-//! Used by the `homelab-deploy` CLI, and meant for the MCP server, timers and CI as well, so that
-//! all of them submit and watch builds the same way.
+//! Used by the `homelab-deploy` CLI and the MCP server, and meant for timers and CI as well, so
+//! that all of them submit, watch and control builds the same way.
 
 mod connect;
+pub mod control;
 pub mod denials;
 pub mod inspect;
 mod request;
@@ -14,6 +17,7 @@ pub use request::{submit, EventStream, LogStream, Submission, SubmitOptions};
 pub use sign::Signer;
 
 use homelab_deploy_credentials::SecretUrl;
+use homelab_deploy_protocol::api::ErrorCode;
 use homelab_deploy_protocol::RepoName;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,4 +56,15 @@ pub enum ClientError {
         seq: String,
         message: String,
     },
+    /// The builders answered with an error: its code (see docs/protocol.md, "Error codes")
+    /// and text.
+    #[error("{}{message}", code.map(|code| format!("{code}: ")).unwrap_or_default())]
+    Api {
+        code: Option<ErrorCode>,
+        message: String,
+    },
+    #[error("nobody answers on {subject}: no builder is running (or none by that name)")]
+    NoResponders { subject: String },
+    #[error("no answer on {subject} within {secs}s")]
+    TimedOut { subject: String, secs: u64 },
 }

@@ -14,15 +14,16 @@ pub mod summary;
 use std::time::Duration;
 
 use async_nats::connection::State;
+use homelab_deploy_client::control::{self, wait_for_finished, Seen, WaitEnd};
 use homelab_deploy_client::inspect::{
     fold_event, fold_events, list_builders, list_builds, request_state,
 };
-use homelab_deploy_client::{connect, submit, ConnectSettings, LogStream, Signer, SubmitOptions};
-use homelab_deploy_protocol::api::{
-    ApiError, BuildsCursor, BuildsQuery, CancelReply, CancelRequest, RequestPhase, RequestState,
-    BUILDER_LOST_AFTER_SECS, CANCEL_SUBJECT,
+use homelab_deploy_client::{
+    connect, submit, ClientError, ConnectSettings, LogStream, Signer, SubmitOptions,
 };
-use homelab_deploy_protocol::identity::Purpose;
+use homelab_deploy_protocol::api::{
+    BuildsCursor, BuildsQuery, CancelRequest, RequestPhase, RequestState, BUILDER_LOST_AFTER_SECS,
+};
 use homelab_deploy_protocol::request::{check_git_ref, check_rev};
 use homelab_deploy_protocol::{Event, EventBody, Mode, Priority, RepoName, RequestId, Target};
 use rmcp::handler::server::router::tool::ToolRouter;
@@ -40,6 +41,7 @@ use rmcp::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
+use tokio::sync::mpsc;
 
 use crate::summary::{
     cap_text, list_line, summarize, summary_text, BuildSummary, BuilderSummary, FULL, LIST,
@@ -210,16 +212,43 @@ fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
 
 type ToolResult = Result<CallToolResult, ErrorData>;
 
-/// Sends progress notifications that only rise, as MCP requires.
+/// Sends progress notifications that only rise, as MCP requires. They are made while the
+/// client crate's wait loop runs (synchronously) and sent in that order by one task; at most
+/// one per event of the request, and a request's `progress` events come at most once a second.
 struct ProgressReporter {
     token: Option<ProgressToken>,
-    peer: Peer<RoleServer>,
+    outbox: Option<mpsc::UnboundedSender<ProgressNotificationParam>>,
+    sender: Option<tokio::task::JoinHandle<()>>,
     last: Option<f64>,
 }
 
 impl ProgressReporter {
-    async fn report(&mut self, progress: f64, total: Option<f64>, message: String) {
-        let Some(token) = &self.token else { return };
+    /// Reports to the client under `token`; without a token it reports nothing.
+    fn new(token: Option<ProgressToken>, peer: Peer<RoleServer>) -> Self {
+        let (outbox, sender) = match &token {
+            Some(_) => {
+                let (outbox, mut inbox) = mpsc::unbounded_channel::<ProgressNotificationParam>();
+                let sender = tokio::spawn(async move {
+                    while let Some(param) = inbox.recv().await {
+                        let _ = peer.notify_progress(param).await;
+                    }
+                });
+                (Some(outbox), Some(sender))
+            }
+            None => (None, None),
+        };
+        Self {
+            token,
+            outbox,
+            sender,
+            last: None,
+        }
+    }
+
+    fn report(&mut self, progress: f64, total: Option<f64>, message: String) {
+        let (Some(token), Some(outbox)) = (&self.token, &self.outbox) else {
+            return;
+        };
         if self.last.is_some_and(|last| progress <= last) {
             return;
         }
@@ -229,12 +258,21 @@ impl ProgressReporter {
         if let Some(total) = total {
             param = param.with_total(total);
         }
-        let _ = self.peer.notify_progress(param).await;
+        let _ = outbox.send(param);
+    }
+
+    /// Waits until every notification made so far is sent: before the tool's result, which
+    /// must come after them.
+    async fn finish(mut self) {
+        drop(self.outbox.take());
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.await;
+        }
     }
 
     /// Progress of a request's event: host index plus the derivation fraction of the host
     /// being built, out of the number of hosts.
-    async fn event(&mut self, event: &Event, current: &mut (usize, usize)) {
+    fn event(&mut self, event: &Event, current: &mut (usize, usize)) {
         match &event.body {
             EventBody::Started { builder, hosts, .. } => {
                 *current = (0, hosts.len());
@@ -244,7 +282,7 @@ impl ProgressReporter {
                     hosts.len(),
                     if hosts.len() == 1 { "" } else { "s" }
                 );
-                self.report(0.0, Some(hosts.len() as f64), message).await;
+                self.report(0.0, Some(hosts.len() as f64), message);
             }
             EventBody::HostStarted { host, index, total } => {
                 *current = (*index, *total);
@@ -252,8 +290,7 @@ impl ProgressReporter {
                     (*index - 1) as f64,
                     Some(*total as f64),
                     format!("host {index} of {total}: {host}"),
-                )
-                .await;
+                );
             }
             EventBody::Progress {
                 host,
@@ -267,8 +304,7 @@ impl ProgressReporter {
                     (index - 1) as f64 + fraction,
                     Some(total as f64),
                     format!("host {index} of {total}: {host}, {done}/{expected} derivations"),
-                )
-                .await;
+                );
             }
             EventBody::HostFinished {
                 index,
@@ -284,8 +320,7 @@ impl ProgressReporter {
                         result.name,
                         result.status.as_str()
                     ),
-                )
-                .await;
+                );
             }
             _ => {}
         }
@@ -646,43 +681,39 @@ impl BuildTools {
             Err(err) => return Ok(tool_error(err.to_string())),
         };
         let id = submission.id.to_string();
-        let mut progress = ProgressReporter {
-            token: meta.get_progress_token(),
-            peer,
-            last: None,
-        };
-        progress
-            .report(
-                0.0,
-                None,
-                format!(
-                    "request {id} queued ({repo} {target}); build_status with this id follows it"
-                ),
-            )
-            .await;
+        let mut progress = ProgressReporter::new(meta.get_progress_token(), peer);
+        progress.report(
+            0.0,
+            None,
+            format!("request {id} queued ({repo} {target}); build_status with this id follows it"),
+        );
         let mut state: Option<RequestState> = None;
         let mut current = (0, 0);
         let deadline = tokio::time::Instant::now() + wait;
-        let lost = loop {
-            let next = tokio::select! {
-                next = submission.events.next() => next,
-                _ = tokio::time::sleep_until(deadline) => break None,
-            };
-            let event = match next {
-                Some(Ok(event)) => event,
-                Some(Err(err)) => break Some(format!("following its events failed: {err}")),
-                None => break Some("the event subscription ended".to_owned()),
-            };
-            progress.event(&event, &mut current).await;
-            match &mut state {
-                Some(state) => fold_event(state, &event),
-                None => state = fold_events(std::slice::from_ref(&event)),
-            }
-            if matches!(event.body, EventBody::Finished { .. }) {
-                if let Some(state) = &state {
-                    return Ok(summary_result(summarize(state, FULL)));
+        let waited = wait_for_finished(
+            &mut submission.events,
+            deadline,
+            wait.max(Duration::from_secs(1)),
+            |seen| {
+                if let Seen::Event(event) = seen {
+                    progress.event(event, &mut current);
+                    match &mut state {
+                        Some(state) => fold_event(state, event),
+                        None => state = fold_events(std::slice::from_ref(event)),
+                    }
                 }
-            }
+            },
+        )
+        .await;
+        progress.finish().await;
+        let lost = match waited {
+            Ok(_) => match &state {
+                Some(state) => return Ok(summary_result(summarize(state, FULL))),
+                None => None,
+            },
+            Err(WaitEnd::TimedOut) => None,
+            Err(WaitEnd::Failed(err)) => Some(format!("following its events failed: {err}")),
+            Err(WaitEnd::Closed) => Some("the event subscription ended".to_owned()),
         };
         Ok(self
             .unfinished(&client, &submission.id, &repo, &target, state, lost, wait)
@@ -717,45 +748,29 @@ impl BuildTools {
             Ok(client) => client,
             Err(err) => return Ok(tool_error(err.to_string())),
         };
-        let body = CancelRequest {
+        // Signed with the seed the server connects with, so the builders know who cancels.
+        let signer = match Signer::for_settings(&self.settings) {
+            Ok(signer) => signer,
+            Err(err) => return Ok(tool_error(err.to_string())),
+        };
+        let request = CancelRequest {
             id: args.id.clone(),
             reason: args.reason,
             requested_by: Some("mcp".to_owned()),
         };
-        let payload = serde_json::to_vec(&body).unwrap_or_default();
-        // Signed with the seed the server connects with, so the builders know who cancels.
-        let headers = match Signer::for_settings(&self.settings) {
-            Ok(Some(signer)) => match signer.headers(Purpose::Cancel, &payload).await {
-                Ok(headers) => headers,
-                Err(err) => return Ok(tool_error(err.to_string())),
-            },
-            Ok(None) => Default::default(),
-            Err(err) => return Ok(tool_error(err.to_string())),
-        };
-        match tokio::time::timeout(
-            Duration::from_secs(15),
-            client.request_with_headers(CANCEL_SUBJECT, headers, payload.into()),
-        )
-        .await
-        {
-            Ok(Ok(answer)) => {
-                if let Ok(reply) = serde_json::from_slice::<CancelReply>(&answer.payload) {
-                    let output = CancelOutput {
-                        id: reply.id,
-                        was: reply.was.as_str().to_owned(),
-                        message: reply.message,
-                    };
-                    return Ok(structured(output.message.clone(), &output));
-                }
-                let error = serde_json::from_slice::<ApiError>(&answer.payload)
-                    .map(|e| e.error)
-                    .unwrap_or_else(|_| "unexpected answer from the builders".to_owned());
-                Ok(tool_error(error))
+        match control::cancel(&client, signer.as_ref(), &request).await {
+            Ok(reply) => {
+                let output = CancelOutput {
+                    id: reply.id,
+                    was: reply.was.as_str().to_owned(),
+                    message: reply.message,
+                };
+                Ok(structured(output.message.clone(), &output))
             }
-            Ok(Err(err)) => Ok(tool_error(format!(
-                "no builder answered the cancel ({err}); is any builder running?"
+            Err(err @ ClientError::NoResponders { .. }) => Ok(tool_error(format!(
+                "{err}; the cancel needs a running builder"
             ))),
-            Err(_) => Ok(tool_error("no builder answered the cancel within 15s")),
+            Err(err) => Ok(tool_error(err.to_string())),
         }
     }
 }
