@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use homelab_deploy_client::inspect::list_builders;
+use homelab_deploy_client::control::list_builders;
 use homelab_deploy_protocol::api::{
     builder_diff_subject, ApiError, DiffQuery, DiffReply, HeldBuild,
 };

@@ -2,7 +2,7 @@
 //! JetStream (works even when no builder is running).
 
 use clap::Args;
-use homelab_deploy_client::inspect::{list_builders, list_builds, request_state};
+use homelab_deploy_client::control::{list_builders, list_builds, status as request_status};
 use homelab_deploy_protocol::api::{BuildsQuery, RequestPhase, RequestState};
 use homelab_deploy_protocol::group_failures;
 use time::OffsetDateTime;
@@ -68,7 +68,7 @@ pub async fn status(args: StatusArgs) -> u8 {
         Err(code) => return code,
     };
     let js = async_nats::jetstream::new(client);
-    let state = match request_state(&js, &id).await {
+    let state = match request_status(&js, &id).await {
         Ok(Some(state)) => state,
         Ok(None) => {
             eprintln!("error: no request with id {id} (never sent, or its events expired)");

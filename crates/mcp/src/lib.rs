@@ -14,10 +14,10 @@ pub mod summary;
 use std::time::Duration;
 
 use async_nats::connection::State;
-use homelab_deploy_client::control::{self, wait_for_finished, Seen, WaitEnd};
-use homelab_deploy_client::inspect::{
-    fold_event, fold_events, list_builders, list_builds, request_state,
+use homelab_deploy_client::control::{
+    self, list_builders, list_builds, status, wait_for_finished, Seen, WaitEnd,
 };
+use homelab_deploy_client::inspect::{fold_event, fold_events};
 use homelab_deploy_client::{
     connect, submit, ClientError, ConnectSettings, LogStream, Signer, SubmitOptions,
 };
@@ -518,7 +518,7 @@ impl BuildTools {
             Ok(js) => js,
             Err(error) => return Ok(error),
         };
-        match request_state(&js, &id).await {
+        match status(&js, &id).await {
             Ok(Some(state)) => Ok(summary_result(summarize(&state, FULL))),
             Ok(None) => Ok(tool_error(format!(
                 "no build with id {id} (never sent, or too old)"
@@ -794,7 +794,7 @@ impl BuildTools {
         let read = if nats_down {
             None
         } else {
-            tokio::time::timeout(Duration::from_secs(10), request_state(&js, id))
+            tokio::time::timeout(Duration::from_secs(10), status(&js, id))
                 .await
                 .ok()
                 .and_then(Result::ok)
