@@ -388,3 +388,54 @@ async fn the_documented_resume_recipe_works_from_python() {
     assert_eq!(resumed["log_lines"], web_log.len() as u64);
     assert_eq!(resumed["lines"], json!(web_log[1..]));
 }
+
+/// A scheduled request that a builder took and handed back because an interactive one waited
+/// behind it (NAK, to be handed out again later) is still queued, first in line, while the
+/// person's build runs: not "running" on no builder, and listed among the queued builds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_handed_back_for_priority_stays_queued() {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("queue");
+    let _builder = Builder::start(bin(), &nats.url, &[("demo", repo.url())]);
+    let submit = |args: &[&str]| {
+        let mut all = vec!["build", "demo"];
+        all.extend_from_slice(args);
+        all.push("--no-wait");
+        let output = run_cli(bin(), &nats.url, &all, Duration::from_secs(60));
+        let (stdout, stderr) = text(&output);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        stdout.trim().to_owned()
+    };
+    let phase_becomes = |id: &str, phase: &str| {
+        let mut state = Value::Null;
+        let reached = wait_until(Duration::from_secs(60), || {
+            state = cli_json(&nats.url, &["status", id, "--json"]).1;
+            state["phase"] == phase
+        });
+        assert!(reached, "{id} never {phase}: {state}");
+    };
+    let blocker = submit(&["long"]);
+    phase_becomes(&blocker, "running");
+    let scheduled = submit(&["short", "--priority", "scheduled"]);
+    let person = submit(&["long"]);
+    let cancel = run_cli(
+        bin(),
+        &nats.url,
+        &["cancel", &blocker],
+        Duration::from_secs(60),
+    );
+    assert_eq!(cancel.status.code(), Some(0), "{}", text(&cancel).1);
+    phase_becomes(&person, "running");
+
+    let (_, state) = cli_json(&nats.url, &["status", &scheduled, "--json"]);
+    assert_eq!(state["phase"], "queued", "{state}");
+    assert_eq!(state["queue_position"], 1, "{state}");
+    let (_, queued) = cli_json(&nats.url, &["builds", "--state", "queued", "--json"]);
+    let ids: Vec<&str> = queued["builds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["id"].as_str())
+        .collect();
+    assert_eq!(ids, [scheduled.as_str()], "{queued}");
+}

@@ -181,6 +181,7 @@ pub async fn run(
         replace_index: Default::default(),
         watch_interval,
         running: Default::default(),
+        running_changed: Default::default(),
         access: Arc::new(crate::access::Access::new(&config.access)),
         history: History::new(&state_dir, config.builder.closure_history),
     });

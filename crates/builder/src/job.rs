@@ -80,6 +80,9 @@ pub struct Jobs {
     pub watch_interval: Duration,
     /// Requests running here, by id.
     pub(crate) running: Mutex<HashMap<String, RunningJob>>,
+    /// Woken when a request starts or stops running here, so the registry announces it at
+    /// once: clients tell a request a builder holds from one waiting to be handed out again.
+    pub running_changed: tokio::sync::Notify,
     /// Who may build and cancel what (`[access]`).
     pub access: Arc<Access>,
     /// Each host's recent builds, for closure diffs.
@@ -450,6 +453,7 @@ impl Jobs {
                 interrupt: interrupt_tx,
             },
         );
+        self.running_changed.notify_one();
         let span = tracing::info_span!("request", request_id = %id, repo = %repo, target = target.as_str());
         let result = self
             .build_request(
@@ -463,6 +467,7 @@ impl Jobs {
             .instrument(span)
             .await;
         self.lock_running().remove(id.as_str());
+        self.running_changed.notify_one();
         match result {
             Ok(()) => Ok(Answered::Finished),
             Err(JobError::Aborted) => {

@@ -109,6 +109,7 @@ impl Registry {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = jobs.evaluated.hosts_changed() => {}
+                _ = jobs.running_changed.notified() => {}
                 _ = stop.changed() => {}
                 _ = all_done(&mut finished) => break,
             }

@@ -13,8 +13,8 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, kv, Context};
 use futures::StreamExt;
 use homelab_deploy_protocol::api::{
-    BuildList, BuilderInfo, BuildsCursor, BuildsQuery, HostOutcome, RequestPhase, RequestState,
-    BUILDERS_BUCKET, DEFAULT_BUILDS_LIMIT, HOST_OUTCOME_PACKAGES, STATE_BUCKET,
+    BuildList, BuilderInfo, BuilderState, BuildsCursor, BuildsQuery, HostOutcome, RequestPhase,
+    RequestState, BUILDERS_BUCKET, DEFAULT_BUILDS_LIMIT, HOST_OUTCOME_PACKAGES, STATE_BUCKET,
 };
 use homelab_deploy_protocol::subject::{
     consumer_name, events_subject, logs_subject, parse_request_subject, EVENTS_STREAM,
@@ -114,13 +114,51 @@ pub struct PendingRequest {
     /// The request's priority class (`interactive` when it named none).
     pub priority: Priority,
     pub queued_at: OffsetDateTime,
-    /// Not yet handed to any builder.
+    /// No builder holds it: never handed out, or handed back (a request of a higher priority
+    /// class waited, or its builder stopped) and waiting to be handed out again.
     pub waiting: bool,
 }
 
-/// Every request in the requests stream, oldest first. A request at or below its repo
-/// consumer's delivered sequence has been handed to a builder.
+/// Every request in the requests stream, oldest first, and whether it waits.
+///
+/// A request above its repo consumer's delivered sequence was never handed out. One at or
+/// below it was, but may have been handed back (NAK) and wait for redelivery: it counts as
+/// held only while a live builder lists it among its running requests in the registry (which
+/// a builder updates as soon as it takes or ends one), or its state shows it running.
 pub async fn pending_requests(js: &Context) -> Result<Vec<PendingRequest>, ClientError> {
+    let mut pending = queue_messages(js).await?;
+    if pending.iter().all(|p| p.waiting) {
+        return Ok(pending);
+    }
+    let held_by_builders: std::collections::HashSet<String> = list_builders(js)
+        .await?
+        .into_iter()
+        .filter(|builder| !builder.lost)
+        .flat_map(|builder| builder.states)
+        .filter_map(|state| match state {
+            BuilderState::Building { id, .. } => Some(id),
+            _ => None,
+        })
+        .collect();
+    let store = state_bucket(js).await;
+    for request in pending.iter_mut().filter(|p| !p.waiting) {
+        if held_by_builders.contains(&request.id) {
+            continue;
+        }
+        let running = match &store {
+            Some(store) => stored_state(store, &request.id)
+                .await?
+                .is_some_and(|state| state.phase == RequestPhase::Running),
+            None => false,
+        };
+        request.waiting = !running;
+    }
+    Ok(pending)
+}
+
+/// Every message of the requests stream, `waiting` when above its repo consumer's delivered
+/// sequence.
+async fn queue_messages(js: &Context) -> Result<Vec<PendingRequest>, ClientError> {
     let error = nats_error("reading the request queue");
     let mut stream = match js.get_stream(REQUESTS_STREAM).await {
         Ok(stream) => stream,
