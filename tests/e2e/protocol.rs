@@ -439,3 +439,66 @@ async fn a_request_handed_back_for_priority_stays_queued() {
         .collect();
     assert_eq!(ids, [scheduled.as_str()], "{queued}");
 }
+
+/// `retry` is the one cancel answer that asks the caller to try again, and only for a request
+/// whose builder vanished while holding it (killed while listing the flake's hosts, before
+/// `started`): the builder that gets the cancel looks for 5 s, then says so, and the request is
+/// still there to cancel once the queue hands it out again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_says_retry_only_when_the_holder_vanished() {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("fleet");
+    // On a branch of its own: listing its hosts imports a derivation that never finishes.
+    repo.git(&["checkout", "-q", "-b", "hang"]);
+    repo.commit_file(
+        "flake.nix",
+        r#"# /bin/sleep resolves only because Nix's sandbox is off on the test machines.
+{
+  outputs = { self }:
+    let
+      nonce = import ./nonce.nix;
+      hang = derivation {
+        name = "hang";
+        inherit nonce;
+        system = "x86_64-linux";
+        builder = "/bin/sh";
+        args = [ "-c" "echo ${nonce}; /bin/sleep 600; echo '{}' > $out" ];
+      };
+    in { nixosConfigurations = import hang; };
+}
+"#,
+    );
+    repo.git(&["checkout", "-q", "main"]);
+    let repos = [("demo", repo.url())];
+    let mut holder = Builder::start(bin(), &nats.url, &repos);
+    let output = run_cli(
+        bin(),
+        &nats.url,
+        &["build", "demo", "all", "--ref", "hang", "--no-wait"],
+        Duration::from_secs(60),
+    );
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let id = stdout.trim().to_owned();
+    assert!(
+        wait_until(Duration::from_secs(60), || !repo
+            .build_processes()
+            .is_empty()),
+        "the evaluation never started:\n{}",
+        holder.log()
+    );
+    let _other = Builder::start(bin(), &nats.url, &repos);
+    holder.signal("KILL", Duration::from_secs(10));
+
+    let started = std::time::Instant::now();
+    let cancel = run_cli(bin(), &nats.url, &["cancel", &id], Duration::from_secs(60));
+    let (_, stderr) = text(&cancel);
+    assert_eq!(cancel.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: retry:"), "{stderr}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "answered before looking for 5 s: {stderr}"
+    );
+    let (_, state) = cli_json(&nats.url, &["status", &id, "--json"]);
+    assert_eq!(state["phase"], "running", "{state}");
+}
