@@ -343,7 +343,7 @@ impl Jobs {
                 if chosen {
                     if let Some(holder) = self.id_holder(&id, &events, stream_seq).await? {
                         return self
-                            .refuse_reused_id(&repo, &target, &id, holder, stream_seq, started)
+                            .refuse_reused_id(message, &repo, &target, &id, holder, started)
                             .await;
                     }
                 }
@@ -404,7 +404,7 @@ impl Jobs {
         }
         if let Some(holder) = self.id_holder(id, events, stream_seq).await? {
             return self
-                .refuse_reused_id(repo, target, id, holder, stream_seq, started)
+                .refuse_reused_id(message, repo, target, id, holder, started)
                 .await;
         }
         match self
@@ -526,23 +526,26 @@ impl Jobs {
         Ok(older_queued_holder(&self.requests, id, stream_seq).await)
     }
 
-    /// Answers a message whose id another request holds under the message's own
+    /// Answers `message`, whose id another request holds, under the message's own
     /// `stream-seq-<N>` id (which its publish ack told the sender), and terminates it.
     async fn refuse_reused_id(
         &self,
+        message: &RequestMessage,
         repo: &RepoName,
         target: &Target,
         id: &RequestId,
         holder: u64,
-        stream_seq: u64,
         started: Instant,
     ) -> Result<Answered, JobError> {
+        let info = message.info().ok();
+        let stream_seq = info.as_ref().map_or(0, |i| i.stream_sequence);
+        let queued_at = info.map(|i| i.published);
         warn!(request_id = %id, stream_seq, holder, "refused a request whose id another request holds");
         let Ok(own) = RequestId::for_stream_sequence(stream_seq) else {
             return Ok(Answered::Never);
         };
         let mut events =
-            Events::open(&self.publisher, &self.state, repo, target, &own, None).await?;
+            Events::open(&self.publisher, &self.state, repo, target, &own, queued_at).await?;
         if !events.already_finished() {
             let finish = Finish {
                 error: Some(format!(
