@@ -31,6 +31,8 @@ let
       impure = optional types.bool "Evaluate the flake with --impure (it reads the clock or the environment).";
       nix_options = optional (types.attrsOf (types.oneOf [ types.str types.int types.bool (types.listOf types.str) ]))
         "Extra nix settings for this repo, each passed as --option KEY VALUE (never written to nix.conf).";
+      expected_peak_mb = optional (types.attrsOf types.ints.positive)
+        "Expected peak memory (MiB) of hosts, by host name: a floor under what the fleet measures, so a heavy host goes only to builders whose memory_mb fits it, from its first build on.";
     };
   };
 
@@ -55,6 +57,8 @@ let
         max_attempts = optional types.ints.positive "Times a request is started before it is given up (default 3).";
         closure_history = optional (types.ints.between 0 100) "Builds of each host kept as GC roots for closure diffs (default 5; 0: no diffs).";
         hosts_refresh_secs = optional types.ints.unsigned "Seconds between two listings of each repo's hosts at its branch head, for the fleet registry (default 300; 0: only at start and at builds).";
+        memory_mb = optional types.ints.positive "Memory envelope (MiB): no request whose expected peak memory is larger starts here (default: the machine's MemTotal).";
+        warm_affinity = optional types.bool "Hand a repeat build back (about 1 s at most) to an idle builder that holds the host's last build (default true).";
       };
       streams = {
         events_max_age_secs = optional types.ints.positive "How long events and logs are kept.";

@@ -155,9 +155,15 @@ async fn a_browser_sees_a_build_progress_finish_and_its_builder_leave() {
 
     let mut browser = Browser::open(&dashboard.url).await;
     browser
-        .wait_for_text("#fleet", long, "the builder as idle", |text| {
-            text.contains(&builder.name) && text.contains("idle")
-        })
+        .wait_for_text(
+            "#fleet",
+            long,
+            "the builder as idle, with its memory envelope",
+            |text| {
+                // The default envelope: the machine's memory.
+                text.contains(&builder.name) && text.contains("idle") && text.contains(" MiB")
+            },
+        )
         .await;
     browser
         .wait_for_text("#live", long, "the live marker", |text| text == "live")

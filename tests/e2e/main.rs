@@ -15,6 +15,7 @@ mod eval;
 mod faults;
 mod git;
 mod identity;
+mod lanes;
 mod logs;
 mod mcp;
 mod metrics;

@@ -65,9 +65,12 @@ fn builder_module_renders_a_config_the_binary_accepts() {
             natsUrl = "nats://nats1:4222,nats://nats2:4222";
             nkeySeedFile = "/run/secrets/builder-nkey";
             settings.builder.build_jobs = 2;
+            settings.builder.memory_mb = 65536;
+            settings.builder.warm_affinity = false;
             settings.streams.replicas = 3;
             settings.repos.nixos-servers.push_to = "file:///var/cache/nix";
             settings.repos.nixos-servers.impure = true;
+            settings.repos.nixos-servers.expected_peak_mb = { big-host = 24576; };
             settings.repos.nixos-servers.nix_options = { cores = 4; extra-substituters = [ "https://a.example" "https://b.example" ]; };
             metrics = { enable = true; openFirewall = true; };
             settings.access = {
@@ -88,6 +91,10 @@ fn builder_module_renders_a_config_the_binary_accepts() {
         "url = \"nats://nats1:4222,nats://nats2:4222\"",
         "replicas = 3",
         "build_jobs = 2",
+        "memory_mb = 65536",
+        "warm_affinity = false",
+        "[repos.nixos-servers.expected_peak_mb]",
+        "big-host = 24576",
         "[repos.nixos-servers]",
         "ref = \"master\"",
         "push_to = \"file:///var/cache/nix\"",

@@ -155,6 +155,16 @@ pub struct BuilderConfig {
     /// start and at each build.
     #[serde(default = "default_hosts_refresh_secs")]
     pub hosts_refresh_secs: u64,
+    /// The builder's memory envelope in MiB: it never starts a request whose expected peak
+    /// memory (measured, or a repo's `expected_peak_mb`) is larger. Default: the machine's
+    /// memory (`MemTotal` of /proc/meminfo).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// Hand a repeat build of a host back, for about a second at most, when another idle
+    /// builder holds the host's last build (its store has most of the closure). Off: this
+    /// builder starts whatever it pulls that fits it.
+    #[serde(default = "default_true")]
+    pub warm_affinity: bool,
 }
 
 /// Limits of the JetStream streams, applied when this builder creates them.
@@ -245,6 +255,11 @@ pub struct RepoConfig {
     /// stopped and the request fails.
     #[serde(default = "default_fetch_timeout_secs")]
     pub fetch_timeout_secs: u64,
+    /// Expected peak memory (MiB) of hosts, by raw host name: a floor under what the fleet
+    /// measures, so a heavy host goes only to builders whose `memory_mb` fits it, from its
+    /// first build on.
+    #[serde(default)]
+    pub expected_peak_mb: BTreeMap<String, u64>,
 }
 
 /// The value of a `nix_options` entry, as TOML gives it.
@@ -485,6 +500,19 @@ fn default_ref() -> String {
     "main".to_owned()
 }
 
+/// `MemTotal` of /proc/meminfo in MiB.
+fn machine_memory_mb() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_total_mb(&meminfo)
+}
+
+/// The `MemTotal:  16318480 kB` line of /proc/meminfo, in MiB.
+fn parse_mem_total_mb(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|line| line.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
 /// Time limits of a builder: defaults, and the largest a request may ask for.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -588,6 +616,12 @@ impl Config {
             return Err(invalid(
                 "builder.max_attempts".into(),
                 "must be at least 1".into(),
+            ));
+        }
+        if self.builder.memory_mb == Some(0) {
+            return Err(invalid(
+                "builder.memory_mb".into(),
+                "must be at least 1 (leave it out for the machine's memory)".into(),
             ));
         }
         if self.builder.max_concurrent_requests == 0 {
@@ -805,6 +839,12 @@ impl Config {
         self.metrics.as_ref().filter(|m| m.enable).map(|m| m.listen)
     }
 
+    /// The builder's memory envelope in MiB: `builder.memory_mb`, else the machine's memory;
+    /// `None` when neither is known (the builder then takes any request).
+    pub fn memory_envelope_mb(&self) -> Option<u64> {
+        self.builder.memory_mb.or_else(machine_memory_mb)
+    }
+
     pub fn evaluation(&self) -> Evaluation {
         Evaluation {
             batch_size: self.builder.eval_batch_size,
@@ -1010,5 +1050,20 @@ ref = "master"
         )
         .expect_err("password and token file");
         assert!(err.to_string().contains("token_file"), "{err}");
+    }
+
+    #[test]
+    fn memory_envelope_is_the_key_or_the_machines_memory() {
+        let meminfo = "MemFree:  10 kB\nMemTotal:       16318480 kB\nSwapTotal: 0 kB\n";
+        assert_eq!(parse_mem_total_mb(meminfo), Some(15936));
+        assert_eq!(parse_mem_total_mb("MemTotal: lots\n"), None);
+        let config =
+            parse(&GOOD.replace("[builder]\n", "[builder]\nmemory_mb = 512\n")).expect("valid");
+        assert_eq!(config.memory_envelope_mb(), Some(512));
+        let machine = parse(GOOD).expect("valid").memory_envelope_mb();
+        assert!(machine.is_some_and(|mb| mb > 0), "{machine:?}");
+        let err = parse(&GOOD.replace("[builder]\n", "[builder]\nmemory_mb = 0\n"))
+            .expect_err("zero envelope");
+        assert!(err.to_string().contains("builder.memory_mb"), "{err}");
     }
 }

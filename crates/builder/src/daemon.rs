@@ -17,7 +17,7 @@ use futures::StreamExt;
 use homelab_deploy_client::{connect, ClientError, ConnectSettings};
 use homelab_deploy_credentials::vault::VaultSeed;
 use homelab_deploy_credentials::CredentialError;
-use homelab_deploy_protocol::subject::REQUESTS_STREAM;
+use homelab_deploy_protocol::subject::{parse_request_subject, REQUESTS_STREAM};
 use homelab_deploy_protocol::{BuildRequest, Priority, RepoName};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::git::Mirror;
 use crate::job::{Jobs, ServedRepo};
 use crate::nix::Nix;
+use crate::placement::{Decision, RepoNeeds};
 use crate::registry::Registry;
 use crate::session::{Session, SessionDir, SessionReport, Tracker};
 use crate::state::StateStore;
@@ -165,6 +166,15 @@ pub async fn run(
     // Keep-alives well inside the ack wait; also how fast a newer `replace` request is noticed.
     let watch_interval = (config.request_ack_wait() / 4).min(Duration::from_secs(2));
     let state = StateStore::open(&js, &config.streams).await?;
+    let envelope_mb = config.memory_envelope_mb();
+    let placement = crate::placement::Placement::open(
+        &js,
+        &name,
+        envelope_mb,
+        config.builder.warm_affinity,
+        config.streams.replicas,
+    )
+    .await?;
     let jobs = Arc::new(Jobs {
         builder_name: name.clone(),
         state_dir: state_dir.clone(),
@@ -184,6 +194,7 @@ pub async fn run(
         running_changed: Default::default(),
         access: Arc::new(crate::access::Access::new(&config.access)),
         history: History::new(&state_dir, config.builder.closure_history),
+        placement,
     });
     let registry = Registry::open(
         &js,
@@ -192,6 +203,7 @@ pub async fn run(
         config.streams.replicas,
         vault,
         session.is_ephemeral(),
+        envelope_mb,
     )
     .await?;
     let hosts_refresher = tokio::spawn(refresh_hosts(
@@ -226,6 +238,7 @@ pub async fn run(
         repos = ?repo_names.iter().map(RepoName::as_str).collect::<Vec<_>>(),
         nix_version = %jobs.nix.version,
         slots = config.builder.max_concurrent_requests,
+        memory_mb = ?envelope_mb,
         "builder ready"
     );
     notify_systemd(sd_notify::NotifyState::Ready);
@@ -441,10 +454,12 @@ fn priority_of(payload: &[u8]) -> Priority {
         .unwrap_or_default()
 }
 
-/// A request of `repo` queued after `message` whose priority class is higher, if any. Only
-/// requests below the top class look, so the common case costs nothing.
+/// A request of `repo` queued after `message` whose priority class is higher, if any, among
+/// those this builder could start (a request too heavy for it is another builder's to take
+/// first, so it never holds this builder's light work back). Only requests below the top class
+/// look, so the common case costs nothing.
 async fn higher_priority_waiting(
-    requests: &jetstream::stream::Stream,
+    jobs: &Jobs,
     repo: &RepoName,
     message: &jetstream::Message,
 ) -> Option<String> {
@@ -452,18 +467,58 @@ async fn higher_priority_waiting(
     if mine == Priority::Interactive {
         return None;
     }
+    let requests = &jobs.requests;
+    let needs = repo_needs(jobs, repo).await;
+    let fits = |subject: &str| {
+        let target = parse_request_subject(subject)
+            .ok()
+            .map(|(_, target)| target);
+        target.is_none_or(|target| jobs.placement.fits(needs.of(&target).as_ref()))
+    };
     let first = message.info().ok()?.stream_sequence + 1;
     let last = requests.clone().info().await.ok()?.state.last_sequence;
     let prefix = format!("build.{repo}.");
     for seq in first..=last.min(first + PRIORITY_SCAN) {
         // A gap is a request already taken or cancelled.
         if let Ok(waiting) = requests.get_raw_message(seq).await {
-            if waiting.subject.starts_with(&prefix) && priority_of(&waiting.payload) < mine {
+            if waiting.subject.starts_with(&prefix)
+                && priority_of(&waiting.payload) < mine
+                && fits(&waiting.subject)
+            {
                 return Some(format!("stream sequence {seq}"));
             }
         }
     }
     None
+}
+
+/// What this builder knows to place `repo`'s requests: the bucket's record, the repo's
+/// `expected_peak_mb`, and the flake's hosts at the last evaluated commit.
+async fn repo_needs<'a>(jobs: &'a Jobs, repo: &RepoName) -> RepoNeeds<'a> {
+    let floors = jobs
+        .repos
+        .get(repo)
+        .map(|served| &served.config.expected_peak_mb);
+    let hosts = jobs.evaluated.latest_hosts().remove(repo.as_str());
+    jobs.placement
+        .needs(repo, floors.unwrap_or(&NO_FLOORS), hosts)
+        .await
+}
+
+/// No `expected_peak_mb` (a repo this builder does not serve: its request is refused anyway).
+static NO_FLOORS: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+
+/// Where a pulled request of `repo` should run ([`crate::placement`]). A subject that does
+/// not parse is taken, to be refused with the reason.
+async fn place(jobs: &Jobs, repo: &RepoName, message: &jetstream::Message) -> Decision {
+    let Ok((_, target)) = parse_request_subject(&message.subject) else {
+        return Decision::Take;
+    };
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let needs = repo_needs(jobs, repo).await;
+    jobs.placement
+        .decide(repo, &target, &needs, delivered)
+        .await
 }
 
 /// Resolves once the daemon is asked to stop at `level` or harder.
@@ -541,7 +596,7 @@ async fn pull_loop(
                 continue;
             }
         };
-        if let Some(waiting) = higher_priority_waiting(&jobs.requests, &repo, &message).await {
+        if let Some(waiting) = higher_priority_waiting(&jobs, &repo, &message).await {
             // Let the more urgent request through; this one comes back after a short pause.
             info!(repo = %repo, waiting = %waiting, "a request of a higher priority is waiting; handing this one back");
             drop(permit);
@@ -550,10 +605,22 @@ async fn pull_loop(
             }
             continue;
         }
+        let refusal = match place(&jobs, &repo, &message).await {
+            Decision::Take => None,
+            Decision::Refuse(reason) => Some(reason),
+            Decision::HandBack { delay, why } => {
+                info!(repo = %repo, subject = %message.subject, why = %why, "handing a request back for another builder");
+                drop(permit);
+                if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                    warn!(repo = %repo, error = %err, "handing a request back failed; it returns after the ack wait");
+                }
+                continue;
+            }
+        };
         session.taken(ticket);
         let (jobs, session) = (jobs.clone(), session.clone());
         running.spawn(async move {
-            let verdict = jobs.run(message).await;
+            let verdict = jobs.run(message, refusal).await;
             session.done(verdict);
             drop(permit);
         });

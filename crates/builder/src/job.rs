@@ -87,6 +87,8 @@ pub struct Jobs {
     pub access: Arc<Access>,
     /// Each host's recent builds, for closure diffs.
     pub history: History,
+    /// Heavy lanes and warm-cache affinity: what each host needs, who built it last.
+    pub placement: crate::placement::Placement,
 }
 
 /// A repo this builder serves, with its mirror (which keeps two jobs of the repo from fetching
@@ -97,6 +99,13 @@ pub struct ServedRepo {
     pub nix: Nix,
     pub mirror: Mirror,
 }
+
+/// Both ends of a running request's interrupt: the sender for its watchers, the receiver for
+/// the job.
+type InterruptChannel = (
+    watch::Sender<Option<Interrupt>>,
+    watch::Receiver<Option<Interrupt>>,
+);
 
 /// Why a running request must stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,10 +258,17 @@ impl Jobs {
     /// fence broke) leaves the delivery alone, so it can never ack or hand back the delivery
     /// another builder is running.
     ///
+    /// With `refusal`, a valid request (one this builder may answer) ends at once, `failed`,
+    /// with that error (no builder of the fleet can take it: [`crate::placement`]).
+    ///
     /// Returns the status of the `finished` event this builder stored for the request; `None`
     /// when it stored none (handed back on shutdown, taken over, ended by an earlier delivery,
     /// or NATS failed).
-    pub async fn run(&self, message: RequestMessage) -> Option<BuildStatus> {
+    pub async fn run(
+        &self,
+        message: RequestMessage,
+        refusal: Option<String>,
+    ) -> Option<BuildStatus> {
         let message = Arc::new(message);
         let (interrupt_tx, interrupt) = watch::channel(None);
         let watcher = tokio::spawn(watch_request(
@@ -265,7 +281,7 @@ impl Jobs {
         ));
         let mut verdict = None;
         let outcome = self
-            .run_request(&message, interrupt_tx, interrupt, &mut verdict)
+            .run_request(&message, refusal, interrupt_tx, interrupt, &mut verdict)
             .await;
         watcher.abort();
         let ack = match &outcome {
@@ -295,6 +311,7 @@ impl Jobs {
     async fn run_request(
         &self,
         message: &RequestMessage,
+        refusal: Option<String>,
         interrupt_tx: watch::Sender<Option<Interrupt>>,
         interrupt: watch::Receiver<Option<Interrupt>>,
         verdict: &mut Option<BuildStatus>,
@@ -374,9 +391,9 @@ impl Jobs {
             .run_parsed(
                 message,
                 &request,
+                refusal,
                 &mut events,
-                interrupt_tx,
-                interrupt,
+                (interrupt_tx, interrupt),
                 started,
             )
             .await;
@@ -389,9 +406,9 @@ impl Jobs {
         &self,
         message: &RequestMessage,
         request: &ParsedRequest,
+        refusal: Option<String>,
         events: &mut Events<'_>,
-        interrupt_tx: watch::Sender<Option<Interrupt>>,
-        interrupt: watch::Receiver<Option<Interrupt>>,
+        (interrupt_tx, interrupt): InterruptChannel,
         started: Instant,
     ) -> Result<Answered, JobError> {
         let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
@@ -443,6 +460,19 @@ impl Jobs {
                     .unwrap_or("the last one ended without a word")
             ));
             return self.finish_or_explain(events, finish).await;
+        }
+        if let Some(reason) = refusal {
+            warn!(request_id = %id, reason = %reason, "refused a request no builder of the fleet can take");
+            self.finish_or_explain(
+                events,
+                Finish {
+                    error: Some(reason),
+                    ..Finish::new(repo, target, &self.builder_name, started)
+                },
+            )
+            .await?;
+            // Terminated: it is answered.
+            return Ok(Answered::Never);
         }
         self.lock_running().insert(
             id.to_string(),
@@ -755,18 +785,30 @@ impl Jobs {
                 shared_events.lock().await.emit(started).await?;
                 let drv = drvs.get(host).map(String::as_str);
                 let mut log_lines = 0;
+                let mut measured = Measured::default();
                 let outcome = self
                     .build_host(
                         shared_events,
                         checkout,
-                        (host, &mut log_lines),
+                        HostRun {
+                            host,
+                            drv,
+                            deadline: &deadline,
+                            measured: &mut measured,
+                            log_lines: &mut log_lines,
+                        },
                         logs,
                         id.as_str(),
-                        drv,
-                        &deadline,
                         &mut interrupt,
                     )
                     .await?;
+                let held = match &outcome {
+                    HostOutcome::Done(result) if result.status.is_success() => Some(checkout.rev),
+                    _ => None,
+                };
+                self.placement
+                    .learn(repo, host, measured.eval, measured.build, held)
+                    .await;
                 let result = match outcome {
                     HostOutcome::Done(result) => result,
                     HostOutcome::Cancelled(result, by, reason) => {
@@ -955,17 +997,13 @@ impl Jobs {
         (target == Path::new(&out_path) && target.exists()).then_some(out_path)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    /// `log_lines` gets how many log lines of the host were published (all of them stored).
     async fn build_host(
         &self,
         events: &tokio::sync::Mutex<&mut Events<'_>>,
         checkout: &Checkout<'_>,
-        (host, log_lines): (&str, &mut u64),
+        run: HostRun<'_>,
         logs: &str,
         request_id: &str,
-        evaluated_drv: Option<&str>,
-        deadline: &Deadline,
         interrupt: &mut watch::Receiver<Option<Interrupt>>,
     ) -> Result<HostOutcome, JobError> {
         let Checkout {
@@ -974,6 +1012,13 @@ impl Jobs {
             rev,
             roots,
         } = *checkout;
+        let HostRun {
+            host,
+            drv: evaluated_drv,
+            deadline,
+            measured,
+            log_lines,
+        } = run;
         let started = Instant::now();
         let result = |status, out_path, error: Option<String>| HostResult {
             name: host.to_owned(),
@@ -1002,15 +1047,22 @@ impl Jobs {
         let evaluate = async {
             match evaluated_drv {
                 Some(drv) => Ok(drv.to_owned()),
-                None => {
-                    let drv = self.nix_of(repo).eval_toplevel_drv(flake, host).await;
-                    if let Ok(drv) = &drv {
-                        self.evaluated.put_drv(repo.as_str(), rev, host, drv);
-                        let name = Path::new(drv).file_name().unwrap_or_default();
-                        roots.add(&self.nix, &[drv], &name.to_string_lossy()).await;
+                None => match self.nix_of(repo).eval_toplevel_drv(flake, host).await {
+                    Ok((drv, peak)) => {
+                        measured.eval = Some(peak);
+                        self.evaluated.put_drv(repo.as_str(), rev, host, &drv);
+                        let name = Path::new(&drv).file_name().unwrap_or_default();
+                        roots.add(&self.nix, &[&drv], &name.to_string_lossy()).await;
+                        Ok(drv)
                     }
-                    drv
-                }
+                    Err(err) => {
+                        // It needed at least what it reached before the limit stopped it.
+                        if let NixError::MemoryLimit { rss, .. } = &err {
+                            measured.eval = Some(*rss);
+                        }
+                        Err(err)
+                    }
+                },
             }
         };
         let drv = tokio::select! {
@@ -1141,6 +1193,8 @@ impl Jobs {
         let status = if built.derivations_built == 0 {
             HostStatus::Cached
         } else {
+            // A build that built nothing measured only nix itself.
+            measured.build = Some(built.peak_rss);
             HostStatus::Built
         };
         let closure_diff = self
@@ -1394,6 +1448,24 @@ fn skipped_host(host: &str, status: HostStatus, error: Option<String>) -> HostRe
         push_error: None,
         closure_diff: None,
     }
+}
+
+/// One host of a request to build: its name, its drv when the shared evaluation found it, its
+/// deadline, where the peaks measured on the way go, and where the number of its log lines
+/// published (all of them stored) goes.
+struct HostRun<'a> {
+    host: &'a str,
+    drv: Option<&'a str>,
+    deadline: &'a Deadline,
+    measured: &'a mut Measured,
+    log_lines: &'a mut u64,
+}
+
+/// Peak resident memory (bytes) of a host's own evaluation and build, when they ran.
+#[derive(Debug, Default)]
+struct Measured {
+    eval: Option<u64>,
+    build: Option<u64>,
 }
 
 /// The commit a request builds, and the flake URL nix reads it from.

@@ -5,6 +5,7 @@
 //! - [`daemon`]: startup, the pull loops and shutdown.
 //! - [`job`]: one request's life, top to bottom.
 //! - [`api`], [`registry`]: the control API under `build.api.>` and the fleet registry.
+//! - [`placement`]: heavy lanes and warm-cache affinity: which builder starts a request.
 //! - [`session`]: the limits of an ephemeral builder (`--once`, `--max-builds`, …).
 //! - [`state`]: the request-state bucket, the read model derived from the events.
 //! - [`bus`], [`git`], [`nix`], [`logs`]: the seams to NATS, git, nix and log batching.
@@ -21,6 +22,7 @@ pub mod job;
 pub mod logs;
 pub mod metrics;
 pub mod nix;
+pub mod placement;
 pub mod process;
 pub mod registry;
 pub mod session;

@@ -76,6 +76,9 @@ pub struct Built {
     pub out_path: String,
     /// Derivations nix built; 0 means the toplevel was already in the store.
     pub derivations_built: u64,
+    /// Peak resident memory in bytes of nix and the build processes it waited for
+    /// (`ru_maxrss`).
+    pub peak_rss: u64,
 }
 
 /// The `nix` CLI and how to call it.
@@ -206,16 +209,21 @@ impl Nix {
         Ok(hosts)
     }
 
-    /// Evaluates `nixosConfigurations.<host>.config.system.build.toplevel` to its `.drv` path.
-    /// The host name reaches nix as a string literal, whatever it holds (`"`, `${`, `.`).
-    pub async fn eval_toplevel_drv(&self, flake: &str, host: &str) -> Result<String, NixError> {
+    /// Evaluates `nixosConfigurations.<host>.config.system.build.toplevel` to its `.drv` path;
+    /// also returns nix's peak resident memory in bytes. The host name reaches nix as a string
+    /// literal, whatever it holds (`"`, `${`, `.`).
+    pub async fn eval_toplevel_drv(
+        &self,
+        flake: &str,
+        host: &str,
+    ) -> Result<(String, u64), NixError> {
         let installable = format!("{flake}#nixosConfigurations");
         let apply = format!(
             "configs: (builtins.getAttr {} configs).config.system.build.toplevel.drvPath",
             nix_string(host)
         );
-        let drv = self
-            .evaluate(
+        let (drv, peak) = self
+            .evaluate_measured(
                 &format!("evaluating host {host}"),
                 &self.eval_args(&["--raw", &installable, "--apply", &apply]),
             )
@@ -226,7 +234,7 @@ impl Nix {
                 detail: format!("expected a .drv store path, got {:?}", truncate(&drv, 200)),
             });
         }
-        Ok(drv)
+        Ok((drv, peak))
     }
 
     /// Builds the outputs of `drv`, keeping the result alive with a GC root at `out_link`.
@@ -277,6 +285,7 @@ impl Nix {
         Ok(Built {
             out_path,
             derivations_built: log.derivations_built,
+            peak_rss: status.peak_rss,
         })
     }
 

@@ -24,6 +24,7 @@ pub struct Registry {
     started_at: OffsetDateTime,
     vault: Option<VaultSeed>,
     ephemeral: bool,
+    memory_mb: Option<u64>,
 }
 
 impl Registry {
@@ -34,6 +35,7 @@ impl Registry {
         replicas: usize,
         vault: Option<VaultSeed>,
         ephemeral: bool,
+        memory_mb: Option<u64>,
     ) -> Result<Self, crate::bus::BusError> {
         let store = match js.get_key_value(BUILDERS_BUCKET).await {
             Ok(store) => store,
@@ -60,6 +62,7 @@ impl Registry {
             started_at: OffsetDateTime::now_utc(),
             vault,
             ephemeral,
+            memory_mb,
         })
     }
 
@@ -80,6 +83,7 @@ impl Registry {
             ephemeral: self.ephemeral,
             heartbeat_age_secs: 0,
             lost: false,
+            memory_mb: self.memory_mb,
         };
         let Ok(payload) = serde_json::to_vec(&info) else {
             return;
@@ -89,7 +93,9 @@ impl Registry {
         }
     }
 
-    /// Announces the builder until it stops, then removes its entry.
+    /// Announces the builder until it stops, then removes its entry: every
+    /// [`HEARTBEAT_INTERVAL`], and at once when a request starts or ends here (placement
+    /// reads who is idle).
     pub async fn run(
         self,
         jobs: Arc<Jobs>,

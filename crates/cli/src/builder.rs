@@ -54,6 +54,12 @@ shows as ephemeral in `homelab-deploy builders`, keeps its state in STATE_DIR/se
 leaves no registry entry and no state behind. It shares the repo's durable consumer with the
 fleet; it never creates one of its own. See \"Ephemeral builders\" in docs/operations.md.
 
+Heavy lanes: the builder starts no request whose expected peak memory (learned from earlier
+builds, at least the repo's expected_peak_mb) exceeds builder.memory_mb (default: the machine's
+memory); it hands such a request back for a builder that fits, and fails it at once when no live
+builder does. A repeat build of a host goes to the idle builder that built it last
+(builder.warm_affinity). See \"Heavy lanes\" in docs/configuration.md.
+
 Exit codes: 0 stopped cleanly (a session: every request it took succeeded, or it took none);
 1 a session request it took finished failed or cancelled; 2 invalid config or flags; 3 nix
 unusable, NATS or JetStream setup failed; 4 (--once only) no verdict: no request came before

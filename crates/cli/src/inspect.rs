@@ -248,8 +248,8 @@ pub async fn builders(args: BuildersArgs) -> u8 {
         return exit::OK;
     }
     println!(
-        "{:<20}  {:<8}  {:<40}  {:<10}  REPOS",
-        "NAME", "VERSION", "STATE", "HEARTBEAT"
+        "{:<20}  {:<8}  {:<40}  {:<10}  {:<9}  REPOS",
+        "NAME", "VERSION", "STATE", "HEARTBEAT", "MEMORY"
     );
     for builder in &builders {
         let age = builder.heartbeat_age_secs;
@@ -273,12 +273,16 @@ pub async fn builders(args: BuildersArgs) -> u8 {
         } else {
             builder.name.clone()
         };
+        let memory = builder
+            .memory_mb
+            .map_or_else(|| "-".to_owned(), |mb| format!("{mb} MiB"));
         println!(
-            "{:<20}  {:<8}  {:<40}  {:<10}  {}",
+            "{:<20}  {:<8}  {:<40}  {:<10}  {:<9}  {}",
             name,
             builder.version,
             state,
             format!("{age}s ago"),
+            memory,
             builder.repos.join(", ")
         );
         if let Some(error) = &builder.vault_error {

@@ -71,7 +71,7 @@ enum Command {
     Logs(follow::LogsArgs),
     /// List queued and recent requests, newest first.
     Builds(inspect::BuildsArgs),
-    /// List the builders of the fleet, with their state and last heartbeat.
+    /// List the builders of the fleet, with their state, last heartbeat and memory envelope.
     Builders(inspect::BuildersArgs),
     /// Serve a read-only live web page of the fleet, the queue and the builds.
     #[command(after_help = dashboard::AFTER_HELP)]

@@ -99,7 +99,7 @@ fn fleet(model: &Model, now: OffsetDateTime) -> Markup {
                 p .muted { "no builder has announced itself" }
             } @else {
                 table {
-                    thead { tr { th { "builder" } th { "state" } th { "current build" } th { "heartbeat" } th { "repos" } th { "version" } } }
+                    thead { tr { th { "builder" } th { "state" } th { "current build" } th { "heartbeat" } th { "memory" } th { "repos" } th { "version" } } }
                     tbody { @for entry in &fleet { (builder_row(entry, now)) } }
                 }
             }
@@ -136,6 +136,8 @@ fn builder_row(entry: &FleetEntry, now: OffsetDateTime) -> Markup {
                 }
             } }
             td { @if entry.gone_at.is_none() { (age(heartbeat)) " ago" } @else { "—" } }
+            td .memory title="memory envelope: the largest expected peak this builder takes" {
+                @match info.memory_mb { Some(mb) => { (mb) " MiB" } None => { "—" } } }
             td { (info.repos.join(", ")) }
             td { (info.version) }
         }

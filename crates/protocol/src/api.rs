@@ -478,6 +478,11 @@ pub struct BuilderInfo {
     /// in entries of older builders.
     #[serde(default)]
     pub ephemeral: bool,
+    /// The builder's memory envelope in MiB (`builder.memory_mb`, by default the machine's
+    /// memory): it takes no request whose expected peak memory is larger. Absent in entries of
+    /// older builders and when the machine's memory is unknown: such a builder takes anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
     /// Seconds since `heartbeat`, as the reader of the registry saw it (the entry in the
     /// bucket holds 0).
     #[serde(default)]

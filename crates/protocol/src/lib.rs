@@ -12,12 +12,15 @@
 //! - [`event`]: lifecycle events and log batches a builder publishes.
 //! - [`identity`]: signing requests and cancels with an NKey, and checking the signature.
 //! - [`api`]: the control API under `build.api.>` and the fleet registry.
+//! - [`placement`]: what the fleet learns about each host to place its requests (peak memory,
+//!   last builder).
 //! - [`summary`]: short forms of host failures (excerpts, grouped errors) for lists and tools.
 
 pub mod api;
 pub mod diff;
 pub mod event;
 pub mod identity;
+pub mod placement;
 pub mod request;
 pub mod subject;
 pub mod summary;

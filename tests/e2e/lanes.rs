@@ -1,0 +1,277 @@
+//! Heavy lanes and warm-cache affinity, with real builders of different memory envelopes on
+//! the `lanes` fixture, whose `heavy` host holds about 470 MiB while it evaluates.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use test_support::{run_cli, stored_messages, unique, Builder, FixtureRepo, NatsServer};
+
+use crate::build::wait_for_finished;
+use crate::{bin, seqs_are_contiguous, text};
+
+/// A nats-server and the `lanes` fixture served as `demo`.
+struct Fleet {
+    nats: NatsServer,
+    repo: FixtureRepo,
+}
+
+impl Fleet {
+    fn new() -> Self {
+        Self {
+            nats: NatsServer::start(),
+            repo: FixtureRepo::new("lanes"),
+        }
+    }
+
+    /// A builder with `memory_mb` (none: the machine's memory) and extra lines for the
+    /// repo's table.
+    fn builder(&self, memory_mb: Option<u64>, repo_extra: &str) -> Builder {
+        let name = unique("builder");
+        let mut config = Builder::config(
+            &name,
+            &self.nats.url,
+            Path::new("{state_dir}"),
+            &[("demo", self.repo.url())],
+        );
+        if let Some(mb) = memory_mb {
+            config = config.replacen("\n\n[repos", &format!("\nmemory_mb = {mb}\n\n[repos"), 1);
+        }
+        config.push_str(repo_extra);
+        Builder::start_config(bin(), &name, &config)
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        run_cli(bin(), &self.nats.url, args, Duration::from_secs(120))
+    }
+
+    /// `build demo TARGET --no-wait ARGS`: the request id.
+    fn submit(&self, target: &str, extra: &[&str]) -> String {
+        let mut args = vec!["build", "demo", target, "--no-wait"];
+        args.extend_from_slice(extra);
+        let output = self.cli(&args);
+        let (stdout, stderr) = text(&output);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        stdout.trim().to_owned()
+    }
+
+    async fn events(&self, id: &str) -> Vec<Value> {
+        let client = self.nats.client().await;
+        stored_messages(&client, &format!("build.responses.demo.*.{id}.events")).await
+    }
+
+    async fn finished(&self, id: &str) -> Vec<Value> {
+        let client = self.nats.client().await;
+        let events =
+            wait_for_finished(&client, &format!("build.responses.demo.*.{id}.events")).await;
+        seqs_are_contiguous(&events);
+        events
+    }
+
+    /// The builder named by the request's only `started` event.
+    fn started_by(events: &[Value]) -> String {
+        let started: Vec<&Value> = events.iter().filter(|e| e["type"] == "started").collect();
+        assert_eq!(started.len(), 1, "{events:#?}");
+        started[0]["builder"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Waits (60 s at most) until the request has an event of `kind`; returns it.
+    async fn wait_event(&self, id: &str, kind: &str) -> Value {
+        for _ in 0..600 {
+            if let Some(event) = self
+                .events(id)
+                .await
+                .into_iter()
+                .find(|e| e["type"] == kind)
+            {
+                return event;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("request {id} never had a {kind} event");
+    }
+
+    fn builders(&self) -> Vec<Value> {
+        let output = self.cli(&["builders", "--json"]);
+        let list: Value = serde_json::from_slice(&output.stdout).expect("builders --json");
+        list["builders"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// What the fleet learned about `host` (the `BUILD_PLACEMENT` entry of `demo`).
+    async fn learned(&self, host: &str) -> Value {
+        let js = async_nats::jetstream::new(self.nats.client().await);
+        let store = js
+            .get_key_value("BUILD_PLACEMENT")
+            .await
+            .expect("placement bucket");
+        let entry = store.get("demo").await.expect("read").expect("demo entry");
+        let record: Value = serde_json::from_slice(&entry).expect("json");
+        record["hosts"][host].clone()
+    }
+}
+
+fn time_of(event: &Value) -> time::OffsetDateTime {
+    let text = event["time"].as_str().unwrap_or_default();
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|err| panic!("time of {event}: {err}"))
+}
+
+/// A small (200 MiB) and a big (4096 MiB) builder. The fleet learns `heavy`'s evaluation peak
+/// from its first build; after that it starts only on the big builder, even while the big one
+/// is busy and the small one idles, and light work keeps flowing on the small one meanwhile.
+/// `busy` is pinned by `expected_peak_mb` before it was ever measured; an `all` request goes
+/// whole to the builder that fits its heaviest host. Once the big builder is gone, `heavy` and
+/// `all` fail at once, naming the host, its peak and the largest envelope left.
+#[tokio::test(flavor = "multi_thread")]
+async fn heavy_hosts_start_only_where_they_fit_and_fail_at_once_when_none_does() {
+    let fleet = Fleet::new();
+    let pinned = "expected_peak_mb = { busy = 1024 }\n";
+    let small = fleet.builder(Some(200), pinned);
+    let big = fleet.builder(Some(4096), pinned);
+
+    let envelopes: Vec<(String, u64)> = fleet
+        .builders()
+        .iter()
+        .map(|b| {
+            let name = b["name"].as_str().unwrap_or_default().to_owned();
+            (name, b["memory_mb"].as_u64().unwrap_or_default())
+        })
+        .collect();
+    assert!(
+        envelopes.contains(&(small.name.clone(), 200)),
+        "{envelopes:?}"
+    );
+    assert!(
+        envelopes.contains(&(big.name.clone(), 4096)),
+        "{envelopes:?}"
+    );
+    let table = fleet.cli(&["builders"]);
+    assert!(text(&table).0.contains("4096 MiB"), "{}", text(&table).0);
+
+    // Never measured: it goes anywhere, and its peak is learned.
+    let first = fleet.submit("heavy", &[]);
+    let events = fleet.finished(&first).await;
+    assert_eq!(events.last().expect("finished")["status"], "succeeded");
+    let learned = fleet.learned("heavy").await;
+    let peak = learned["eval_peak_mb"].as_u64().unwrap_or_default();
+    assert!((201..4096).contains(&peak), "{learned}");
+    assert!(
+        learned["last_builder"] == Fleet::started_by(&events).as_str(),
+        "{learned}"
+    );
+
+    // The big builder busy with the pinned host; then heavy, then light.
+    let busy = fleet.submit("busy", &[]);
+    let busy_started = fleet.wait_event(&busy, "started").await;
+    assert_eq!(busy_started["builder"], Value::from(big.name.clone()));
+    let heavy = fleet.submit("heavy", &[]);
+    let light = fleet.submit("light", &[]);
+    let light_events = fleet.finished(&light).await;
+    assert_eq!(Fleet::started_by(&light_events), small.name);
+    let heavy_events = fleet.finished(&heavy).await;
+    assert_eq!(
+        Fleet::started_by(&heavy_events),
+        big.name,
+        "{heavy_events:#?}"
+    );
+    assert_eq!(
+        heavy_events.last().expect("finished")["status"],
+        "succeeded"
+    );
+    let heavy_started = heavy_events
+        .iter()
+        .find(|e| e["type"] == "started")
+        .expect("started");
+    let light_finished = light_events.last().expect("finished");
+    assert!(
+        time_of(light_finished) < time_of(heavy_started),
+        "light work waited behind the heavy request: {light_finished} vs {heavy_started}"
+    );
+    fleet.finished(&busy).await;
+
+    // `all` holds `heavy`: the whole request goes to the big builder, one commit for all hosts.
+    let all = fleet.submit("all", &[]);
+    let all_events = fleet.finished(&all).await;
+    assert_eq!(Fleet::started_by(&all_events), big.name);
+    assert_eq!(all_events.last().expect("finished")["status"], "succeeded");
+
+    // The big builder leaves: nothing left fits `heavy`, `busy` or `all`.
+    let output = fleet.cli(&["builder", "drain", &big.name]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    for _ in 0..300 {
+        if fleet
+            .builders()
+            .iter()
+            .all(|b| b["name"] != big.name.as_str())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each evaluation of `heavy` measured it again: the error names the latest figure.
+    let peak = fleet.learned("heavy").await["eval_peak_mb"].clone();
+    for (target, host, mb) in [
+        ("heavy", "heavy", peak.to_string()),
+        // The heaviest host of `all` is named.
+        ("all", "busy", "1024".to_owned()),
+        ("busy", "busy", "1024".to_owned()),
+    ] {
+        let id = fleet.submit(target, &[]);
+        let events = fleet.finished(&id).await;
+        assert!(events.iter().all(|e| e["type"] != "started"), "{events:#?}");
+        let finished = events.last().expect("finished");
+        assert_eq!(finished["status"], "failed");
+        let error = finished["error"].as_str().unwrap_or_default();
+        let largest = format!(
+            "largest envelope in the fleet is 200 MiB (builder {})",
+            small.name
+        );
+        assert!(
+            error.contains(&format!("host {host} needs {mb} MiB")) && error.contains(&largest),
+            "{target}: {error}"
+        );
+    }
+    let light = fleet.submit("light", &[]);
+    let events = fleet.finished(&light).await;
+    assert_eq!(events.last().expect("finished")["status"], "succeeded");
+    drop(big);
+}
+
+/// Two idle builders: every repeat build of a host, each at a new commit, lands on the
+/// builder that built it first (it holds the closure); without the preference the pulls
+/// would spread them.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeat_builds_go_to_the_builder_that_holds_the_host() {
+    let fleet = Fleet::new();
+    let one = fleet.builder(None, "");
+    let two = fleet.builder(None, "");
+    let first = fleet.submit("light", &[]);
+    let warm = Fleet::started_by(&fleet.finished(&first).await);
+    for round in 0..6 {
+        // Both idle again (the registry shows it) before the next request.
+        for _ in 0..100 {
+            let idle = fleet.builders().iter().all(|b| {
+                b["states"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().all(|s| s["state"] == "idle"))
+            });
+            if idle {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rev = fleet.repo.commit_file("salt", &unique("salt"));
+        let id = fleet.submit("light", &["--rev", &rev]);
+        let events = fleet.finished(&id).await;
+        assert_eq!(
+            Fleet::started_by(&events),
+            warm,
+            "round {round}: builders {} and {}",
+            one.name,
+            two.name
+        );
+    }
+}
