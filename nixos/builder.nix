@@ -71,6 +71,19 @@ let
         events_duplicate_window_secs = optional types.ints.positive "Duplicate window of the events stream.";
       };
       repos = mkOption { type = types.attrsOf repoSettings; default = { }; description = "Repos served, by name."; };
+      tenants = mkOption {
+        type = types.attrsOf (types.submodule {
+          options = {
+            nkey_seed_file = optional types.str "The builder's NKey seed in this tenant's NATS account (passed with LoadCredential).";
+            creds_file = optional types.str "Or a .creds file for that user (passed with LoadCredential).";
+            repos = mkOption { type = types.listOf token; description = "Repos (names of settings.repos) this tenant builds; each repo belongs to one tenant."; };
+            priority = optional (types.ints.between 1 100) "Share of the build slots while several tenants wait (default 1).";
+            max_queued = optional types.ints.positive "Requests the tenant's queue holds; one more is queue_full (default streams.max_pending_requests).";
+          };
+        });
+        default = { };
+        description = "Tenants, each in its own NATS account (docs/configuration.md, [tenants.NAME]); empty: one account, nats.nkey_seed_file.";
+      };
       access = {
         require_signed = optional types.bool "Refuse unsigned build requests and cancels, and keys not in access.users (docs/configuration.md, [access]).";
         users = mkOption {
@@ -130,6 +143,12 @@ let
         (secretFile "repo-${repo}-token" [ "repos" repo "token_file" ])
       ])
       (lib.attrNames cfg.settings.repos)
+    ++ lib.concatMap
+      (tenant: [
+        (secretFile "tenant-${tenant}-nkey-seed" [ "tenants" tenant "nkey_seed_file" ])
+        (secretFile "tenant-${tenant}-creds" [ "tenants" tenant "creds_file" ])
+      ])
+      (lib.attrNames cfg.settings.tenants)
   );
   loadCredentials = map (file: "${file.id}:${lib.getAttrFromPath file.path cfg.settings}") secretFiles;
   settingsWithCredentials = lib.foldl'
@@ -284,6 +303,10 @@ in
               then cfg.settings.vault.role_id_file != null && cfg.settings.vault.secret_id_file != null
               else cfg.settings.vault.token_file != null);
         message = "services.homelab-deploy.builder: Vault AppRole login needs vault.roleIdFile and vault.secretIdFile (settings.vault.token_file with auth = \"token\").";
+      }
+      {
+        assertion = cfg.settings.tenants == { } || (cfg.settings.nats.nkey_seed_file == null && cfg.settings.vault == null);
+        message = "services.homelab-deploy.builder: with settings.tenants, each tenant names the builder's credential in its account; leave nkeySeedFile and vault unset.";
       }
       {
         assertion = cfg.settings.repos != { };

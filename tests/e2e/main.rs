@@ -32,6 +32,7 @@ mod service;
 mod settings;
 mod soak;
 mod stalls;
+mod tenants;
 mod vault;
 
 use std::path::Path;

@@ -350,6 +350,65 @@ fn every_secret_file_is_a_credential() {
     );
 }
 
+/// Tenants: each tenant's builder seed is a credential, the rendered `[tenants]` tables pass
+/// `builder --check`, and a tenant beside a single-account seed is an assertion failure.
+#[test]
+fn builder_module_renders_tenants() {
+    let summary = evaluate(
+        r#"{
+          services.homelab-deploy.builder = {
+            enable = true;
+            repos.shop.url = "git+https://git.example.org/shop/infra.git";
+            repos.lab.url = "git+https://git.example.org/lab/nixos.git";
+            settings.tenants = {
+              shop = { nkey_seed_file = "/run/secrets/builder-shop.nk"; repos = [ "shop" ]; priority = 3; max_queued = 500; };
+              lab = { creds_file = "/run/secrets/builder-lab.creds"; repos = [ "lab" ]; };
+            };
+          };
+        }"#,
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    let service = &summary["services"]["homelab-deploy-builder"];
+    assert_eq!(
+        service["serviceConfig"]["LoadCredential"],
+        serde_json::json!([
+            "tenant-lab-creds:/run/secrets/builder-lab.creds",
+            "tenant-shop-nkey-seed:/run/secrets/builder-shop.nk"
+        ])
+    );
+    let file = summary["builderConfigFile"].as_str().expect("config file");
+    let config = std::fs::read_to_string(file).expect("rendered config");
+    assert!(
+        config.contains(&format!(
+            "nkey_seed_file = \"{CREDENTIALS}/tenant-shop-nkey-seed\""
+        )),
+        "{config}"
+    );
+    let check = Command::new(bin())
+        .args(["builder", "--check", "--config", file])
+        .output()
+        .expect("check");
+    assert!(check.status.success(), "{}\n{config}", text(&check).1);
+
+    let both = evaluate(
+        r#"{
+          services.homelab-deploy.builder = {
+            enable = true;
+            nkeySeedFile = "/run/secrets/builder.nk";
+            repos.shop.url = "git+https://git.example.org/shop/infra.git";
+            settings.tenants.shop = { nkey_seed_file = "/run/secrets/builder-shop.nk"; repos = [ "shop" ]; };
+          };
+        }"#,
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        both["failedAssertions"].to_string().contains("tenants"),
+        "{}",
+        both["failedAssertions"]
+    );
+}
+
 /// A typo in an option name, a wrong type, and a repo name that breaks the subject rules are
 /// evaluation errors that name the option.
 #[test]

@@ -11,6 +11,7 @@ use homelab_deploy_credentials::secret_url::redact_urls;
 use homelab_deploy_credentials::SecretUrl;
 use homelab_deploy_protocol::api::check_builder_name;
 use homelab_deploy_protocol::request::check_git_ref;
+use homelab_deploy_protocol::subject::shown;
 use homelab_deploy_protocol::RepoName;
 use serde::Deserialize;
 
@@ -48,6 +49,54 @@ pub struct Config {
     #[serde(default)]
     pub access: crate::access::AccessConfig,
     pub repos: BTreeMap<String, RepoConfig>,
+    /// Teams sharing this fleet, each in its own NATS account (`[tenants.NAME]`); empty means
+    /// one account for everything (`[nats]`'s credentials).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// One `[tenants.NAME]` table: a team whose NATS account holds its own request queue, events,
+/// read model and builder registry. The builder connects to each tenant's account with that
+/// tenant's credential and builds only the tenant's `repos` there.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// NKey seed of this builder's user in the tenant's account.
+    #[serde(default)]
+    pub nkey_seed_file: Option<PathBuf>,
+    /// Or a `.creds` file for that user.
+    #[serde(default)]
+    pub creds_file: Option<PathBuf>,
+    /// Names of `[repos.NAME]` tables this tenant builds; each repo belongs to one tenant.
+    pub repos: Vec<String>,
+    /// Share of the build slots while several tenants have requests waiting, relative to the
+    /// other tenants' (1 to 100): a tenant with priority 3 starts three requests for every one
+    /// of a tenant with priority 1. No tenant waits for another's backlog to drain.
+    #[serde(default = "default_tenant_priority")]
+    pub priority: u32,
+    /// Requests the tenant's queue holds at most (its `BUILD_REQUESTS` stream's `max_msgs`,
+    /// applied when the stream is created); one more is refused to its sender as `queue_full`.
+    /// Defaults to `streams.max_pending_requests`.
+    #[serde(default)]
+    pub max_queued: Option<i64>,
+}
+
+/// Largest `[tenants.NAME] priority`.
+pub const MAX_TENANT_PRIORITY: u32 = 100;
+
+/// One NATS account the builder serves: the single account of `[nats]`, or one tenant's.
+#[derive(Debug, Clone)]
+pub struct Account {
+    /// The tenant's name; `None` for the single account.
+    pub tenant: Option<String>,
+    pub nkey_seed_file: Option<PathBuf>,
+    pub creds_file: Option<PathBuf>,
+    /// Repos built for this account, by name.
+    pub repos: Vec<RepoName>,
+    /// Share weight among accounts (1 for the single account).
+    pub priority: u32,
+    /// Stream limits with the tenant's `max_queued` applied.
+    pub streams: StreamsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -481,6 +530,9 @@ fn default_request_ack_wait_secs() -> u64 {
 fn default_events_duplicate_window_secs() -> u64 {
     120
 }
+fn default_tenant_priority() -> u32 {
+    1
+}
 fn default_max_attempts() -> u64 {
     3
 }
@@ -789,7 +841,128 @@ impl Config {
                     .map_err(|reason| invalid(format!("{key}.nix_options.{option:?}"), reason))?;
             }
         }
+        self.validate_tenants(path)
+    }
+
+    fn validate_tenants(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        if self.tenants.is_empty() {
+            return Ok(());
+        }
+        if self.nats.nkey_seed_file.is_some()
+            || self.nats.creds_file.is_some()
+            || self.vault.is_some()
+        {
+            return Err(invalid(
+                "tenants".into(),
+                "with tenants, each [tenants.NAME] table names the builder's credential in that tenant's account; remove nats.nkey_seed_file, nats.creds_file and [vault]".into(),
+            ));
+        }
+        let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+        for (name, tenant) in &self.tenants {
+            let key = format!("tenants.{name}");
+            check_builder_name(name).map_err(|_| {
+                invalid(
+                    key.clone(),
+                    "a tenant name must be 1 to 64 letters, digits, '_' or '-'".into(),
+                )
+            })?;
+            match (&tenant.nkey_seed_file, &tenant.creds_file) {
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => {
+                    return Err(invalid(
+                        key,
+                        "needs exactly one of nkey_seed_file and creds_file: the builder's credential in this tenant's NATS account".into(),
+                    ))
+                }
+            }
+            if !(1..=MAX_TENANT_PRIORITY).contains(&tenant.priority) {
+                return Err(invalid(
+                    format!("{key}.priority"),
+                    format!("must be 1 to {MAX_TENANT_PRIORITY}"),
+                ));
+            }
+            if tenant.max_queued.is_some_and(|max| max < 1) {
+                return Err(invalid(
+                    format!("{key}.max_queued"),
+                    "must be at least 1".into(),
+                ));
+            }
+            if tenant.repos.is_empty() {
+                return Err(invalid(
+                    format!("{key}.repos"),
+                    "lists no repo; name the [repos.NAME] tables this tenant builds".into(),
+                ));
+            }
+            for repo in &tenant.repos {
+                if !self.repos.contains_key(repo) {
+                    return Err(invalid(
+                        format!("{key}.repos"),
+                        format!(
+                            "{} is not a configured repo (no [repos.{repo}] table)",
+                            shown(repo)
+                        ),
+                    ));
+                }
+                if let Some(other) = owner.insert(repo, name) {
+                    return Err(invalid(
+                        format!("{key}.repos"),
+                        format!("repo {repo} already belongs to tenant {other}; a repo belongs to one tenant"),
+                    ));
+                }
+            }
+        }
+        if let Some(repo) = self
+            .repos
+            .keys()
+            .find(|repo| !owner.contains_key(repo.as_str()))
+        {
+            return Err(invalid(
+                format!("repos.{repo}"),
+                "belongs to no tenant; list it in one [tenants.NAME] repos".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// The NATS accounts to serve: one per tenant, or the single account of `[nats]`.
+    pub fn accounts(&self) -> Vec<Account> {
+        let all = self.repos();
+        if self.tenants.is_empty() {
+            return vec![Account {
+                tenant: None,
+                nkey_seed_file: self.nats.nkey_seed_file.clone(),
+                creds_file: self.nats.creds_file.clone(),
+                repos: all.into_iter().map(|repo| repo.name).collect(),
+                priority: 1,
+                streams: self.streams.clone(),
+            }];
+        }
+        self.tenants
+            .iter()
+            .map(|(name, tenant)| {
+                let mut streams = self.streams.clone();
+                if let Some(max) = tenant.max_queued {
+                    streams.max_pending_requests = max;
+                }
+                Account {
+                    tenant: Some(name.clone()),
+                    nkey_seed_file: tenant.nkey_seed_file.clone(),
+                    creds_file: tenant.creds_file.clone(),
+                    repos: all
+                        .iter()
+                        .filter(|repo| tenant.repos.iter().any(|r| r == repo.name.as_str()))
+                        .map(|repo| repo.name.clone())
+                        .collect(),
+                    priority: tenant.priority,
+                    streams,
+                }
+            })
+            .collect()
     }
 
     /// The configured repos with their validated names.
@@ -1065,5 +1238,88 @@ ref = "master"
         let err = parse(&GOOD.replace("[builder]\n", "[builder]\nmemory_mb = 0\n"))
             .expect_err("zero envelope");
         assert!(err.to_string().contains("builder.memory_mb"), "{err}");
+    }
+
+    #[test]
+    fn tenants_split_the_repos_and_each_brings_its_credential() {
+        let two = format!(
+            "{GOOD}[repos.lab]\nurl = \"git+file:///srv/lab\"\n\
+             [tenants.shop]\nnkey_seed_file = \"/s/shop.nk\"\nrepos = [\"nixos-servers\"]\npriority = 3\nmax_queued = 5\n\
+             [tenants.lab]\ncreds_file = \"/s/lab.creds\"\nrepos = [\"lab\"]\n"
+        );
+        let config = parse(&two).expect("valid");
+        let accounts = config.accounts();
+        let shop = accounts
+            .iter()
+            .find(|a| a.tenant.as_deref() == Some("shop"))
+            .expect("shop");
+        assert_eq!(
+            shop.repos.iter().map(RepoName::as_str).collect::<Vec<_>>(),
+            ["nixos-servers"]
+        );
+        assert_eq!((shop.priority, shop.streams.max_pending_requests), (3, 5));
+        let lab = accounts
+            .iter()
+            .find(|a| a.tenant.as_deref() == Some("lab"))
+            .expect("lab");
+        assert_eq!(lab.priority, 1);
+        assert_eq!(
+            lab.streams.max_pending_requests,
+            default_max_pending_requests()
+        );
+        assert!(lab.creds_file.is_some() && lab.nkey_seed_file.is_none());
+
+        // Without tenants: one account with [nats]'s credential and every repo.
+        let single = parse(GOOD).expect("valid").accounts();
+        assert_eq!(single.len(), 1);
+        assert!(single[0].tenant.is_none());
+
+        for (broken, key) in [
+            (
+                two.replace("repos = [\"lab\"]", "repos = [\"nixos-servers\"]"),
+                "tenants.shop.repos",
+            ),
+            (
+                two.replace("repos = [\"lab\"]", "repos = [\"nope\"]"),
+                "tenants.lab.repos",
+            ),
+            (
+                two.replace("repos = [\"lab\"]", "repos = []"),
+                "tenants.lab.repos",
+            ),
+            (
+                two.replace(
+                    "[tenants.lab]\ncreds_file = \"/s/lab.creds\"\nrepos = [\"lab\"]\n",
+                    "",
+                ),
+                "repos.lab",
+            ),
+            (
+                two.replace("creds_file = \"/s/lab.creds\"\n", ""),
+                "tenants.lab",
+            ),
+            (
+                two.replace("priority = 3", "priority = 0"),
+                "tenants.shop.priority",
+            ),
+            (
+                two.replace("max_queued = 5", "max_queued = 0"),
+                "tenants.shop.max_queued",
+            ),
+            (
+                two.replace("[builder]", "nkey_seed_file = \"/s/b.nk\"\n[builder]"),
+                "tenants",
+            ),
+            (
+                two.replace("[tenants.lab]", "[tenants.\"l b\"]"),
+                "tenants.l b",
+            ),
+        ] {
+            let err = parse(&broken).expect_err(key);
+            assert!(
+                err.to_string().contains(&format!("key `{key}`")),
+                "{key}: {err}"
+            );
+        }
     }
 }

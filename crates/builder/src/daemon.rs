@@ -25,13 +25,14 @@ use tracing::{error, info, warn};
 
 use crate::bus::{ensure_consumer, ensure_streams, Publisher};
 use crate::closures::History;
-use crate::config::Config;
+use crate::config::{Account, Config};
 use crate::git::Mirror;
 use crate::job::{Jobs, ServedRepo};
 use crate::nix::Nix;
 use crate::placement::{Decision, RepoNeeds};
 use crate::registry::Registry;
 use crate::session::{Session, SessionDir, SessionReport, Tracker};
+use crate::shares::Shares;
 use crate::state::StateStore;
 
 /// How long one pull waits for a request; also the longest a drain waits for a pull to end.
@@ -122,109 +123,75 @@ pub async fn run(
         .with_git_config(crate::git::nix_git_config(&state_dir));
 
     let vault = config.vault_settings().map(VaultSeed::new);
-    let client = connect_with_retry(&config, &name, vault.clone(), &mut stop).await?;
     let vault_refresher = vault
         .clone()
         .map(|vault| tokio::spawn(refresh_vault_seed(vault)));
-    let js = jetstream::new(client.clone());
     let repos = config.repos();
-    let repo_names: Vec<RepoName> = repos.iter().map(|repo| repo.name.clone()).collect();
-    ensure_streams(&js, &config.streams, &repo_names).await?;
-    let mut consumers = Vec::new();
-    for name in &repo_names {
-        consumers.push((
-            name.clone(),
-            ensure_consumer(&js, name, config.request_ack_wait()).await?,
-        ));
+    let mut accounts = Vec::new();
+    for account in config.accounts() {
+        accounts.push(
+            open_account(
+                &config,
+                account,
+                &repos,
+                &name,
+                &state_dir,
+                &nix,
+                vault.clone(),
+                session.is_ephemeral(),
+                &mut stop,
+            )
+            .await?,
+        );
     }
-
-    let served = repos
-        .into_iter()
-        .map(|repo| {
-            let mirror = Mirror::new(&state_dir, repo.name.as_str(), repo.config.git_source());
-            let options: Vec<(String, String)> = repo
-                .config
-                .nix_options
-                .iter()
-                .map(|(key, value)| (key.clone(), value.to_arg()))
-                .collect();
-            let served = ServedRepo {
-                nix: nix.for_repo(repo.config.impure, &options),
-                config: repo.config,
-                mirror,
-            };
-            (repo.name, served)
-        })
-        .collect::<HashMap<_, _>>();
-    let requests =
-        js.get_stream(REQUESTS_STREAM)
-            .await
-            .map_err(|err| crate::bus::BusError::Stream {
-                stream: REQUESTS_STREAM.to_owned(),
-                message: err.to_string(),
-            })?;
-    // Keep-alives well inside the ack wait; also how fast a newer `replace` request is noticed.
-    let watch_interval = (config.request_ack_wait() / 4).min(Duration::from_secs(2));
-    let state = StateStore::open(&js, &config.streams).await?;
-    let envelope_mb = config.memory_envelope_mb();
-    let placement = crate::placement::Placement::open(
-        &js,
-        &name,
-        envelope_mb,
-        config.builder.warm_affinity,
-        config.streams.replicas,
-    )
-    .await?;
-    let jobs = Arc::new(Jobs {
-        builder_name: name.clone(),
-        state_dir: state_dir.clone(),
-        nix,
-        publisher: Publisher::new(js.clone()),
-        state,
-        timeouts: config.timeouts(),
-        evaluation: config.evaluation(),
-        evaluated: Default::default(),
-        build_jobs: config.builder.build_jobs,
-        max_attempts: config.builder.max_attempts,
-        repos: served,
-        requests,
-        replace_index: Default::default(),
-        watch_interval,
-        running: Default::default(),
-        running_changed: Default::default(),
-        access: Arc::new(crate::access::Access::new(&config.access)),
-        history: History::new(&state_dir, config.builder.closure_history),
-        placement,
-    });
-    let registry = Registry::open(
-        &js,
-        &name,
-        repo_names.iter().map(|r| r.to_string()).collect(),
-        config.streams.replicas,
-        vault,
-        session.is_ephemeral(),
-        envelope_mb,
-    )
-    .await?;
-    let hosts_refresher = tokio::spawn(refresh_hosts(
-        jobs.clone(),
-        repo_names.clone(),
-        Duration::from_secs(config.builder.hosts_refresh_secs),
-    ));
+    let all_jobs: Vec<Arc<Jobs>> = accounts.iter().map(|a| a.jobs.clone()).collect();
     let (finished_tx, finished_rx) = watch::channel(false);
-    let registry_task = tokio::spawn(registry.run(jobs.clone(), stop.clone(), finished_rx));
-    let sampler = tokio::spawn(sample_metrics(
-        client.clone(),
-        js.clone(),
-        repo_names.clone(),
-        jobs.clone(),
-        stop.clone(),
+    let mut registry_tasks = Vec::new();
+    let mut api_tasks = Vec::new();
+    let mut hosts_refreshers = Vec::new();
+    let mut sampled = Vec::new();
+    let shares = Arc::new(Shares::new(
+        &accounts.iter().map(|a| a.priority).collect::<Vec<_>>(),
     ));
-    let api_task = tokio::spawn(crate::api::serve(
-        client.clone(),
-        jobs.clone(),
-        stop_tx.clone(),
-    ));
+    let slots = Arc::new(Semaphore::new(config.builder.max_concurrent_requests));
+    let mut running = JoinSet::new();
+    let mut pullers = JoinSet::new();
+    let mut puller_id = 0;
+    for (index, account) in accounts.into_iter().enumerate() {
+        hosts_refreshers.push(tokio::spawn(refresh_hosts(
+            account.jobs.clone(),
+            account.repos.clone(),
+            Duration::from_secs(config.builder.hosts_refresh_secs),
+        )));
+        registry_tasks.push(tokio::spawn(account.registry.run(
+            account.jobs.clone(),
+            stop.clone(),
+            finished_rx.clone(),
+        )));
+        api_tasks.push(tokio::spawn(crate::api::serve(
+            account.client.clone(),
+            account.jobs.clone(),
+            stop_tx.clone(),
+        )));
+        sampled.push((account.js.clone(), account.repos.clone()));
+        for (repo, consumer) in account.consumers {
+            pullers.spawn(pull_loop(
+                repo,
+                consumer,
+                Turn {
+                    shares: shares.clone(),
+                    account: index,
+                    puller: puller_id,
+                },
+                slots.clone(),
+                account.jobs.clone(),
+                tracker.clone(),
+                stop.clone(),
+            ));
+            puller_id += 1;
+        }
+    }
+    let sampler = tokio::spawn(sample_metrics(sampled, all_jobs.clone(), stop.clone()));
     // Both limits count from here: waiting for NATS or Vault is no part of a session.
     let idle_exit = session
         .idle_exit
@@ -235,27 +202,14 @@ pub async fn run(
     info!(
         builder = %name,
         ephemeral = session.is_ephemeral(),
-        repos = ?repo_names.iter().map(RepoName::as_str).collect::<Vec<_>>(),
-        nix_version = %jobs.nix.version,
+        repos = ?repos.iter().map(|repo| repo.name.as_str()).collect::<Vec<_>>(),
+        tenants = ?config.tenants.keys().collect::<Vec<_>>(),
+        nix_version = %nix.version,
         slots = config.builder.max_concurrent_requests,
-        memory_mb = ?envelope_mb,
+        memory_mb = ?config.memory_envelope_mb(),
         "builder ready"
     );
     notify_systemd(sd_notify::NotifyState::Ready);
-
-    let slots = Arc::new(Semaphore::new(config.builder.max_concurrent_requests));
-    let mut running = JoinSet::new();
-    let mut pullers = JoinSet::new();
-    for (repo, consumer) in consumers {
-        pullers.spawn(pull_loop(
-            repo,
-            consumer,
-            slots.clone(),
-            jobs.clone(),
-            tracker.clone(),
-            stop.clone(),
-        ));
-    }
 
     // Wait for a stop request; pull loops end on their own once draining.
     stopping(&mut stop, Stop::Drain).await;
@@ -263,7 +217,7 @@ pub async fn run(
     if *stop.borrow() == Stop::Abort {
         // SIGTERM: hand back now, not after the pull loops' last fetch has expired.
         warn!("stopping: killing running builds; their requests go back to the queue");
-        jobs.interrupt_all();
+        all_jobs.iter().for_each(|jobs| jobs.interrupt_all());
     } else {
         info!("draining: taking no new requests, finishing running builds");
     }
@@ -282,20 +236,22 @@ pub async fn run(
             next = running.join_next() => if next.is_none() { break },
             _ = stopping(&mut stop, Stop::Abort) => {
                 warn!("aborting running builds; their requests go back to the queue");
-                jobs.interrupt_all();
+                all_jobs.iter().for_each(|jobs| jobs.interrupt_all());
                 while running.join_next().await.is_some() {}
                 break;
             }
         }
     }
-    api_task.abort();
+    api_tasks.iter().for_each(|task| task.abort());
     sampler.abort();
-    hosts_refresher.abort();
+    hosts_refreshers.iter().for_each(|task| task.abort());
     for task in [vault_refresher, idle_exit, lifetime].into_iter().flatten() {
         task.abort();
     }
     let _ = finished_tx.send(true);
-    let _ = registry_task.await;
+    for task in registry_tasks {
+        let _ = task.await;
+    }
     let report = tracker.report();
     info!(
         taken = report.taken,
@@ -304,6 +260,125 @@ pub async fn run(
         "builder stopped"
     );
     Ok(report)
+}
+
+/// One NATS account the builder serves, set up: its connection, streams, the repo consumers and
+/// the jobs that run its requests.
+struct OpenAccount {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    repos: Vec<RepoName>,
+    priority: u32,
+    consumers: Vec<(RepoName, PullConsumer)>,
+    jobs: Arc<Jobs>,
+    registry: Registry,
+}
+
+/// Connects to `account` and creates or adopts its streams, consumers, read model and registry
+/// entry. A tenant's requests, events and states stay in the tenant's own account.
+#[allow(clippy::too_many_arguments)]
+async fn open_account(
+    config: &Config,
+    account: Account,
+    repos: &[crate::config::Repo],
+    name: &str,
+    state_dir: &std::path::Path,
+    nix: &Nix,
+    vault: Option<VaultSeed>,
+    ephemeral: bool,
+    stop: &mut watch::Receiver<Stop>,
+) -> Result<OpenAccount, DaemonError> {
+    let client = connect_with_retry(config, &account, name, vault.clone(), stop).await?;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &account.streams, &account.repos).await?;
+    let mut consumers = Vec::new();
+    for repo in &account.repos {
+        consumers.push((
+            repo.clone(),
+            ensure_consumer(&js, repo, config.request_ack_wait()).await?,
+        ));
+    }
+    let served = repos
+        .iter()
+        .filter(|repo| account.repos.contains(&repo.name))
+        .map(|repo| {
+            let mirror = Mirror::new(state_dir, repo.name.as_str(), repo.config.git_source());
+            let options: Vec<(String, String)> = repo
+                .config
+                .nix_options
+                .iter()
+                .map(|(key, value)| (key.clone(), value.to_arg()))
+                .collect();
+            let served = ServedRepo {
+                nix: nix.for_repo(repo.config.impure, &options),
+                config: repo.config.clone(),
+                mirror,
+            };
+            (repo.name.clone(), served)
+        })
+        .collect::<HashMap<_, _>>();
+    let requests =
+        js.get_stream(REQUESTS_STREAM)
+            .await
+            .map_err(|err| crate::bus::BusError::Stream {
+                stream: REQUESTS_STREAM.to_owned(),
+                message: err.to_string(),
+            })?;
+    // Keep-alives well inside the ack wait; also how fast a newer `replace` request is noticed.
+    let watch_interval = (config.request_ack_wait() / 4).min(Duration::from_secs(2));
+    let state = StateStore::open(&js, &account.streams).await?;
+    let envelope_mb = config.memory_envelope_mb();
+    let placement = crate::placement::Placement::open(
+        &js,
+        name,
+        envelope_mb,
+        config.builder.warm_affinity,
+        config.streams.replicas,
+    )
+    .await?;
+    let jobs = Arc::new(Jobs {
+        builder_name: name.to_owned(),
+        state_dir: state_dir.to_owned(),
+        nix: nix.clone(),
+        publisher: Publisher::new(js.clone()),
+        state,
+        timeouts: config.timeouts(),
+        evaluation: config.evaluation(),
+        evaluated: Default::default(),
+        build_jobs: config.builder.build_jobs,
+        max_attempts: config.builder.max_attempts,
+        repos: served,
+        requests,
+        replace_index: Default::default(),
+        watch_interval,
+        running: Default::default(),
+        running_changed: Default::default(),
+        access: Arc::new(crate::access::Access::new(&config.access)),
+        history: History::new(state_dir, config.builder.closure_history),
+        placement,
+    });
+    let registry = Registry::open(
+        &js,
+        name,
+        account.repos.iter().map(|r| r.to_string()).collect(),
+        config.streams.replicas,
+        vault,
+        ephemeral,
+        envelope_mb,
+    )
+    .await?;
+    if let Some(tenant) = &account.tenant {
+        info!(tenant = %tenant, repos = ?account.repos.iter().map(RepoName::as_str).collect::<Vec<_>>(), priority = account.priority, "serving tenant");
+    }
+    Ok(OpenAccount {
+        client,
+        js,
+        repos: account.repos,
+        priority: account.priority,
+        consumers,
+        jobs,
+        registry,
+    })
 }
 
 /// Tells systemd (`Type=notify`) about a state change; nothing when not run by systemd
@@ -317,15 +392,19 @@ fn notify_systemd(state: sd_notify::NotifyState<'_>) {
 
 async fn connect_with_retry(
     config: &Config,
+    account: &Account,
     name: &str,
     vault: Option<VaultSeed>,
     stop: &mut watch::Receiver<Stop>,
 ) -> Result<async_nats::Client, DaemonError> {
     let settings = ConnectSettings {
         url: config.nats.url.clone(),
-        nkey_file: config.nats.nkey_seed_file.clone(),
-        creds_file: config.nats.creds_file.clone(),
-        name: format!("homelab-deploy builder {name}"),
+        nkey_file: account.nkey_seed_file.clone(),
+        creds_file: account.creds_file.clone(),
+        name: match &account.tenant {
+            Some(tenant) => format!("homelab-deploy builder {name} (tenant {tenant})"),
+            None => format!("homelab-deploy builder {name}"),
+        },
         timeout: Duration::from_secs(5),
         vault,
     };
@@ -381,12 +460,10 @@ async fn refresh_vault_seed(vault: VaultSeed) {
     }
 }
 
-/// Every few seconds: the builder's state, the NATS connection, and each repo's queue.
+/// Every few seconds: the builder's state, the NATS connections, and each repo's queue.
 async fn sample_metrics(
-    client: async_nats::Client,
-    js: jetstream::Context,
-    repos: Vec<RepoName>,
-    jobs: Arc<Jobs>,
+    accounts: Vec<(jetstream::Context, Vec<RepoName>)>,
+    jobs: Vec<Arc<Jobs>>,
     stop: watch::Receiver<Stop>,
 ) {
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
@@ -395,22 +472,26 @@ async fn sample_metrics(
         ticker.tick().await;
         let state = if *stop.borrow() != Stop::Running {
             "draining"
-        } else if jobs.running_states().is_empty() {
+        } else if jobs.iter().all(|jobs| jobs.running_states().is_empty()) {
             "idle"
         } else {
             "building"
         };
         crate::metrics::builder_state(state);
-        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        let connected = accounts.iter().all(|(js, _)| {
+            js.client().connection_state() == async_nats::connection::State::Connected
+        });
         crate::metrics::nats_connected(connected);
         if connected && !was_connected {
             crate::metrics::nats_reconnected();
         }
         was_connected = connected;
-        if let Ok(stream) = js.get_stream(REQUESTS_STREAM).await {
-            for repo in &repos {
-                if let Some((depth, age)) = queue_of(&stream, repo).await {
-                    crate::metrics::queue(repo.as_str(), depth, age);
+        for (js, repos) in &accounts {
+            if let Ok(stream) = js.get_stream(REQUESTS_STREAM).await {
+                for repo in repos {
+                    if let Some((depth, age)) = queue_of(&stream, repo).await {
+                        crate::metrics::queue(repo.as_str(), depth, age);
+                    }
                 }
             }
         }
@@ -528,11 +609,22 @@ async fn stopping(stop: &mut watch::Receiver<Stop>, level: Stop) {
 
 type JobHandle = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// Pulls requests of one repo while a slot is free. Returns the jobs still running when the
-/// builder drains, so the caller can wait for them.
+/// A pull loop's place in the tenants' turn-taking ([`Shares`]).
+struct Turn {
+    shares: Arc<Shares>,
+    /// Index of the loop's account.
+    account: usize,
+    /// This loop, among every loop of the builder.
+    puller: usize,
+}
+
+/// Pulls requests of one repo while a slot is free and it is the repo's tenant's turn. Returns
+/// the jobs still running when the builder drains, so the caller can wait for them.
+#[allow(clippy::too_many_arguments)]
 async fn pull_loop(
     repo: RepoName,
     consumer: PullConsumer,
+    turn: Turn,
     slots: Arc<Semaphore>,
     jobs: Arc<Jobs>,
     session: Arc<Tracker>,
@@ -559,12 +651,29 @@ async fn pull_loop(
                 _ = stopping(&mut stop, Stop::Drain) => break,
             }
         };
-        let batch = consumer
-            .batch()
-            .max_messages(1)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await;
+        let others_waiting = {
+            let mut stop = stop.clone();
+            tokio::select! {
+                others = turn.shares.turn(turn.account) => others,
+                _ = stopping(&mut stop, Stop::Drain) => break,
+            }
+        };
+        if slots.available_permits() == 0 {
+            // Another tenant's request took the slot while this one waited for its turn.
+            continue;
+        }
+        // While another tenant waits, a pull that finds nothing returns at once, so the turn
+        // passes on instead of waiting here for a request.
+        let batch = if others_waiting {
+            consumer.fetch().max_messages(1).messages().await
+        } else {
+            consumer
+                .batch()
+                .max_messages(1)
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await
+        };
         let mut batch = match batch {
             Ok(batch) => batch,
             Err(err) => {
@@ -576,7 +685,10 @@ async fn pull_loop(
             }
         };
         let message = match batch.next().await {
-            None => continue,
+            None => {
+                turn.shares.wanting(turn.account, turn.puller, false);
+                continue;
+            }
             Some(Err(err)) => {
                 failures += 1;
                 warn!(repo = %repo, error = %err, "pulling requests failed");
@@ -586,6 +698,7 @@ async fn pull_loop(
             Some(Ok(message)) => message,
         };
         failures = 0;
+        turn.shares.wanting(turn.account, turn.puller, true);
         let permit = match (draining(), slots.clone().try_acquire_owned()) {
             (false, Ok(permit)) => permit,
             _ => {
@@ -618,6 +731,7 @@ async fn pull_loop(
             }
         };
         session.taken(ticket);
+        turn.shares.took(turn.account);
         let (jobs, session) = (jobs.clone(), session.clone());
         running.spawn(async move {
             let verdict = jobs.run(message, refusal).await;

@@ -26,6 +26,7 @@ pub mod placement;
 pub mod process;
 pub mod registry;
 pub mod session;
+pub mod shares;
 pub mod state;
 
 pub use config::{Config, ConfigError};
