@@ -658,10 +658,6 @@ async fn pull_loop(
                 _ = stopping(&mut stop, Stop::Drain) => break,
             }
         };
-        if slots.available_permits() == 0 {
-            // Another tenant's request took the slot while this one waited for its turn.
-            continue;
-        }
         // While another tenant waits, a pull that finds nothing returns at once, so the turn
         // passes on instead of waiting here for a request.
         let batch = if others_waiting {
