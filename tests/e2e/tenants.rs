@@ -360,3 +360,51 @@ fn tenant_builder_permissions_match_the_single_account_ones() {
     assert!(single.contains("build.responses.>"), "{single}");
     assert_eq!(block("nats/multi-tenant.example.conf"), single);
 }
+
+/// With one slot and both tenants' requests waiting, a tenant of priority 3 starts three
+/// requests for every one of a tenant of priority 1 (with equal priorities they alternate).
+#[tokio::test(flavor = "multi_thread")]
+async fn priorities_share_the_slot_between_waiting_tenants() {
+    let tenants = Tenants::start("max_concurrent_requests = 1", "priority = 3", "");
+    let (alpha, beta) = (&tenants.alpha, &tenants.beta);
+    let long = tenants.submit(alpha, "alpha-app", "long");
+    let running = test_support::wait_until(Duration::from_secs(60), || {
+        let output = tenants.cli(alpha, &["status", &long, "--json"]);
+        text(&output).0.contains("\"running\"")
+    });
+    assert!(
+        running,
+        "alpha's long build never ran:\n{}",
+        tenants.builder.log()
+    );
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        waiting.push(("alpha", tenants.submit(alpha, "alpha-app", "short")));
+        waiting.push(("beta", tenants.submit(beta, "beta-app", "short")));
+    }
+    let cancel = tenants.cli(alpha, &["cancel", &long]);
+    assert_eq!(cancel.status.code(), Some(0), "{:?}", text(&cancel));
+
+    let mut starts: Vec<(time::OffsetDateTime, &str)> = waiting
+        .iter()
+        .map(|(tenant, id)| {
+            let seed = if *tenant == "alpha" { alpha } else { beta };
+            let events = tenants.events(seed, id);
+            assert_eq!(
+                events.last().expect("finished")["status"],
+                "succeeded",
+                "{events:#?}"
+            );
+            (started_at(&events), *tenant)
+        })
+        .collect();
+    starts.sort();
+    let order: Vec<&str> = starts.iter().map(|(_, tenant)| *tenant).collect();
+    assert_eq!(
+        order[..4].iter().filter(|t| **t == "alpha").count(),
+        3,
+        "start order {order:?}"
+    );
+    // Beta was not left waiting for alpha's whole backlog.
+    assert!(order[..4].contains(&"beta"), "start order {order:?}");
+}
