@@ -167,7 +167,18 @@ ensure_chromium() {
     command -v chromium >/dev/null || apt_install chromium
 }
 
+# A full disk shows up late and obscurely (the linker dies with SIGBUS); say it first.
+# The build needs about 1.5 GiB under target/, the tests' nix store and temp dirs some more.
+check_disk() {
+    local free_mib
+    free_mib=$(df --output=avail -BM "$ROOT" 2>/dev/null | tail -1 | tr -dc '0-9')
+    if [ -n "$free_mib" ] && [ "$free_mib" -lt 3072 ]; then
+        printf '\033[1mwarning: only %s MiB free on the disk of %s; building and testing need about 3 GiB (target/ alone takes 1.5 GiB). Free some space if the build fails with "No space left on device" or a linker crash.\033[0m\n' "$free_mib" "$ROOT" >&2
+    fi
+}
+
 ensure_deps() {
+    check_disk
     ensure_rust
     ensure_build_deps
     ensure_git_servers
