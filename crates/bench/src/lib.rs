@@ -720,3 +720,275 @@ pub async fn read_model(
         row("read model: `builds --state queued`", &|l| l.queued),
     ])
 }
+
+/// Starts a builder for the `lanes` fixture with `builder_extra` lines in its `[builder]` table.
+fn lanes_builder(
+    bin: &Path,
+    nats: &NatsServer,
+    repo: &FixtureRepo,
+    builder_extra: &str,
+) -> Builder {
+    Builder::start_with(bin, &nats.url, &[("demo", repo.url())], builder_extra)
+}
+
+/// A JetStream client of `nats` and a subscription to every event of `demo`.
+async fn lanes_client(
+    nats: &NatsServer,
+) -> Result<(async_nats::jetstream::Context, async_nats::Subscriber)> {
+    let client = connect(&ConnectSettings {
+        url: nats.url.clone().into(),
+        nkey_file: None,
+        creds_file: None,
+        name: "bench".to_owned(),
+        timeout: Duration::from_secs(5),
+        vault: None,
+    })
+    .await?;
+    let events = client.subscribe("build.responses.demo.*.*.events").await?;
+    Ok((async_nats::jetstream::new(client), events))
+}
+
+/// Waits (60 s at most) until every builder in the registry announces itself idle.
+async fn fleet_idle(js: &async_nats::jetstream::Context, builders: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let fleet = homelab_deploy_client::inspect::list_builders(js).await?;
+        let idle = fleet.len() == builders
+            && fleet.iter().all(|b| {
+                b.states
+                    .iter()
+                    .all(|s| matches!(s, homelab_deploy_protocol::api::BuilderState::Idle))
+            });
+        if idle {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("the builders never were idle together")
+}
+
+/// What one request did: who started it, publish → `started`, publish → `finished`, its status.
+struct Dispatched {
+    builder: Option<String>,
+    to_started: Option<Duration>,
+    to_finished: Duration,
+    status: String,
+}
+
+/// Publishes one request for `demo <target>` (at `rev` when given) as a plain JetStream client
+/// would and follows it to its `finished` event.
+async fn dispatch_one(
+    js: &async_nats::jetstream::Context,
+    events: &mut async_nats::Subscriber,
+    target: &str,
+    rev: Option<&str>,
+) -> Result<Dispatched> {
+    let id = format!("lanes{}", nuid_suffix());
+    let body = match rev {
+        Some(rev) => serde_json::json!({ "id": id, "rev": rev }),
+        None => serde_json::json!({ "id": id }),
+    };
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .payload(serde_json::to_vec(&body)?.into())
+        .message_id(id.as_str());
+    let published = Instant::now();
+    js.send_publish(format!("build.demo.{target}"), message)
+        .await?
+        .await?;
+    let (mut builder, mut to_started) = (None, None);
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(300), events.next())
+            .await
+            .context("no event for 5 minutes")?
+            .context("subscription ended")?;
+        let event: Event = serde_json::from_slice(&message.payload)?;
+        if event.id != id {
+            continue;
+        }
+        match event.body {
+            EventBody::Started { builder: by, .. } => {
+                builder = Some(by);
+                to_started = Some(published.elapsed());
+            }
+            EventBody::Finished { status, .. } => {
+                return Ok(Dispatched {
+                    builder,
+                    to_started,
+                    to_finished: published.elapsed(),
+                    status: status.as_str().to_owned(),
+                })
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Repeat builds of one host, each at a new commit, with two idle builders: the share that
+/// starts on the builder that built the host last, and publish → `started`; with
+/// `warm_affinity` on and, as the baseline, off (the same run, fresh server and builders each).
+pub async fn affinity(bin: &Path, rounds: usize) -> Result<Report> {
+    let mut figures = Vec::new();
+    for warm_affinity in [true, false] {
+        let nats = NatsServer::start();
+        let repo = FixtureRepo::new("lanes");
+        let extra = format!("\nwarm_affinity = {warm_affinity}");
+        let _builders = [
+            lanes_builder(bin, &nats, &repo, &extra),
+            lanes_builder(bin, &nats, &repo, &extra),
+        ];
+        let (js, mut events) = lanes_client(&nats).await?;
+        fleet_idle(&js, 2).await?;
+        let first = dispatch_one(&js, &mut events, "light", None).await?;
+        let mut warm = first.builder.context("first build never started")?;
+        let (mut on_warm, mut latencies) = (0usize, Vec::new());
+        for _ in 0..rounds {
+            fleet_idle(&js, 2).await?;
+            let rev = repo.commit_file("salt", &test_support::unique("salt"));
+            let done = dispatch_one(&js, &mut events, "light", Some(&rev)).await?;
+            if done.status != "succeeded" {
+                bail!("a repeat build ended {}", done.status);
+            }
+            let by = done.builder.context("no started event")?;
+            if by == warm {
+                on_warm += 1;
+            }
+            latencies.extend(done.to_started);
+            warm = by;
+        }
+        let share = on_warm as f64 * 100.0 / rounds as f64;
+        let p50 = percentile(&mut latencies, 0.5);
+        let max = percentile(&mut latencies, 1.0);
+        figures.push((share, p50, max));
+    }
+    let [(share, p50, max), (base_share, base_p50, base_max)] = figures[..] else {
+        bail!("two runs expected");
+    };
+    Ok(Report {
+        name: "warm-cache affinity (2 idle builders, repeat builds)",
+        measured: format!(
+            "{share:.0} % on the warm builder; publish→started p50 {}, max {}",
+            millis(p50),
+            millis(max)
+        ),
+        baseline: format!(
+            "`warm_affinity = false`: {base_share:.0} %; p50 {}, max {}",
+            millis(base_p50),
+            millis(base_max)
+        ),
+        ratio: p50.as_secs_f64() / base_p50.as_secs_f64().max(1e-6),
+        goal: "share → 100 %, added latency ≤ ~1 s (ratio: p50 latency)",
+        notes: format!(
+            "{rounds} repeat builds of one host, each at a new commit; added p50 {:+.0} ms",
+            (p50.as_secs_f64() - base_p50.as_secs_f64()) * 1000.0
+        ),
+    })
+}
+
+/// Heavy lanes: a 200 MiB and a 4096 MiB builder, the `lanes` fixture's `heavy` host (about
+/// 470 MiB in evaluation) measured once. Then `rounds` heavy requests while both builders idle:
+/// the share started on the big builder and publish → `started`, against the same for the
+/// light host (which either builder takes at once); last, with the big builder drained, the
+/// time until a heavy request is refused.
+pub async fn lanes(bin: &Path, rounds: usize) -> Result<Report> {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("lanes");
+    let small = lanes_builder(
+        bin,
+        &nats,
+        &repo,
+        "\nmemory_mb = 200\nwarm_affinity = false",
+    );
+    let big = lanes_builder(
+        bin,
+        &nats,
+        &repo,
+        "\nmemory_mb = 4096\nwarm_affinity = false",
+    );
+    let (js, mut events) = lanes_client(&nats).await?;
+    fleet_idle(&js, 2)
+        .await
+        .context("waiting for both builders")?;
+    dispatch_one(&js, &mut events, "heavy", None)
+        .await
+        .context("first heavy build")?;
+    dispatch_one(&js, &mut events, "light", None)
+        .await
+        .context("first light build")?;
+    let run = |target: &'static str| {
+        let (js, big) = (js.clone(), big.name.clone());
+        async move {
+            let mut events = events_again(&js).await?;
+            let (mut on_big, mut latencies) = (0usize, Vec::new());
+            for _ in 0..rounds {
+                fleet_idle(&js, 2).await?;
+                let done = dispatch_one(&js, &mut events, target, None).await?;
+                if done.builder.as_deref() == Some(big.as_str()) {
+                    on_big += 1;
+                }
+                latencies.extend(done.to_started);
+            }
+            anyhow::Ok((on_big as f64 * 100.0 / rounds as f64, latencies))
+        }
+    };
+    let (heavy_share, mut heavy) = run("heavy").await.context("heavy requests")?;
+    let (_, mut light) = run("light").await.context("light requests")?;
+    let output = run_cli(
+        bin,
+        &nats.url,
+        &["builder", "drain", &big.name],
+        Duration::from_secs(60),
+    );
+    if output.status.code() != Some(0) {
+        bail!("drain failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while homelab_deploy_client::inspect::list_builders(&js)
+        .await?
+        .len()
+        > 1
+    {
+        if Instant::now() > deadline {
+            bail!("the big builder never left the registry");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(big);
+    let refused = dispatch_one(&js, &mut events, "heavy", None)
+        .await
+        .context("heavy request with no big builder")?;
+    if refused.status != "failed" || refused.builder.is_some() {
+        bail!(
+            "a heavy request with no big builder ended {}",
+            refused.status
+        );
+    }
+    drop(small);
+    let (heavy_p50, light_p50) = (percentile(&mut heavy, 0.5), percentile(&mut light, 0.5));
+    Ok(Report {
+        name: "heavy lanes (200 MiB + 4096 MiB builder, heavy host ~470 MiB)",
+        measured: format!(
+            "{heavy_share:.0} % of heavy requests on the big builder; publish→started p50 {}, max {}",
+            millis(heavy_p50),
+            millis(percentile(&mut heavy, 1.0))
+        ),
+        baseline: format!(
+            "light host (either builder): p50 {}, max {}",
+            millis(light_p50),
+            millis(percentile(&mut light, 1.0))
+        ),
+        ratio: heavy_p50.as_secs_f64() / light_p50.as_secs_f64().max(1e-6),
+        goal: "100 % on the big builder; no builder big enough: refused at once",
+        notes: format!(
+            "{rounds} requests each, both builders idle; with the big builder gone a heavy request is refused {} after publishing",
+            millis(refused.to_finished)
+        ),
+    })
+}
+
+/// A fresh subscription to `demo`'s events on `js`'s connection.
+async fn events_again(js: &async_nats::jetstream::Context) -> Result<async_nats::Subscriber> {
+    Ok(js
+        .client()
+        .subscribe("build.responses.demo.*.*.events")
+        .await?)
+}

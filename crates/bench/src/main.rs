@@ -8,13 +8,15 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bench::Report;
 
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 8] = [
     "eval-heavy",
     "dispatch",
     "queue",
     "log-flood",
     "idle",
     "read-model",
+    "affinity",
+    "lanes",
 ];
 
 #[tokio::main]
@@ -65,6 +67,8 @@ async fn main() -> Result<()> {
             "dispatch" => bench::dispatch_overhead(&bin, if quick { 3 } else { 20 }),
             "queue" => bench::queue_throughput(&bin, if quick { 20 } else { 1000 }).await,
             "log-flood" => bench::log_flood(&bin, if quick { 100_000 } else { 2_840_000 }),
+            "affinity" => bench::affinity(&bin, if quick { 4 } else { 30 }).await,
+            "lanes" => bench::lanes(&bin, if quick { 3 } else { 20 }).await,
             _ => bench::idle(&bin, Duration::from_secs(if quick { 3 } else { 60 })),
         }
         .with_context(|| format!("benchmark {scenario}"))?;
@@ -119,6 +123,16 @@ const READING: &str = "## Reading the results
   The calls are the client library's (`request_state`, `list_builds`), which the CLI, the MCP
   server and the builders' control API all use. History: finished one-host requests whose events
   are stored as a builder stores them; a builder then rebuilds the bucket from them at start.
+- **warm-cache affinity**: two idle builders, repeat builds of one host at a new commit each.
+  Without the preference the request goes to whichever builder's pull waits longest, which is
+  usually the one that did *not* just build (its pull is the older one); with it, the builder that
+  pulled it hands it back (NAK, 250 ms) when the registry shows the warm builder idle, and the
+  warm builder takes it. The added latency is that hand-back; it is bounded (4 deliveries, about
+  a second) whatever the registry says.
+- **heavy lanes**: once the fleet has measured the heavy host, every heavy request starts on the
+  big builder, also when the small one pulled it first (it hands it back, NAK 1 s: that is the
+  difference to the light host's latency when the small builder happens to pull first). With no
+  live builder big enough the request is refused as soon as a builder pulls it.
 
 ## Evaluation under a memory limit
 
