@@ -42,6 +42,7 @@ let
       nats = {
         url = mkOption { type = types.str; default = "nats://127.0.0.1:4222"; description = "NATS server URL(s), comma-separated."; };
         nkey_seed_file = optional types.str "File with the NKey user seed the builder authenticates with (passed with LoadCredential).";
+        inbox_prefix = optional (types.strMatching "[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*") "Prefix of the builder's reply subjects instead of `_INBOX`, e.g. `_INBOX_builder`: the one its NATS user may subscribe to (nats/prod.example.conf).";
       };
       builder = {
         name = mkOption { type = token; default = config.networking.hostName; description = "Builder name: shown in events, the fleet list and API subjects."; };

@@ -12,11 +12,14 @@ in
     package = lib.mkPackageOption pkgs "homelab-deploy" { };
     natsUrl = mkOption { type = types.str; default = "nats://127.0.0.1:4222"; description = "NATS server URL(s)."; };
     nkeySeedFile = mkOption { type = types.nullOr types.str; default = null; description = "NKey user seed file the CLI authenticates with."; };
+    inboxPrefix = mkOption { type = types.nullOr (types.strMatching "[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*"); default = null; example = "_INBOX_alice"; description = "Prefix of the CLI's reply subjects instead of `_INBOX`: the one its NATS user may subscribe to (nats/prod.example.conf)."; };
   };
 
   config = mkIf cfg.enable {
     environment.systemPackages = [ cfg.package ];
     environment.etc."homelab-deploy/config.toml".source = settingsFormat.generate "homelab-deploy-cli.toml"
-      ({ nats_url = cfg.natsUrl; } // lib.optionalAttrs (cfg.nkeySeedFile != null) { nkey_file = cfg.nkeySeedFile; });
+      ({ nats_url = cfg.natsUrl; }
+        // lib.optionalAttrs (cfg.nkeySeedFile != null) { nkey_file = cfg.nkeySeedFile; }
+        // lib.optionalAttrs (cfg.inboxPrefix != null) { inbox_prefix = cfg.inboxPrefix; });
   };
 }

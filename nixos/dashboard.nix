@@ -27,6 +27,7 @@ in
       example = "/run/secrets/homelab-deploy/viewer.nk";
       description = "File with the NKey user seed of a read-only NATS user (passed to the service with LoadCredential).";
     };
+    inboxPrefix = mkOption { type = types.nullOr (types.strMatching "[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*"); default = null; example = "_INBOX_viewer"; description = "Prefix of the dashboard's reply subjects instead of `_INBOX`: the one its NATS user may subscribe to (nats/prod.example.conf)."; };
     maxClients = mkOption { type = types.ints.between 1 1024; default = 32; description = "Most live pages served at once; more get HTTP 503."; };
     openFirewall = mkOption { type = types.bool; default = false; description = "Open the dashboard's port in the firewall."; };
   };
@@ -39,7 +40,8 @@ in
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
-      environment.HOMELAB_DEPLOY_NATS_URL = cfg.natsUrl;
+      environment = { HOMELAB_DEPLOY_NATS_URL = cfg.natsUrl; }
+        // lib.optionalAttrs (cfg.inboxPrefix != null) { HOMELAB_DEPLOY_INBOX_PREFIX = cfg.inboxPrefix; };
       serviceConfig = {
         ExecStart = lib.escapeShellArgs ([
           "${cfg.package}/bin/homelab-deploy" "dashboard"

@@ -18,6 +18,7 @@ let
       timeoutSec = mkOption { type = types.ints.positive; default = 10800; description = "How long to wait for the build."; };
       natsUrl = mkOption { type = types.str; default = "nats://127.0.0.1:4222"; description = "NATS server URL(s)."; };
       nkeySeedFile = mkOption { type = types.nullOr types.str; default = null; description = "NKey user seed to authenticate with (passed as a systemd credential)."; };
+      inboxPrefix = mkOption { type = types.nullOr (types.strMatching "[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*"); default = null; example = "_INBOX_ci"; description = "Prefix of the build's reply subjects instead of `_INBOX`: the one its NATS user may subscribe to (nats/prod.example.conf)."; };
       package = mkOption {
         type = types.package;
         default = config.programs.homelab-deploy.package;
@@ -41,7 +42,8 @@ in
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
       environment = { HOMELAB_DEPLOY_NATS_URL = job.natsUrl; }
-        // lib.optionalAttrs (job.nkeySeedFile != null) { HOMELAB_DEPLOY_NKEY_FILE = "%d/nkey"; };
+        // lib.optionalAttrs (job.nkeySeedFile != null) { HOMELAB_DEPLOY_NKEY_FILE = "%d/nkey"; }
+        // lib.optionalAttrs (job.inboxPrefix != null) { HOMELAB_DEPLOY_INBOX_PREFIX = job.inboxPrefix; };
       serviceConfig = {
         Type = "oneshot";
         ExecStart = "${job.package}/bin/homelab-deploy build ${job.repo} ${job.target} --mode ${job.mode} --priority scheduled --quiet --timeout ${toString job.timeoutSec}";

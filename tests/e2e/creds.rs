@@ -89,7 +89,7 @@ async fn minted_builder_creds_build_and_keep_the_role() {
     mint(&server, "1h", &creds);
     let repo = FixtureRepo::new("queue");
     let config = format!(
-        "[nats]\nurl = \"{}\"\ncreds_file = \"{}\"\n\n[builder]\nname = \"jwt-builder\"\nstate_dir = \"{{state_dir}}\"\n\n[repos.demo]\nurl = \"{}\"\nref = \"main\"\n",
+        "[nats]\nurl = \"{}\"\ncreds_file = \"{}\"\ninbox_prefix = \"_INBOX_builder\"\n\n[builder]\nname = \"jwt-builder\"\nstate_dir = \"{{state_dir}}\"\n\n[repos.demo]\nurl = \"{}\"\nref = \"main\"\n",
         server.nats.url,
         creds.display(),
         repo.url()
@@ -101,6 +101,7 @@ async fn minted_builder_creds_build_and_keep_the_role() {
     let requester = RolePermissions {
         publish: &[">"],
         subscribe: &[">"],
+        allow_responses: false,
     };
     let signing = jwt::read_account_signing_key(server.signing_key_file()).expect("sk");
     let minted = jwt::mint(
@@ -133,6 +134,21 @@ async fn minted_builder_creds_build_and_keep_the_role() {
         builder.log()
     );
     assert_eq!(finished["builder"], "jwt-builder");
+    // The builder answers the control API through the JWT's `resp` claim (its publish list has
+    // no inbox): the reply reaches the asker.
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(homelab_deploy_protocol::api::BUILDERS_SUBJECT, "{}".into()),
+    )
+    .await
+    .expect("the builder answers in time")
+    .expect("a reply");
+    let builders: Value = serde_json::from_slice(&reply.payload).expect("JSON reply");
+    assert!(
+        builders.to_string().contains("jwt-builder"),
+        "{builders}\n{}",
+        builder.log()
+    );
 
     let (as_builder, errors) = connect(&server, &creds)
         .await
@@ -173,7 +189,7 @@ async fn expired_creds_are_refused() {
 
     let repo = FixtureRepo::new("queue");
     let config = format!(
-        "[nats]\nurl = \"{}\"\ncreds_file = \"{}\"\n\n[builder]\nname = \"late-builder\"\nstate_dir = \"{{state_dir}}\"\n\n[repos.demo]\nurl = \"{}\"\nref = \"main\"\n",
+        "[nats]\nurl = \"{}\"\ncreds_file = \"{}\"\ninbox_prefix = \"_INBOX_builder\"\n\n[builder]\nname = \"late-builder\"\nstate_dir = \"{{state_dir}}\"\n\n[repos.demo]\nurl = \"{}\"\nref = \"main\"\n",
         server.nats.url,
         creds.display(),
         repo.url()

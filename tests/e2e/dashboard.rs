@@ -302,7 +302,10 @@ fn the_viewer_user_reads_everything_the_page_shows_and_nothing_more() {
     assert_eq!(built.status.code(), Some(0), "{}", text(&built).1);
 
     let seed = secured.viewer_seed.display().to_string();
-    let dashboard = Dashboard::start(&secured.nats.url, &["--nkey-file", &seed]);
+    let dashboard = Dashboard::start(
+        &secured.nats.url,
+        &["--nkey-file", &seed, "--inbox-prefix", "_INBOX_viewer"],
+    );
     let mut page = String::new();
     let shown = wait_until(Duration::from_secs(60), || {
         page = dashboard.get("/").1;

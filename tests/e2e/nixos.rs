@@ -67,6 +67,7 @@ fn builder_module_renders_a_config_the_binary_accepts() {
             settings.builder.build_jobs = 2;
             settings.builder.memory_mb = 65536;
             settings.builder.warm_affinity = false;
+            settings.nats.inbox_prefix = "_INBOX_builder";
             settings.streams.replicas = 3;
             settings.repos.nixos-servers.push_to = "file:///var/cache/nix";
             settings.repos.nixos-servers.impure = true;
@@ -90,6 +91,7 @@ fn builder_module_renders_a_config_the_binary_accepts() {
         seed.as_str(),
         "url = \"nats://nats1:4222,nats://nats2:4222\"",
         "replicas = 3",
+        "inbox_prefix = \"_INBOX_builder\"",
         "build_jobs = 2",
         "memory_mb = 65536",
         "warm_affinity = false",
@@ -496,7 +498,7 @@ fn scheduled_builds_are_oneshots_with_persistent_timers() {
 fn cli_module_writes_the_config_the_cli_reads() {
     let setup = Setup::new("fleet");
     let summary = evaluate(&format!(
-        "{{ programs.homelab-deploy = {{ enable = true; natsUrl = \"{}\"; }}; }}",
+        "{{ programs.homelab-deploy = {{ enable = true; natsUrl = \"{}\"; inboxPrefix = \"_INBOX_cli\"; }}; }}",
         setup.nats.url
     ))
     .unwrap_or_else(|err| panic!("{err}"));

@@ -20,6 +20,7 @@ pub(crate) struct SecuredNats {
     pub deployer_seed: PathBuf,
     /// The read-only `VIEWER` user (the dashboard).
     pub viewer_seed: PathBuf,
+    pub admin_seed: PathBuf,
     builder_public: String,
 }
 
@@ -53,7 +54,23 @@ impl SecuredNats {
             builder_seed,
             deployer_seed,
             viewer_seed,
+            admin_seed,
             builder_public,
+        }
+    }
+
+    /// The inbox prefix the user of `seed` may subscribe to (`_INBOX_<user>.>` in the config).
+    pub fn inbox_prefix(&self, seed: &Path) -> &'static str {
+        if seed == self.builder_seed {
+            "_INBOX_builder"
+        } else if seed == self.deployer_seed {
+            "_INBOX_test_deployer"
+        } else if seed == self.admin_seed {
+            "_INBOX_admin"
+        } else if seed == self.viewer_seed {
+            "_INBOX_viewer"
+        } else {
+            panic!("{} is none of the configured users' seeds", seed.display())
         }
     }
 
@@ -76,7 +93,8 @@ impl SecuredNats {
         new_public
     }
 
-    /// Builder config without credentials; `{state_dir}` is filled in by the harness.
+    /// Builder config without credentials, with the builder user's inbox prefix; `{state_dir}`
+    /// is filled in by the harness.
     pub fn builder_config(&self, name: &str, repo: &FixtureRepo) -> String {
         Builder::config(
             name,
@@ -84,12 +102,19 @@ impl SecuredNats {
             Path::new("{state_dir}"),
             &[("demo", repo.url())],
         )
+        .replacen(
+            "\n\n[builder]",
+            "\ninbox_prefix = \"_INBOX_builder\"\n\n[builder]",
+            1,
+        )
     }
 
+    /// The CLI as the user of `seed`, with its inbox prefix.
     pub fn cli(&self, seed: &Path, args: &[&str]) -> std::process::Output {
         let mut all = args.to_vec();
+        let prefix = self.inbox_prefix(seed);
         let seed = seed.display().to_string();
-        all.extend_from_slice(&["--nkey-file", &seed]);
+        all.extend_from_slice(&["--nkey-file", &seed, "--inbox-prefix", prefix]);
         run_cli(bin(), &self.nats.url, &all, Duration::from_secs(60))
     }
 }
@@ -149,12 +174,24 @@ impl SecuredFleet {
         }
     }
 
-    /// A connection as the user of `seed`, recording the server's errors (permission violations).
+    /// A connection as the user of `seed` with its inbox prefix, recording the server's errors
+    /// (permission violations).
     async fn connect(&self, seed: &Path) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
+        let prefix = self.secured.inbox_prefix(seed);
+        self.connect_with_prefix(seed, prefix).await
+    }
+
+    /// Like [`SecuredFleet::connect`], with any inbox prefix.
+    async fn connect_with_prefix(
+        &self,
+        seed: &Path,
+        prefix: &str,
+    ) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
         let seed = homelab_deploy_credentials::read_seed_file(seed).expect("seed");
         let errors = Arc::new(Mutex::new(Vec::new()));
         let recorded = errors.clone();
         let client = async_nats::ConnectOptions::with_nkey_seed_for_tests(seed)
+            .custom_inbox_prefix(prefix)
             .event_callback(move |event| {
                 let recorded = recorded.clone();
                 async move {
@@ -439,5 +476,124 @@ async fn a_rotated_seed_file_is_used_at_the_next_reconnect() {
         "{}\nbuilder:\n{}",
         text(&output).1,
         builder.log()
+    );
+}
+
+/// Waits (10 s at most) until the server reported a permissions violation naming `needle`.
+fn refused_within(errors: &Arc<Mutex<Vec<String>>>, needle: &str) -> bool {
+    test_support::wait_until(Duration::from_secs(10), || {
+        errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|e| e.contains("Permissions Violation") && e.contains(needle))
+    })
+}
+
+/// Replies are private: a user may subscribe only to its own inbox prefix, not to another
+/// user's nor to `_INBOX.>`, so it reads nobody else's replies; with their own prefixes the
+/// replies of every role still arrive (the builder answers through `allow_responses`).
+#[tokio::test(flavor = "multi_thread")]
+async fn replies_go_only_to_the_asker() {
+    let fleet = SecuredFleet::start();
+    let secured = &fleet.secured;
+    let (deployer, deployer_errors) = fleet.connect(&secured.deployer_seed).await;
+    let (admin, _) = fleet.connect(&secured.admin_seed).await;
+    let (viewer, viewer_errors) = fleet.connect(&secured.viewer_seed).await;
+
+    // Listening on others' replies is refused by the server.
+    let mut everyone = deployer.subscribe("_INBOX.>").await.expect("sent");
+    let mut admins = deployer.subscribe("_INBOX_admin.>").await.expect("sent");
+    let mut deployers = viewer
+        .subscribe("_INBOX_test_deployer.>")
+        .await
+        .expect("sent");
+    assert!(
+        refused_within(&deployer_errors, "\"_INBOX.>\""),
+        "{}",
+        violations(&deployer_errors)
+    );
+    assert!(
+        refused_within(&deployer_errors, "\"_INBOX_admin.>\""),
+        "{}",
+        violations(&deployer_errors)
+    );
+    assert!(
+        refused_within(&viewer_errors, "\"_INBOX_test_deployer.>\""),
+        "{}",
+        violations(&viewer_errors)
+    );
+
+    // The builder answers each asker (control API), on the asker's own prefix.
+    for (who, client) in [("deployer", &deployer), ("admin", &admin)] {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request(homelab_deploy_protocol::api::BUILDERS_SUBJECT, "{}".into()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no reply in time for the {who}"))
+        .unwrap_or_else(|err| panic!("the {who}'s request failed: {err}"));
+        assert!(
+            String::from_utf8_lossy(&reply.payload).contains("demo"),
+            "{who}: {:?}",
+            reply.payload
+        );
+    }
+    // None of those replies reached the refused subscriptions (the server dropped them).
+    for subscription in [&mut everyone, &mut admins, &mut deployers] {
+        let leaked = tokio::time::timeout(
+            Duration::from_millis(300),
+            futures::StreamExt::next(subscription),
+        )
+        .await;
+        assert!(
+            !matches!(leaked, Ok(Some(_))),
+            "a reply reached another user"
+        );
+    }
+
+    // The builder's key may not publish to an inbox itself: only answer requests it received.
+    let (builder, builder_errors) = fleet.connect(&secured.builder_seed).await;
+    builder
+        .publish("_INBOX_admin.forged", "{}".into())
+        .await
+        .expect("sent");
+    builder.flush().await.expect("flush");
+    assert!(
+        refused_within(&builder_errors, "_INBOX_admin.forged"),
+        "{}",
+        violations(&builder_errors)
+    );
+
+    // Every role's JetStream replies arrive on its own prefix (the CLI with --inbox-prefix).
+    for seed in [
+        &secured.deployer_seed,
+        &secured.admin_seed,
+        &secured.viewer_seed,
+    ] {
+        let output = fleet.cli(seed, &["builders", "--json"]);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+        assert!(text(&output).0.contains("demo"), "{}", text(&output).0);
+    }
+    // Without its prefix a client hears no reply at all: the CLI says so and which setting
+    // fixes it, instead of reporting an empty fleet.
+    let output = run_cli(
+        bin(),
+        &secured.nats.url,
+        &[
+            "builders",
+            "--nkey-file",
+            &secured.deployer_seed.display().to_string(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output).0);
+    assert!(
+        text(&output)
+            .1
+            .contains("refuses this user's replies on _INBOX.>")
+            && text(&output).1.contains("--inbox-prefix"),
+        "{}",
+        text(&output).1
     );
 }

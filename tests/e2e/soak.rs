@@ -59,6 +59,7 @@ async fn soak_with_builder_kills() {
         url: nats.url.clone().into(),
         nkey_file: None,
         creds_file: None,
+        inbox_prefix: None,
         name: "soak".to_owned(),
         timeout: Duration::from_secs(5),
         vault: None,

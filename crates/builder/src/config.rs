@@ -153,6 +153,10 @@ pub struct NatsConfig {
     /// authenticate with instead; read again at every reconnect.
     #[serde(default)]
     pub creds_file: Option<PathBuf>,
+    /// Prefix of the builder's reply subjects instead of `_INBOX` (e.g. `_INBOX_builder`), for
+    /// a server that allows each user only its own (docs/security.md).
+    #[serde(default)]
+    pub inbox_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -634,6 +638,11 @@ impl Config {
                 "builder.name".into(),
                 format!("{err}; it names the builder's control subjects"),
             ));
+        }
+        if let Some(prefix) = &self.nats.inbox_prefix {
+            if let Err(message) = homelab_deploy_client::check_inbox_prefix(prefix) {
+                return Err(invalid("nats.inbox_prefix".into(), message));
+            }
         }
         if !(1..=5).contains(&self.streams.replicas) {
             return Err(invalid(
@@ -1160,6 +1169,20 @@ ref = "master"
         let config =
             parse(&GOOD.replace("git+https://", "git+https://bot:s3cr'et@")).expect("valid");
         assert!(!format!("{config:?}").contains("s3cr'et"));
+    }
+
+    #[test]
+    fn an_inbox_prefix_must_be_a_plain_subject_prefix() {
+        let with = |prefix: &str| {
+            GOOD.replace(
+                "url = \"nats://127.0.0.1:4222\"",
+                &format!("url = \"nats://127.0.0.1:4222\"\ninbox_prefix = \"{prefix}\""),
+            )
+        };
+        let config = parse(&with("_INBOX_builder")).expect("valid");
+        assert_eq!(config.nats.inbox_prefix.as_deref(), Some("_INBOX_builder"));
+        let err = parse(&with("_INBOX.>")).expect_err("a wildcard");
+        assert!(err.to_string().contains("nats.inbox_prefix"), "{err}");
     }
 
     #[test]

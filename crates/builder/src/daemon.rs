@@ -401,6 +401,11 @@ async fn connect_with_retry(
         url: config.nats.url.clone(),
         nkey_file: account.nkey_seed_file.clone(),
         creds_file: account.creds_file.clone(),
+        // Tenant accounts (nats/multi-tenant.example.conf) keep the default `_INBOX`.
+        inbox_prefix: match account.tenant {
+            None => config.nats.inbox_prefix.clone(),
+            Some(_) => None,
+        },
         name: match &account.tenant {
             Some(tenant) => format!("homelab-deploy builder {name} (tenant {tenant})"),
             None => format!("homelab-deploy builder {name}"),
@@ -427,7 +432,11 @@ async fn connect_with_retry(
             Err(ClientError::Credentials(err)) => return Err(DaemonError::Credentials(err)),
             // The server's users or the seed may be fixed while we wait (`connect` has the
             // seed from Vault fetched again for the next attempt).
-            Err(err @ (ClientError::AuthRefused { .. } | ClientError::CredsRefused { .. })) => {
+            Err(
+                err @ (ClientError::AuthRefused { .. }
+                | ClientError::CredsRefused { .. }
+                | ClientError::InboxRefused { .. }),
+            ) => {
                 warn!("{err}; retrying in {}s", delay.as_secs());
                 format!("waiting for NATS: {err}")
             }

@@ -230,7 +230,7 @@ pub async fn run(args: BuildArgs) -> u8 {
 pub fn client_error(err: ClientError) -> u8 {
     eprintln!("error: {err}");
     match err {
-        ClientError::Credentials(_) => exit::USAGE,
+        ClientError::Credentials(_) | ClientError::InboxRefused { .. } => exit::USAGE,
         ClientError::Api {
             code: Some(ErrorCode::Invalid),
             ..

@@ -104,6 +104,11 @@ pub struct NatsArgs {
     /// File holding an NKey user seed to authenticate with.
     #[arg(long, env = "HOMELAB_DEPLOY_NKEY_FILE", value_name = "FILE")]
     pub nkey_file: Option<PathBuf>,
+    /// Prefix of this client's reply subjects instead of `_INBOX`, e.g. `_INBOX_alice`: on a
+    /// server that allows each user only its own replies (nats/prod.example.conf), the one its
+    /// user may subscribe to.
+    #[arg(long, env = "HOMELAB_DEPLOY_INBOX_PREFIX", value_name = "PREFIX")]
+    pub inbox_prefix: Option<String>,
 }
 
 fn main() -> ExitCode {

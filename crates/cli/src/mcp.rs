@@ -37,6 +37,7 @@ pub async fn run(args: McpArgs) -> u8 {
     let settings = ConnectSettings {
         url: resolved.nats_url.into(),
         nkey_file: resolved.nkey_file,
+        inbox_prefix: resolved.inbox_prefix,
         creds_file: None,
         name: "homelab-deploy mcp".to_owned(),
         timeout: Duration::from_secs(3),

@@ -35,6 +35,7 @@ fn settings_or_exit(args: &NatsArgs, command: &str) -> Result<ConnectSettings, u
     Ok(ConnectSettings {
         url: resolved.nats_url.into(),
         nkey_file: resolved.nkey_file,
+        inbox_prefix: resolved.inbox_prefix,
         creds_file: None,
         name: format!("homelab-deploy {command}"),
         timeout: Duration::from_secs(5),

@@ -6,6 +6,7 @@
 //! ```toml
 //! nats_url = "nats://nats.example.org:4222"
 //! nkey_file = "/run/secrets/homelab-deploy-nkey"
+//! inbox_prefix = "_INBOX_alice"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -22,12 +23,15 @@ pub const SYSTEM_CONFIG: &str = "/etc/homelab-deploy/config.toml";
 struct ClientConfig {
     nats_url: Option<String>,
     nkey_file: Option<PathBuf>,
+    inbox_prefix: Option<String>,
 }
 
 /// The NATS settings of a client command, after every source was consulted.
 pub struct Resolved {
     pub nats_url: String,
     pub nkey_file: Option<PathBuf>,
+    /// Checked with [`homelab_deploy_client::check_inbox_prefix`].
+    pub inbox_prefix: Option<String>,
 }
 
 fn user_config() -> Option<PathBuf> {
@@ -71,8 +75,16 @@ pub fn resolve(args: &NatsArgs) -> Result<Resolved, String> {
         .nkey_file
         .clone()
         .or_else(|| files.iter().find_map(|f| f.nkey_file.clone()));
+    let inbox_prefix = args
+        .inbox_prefix
+        .clone()
+        .or_else(|| files.iter().find_map(|f| f.inbox_prefix.clone()));
+    if let Some(prefix) = &inbox_prefix {
+        homelab_deploy_client::check_inbox_prefix(prefix)?;
+    }
     Ok(Resolved {
         nats_url,
         nkey_file,
+        inbox_prefix,
     })
 }

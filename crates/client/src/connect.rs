@@ -31,12 +31,43 @@ pub struct ConnectSettings {
     pub timeout: Duration,
     /// Where to fetch the seed when no file or environment variable gives one (the builder).
     pub vault: Option<VaultSeed>,
+    /// Prefix of this connection's reply subjects (`PREFIX.<nuid>…`) instead of `_INBOX`, so a
+    /// server can allow each user only its own replies (`_INBOX_<user>.>`, docs/security.md).
+    /// Checked with [`check_inbox_prefix`].
+    pub inbox_prefix: Option<String>,
+}
+
+/// Checks a custom inbox prefix: one or more subject tokens of `[A-Za-z0-9_-]` separated by
+/// dots (no wildcard, no space, no empty token), at most 64 bytes.
+///
+/// # Errors
+/// Says what is wrong with `prefix` and gives an example.
+pub fn check_inbox_prefix(prefix: &str) -> Result<(), String> {
+    let token_ok = |token: &str| {
+        !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
+    if prefix.len() > 64 || !prefix.split('.').all(token_ok) {
+        return Err(format!(
+            "inbox prefix {:?} is not a subject prefix: use tokens of letters, digits, '_' and '-' separated by dots, at most 64 bytes (e.g. _INBOX_alice)",
+            prefix.chars().take(80).collect::<String>()
+        ));
+    }
+    Ok(())
 }
 
 /// Connects once; fails within `settings.timeout` when the server cannot be reached.
 /// Later disconnects are retried by the client in the background and logged.
 pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> {
     let url = settings.url.clone();
+    if let Some(prefix) = &settings.inbox_prefix {
+        check_inbox_prefix(prefix).map_err(|message| ClientError::Connect {
+            url: url.clone(),
+            message,
+        })?;
+    }
     let (servers, url_credentials) = server_addrs(&settings.url)?;
     let source = match settings.creds_file {
         Some(_) => None,
@@ -106,6 +137,10 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
         },
     };
     let events_source = source.clone();
+    let options = match &settings.inbox_prefix {
+        Some(prefix) => options.custom_inbox_prefix(prefix),
+        None => options,
+    };
     let options = options
         .name(&settings.name)
         .connection_timeout(settings.timeout)
@@ -132,7 +167,7 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
                 }
             }
         });
-    options
+    let client = options
         .connect(servers)
         .await
         .map_err(|err| match (err.kind(), public_key) {
@@ -159,7 +194,44 @@ pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> 
                 url: settings.url.clone(),
                 message: err.to_string(),
             },
-        })
+        })?;
+    check_replies(&client, settings).await?;
+    Ok(client)
+}
+
+/// Makes one request every role may make (`$JS.API.INFO`; a server without JetStream answers
+/// "no responders", which arrives the same way) and waits, at most `settings.timeout`, for its
+/// answer or for the server refusing this connection's reply subscription: a server that allows
+/// each user only its own inbox prefix refuses a client with another one, and every later
+/// request would time out without saying why.
+async fn check_replies(client: &Client, settings: &ConnectSettings) -> Result<(), ClientError> {
+    const PROBE: &str = "$JS.API.INFO";
+    let prefix = settings.inbox_prefix.as_deref().unwrap_or("_INBOX");
+    let began = std::time::Instant::now();
+    let refused = || crate::denials::inbox_refused_since(prefix, began);
+    let answered = client.request(PROBE, "".into());
+    tokio::pin!(answered);
+    let deadline = tokio::time::sleep(settings.timeout);
+    tokio::pin!(deadline);
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            _ = &mut answered => break,
+            () = &mut deadline => break,
+            _ = poll.tick() => {
+                if refused() || crate::denials::publish_refused_since(PROBE, began) {
+                    break;
+                }
+            }
+        }
+    }
+    if refused() {
+        return Err(ClientError::InboxRefused {
+            url: settings.url.clone(),
+            prefix: prefix.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// async-nats reports a refused reconnect only as text.
@@ -217,4 +289,30 @@ fn server_addrs(
         });
     }
     Ok((servers, credentials))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_inbox_prefix;
+
+    #[test]
+    fn inbox_prefixes_are_plain_subject_tokens() {
+        for good in ["_INBOX_alice", "_INBOX.ci-runner_2", "a"] {
+            assert_eq!(check_inbox_prefix(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "_INBOX.>",
+            "_INBOX.*",
+            "a..b",
+            ".a",
+            "a.",
+            "has space",
+            "ü",
+        ] {
+            let err = check_inbox_prefix(bad).expect_err(bad);
+            assert!(err.contains("_INBOX_alice"), "{err}");
+        }
+        assert!(check_inbox_prefix(&"a".repeat(65)).is_err());
+    }
 }

@@ -12,7 +12,7 @@ pub mod inspect;
 mod request;
 mod sign;
 
-pub use connect::{connect, ConnectSettings};
+pub use connect::{check_inbox_prefix, connect, ConnectSettings};
 pub use request::{submit, EventStream, LogStream, Submission, SubmitOptions};
 pub use sign::Signer;
 
@@ -33,6 +33,8 @@ pub enum ClientError {
     },
     #[error("NATS at {url} requires authentication: give an NKey user seed with --nkey-file (or HOMELAB_DEPLOY_NKEY_FILE, or nkey_file in the config file) or HOMELAB_DEPLOY_NKEY_SEED")]
     AuthRequired { url: SecretUrl },
+    #[error("NATS at {url} refuses this user's replies on {prefix}.>: give the inbox prefix the server allows this user with --inbox-prefix (or HOMELAB_DEPLOY_INBOX_PREFIX, inbox_prefix in the config file, [nats] inbox_prefix for a builder), e.g. _INBOX_alice for a user allowed _INBOX_alice.>")]
+    InboxRefused { url: SecretUrl, prefix: String },
     #[error(transparent)]
     Credentials(#[from] homelab_deploy_credentials::CredentialError),
     #[error("no builder serves repo {repo}: no JetStream stream takes build.{repo}.* (is a builder configured with [repos.{repo}] and has it started?)")]

@@ -3,8 +3,10 @@
 //! fresh user seed in a `.creds` file. A CI runner or an on-demand builder gets one of these
 //! instead of a long-lived seed.
 //!
-//! The JWT is made by the `nats-jwt` crate. The operator and account JWTs the server trusts are
-//! not made here: `nsc` (the NATS project's tool) makes them (docs/security.md).
+//! The user JWT is encoded here (serde_json, `nkeys`), not with the `nats-jwt` crate, which has
+//! no `resp` claim: the builder role answers control API requests through it (reply to the
+//! asker only, docs/decisions/private-replies.md). The operator and account JWTs the server
+//! trusts are not made here: `nsc` (the NATS project's tool) makes them (docs/security.md).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,14 +20,20 @@ use crate::{describe, Seed};
 pub struct RolePermissions {
     pub publish: &'static [&'static str],
     pub subscribe: &'static [&'static str],
+    /// May publish one reply to the reply subject of each request it received, within
+    /// [`RESPONSE_TTL`] (nats-server's `allow_responses`, the JWT's `resp` claim).
+    pub allow_responses: bool,
 }
+
+/// How long after a request a role with `allow_responses` may answer it: nats-server's default
+/// for `allow_responses = true`, which the server config uses.
+pub const RESPONSE_TTL: Duration = Duration::from_secs(120);
 
 /// The builder role (`BUILDER` in `nats/prod.example.conf`; why each subject: docs/security.md).
 pub const BUILDER: RolePermissions = RolePermissions {
     publish: &[
         "build.responses.>",
         "build.api.builder.*.cancel",
-        "_INBOX.>",
         "$JS.API.STREAM.CREATE.BUILD_REQUESTS",
         "$JS.API.STREAM.CREATE.BUILD_EVENTS",
         "$JS.API.STREAM.CREATE.KV_BUILD_BUILDERS",
@@ -67,7 +75,8 @@ pub const BUILDER: RolePermissions = RolePermissions {
         "$JS.API.CONSUMER.DELETE.KV_BUILD_BUILDERS.>",
         "$JS.FC.>",
     ],
-    subscribe: &["build.api.>", "_INBOX.>"],
+    subscribe: &["build.api.>", "_INBOX_builder.>"],
+    allow_responses: true,
 };
 
 /// Why a credential could not be made or read. No variant holds a seed or a JWT.
@@ -96,6 +105,8 @@ pub enum MintError {
     },
     #[error("creds file {path} is not a NATS creds file: {why} (`homelab-deploy creds mint` writes one)")]
     BadCreds { path: PathBuf, why: &'static str },
+    #[error("the account signing key cannot sign: it holds no seed")]
+    Sign,
 }
 
 /// Longest lifetime a minted credential may have: the point is that it is short.
@@ -163,23 +174,56 @@ pub fn mint(
         path: PathBuf::new(),
         why: "a fresh user seed did not parse",
     })?;
-    let mut token = nats_jwt::Token::new_user(account, user.public_key())
-        .name(name)
-        .expires(expires_at as i64);
-    for subject in role.publish {
-        token = token.allow_publish(*subject);
+    let mut nats = serde_json::json!({
+        "type": "user",
+        "version": 2,
+        "issuer_account": account,
+        "pub": { "allow": role.publish },
+        "sub": { "allow": role.subscribe },
+        "subs": -1,
+        "data": -1,
+        "payload": -1,
+    });
+    if role.allow_responses {
+        // Go's time.Duration: nanoseconds.
+        nats["resp"] = serde_json::json!({ "max": 1, "ttl": RESPONSE_TTL.as_nanos() as u64 });
     }
-    for subject in role.subscribe {
-        token = token.allow_subscribe(*subject);
-    }
-    // `sign` panics only for a key without its seed (ours is read from one) or a clock before
-    // 1970.
-    let jwt = token.sign(signing_key);
+    let jwt = encode_user_jwt(
+        serde_json::json!({
+            "iat": now,
+            "exp": expires_at,
+            "iss": signing_key.public_key(),
+            "sub": user.public_key(),
+            "name": name,
+            "nats": nats,
+        }),
+        signing_key,
+    )?;
     Ok(Minted {
         jwt,
         seed,
         expires_at,
     })
+}
+
+/// Signs `claims` as a NATS JWT: header and claims in base64url, the claims' `jti` a hash of
+/// the claims without it (as the Go `jwt` library makes it), signed by `signing_key`.
+fn encode_user_jwt(
+    mut claims: serde_json::Value,
+    signing_key: &KeyPair,
+) -> Result<String, MintError> {
+    use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
+    use sha2::Digest;
+    claims["jti"] = serde_json::Value::String(String::new());
+    let hash = sha2::Sha256::digest(claims.to_string().as_bytes());
+    claims["jti"] = serde_json::Value::String(BASE32_NOPAD.encode(&hash));
+    let header = BASE64URL_NOPAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let body = BASE64URL_NOPAD.encode(claims.to_string().as_bytes());
+    let signed = format!("{header}.{body}");
+    let signature = signing_key
+        .sign(signed.as_bytes())
+        .map_err(|_| MintError::Sign)?;
+    Ok(format!("{signed}.{}", BASE64URL_NOPAD.encode(&signature)))
 }
 
 /// The text of a `.creds` file, in the format every NATS client reads (`nats --creds`,
@@ -301,8 +345,20 @@ mod tests {
             .iter()
             .position(|line| line.trim_start().starts_with("subscribe"))
             .expect("subscribe in BUILDER");
+        let responses = block
+            .iter()
+            .position(|line| line.trim() == "allow_responses = true");
         assert_eq!(quoted(&block[..split]), BUILDER.publish, "publish");
-        assert_eq!(quoted(&block[split..]), BUILDER.subscribe, "subscribe");
+        assert_eq!(
+            quoted(&block[split..responses.unwrap_or(block.len())]),
+            BUILDER.subscribe,
+            "subscribe"
+        );
+        assert_eq!(
+            responses.is_some(),
+            BUILDER.allow_responses,
+            "allow_responses"
+        );
     }
 
     #[test]
