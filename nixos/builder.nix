@@ -70,6 +70,7 @@ let
         replicas = optional (types.ints.between 1 5) "Stream replicas (3 on a NATS cluster).";
         request_ack_wait_secs = optional types.ints.positive "Redelivery delay of a dead builder's request.";
         events_duplicate_window_secs = optional types.ints.positive "Duplicate window of the events stream.";
+        events_max_consumers = optional types.ints.positive "Most consumers the events stream holds at once (default 1000); the server refuses more.";
       };
       repos = mkOption { type = types.attrsOf repoSettings; default = { }; description = "Repos served, by name."; };
       tenants = mkOption {
@@ -223,6 +224,27 @@ in
       openFirewall = mkOption { type = types.bool; default = false; description = "Open the metrics port in the firewall."; };
     };
 
+    provision = {
+      enable = mkEnableOption ''
+        a oneshot unit, `homelab-deploy-builder-provision`, that runs `homelab-deploy builder
+        provision` with an admin credential before the builder starts (and again when the config
+        changes): on a NATS server where builders may not create streams (nats/prod.example.conf),
+        it creates or updates the streams and buckets of this builder's repos and `[streams]`
+      '';
+      adminNkeySeedFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/homelab-deploy/admin.nk";
+        description = "File with the NKey seed of a NATS user allowed to create and update the streams (passed with LoadCredential; the builder never sees it).";
+      };
+      inboxPrefix = mkOption {
+        type = types.nullOr (types.strMatching "[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*");
+        default = null;
+        example = "_INBOX_admin";
+        description = "The admin user's inbox prefix (`--inbox-prefix`).";
+      };
+    };
+
     stopTimeoutSec = mkOption {
       type = types.ints.positive;
       default = 30;
@@ -310,6 +332,10 @@ in
         message = "services.homelab-deploy.builder: with settings.tenants, each tenant names the builder's credential in its account; leave nkeySeedFile and vault unset.";
       }
       {
+        assertion = !cfg.provision.enable || cfg.provision.adminNkeySeedFile != null;
+        message = "services.homelab-deploy.builder: provision.enable needs provision.adminNkeySeedFile (the seed of a NATS user allowed to create the streams).";
+      }
+      {
         assertion = cfg.settings.repos != { };
         message = "services.homelab-deploy.builder: no repos configured; set services.homelab-deploy.builder.repos.<name>.url.";
       }
@@ -362,6 +388,34 @@ in
       description = "homelab-deploy builder";
     };
     users.groups.homelab-deploy = { };
+
+    # The streams and buckets, created or updated with the admin's credential before the builder
+    # starts; the builder's own key may not (docs/security.md). A failure is retried; the builder
+    # meanwhile says which stream is missing.
+    systemd.services.homelab-deploy-builder-provision = mkIf cfg.provision.enable {
+      description = "homelab-deploy: provision the streams and buckets of the builder's config";
+      wantedBy = [ "homelab-deploy-builder.service" ];
+      before = [ "homelab-deploy-builder.service" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      restartTriggers = [ configFile ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        ExecStart = lib.escapeShellArgs ([
+          "${cfg.package}/bin/homelab-deploy" "builder" "provision"
+          "--config" "${configFile}" "--nkey-file" "%d/admin-nkey"
+        ] ++ lib.optionals (cfg.provision.inboxPrefix != null) [ "--inbox-prefix" cfg.provision.inboxPrefix ]);
+        LoadCredential = [ "admin-nkey:${toString cfg.provision.adminNkeySeedFile}" ];
+        Restart = "on-failure";
+        RestartSec = 10;
+        DynamicUser = true;
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+      };
+    };
 
     systemd.services.homelab-deploy-builder = {
       description = "homelab-deploy builder";

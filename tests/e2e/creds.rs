@@ -94,9 +94,8 @@ async fn minted_builder_creds_build_and_keep_the_role() {
         creds.display(),
         repo.url()
     );
-    let builder = Builder::start_config(bin(), "jwt-builder", &config);
-
-    // A requester of the same account (any user its signing key signs).
+    // A requester of the same account (any user its signing key signs); it also provisions the
+    // streams, which the builder role may not create.
     let requester_creds = dir.path().join("requester.creds");
     let requester = RolePermissions {
         publish: &[">"],
@@ -113,6 +112,30 @@ async fn minted_builder_creds_build_and_keep_the_role() {
     )
     .expect("mint requester");
     jwt::write_creds_file(&requester_creds, &minted).expect("write requester creds");
+    let provision_config = dir.path().join("provision.toml");
+    std::fs::write(
+        &provision_config,
+        config.replace(
+            "{state_dir}",
+            &dir.path().join("state").display().to_string(),
+        ),
+    )
+    .expect("write config");
+    let output = run_cli(
+        bin(),
+        &server.nats.url,
+        &[
+            "builder",
+            "provision",
+            "--config",
+            &provision_config.display().to_string(),
+            "--creds-file",
+            &requester_creds.display().to_string(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    let builder = Builder::start_config(bin(), "jwt-builder", &config);
     let (client, _) = connect(&server, &requester_creds)
         .await
         .expect("requester connects");

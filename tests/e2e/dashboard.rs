@@ -297,6 +297,7 @@ fn the_viewer_user_reads_everything_the_page_shows_and_nothing_more() {
         ),
         1,
     );
+    secured.provisioned(&config);
     let _builder = Builder::start_config(bin(), &name, &config);
     let built = secured.cli(&secured.deployer_seed, &["build", "demo", "web", "--quiet"]);
     assert_eq!(built.status.code(), Some(0), "{}", text(&built).1);

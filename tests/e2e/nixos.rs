@@ -661,3 +661,76 @@ fn dashboard_module_runs_a_hardened_page_server() {
         dashboard.log()
     );
 }
+
+/// `provision.enable` adds a oneshot before the builder that runs `builder provision` with the
+/// admin's seed as a credential; its command, run as rendered against nats/prod.example.conf,
+/// creates the streams. Without a seed file it is an assertion.
+#[test]
+fn builder_module_provisions_the_streams_with_the_admin_seed() {
+    let secured = crate::permissions::SecuredNats::start();
+    let summary = evaluate(&format!(
+        r#"{{
+          services.homelab-deploy.builder = {{
+            enable = true;
+            natsUrl = "{}";
+            repos.nixos-servers.url = "git+https://git.example.org/torjus/nixos-servers.git";
+            provision = {{ enable = true; adminNkeySeedFile = "/run/secrets/admin.nk"; inboxPrefix = "_INBOX_admin"; }};
+          }};
+        }}"#,
+        secured.nats.url
+    ))
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    let service = &summary["services"]["homelab-deploy-builder-provision"];
+    assert_eq!(
+        service["wantedBy"],
+        serde_json::json!(["homelab-deploy-builder.service"])
+    );
+    assert_eq!(
+        service["before"],
+        serde_json::json!(["homelab-deploy-builder.service"])
+    );
+    let unit = &service["serviceConfig"];
+    assert_eq!(unit["Type"], "oneshot");
+    assert_eq!(
+        unit["LoadCredential"],
+        serde_json::json!(["admin-nkey:/run/secrets/admin.nk"])
+    );
+    let exec = unit["ExecStart"].as_str().expect("ExecStart");
+    let seed = secured.admin_seed.display().to_string();
+    let args: Vec<String> = exec
+        .split_whitespace()
+        .skip(1)
+        .map(|a| a.trim_matches('\'').replace("%d/admin-nkey", &seed))
+        .collect();
+    assert_eq!(args[..2], ["builder", "provision"], "{exec}");
+    let output = Command::new(bin())
+        .args(&args)
+        .env_remove("HOMELAB_DEPLOY_NATS_URL")
+        .output()
+        .expect("provision");
+    assert_eq!(output.status.code(), Some(0), "{}\n{exec}", text(&output).1);
+    assert!(
+        text(&output).0.contains("BUILD_REQUESTS: created"),
+        "{}",
+        text(&output).0
+    );
+
+    let without = evaluate(
+        r#"{
+          services.homelab-deploy.builder = {
+            enable = true;
+            repos.nixos-servers.url = "git+https://git.example.org/torjus/nixos-servers.git";
+            provision.enable = true;
+          };
+        }"#,
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        without["failedAssertions"]
+            .to_string()
+            .contains("provision.adminNkeySeedFile"),
+        "{}",
+        without["failedAssertions"]
+    );
+}

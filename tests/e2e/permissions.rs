@@ -11,7 +11,7 @@ use test_support::{run_cli, unique, Builder, FixtureRepo, NatsServer};
 
 use crate::{bin, text};
 
-/// nats-server running the shipped `nats/prod.example.conf` with fresh keys for its four users.
+/// nats-server running the shipped `nats/prod.example.conf` with fresh keys for its five users.
 pub(crate) struct SecuredNats {
     pub nats: NatsServer,
     pub dir: PathBuf,
@@ -21,6 +21,8 @@ pub(crate) struct SecuredNats {
     /// The read-only `VIEWER` user (the dashboard).
     pub viewer_seed: PathBuf,
     pub admin_seed: PathBuf,
+    /// `SERVERS_DEPLOYER`: may queue builds of repo `nixos-servers` only.
+    pub servers_seed: PathBuf,
     builder_public: String,
 }
 
@@ -32,6 +34,7 @@ impl SecuredNats {
         let deployer_seed = dir.join("deployer.nk");
         let admin_seed = dir.join("admin.nk");
         let viewer_seed = dir.join("viewer.nk");
+        let servers_seed = dir.join("servers.nk");
         let template = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/prod.example.conf"),
         )
@@ -43,7 +46,8 @@ impl SecuredNats {
             .replace("BUILDER_PUBLIC_KEY", &builder_public)
             .replace("TEST_DEPLOYER_PUBLIC_KEY", &generate(&deployer_seed))
             .replace("ADMIN_DEPLOYER_PUBLIC_KEY", &generate(&admin_seed))
-            .replace("VIEWER_PUBLIC_KEY", &generate(&viewer_seed));
+            .replace("VIEWER_PUBLIC_KEY", &generate(&viewer_seed))
+            .replace("SERVERS_DEPLOYER_PUBLIC_KEY", &generate(&servers_seed));
         let config_path = dir.join("nats.conf");
         std::fs::write(&config_path, config).expect("write nats config");
         let nats = NatsServer::start_with(&["-c", &config_path.display().to_string()]);
@@ -55,6 +59,7 @@ impl SecuredNats {
             deployer_seed,
             viewer_seed,
             admin_seed,
+            servers_seed,
             builder_public,
         }
     }
@@ -69,6 +74,8 @@ impl SecuredNats {
             "_INBOX_admin"
         } else if seed == self.viewer_seed {
             "_INBOX_viewer"
+        } else if seed == self.servers_seed {
+            "_INBOX_servers_deployer"
         } else {
             panic!("{} is none of the configured users' seeds", seed.display())
         }
@@ -109,6 +116,28 @@ impl SecuredNats {
         )
     }
 
+    /// `homelab-deploy builder provision` of `builder_config` as the admin: the streams and
+    /// buckets, which no builder may create on this server.
+    pub fn provision(&self, builder_config: &str) -> std::process::Output {
+        let path = self.dir.join(unique("provision.toml"));
+        std::fs::write(
+            &path,
+            builder_config.replace("{state_dir}", &self.dir.join("state").display().to_string()),
+        )
+        .expect("write builder config");
+        let path = path.display().to_string();
+        self.cli(
+            &self.admin_seed,
+            &["builder", "provision", "--config", &path],
+        )
+    }
+
+    /// [`SecuredNats::provision`], which must succeed.
+    pub fn provisioned(&self, builder_config: &str) {
+        let output = self.provision(builder_config);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    }
+
     /// The CLI as the user of `seed`, with its inbox prefix.
     pub fn cli(&self, seed: &Path, args: &[&str]) -> std::process::Output {
         let mut all = args.to_vec();
@@ -127,7 +156,7 @@ impl Drop for SecuredNats {
 
 struct SecuredFleet {
     secured: SecuredNats,
-    _repo: FixtureRepo,
+    repo: FixtureRepo,
     builder: Option<Builder>,
 }
 
@@ -155,21 +184,30 @@ pub(crate) fn public_key(seed: &Path) -> String {
 
 impl SecuredFleet {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// A builder serving `demo` with `extra` appended to its config (more repos, `[streams]`;
+    /// `{repo_url}` stands for the fixture repo's URL).
+    fn start_with(extra: &str) -> Self {
         let secured = SecuredNats::start();
         let repo = FixtureRepo::new("fleet");
         let name = unique("builder");
-        let builder_config = secured.builder_config(&name, &repo).replacen(
-            "[builder]",
-            &format!(
-                "nkey_seed_file = \"{}\"\n\n[builder]",
-                secured.builder_seed.display()
-            ),
-            1,
-        );
+        let builder_config = (secured.builder_config(&name, &repo)
+            + &extra.replace("{repo_url}", &repo.url()))
+            .replacen(
+                "[builder]",
+                &format!(
+                    "nkey_seed_file = \"{}\"\n\n[builder]",
+                    secured.builder_seed.display()
+                ),
+                1,
+            );
+        secured.provisioned(&builder_config);
         let builder = Builder::start_config(bin(), &name, &builder_config);
         Self {
             secured,
-            _repo: repo,
+            repo,
             builder: Some(builder),
         }
     }
@@ -178,38 +216,39 @@ impl SecuredFleet {
     /// (permission violations).
     async fn connect(&self, seed: &Path) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
         let prefix = self.secured.inbox_prefix(seed);
-        self.connect_with_prefix(seed, prefix).await
-    }
-
-    /// Like [`SecuredFleet::connect`], with any inbox prefix.
-    async fn connect_with_prefix(
-        &self,
-        seed: &Path,
-        prefix: &str,
-    ) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
-        let seed = homelab_deploy_credentials::read_seed_file(seed).expect("seed");
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let recorded = errors.clone();
-        let client = async_nats::ConnectOptions::with_nkey_seed_for_tests(seed)
-            .custom_inbox_prefix(prefix)
-            .event_callback(move |event| {
-                let recorded = recorded.clone();
-                async move {
-                    recorded
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(event.to_string());
-                }
-            })
-            .connect(&self.secured.nats.url)
-            .await
-            .expect("connect with nkey");
-        (client, errors)
+        connect_as(&self.secured.nats.url, seed, prefix).await
     }
 
     fn cli(&self, seed: &Path, args: &[&str]) -> std::process::Output {
         self.secured.cli(seed, args)
     }
+}
+
+/// A connection to `url` as the user of `seed` with inbox prefix `prefix`, recording the
+/// server's errors (permission violations).
+async fn connect_as(
+    url: &str,
+    seed: &Path,
+    prefix: &str,
+) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
+    let seed = homelab_deploy_credentials::read_seed_file(seed).expect("seed");
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let recorded = errors.clone();
+    let client = async_nats::ConnectOptions::with_nkey_seed_for_tests(seed)
+        .custom_inbox_prefix(prefix)
+        .event_callback(move |event| {
+            let recorded = recorded.clone();
+            async move {
+                recorded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(event.to_string());
+            }
+        })
+        .connect(url)
+        .await
+        .expect("connect with nkey");
+    (client, errors)
 }
 
 /// Helper so tests authenticate the way the product does (sign the nonce with the seed).
@@ -596,4 +635,512 @@ async fn replies_go_only_to_the_asker() {
         "{}",
         text(&output).1
     );
+}
+
+/// A request as `client`; the reply's text, or `None` when nothing came within 10 s.
+async fn ask(client: &async_nats::Client, subject: &str, body: &str) -> Option<String> {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(subject.to_owned(), body.to_owned().into()),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(String::from_utf8_lossy(&reply.payload).into_owned())
+}
+
+/// Draining a builder and cancelling on it directly are admin actions, refused to a deployer by
+/// the server; the deployer keeps the closure-diff call and the `build.api.v1` verbs.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_admin_drains_or_cancels_on_a_builder() {
+    let fleet = SecuredFleet::start();
+    let secured = &fleet.secured;
+    let name = fleet.builder.as_ref().expect("builder").name.clone();
+    let drain = format!("build.api.builder.{name}.drain");
+    let cancel = format!("build.api.builder.{name}.cancel");
+    let diff = format!("build.api.builder.{name}.diff");
+
+    // The deployer's drain is refused, said so, and the builder goes on.
+    let output = fleet.cli(&secured.deployer_seed, &["builder", "drain", &name]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output).1);
+    assert!(
+        text(&output)
+            .1
+            .contains(&format!("NATS refused this user publishing to {drain}")),
+        "{}",
+        text(&output).1
+    );
+    let (deployer, deployer_errors) = fleet.connect(&secured.deployer_seed).await;
+    deployer
+        .publish(cancel.clone(), r#"{"id":"whatever"}"#.into())
+        .await
+        .expect("sent");
+    deployer.flush().await.expect("flush");
+    assert!(
+        refused_within(&deployer_errors, &cancel),
+        "{}",
+        violations(&deployer_errors)
+    );
+    // What a deployer keeps: the diff call (answered, here with an error: nothing was built)
+    // and the shared API (here `builders`).
+    let answer = ask(&deployer, &diff, r#"{"repo":"demo","host":"web"}"#).await;
+    assert!(answer.is_some(), "no answer to a deployer's diff");
+    let answer = ask(
+        &deployer,
+        homelab_deploy_protocol::api::BUILDERS_SUBJECT,
+        "{}",
+    )
+    .await;
+    assert!(answer.is_some_and(|a| a.contains(&name)));
+    assert!(
+        !violations(&deployer_errors).contains(&diff),
+        "{}",
+        violations(&deployer_errors)
+    );
+    let output = fleet.cli(&secured.deployer_seed, &["build", "demo", "web"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+
+    // The admin may do both: its direct cancel is answered, its drain drains the builder.
+    let (admin, admin_errors) = fleet.connect(&secured.admin_seed).await;
+    let answer = ask(&admin, &cancel, r#"{"id":"NOSUCHREQUEST1"}"#).await;
+    assert!(answer.is_some(), "{}", violations(&admin_errors));
+    let output = fleet.cli(&secured.admin_seed, &["builder", "drain", &name, "--json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    assert!(text(&output).0.contains(&name), "{}", text(&output).0);
+}
+
+/// A deployer limited to one repo (`SERVERS_DEPLOYER`) builds that repo and is refused by the
+/// server for any other; the unlimited deployer builds both.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployer_limited_to_a_repo_builds_only_that_repo() {
+    let fleet =
+        SecuredFleet::start_with("\n[repos.nixos-servers]\nurl = \"{repo_url}\"\nref = \"main\"\n");
+    let secured = &fleet.secured;
+    let output = fleet.cli(&secured.servers_seed, &["build", "nixos-servers", "web"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&output).1,
+        fleet.builder.as_ref().map(|b| b.log()).unwrap_or_default()
+    );
+    let output = fleet.cli(
+        &secured.servers_seed,
+        &["build", "demo", "web", "--no-wait"],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output).1);
+    assert!(
+        text(&output)
+            .1
+            .contains("NATS refused this user publishing to build.demo.web"),
+        "{}",
+        text(&output).1
+    );
+    let (servers, _) = fleet.connect(&secured.servers_seed).await;
+    assert_eq!(pending(&servers).await, 0, "a refused request was queued");
+    for repo in ["demo", "nixos-servers"] {
+        let output = fleet.cli(&secured.deployer_seed, &["build", repo, "web"]);
+        assert_eq!(output.status.code(), Some(0), "{repo}: {}", text(&output).1);
+    }
+}
+
+/// A deployer creates no durable or named consumer (300 attempts, all refused by the server),
+/// ephemeral ones only, and those up to the events stream's `max_consumers`
+/// (`streams.events_max_consumers`); following a build still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn deployers_create_only_ephemeral_bounded_consumers() {
+    let limit = 12;
+    let fleet = SecuredFleet::start_with(&format!("\n[streams]\nevents_max_consumers = {limit}\n"));
+    let secured = &fleet.secured;
+    let (deployer, errors) = fleet.connect(&secured.deployer_seed).await;
+    // In batches: async-nats drops connection events beyond its event queue, and each
+    // refusal is one event.
+    for batch in 0..6 {
+        for i in batch * 25..(batch + 1) * 25 {
+            let config = format!(
+                r#"{{"stream_name":"BUILD_EVENTS","config":{{"durable_name":"flood{i}","ack_policy":"none"}}}}"#
+            );
+            deployer
+                .publish(
+                    format!("$JS.API.CONSUMER.DURABLE.CREATE.BUILD_EVENTS.flood{i}"),
+                    config.clone().into(),
+                )
+                .await
+                .expect("sent");
+            deployer
+                .publish(
+                    format!("$JS.API.CONSUMER.CREATE.BUILD_EVENTS.named{i}"),
+                    config.replace("flood", "named").into(),
+                )
+                .await
+                .expect("sent");
+        }
+        deployer.flush().await.expect("flush");
+        let last = format!(
+            "$JS.API.CONSUMER.CREATE.BUILD_EVENTS.named{}",
+            (batch + 1) * 25 - 1
+        );
+        assert!(refused_within(&errors, &last), "{}", violations(&errors));
+    }
+    let refusals = violations(&errors)
+        .matches("Permissions Violation for Publish to \"$JS.API.CONSUMER")
+        .count();
+    assert_eq!(refusals, 300, "{}", violations(&errors));
+    let js = jetstream::new(deployer.clone());
+    let stream = js.get_stream("BUILD_EVENTS").await.expect("stream info");
+    for name in ["flood0", "flood149", "named0", "named149"] {
+        assert!(
+            stream.consumer_info(name).await.is_err(),
+            "consumer {name} exists"
+        );
+    }
+
+    // Following a build (ephemeral ordered consumers) still works.
+    let output = fleet.cli(&secured.deployer_seed, &["build", "demo", "web", "--json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    let finished: serde_json::Value =
+        serde_json::from_str(text(&output).0.trim()).expect("build --json prints finished");
+    let id = finished["id"].as_str().expect("id").to_owned();
+    let output = fleet.cli(&secured.deployer_seed, &["watch", &id]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+
+    // Ephemeral consumers: allowed, up to the stream's limit, then refused by the server.
+    let mut held = Vec::new();
+    let refused = loop {
+        let created = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(consumer) => held.push(consumer),
+            Err(err) => break err.to_string(),
+        }
+        assert!(held.len() <= limit, "more than {limit} consumers");
+    };
+    assert!(!held.is_empty(), "no ephemeral consumer: {refused}");
+    assert!(refused.contains("maximum consumers limit"), "{refused}");
+}
+
+/// A builder's key cannot change a stream: updating `BUILD_REQUESTS` with a subject transform
+/// (which would turn a subject it may publish to into `build.<repo>.<target>`, a build request)
+/// is refused by the server and the stream stays as it was; nor may a deployer provision.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_builder_key_cannot_change_a_stream() {
+    let fleet = SecuredFleet::start();
+    let secured = &fleet.secured;
+    let (builder, errors) = fleet.connect(&secured.builder_seed).await;
+    let js = jetstream::new(builder.clone());
+    let mut stream = js.get_stream("BUILD_REQUESTS").await.expect("stream info");
+    let before = stream.info().await.expect("info").config.clone();
+    let mut changed = serde_json::to_value(&before).expect("config as JSON");
+    changed["subjects"]
+        .as_array_mut()
+        .expect("subjects")
+        .push("build.responses.evil.*".into());
+    changed["subject_transform"] =
+        serde_json::json!({"src": "build.responses.evil.*", "dest": "build.demo.{{wildcard(1)}}"});
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        builder.request(
+            "$JS.API.STREAM.UPDATE.BUILD_REQUESTS",
+            changed.to_string().into(),
+        ),
+    )
+    .await;
+    assert!(
+        !matches!(answer, Ok(Ok(_))),
+        "the server answered the builder's stream update"
+    );
+    assert!(
+        refused_within(&errors, "$JS.API.STREAM.UPDATE.BUILD_REQUESTS"),
+        "{}",
+        violations(&errors)
+    );
+    let after = stream.info().await.expect("info").config.clone();
+    assert_eq!(after.subjects, before.subjects, "the subjects changed");
+    assert!(
+        serde_json::to_value(&after).expect("JSON")["subject_transform"].is_null(),
+        "a transform was set"
+    );
+
+    // Provisioning is the admin's: a deployer is refused, with the stream named.
+    let config = secured.builder_config("provisioner", &fleet.repo);
+    let path = secured.dir.join("deployer-provision.toml");
+    std::fs::write(
+        &path,
+        config.replace("{state_dir}", &secured.dir.display().to_string()),
+    )
+    .expect("write");
+    let output = fleet.cli(
+        &secured.deployer_seed,
+        &[
+            "builder",
+            "provision",
+            "--config",
+            &path.display().to_string(),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output).1);
+    assert!(
+        text(&output).1.contains("BUILD_EVENTS"),
+        "{}",
+        text(&output).1
+    );
+}
+
+/// On a server where builders may not create streams, a builder started before provisioning
+/// stops with an error naming `builder provision`; after the admin provisions, the same config
+/// builds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_builder_needs_the_streams_provisioned() {
+    let secured = SecuredNats::start();
+    let repo = FixtureRepo::new("fleet");
+    let name = unique("builder");
+    let config = secured.builder_config(&name, &repo).replacen(
+        "[builder]",
+        &format!(
+            "nkey_seed_file = \"{}\"\n\n[builder]",
+            secured.builder_seed.display()
+        ),
+        1,
+    );
+    let mut early = Builder::spawn_config(bin(), &name, &config);
+    let status = early.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|status| !status.success()),
+        "{}",
+        early.log()
+    );
+    assert!(
+        early.log().contains("stream BUILD_EVENTS is missing")
+            && early
+                .log()
+                .contains("homelab-deploy builder provision --config FILE --nkey-file ADMIN_SEED"),
+        "{}",
+        early.log()
+    );
+    drop(early);
+
+    let output = secured.provision(&config);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    for line in [
+        "BUILD_EVENTS: created",
+        "BUILD_REQUESTS: created",
+        "BUILD_BUILDERS: created",
+        "BUILD_STATE: created",
+        "BUILD_PLACEMENT: created",
+    ] {
+        assert!(text(&output).0.contains(line), "{}", text(&output).0);
+    }
+    // Again: nothing to create, the limits are set again.
+    let output = secured.provision(&config);
+    assert!(
+        text(&output).0.contains("BUILD_REQUESTS: updated")
+            && text(&output).0.contains("BUILD_STATE: exists"),
+        "{}",
+        text(&output).0
+    );
+    let builder = Builder::start_config(bin(), &name, &config);
+    let output = secured.cli(&secured.deployer_seed, &["build", "demo", "web"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&output).1,
+        builder.log()
+    );
+
+    // A repo added to the config without provisioning again: named, with the fix.
+    let added = config.clone()
+        + &format!(
+            "\n[repos.added]\nurl = \"{}\"\nref = \"main\"\n",
+            repo.url()
+        );
+    let other = unique("builder");
+    let mut late = Builder::spawn_config(bin(), &other, &added.replace(&name, &other));
+    let status = late.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|status| !status.success()),
+        "{}",
+        late.log()
+    );
+    assert!(
+        late.log()
+            .contains("stream BUILD_REQUESTS does not take build.added.*"),
+        "{}",
+        late.log()
+    );
+}
+
+/// What a row of the permission table tries: publishing to a subject, or subscribing to one.
+#[derive(Clone, Copy)]
+enum Try {
+    Publish(&'static str),
+    Subscribe(&'static str),
+}
+
+/// The roles of `nats/prod.example.conf`, in the order of [`TABLE`]'s columns.
+const ROLES: [&str; 5] = ["builder", "deployer", "servers", "admin", "viewer"];
+
+/// The permission table of docs/security.md: each line with the roles the server must allow;
+/// every other role must be refused. Payloads are `{` (not JSON), so an allowed JetStream API
+/// call changes nothing.
+const TABLE: &[(Try, &[&str])] = &[
+    (Try::Publish("build.demo.web"), &["deployer", "admin"]),
+    (
+        Try::Publish("build.nixos-servers.web"),
+        &["deployer", "servers", "admin"],
+    ),
+    (
+        Try::Publish("build.api.v1.status"),
+        &["deployer", "servers", "admin"],
+    ),
+    (
+        Try::Publish("build.api.v1.cancel"),
+        &["deployer", "servers", "admin"],
+    ),
+    (
+        Try::Publish("build.api.builder.nobody.diff"),
+        &["deployer", "servers", "admin"],
+    ),
+    (Try::Publish("build.api.builder.nobody.drain"), &["admin"]),
+    (
+        Try::Publish("build.api.builder.nobody.cancel"),
+        &["builder", "admin"],
+    ),
+    (
+        Try::Publish("build.responses.demo.web.PERMTEST0001.events"),
+        &["builder"],
+    ),
+    (Try::Publish("_INBOX_admin.forged"), &[]),
+    (
+        Try::Publish("$JS.API.STREAM.CREATE.BUILD_EVENTS"),
+        &["admin"],
+    ),
+    (
+        Try::Publish("$JS.API.STREAM.UPDATE.BUILD_REQUESTS"),
+        &["admin"],
+    ),
+    (Try::Publish("$JS.API.STREAM.DELETE.BUILD_EVENTS"), &[]),
+    (Try::Publish("$JS.API.STREAM.PURGE.BUILD_REQUESTS"), &[]),
+    (
+        Try::Publish("$JS.API.STREAM.MSG.DELETE.BUILD_REQUESTS"),
+        &["builder"],
+    ),
+    (
+        Try::Publish("$JS.API.CONSUMER.CREATE.BUILD_EVENTS"),
+        &["builder", "deployer", "servers", "admin", "viewer"],
+    ),
+    (
+        Try::Publish("$JS.API.CONSUMER.CREATE.BUILD_EVENTS.named"),
+        &[],
+    ),
+    (
+        Try::Publish("$JS.API.CONSUMER.DURABLE.CREATE.BUILD_EVENTS.durable"),
+        &[],
+    ),
+    (
+        Try::Publish("$JS.API.CONSUMER.CREATE.BUILD_REQUESTS.builder-demo"),
+        &["builder"],
+    ),
+    (
+        Try::Publish("$JS.API.CONSUMER.MSG.NEXT.BUILD_REQUESTS.builder-demo"),
+        &["builder"],
+    ),
+    (
+        Try::Publish("$JS.API.CONSUMER.DELETE.BUILD_EVENTS.any"),
+        &["builder"],
+    ),
+    (
+        Try::Publish("$JS.ACK.BUILD_REQUESTS.builder-demo.1.1.1.0.0"),
+        &["builder"],
+    ),
+    (Try::Publish("$KV.BUILD_BUILDERS.permtest"), &["builder"]),
+    (Try::Publish("$KV.BUILD_STATE.PERMTEST0001"), &["builder"]),
+    (Try::Publish("$KV.BUILD_PLACEMENT.permtest"), &["builder"]),
+    (
+        Try::Publish("$JS.API.STREAM.CREATE.KV_BUILD_PLACEMENT"),
+        &["admin"],
+    ),
+    (
+        Try::Publish("$JS.API.STREAM.INFO.BUILD_EVENTS"),
+        &["builder", "deployer", "servers", "admin", "viewer"],
+    ),
+    (
+        Try::Publish("$JS.API.DIRECT.GET.KV_BUILD_BUILDERS.$KV.BUILD_BUILDERS.x"),
+        &["builder", "deployer", "servers", "admin", "viewer"],
+    ),
+    (Try::Subscribe("build.api.>"), &["builder"]),
+    (Try::Subscribe("build.responses.>"), &["deployer", "admin"]),
+    (
+        Try::Subscribe("build.responses.nixos-servers.>"),
+        &["deployer", "servers", "admin"],
+    ),
+    (Try::Subscribe("_INBOX.>"), &[]),
+    (Try::Subscribe("_INBOX_admin.>"), &["admin"]),
+    (Try::Subscribe("_INBOX_builder.>"), &["builder"]),
+];
+
+/// Every line of the permission table, tried as every role: the server refuses it to each role
+/// not listed and allows it to each listed one. (What an allowed call then does is tested by the
+/// tests around: builds, replies, drains, provisioning.)
+#[tokio::test(flavor = "multi_thread")]
+async fn every_line_of_the_permission_table_holds() {
+    let secured = SecuredNats::start();
+    let seeds = [
+        &secured.builder_seed,
+        &secured.deployer_seed,
+        &secured.servers_seed,
+        &secured.admin_seed,
+        &secured.viewer_seed,
+    ];
+    let mut wrong = Vec::new();
+    for (role, seed) in ROLES.iter().zip(seeds) {
+        let (client, errors) =
+            connect_as(&secured.nats.url, seed, secured.inbox_prefix(seed)).await;
+        let mut subscriptions = Vec::new();
+        for (attempt, _) in TABLE {
+            match attempt {
+                Try::Publish(subject) => client.publish(*subject, "{".into()).await.expect("sent"),
+                Try::Subscribe(subject) => {
+                    subscriptions.push(client.subscribe(*subject).await.expect("sent"))
+                }
+            }
+        }
+        // Refused by every role: once its refusal is in, every earlier one is (the server
+        // answers in order, the callback records in order).
+        client
+            .publish("permtest.sentinel", "{".into())
+            .await
+            .expect("sent");
+        client.flush().await.expect("flush");
+        assert!(
+            refused_within(&errors, "permtest.sentinel"),
+            "{role}: {}",
+            violations(&errors)
+        );
+        let seen = violations(&errors);
+        for (attempt, allowed) in TABLE {
+            let (kind, subject) = match attempt {
+                Try::Publish(subject) => ("Publish", subject),
+                Try::Subscribe(subject) => ("Subscription", subject),
+            };
+            let refused = seen.contains(&format!(
+                "Permissions Violation for {kind} to \"{subject}\""
+            ));
+            if refused == allowed.contains(role) {
+                wrong.push(format!(
+                    "{role} {} {kind} {subject}",
+                    if refused {
+                        "was refused"
+                    } else {
+                        "was allowed"
+                    }
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }

@@ -44,10 +44,12 @@ impl VaultFleet {
             read(&secured.deployer_seed),
             approle.secret_id.clone(),
         ];
+        let repo = FixtureRepo::new("fleet");
+        secured.provisioned(&secured.builder_config("provisioner", &repo));
         Self {
             secured,
             vault,
-            repo: FixtureRepo::new("fleet"),
+            repo,
             approle,
             secrets,
         }

@@ -1,7 +1,7 @@
 //! The NATS seam: connecting, the JetStream streams and consumers the builder relies on, and
 //! publishing events and logs with retries.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::PublishMessage;
@@ -29,6 +29,10 @@ const HEADER_ALLOWANCE: usize = 512;
 pub enum BusError {
     #[error("stream {stream}: {message}")]
     Stream { stream: String, message: String },
+    /// The server refused this builder creating or changing a stream or bucket it needs: on a
+    /// server where builders may not, an admin provisions them.
+    #[error("{what}, and this builder's NATS user may not create or change it: provision the streams and buckets first with an admin credential, `homelab-deploy builder provision --config FILE --nkey-file ADMIN_SEED` (docs/operations.md, \"Provisioning the streams\")")]
+    NotProvisioned { what: String },
     #[error("consumer {consumer} on stream {REQUESTS_STREAM}: {message}")]
     Consumer { consumer: String, message: String },
     #[error("publishing to {subject} failed after {attempts} attempts: {message}")]
@@ -53,15 +57,10 @@ fn stream_error(stream: &str, err: impl std::fmt::Display) -> BusError {
     }
 }
 
-/// Creates the requests and events streams, or adopts existing ones, and makes sure the requests
-/// stream takes `build.<repo>.*` for every repo served here. Requests for a repo that no builder
-/// ever served match no stream, so their publisher hears "no stream" at once.
-pub async fn ensure_streams(
-    js: &Context,
-    limits: &StreamsConfig,
-    repos: &[RepoName],
-) -> Result<(), BusError> {
-    let events = stream::Config {
+/// The events stream as `limits` set it: what a builder creates when it is missing and what
+/// `builder provision` creates or updates.
+pub fn events_stream_config(limits: &StreamsConfig) -> stream::Config {
+    stream::Config {
         name: EVENTS_STREAM.to_owned(),
         description: Some("homelab-deploy build events and logs, kept for replay".to_owned()),
         subjects: vec![EVENTS_STREAM_SUBJECTS.to_owned()],
@@ -74,16 +73,83 @@ pub async fn ensure_streams(
         // Event and log publishes carry ids, so a retried publish is stored once; events are
         // also fenced by subject sequence, which holds beyond this window.
         duplicate_window: Duration::from_secs(limits.events_duplicate_window_secs),
+        // Followers hold ephemeral consumers; a flood of them is refused by the server.
+        max_consumers: limits.events_max_consumers,
         num_replicas: limits.replicas,
         ..Default::default()
-    };
-    js.get_or_create_stream(events)
+    }
+}
+
+/// The requests stream as `limits` set it, taking `subjects` (`build.<repo>.*` of each repo).
+pub fn requests_stream_config(limits: &StreamsConfig, subjects: Vec<String>) -> stream::Config {
+    stream::Config {
+        name: REQUESTS_STREAM.to_owned(),
+        description: Some("homelab-deploy pending build requests".to_owned()),
+        subjects,
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        max_messages_per_subject: limits.max_pending_requests_per_target,
+        discard: DiscardPolicy::New,
+        discard_new_per_subject: true,
+        // Headers come on top of the body; the builder itself enforces the body limit.
+        max_message_size: (MAX_REQUEST_BYTES + 4096) as i32,
+        max_messages: limits.max_pending_requests,
+        max_bytes: limits.requests_max_bytes,
+        num_replicas: limits.replicas,
+        ..Default::default()
+    }
+}
+
+/// Whether the server refused this process creating or updating `stream` since `since`: its
+/// NATS user may not (a locked server, where `builder provision` sets the streams up).
+pub(crate) fn change_refused(stream: &str, since: Instant) -> bool {
+    ["CREATE", "UPDATE"]
+        .iter()
+        .any(|action| publish_refused_since(&format!("$JS.API.STREAM.{action}.{stream}"), since))
+}
+
+/// The error for `what` (a missing stream, a missing subject) when the server refused the
+/// change, else `otherwise`.
+pub(crate) fn unless_refused(
+    stream: &str,
+    since: Instant,
+    what: String,
+    otherwise: BusError,
+) -> BusError {
+    if change_refused(stream, since) {
+        BusError::NotProvisioned { what }
+    } else {
+        otherwise
+    }
+}
+
+/// Creates the requests and events streams, or adopts existing ones, and makes sure the requests
+/// stream takes `build.<repo>.*` for every repo served here. Requests for a repo that no builder
+/// ever served match no stream, so their publisher hears "no stream" at once. On a server where
+/// builders may not create or change streams, what is missing is a
+/// [`BusError::NotProvisioned`] naming `builder provision`.
+pub async fn ensure_streams(
+    js: &Context,
+    limits: &StreamsConfig,
+    repos: &[RepoName],
+) -> Result<(), BusError> {
+    let began = Instant::now();
+    js.get_or_create_stream(events_stream_config(limits))
         .await
-        .map_err(|err| stream_error(EVENTS_STREAM, err))?;
+        .map_err(|err| {
+            unless_refused(
+                EVENTS_STREAM,
+                began,
+                format!("stream {EVENTS_STREAM} is missing"),
+                stream_error(EVENTS_STREAM, err),
+            )
+        })?;
 
     let wanted: Vec<String> = repos.iter().map(repo_requests_filter).collect();
     // Builders starting at once may each add their subjects; re-read until ours are all in.
     for _attempt in 0..5 {
+        let began = Instant::now();
         match js.get_stream(REQUESTS_STREAM).await {
             Ok(mut existing) => {
                 let info = existing
@@ -100,37 +166,37 @@ pub async fn ensure_streams(
                         ),
                     ));
                 }
-                let missing: Vec<&String> = wanted
+                let missing: Vec<String> = wanted
                     .iter()
                     .filter(|s| !config.subjects.contains(s))
+                    .cloned()
                     .collect();
                 if missing.is_empty() {
                     return Ok(());
                 }
-                config.subjects.extend(missing.into_iter().cloned());
+                config.subjects.extend(missing.iter().cloned());
                 if let Err(err) = js.update_stream(&config).await {
+                    if change_refused(REQUESTS_STREAM, began) {
+                        return Err(BusError::NotProvisioned {
+                            what: format!(
+                                "stream {REQUESTS_STREAM} does not take {} (a repo added since it was provisioned)",
+                                missing.join(", ")
+                            ),
+                        });
+                    }
                     warn!(stream = REQUESTS_STREAM, error = %err, "adding repo subjects failed; retrying");
                 }
             }
             Err(_) => {
-                let config = stream::Config {
-                    name: REQUESTS_STREAM.to_owned(),
-                    description: Some("homelab-deploy pending build requests".to_owned()),
-                    subjects: wanted.clone(),
-                    retention: RetentionPolicy::WorkQueue,
-                    storage: StorageType::File,
-                    duplicate_window: Duration::from_secs(120),
-                    max_messages_per_subject: limits.max_pending_requests_per_target,
-                    discard: DiscardPolicy::New,
-                    discard_new_per_subject: true,
-                    // Headers come on top of the body; the builder itself enforces the body limit.
-                    max_message_size: (MAX_REQUEST_BYTES + 4096) as i32,
-                    max_messages: limits.max_pending_requests,
-                    max_bytes: limits.requests_max_bytes,
-                    num_replicas: limits.replicas,
-                    ..Default::default()
-                };
-                if let Err(err) = js.create_stream(config).await {
+                if let Err(err) = js
+                    .create_stream(requests_stream_config(limits, wanted.clone()))
+                    .await
+                {
+                    if change_refused(REQUESTS_STREAM, began) {
+                        return Err(BusError::NotProvisioned {
+                            what: format!("stream {REQUESTS_STREAM} is missing"),
+                        });
+                    }
                     warn!(stream = REQUESTS_STREAM, error = %err, "creating stream failed; retrying");
                 }
             }

@@ -249,6 +249,10 @@ pub struct StreamsConfig {
     /// (same message id), e.g. one sent again after its ack was lost.
     #[serde(default = "default_events_duplicate_window_secs")]
     pub events_duplicate_window_secs: u64,
+    /// Most consumers the events stream holds at once (`max_consumers`): every `build`, `watch`,
+    /// `logs` and dashboard page holds an ephemeral one; the server refuses more.
+    #[serde(default = "default_events_max_consumers")]
+    pub events_max_consumers: i32,
 }
 
 impl Default for StreamsConfig {
@@ -259,6 +263,7 @@ impl Default for StreamsConfig {
             max_pending_requests_per_target: default_requests_per_subject(),
             request_ack_wait_secs: default_request_ack_wait_secs(),
             events_duplicate_window_secs: default_events_duplicate_window_secs(),
+            events_max_consumers: default_events_max_consumers(),
             replicas: default_replicas(),
             max_pending_requests: default_max_pending_requests(),
             requests_max_bytes: default_requests_max_bytes(),
@@ -537,6 +542,9 @@ fn default_events_duplicate_window_secs() -> u64 {
 fn default_tenant_priority() -> u32 {
     1
 }
+fn default_events_max_consumers() -> i32 {
+    1000
+}
 fn default_max_attempts() -> u64 {
     3
 }
@@ -648,6 +656,12 @@ impl Config {
             return Err(invalid(
                 "streams.replicas".into(),
                 "must be 1 to 5 (JetStream's limit)".into(),
+            ));
+        }
+        if self.streams.events_max_consumers < 1 {
+            return Err(invalid(
+                "streams.events_max_consumers".into(),
+                "must be at least 1 (each follower of a build holds one consumer)".into(),
             ));
         }
         if self.streams.request_ack_wait_secs < 2 {

@@ -8,6 +8,7 @@
 //! - [`placement`]: heavy lanes and warm-cache affinity: which builder starts a request.
 //! - [`session`]: the limits of an ephemeral builder (`--once`, `--max-builds`, …).
 //! - [`state`]: the request-state bucket, the read model derived from the events.
+//! - [`provision`]: creating the streams and buckets with an admin credential.
 //! - [`bus`], [`git`], [`nix`], [`logs`]: the seams to NATS, git, nix and log batching.
 
 pub mod access;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod nix;
 pub mod placement;
 pub mod process;
+pub mod provision;
 pub mod registry;
 pub mod session;
 pub mod shares;

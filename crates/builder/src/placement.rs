@@ -117,6 +117,19 @@ pub struct Placement {
     warm_affinity: bool,
 }
 
+/// The placement bucket: what a builder creates when it is missing and `builder provision`
+/// creates.
+pub fn placement_bucket_config(replicas: usize) -> kv::Config {
+    kv::Config {
+        bucket: PLACEMENT_BUCKET.to_owned(),
+        description: "homelab-deploy: per repo, each host's peak memory and last builder"
+            .to_owned(),
+        history: 1,
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
 impl Placement {
     /// Opens (or creates) the placement bucket.
     pub async fn open(
@@ -126,22 +139,22 @@ impl Placement {
         warm_affinity: bool,
         replicas: usize,
     ) -> Result<Self, BusError> {
+        let began = std::time::Instant::now();
         let store = match js.get_key_value(PLACEMENT_BUCKET).await {
             Ok(store) => store,
             Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: PLACEMENT_BUCKET.to_owned(),
-                    description:
-                        "homelab-deploy: per repo, each host's peak memory and last builder"
-                            .to_owned(),
-                    history: 1,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
+                .create_key_value(placement_bucket_config(replicas))
                 .await
-                .map_err(|err| BusError::Stream {
-                    stream: PLACEMENT_BUCKET.to_owned(),
-                    message: err.to_string(),
+                .map_err(|err| {
+                    crate::bus::unless_refused(
+                        &format!("KV_{PLACEMENT_BUCKET}"),
+                        began,
+                        format!("key-value bucket {PLACEMENT_BUCKET} is missing"),
+                        BusError::Stream {
+                            stream: PLACEMENT_BUCKET.to_owned(),
+                            message: err.to_string(),
+                        },
+                    )
                 })?,
         };
         Ok(Self {

@@ -17,6 +17,20 @@ use crate::job::Jobs;
 /// How often a builder announces itself.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The registry bucket: what a builder creates when it is missing and `builder provision`
+/// creates.
+pub fn builders_bucket_config(replicas: usize) -> kv::Config {
+    kv::Config {
+        bucket: BUILDERS_BUCKET.to_owned(),
+        description: "homelab-deploy builders: name → what it is doing".to_owned(),
+        history: 1,
+        // Entries of builders that vanished without saying goodbye expire.
+        max_age: Duration::from_secs(24 * 60 * 60),
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
 pub struct Registry {
     store: kv::Store,
     name: String,
@@ -37,22 +51,22 @@ impl Registry {
         ephemeral: bool,
         memory_mb: Option<u64>,
     ) -> Result<Self, crate::bus::BusError> {
+        let began = std::time::Instant::now();
         let store = match js.get_key_value(BUILDERS_BUCKET).await {
             Ok(store) => store,
             Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: BUILDERS_BUCKET.to_owned(),
-                    description: "homelab-deploy builders: name → what it is doing".to_owned(),
-                    history: 1,
-                    // Entries of builders that vanished without saying goodbye expire.
-                    max_age: Duration::from_secs(24 * 60 * 60),
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
+                .create_key_value(builders_bucket_config(replicas))
                 .await
-                .map_err(|err| crate::bus::BusError::Stream {
-                    stream: BUILDERS_BUCKET.to_owned(),
-                    message: err.to_string(),
+                .map_err(|err| {
+                    crate::bus::unless_refused(
+                        &format!("KV_{BUILDERS_BUCKET}"),
+                        began,
+                        format!("key-value bucket {BUILDERS_BUCKET} is missing"),
+                        crate::bus::BusError::Stream {
+                            stream: BUILDERS_BUCKET.to_owned(),
+                            message: err.to_string(),
+                        },
+                    )
                 })?,
         };
         Ok(Self {

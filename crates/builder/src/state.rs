@@ -97,6 +97,23 @@ fn bucket_error(err: impl std::fmt::Display) -> BusError {
     }
 }
 
+/// The request-state bucket as `limits` set it: entries expire with the events they come from
+/// (`events_max_age_secs`) and take at most `events_max_bytes` in all (an entry is smaller than
+/// the events it folds). What a builder creates when it is missing and `builder provision`
+/// creates.
+pub fn state_bucket_config(limits: &StreamsConfig) -> kv::Config {
+    kv::Config {
+        bucket: STATE_BUCKET.to_owned(),
+        description: "homelab-deploy request states: id → state, derived from the events"
+            .to_owned(),
+        history: 1,
+        max_age: Duration::from_secs(limits.events_max_age_secs),
+        max_bytes: limits.events_max_bytes,
+        num_replicas: limits.replicas,
+        ..Default::default()
+    }
+}
+
 impl StateStore {
     /// Opens the bucket, or creates it and rebuilds every request's state from the events
     /// stream when it does not exist (first start, or deleted). Entries expire with the events
@@ -113,19 +130,18 @@ impl StateStore {
                 js: js.clone(),
             });
         }
+        let began = std::time::Instant::now();
         let store = js
-            .create_key_value(kv::Config {
-                bucket: STATE_BUCKET.to_owned(),
-                description: "homelab-deploy request states: id → state, derived from the events"
-                    .to_owned(),
-                history: 1,
-                max_age: Duration::from_secs(limits.events_max_age_secs),
-                max_bytes: limits.events_max_bytes,
-                num_replicas: limits.replicas,
-                ..Default::default()
-            })
+            .create_key_value(state_bucket_config(limits))
             .await
-            .map_err(bucket_error)?;
+            .map_err(|err| {
+                crate::bus::unless_refused(
+                    &format!("KV_{STATE_BUCKET}"),
+                    began,
+                    format!("key-value bucket {STATE_BUCKET} is missing"),
+                    bucket_error(err),
+                )
+            })?;
         let state = Self {
             store,
             js: js.clone(),

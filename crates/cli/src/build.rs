@@ -235,7 +235,9 @@ pub fn client_error(err: ClientError) -> u8 {
             code: Some(ErrorCode::Invalid),
             ..
         } => exit::USAGE,
-        ClientError::Refused { .. } | ClientError::Api { .. } => exit::BUILD_FAILED,
+        ClientError::Refused { .. }
+        | ClientError::PublishDenied { .. }
+        | ClientError::Api { .. } => exit::BUILD_FAILED,
         _ => exit::UNAVAILABLE,
     }
 }

@@ -106,6 +106,89 @@ enum LogFormat {
 enum BuilderAction {
     /// Ask a running builder to finish its current build, take no new one, and exit.
     Drain(crate::cancel::DrainArgs),
+    /// Create or update the streams and buckets of the builder config FILE with an admin
+    /// credential, on a server where builders may not create them (nats/prod.example.conf).
+    #[command(after_help = PROVISION_HELP)]
+    Provision(ProvisionArgs),
+}
+
+const PROVISION_HELP: &str = "\
+Creates BUILD_EVENTS and BUILD_REQUESTS (taking build.<repo>.* of every repo in the config,
+besides the subjects it has) and the buckets BUILD_BUILDERS, BUILD_STATE and BUILD_PLACEMENT,
+or sets existing
+streams to the config's [streams] limits. Run it before the builders start, and again after
+adding a repo or changing [streams]; on nats/prod.example.conf only the admin user may. Prints
+one line per stream or bucket: created, updated or exists.
+
+  homelab-deploy builder provision --config /etc/homelab-deploy/builder.toml \\
+    --nkey-file /run/secrets/admin.nk --inbox-prefix _INBOX_admin
+
+Exit codes: 0 done; 2 invalid config or flags; 3 NATS unreachable or a stream refused.";
+
+#[derive(Args)]
+pub struct ProvisionArgs {
+    /// The builder config whose repos and [streams] limits to provision.
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+    /// NKey seed of a user allowed to create and update the streams (the admin).
+    #[arg(long, value_name = "FILE", required_unless_present = "creds_file")]
+    nkey_file: Option<PathBuf>,
+    /// Or a .creds file of such a user (operator mode).
+    #[arg(long, value_name = "FILE", conflicts_with = "nkey_file")]
+    creds_file: Option<PathBuf>,
+    /// NATS server URL(s) [default: the config's nats.url].
+    #[arg(long, env = "HOMELAB_DEPLOY_NATS_URL")]
+    nats_url: Option<String>,
+    /// The admin user's inbox prefix (e.g. _INBOX_admin), as for every client command.
+    #[arg(long, env = "HOMELAB_DEPLOY_INBOX_PREFIX", value_name = "PREFIX")]
+    inbox_prefix: Option<String>,
+}
+
+async fn provision(args: ProvisionArgs) -> u8 {
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return exit::USAGE;
+        }
+    };
+    if let Some(Err(err)) = args
+        .inbox_prefix
+        .as_deref()
+        .map(homelab_deploy_client::check_inbox_prefix)
+    {
+        eprintln!("error: --inbox-prefix: {err}");
+        return exit::USAGE;
+    }
+    let settings = homelab_deploy_client::ConnectSettings {
+        url: args
+            .nats_url
+            .map(Into::into)
+            .unwrap_or_else(|| config.nats.url.clone()),
+        nkey_file: args.nkey_file,
+        creds_file: args.creds_file,
+        inbox_prefix: args.inbox_prefix,
+        name: "homelab-deploy builder provision".to_owned(),
+        timeout: Duration::from_secs(5),
+        vault: None,
+    };
+    let client = match homelab_deploy_client::connect(&settings).await {
+        Ok(client) => client,
+        Err(err) => return crate::build::client_error(err),
+    };
+    let js = async_nats::jetstream::new(client);
+    match homelab_deploy_builder::provision::provision(&js, &config).await {
+        Ok(done) => {
+            for (name, outcome) in done {
+                println!("{name}: {outcome}");
+            }
+            exit::OK
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            exit::UNAVAILABLE
+        }
+    }
 }
 
 impl BuilderArgs {
@@ -122,6 +205,7 @@ impl BuilderArgs {
 pub async fn run(args: BuilderArgs) -> u8 {
     let path = match (args.action, args.config) {
         (Some(BuilderAction::Drain(drain)), _) => return crate::cancel::drain(drain).await,
+        (Some(BuilderAction::Provision(args)), _) => return provision(args).await,
         (None, Some(path)) => path,
         (None, None) => {
             eprintln!("error: --config FILE is required to run a builder");

@@ -29,7 +29,8 @@ pub const API_TIMEOUT: Duration = Duration::from_secs(15);
 /// # Errors
 /// [`ClientError::Api`] with the builders' code (`not_found`, `already_finished`,
 /// `forbidden`, `retry`, …); [`ClientError::NoResponders`] when no builder runs;
-/// [`ClientError::TimedOut`] after [`API_TIMEOUT`].
+/// [`ClientError::TimedOut`] after [`API_TIMEOUT`]; [`ClientError::PublishDenied`] when the server
+/// does not let this user publish the request.
 pub async fn cancel(
     client: &Client,
     signer: Option<&Signer>,
@@ -50,7 +51,8 @@ pub async fn cancel(
 ///
 /// # Errors
 /// [`ClientError::Api`] when the name is not a builder name (code `invalid`) or the builder
-/// refuses; [`ClientError::NoResponders`] when no builder has that name.
+/// refuses; [`ClientError::NoResponders`] when no builder has that name; [`ClientError::PublishDenied`]
+/// when the server does not let this user drain (an admin action on nats/prod.example.conf).
 pub async fn drain(client: &Client, name: &str) -> Result<DrainReply, ClientError> {
     check_builder_name(name).map_err(|err| ClientError::Api {
         code: Some(homelab_deploy_protocol::api::ErrorCode::Invalid),
@@ -72,11 +74,25 @@ async fn ask<T: DeserializeOwned>(
     headers: async_nats::HeaderMap,
     body: Vec<u8>,
 ) -> Result<T, ClientError> {
-    let reply = tokio::time::timeout(
-        API_TIMEOUT,
-        client.request_with_headers(subject.clone(), headers, body.into()),
-    )
-    .await;
+    let began = std::time::Instant::now();
+    let request = client.request_with_headers(subject.clone(), headers, body.into());
+    tokio::pin!(request);
+    let deadline = tokio::time::sleep(API_TIMEOUT);
+    tokio::pin!(deadline);
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    // The server refuses a publish it does not allow only asynchronously: stop waiting for an
+    // answer that cannot come, and say why.
+    let reply = loop {
+        tokio::select! {
+            reply = &mut request => break Ok(reply),
+            () = &mut deadline => break Err(()),
+            _ = poll.tick() => {
+                if crate::denials::publish_refused_since(&subject, began) {
+                    return Err(ClientError::PublishDenied { subject });
+                }
+            }
+        }
+    };
     let message = match reply {
         Ok(Ok(message)) => message,
         Ok(Err(err)) if err.kind() == RequestErrorKind::NoResponders => {

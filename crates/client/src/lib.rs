@@ -43,6 +43,9 @@ pub enum ClientError {
     NoEventsStream,
     #[error("the build queue refused the request: {message}")]
     Refused { message: String },
+    /// The server refused this user publishing to `subject` (its permissions).
+    #[error("NATS refused this user publishing to {subject}: its permissions do not allow it (draining a builder and cancelling on it directly are admin actions, and a deployer may be limited to some repos; docs/security.md)")]
+    PublishDenied { subject: String },
     #[error("queue_full: the queue for {subject} is full ({message}); try again later")]
     QueueFull { subject: String, message: String },
     #[error("NATS {action} failed: {message}")]

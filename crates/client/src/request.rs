@@ -83,8 +83,15 @@ pub async fn submit(
         );
     }
     let publish = publish.payload(payload.into()).message_id(id.as_str());
+    let began = std::time::Instant::now();
     let publish_error = |kind: PublishErrorKind, message: String| match kind {
         PublishErrorKind::StreamNotFound => ClientError::NoBuilder { repo: repo.clone() },
+        // The server refuses a publish only asynchronously; the ack then times out.
+        PublishErrorKind::TimedOut if crate::denials::publish_refused_since(&subject, began) => {
+            ClientError::PublishDenied {
+                subject: subject.clone(),
+            }
+        }
         PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => ClientError::Nats {
             action: "publishing the request",
             message,
