@@ -744,6 +744,7 @@ async fn lanes_client(
         name: "bench".to_owned(),
         timeout: Duration::from_secs(5),
         vault: None,
+        inbox_prefix: None,
     })
     .await?;
     let events = client.subscribe("build.responses.demo.*.*.events").await?;
