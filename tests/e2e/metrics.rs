@@ -79,7 +79,24 @@ fn metrics_count_builds_and_pass_promtool() {
     assert_eq!(build("broken-build").status.code(), Some(1));
     assert_eq!(build("evil-host-not-in-flake").status.code(), Some(1));
 
-    let body = scrape(port);
+    // The builder counts a request just after storing the finished event the CLI returns on:
+    // scrape until all four are counted (at most 10 s), then check every figure.
+    let counted = |body: &str| {
+        ["succeeded", "failed"]
+            .iter()
+            .filter_map(|status| {
+                sample(
+                    body,
+                    &format!("homelab_deploy_requests_finished_total{{repo=\"demo\",status=\"{status}\"}}"),
+                )
+            })
+            .sum::<f64>()
+    };
+    let mut body = scrape(port);
+    wait_until(Duration::from_secs(10), || {
+        body = scrape(port);
+        counted(&body) >= 4.0
+    });
     assert_eq!(
         sample(
             &body,
