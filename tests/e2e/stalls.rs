@@ -141,9 +141,16 @@ async fn a_request_whose_builders_keep_dying_is_given_up() {
     };
     let second = Builder::start_with(bin(), &nats.url, &[("demo", repo.url())], config);
     let subject = format!("build.responses.demo.*.{id}.events");
+    // The second attempt must have reached the host (its `host_started`), not only `started`,
+    // for the verdict to name the step it died in.
     for _ in 0..1200 {
         let events = stored_messages(&client, &subject).await;
-        if events.iter().filter(|e| e["type"] == "started").count() == 2 {
+        if events
+            .iter()
+            .filter(|e| e["type"] == "host_started")
+            .count()
+            == 2
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
