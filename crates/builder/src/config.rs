@@ -218,6 +218,14 @@ pub struct BuilderConfig {
     /// builder starts whatever it pulls that fits it.
     #[serde(default = "default_true")]
     pub warm_affinity: bool,
+    /// The fleet's lanes: name → memory envelope in MiB of the builders of that lane, every
+    /// envelope the fleet's builders come in (the ordinary one too), the same on every
+    /// builder. A request that fits no live builder but fits a lane waits for a builder of
+    /// that lane (an autoscaler starts one) up to its request timeout instead of failing at
+    /// once; `homelab_deploy_lane_requests{repo,lane}` counts each repo's requests by the
+    /// smallest lane that fits them. Empty: no lanes; such a request fails at once.
+    #[serde(default)]
+    pub lanes: BTreeMap<String, u64>,
 }
 
 /// Limits of the JetStream streams, applied when this builder creates them.
@@ -698,6 +706,24 @@ impl Config {
                 "builder.memory_mb".into(),
                 "must be at least 1 (leave it out for the machine's memory)".into(),
             ));
+        }
+        for (lane, mb) in &self.builder.lanes {
+            let valid_name = (1..=32).contains(&lane.len())
+                && lane
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid_name {
+                return Err(invalid(
+                    format!("builder.lanes.{lane}"),
+                    "a lane's name is 1 to 32 of A-Z, a-z, 0-9, '_' and '-' (it becomes a metric label)".into(),
+                ));
+            }
+            if *mb == 0 {
+                return Err(invalid(
+                    format!("builder.lanes.{lane}"),
+                    "must be at least 1 (the lane's memory envelope in MiB)".into(),
+                ));
+            }
         }
         if self.builder.max_concurrent_requests == 0 {
             return Err(invalid(
@@ -1275,6 +1301,25 @@ ref = "master"
         let err = parse(&GOOD.replace("[builder]\n", "[builder]\nmemory_mb = 0\n"))
             .expect_err("zero envelope");
         assert!(err.to_string().contains("builder.memory_mb"), "{err}");
+    }
+
+    #[test]
+    fn lanes_are_named_envelopes() {
+        let with = |lanes: &str| {
+            parse(&GOOD.replace(
+                "[builder]\n",
+                &format!("[builder]\nlanes = {{ {lanes} }}\n"),
+            ))
+        };
+        let config = with("standard = 8192, heavy = 32768").expect("valid");
+        assert_eq!(config.builder.lanes.get("heavy"), Some(&32768));
+        for (bad, why) in [("heavy = 0", "at least 1"), ("\"a b\" = 1", "metric label")] {
+            let err = with(bad).expect_err(bad);
+            assert!(
+                err.to_string().contains("builder.lanes.") && err.to_string().contains(why),
+                "{err}"
+            );
+        }
     }
 
     #[test]

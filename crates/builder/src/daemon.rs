@@ -29,7 +29,7 @@ use crate::config::{Account, Config};
 use crate::git::Mirror;
 use crate::job::{Jobs, ServedRepo};
 use crate::nix::Nix;
-use crate::placement::{Decision, RepoNeeds};
+use crate::placement::{Decision, Pulled, RepoNeeds};
 use crate::registry::Registry;
 use crate::session::{Session, SessionDir, SessionReport, Tracker};
 use crate::shares::Shares;
@@ -173,7 +173,11 @@ pub async fn run(
             account.jobs.clone(),
             stop_tx.clone(),
         )));
-        sampled.push((account.js.clone(), account.repos.clone()));
+        sampled.push((
+            account.js.clone(),
+            account.repos.clone(),
+            account.jobs.clone(),
+        ));
         for (repo, consumer) in account.consumers {
             pullers.spawn(pull_loop(
                 repo,
@@ -333,6 +337,7 @@ async fn open_account(
         name,
         envelope_mb,
         config.builder.warm_affinity,
+        config.builder.lanes.clone(),
         config.streams.replicas,
     )
     .await?;
@@ -469,9 +474,10 @@ async fn refresh_vault_seed(vault: VaultSeed) {
     }
 }
 
-/// Every few seconds: the builder's state, the NATS connections, and each repo's queue.
+/// Every few seconds: the builder's state, the NATS connections, and each repo's queue, also
+/// by lane.
 async fn sample_metrics(
-    accounts: Vec<(jetstream::Context, Vec<RepoName>)>,
+    accounts: Vec<(jetstream::Context, Vec<RepoName>, Arc<Jobs>)>,
     jobs: Vec<Arc<Jobs>>,
     stop: watch::Receiver<Stop>,
 ) {
@@ -487,7 +493,7 @@ async fn sample_metrics(
             "building"
         };
         crate::metrics::builder_state(state);
-        let connected = accounts.iter().all(|(js, _)| {
+        let connected = accounts.iter().all(|(js, _, _)| {
             js.client().connection_state() == async_nats::connection::State::Connected
         });
         crate::metrics::nats_connected(connected);
@@ -495,11 +501,16 @@ async fn sample_metrics(
             crate::metrics::nats_reconnected();
         }
         was_connected = connected;
-        for (js, repos) in &accounts {
+        for (js, repos, jobs) in &accounts {
             if let Ok(stream) = js.get_stream(REQUESTS_STREAM).await {
                 for repo in repos {
                     if let Some((depth, age)) = queue_of(&stream, repo).await {
                         crate::metrics::queue(repo.as_str(), depth, age);
+                    }
+                    if let Some(by_lane) = lanes_of(&stream, jobs, repo).await {
+                        for (lane, count) in by_lane {
+                            crate::metrics::lane_requests(repo.as_str(), lane, count);
+                        }
                     }
                 }
             }
@@ -529,6 +540,40 @@ async fn queue_of(stream: &jetstream::stream::Stream, repo: &RepoName) -> Option
         }
     }
     Some((depth, 0.0))
+}
+
+/// The requests of `repo` in the queue (waiting, handed back or running: what KEDA's figure
+/// `num_pending + num_ack_pending` counts), by the configured lane that fits each
+/// ([`crate::placement::Placement::lane_of`]); every lane is listed, 0 when none is queued.
+/// `None` without lanes, or when the stream cannot be read.
+async fn lanes_of<'a>(
+    stream: &jetstream::stream::Stream,
+    jobs: &'a Jobs,
+    repo: &RepoName,
+) -> Option<std::collections::BTreeMap<&'a str, u64>> {
+    let mut by_lane: std::collections::BTreeMap<&str, u64> =
+        jobs.placement.lanes().map(|lane| (lane, 0)).collect();
+    if by_lane.is_empty() {
+        return None;
+    }
+    // Per-subject counts: one subject per target, so each target's need is looked up once.
+    let mut subjects = stream
+        .info_with_subjects(homelab_deploy_protocol::subject::repo_requests_filter(repo))
+        .await
+        .ok()?;
+    let needs = repo_needs(jobs, repo).await;
+    while let Some(entry) = subjects.next().await {
+        let (subject, count) = entry.ok()?;
+        let Ok((_, target)) = parse_request_subject(&subject) else {
+            continue;
+        };
+        if let Some(lane) = jobs.placement.lane_of(needs.of(&target).as_ref()) {
+            if let Some(total) = by_lane.get_mut(lane) {
+                *total += count as u64;
+            }
+        }
+    }
+    Some(by_lane)
 }
 
 /// How long a request handed back for a more urgent one waits before it is offered again.
@@ -604,11 +649,24 @@ async fn place(jobs: &Jobs, repo: &RepoName, message: &jetstream::Message) -> De
     let Ok((_, target)) = parse_request_subject(&message.subject) else {
         return Decision::Take;
     };
-    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let info = message.info().ok();
+    let waited = info
+        .as_ref()
+        .map(|info| time::OffsetDateTime::now_utc() - info.published)
+        .and_then(|waited| Duration::try_from(waited).ok())
+        .unwrap_or_default();
+    // The request's own timeout (as the job will cap it), else this builder's.
+    let asked = serde_json::from_slice::<BuildRequest>(&message.payload)
+        .ok()
+        .and_then(|request| request.timeout_secs)
+        .map(|secs| Duration::from_secs(secs).min(jobs.timeouts.max));
+    let pulled = Pulled {
+        delivered: info.map(|info| info.delivered).unwrap_or(1),
+        waited,
+        timeout: asked.unwrap_or(jobs.timeouts.request),
+    };
     let needs = repo_needs(jobs, repo).await;
-    jobs.placement
-        .decide(repo, &target, &needs, delivered)
-        .await
+    jobs.placement.decide(repo, &target, &needs, pulled).await
 }
 
 /// Resolves once the daemon is asked to stop at `level` or harder.
@@ -718,6 +776,7 @@ async fn pull_loop(
             // Let the more urgent request through; this one comes back after a short pause.
             info!(repo = %repo, waiting = %waiting, "a request of a higher priority is waiting; handing this one back");
             drop(permit);
+            crate::metrics::handed_back(repo.as_str(), "priority");
             if let Err(err) = message.ack_with(AckKind::Nak(Some(PRIORITY_RETRY))).await {
                 warn!(repo = %repo, error = %err, "handing a request back failed; it returns after the ack wait");
             }
@@ -726,10 +785,13 @@ async fn pull_loop(
         let refusal = match place(&jobs, &repo, &message).await {
             Decision::Take => None,
             Decision::Refuse(reason) => Some(reason),
-            Decision::HandBack { delay, why } => {
-                info!(repo = %repo, subject = %message.subject, why = %why, "handing a request back for another builder");
+            Decision::HandBack { delay, reason, why } => {
+                info!(repo = %repo, subject = %message.subject, why = %why, delay_ms = delay.as_millis() as u64, "handing a request back for another builder");
                 drop(permit);
-                if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                crate::metrics::handed_back(repo.as_str(), reason.as_str());
+                // No delay: redelivered at once, to the pull the idle builder has waiting.
+                let nak = AckKind::Nak((!delay.is_zero()).then_some(delay));
+                if let Err(err) = message.ack_with(nak).await {
                     warn!(repo = %repo, error = %err, "handing a request back failed; it returns after the ack wait");
                 }
                 continue;

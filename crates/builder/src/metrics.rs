@@ -89,6 +89,14 @@ fn describe() {
         Unit::Seconds,
         "Age of the oldest request waiting in the queue, by repo (0 when none waits)."
     );
+    describe_gauge!(
+        "homelab_deploy_lane_requests",
+        "Requests in the queue (waiting, handed back or being built), by repo and by the smallest lane of builder.lanes that fits their expected peak memory."
+    );
+    describe_counter!(
+        "homelab_deploy_requests_handed_back_total",
+        "Requests this builder pulled and handed back to the queue, by repo and reason (does_not_fit: more than its memory envelope; warm_builder: another idle builder holds the host's last build; priority: a more urgent request waits)."
+    );
     describe_gauge!("homelab_deploy_builder_state", "1 for the builder's current state (starting, idle, building, draining, waiting_for_vault), 0 for the others.");
     describe_gauge!(
         "homelab_deploy_nats_connected",
@@ -124,6 +132,18 @@ pub fn queue(repo: &str, depth: u64, oldest_age_seconds: f64) {
     gauge!("homelab_deploy_queue_depth", "repo" => repo.to_owned()).set(depth as f64);
     gauge!("homelab_deploy_queue_oldest_age_seconds", "repo" => repo.to_owned())
         .set(oldest_age_seconds);
+}
+
+/// `lane` must be a name of `builder.lanes`.
+pub fn lane_requests(repo: &str, lane: &str, count: u64) {
+    gauge!("homelab_deploy_lane_requests", "repo" => repo.to_owned(), "lane" => lane.to_owned())
+        .set(count as f64);
+}
+
+/// `reason` is one of the fixed labels the description lists.
+pub fn handed_back(repo: &str, reason: &'static str) {
+    counter!("homelab_deploy_requests_handed_back_total", "repo" => repo.to_owned(), "reason" => reason)
+        .increment(1);
 }
 
 pub fn builder_state(current: &str) {

@@ -7,14 +7,19 @@
 //!
 //! - the request's expected peak (the host's, or the heaviest host's for `all`: measured, with
 //!   the repo's `expected_peak_mb` as a floor) does not fit its envelope: it hands the request
-//!   back for a live builder that fits, or, when the registry shows none, refuses it at once
-//!   with an error naming the host, its peak and the largest envelope in the fleet;
+//!   back for a live builder that fits; when the registry shows none, it hands it back while a
+//!   configured lane (`builder.lanes`) fits it, for an autoscaler to start a builder of that
+//!   lane, up to the request's timeout; else it refuses it at once with an error naming the
+//!   host, its peak and the largest envelope in the fleet;
 //! - another live builder holds the host's last build and is idle: it hands the request back
 //!   for that builder, a few times at most (about a second in all), then starts it itself.
 //!
-//! Hand-backs are NAKs with a delay, as for priorities (docs/decisions/nak-based-priority.md):
-//! the request keeps its place, the builder pulls the next one, so light work never waits
-//! behind a heavy request. Why an `all` request is not split: docs/decisions/lanes-whole-requests.md.
+//! Hand-backs are NAKs, as for priorities (docs/decisions/nak-based-priority.md): the request
+//! keeps its place, the builder pulls the next one, so light work never waits behind a heavy
+//! request. A hand-back for a builder the registry shows idle is redelivered at once (that
+//! builder's pull is waiting), the first [`HANDOFF_DELIVERIES`] times; otherwise after a delay.
+//! Why an `all` request is not split, and why lanes are no consumers:
+//! docs/decisions/lanes-whole-requests.md, docs/decisions/lanes-wait-for-autoscaled.md.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -37,6 +42,10 @@ pub const AFFINITY_RETRY: Duration = Duration::from_millis(250);
 /// Deliveries of a request after which no builder hands it back for a warmer one: with
 /// [`AFFINITY_RETRY`] between them, a request waits about a second at most for that preference.
 pub const AFFINITY_DELIVERIES: i64 = 4;
+/// Deliveries of a request during which a hand-back for a builder the registry shows idle is
+/// redelivered at once; later ones wait [`LANE_RETRY`] or [`AFFINITY_RETRY`], so a registry
+/// that is behind (the idle builder just died) cannot make builders pass a request to and fro.
+pub const HANDOFF_DELIVERIES: i64 = 2;
 /// Compare-and-set attempts of one update of a repo's entry.
 const WRITE_ATTEMPTS: usize = 5;
 
@@ -45,10 +54,44 @@ const WRITE_ATTEMPTS: usize = 5;
 pub enum Decision {
     /// Start it here.
     Take,
-    /// Hand it back (NAK) to be offered again after `delay`; `why` is logged.
-    HandBack { delay: Duration, why: String },
+    /// Hand it back (NAK) to be offered again after `delay` (zero: at once); `why` is logged.
+    HandBack {
+        delay: Duration,
+        reason: HandBackReason,
+        why: String,
+    },
     /// No live builder can take it: end it at once, `failed`, with this error.
     Refuse(String),
+}
+
+/// Why a builder hands a request back: the label of `homelab_deploy_requests_handed_back_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandBackReason {
+    /// Its expected peak is more than this builder's envelope.
+    DoesNotFit,
+    /// Another idle builder holds its host's last build.
+    WarmBuilder,
+}
+
+impl HandBackReason {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DoesNotFit => "does_not_fit",
+            Self::WarmBuilder => "warm_builder",
+        }
+    }
+}
+
+/// A pulled request's place in the queue: what [`Placement::decide`] weighs besides its needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Pulled {
+    /// Times JetStream delivered it, this delivery included.
+    pub delivered: i64,
+    /// Since it was stored in the queue.
+    pub waited: Duration,
+    /// Its request timeout: how long it may wait for a builder of a lane to appear.
+    pub timeout: Duration,
 }
 
 /// The expected peak memory of a request: its heaviest host's.
@@ -115,6 +158,8 @@ pub struct Placement {
     envelope_mb: Option<u64>,
     /// `builder.warm_affinity`.
     warm_affinity: bool,
+    /// `builder.lanes`: name → envelope in MiB.
+    lanes: BTreeMap<String, u64>,
 }
 
 /// The placement bucket: what a builder creates when it is missing and `builder provision`
@@ -137,6 +182,7 @@ impl Placement {
         builder: &str,
         envelope_mb: Option<u64>,
         warm_affinity: bool,
+        lanes: BTreeMap<String, u64>,
         replicas: usize,
     ) -> Result<Self, BusError> {
         let began = std::time::Instant::now();
@@ -163,7 +209,19 @@ impl Placement {
             builder: builder.to_owned(),
             envelope_mb,
             warm_affinity,
+            lanes,
         })
+    }
+
+    /// The configured lane a request needing `need` belongs to: the smallest that fits it
+    /// (the smallest of all when its need is unknown); `None` without lanes or when none fits.
+    pub fn lane_of(&self, need: Option<&Need>) -> Option<&str> {
+        lane_of(&self.lanes, need).map(|(name, _)| name)
+    }
+
+    /// The configured lanes' names.
+    pub fn lanes(&self) -> impl Iterator<Item = &str> {
+        self.lanes.keys().map(String::as_str)
     }
 
     /// This builder's envelope in MiB.
@@ -203,24 +261,32 @@ impl Placement {
         fits(self.envelope_mb, need)
     }
 
-    /// Decides what to do with a pulled request for `repo`/`target`, delivered `delivered`
-    /// times so far.
+    /// Decides what to do with a pulled request for `repo`/`target`.
     pub async fn decide(
         &self,
         repo: &RepoName,
         target: &Target,
         needs: &RepoNeeds<'_>,
-        delivered: i64,
+        pulled: Pulled,
     ) -> Decision {
+        let delivered = pulled.delivered;
         let need = needs.of(target);
         if !self.fits(need.as_ref()) {
             let Some(need) = need else {
                 return Decision::Take;
             };
             return match list_builders(&self.js).await {
-                Ok(fleet) => lane_decision(&need, &fleet, repo, OffsetDateTime::now_utc()),
+                Ok(fleet) => lane_decision(
+                    &need,
+                    &fleet,
+                    repo,
+                    OffsetDateTime::now_utc(),
+                    &self.lanes,
+                    pulled,
+                ),
                 Err(err) => Decision::HandBack {
                     delay: LANE_RETRY,
+                    reason: HandBackReason::DoesNotFit,
                     why: format!("it needs {} MiB, more than this builder's envelope, and the registry cannot be read to find one that fits: {err}", need.mb),
                 },
             };
@@ -245,6 +311,7 @@ impl Placement {
                     &fleet,
                     repo,
                     OffsetDateTime::now_utc(),
+                    delivered,
                 )
             }
             _ => Decision::Take,
@@ -351,23 +418,71 @@ fn live<'a>(
     })
 }
 
+/// Whether the registry shows `info` idle: its pull for the next request is waiting.
+fn idle(info: &BuilderInfo) -> bool {
+    info.states
+        .iter()
+        .all(|state| matches!(state, BuilderState::Idle))
+}
+
+/// The delay of a hand-back for a builder that is `idle` (or not), at the `delivered`th
+/// delivery: at once for an idle one the first [`HANDOFF_DELIVERIES`] times, else `otherwise`.
+fn handoff_delay(idle: bool, delivered: i64, otherwise: Duration) -> Duration {
+    if idle && delivered <= HANDOFF_DELIVERIES {
+        Duration::ZERO
+    } else {
+        otherwise
+    }
+}
+
+/// The smallest of `lanes` that fits `need` (the smallest of all for an unknown need).
+fn lane_of<'a>(lanes: &'a BTreeMap<String, u64>, need: Option<&Need>) -> Option<(&'a str, u64)> {
+    lanes
+        .iter()
+        .filter(|(_, mb)| fits(Some(**mb), need))
+        .map(|(name, mb)| (name.as_str(), *mb))
+        .min_by_key(|(name, mb)| (*mb, *name))
+}
+
 /// A request needing `need` does not fit this builder: hand it back when a live builder fits
-/// it, else refuse it, naming the largest envelope in the fleet.
+/// it (at once when that one is idle); when none does, hand it back while a configured lane
+/// fits it and it has waited less than its timeout; else refuse it, naming the largest
+/// envelope in the fleet.
 fn lane_decision(
     need: &Need,
     fleet: &[BuilderInfo],
     repo: &RepoName,
     now: OffsetDateTime,
+    lanes: &BTreeMap<String, u64>,
+    pulled: Pulled,
 ) -> Decision {
     let live: Vec<&BuilderInfo> = live(fleet, repo, now).collect();
-    if let Some(fitting) = live.iter().find(|info| fits(info.memory_mb, Some(need))) {
+    let fitting = || live.iter().filter(|info| fits(info.memory_mb, Some(need)));
+    if let Some(fitting) = fitting()
+        .find(|info| idle(info))
+        .or_else(|| fitting().next())
+    {
         return Decision::HandBack {
-            delay: LANE_RETRY,
+            delay: handoff_delay(idle(fitting), pulled.delivered, LANE_RETRY),
+            reason: HandBackReason::DoesNotFit,
             why: format!(
                 "host {} needs {} MiB ({}), more than this builder's envelope; builder {} fits it",
                 need.host, need.mb, need.source, fitting.name
             ),
         };
+    }
+    let lane = lane_of(lanes, Some(need));
+    if let Some((lane, mb)) = lane {
+        if pulled.waited < pulled.timeout {
+            return Decision::HandBack {
+                delay: LANE_RETRY,
+                reason: HandBackReason::DoesNotFit,
+                why: format!(
+                    "host {} needs {} MiB ({}) and no live builder fits it; waiting for a builder of lane {lane} ({mb} MiB) to start, {}s at most",
+                    need.host, need.mb, need.source, pulled.timeout.as_secs()
+                ),
+            };
+        }
     }
     let largest = live
         .iter()
@@ -377,8 +492,15 @@ fn lane_decision(
         Some((mb, name)) => format!("{mb} MiB (builder {name})"),
         None => "none: no live builder serves the repo".to_owned(),
     };
+    let waited = match lane {
+        Some((lane, mb)) => format!(
+            "; it waited {}s (its timeout) for a builder of lane {lane} ({mb} MiB) and none started",
+            pulled.waited.as_secs()
+        ),
+        None => String::new(),
+    };
     Decision::Refuse(format!(
-        "host {} needs {} MiB of memory ({}), more than any live builder of repo {repo} has: the largest envelope in the fleet is {largest}; start a builder with builder.memory_mb of at least {} (or lower the host's expected_peak_mb if it is set too high)",
+        "host {} needs {} MiB of memory ({}), more than any live builder of repo {repo} has: the largest envelope in the fleet is {largest}{waited}; start a builder with builder.memory_mb of at least {} (or lower the host's expected_peak_mb if it is set too high)",
         need.host, need.mb, need.source, need.mb
     ))
 }
@@ -391,15 +513,12 @@ fn affinity_decision(
     fleet: &[BuilderInfo],
     repo: &RepoName,
     now: OffsetDateTime,
+    delivered: i64,
 ) -> Decision {
-    let idle = |info: &&BuilderInfo| {
-        info.states
-            .iter()
-            .all(|state| matches!(state, BuilderState::Idle))
-    };
     match live(fleet, repo, now).find(|info| info.name == warm) {
-        Some(info) if idle(&info) && fits(info.memory_mb, need) => Decision::HandBack {
-            delay: AFFINITY_RETRY,
+        Some(info) if idle(info) && fits(info.memory_mb, need) => Decision::HandBack {
+            delay: handoff_delay(true, delivered, AFFINITY_RETRY),
+            reason: HandBackReason::WarmBuilder,
             why: format!("builder {warm} holds the host's last build and is idle"),
         },
         _ => Decision::Take,
@@ -429,6 +548,16 @@ mod tests {
 
     fn repo() -> RepoName {
         RepoName::parse("demo").expect("repo")
+    }
+
+    const NO_LANES: BTreeMap<String, u64> = BTreeMap::new();
+
+    fn pulled(delivered: i64) -> Pulled {
+        Pulled {
+            delivered,
+            waited: Duration::from_secs(1),
+            timeout: Duration::from_secs(60),
+        }
     }
 
     fn need(mb: u64) -> Need {
@@ -478,9 +607,42 @@ mod tests {
         let now = OffsetDateTime::UNIX_EPOCH;
         let small = builder("small", Some(256), vec![BuilderState::Idle]);
         let big = builder("big-1", Some(4096), vec![BuilderState::Idle]);
-        let decision = lane_decision(&need(900), &[small.clone(), big.clone()], &repo(), now);
+        let busy = builder(
+            "big-2",
+            Some(4096),
+            vec![BuilderState::Building {
+                repo: "demo".into(),
+                target: "x".into(),
+                id: "REQUEST01".into(),
+            }],
+        );
+        let fleet = [small.clone(), busy.clone(), big.clone()];
+        // An idle builder that fits: at once, the first two deliveries, then every second.
+        for (delivered, wanted) in [(1, Duration::ZERO), (2, Duration::ZERO), (3, LANE_RETRY)] {
+            let decision = lane_decision(
+                &need(900),
+                &fleet,
+                &repo(),
+                now,
+                &NO_LANES,
+                pulled(delivered),
+            );
+            assert!(
+                matches!(&decision, Decision::HandBack { delay, reason: HandBackReason::DoesNotFit, why } if *delay == wanted && why.contains("big-1")),
+                "{delivered}: {decision:?}"
+            );
+        }
+        // Only a busy one fits: every second.
+        let decision = lane_decision(
+            &need(900),
+            &[small.clone(), busy],
+            &repo(),
+            now,
+            &NO_LANES,
+            pulled(1),
+        );
         assert!(
-            matches!(&decision, Decision::HandBack { delay, why } if *delay == LANE_RETRY && why.contains("big-1")),
+            matches!(&decision, Decision::HandBack { delay, why, .. } if *delay == LANE_RETRY && why.contains("big-2")),
             "{decision:?}"
         );
         // A draining or lost big builder is no help: fail at once, naming host, peak, largest.
@@ -488,7 +650,9 @@ mod tests {
         let mut lost = big.clone();
         lost.heartbeat = now - time::Duration::seconds(BUILDER_LOST_AFTER_SECS + 1);
         for fleet in [vec![small.clone(), draining], vec![small.clone(), lost]] {
-            let Decision::Refuse(error) = lane_decision(&need(900), &fleet, &repo(), now) else {
+            let Decision::Refuse(error) =
+                lane_decision(&need(900), &fleet, &repo(), now, &NO_LANES, pulled(1))
+            else {
                 panic!("not refused");
             };
             assert!(
@@ -500,7 +664,14 @@ mod tests {
         // An older builder that announces no envelope takes anything.
         let old = builder("old", None, vec![BuilderState::Idle]);
         assert!(matches!(
-            lane_decision(&need(900), &[small, old], &repo(), now),
+            lane_decision(
+                &need(900),
+                &[small, old],
+                &repo(),
+                now,
+                &NO_LANES,
+                pulled(1)
+            ),
             Decision::HandBack { .. }
         ));
     }
@@ -509,10 +680,12 @@ mod tests {
     fn affinity_hands_back_only_for_a_live_idle_warm_builder_that_fits() {
         let now = OffsetDateTime::UNIX_EPOCH;
         let warm = builder("warm", Some(1024), vec![BuilderState::Idle]);
-        assert!(matches!(
-            affinity_decision("warm", Some(&need(100)), std::slice::from_ref(&warm), &repo(), now),
-            Decision::HandBack { delay, .. } if delay == AFFINITY_RETRY
-        ));
+        for (delivered, wanted) in [(1, Duration::ZERO), (3, AFFINITY_RETRY)] {
+            assert!(matches!(
+                affinity_decision("warm", Some(&need(100)), std::slice::from_ref(&warm), &repo(), now, delivered),
+                Decision::HandBack { delay, reason: HandBackReason::WarmBuilder, .. } if delay == wanted
+            ));
+        }
         let busy = builder(
             "warm",
             Some(1024),
@@ -524,9 +697,63 @@ mod tests {
         );
         for (fleet, need_mb) in [(vec![busy], 100), (vec![warm.clone()], 2048), (vec![], 100)] {
             assert_eq!(
-                affinity_decision("warm", Some(&need(need_mb)), &fleet, &repo(), now),
+                affinity_decision("warm", Some(&need(need_mb)), &fleet, &repo(), now, 1),
                 Decision::Take
             );
         }
+    }
+
+    #[test]
+    fn with_no_live_builder_big_enough_a_request_waits_for_a_lane_until_its_timeout() {
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let small = builder("small", Some(256), vec![BuilderState::Idle]);
+        let lanes = BTreeMap::from([("standard".to_owned(), 256), ("heavy".to_owned(), 4096)]);
+        let decision = lane_decision(
+            &need(900),
+            std::slice::from_ref(&small),
+            &repo(),
+            now,
+            &lanes,
+            pulled(7),
+        );
+        assert!(
+            matches!(&decision, Decision::HandBack { delay, why, .. } if *delay == LANE_RETRY && why.contains("lane heavy (4096 MiB)")),
+            "{decision:?}"
+        );
+        let late = Pulled {
+            waited: Duration::from_secs(60),
+            ..pulled(60)
+        };
+        let Decision::Refuse(error) = lane_decision(
+            &need(900),
+            std::slice::from_ref(&small),
+            &repo(),
+            now,
+            &lanes,
+            late,
+        ) else {
+            panic!("not refused");
+        };
+        assert!(
+            error.contains("host big needs 900 MiB")
+                && error
+                    .contains("waited 60s (its timeout) for a builder of lane heavy (4096 MiB)"),
+            "{error}"
+        );
+        // Bigger than every lane: at once, as without lanes.
+        assert!(matches!(
+            lane_decision(&need(5000), &[small], &repo(), now, &lanes, pulled(1)),
+            Decision::Refuse(error) if !error.contains("waited")
+        ));
+    }
+
+    #[test]
+    fn a_request_belongs_to_the_smallest_lane_that_fits_it() {
+        let lanes = BTreeMap::from([("standard".to_owned(), 256), ("heavy".to_owned(), 4096)]);
+        assert_eq!(lane_of(&lanes, Some(&need(900))), Some(("heavy", 4096)));
+        assert_eq!(lane_of(&lanes, Some(&need(256))), Some(("standard", 256)));
+        assert_eq!(lane_of(&lanes, None), Some(("standard", 256)));
+        assert_eq!(lane_of(&lanes, Some(&need(4097))), None);
+        assert_eq!(lane_of(&NO_LANES, None), None);
     }
 }
