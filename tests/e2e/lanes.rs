@@ -27,6 +27,13 @@ impl Fleet {
     /// A builder with `memory_mb` (none: the machine's memory) and extra lines for the
     /// repo's table.
     fn builder(&self, memory_mb: Option<u64>, repo_extra: &str) -> Builder {
+        let builder_lines = memory_mb.map(|mb| format!("memory_mb = {mb}\n"));
+        self.builder_with(builder_lines.as_deref().unwrap_or(""), repo_extra, "")
+    }
+
+    /// A builder with extra lines for its `[builder]` table, the repo's table, and tables
+    /// after those.
+    fn builder_with(&self, builder_lines: &str, repo_extra: &str, tables: &str) -> Builder {
         let name = unique("builder");
         let mut config = Builder::config(
             &name,
@@ -34,10 +41,9 @@ impl Fleet {
             Path::new("{state_dir}"),
             &[("demo", self.repo.url())],
         );
-        if let Some(mb) = memory_mb {
-            config = config.replacen("\n\n[repos", &format!("\nmemory_mb = {mb}\n\n[repos"), 1);
-        }
+        config = config.replacen("\n\n[repos", &format!("\n{builder_lines}\n[repos"), 1);
         config.push_str(repo_extra);
+        config.push_str(tables);
         Builder::start_config(bin(), &name, &config)
     }
 
@@ -274,4 +280,90 @@ async fn repeat_builds_go_to_the_builder_that_holds_the_host() {
             two.name
         );
     }
+}
+
+/// The value of the metric sample line that starts with `prefix` (name and labels), scraped
+/// from the builder's `/metrics` on `port`.
+fn sample(port: u16, prefix: &str) -> Option<f64> {
+    crate::metrics::scrape(port)
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Scale-from-zero of a heavy lane: only a small builder runs, and `builder.lanes` says a
+/// `heavy` lane (4096 MiB) can appear. A request for `busy` (pinned at 1024 MiB) fits no live
+/// builder but fits that lane: it waits in the queue instead of failing, the small builder's
+/// `homelab_deploy_lane_requests{lane="heavy"}` counts it (what an autoscaler of the lane scales
+/// on) and its hand-backs are counted; light work flows meanwhile. Once a big builder starts,
+/// the request is built there. A request that waits past its own timeout fails, naming the lane
+/// it waited for.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_heavy_request_waits_for_an_autoscaled_lane_that_its_gauge_shows() {
+    let fleet = Fleet::new();
+    let pinned = "expected_peak_mb = { busy = 1024 }\n";
+    let lanes = "lanes = { standard = 200, heavy = 4096 }\n";
+    let port = test_support::free_port();
+    let metrics = format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let _small = fleet.builder_with(&format!("memory_mb = 200\n{lanes}"), pinned, &metrics);
+
+    // Its own timeout is 3 s: it waits that long for the lane, then fails.
+    let short = fleet.submit("busy", &["--build-timeout", "3s"]);
+    let events = fleet.finished(&short).await;
+    assert!(events.iter().all(|e| e["type"] != "started"), "{events:#?}");
+    let finished = events.last().expect("finished");
+    assert_eq!(finished["status"], "failed");
+    let error = finished["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("host busy needs 1024 MiB")
+            && error.contains("for a builder of lane heavy (4096 MiB) and none started"),
+        "{error}"
+    );
+    let queued_at = serde_json::json!({ "time": finished["queued_at"] });
+    let waited = time_of(finished) - time_of(&queued_at);
+    assert!(waited >= time::Duration::seconds(3), "{waited} {events:#?}");
+
+    let heavy = fleet.submit("busy", &[]);
+    let light = fleet.submit("light", &[]);
+    let light_events = fleet.finished(&light).await;
+    assert_eq!(
+        light_events.last().expect("finished")["status"],
+        "succeeded"
+    );
+    let gauge = |lane: &str| {
+        sample(
+            port,
+            &format!("homelab_deploy_lane_requests{{repo=\"demo\",lane=\"{lane}\"}} "),
+        )
+    };
+    let mut figures = (None, None);
+    let counted = test_support::wait_until(Duration::from_secs(30), || {
+        figures = (gauge("heavy"), gauge("standard"));
+        figures == (Some(1.0), Some(0.0))
+    });
+    assert!(counted, "heavy and standard lane figures: {figures:?}");
+    let handed_back = sample(
+        port,
+        "homelab_deploy_requests_handed_back_total{repo=\"demo\",reason=\"does_not_fit\"} ",
+    );
+    assert!(handed_back.is_some_and(|n| n >= 1.0), "{handed_back:?}");
+    let waiting = fleet.events(&heavy).await;
+    assert!(
+        waiting
+            .iter()
+            .all(|e| e["type"] != "finished" && e["type"] != "started"),
+        "{waiting:#?}"
+    );
+
+    // The autoscaler starts a builder of the lane: the request is built there.
+    let big = fleet.builder_with(&format!("memory_mb = 4096\n{lanes}"), pinned, "");
+    let events = fleet.finished(&heavy).await;
+    assert_eq!(events.last().expect("finished")["status"], "succeeded");
+    assert_eq!(Fleet::started_by(&events), big.name);
+    let drained = test_support::wait_until(Duration::from_secs(30), || gauge("heavy") == Some(0.0));
+    assert!(
+        drained,
+        "heavy lane figure after the build: {:?}",
+        gauge("heavy")
+    );
 }
