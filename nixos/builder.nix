@@ -60,6 +60,7 @@ let
         hosts_refresh_secs = optional types.ints.unsigned "Seconds between two listings of each repo's hosts at its branch head, for the fleet registry (default 300; 0: only at start and at builds).";
         memory_mb = optional types.ints.positive "Memory envelope (MiB): no request whose expected peak memory is larger starts here (default: the machine's MemTotal).";
         warm_affinity = optional types.bool "Hand a repeat build back (about 1 s at most) to an idle builder that holds the host's last build (default true).";
+        lanes = optional (types.attrsOf types.ints.positive) "The fleet's lanes: name -> memory envelope (MiB) of the builders of that lane, the same on every builder. A request no live builder fits but a lane does waits (up to its timeout) for an autoscaled builder of that lane; homelab_deploy_lane_requests counts requests by lane.";
       };
       streams = {
         events_max_age_secs = optional types.ints.positive "How long events and logs are kept.";

@@ -67,6 +67,7 @@ fn builder_module_renders_a_config_the_binary_accepts() {
             settings.builder.build_jobs = 2;
             settings.builder.memory_mb = 65536;
             settings.builder.warm_affinity = false;
+            settings.builder.lanes = { standard = 8192; heavy = 65536; };
             settings.nats.inbox_prefix = "_INBOX_builder";
             settings.streams.replicas = 3;
             settings.repos.nixos-servers.push_to = "file:///var/cache/nix";
@@ -95,6 +96,8 @@ fn builder_module_renders_a_config_the_binary_accepts() {
         "build_jobs = 2",
         "memory_mb = 65536",
         "warm_affinity = false",
+        "[builder.lanes]",
+        "heavy = 65536",
         "[repos.nixos-servers.expected_peak_mb]",
         "big-host = 24576",
         "[repos.nixos-servers]",

@@ -57,8 +57,9 @@ fleet; it never creates one of its own. See \"Ephemeral builders\" in docs/opera
 Heavy lanes: the builder starts no request whose expected peak memory (learned from earlier
 builds, at least the repo's expected_peak_mb) exceeds builder.memory_mb (default: the machine's
 memory); it hands such a request back for a builder that fits, and fails it at once when no live
-builder does. A repeat build of a host goes to the idle builder that built it last
-(builder.warm_affinity). See \"Heavy lanes\" in docs/configuration.md.
+builder does, unless a lane of builder.lanes fits it: then it waits, up to its timeout, for an
+autoscaler to start a builder of that lane. A repeat build of a host goes to the idle builder
+that built it last (builder.warm_affinity). See \"Heavy lanes\" in docs/configuration.md.
 
 Exit codes: 0 stopped cleanly (a session: every request it took succeeded, or it took none);
 1 a session request it took finished failed or cancelled; 2 invalid config or flags; 3 nix
