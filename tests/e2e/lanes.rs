@@ -347,6 +347,9 @@ async fn a_heavy_request_waits_for_an_autoscaled_lane_that_its_gauge_shows() {
         "homelab_deploy_requests_handed_back_total{repo=\"demo\",reason=\"does_not_fit\"} ",
     );
     assert!(handed_back.is_some_and(|n| n >= 1.0), "{handed_back:?}");
+    let (ok, report) =
+        crate::metrics::promtool(&["check", "metrics"], Some(&crate::metrics::scrape(port)));
+    assert!(ok, "promtool check metrics:\n{report}");
     let waiting = fleet.events(&heavy).await;
     assert!(
         waiting
