@@ -126,13 +126,16 @@ const READING: &str = "## Reading the results
 - **warm-cache affinity**: two idle builders, repeat builds of one host at a new commit each.
   Without the preference the request goes to whichever builder's pull waits longest, which is
   usually the one that did *not* just build (its pull is the older one); with it, the builder that
-  pulled it hands it back (NAK, 250 ms) when the registry shows the warm builder idle, and the
-  warm builder takes it. The added latency is that hand-back; it is bounded (4 deliveries, about
-  a second) whatever the registry says.
+  pulled it hands it back when the registry shows the warm builder idle (a plain NAK, redelivered
+  at once to the warm builder's waiting pull; 250 ms apart after the 2nd delivery), and the warm
+  builder takes it. The added latency is that hand-back; it is bounded (4 deliveries, about a
+  second) whatever the registry says.
 - **heavy lanes**: once the fleet has measured the heavy host, every heavy request starts on the
-  big builder, also when the small one pulled it first (it hands it back, NAK 1 s: that is the
-  difference to the light host's latency when the small builder happens to pull first). With no
-  live builder big enough the request is refused as soon as a builder pulls it.
+  big builder, also when the small one pulled it first: it hands it back with a plain NAK while the
+  registry shows the big builder idle, which the big builder's waiting pull gets at once (1 s
+  apart only while the big builder is busy, or after the 2nd delivery). With no live builder big
+  enough the request is refused as soon as a builder pulls it (or, with `builder.lanes`, waits for
+  a builder of a lane that fits, up to its timeout).
 
 ## Evaluation under a memory limit
 
