@@ -370,3 +370,49 @@ async fn a_heavy_request_waits_for_an_autoscaled_lane_that_its_gauge_shows() {
         gauge("heavy")
     );
 }
+
+/// On a three-node JetStream cluster (replicated streams and buckets), a small builder on one
+/// node and a big one on another: what one builder learned about `heavy` is read by the other
+/// through the replicated `BUILD_PLACEMENT`, so after the first build every `heavy` request,
+/// sent through the third node, starts on the big builder.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_places_heavy_hosts_by_what_any_builder_learned() {
+    let cluster = test_support::NatsCluster::start(3);
+    cluster.wait_ready().await;
+    let repo = FixtureRepo::new("lanes");
+    let repos = [("demo", repo.url())];
+    let extra =
+        |mb: u64| format!("\nmemory_mb = {mb}\nwarm_affinity = false\n\n[streams]\nreplicas = 3");
+    let small = Builder::start_with(bin(), &cluster.nodes[0].url, &repos, &extra(200));
+    let big = Builder::start_with(bin(), &cluster.nodes[1].url, &repos, &extra(4096));
+    let client = cluster.nodes[2].client().await;
+    let submit = |target: &str| {
+        let output = run_cli(
+            bin(),
+            &cluster.nodes[2].url,
+            &["build", "demo", target, "--no-wait"],
+            Duration::from_secs(60),
+        );
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+        text(&output).0.trim().to_owned()
+    };
+    let finished = |id: String| {
+        let client = client.clone();
+        async move {
+            let events =
+                wait_for_finished(&client, &format!("build.responses.demo.*.{id}.events")).await;
+            assert_eq!(
+                events.last().expect("finished")["status"],
+                "succeeded",
+                "{events:#?}"
+            );
+            Fleet::started_by(&events)
+        }
+    };
+    // Whichever builder takes the first one measures it.
+    finished(submit("heavy")).await;
+    for round in 0..4 {
+        let builder = finished(submit("heavy")).await;
+        assert_eq!(builder, big.name, "round {round}; small is {}", small.name);
+    }
+}
