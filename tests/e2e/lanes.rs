@@ -399,8 +399,18 @@ async fn a_cluster_places_heavy_hosts_by_what_any_builder_learned() {
     let finished = |id: String| {
         let client = client.clone();
         async move {
-            let events =
-                wait_for_finished(&client, &format!("build.responses.demo.*.{id}.events")).await;
+            // A replicated stream answers 503 while it elects a leader: read again.
+            let subject = format!("build.responses.demo.*.{id}.events");
+            let mut events = Vec::new();
+            for _ in 0..1200 {
+                events = test_support::try_stored_messages(&client, &subject)
+                    .await
+                    .unwrap_or_default();
+                if events.iter().any(|e| e["type"] == "finished") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             assert_eq!(
                 events.last().expect("finished")["status"],
                 "succeeded",
