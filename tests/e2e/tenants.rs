@@ -43,27 +43,8 @@ impl Tenants {
     /// `[tenants.alpha]`; `beta_extra`: to `[tenants.beta]`.
     fn start(builder_extra: &str, alpha_extra: &str, beta_extra: &str) -> Self {
         let dir = std::env::temp_dir().join(unique("tenants"));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let nats = start_server(&dir);
         let seed = |name: &str| dir.join(format!("{name}.nk"));
-        let template = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/multi-tenant.example.conf"),
-        )
-        .expect("nats/multi-tenant.example.conf");
-        let mut config = template.replace("store_dir: \"/var/lib/nats/jetstream\"", "");
-        for tenant in ["ALPHA", "BETA"] {
-            for (role, _) in USERS {
-                let user = format!("{tenant}_{role}");
-                let public = generate(&seed(&user));
-                config = config.replace(&format!("{user}_PUBLIC_KEY"), &public);
-            }
-        }
-        assert!(
-            !config.contains("_PUBLIC_KEY, permissions"),
-            "a user placeholder is left"
-        );
-        let config_path = dir.join("nats.conf");
-        std::fs::write(&config_path, config).expect("write nats config");
-        let nats = NatsServer::start_with(&["-c", &config_path.display().to_string()]);
 
         let repos = [FixtureRepo::new("queue"), FixtureRepo::new("queue")];
         let name = unique("builder");
@@ -152,6 +133,31 @@ impl Tenants {
     ) {
         connect_as(&self.nats.url, seed, inbox_prefix(seed)).await
     }
+}
+
+/// nats-server running `nats/multi-tenant.example.conf` with a fresh key for each user, its seed
+/// in `dir/USER.nk` (`ALPHA_BUILDER.nk`, `BETA_ADMIN.nk`, …).
+pub(crate) fn start_server(dir: &Path) -> NatsServer {
+    std::fs::create_dir_all(dir).expect("dir");
+    let template = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/multi-tenant.example.conf"),
+    )
+    .expect("nats/multi-tenant.example.conf");
+    let mut config = template.replace("store_dir: \"/var/lib/nats/jetstream\"", "");
+    for tenant in ["ALPHA", "BETA"] {
+        for (role, _) in USERS {
+            let user = format!("{tenant}_{role}");
+            let public = generate(&dir.join(format!("{user}.nk")));
+            config = config.replace(&format!("{user}_PUBLIC_KEY"), &public);
+        }
+    }
+    assert!(
+        !config.contains("_PUBLIC_KEY, permissions"),
+        "a user placeholder is left"
+    );
+    let config_path = dir.join("nats.conf");
+    std::fs::write(&config_path, config).expect("write nats config");
+    NatsServer::start_with(&["-c", &config_path.display().to_string()])
 }
 
 /// `homelab-deploy ARGS` against `url` with the key of a tenant's user and its inbox prefix.
