@@ -171,9 +171,13 @@ fn provisioned_account(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let mut accounts = config.accounts();
+    let accounts = config.accounts();
     match tenant {
-        None if config.tenants.is_empty() => Ok(accounts.remove(0)),
+        // Without tenants, `accounts` is the single account of [nats].
+        None if config.tenants.is_empty() => accounts
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("config file {} serves no account", path.display())),
         None => Err(format!(
             "config file {} has tenants ({}), each with its own streams in its own NATS account: provision each with --tenant NAME and the admin credential of that account",
             path.display(),
