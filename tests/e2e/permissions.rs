@@ -1072,6 +1072,22 @@ const TABLE: &[(Try, &[&str])] = &[
         Try::Publish("$JS.API.DIRECT.GET.KV_BUILD_BUILDERS.$KV.BUILD_BUILDERS.x"),
         &["builder", "deployer", "servers", "admin", "viewer"],
     ),
+    (
+        Try::Publish("$JS.API.DIRECT.GET.KV_BUILD_STATE.$KV.BUILD_STATE.x"),
+        &["builder", "deployer", "servers", "admin"],
+    ),
+    (
+        Try::Publish("$JS.API.STREAM.INFO.KV_BUILD_STATE"),
+        &["builder", "deployer", "servers", "admin"],
+    ),
+    (
+        Try::Publish("$JS.API.DIRECT.GET.KV_BUILD_PLACEMENT.$KV.BUILD_PLACEMENT.x"),
+        &["builder"],
+    ),
+    (
+        Try::Publish("$JS.API.STREAM.INFO.KV_BUILD_PLACEMENT"),
+        &["builder", "admin"],
+    ),
     (Try::Subscribe("build.api.>"), &["builder"]),
     (Try::Subscribe("build.responses.>"), &["deployer", "admin"]),
     (
