@@ -126,6 +126,10 @@ let
 
   dropNulls = lib.filterAttrsRecursive (_: value: value != null);
 
+  provisionCommand = credential: lib.escapeShellArgs ([
+    "${cfg.package}/bin/homelab-deploy" "builder" "provision" "--config" "${configFile}"
+  ] ++ credential ++ lib.optionals (cfg.provision.inboxPrefix != null) [ "--inbox-prefix" cfg.provision.inboxPrefix ]);
+
   # Every secret file reaches the service as a systemd credential (LoadCredential): systemd
   # reads it as root, wherever it is and whoever owns it, and hands the builder a private copy
   # under $CREDENTIALS_DIRECTORY, which the rendered config names instead.
@@ -231,6 +235,7 @@ in
         provision` with an admin credential before the builder starts (and again when the config
         changes): on a NATS server where builders may not create streams (nats/prod.example.conf),
         it creates or updates the streams and buckets of this builder's repos and `[streams]`
+        (with settings.tenants, in each tenant's account with provision.tenants.<name>)
       '';
       adminNkeySeedFile = mkOption {
         type = types.nullOr types.str;
@@ -242,7 +247,22 @@ in
         type = types.nullOr (types.strMatching "[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*");
         default = null;
         example = "_INBOX_admin";
-        description = "The admin user's inbox prefix (`--inbox-prefix`).";
+        description = "The admin user's inbox prefix (`--inbox-prefix`), the same in every tenant's account.";
+      };
+      tenants = mkOption {
+        type = types.attrsOf (types.submodule {
+          options.adminNkeySeedFile = mkOption {
+            type = types.str;
+            example = "/run/secrets/homelab-deploy/alpha-admin.nk";
+            description = "File with the NKey seed of the admin user in this tenant's NATS account (passed with LoadCredential; the builder never sees it).";
+          };
+        });
+        default = { };
+        description = ''
+          With settings.tenants: the admin credential of each tenant's account, one per tenant
+          (nats/multi-tenant.example.conf). The unit runs `builder provision --tenant NAME` for
+          each; adminNkeySeedFile is then unused.
+        '';
       };
     };
 
@@ -333,8 +353,12 @@ in
         message = "services.homelab-deploy.builder: with settings.tenants, each tenant names the builder's credential in its account; leave nkeySeedFile and vault unset.";
       }
       {
-        assertion = !cfg.provision.enable || cfg.provision.adminNkeySeedFile != null;
+        assertion = !cfg.provision.enable || cfg.settings.tenants != { } || cfg.provision.adminNkeySeedFile != null;
         message = "services.homelab-deploy.builder: provision.enable needs provision.adminNkeySeedFile (the seed of a NATS user allowed to create the streams).";
+      }
+      {
+        assertion = !cfg.provision.enable || lib.attrNames cfg.provision.tenants == lib.attrNames cfg.settings.tenants;
+        message = "services.homelab-deploy.builder: with settings.tenants, provision.enable needs provision.tenants.<name>.adminNkeySeedFile for each tenant and no other (tenants: ${toString (lib.attrNames cfg.settings.tenants)}; provision.tenants: ${toString (lib.attrNames cfg.provision.tenants)}).";
       }
       {
         assertion = cfg.settings.repos != { };
@@ -403,11 +427,11 @@ in
       serviceConfig = {
         Type = "oneshot";
         RemainAfterExit = true;
-        ExecStart = lib.escapeShellArgs ([
-          "${cfg.package}/bin/homelab-deploy" "builder" "provision"
-          "--config" "${configFile}" "--nkey-file" "%d/admin-nkey"
-        ] ++ lib.optionals (cfg.provision.inboxPrefix != null) [ "--inbox-prefix" cfg.provision.inboxPrefix ]);
-        LoadCredential = [ "admin-nkey:${toString cfg.provision.adminNkeySeedFile}" ];
+        # One command per NATS account: the single one, or each tenant's with its own admin.
+        ExecStart = if cfg.settings.tenants == { } then provisionCommand [ "--nkey-file" "%d/admin-nkey" ]
+          else map (tenant: provisionCommand [ "--tenant" tenant "--nkey-file" "%d/admin-nkey-${tenant}" ]) (lib.attrNames cfg.provision.tenants);
+        LoadCredential = if cfg.settings.tenants == { } then [ "admin-nkey:${toString cfg.provision.adminNkeySeedFile}" ]
+          else lib.mapAttrsToList (tenant: t: "admin-nkey-${tenant}:${t.adminNkeySeedFile}") cfg.provision.tenants;
         Restart = "on-failure";
         RestartSec = 10;
         DynamicUser = true;

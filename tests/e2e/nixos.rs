@@ -414,6 +414,95 @@ fn builder_module_renders_tenants() {
     );
 }
 
+/// With tenants, the provision oneshot runs `builder provision --tenant NAME` once per tenant,
+/// each with that account's admin seed as a credential; its commands, run as rendered against
+/// nats/multi-tenant.example.conf, create each tenant's streams. A tenant without an admin seed
+/// is an assertion.
+#[test]
+fn builder_module_provisions_each_tenant_with_its_admin_seed() {
+    let dir = std::env::temp_dir().join(test_support::unique("nixos-tenants"));
+    let nats = crate::tenants::start_server(&dir);
+    let module = |provision: &str| {
+        format!(
+            r#"{{
+              services.homelab-deploy.builder = {{
+                enable = true;
+                natsUrl = "{}";
+                repos.alpha-app.url = "git+https://git.example.org/alpha/infra.git";
+                repos.beta-app.url = "git+https://git.example.org/beta/nixos.git";
+                settings.nats.inbox_prefix = "_INBOX_builder";
+                settings.tenants = {{
+                  alpha = {{ nkey_seed_file = "/run/secrets/alpha-builder.nk"; repos = [ "alpha-app" ]; max_queued = 50; }};
+                  beta = {{ nkey_seed_file = "/run/secrets/beta-builder.nk"; repos = [ "beta-app" ]; }};
+                }};
+                provision = {{ enable = true; inboxPrefix = "_INBOX_admin"; {provision} }};
+              }};
+            }}"#,
+            nats.url
+        )
+    };
+    let summary = evaluate(&module(
+        r#"tenants.alpha.adminNkeySeedFile = "/run/secrets/alpha-admin.nk"; tenants.beta.adminNkeySeedFile = "/run/secrets/beta-admin.nk";"#,
+    ))
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    let unit = &summary["services"]["homelab-deploy-builder-provision"]["serviceConfig"];
+    assert_eq!(
+        unit["LoadCredential"],
+        serde_json::json!([
+            "admin-nkey-alpha:/run/secrets/alpha-admin.nk",
+            "admin-nkey-beta:/run/secrets/beta-admin.nk"
+        ])
+    );
+    let commands = unit["ExecStart"]
+        .as_array()
+        .expect("one ExecStart per tenant");
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    for (command, tenant) in commands.iter().zip(["alpha", "beta"]) {
+        let exec = command.as_str().expect("command");
+        let seed = dir
+            .join(format!("{}_ADMIN.nk", tenant.to_uppercase()))
+            .display()
+            .to_string();
+        let args: Vec<String> = exec
+            .split_whitespace()
+            .skip(1)
+            .map(|a| {
+                a.trim_matches('\'')
+                    .replace(&format!("%d/admin-nkey-{tenant}"), &seed)
+            })
+            .collect();
+        assert!(
+            args.windows(2).any(|pair| pair == ["--tenant", tenant]),
+            "{exec}"
+        );
+        let output = Command::new(bin())
+            .args(&args)
+            .env_remove("HOMELAB_DEPLOY_NATS_URL")
+            .output()
+            .expect("provision");
+        assert_eq!(output.status.code(), Some(0), "{}\n{exec}", text(&output).1);
+        assert!(
+            text(&output).0.contains("BUILD_REQUESTS: created"),
+            "{}",
+            text(&output).0
+        );
+    }
+
+    let without = evaluate(&module(
+        r#"tenants.alpha.adminNkeySeedFile = "/run/secrets/alpha-admin.nk";"#,
+    ))
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        without["failedAssertions"]
+            .to_string()
+            .contains("provision.tenants.<name>.adminNkeySeedFile"),
+        "{}",
+        without["failedAssertions"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A typo in an option name, a wrong type, and a repo name that breaks the subject rules are
 /// evaluation errors that name the option.
 #[test]

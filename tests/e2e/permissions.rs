@@ -226,7 +226,7 @@ impl SecuredFleet {
 
 /// A connection to `url` as the user of `seed` with inbox prefix `prefix`, recording the
 /// server's errors (permission violations).
-async fn connect_as(
+pub(crate) async fn connect_as(
     url: &str,
     seed: &Path,
     prefix: &str,
@@ -280,7 +280,7 @@ impl NkeyOptions for async_nats::ConnectOptions {
     }
 }
 
-fn violations(errors: &Arc<Mutex<Vec<String>>>) -> String {
+pub(crate) fn violations(errors: &Arc<Mutex<Vec<String>>>) -> String {
     errors.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
 }
 
@@ -519,7 +519,7 @@ async fn a_rotated_seed_file_is_used_at_the_next_reconnect() {
 }
 
 /// Waits (10 s at most) until the server reported a permissions violation naming `needle`.
-fn refused_within(errors: &Arc<Mutex<Vec<String>>>, needle: &str) -> bool {
+pub(crate) fn refused_within(errors: &Arc<Mutex<Vec<String>>>, needle: &str) -> bool {
     test_support::wait_until(Duration::from_secs(10), || {
         errors
             .lock()
@@ -1072,6 +1072,22 @@ const TABLE: &[(Try, &[&str])] = &[
         Try::Publish("$JS.API.DIRECT.GET.KV_BUILD_BUILDERS.$KV.BUILD_BUILDERS.x"),
         &["builder", "deployer", "servers", "admin", "viewer"],
     ),
+    (
+        Try::Publish("$JS.API.DIRECT.GET.KV_BUILD_STATE.$KV.BUILD_STATE.x"),
+        &["builder", "deployer", "servers", "admin"],
+    ),
+    (
+        Try::Publish("$JS.API.STREAM.INFO.KV_BUILD_STATE"),
+        &["builder", "deployer", "servers", "admin"],
+    ),
+    (
+        Try::Publish("$JS.API.DIRECT.GET.KV_BUILD_PLACEMENT.$KV.BUILD_PLACEMENT.x"),
+        &["builder"],
+    ),
+    (
+        Try::Publish("$JS.API.STREAM.INFO.KV_BUILD_PLACEMENT"),
+        &["builder", "admin"],
+    ),
     (Try::Subscribe("build.api.>"), &["builder"]),
     (Try::Subscribe("build.responses.>"), &["deployer", "admin"]),
     (
@@ -1096,10 +1112,21 @@ async fn every_line_of_the_permission_table_holds() {
         &secured.admin_seed,
         &secured.viewer_seed,
     ];
-    let mut wrong = Vec::new();
+    let mut users = Vec::new();
     for (role, seed) in ROLES.iter().zip(seeds) {
-        let (client, errors) =
-            connect_as(&secured.nats.url, seed, secured.inbox_prefix(seed)).await;
+        users.push((*role, seed.as_path(), secured.inbox_prefix(seed)));
+    }
+    let wrong = table_mismatches(&secured.nats.url, &users).await;
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Tries every line of [`TABLE`] as each of `users` (role, seed, inbox prefix) on the server at
+/// `url`; returns each line whose answer (refused or not) differs from the table, as "ROLE was
+/// refused|allowed Publish|Subscription SUBJECT".
+pub(crate) async fn table_mismatches(url: &str, users: &[(&str, &Path, &str)]) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for (role, seed, prefix) in users {
+        let (client, errors) = connect_as(url, seed, prefix).await;
         let mut subscriptions = Vec::new();
         for (attempt, _) in TABLE {
             match attempt {
@@ -1142,5 +1169,5 @@ async fn every_line_of_the_permission_table_holds() {
             }
         }
     }
-    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    wrong
 }

@@ -1,7 +1,9 @@
 //! Several tenants on one fleet, enforced by a real nats-server running the shipped
-//! `nats/multi-tenant.example.conf` with freshly generated keys: each tenant builds its own
-//! repos in its own account and sees nothing of the other's; each has its own queue limit, and a
-//! tenant's flood does not keep the other's builds waiting.
+//! `nats/multi-tenant.example.conf` with freshly generated keys: each tenant's streams are
+//! provisioned by the operator's admin user of its account, each tenant builds its own repos in
+//! its own account and sees nothing of the other's; inside an account every role has exactly
+//! its `nats/prod.example.conf` permissions; each tenant has its own queue limit, and a tenant's
+//! flood does not keep the other's builds waiting.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,11 +12,20 @@ use futures::StreamExt;
 use serde_json::Value;
 use test_support::{run_cli, unique, Builder, FixtureRepo, NatsServer};
 
-use crate::permissions::generate;
+use crate::permissions::{connect_as, generate, refused_within, table_mismatches, violations};
 use crate::{bin, text};
 
-/// nats-server running `nats/multi-tenant.example.conf`, one builder serving both tenants, and
-/// the seeds of each tenant's deployer.
+/// The users of each tenant account in `nats/multi-tenant.example.conf`, with the inbox prefix
+/// each may subscribe to (the same in every account).
+const USERS: [(&str, &str); 4] = [
+    ("BUILDER", "_INBOX_builder"),
+    ("ADMIN", "_INBOX_admin"),
+    ("DEPLOYER", "_INBOX_deployer"),
+    ("VIEWER", "_INBOX_viewer"),
+];
+
+/// nats-server running `nats/multi-tenant.example.conf` with both tenants provisioned by their
+/// admin users, one builder serving both tenants, and the seeds of each tenant's deployer.
 struct Tenants {
     nats: NatsServer,
     dir: PathBuf,
@@ -22,7 +33,9 @@ struct Tenants {
     beta: PathBuf,
     builder: Builder,
     builder_name: String,
-    _repos: [FixtureRepo; 2],
+    /// The builder's config, `{state_dir}` left for the harness.
+    builder_config: String,
+    repos: [FixtureRepo; 2],
 }
 
 impl Tenants {
@@ -30,34 +43,13 @@ impl Tenants {
     /// `[tenants.alpha]`; `beta_extra`: to `[tenants.beta]`.
     fn start(builder_extra: &str, alpha_extra: &str, beta_extra: &str) -> Self {
         let dir = std::env::temp_dir().join(unique("tenants"));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let nats = start_server(&dir);
         let seed = |name: &str| dir.join(format!("{name}.nk"));
-        let template = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/multi-tenant.example.conf"),
-        )
-        .expect("nats/multi-tenant.example.conf");
-        let mut config = template.replace("store_dir: \"/var/lib/nats/jetstream\"", "");
-        for user in [
-            "ALPHA_BUILDER",
-            "ALPHA_DEPLOYER",
-            "BETA_BUILDER",
-            "BETA_DEPLOYER",
-        ] {
-            let public = generate(&seed(user));
-            config = config.replace(&format!("{user}_PUBLIC_KEY"), &public);
-        }
-        assert!(
-            !config.contains("_PUBLIC_KEY, permissions"),
-            "a user placeholder is left"
-        );
-        let config_path = dir.join("nats.conf");
-        std::fs::write(&config_path, config).expect("write nats config");
-        let nats = NatsServer::start_with(&["-c", &config_path.display().to_string()]);
 
         let repos = [FixtureRepo::new("queue"), FixtureRepo::new("queue")];
         let name = unique("builder");
         let builder_config = format!(
-            "[nats]\nurl = \"{url}\"\n\n[builder]\nname = \"{name}\"\nstate_dir = \"{{state_dir}}\"\n{builder_extra}\n\n\
+            "[nats]\nurl = \"{url}\"\ninbox_prefix = \"_INBOX_builder\"\n\n[builder]\nname = \"{name}\"\nstate_dir = \"{{state_dir}}\"\n{builder_extra}\n\n\
              [repos.alpha-app]\nurl = \"{alpha_repo}\"\nref = \"main\"\n\n\
              [repos.beta-app]\nurl = \"{beta_repo}\"\nref = \"main\"\n\n\
              [tenants.alpha]\nnkey_seed_file = \"{alpha_seed}\"\nrepos = [\"alpha-app\"]\n{alpha_extra}\n\n\
@@ -68,6 +60,10 @@ impl Tenants {
             alpha_seed = seed("ALPHA_BUILDER").display(),
             beta_seed = seed("BETA_BUILDER").display(),
         );
+        for tenant in ["alpha", "beta"] {
+            let output = provision(&nats.url, &dir, &builder_config, tenant);
+            assert_eq!(output.status.code(), Some(0), "{:?}", text(&output));
+        }
         let builder = Builder::start_config(bin(), &name, &builder_config);
         Self {
             alpha: seed("ALPHA_DEPLOYER"),
@@ -76,16 +72,19 @@ impl Tenants {
             dir,
             builder,
             builder_name: name,
-            _repos: repos,
+            builder_config,
+            repos,
         }
     }
 
-    /// `homelab-deploy ARGS` with a tenant deployer's key.
+    /// The seed file of `user` (`ALPHA_DEPLOYER`, `BETA_ADMIN`, …).
+    fn seed(&self, user: &str) -> PathBuf {
+        self.dir.join(format!("{user}.nk"))
+    }
+
+    /// `homelab-deploy ARGS` with the key of a tenant's user and that user's inbox prefix.
     fn cli(&self, seed: &Path, args: &[&str]) -> std::process::Output {
-        let mut all = args.to_vec();
-        let seed = seed.display().to_string();
-        all.extend_from_slice(&["--nkey-file", &seed]);
-        run_cli(bin(), &self.nats.url, &all, Duration::from_secs(120))
+        cli(&self.nats.url, seed, args)
     }
 
     /// `build REPO TARGET --json` as the tenant of `seed`: the `finished` event.
@@ -123,14 +122,88 @@ impl Tenants {
         events
     }
 
-    /// A raw NATS connection with a tenant deployer's key.
-    async fn client(&self, seed: &Path) -> async_nats::Client {
-        let seed = std::fs::read_to_string(seed).expect("seed");
-        async_nats::ConnectOptions::with_nkey(seed.trim().to_owned())
-            .connect(&self.nats.url)
-            .await
-            .expect("connect with a tenant's key")
+    /// A raw NATS connection with the key of a tenant's user and its inbox prefix, recording
+    /// the server's errors (permission violations).
+    async fn client(
+        &self,
+        seed: &Path,
+    ) -> (
+        async_nats::Client,
+        std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        connect_as(&self.nats.url, seed, inbox_prefix(seed)).await
     }
+}
+
+/// nats-server running `nats/multi-tenant.example.conf` with a fresh key for each user, its seed
+/// in `dir/USER.nk` (`ALPHA_BUILDER.nk`, `BETA_ADMIN.nk`, …).
+pub(crate) fn start_server(dir: &Path) -> NatsServer {
+    std::fs::create_dir_all(dir).expect("dir");
+    let template = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/multi-tenant.example.conf"),
+    )
+    .expect("nats/multi-tenant.example.conf");
+    let mut config = template.replace("store_dir: \"/var/lib/nats/jetstream\"", "");
+    for tenant in ["ALPHA", "BETA"] {
+        for (role, _) in USERS {
+            let user = format!("{tenant}_{role}");
+            let public = generate(&dir.join(format!("{user}.nk")));
+            config = config.replace(&format!("{user}_PUBLIC_KEY"), &public);
+        }
+    }
+    assert!(
+        !config.contains("_PUBLIC_KEY, permissions"),
+        "a user placeholder is left"
+    );
+    let config_path = dir.join("nats.conf");
+    std::fs::write(&config_path, config).expect("write nats config");
+    NatsServer::start_with(&["-c", &config_path.display().to_string()])
+}
+
+/// `homelab-deploy ARGS` against `url` with the key of a tenant's user and its inbox prefix.
+fn cli(url: &str, seed: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = args.to_vec();
+    let prefix = inbox_prefix(seed);
+    let seed = seed.display().to_string();
+    all.extend_from_slice(&["--nkey-file", &seed, "--inbox-prefix", prefix]);
+    run_cli(bin(), url, &all, Duration::from_secs(120))
+}
+
+/// `homelab-deploy builder provision --tenant TENANT` of `builder_config` (its `{state_dir}`
+/// filled in under `dir`) with the admin seed of that tenant's account (`dir/TENANT_ADMIN.nk`).
+fn provision(url: &str, dir: &Path, builder_config: &str, tenant: &str) -> std::process::Output {
+    let path = dir.join(unique("provision.toml"));
+    std::fs::write(
+        &path,
+        builder_config.replace("{state_dir}", &dir.join("state").display().to_string()),
+    )
+    .expect("write builder config");
+    let admin = dir.join(format!("{}_ADMIN.nk", tenant.to_uppercase()));
+    cli(
+        url,
+        &admin,
+        &[
+            "builder",
+            "provision",
+            "--config",
+            &path.display().to_string(),
+            "--tenant",
+            tenant,
+        ],
+    )
+}
+
+/// The inbox prefix of the user whose seed file is `seed` (named after its user, `ALPHA_ADMIN.nk`).
+fn inbox_prefix(seed: &Path) -> &'static str {
+    let name = seed
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    USERS
+        .iter()
+        .find(|(role, _)| name.ends_with(&format!("_{role}")))
+        .map(|(_, prefix)| *prefix)
+        .unwrap_or_else(|| panic!("{} is no tenant user's seed", seed.display()))
 }
 
 impl Drop for Tenants {
@@ -174,12 +247,15 @@ async fn tenants_build_their_own_repos_and_see_nothing_of_each_other() {
     let (alpha, beta) = (&tenants.alpha, &tenants.beta);
 
     // Alpha listens to everything its key may subscribe to while beta builds and asks.
-    let alpha_client = tenants.client(alpha).await;
+    let (alpha_client, _) = tenants.client(alpha).await;
     let mut alpha_events = alpha_client
         .subscribe("build.responses.>")
         .await
         .expect("subscribe");
-    let mut alpha_inboxes = alpha_client.subscribe("_INBOX.>").await.expect("subscribe");
+    let mut alpha_inboxes = alpha_client
+        .subscribe("_INBOX_deployer.>")
+        .await
+        .expect("subscribe");
     alpha_client.flush().await.expect("flush");
 
     let finished = tenants.build(beta, "beta-app", "short");
@@ -196,8 +272,8 @@ async fn tenants_build_their_own_repos_and_see_nothing_of_each_other() {
     assert!(collect(&mut alpha_events, Duration::from_millis(500))
         .await
         .is_empty());
-    // Alpha's inboxes carry its own account's traffic (the builder's JetStream calls there), but
-    // nothing of beta's.
+    // Alpha's deployer inbox carries nothing of beta's (beta's deployer has the same prefix, in
+    // beta's account).
     let leaked: Vec<String> = collect(&mut alpha_inboxes, Duration::from_millis(100))
         .await
         .into_iter()
@@ -290,6 +366,152 @@ async fn tenants_build_their_own_repos_and_see_nothing_of_each_other() {
     );
 }
 
+/// Inside a tenant's account every role has its single-account permissions, each line of the
+/// permission table tried as each of the account's users (`permissions::TABLE`). The tenant's
+/// builder key cannot change a stream (a subject transform on `BUILD_REQUESTS` that would queue
+/// builds is refused, and the stream stays as it was) nor read another user's replies; a
+/// builder whose repo the account was not provisioned for names `builder provision --tenant`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_builder_key_cannot_change_streams_or_read_replies() {
+    let tenants = Tenants::start("", "", "");
+    let seeds: Vec<(&str, PathBuf)> = [
+        ("builder", "ALPHA_BUILDER"),
+        ("deployer", "ALPHA_DEPLOYER"),
+        ("admin", "ALPHA_ADMIN"),
+        ("viewer", "ALPHA_VIEWER"),
+    ]
+    .into_iter()
+    .map(|(role, user)| (role, tenants.seed(user)))
+    .collect();
+    let users: Vec<(&str, &Path, &str)> = seeds
+        .iter()
+        .map(|(role, seed)| (*role, seed.as_path(), inbox_prefix(seed)))
+        .collect();
+    let wrong = table_mismatches(&tenants.nats.url, &users).await;
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+
+    let (builder, errors) = tenants.client(&tenants.seed("ALPHA_BUILDER")).await;
+    let js = async_nats::jetstream::new(builder.clone());
+    let mut stream = js.get_stream("BUILD_REQUESTS").await.expect("stream info");
+    let before = stream.info().await.expect("info").config.clone();
+    let mut changed = serde_json::to_value(&before).expect("config as JSON");
+    changed["subjects"]
+        .as_array_mut()
+        .expect("subjects")
+        .push("build.responses.evil.*".into());
+    changed["subject_transform"] = serde_json::json!(
+        {"src": "build.responses.evil.*", "dest": "build.alpha-app.{{wildcard(1)}}"}
+    );
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        builder.request(
+            "$JS.API.STREAM.UPDATE.BUILD_REQUESTS",
+            changed.to_string().into(),
+        ),
+    )
+    .await;
+    assert!(
+        !matches!(answer, Ok(Ok(_))),
+        "the server answered the tenant builder's stream update"
+    );
+    assert!(
+        refused_within(&errors, "$JS.API.STREAM.UPDATE.BUILD_REQUESTS"),
+        "{}",
+        violations(&errors)
+    );
+    let after = stream.info().await.expect("info").config.clone();
+    assert_eq!(after.subjects, before.subjects, "the subjects changed");
+    assert!(
+        serde_json::to_value(&after).expect("JSON")["subject_transform"].is_null(),
+        "a transform was set"
+    );
+
+    // The builder key listens on the deployer's inbox while the deployer asks the builder:
+    // refused, and the answer reaches the deployer only.
+    let mut spy = builder.subscribe("_INBOX_deployer.>").await.expect("sent");
+    assert!(
+        refused_within(&errors, "\"_INBOX_deployer.>\""),
+        "{}",
+        violations(&errors)
+    );
+    let (deployer, _) = tenants.client(&tenants.alpha).await;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        deployer.request(homelab_deploy_protocol::api::BUILDERS_SUBJECT, "{}".into()),
+    )
+    .await
+    .expect("the builder answers the deployer")
+    .expect("reply");
+    assert!(
+        String::from_utf8_lossy(&reply.payload).contains("alpha-app"),
+        "{:?}",
+        reply.payload
+    );
+    assert!(
+        collect(&mut spy, Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "the builder key read the deployer's reply"
+    );
+
+    // A repo added to alpha without provisioning alpha's account again: named, with the fix.
+    let other = unique("builder");
+    let added = tenants
+        .builder_config
+        .replace(&tenants.builder_name, &other)
+        .replace(
+            "repos = [\"alpha-app\"]",
+            "repos = [\"alpha-app\", \"alpha-more\"]",
+        )
+        + &format!(
+            "\n[repos.alpha-more]\nurl = \"{}\"\nref = \"main\"\n",
+            tenants.repos[0].url()
+        );
+    let mut late = Builder::spawn_config(bin(), &other, &added);
+    let status = late.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|status| !status.success()),
+        "{}",
+        late.log()
+    );
+    assert!(
+        late.log().contains(
+            "stream BUILD_REQUESTS does not take build.alpha-more.* (a repo added since it was provisioned) in tenant alpha's account"
+        ) && late
+            .log()
+            .contains("homelab-deploy builder provision --config FILE --tenant alpha --nkey-file ADMIN_SEED"),
+        "{}",
+        late.log()
+    );
+    drop(late);
+    let output = provision(&tenants.nats.url, &tenants.dir, &added, "alpha");
+    assert_eq!(output.status.code(), Some(0), "{:?}", text(&output));
+    assert!(
+        text(&output).0.contains("BUILD_REQUESTS: updated"),
+        "{:?}",
+        text(&output)
+    );
+    // A tenant config provisions one named tenant at a time.
+    let path = tenants.dir.join("tenants.toml");
+    std::fs::write(
+        &path,
+        added.replace("{state_dir}", &tenants.dir.display().to_string()),
+    )
+    .expect("write");
+    let path = path.display().to_string();
+    let admin = tenants.seed("ALPHA_ADMIN");
+    for (args, needle) in [
+        (vec![], "has tenants (alpha, beta)"),
+        (vec!["--tenant", "gamma"], "no [tenants.gamma] table"),
+    ] {
+        let mut all = vec!["builder", "provision", "--config", &path];
+        all.extend(args);
+        let output = cli(&tenants.nats.url, &admin, &all);
+        assert_eq!(output.status.code(), Some(2), "{:?}", text(&output));
+        assert!(text(&output).1.contains(needle), "{:?}", text(&output));
+    }
+}
+
 /// A tenant whose queue is full gets `queue_full` for itself only: the other tenant still
 /// queues, and its request starts before the flooding tenant's backlog is through.
 #[tokio::test(flavor = "multi_thread")]
@@ -339,68 +561,78 @@ async fn a_flood_gets_its_own_queue_full_and_does_not_starve_the_other() {
     );
 }
 
-/// The builder's permissions in a tenant's account are exactly those of `BUILDER` in
-/// `nats/prod.example.conf`, so a change there cannot leave the tenant config behind.
+/// Every role's permissions in a tenant's account are those of `nats/prod.example.conf`, so a
+/// change there cannot leave the tenant config behind: `BUILDER`, `VIEWER` and the deny lists
+/// are the same text; the tenant's `DEPLOYER` is prod's `TEST_DEPLOYER` and its `ADMIN` prod's
+/// `ADMIN_DEPLOYER`, without the `deploy.*` subjects (the reference deployment's deploy side,
+/// no part of a build tenant), and the deployer's inbox prefix is named `_INBOX_deployer`.
 #[test]
-fn tenant_builder_permissions_match_the_single_account_ones() {
-    let block = |file: &str| -> String {
-        let text = std::fs::read_to_string(
+fn tenant_roles_have_the_single_account_permissions() {
+    let file = |name: &str| -> String {
+        std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../..")
-                .join(file),
+                .join(name),
         )
-        .expect(file);
-        text.lines()
-            .skip_while(|line| !line.starts_with("BUILDER = {"))
-            .take_while(|line| *line != "}")
+        .expect(name)
+    };
+    let (prod, tenants) = (
+        file("nats/prod.example.conf"),
+        file("nats/multi-tenant.example.conf"),
+    );
+    // The lines of block `name` after its first, up to its closing `}` or `]`.
+    let block = |text: &str, name: &str| -> String {
+        let body: Vec<&str> = text
+            .lines()
+            .skip_while(|line| !line.starts_with(&format!("{name} = ")))
+            .skip(1)
+            .take_while(|line| *line != "}" && *line != "]")
+            .collect();
+        assert!(body.len() > 3, "no block {name}");
+        body.join("\n")
+    };
+    // A block without its `deploy.*` grants.
+    let without_deploy = |block: String| -> String {
+        block
+            .lines()
+            .filter(|line| !line.trim().starts_with("\"deploy."))
+            .map(|line| {
+                let mut line = line.to_owned();
+                while let Some(start) = line.find("\"deploy.") {
+                    let end = line[start + 1..]
+                        .find("\", ")
+                        .map(|end| start + 1 + end + 3)
+                        .expect("a deploy grant in a list");
+                    line.replace_range(start..end, "");
+                }
+                line
+            })
             .collect::<Vec<_>>()
             .join("\n")
     };
-    let single = block("nats/prod.example.conf");
-    assert!(single.contains("build.responses.>"), "{single}");
-    let tenant = block("nats/multi-tenant.example.conf");
-    // The subjects of every quoted grant in a block.
-    let grants = |block: &str| -> std::collections::BTreeSet<String> {
-        block
-            .split('"')
-            .skip(1)
-            .step_by(2)
-            .map(str::to_owned)
-            .collect()
-    };
-    let (single, tenant_grants) = (grants(&single), grants(&tenant));
-    // A tenant builder creates its streams in the tenant's account (no per-tenant admin
-    // provisions them) and uses the default inbox prefix; nothing else may differ.
-    let tenant_only: std::collections::BTreeSet<String> = [
-        "_INBOX.>",
-        "$JS.API.STREAM.CREATE.BUILD_REQUESTS",
-        "$JS.API.STREAM.CREATE.BUILD_EVENTS",
-        "$JS.API.STREAM.CREATE.KV_BUILD_BUILDERS",
-        "$JS.API.STREAM.CREATE.KV_BUILD_STATE",
-        "$JS.API.STREAM.CREATE.KV_BUILD_PLACEMENT",
-        "$JS.API.STREAM.UPDATE.BUILD_REQUESTS",
-        "$JS.API.CONSUMER.CREATE.BUILD_EVENTS.>",
-        "$JS.API.CONSUMER.CREATE.KV_BUILD_BUILDERS.>",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect();
-    let single_only: std::collections::BTreeSet<String> = ["_INBOX_builder.>"]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    let extra: std::collections::BTreeSet<_> = tenant_grants.difference(&single).cloned().collect();
-    let missing: std::collections::BTreeSet<_> =
-        single.difference(&tenant_grants).cloned().collect();
-    assert!(
-        extra.is_subset(&tenant_only),
-        "the tenant builder has grants prod's has not: {:?}",
-        extra.difference(&tenant_only).collect::<Vec<_>>()
+    for name in ["BUILDER", "VIEWER", "DEPLOYER_DENY", "ADMIN_DENY"] {
+        assert_eq!(block(&tenants, name), block(&prod, name), "{name}");
+    }
+    assert_eq!(
+        block(&tenants, "DEPLOYER"),
+        without_deploy(block(&prod, "TEST_DEPLOYER"))
+            .replace("_INBOX_test_deployer", "_INBOX_deployer")
     );
     assert_eq!(
-        missing, single_only,
-        "the tenant builder lacks grants prod's has"
+        block(&tenants, "ADMIN"),
+        without_deploy(block(&prod, "ADMIN_DEPLOYER"))
     );
+    // Each account has each role.
+    for tenant in ["ALPHA", "BETA"] {
+        for (role, _) in USERS {
+            assert!(
+                tenants.contains(&format!(
+                    "{{ nkey: {tenant}_{role}_PUBLIC_KEY, permissions: ${role} }}"
+                )),
+                "{tenant}_{role}"
+            );
+        }
+    }
 }
 
 /// With one slot and both tenants' requests waiting, a tenant of priority 3 starts three

@@ -30,9 +30,16 @@ pub enum BusError {
     #[error("stream {stream}: {message}")]
     Stream { stream: String, message: String },
     /// The server refused this builder creating or changing a stream or bucket it needs: on a
-    /// server where builders may not, an admin provisions them.
-    #[error("{what}, and this builder's NATS user may not create or change it: provision the streams and buckets first with an admin credential, `homelab-deploy builder provision --config FILE --nkey-file ADMIN_SEED` (docs/operations.md, \"Provisioning the streams\")")]
-    NotProvisioned { what: String },
+    /// server where builders may not, an admin provisions them. `tenant`: the tenant whose
+    /// account lacks it (set by [`BusError::in_tenant`]), `None` for the single account.
+    #[error("{what}{}, and this builder's NATS user may not create or change it: provision the streams and buckets first with an admin credential{}, `homelab-deploy builder provision --config FILE{} --nkey-file ADMIN_SEED` (docs/operations.md, \"Provisioning the streams\")",
+        tenant.as_ref().map(|t| format!(" in tenant {t}'s account")).unwrap_or_default(),
+        tenant.as_ref().map(|_| " of that account").unwrap_or_default(),
+        tenant.as_ref().map(|t| format!(" --tenant {t}")).unwrap_or_default())]
+    NotProvisioned {
+        what: String,
+        tenant: Option<String>,
+    },
     #[error("consumer {consumer} on stream {REQUESTS_STREAM}: {message}")]
     Consumer { consumer: String, message: String },
     #[error("publishing to {subject} failed after {attempts} attempts: {message}")]
@@ -48,6 +55,20 @@ pub enum BusError {
     /// request was taken over (redelivered to another builder, or cancelled while queued).
     #[error("another writer published to {subject} since this builder's last event")]
     Fenced { subject: String },
+}
+
+impl BusError {
+    /// This error as met in `tenant`'s account: a [`BusError::NotProvisioned`] then names the
+    /// tenant and `builder provision --tenant`; other errors are returned as they are.
+    pub fn in_tenant(self, tenant: Option<&str>) -> Self {
+        match self {
+            BusError::NotProvisioned { what, tenant: None } => BusError::NotProvisioned {
+                what,
+                tenant: tenant.map(str::to_owned),
+            },
+            other => other,
+        }
+    }
 }
 
 fn stream_error(stream: &str, err: impl std::fmt::Display) -> BusError {
@@ -118,7 +139,7 @@ pub(crate) fn unless_refused(
     otherwise: BusError,
 ) -> BusError {
     if change_refused(stream, since) {
-        BusError::NotProvisioned { what }
+        BusError::NotProvisioned { what, tenant: None }
     } else {
         otherwise
     }
@@ -182,6 +203,7 @@ pub async fn ensure_streams(
                                 "stream {REQUESTS_STREAM} does not take {} (a repo added since it was provisioned)",
                                 missing.join(", ")
                             ),
+                            tenant: None,
                         });
                     }
                     warn!(stream = REQUESTS_STREAM, error = %err, "adding repo subjects failed; retrying");
@@ -195,6 +217,7 @@ pub async fn ensure_streams(
                     if change_refused(REQUESTS_STREAM, began) {
                         return Err(BusError::NotProvisioned {
                             what: format!("stream {REQUESTS_STREAM} is missing"),
+                            tenant: None,
                         });
                     }
                     warn!(stream = REQUESTS_STREAM, error = %err, "creating stream failed; retrying");

@@ -129,6 +129,7 @@ pub async fn run(
     let repos = config.repos();
     let mut accounts = Vec::new();
     for account in config.accounts() {
+        let tenant = account.tenant.clone();
         accounts.push(
             open_account(
                 &config,
@@ -141,7 +142,11 @@ pub async fn run(
                 session.is_ephemeral(),
                 &mut stop,
             )
-            .await?,
+            .await
+            .map_err(|err| match err {
+                DaemonError::Bus(err) => DaemonError::Bus(err.in_tenant(tenant.as_deref())),
+                other => other,
+            })?,
         );
     }
     let all_jobs: Vec<Arc<Jobs>> = accounts.iter().map(|a| a.jobs.clone()).collect();
@@ -406,11 +411,9 @@ async fn connect_with_retry(
         url: config.nats.url.clone(),
         nkey_file: account.nkey_seed_file.clone(),
         creds_file: account.creds_file.clone(),
-        // Tenant accounts (nats/multi-tenant.example.conf) keep the default `_INBOX`.
-        inbox_prefix: match account.tenant {
-            None => config.nats.inbox_prefix.clone(),
-            Some(_) => None,
-        },
+        // The builder's user has the same prefix in every tenant's account
+        // (nats/multi-tenant.example.conf): accounts do not share subjects.
+        inbox_prefix: config.nats.inbox_prefix.clone(),
         name: match &account.tenant {
             Some(tenant) => format!("homelab-deploy builder {name} (tenant {tenant})"),
             None => format!("homelab-deploy builder {name}"),

@@ -12,7 +12,7 @@ use homelab_deploy_protocol::placement::PLACEMENT_BUCKET;
 use homelab_deploy_protocol::subject::{repo_requests_filter, EVENTS_STREAM, REQUESTS_STREAM};
 
 use crate::bus::{events_stream_config, requests_stream_config, BusError};
-use crate::config::Config;
+use crate::config::Account;
 use crate::placement::placement_bucket_config;
 use crate::registry::builders_bucket_config;
 use crate::state::state_bucket_config;
@@ -45,10 +45,11 @@ fn error(stream: &str, err: impl std::fmt::Display) -> BusError {
     }
 }
 
-/// Creates `BUILD_EVENTS`, `BUILD_REQUESTS` (taking `build.<repo>.*` of every repo of `config`,
-/// besides the subjects it has) and the buckets `BUILD_BUILDERS`, `BUILD_STATE` and
-/// `BUILD_PLACEMENT`, or updates
-/// the streams to `config`'s `[streams]` limits. Returns each name with what was done.
+/// Creates `BUILD_EVENTS`, `BUILD_REQUESTS` (taking `build.<repo>.*` of every repo of
+/// `account`, besides the subjects it has) and the buckets `BUILD_BUILDERS`, `BUILD_STATE` and
+/// `BUILD_PLACEMENT`, or updates the streams to the account's limits (the config's `[streams]`,
+/// with a tenant's `max_queued`), in the account `js` is connected to: the single account, or
+/// one tenant's ([`crate::Config::accounts`]). Returns each name with what was done.
 ///
 /// A state bucket created here starts empty: `status` and `builds` read the events of requests
 /// from before (docs/decisions/read-model.md).
@@ -59,9 +60,9 @@ fn error(stream: &str, err: impl std::fmt::Display) -> BusError {
 /// stream that is not a work queue.
 pub async fn provision(
     js: &Context,
-    config: &Config,
+    account: &Account,
 ) -> Result<Vec<(&'static str, Outcome)>, BusError> {
-    let limits = &config.streams;
+    let limits = &account.streams;
     let mut done = Vec::new();
 
     let events = events_stream_config(limits);
@@ -72,11 +73,7 @@ pub async fn provision(
     .map_err(|err| error(EVENTS_STREAM, err))?;
     done.push((EVENTS_STREAM, outcome));
 
-    let wanted: BTreeSet<String> = config
-        .repos()
-        .iter()
-        .map(|repo| repo_requests_filter(&repo.name))
-        .collect();
+    let wanted: BTreeSet<String> = account.repos.iter().map(repo_requests_filter).collect();
     let outcome = match js.get_stream(REQUESTS_STREAM).await {
         Ok(mut existing) => {
             let info = existing

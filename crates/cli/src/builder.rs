@@ -124,6 +124,13 @@ one line per stream or bucket: created, updated or exists.
   homelab-deploy builder provision --config /etc/homelab-deploy/builder.toml \\
     --nkey-file /run/secrets/admin.nk --inbox-prefix _INBOX_admin
 
+With [tenants.NAME] tables (nats/multi-tenant.example.conf), each tenant's account has its own
+streams: provision each with --tenant NAME and the admin credential of that account, which
+takes the tenant's repos and its max_queued:
+
+  homelab-deploy builder provision --config /etc/homelab-deploy/builder.toml --tenant alpha \\
+    --nkey-file /run/secrets/alpha-admin.nk --inbox-prefix _INBOX_admin
+
 Exit codes: 0 done; 2 invalid config or flags; 3 NATS unreachable or a stream refused.";
 
 #[derive(Args)]
@@ -143,6 +150,55 @@ pub struct ProvisionArgs {
     /// The admin user's inbox prefix (e.g. _INBOX_admin), as for every client command.
     #[arg(long, env = "HOMELAB_DEPLOY_INBOX_PREFIX", value_name = "PREFIX")]
     inbox_prefix: Option<String>,
+    /// Provision the account of tenant NAME (a [tenants.NAME] table of the config) with its
+    /// repos and max_queued; the credential is that account's admin. Required when the config
+    /// has tenants.
+    #[arg(long, value_name = "NAME")]
+    tenant: Option<String>,
+}
+
+/// The account `tenant` names in `config`: the single account without tenants, else one
+/// tenant's. `Err` says what to pass instead.
+fn provisioned_account(
+    config: &Config,
+    path: &std::path::Path,
+    tenant: Option<&str>,
+) -> Result<homelab_deploy_builder::config::Account, String> {
+    let tenants = || {
+        config
+            .tenants
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let accounts = config.accounts();
+    match tenant {
+        // Without tenants, `accounts` is the single account of [nats].
+        None if config.tenants.is_empty() => accounts
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("config file {} serves no account", path.display())),
+        None => Err(format!(
+            "config file {} has tenants ({}), each with its own streams in its own NATS account: provision each with --tenant NAME and the admin credential of that account",
+            path.display(),
+            tenants()
+        )),
+        Some(_) if config.tenants.is_empty() => Err(format!(
+            "--tenant: config file {} has no [tenants.NAME] table; leave --tenant out",
+            path.display()
+        )),
+        Some(name) => accounts
+            .into_iter()
+            .find(|account| account.tenant.as_deref() == Some(name))
+            .ok_or_else(|| {
+                format!(
+                    "--tenant {name}: config file {} has no [tenants.{name}] table; its tenants: {}",
+                    path.display(),
+                    tenants()
+                )
+            }),
+    }
 }
 
 async fn provision(args: ProvisionArgs) -> u8 {
@@ -150,6 +206,13 @@ async fn provision(args: ProvisionArgs) -> u8 {
         Ok(config) => config,
         Err(err) => {
             eprintln!("error: {err}");
+            return exit::USAGE;
+        }
+    };
+    let account = match provisioned_account(&config, &args.config, args.tenant.as_deref()) {
+        Ok(account) => account,
+        Err(message) => {
+            eprintln!("error: {message}");
             return exit::USAGE;
         }
     };
@@ -178,7 +241,7 @@ async fn provision(args: ProvisionArgs) -> u8 {
         Err(err) => return crate::build::client_error(err),
     };
     let js = async_nats::jetstream::new(client);
-    match homelab_deploy_builder::provision::provision(&js, &config).await {
+    match homelab_deploy_builder::provision::provision(&js, &account).await {
         Ok(done) => {
             for (name, outcome) in done {
                 println!("{name}: {outcome}");
