@@ -1074,11 +1074,11 @@ const TABLE: &[(Try, &[&str])] = &[
     ),
     (
         Try::Publish("$JS.API.DIRECT.GET.KV_BUILD_STATE.$KV.BUILD_STATE.x"),
-        &["builder", "deployer", "servers", "admin"],
+        &["builder", "deployer", "servers", "admin", "viewer"],
     ),
     (
         Try::Publish("$JS.API.STREAM.INFO.KV_BUILD_STATE"),
-        &["builder", "deployer", "servers", "admin"],
+        &["builder", "deployer", "servers", "admin", "viewer"],
     ),
     (
         Try::Publish("$JS.API.DIRECT.GET.KV_BUILD_PLACEMENT.$KV.BUILD_PLACEMENT.x"),
