@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bench::Report;
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "eval-heavy",
     "dispatch",
     "queue",
@@ -17,6 +17,7 @@ const SCENARIOS: [&str; 8] = [
     "read-model",
     "affinity",
     "lanes",
+    "autoscaling",
 ];
 
 #[tokio::main]
@@ -56,6 +57,17 @@ async fn main() -> Result<()> {
             for report in bench::read_model(&bin, histories, queued, samples)
                 .await
                 .context("benchmark read-model")?
+            {
+                eprintln!("{}", report.markdown_row());
+                reports.push(report);
+            }
+            continue;
+        }
+        if scenario == "autoscaling" {
+            let (samples, queued) = if quick { (3, 3) } else { (30, 10) };
+            for report in bench::autoscaling(&bin, samples, queued)
+                .await
+                .context("benchmark autoscaling")?
             {
                 eprintln!("{}", report.markdown_row());
                 reports.push(report);
