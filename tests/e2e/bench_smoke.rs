@@ -49,3 +49,14 @@ async fn bench_smoke_read_model() {
         sane(report);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_smoke_autoscaling() {
+    let reports = bench::autoscaling(bin(), 1, 2)
+        .await
+        .expect("autoscaling benchmark runs");
+    assert_eq!(reports.len(), 3, "{reports:?}");
+    for report in &reports {
+        sane(report);
+    }
+}

@@ -786,6 +786,18 @@ async fn dispatch_one(
     target: &str,
     rev: Option<&str>,
 ) -> Result<Dispatched> {
+    let (id, published) = publish_request(js, "demo", target, rev).await?;
+    follow(events, &id, published).await
+}
+
+/// Publishes one request for `<repo> <target>` (at `rev` when given) as a plain JetStream
+/// client would and waits for the stream to store it; its id, and when publishing began.
+async fn publish_request(
+    js: &async_nats::jetstream::Context,
+    repo: &str,
+    target: &str,
+    rev: Option<&str>,
+) -> Result<(String, Instant)> {
     let id = format!("lanes{}", nuid_suffix());
     let body = match rev {
         Some(rev) => serde_json::json!({ "id": id, "rev": rev }),
@@ -795,9 +807,18 @@ async fn dispatch_one(
         .payload(serde_json::to_vec(&body)?.into())
         .message_id(id.as_str());
     let published = Instant::now();
-    js.send_publish(format!("build.demo.{target}"), message)
+    js.send_publish(format!("build.{repo}.{target}"), message)
         .await?
         .await?;
+    Ok((id, published))
+}
+
+/// Follows request `id`, published at `published`, on `events` to its `finished` event.
+async fn follow(
+    events: &mut async_nats::Subscriber,
+    id: &str,
+    published: Instant,
+) -> Result<Dispatched> {
     let (mut builder, mut to_started) = (None, None);
     loop {
         let message = tokio::time::timeout(Duration::from_secs(300), events.next())
@@ -994,4 +1015,372 @@ async fn events_again(js: &async_nats::jetstream::Context) -> Result<async_nats:
         .client()
         .subscribe("build.responses.demo.*.*.events")
         .await?)
+}
+
+/// Config of a builder without `builder.name` (it takes a unique one) serving `repo` from `url`.
+fn session_config(nats_url: &str, repo: &str, url: &str) -> String {
+    format!(
+        "[nats]\nurl = \"{nats_url}\"\n\n[builder]\nstate_dir = \"{{state_dir}}\"\n\n[repos.{repo}]\nurl = \"{url}\"\nref = \"main\"\n"
+    )
+}
+
+/// A bench client of `nats` (JetStream) and a subscription to the events of every repo.
+async fn autoscaling_client(
+    nats: &NatsServer,
+) -> Result<(async_nats::jetstream::Context, async_nats::Subscriber)> {
+    let (js, _) = lanes_client(nats).await?;
+    let events = js
+        .client()
+        .subscribe("build.responses.*.*.*.events")
+        .await?;
+    Ok((js, events))
+}
+
+/// Names of the consumers on the requests stream.
+async fn request_consumers(js: &async_nats::jetstream::Context) -> Result<Vec<String>> {
+    use futures::TryStreamExt;
+    let stream = js
+        .get_stream(homelab_deploy_protocol::subject::REQUESTS_STREAM)
+        .await?;
+    let mut names: Vec<String> = stream.consumer_names().try_collect().await?;
+    names.sort();
+    Ok(names)
+}
+
+/// When a polled condition first held, and how many reads that took.
+struct Seen {
+    at: Instant,
+    reads: usize,
+}
+
+/// Polls `probe` (every 2 ms, `limit` at most) until it holds.
+async fn first_time<F, Fut>(limit: Duration, what: &str, mut probe: F) -> Result<Seen>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + limit;
+    let mut reads = 0;
+    loop {
+        reads += 1;
+        if probe().await? {
+            return Ok(Seen {
+                at: Instant::now(),
+                reads,
+            });
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {} s", limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn p50_p99(values: &mut [Duration]) -> String {
+    format!(
+        "p50 {}, p99 {}",
+        millis(percentile(values, 0.5)),
+        millis(percentile(values, 0.99))
+    )
+}
+
+/// Autoscaling: what an ephemeral builder adds to a request's dispatch, and how quickly the
+/// signals an autoscaler reads follow the queue. Three rows: [`ephemeral_dispatch`] with
+/// `samples` pairs, then [`queue_signals`] with `samples` rounds of `queued` requests.
+pub async fn autoscaling(bin: &Path, samples: usize, queued: usize) -> Result<Vec<Report>> {
+    let ephemeral = ephemeral_dispatch(bin, samples)
+        .await
+        .context("ephemeral dispatch")?;
+    let [jsz, gauge] = queue_signals(bin, samples, queued)
+        .await
+        .context("queue signals")?;
+    Ok(vec![ephemeral, jsz, gauge])
+}
+
+/// Publish → `started` of a `light` request (each at a new commit) for a long-running idle
+/// builder (the baseline), against the same for a request of a repo no builder serves, with
+/// `homelab-deploy builder --once` (nameless, fresh state directory) started as soon as the
+/// request is stored: what an autoscaler adds (process start, connect, stream and consumer
+/// bind, clone, fetch). Then the time from that request's `finished` until the session has
+/// exited and neither the registry nor the requests stream's consumers hold anything of it.
+/// `samples` pairs, one of each in turn, after one pair not counted.
+async fn ephemeral_dispatch(bin: &Path, samples: usize) -> Result<Report> {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("lanes");
+    let resident = Builder::start(bin, &nats.url, &[("demo", repo.url())]);
+    let config = session_config(&nats.url, "eph", &repo.url());
+    // A session that ends at once adds `eph`'s subjects and consumer, so its requests can
+    // be stored before the next session starts.
+    let mut setup = Builder::spawn_config_with_args(bin, "", &config, &["--idle-exit", "100ms"]);
+    match setup.wait_exit(Duration::from_secs(120)) {
+        Some(status) if status.success() => {}
+        other => bail!("the setup session ended {other:?}:\n{}", setup.log()),
+    }
+    let (js, mut events) = autoscaling_client(&nats).await?;
+    let consumers = request_consumers(&js).await?;
+    let (mut resident_started, mut session_started) = (Vec::new(), Vec::new());
+    let (mut to_exit, mut to_gone, mut at_once) = (Vec::new(), Vec::new(), 0);
+    for round in 0..=samples {
+        let rev = repo.commit_file("salt", &test_support::unique("salt"));
+        let base = dispatch_one(&js, &mut events, "light", Some(&rev)).await?;
+        if base.status != "succeeded" || base.builder.as_deref() != Some(&resident.name) {
+            bail!("the resident builder's request ended {}", base.status);
+        }
+        let rev = repo.commit_file("salt", &test_support::unique("salt"));
+        let (id, published) = publish_request(&js, "eph", "light", Some(&rev)).await?;
+        let mut session = Builder::spawn_config_with_args(bin, "", &config, &["--once"]);
+        let done = follow(&mut events, &id, published).await?;
+        let name = done.builder.clone().context("no started event")?;
+        if done.status != "succeeded" || name == resident.name {
+            bail!(
+                "the session's request ended {}:\n{}",
+                done.status,
+                session.log()
+            );
+        }
+        let finished = published + done.to_finished;
+        let exited = first_time(Duration::from_secs(60), "session exit", || {
+            let running = session.is_running();
+            async move { Ok(!running) }
+        })
+        .await?
+        .at;
+        match session.wait_exit(Duration::ZERO) {
+            Some(status) if status.success() => {}
+            other => bail!("the session ended {other:?}:\n{}", session.log()),
+        }
+        let gone = first_time(Duration::from_secs(60), "session left", || {
+            let (js, name, consumers) = (js.clone(), name.clone(), consumers.clone());
+            async move {
+                let listed = homelab_deploy_client::inspect::list_builders(&js)
+                    .await?
+                    .iter()
+                    .any(|b| b.name == name);
+                Ok(!listed && request_consumers(&js).await? == consumers)
+            }
+        })
+        .await?;
+        if round > 0 {
+            resident_started.extend(base.to_started);
+            session_started.extend(done.to_started);
+            to_exit.push(exited - finished);
+            to_gone.push(gone.at - finished);
+            at_once += usize::from(gone.reads == 1);
+        }
+    }
+    let ratio = percentile(&mut session_started, 0.5).as_secs_f64()
+        / percentile(&mut resident_started, 0.5)
+            .as_secs_f64()
+            .max(1e-6);
+    Ok(Report {
+        name: "ephemeral builder (`builder --once` started at publish)",
+        measured: format!(
+            "publish→started {}; `finished`→exited {}; →exited, out of the registry and no consumer of its own {}",
+            p50_p99(&mut session_started),
+            p50_p99(&mut to_exit),
+            p50_p99(&mut to_gone)
+        ),
+        baseline: format!(
+            "long-running idle builder: publish→started {}",
+            p50_p99(&mut resident_started)
+        ),
+        ratio,
+        goal: "what an autoscaler adds per request (ratio: p50 publish→started)",
+        notes: format!(
+            "{samples} requests each, in turn, each at a new commit; the session has a fresh state directory (clones the repo); registry and requests-stream consumers clean at the first look after exit in {at_once} of {samples}"
+        ),
+    })
+}
+
+/// `/jsz?consumers=true` of nats-server's monitoring endpoint: (`num_pending`,
+/// `num_ack_pending`) of consumer `consumer` of the requests stream, account `$G`.
+async fn jsz_consumer(
+    http: &reqwest::Client,
+    monitor: &str,
+    consumer: &str,
+) -> Result<Option<(u64, u64)>> {
+    let jsz: serde_json::Value = http
+        .get(format!("{monitor}/jsz?consumers=true"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(jsz["account_details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|account| account["name"] == "$G")
+        .flat_map(|account| account["stream_detail"].as_array().into_iter().flatten())
+        .filter(|stream| stream["name"] == homelab_deploy_protocol::subject::REQUESTS_STREAM)
+        .flat_map(|stream| stream["consumer_detail"].as_array().into_iter().flatten())
+        .find(|c| c["name"] == consumer)
+        .and_then(|c| Some((c["num_pending"].as_u64()?, c["num_ack_pending"].as_u64()?))))
+}
+
+/// The value of the sample line starting with `prefix` in a builder's `/metrics` on `port`.
+async fn scraped(http: &reqwest::Client, port: u16, prefix: &str) -> Result<Option<f64>> {
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .and_then(|value| value.trim().parse().ok()))
+}
+
+/// Publishes `count` requests for `demo <target>` one after the other; when the last was stored.
+async fn publish_burst(
+    js: &async_nats::jetstream::Context,
+    target: &str,
+    count: usize,
+) -> Result<Instant> {
+    for _ in 0..count {
+        publish_request(js, "demo", target, None).await?;
+    }
+    Ok(Instant::now())
+}
+
+/// Empties `demo`'s part of the queue.
+async fn purge_demo(js: &async_nats::jetstream::Context) -> Result<()> {
+    js.get_stream(homelab_deploy_protocol::subject::REQUESTS_STREAM)
+        .await?
+        .purge()
+        .filter("build.demo.>")
+        .await?;
+    Ok(())
+}
+
+/// How often a builder samples its queue gauges (`sample_metrics` in the builder crate).
+const SAMPLING_TICK: Duration = Duration::from_secs(5);
+
+/// How quickly what autoscalers read follows the queue. First with no builder running (a
+/// session made `demo`'s consumer and left), `rounds` times: `queued` requests published, then
+/// the time from the last one stored until `/jsz?consumers=true` shows `num_pending` = `queued`
+/// for `builder-demo` (what KEDA reads), against the JetStream API's consumer info (what the
+/// builder's `homelab_deploy_queue_depth` reads), one or the other per round in turn. Then
+/// with one 200 MiB builder of `builder.lanes = { standard = 200, heavy = 4096 }` running and
+/// `busy` pinned at 1024 MiB (it waits for the heavy lane, so the builder cannot take it):
+/// until that builder's `homelab_deploy_lane_requests{lane="heavy"}` shows them, against
+/// `/jsz`'s lag (`num_pending` + `num_ack_pending`) in the same round.
+async fn queue_signals(bin: &Path, rounds: usize, queued: usize) -> Result<[Report; 2]> {
+    let nats = NatsServer::start_with_monitoring();
+    let monitor = nats
+        .monitoring_url()
+        .context("nats-server wrote no monitoring port")?;
+    let repo = FixtureRepo::new("lanes");
+    let mut setup = Builder::spawn_config_with_args(
+        bin,
+        "",
+        &session_config(&nats.url, "demo", &repo.url()),
+        &["--idle-exit", "100ms"],
+    );
+    match setup.wait_exit(Duration::from_secs(120)) {
+        Some(status) if status.success() => {}
+        other => bail!("the setup session ended {other:?}:\n{}", setup.log()),
+    }
+    let (js, _) = autoscaling_client(&nats).await?;
+    let http = reqwest::Client::new();
+    let limit = Duration::from_secs(60);
+    let consumer = "builder-demo";
+    let (mut jsz, mut api, mut at_once) = (Vec::new(), Vec::new(), 0);
+    for round in 0..rounds * 2 {
+        let stored = publish_burst(&js, "light", queued).await?;
+        let seen = if round % 2 == 0 {
+            first_time(limit, "/jsz num_pending", || {
+                let (http, monitor) = (http.clone(), monitor.clone());
+                async move {
+                    let figures = jsz_consumer(&http, &monitor, consumer).await?;
+                    Ok(figures.map(|(pending, _)| pending) == Some(queued as u64))
+                }
+            })
+            .await?
+        } else {
+            first_time(limit, "consumer info num_pending", || {
+                let js = js.clone();
+                async move {
+                    let stream = js
+                        .get_stream(homelab_deploy_protocol::subject::REQUESTS_STREAM)
+                        .await?;
+                    let info = stream.consumer_info(consumer).await?;
+                    Ok(info.num_pending == queued as u64)
+                }
+            })
+            .await?
+        };
+        at_once += usize::from(seen.reads == 1);
+        if round % 2 == 0 { &mut jsz } else { &mut api }.push(seen.at - stored);
+        purge_demo(&js).await?;
+    }
+
+    let port = test_support::free_port();
+    let name = test_support::unique("builder");
+    let config = Builder::config(
+        &name,
+        &nats.url,
+        Path::new("{state_dir}"),
+        &[("demo", repo.url())],
+    )
+    .replacen(
+        "\n\n[repos",
+        "\nmemory_mb = 200\nlanes = { standard = 200, heavy = 4096 }\n\n[repos",
+        1,
+    ) + &format!(
+        "expected_peak_mb = {{ busy = 1024 }}\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+    );
+    let _small = Builder::start_config(bin, &name, &config);
+    let gauge = "homelab_deploy_lane_requests{repo=\"demo\",lane=\"heavy\"} ";
+    let (mut lag, mut lane) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        first_time(limit, "the heavy lane's gauge at 0", || {
+            let http = http.clone();
+            async move { Ok(scraped(&http, port, gauge).await? == Some(0.0)) }
+        })
+        .await?;
+        // The gauge just changed, so its tick was now: publish at offsets spread over the
+        // next tick, as requests arriving at any time would be.
+        tokio::time::sleep(SAMPLING_TICK.mul_f64(round as f64 / rounds as f64)).await;
+        let stored = publish_burst(&js, "busy", queued).await?;
+        let by_jsz = first_time(limit, "/jsz lag", || {
+            let (http, monitor) = (http.clone(), monitor.clone());
+            async move {
+                let figures = jsz_consumer(&http, &monitor, consumer).await?;
+                Ok(figures.map(|(pending, acking)| pending + acking) == Some(queued as u64))
+            }
+        })
+        .await?;
+        let by_gauge = first_time(limit, "the heavy lane's gauge", || {
+            let http = http.clone();
+            async move { Ok(scraped(&http, port, gauge).await? == Some(queued as f64)) }
+        })
+        .await?;
+        lag.push(by_jsz.at - stored);
+        lane.push(by_gauge.at - stored);
+        purge_demo(&js).await?;
+    }
+    let p50 = |values: &mut Vec<Duration>| percentile(values, 0.5).as_secs_f64().max(1e-6);
+    let jsz_ratio = p50(&mut jsz) / p50(&mut api);
+    let lane_ratio = p50(&mut lane) / p50(&mut lag);
+    Ok([
+        Report {
+            name: "autoscaler signal: `/jsz` `num_pending` (no builder running)",
+            measured: format!("last request stored → `/jsz?consumers=true` shows them: {}", p50_p99(&mut jsz)),
+            baseline: format!("JetStream API consumer info: {}", p50_p99(&mut api)),
+            ratio: jsz_ratio,
+            goal: "KEDA sees the queue as soon as it is stored (ratio: p50)",
+            notes: format!("{rounds} rounds each of {queued} requests, in turn; the first read after the last publish showed them in {at_once} of {} rounds", rounds * 2),
+        },
+        Report {
+            name: "autoscaler signal: `homelab_deploy_lane_requests` (heavy lane, no builder of it)",
+            measured: format!("last request stored → the 200 MiB builder's gauge shows them: {}", p50_p99(&mut lane)),
+            baseline: format!("`/jsz` lag (`num_pending` + `num_ack_pending`), same rounds: {}", p50_p99(&mut lag)),
+            ratio: lane_ratio,
+            goal: "within the builder's 5 s sampling tick (ratio: p50)",
+            notes: format!("{rounds} rounds of {queued} requests for a host pinned at 1024 MiB, which the running builder hands back; published at offsets spread over the gauge's 5 s sampling tick"),
+        },
+    ])
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bench::Report;
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "eval-heavy",
     "dispatch",
     "queue",
@@ -17,6 +17,7 @@ const SCENARIOS: [&str; 8] = [
     "read-model",
     "affinity",
     "lanes",
+    "autoscaling",
 ];
 
 #[tokio::main]
@@ -56,6 +57,17 @@ async fn main() -> Result<()> {
             for report in bench::read_model(&bin, histories, queued, samples)
                 .await
                 .context("benchmark read-model")?
+            {
+                eprintln!("{}", report.markdown_row());
+                reports.push(report);
+            }
+            continue;
+        }
+        if scenario == "autoscaling" {
+            let (samples, queued) = if quick { (3, 3) } else { (30, 10) };
+            for report in bench::autoscaling(&bin, samples, queued)
+                .await
+                .context("benchmark autoscaling")?
             {
                 eprintln!("{}", report.markdown_row());
                 reports.push(report);
@@ -136,6 +148,11 @@ const READING: &str = "## Reading the results
   apart only while the big builder is busy, or after the 2nd delivery). With no live builder big
   enough the request is refused as soon as a builder pulls it (or, with `builder.lanes`, waits for
   a builder of a lane that fits, up to its timeout).
+- **autoscaling**: an ephemeral `builder --once` started when a request is stored, against an
+  idle long-running builder: the session's start (connect, consumer bind, a clone into a fresh
+  state directory) is what an autoscaler adds to a request's dispatch; after its `finished` it
+  exits and leaves the registry. `/jsz` shows the queue as soon as it is stored;
+  `homelab_deploy_lane_requests` follows within the builder's 5 s sampling tick.
 
 ## Evaluation under a memory limit
 
