@@ -174,6 +174,53 @@ async fn a_request_whose_builders_keep_dying_is_given_up() {
     assert!(error.contains("starting host long"), "{error}");
 }
 
+/// A request whose builder is killed (SIGKILL) every time while git fetches, before its
+/// `started` event: each attempt counts all the same, and after `builder.max_attempts` the next
+/// builder ends it `failed`, naming the builder of the last attempt and the step it died in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_whose_fetch_kills_its_builders_is_given_up() {
+    let nats = NatsServer::start();
+    // Accepts the fetch and never answers: each attempt waits in git until its builder dies.
+    let silent = test_support::HostileHttp::start(test_support::Hostility::Silent);
+    let repos = [("demo", format!("git+{}", silent.url))];
+    let config = "\nmax_attempts = 2\n[streams]\nrequest_ack_wait_secs = 2";
+    let client = nats.client().await;
+    let mut id = String::new();
+    let mut killed = Vec::new();
+    for attempt in 1..=2 {
+        let builder = Builder::start_with(bin(), &nats.url, &repos, config);
+        if attempt == 1 {
+            id = submit(&nats, "all", &[]);
+        }
+        let began = wait_until(Duration::from_secs(120), || {
+            builder
+                .log()
+                .lines()
+                .any(|line| line.contains(&id) && line.contains("request received"))
+        });
+        assert!(began, "attempt {attempt} never began:\n{}", builder.log());
+        signal(builder.pid(), "-KILL");
+        killed.push(builder);
+    }
+    let last = Builder::start_with(bin(), &nats.url, &repos, config);
+
+    let subject = format!("build.responses.demo.*.{id}.events");
+    let events = wait_for_finished(&client, &subject).await;
+    seqs_are_contiguous(&events);
+    assert!(
+        events.iter().all(|e| e["type"] != "started"),
+        "no attempt got as far as started: {events:#?}"
+    );
+    let finished = events.last().expect("finished");
+    assert_eq!(finished["status"], "failed", "{finished:#}");
+    assert_eq!(finished["code"], "gave_up", "{finished:#}");
+    assert_eq!(finished["builder"], last.name.as_str());
+    let error = finished["error"].as_str().unwrap_or_default();
+    assert!(error.contains("given up after 2 attempts"), "{error}");
+    assert!(error.contains(&killed[1].name), "{error}");
+    assert!(error.contains("before its started event"), "{error}");
+}
+
 /// A flake of 28 hosts that each fail with a long error, on a server whose `max_payload` is
 /// 32 KiB: the `finished` event still fits (identical errors grouped, excerpts shortened), each
 /// `host_finished` keeps its host's excerpt, and the logs subject the whole text.
