@@ -67,7 +67,8 @@ pub struct Jobs {
     pub evaluation: Evaluation,
     /// Hosts of one request built at once.
     pub build_jobs: usize,
-    /// Attempts at a request (`started` events not ended by a hand-back) before it is given up.
+    /// Attempts at a request (claims not ended by a hand-back, [`crate::attempts`]) before it is
+    /// given up.
     pub max_attempts: u64,
     /// Host lists and toplevel drvs already evaluated, per commit.
     pub evaluated: EvalCache,
