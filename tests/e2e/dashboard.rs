@@ -135,7 +135,13 @@ fn alpha_part_way(text: &str) -> bool {
 async fn a_browser_sees_a_build_progress_finish_and_its_builder_leave() {
     let nats = NatsServer::start();
     let repo = FixtureRepo::new("dashboard");
-    let mut builder = Builder::start(bin(), &nats.url, &[("demo", repo.url())]);
+    // An envelope no machine's memory gives by default, so the page must show the configured one.
+    let mut builder = Builder::start_with(
+        bin(),
+        &nats.url,
+        &[("demo", repo.url())],
+        "\nmemory_mb = 3071",
+    );
     let dashboard = Dashboard::start(&nats.url, &[]);
     let shots = tempfile::tempdir().expect("temp dir");
     let long = Duration::from_secs(120);
@@ -160,8 +166,9 @@ async fn a_browser_sees_a_build_progress_finish_and_its_builder_leave() {
             long,
             "the builder as idle, with its memory envelope",
             |text| {
-                // The default envelope: the machine's memory.
-                text.contains(&builder.name) && text.contains("idle") && text.contains(" MiB")
+                text.lines().any(|row| {
+                    row.contains(&builder.name) && row.contains("idle") && row.contains("3071 MiB")
+                })
             },
         )
         .await;

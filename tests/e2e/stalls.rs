@@ -1,7 +1,8 @@
 //! Exactly one answer per request, whatever stalls: a builder paused (SIGSTOP) for less and
-//! more than the ack wait and the duplicate window, a request whose builders keep dying, a
-//! `finished` larger than the server's `max_payload`, an id that breaks the rules, and a flake
-//! whose evaluation hangs.
+//! more than the ack wait and the duplicate window (its events and its log batches), a request
+//! whose builders keep dying (after `started`, and before it while git fetches), a `finished`
+//! larger than the server's `max_payload`, an id that breaks the rules, and a flake whose
+//! evaluation hangs.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -123,6 +124,103 @@ async fn a_stalled_builder_never_adds_to_a_request_it_lost() {
     }
 }
 
+/// A builder stopped (SIGSTOP) while its build prints, until another builder took the request
+/// over and stored its `started`: resumed, it adds no log batch to the request (its first
+/// publish is refused by the events' fence, and it stands down), and the new attempt's lines are
+/// there, numbered 1, 2, 3 … (none taken for a copy of the stalled attempt's batches inside the
+/// duplicate window).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_builder_adds_no_logs_to_a_request_it_lost() {
+    let nats = NatsServer::start();
+    let repo = FixtureRepo::new("chatty");
+    // Ack wait 5 s; the duplicate window stays at its default 2 minutes, longer than the pause.
+    let config = "\n[streams]\nrequest_ack_wait_secs = 5";
+    let builders = [
+        Builder::start_with(bin(), &nats.url, &[("demo", repo.url())], config),
+        Builder::start_with(bin(), &nats.url, &[("demo", repo.url())], config),
+    ];
+    let client = nats.client().await;
+    let id = submit(&nats, "chatty", &[]);
+    let started = first_event(&client, &id, "started").await;
+    let stalled = builders
+        .iter()
+        .find(|b| started["builder"] == b.name.as_str())
+        .expect("one of ours started it");
+    let logs = format!("build.responses.demo.*.{id}.logs");
+    let logged = |batches: &[Value]| {
+        batches
+            .iter()
+            .map(|b| b["lines"].as_array().map_or(0, Vec::len))
+            .sum::<usize>()
+    };
+    let mut flowing = false;
+    for _ in 0..1200 {
+        if logged(&stored_messages(&client, &logs).await) >= 20 {
+            flowing = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(flowing, "the build's lines never came:\n{}", stalled.log());
+    signal(stalled.pid(), "-STOP");
+    // Resumed only once the other builder started the request: the stalled one holds lines nix
+    // printed meanwhile, which it tries to publish first.
+    let events = format!("build.responses.demo.*.{id}.events");
+    let mut taken = false;
+    for _ in 0..1200 {
+        let stored = stored_messages(&client, &events).await;
+        if stored.iter().filter(|e| e["type"] == "started").count() == 2 {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal(stalled.pid(), "-CONT");
+    assert!(taken, "nobody took the request over");
+
+    let events = wait_for_finished(&client, &events).await;
+    let finished = events.last().expect("finished");
+    assert_eq!(finished["status"], "succeeded", "{finished:#}");
+    assert_ne!(finished["builder"], stalled.name.as_str());
+    let stood_down = wait_until(Duration::from_secs(60), || {
+        stalled
+            .log()
+            .lines()
+            .any(|line| line.contains(&id) && line.contains("standing down"))
+    });
+    assert!(stood_down, "{}", stalled.log());
+
+    // Events and log batches in the order the stream stored them.
+    let stored = stored_messages(&client, &format!("build.responses.demo.*.{id}.*")).await;
+    let takeover = stored
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m["type"] == "started")
+        .nth(1)
+        .map(|(at, _)| at)
+        .expect("a second started");
+    let mut next_line = 1;
+    for batch in stored[takeover..]
+        .iter()
+        .filter(|m| m.get("first_line").is_some())
+    {
+        assert_eq!(
+            batch["first_line"], next_line,
+            "after the takeover the host's log goes on at line {next_line}: {batch:#}"
+        );
+        next_line += batch["lines"].as_array().map_or(0, Vec::len) as u64;
+    }
+    let host_finished = events
+        .iter()
+        .rfind(|e| e["type"] == "host_finished")
+        .expect("host_finished");
+    assert_eq!(
+        host_finished["log_lines"],
+        next_line - 1,
+        "{host_finished:#}"
+    );
+}
+
 /// A request whose builders keep dying is started at most `builder.max_attempts` times; the
 /// next builder ends it `failed`, saying it gave up and how the last attempt ended.
 #[tokio::test(flavor = "multi_thread")]
@@ -172,6 +270,53 @@ async fn a_request_whose_builders_keep_dying_is_given_up() {
     assert!(error.contains("given up after 2 attempts"), "{error}");
     assert!(error.contains(&second.name), "{error}");
     assert!(error.contains("starting host long"), "{error}");
+}
+
+/// A request whose builder is killed (SIGKILL) every time while git fetches, before its
+/// `started` event: each attempt counts all the same, and after `builder.max_attempts` the next
+/// builder ends it `failed`, naming the builder of the last attempt and the step it died in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_whose_fetch_kills_its_builders_is_given_up() {
+    let nats = NatsServer::start();
+    // Accepts the fetch and never answers: each attempt waits in git until its builder dies.
+    let silent = test_support::HostileHttp::start(test_support::Hostility::Silent);
+    let repos = [("demo", format!("git+{}", silent.url))];
+    let config = "\nmax_attempts = 2\n[streams]\nrequest_ack_wait_secs = 2";
+    let client = nats.client().await;
+    let mut id = String::new();
+    let mut killed = Vec::new();
+    for attempt in 1..=2 {
+        let builder = Builder::start_with(bin(), &nats.url, &repos, config);
+        if attempt == 1 {
+            id = submit(&nats, "all", &[]);
+        }
+        let began = wait_until(Duration::from_secs(120), || {
+            builder
+                .log()
+                .lines()
+                .any(|line| line.contains(&id) && line.contains("request received"))
+        });
+        assert!(began, "attempt {attempt} never began:\n{}", builder.log());
+        signal(builder.pid(), "-KILL");
+        killed.push(builder);
+    }
+    let last = Builder::start_with(bin(), &nats.url, &repos, config);
+
+    let subject = format!("build.responses.demo.*.{id}.events");
+    let events = wait_for_finished(&client, &subject).await;
+    seqs_are_contiguous(&events);
+    assert!(
+        events.iter().all(|e| e["type"] != "started"),
+        "no attempt got as far as started: {events:#?}"
+    );
+    let finished = events.last().expect("finished");
+    assert_eq!(finished["status"], "failed", "{finished:#}");
+    assert_eq!(finished["code"], "gave_up", "{finished:#}");
+    assert_eq!(finished["builder"], last.name.as_str());
+    let error = finished["error"].as_str().unwrap_or_default();
+    assert!(error.contains("given up after 2 attempts"), "{error}");
+    assert!(error.contains(&killed[1].name), "{error}");
+    assert!(error.contains("before its started event"), "{error}");
 }
 
 /// A flake of 28 hosts that each fail with a long error, on a server whose `max_payload` is

@@ -1,6 +1,7 @@
 //! The NATS seam: connecting, the JetStream streams and consumers the builder relies on, and
 //! publishing events and logs with retries.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
@@ -14,7 +15,6 @@ use homelab_deploy_protocol::subject::{
     REQUESTS_STREAM,
 };
 use homelab_deploy_protocol::{Event, RepoName};
-use serde::Serialize;
 use tracing::warn;
 
 use crate::config::StreamsConfig;
@@ -310,24 +310,6 @@ impl Publisher {
             .saturating_sub(HEADER_ALLOWANCE)
     }
 
-    /// `message_id` makes retries safe: a publish that reached the stream but whose ack was lost
-    /// (NATS restarting) is de-duplicated when it is sent again. Returns the stream sequence
-    /// the message is stored under.
-    pub async fn publish_json(
-        &self,
-        subject: &str,
-        message_id: &str,
-        value: &impl Serialize,
-    ) -> Result<u64, BusError> {
-        let payload = serde_json::to_vec(value).map_err(|err| BusError::Publish {
-            subject: subject.to_owned(),
-            attempts: 0,
-            message: err.to_string(),
-        })?;
-        self.publish(subject, message_id, payload.into(), None)
-            .await
-    }
-
     /// Publishes `payload` only if the last message stored on `subject` is still the one at
     /// stream sequence `expected_last` (0: no message yet), JetStream's
     /// `Nats-Expected-Last-Subject-Sequence`. Returns the new message's stream sequence, the
@@ -345,7 +327,35 @@ impl Publisher {
         payload: bytes::Bytes,
         expected_last: u64,
     ) -> Result<u64, BusError> {
-        self.publish(subject, message_id, payload, Some(expected_last))
+        self.publish(
+            subject,
+            message_id,
+            payload,
+            Condition::Subject(expected_last),
+        )
+        .await
+    }
+
+    /// Publishes a log batch of a request only while `fence`'s events subject still ends with
+    /// an event of this run of the request: JetStream checks the events subject's last stream
+    /// sequence on the write (`Nats-Expected-Last-Subject-Sequence` with
+    /// `Nats-Expected-Last-Subject-Sequence-Subject`), so a builder that lost the request (another
+    /// builder or a cancel wrote an event since) cannot add to its logs. A refusal caused by this
+    /// run's own newer event is retried with that event's sequence.
+    ///
+    /// `message_id` makes retries safe: a batch that reached the stream but whose ack was lost
+    /// (NATS restarting) is de-duplicated when it is sent again.
+    ///
+    /// [`BusError::Fenced`] when another writer stored an event on the subject. On a server
+    /// that ignores the subject header (nats-server before 2.11) the batch goes out unfenced.
+    pub async fn publish_log(
+        &self,
+        subject: &str,
+        message_id: &str,
+        payload: bytes::Bytes,
+        fence: &LogFence,
+    ) -> Result<u64, BusError> {
+        self.publish(subject, message_id, payload, Condition::Events(fence))
             .await
     }
 
@@ -354,7 +364,7 @@ impl Publisher {
         subject: &str,
         message_id: &str,
         payload: bytes::Bytes,
-        expected_last: Option<u64>,
+        condition: Condition<'_>,
     ) -> Result<u64, BusError> {
         use jetstream::context::PublishErrorKind;
         let attempts = 6;
@@ -364,8 +374,19 @@ impl Publisher {
             let mut message = PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(message_id);
-            if let Some(expected) = expected_last {
-                message = message.expected_last_subject_sequence(expected);
+            let mut expected_event = None;
+            match condition {
+                Condition::Subject(expected) => {
+                    message = message.expected_last_subject_sequence(expected);
+                }
+                Condition::Events(fence) if !fence.unsupported.load(Ordering::SeqCst) => {
+                    let expected = fence.last_event.load(Ordering::SeqCst);
+                    expected_event = Some(expected);
+                    message = message
+                        .expected_last_subject_sequence(expected)
+                        .header(EXPECTED_SUBJECT_HEADER, fence.events_subject.as_str());
+                }
+                Condition::Events(_) => {}
             }
             let sent = match self.js.send_publish(subject.to_owned(), message).await {
                 Ok(ack) => ack.await,
@@ -374,17 +395,35 @@ impl Publisher {
             match sent {
                 Ok(ack) => return Ok(ack.sequence),
                 Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
-                    return match self.stored_last(subject, message_id).await {
-                        Ok(Some(sequence)) => Ok(sequence),
-                        Ok(None) => Err(BusError::Fenced {
-                            subject: subject.to_owned(),
-                        }),
-                        Err(err) => Err(BusError::Publish {
-                            subject: subject.to_owned(),
-                            attempts: attempt,
-                            message: err,
-                        }),
+                    let checked = match (condition, expected_event) {
+                        (Condition::Events(fence), Some(expected)) => {
+                            self.check_log_fence(fence, expected).await.map(|()| None)
+                        }
+                        _ => self.stored_last(subject, message_id).await,
                     };
+                    match checked {
+                        // This run's own newer event, or a server without the subject header:
+                        // send the batch again at once.
+                        Ok(None) if matches!(condition, Condition::Events(_)) => continue,
+                        Ok(Some(sequence)) => return Ok(sequence),
+                        Ok(None) => {
+                            return Err(BusError::Fenced {
+                                subject: subject.to_owned(),
+                            })
+                        }
+                        Err(Some(err)) => {
+                            return Err(BusError::Publish {
+                                subject: subject.to_owned(),
+                                attempts: attempt,
+                                message: err,
+                            })
+                        }
+                        Err(None) => {
+                            return Err(BusError::Fenced {
+                                subject: fence_subject(condition, subject),
+                            })
+                        }
+                    }
                 }
                 Err(err) if refused(&err) => {
                     return Err(BusError::Refused {
@@ -415,21 +454,121 @@ impl Publisher {
 
     /// The stream sequence of the last message on `subject` when it carries `message_id`
     /// (this publisher's earlier copy), `None` when it is someone else's.
-    async fn stored_last(&self, subject: &str, message_id: &str) -> Result<Option<u64>, String> {
+    async fn stored_last(
+        &self,
+        subject: &str,
+        message_id: &str,
+    ) -> Result<Option<u64>, Option<String>> {
         let stream = self
             .js
             .get_stream(EVENTS_STREAM)
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| Some(err.to_string()))?;
         let last = stream
             .get_last_raw_message_by_subject(subject)
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| Some(err.to_string()))?;
         let ours = last
             .headers
             .get(MSG_ID_HEADER)
             .is_some_and(|id| id.as_str() == message_id);
         Ok(ours.then_some(last.sequence))
+    }
+
+    /// Why a log batch sent expecting event `expected` was refused: `Ok` when it may be sent
+    /// again (the events subject ends with a newer event of this run, now expected; or with
+    /// `expected` itself, so the server did not apply the subject header and the fence is off),
+    /// `Err(None)` when another writer's event ends the subject.
+    async fn check_log_fence(&self, fence: &LogFence, expected: u64) -> Result<(), Option<String>> {
+        let stream = self
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|err| Some(err.to_string()))?;
+        let last = stream
+            .get_last_raw_message_by_subject(&fence.events_subject)
+            .await
+            .map_err(|err| Some(err.to_string()))?;
+        let ours = last
+            .headers
+            .get(MSG_ID_HEADER)
+            .is_some_and(|id| fence.wrote(id.as_str()));
+        if !ours {
+            return Err(None);
+        }
+        if last.sequence == expected {
+            if !fence.unsupported.swap(true, Ordering::SeqCst) {
+                warn!(subject = %fence.events_subject, "the server ignores Nats-Expected-Last-Subject-Sequence-Subject (nats-server before 2.11): this request's log batches are not fenced");
+            }
+        } else {
+            fence.stored(last.sequence);
+        }
+        Ok(())
+    }
+}
+
+/// `Nats-Expected-Last-Subject-Sequence-Subject` (nats-server 2.11): the subject whose last
+/// stream sequence `Nats-Expected-Last-Subject-Sequence` is checked against.
+const EXPECTED_SUBJECT_HEADER: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+
+/// What a publish is stored on condition of.
+#[derive(Clone, Copy)]
+enum Condition<'a> {
+    /// The subject's own last stream sequence.
+    Subject(u64),
+    /// The last event of a request's events subject ([`LogFence`]).
+    Events(&'a LogFence),
+}
+
+/// The subject whose writer took over, for [`BusError::Fenced`].
+fn fence_subject(condition: Condition<'_>, subject: &str) -> String {
+    match condition {
+        Condition::Events(fence) => fence.events_subject.clone(),
+        _ => subject.to_owned(),
+    }
+}
+
+/// What fences the log batches of one builder's run of a request: the request's events
+/// subject, which holds that run's events as long as the request is its own. Shared by the
+/// run's event publisher (which records each event it stores) and its log batchers.
+#[derive(Debug)]
+pub struct LogFence {
+    events_subject: String,
+    /// The last part of the message id of every event of this run
+    /// (`<id>.event.<seq>.<writer>`).
+    writer: String,
+    /// Stream sequence of the newest event this run stored (or found when it began).
+    last_event: AtomicU64,
+    /// The server ignores [`EXPECTED_SUBJECT_HEADER`] (nats-server before 2.11).
+    unsupported: AtomicBool,
+}
+
+impl LogFence {
+    /// `last_event`: the stream sequence of the subject's last event when the run began.
+    pub fn new(events_subject: String, writer: String, last_event: u64) -> Self {
+        Self {
+            events_subject,
+            writer,
+            last_event: AtomicU64::new(last_event),
+            unsupported: AtomicBool::new(false),
+        }
+    }
+
+    /// This run stored an event at stream sequence `sequence`.
+    pub fn stored(&self, sequence: u64) {
+        self.last_event.fetch_max(sequence, Ordering::SeqCst);
+    }
+
+    /// The last part of this run's message ids.
+    pub fn writer(&self) -> &str {
+        &self.writer
+    }
+
+    /// Whether the event with message id `message_id` is this run's.
+    fn wrote(&self, message_id: &str) -> bool {
+        message_id
+            .rsplit_once('.')
+            .is_some_and(|(_, writer)| writer == self.writer)
     }
 }
 

@@ -196,7 +196,9 @@ pub struct BuilderConfig {
     #[serde(default = "default_nix")]
     pub nix: PathBuf,
     /// A request is started at most this many times (a builder died or stalled during each
-    /// one); the next builder to take it ends it `failed` instead of starting it again.
+    /// one, before or after its `started` event: every attempt that began work is claimed,
+    /// [`crate::attempts`]); the next builder to take it ends it `failed` instead of starting it
+    /// again.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u64,
     /// Builds of each host kept (as GC roots under `state_dir/closures`) to compare new builds

@@ -25,8 +25,8 @@ use homelab_deploy_protocol::api::{BuilderState, ErrorCode, RequestPhase, Reques
 use homelab_deploy_protocol::diff::MAX_LISTED_PACKAGES;
 use homelab_deploy_protocol::request::parse_request;
 use homelab_deploy_protocol::subject::{
-    encode_host, events_subject, logs_subject, parse_request_subject, request_subject,
-    MSG_ID_HEADER,
+    attempts_subject, encode_host, events_subject, logs_subject, parse_request_subject,
+    request_subject, MSG_ID_HEADER,
 };
 use homelab_deploy_protocol::{
     BuildRequest, BuildStatus, ClosureDiff, DiffStatus, Event, EventBody, HostResult, HostStatus,
@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn, Instrument};
 
 use crate::access::Access;
-use crate::bus::{last_event, BusError, Publisher, RequestMessage};
+use crate::bus::{last_event, BusError, LogFence, Publisher, RequestMessage};
 use crate::cache::EvalCache;
 use crate::closures::History;
 use crate::config::{Evaluation, RepoConfig, Timeouts};
@@ -67,7 +67,8 @@ pub struct Jobs {
     pub evaluation: Evaluation,
     /// Hosts of one request built at once.
     pub build_jobs: usize,
-    /// Attempts at a request (`started` events not ended by a hand-back) before it is given up.
+    /// Attempts at a request (claims not ended by a hand-back, [`crate::attempts`]) before it is
+    /// given up.
     pub max_attempts: u64,
     /// Host lists and toplevel drvs already evaluated, per commit.
     pub evaluated: EvalCache,
@@ -185,6 +186,8 @@ impl From<BusError> for JobError {
     fn from(err: BusError) -> Self {
         match err {
             BusError::Refused { .. } => JobError::Unpublishable(err.to_string()),
+            // A log batch refused by the fence: another writer took the request's events over.
+            BusError::Fenced { .. } => JobError::Superseded,
             other => JobError::Bus(other),
         }
     }
@@ -445,8 +448,11 @@ impl Jobs {
                 return Ok(Answered::Never);
             }
         }
-        let attempts = events.attempts(id).await?;
-        info!(request_id = %id, repo = %repo, target = target.as_str(), attempt = attempts.started + 1, mode = request.mode.as_str(), requested_by = ?request.requested_by, "request received");
+        let claims = attempts_subject(repo, target, id);
+        let last_claim = crate::attempts::last_claim(self.publisher.jetstream(), &claims).await?;
+        let attempts = events
+            .attempts(id, last_claim.and_then(|(_, claim)| claim).as_ref())
+            .await?;
         crate::metrics::request_received(repo.as_str());
         if attempts.failed >= self.max_attempts {
             let mut finish = Finish::new(repo, target, &self.builder_name, started);
@@ -474,6 +480,17 @@ impl Jobs {
             // Terminated: it is answered.
             return Ok(Answered::Never);
         }
+        // Counted before any work, so an attempt that dies before its `started` counts too.
+        let delivered = message.info().map_or(1, |info| info.delivered as u64);
+        let claim = crate::attempts::claim(
+            &self.publisher,
+            &claims,
+            id.as_str(),
+            &self.builder_name,
+            (attempts.previous, delivered),
+        )
+        .await?;
+        info!(request_id = %id, repo = %repo, target = target.as_str(), attempt = claim.attempt, mode = request.mode.as_str(), requested_by = ?request.requested_by, "request received");
         self.lock_running().insert(
             id.to_string(),
             RunningJob {
@@ -490,7 +507,7 @@ impl Jobs {
                 request,
                 events,
                 interrupt,
-                attempts.started + 1,
+                claim.attempt,
                 stream_seq,
                 started,
             )
@@ -1020,6 +1037,7 @@ impl Jobs {
             log_lines,
         } = run;
         let started = Instant::now();
+        let fence = events.lock().await.log_fence.clone();
         let result = |status, out_path, error: Option<String>| HostResult {
             name: host.to_owned(),
             status,
@@ -1078,6 +1096,7 @@ impl Jobs {
                 let excerpt = err.excerpt();
                 let mut batcher = LogBatcher::new(
                     self.publisher.clone(),
+                    fence,
                     repo.to_string(),
                     logs.to_owned(),
                     request_id.to_owned(),
@@ -1108,6 +1127,7 @@ impl Jobs {
         }
         let mut batcher = LogBatcher::new(
             self.publisher.clone(),
+            fence,
             repo.to_string(),
             logs.to_owned(),
             request_id.to_owned(),
@@ -1817,6 +1837,9 @@ struct Events<'a> {
     /// Names this writer in its message ids, so that a copy it stored itself (its ack lost)
     /// is never taken for another writer's message, nor another's for its own.
     writer: String,
+    /// What this run's log batches are stored on condition of: its events still end the
+    /// subject.
+    log_fence: Arc<LogFence>,
     last_was_finished: bool,
     /// Status of the `finished` event this writer stored, once it has.
     verdict: Option<BuildStatus>,
@@ -1898,11 +1921,13 @@ impl Finish {
     }
 }
 
-/// What earlier builders did with a request, from its stored events.
+/// What earlier builders did with a request, from its newest claim ([`crate::attempts`]) and
+/// its stored events.
 #[derive(Debug, Default, PartialEq)]
 struct Attempts {
-    /// `started` events so far.
-    started: u64,
+    /// Attempts begun so far: the newest claim's number, or the `started` events when there
+    /// are more of those (claims gone with the stream's limits, or made before claims existed).
+    previous: u64,
     /// Of those, the ones that did not end by handing the request back (`requeued`): the
     /// builder died, stalled past the ack wait, or could not publish.
     failed: u64,
@@ -1911,12 +1936,15 @@ struct Attempts {
 }
 
 impl Attempts {
-    fn of(events: &[Event]) -> Self {
+    fn of(events: &[Event], last_claim: Option<&crate::attempts::Claim>) -> Self {
         let mut attempts = Self::default();
+        let (mut started, mut handed_back, mut last_started) = (0u64, 0u64, 0u64);
+        // The open attempt: its builder and the last step its events show.
         let mut current: Option<(String, String)> = None;
-        let close = |attempts: &mut Self, current: Option<(String, String)>| {
+        let mut silent = 0u64;
+        let close = |attempts: &mut Self, silent: &mut u64, current: Option<(String, String)>| {
             if let Some((builder, last)) = current {
-                attempts.failed += 1;
+                *silent += 1;
                 attempts.last_ended = Some(format!(
                     "the last one, on builder {builder}, stopped without a word after {last} (the builder died, stalled past the ack wait, or lost NATS)"
                 ));
@@ -1924,12 +1952,18 @@ impl Attempts {
         };
         for event in events {
             match &event.body {
-                EventBody::Started { builder, .. } => {
-                    close(&mut attempts, current.take());
-                    attempts.started += 1;
+                EventBody::Started {
+                    builder, attempt, ..
+                } => {
+                    close(&mut attempts, &mut silent, current.take());
+                    started += 1;
+                    last_started = *attempt;
                     current = Some((builder.clone(), "starting".to_owned()));
                 }
-                EventBody::Requeued { .. } => current = None,
+                EventBody::Requeued { .. } => {
+                    handed_back += 1;
+                    current = None;
+                }
                 EventBody::HostStarted { host, .. } | EventBody::Progress { host, .. } => {
                     if let Some((_, last)) = current.as_mut() {
                         *last = format!("starting host {host}");
@@ -1943,7 +1977,16 @@ impl Attempts {
                 EventBody::Finished { .. } => current = None,
             }
         }
-        close(&mut attempts, current);
+        close(&mut attempts, &mut silent, current);
+        let claimed = last_claim.map_or(0, |claim| claim.attempt);
+        attempts.previous = claimed.max(started);
+        attempts.failed = claimed.saturating_sub(handed_back).max(silent);
+        if let Some(claim) = last_claim.filter(|claim| claim.attempt > last_started) {
+            attempts.last_ended = Some(format!(
+                "the last one, on builder {}, stopped before its started event, while resolving the commit or listing the flake's hosts (the builder died, stalled past the ack wait, or lost NATS)",
+                claim.builder
+            ));
+        }
         attempts
     }
 }
@@ -1975,15 +2018,17 @@ impl<'a> Events<'a> {
             }
             _ => new_state(id, repo, target, queued_at),
         };
+        let writer = nuid::next().to_string();
         Ok(Events {
             publisher,
             store,
             state,
+            log_fence: Arc::new(LogFence::new(subject.clone(), writer.clone(), last_stored)),
             subject,
             id: id.to_string(),
             seq: event.as_ref().map(|event| event.seq).unwrap_or(0),
             last_stored,
-            writer: nuid::next().to_string(),
+            writer,
             last_was_finished: event
                 .is_some_and(|event| matches!(event.body, EventBody::Finished { .. })),
             verdict: None,
@@ -1997,15 +2042,20 @@ impl<'a> Events<'a> {
         self.last_was_finished
     }
 
-    /// What earlier attempts at this request did; none when nothing is stored yet.
-    async fn attempts(&self, id: &RequestId) -> Result<Attempts, JobError> {
-        if self.seq == 0 {
-            return Ok(Attempts::default());
-        }
-        let events = request_events(self.publisher.jetstream(), id)
-            .await
-            .map_err(|err| events_error(&err))?;
-        Ok(Attempts::of(&events))
+    /// What earlier attempts at this request did, from its events and `last_claim`.
+    async fn attempts(
+        &self,
+        id: &RequestId,
+        last_claim: Option<&crate::attempts::Claim>,
+    ) -> Result<Attempts, JobError> {
+        let events = if self.seq == 0 {
+            Vec::new()
+        } else {
+            request_events(self.publisher.jetstream(), id)
+                .await
+                .map_err(|err| events_error(&err))?
+        };
+        Ok(Attempts::of(&events, last_claim))
     }
 
     /// Publishes the next event under the fence. Another writer on the subject means the
@@ -2031,6 +2081,7 @@ impl<'a> Events<'a> {
             Ok(stored) => {
                 self.seq = seq;
                 self.last_stored = stored;
+                self.log_fence.stored(stored);
                 fold_event(&mut self.state, &folded);
                 // The event is stored: a state write that fails is caught up by the next one,
                 // or by the next builder that opens the request.
@@ -2453,12 +2504,33 @@ mod tests {
             event(4, host_started),
             event(5, started("b3")),
         ];
-        let attempts = Attempts::of(&events);
-        assert_eq!(attempts.started, 3);
+        let attempts = Attempts::of(&events, None);
+        assert_eq!(attempts.previous, 3);
         assert_eq!(attempts.failed, 2);
         let last = attempts.last_ended.unwrap_or_default();
         assert!(
             last.contains("builder b3") && last.contains("after starting"),
+            "{last}"
+        );
+
+        // Claims also count the attempts that died before their `started`: b3's was the
+        // fourth claim, and a fifth on b4 never got as far.
+        let mut events = events.to_vec();
+        if let EventBody::Started { attempt, .. } = &mut events[4].body {
+            *attempt = 4;
+        }
+        let claim = crate::attempts::Claim {
+            attempt: 5,
+            builder: "b4".to_owned(),
+            delivered: 9,
+            time: OffsetDateTime::UNIX_EPOCH,
+        };
+        let attempts = Attempts::of(&events, Some(&claim));
+        assert_eq!(attempts.previous, 5);
+        assert_eq!(attempts.failed, 4);
+        let last = attempts.last_ended.unwrap_or_default();
+        assert!(
+            last.contains("builder b4") && last.contains("before its started event"),
             "{last}"
         );
     }

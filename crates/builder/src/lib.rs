@@ -3,7 +3,7 @@
 //! # Layout
 //! - [`config`]: the TOML config and its validation.
 //! - [`daemon`]: startup, the pull loops and shutdown.
-//! - [`job`]: one request's life, top to bottom.
+//! - [`job`]: one request's life, top to bottom; [`attempts`]: the claims that count its attempts.
 //! - [`api`], [`registry`]: the control API under `build.api.>` and the fleet registry.
 //! - [`placement`]: heavy lanes and warm-cache affinity: which builder starts a request.
 //! - [`session`]: the limits of an ephemeral builder (`--once`, `--max-builds`, …).
@@ -13,6 +13,7 @@
 
 pub mod access;
 pub mod api;
+pub mod attempts;
 pub mod bus;
 pub mod cache;
 pub mod closures;

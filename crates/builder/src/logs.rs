@@ -2,6 +2,7 @@
 //! [`printable`]), then batched into `LogBatch` messages ([`LogBatcher`]), so a flood of output
 //! becomes a steady stream of bounded messages instead of one message per line.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use homelab_deploy_protocol::subject::encode_host;
@@ -10,7 +11,7 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
-use crate::bus::{BusError, Publisher};
+use crate::bus::{BusError, LogFence, Publisher};
 
 /// A batch is sent when it holds this many lines…
 const MAX_BATCH_LINES: usize = 1000;
@@ -19,9 +20,11 @@ const MAX_BATCH_BYTES: usize = 128 * 1024;
 /// …or its first line is this old.
 pub const MAX_BATCH_AGE: Duration = Duration::from_millis(250);
 
-/// Collects one host's log lines and publishes them in numbered batches.
+/// Collects one host's log lines and publishes them in numbered batches, each fenced by the
+/// request's events ([`Publisher::publish_log`]).
 pub struct LogBatcher {
     publisher: Publisher,
+    fence: Arc<LogFence>,
     repo: String,
     subject: String,
     request_id: String,
@@ -37,6 +40,7 @@ pub struct LogBatcher {
 impl LogBatcher {
     pub fn new(
         publisher: Publisher,
+        fence: Arc<LogFence>,
         repo: String,
         subject: String,
         request_id: String,
@@ -44,6 +48,7 @@ impl LogBatcher {
     ) -> Self {
         Self {
             publisher,
+            fence,
             repo,
             subject,
             request_id,
@@ -127,14 +132,22 @@ impl LogBatcher {
             }
             batch.lines = lines;
             // The host's token: a header value holds no newline, and no `.` makes two ids alike.
+            // The writer keeps another attempt's batch of the same lines from being taken for
+            // a copy of this one.
             let message_id = format!(
-                "{}.log.{}.{}",
+                "{}.log.{}.{}.{}",
                 self.request_id,
                 encode_host(&self.host),
-                self.next_line
+                self.next_line,
+                self.fence.writer()
             );
+            let payload = serde_json::to_vec(&batch).map_err(|err| BusError::Publish {
+                subject: self.subject.clone(),
+                attempts: 0,
+                message: err.to_string(),
+            })?;
             self.publisher
-                .publish_json(&self.subject, &message_id, &batch)
+                .publish_log(&self.subject, &message_id, payload.into(), &self.fence)
                 .await?;
             // A batch id already stored means this batch was stored before; nothing is lost.
             self.next_line += count;

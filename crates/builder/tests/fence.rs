@@ -1,10 +1,12 @@
 //! The event fence against a real nats-server: a writer whose subject another writer has
 //! published to since its last message is refused, while a retry of its own message whose
-//! ack was lost is recognised, inside the duplicate window and past it.
+//! ack was lost is recognised, inside the duplicate window and past it; log batches are fenced
+//! by the events.
 
 use std::time::Duration;
 
-use homelab_deploy_builder::bus::{ensure_streams, BusError, Publisher};
+use homelab_deploy_builder::attempts;
+use homelab_deploy_builder::bus::{ensure_streams, BusError, LogFence, Publisher};
 use homelab_deploy_builder::config::StreamsConfig;
 use homelab_deploy_protocol::RepoName;
 use test_support::NatsServer;
@@ -80,4 +82,76 @@ async fn a_message_over_max_payload_is_refused_at_once() {
         other => panic!("expected a refusal: {other:?}"),
     }
     assert!(started.elapsed() < Duration::from_secs(2), "it was retried");
+}
+
+/// Log batches are fenced by the request's events: stored while the events subject ends with
+/// the writer's own event (also one stored after the batch's fence was read), refused once
+/// another writer stored an event there.
+#[tokio::test(flavor = "multi_thread")]
+async fn log_batches_stop_when_another_writer_takes_the_events() {
+    let nats = NatsServer::start();
+    let publisher = publisher(&nats, 120).await;
+    let body = || bytes::Bytes::from_static(b"{}");
+    const LOGS: &str = "build.responses.demo.web.FENCE0001.logs";
+
+    let first = publisher
+        .publish_fenced(SUBJECT, "FENCE0001.event.1.A", body(), 0)
+        .await
+        .expect("A's first event");
+    let fence = LogFence::new(SUBJECT.to_owned(), "A".to_owned(), first);
+    publisher
+        .publish_log(LOGS, "FENCE0001.log.web.1.A", body(), &fence)
+        .await
+        .expect("A's batch while its event is the last");
+
+    // A stores another event without telling the fence: the refusal it causes is A's own.
+    let second = publisher
+        .publish_fenced(SUBJECT, "FENCE0001.event.2.A", body(), first)
+        .await
+        .expect("A's second event");
+    publisher
+        .publish_log(LOGS, "FENCE0001.log.web.2.A", body(), &fence)
+        .await
+        .expect("A's batch after its own newer event");
+
+    publisher
+        .publish_fenced(SUBJECT, "FENCE0001.event.3.B", body(), second)
+        .await
+        .expect("B takes over");
+    match publisher
+        .publish_log(LOGS, "FENCE0001.log.web.3.A", body(), &fence)
+        .await
+    {
+        Err(BusError::Fenced { .. }) => {}
+        other => panic!("A added logs after B took over: {other:?}"),
+    }
+}
+
+/// Claims made at the same instant (two deliveries of one request) each get their own number,
+/// and a later claim counts on from the newest, or from the attempts the caller knows of.
+#[tokio::test(flavor = "multi_thread")]
+async fn simultaneous_claims_are_numbered_apart() {
+    let nats = NatsServer::start();
+    let publisher = publisher(&nats, 120).await;
+    const CLAIMS: &str = "build.responses.demo.web.FENCE0001.attempts";
+    let claim = |builder: &'static str, previous: u64| {
+        let publisher = publisher.clone();
+        async move {
+            attempts::claim(&publisher, CLAIMS, "FENCE0001", builder, (previous, 1))
+                .await
+                .expect("claimed")
+                .attempt
+        }
+    };
+    let (a, b, c) = tokio::join!(claim("a", 0), claim("b", 0), claim("c", 0));
+    let mut numbers = vec![a, b, c];
+    numbers.sort_unstable();
+    assert_eq!(numbers, [1, 2, 3]);
+    assert_eq!(claim("d", 0).await, 4);
+    assert_eq!(claim("e", 7).await, 8);
+    let (_, last) = attempts::last_claim(publisher.jetstream(), CLAIMS)
+        .await
+        .expect("read")
+        .expect("a claim");
+    assert_eq!(last.map(|claim| claim.builder).as_deref(), Some("e"));
 }

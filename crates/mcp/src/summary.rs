@@ -458,6 +458,57 @@ mod tests {
         state
     }
 
+    /// A built host's closure diff reaches the assistant: the counts, the size change, the rev
+    /// it was compared with, and the package changes with their versions.
+    #[test]
+    fn a_built_hosts_closure_diff_is_in_the_result() {
+        use homelab_deploy_protocol::diff::{DiffStatus, PackageChange};
+        use homelab_deploy_protocol::ClosureDiff;
+        let mut state = failed_state(1);
+        state.phase = RequestPhase::Succeeded;
+        let change = |name: &str, before: &[&str], after: &[&str]| PackageChange {
+            name: name.to_owned(),
+            before: before.iter().map(|v| (*v).to_owned()).collect(),
+            after: after.iter().map(|v| (*v).to_owned()).collect(),
+            size_delta: None,
+        };
+        state.host_results[0] = HostOutcome {
+            name: "web".to_owned(),
+            status: HostStatus::Built,
+            error: None,
+            closure_diff: Some(ClosureDiff {
+                status: DiffStatus::Compared,
+                from_rev: Some("0123456789abcdef0123456789abcdef01234567".to_owned()),
+                added: 1,
+                removed: 1,
+                changed: 1,
+                size_before: Some(1024 * 1024),
+                size_after: Some(1024 * 1024 + 40 * 1024),
+                packages: vec![
+                    change("openssl", &["3.0.1"], &["3.0.2"]),
+                    change("htop", &[], &["3.3.0"]),
+                    change("nano", &["7.2"], &[]),
+                ],
+                ..ClosureDiff::no_previous()
+            }),
+        };
+        let summary = summarize(&state, FULL);
+        let web = &summary.results[0];
+        assert_eq!(
+            web.changes.as_deref(),
+            Some("+1 -1 ~1, +40.0 KiB (against rev 0123456789ab)")
+        );
+        assert_eq!(
+            web.packages,
+            ["openssl 3.0.1 → 3.0.2", "+ htop 3.3.0", "- nano 7.2"]
+        );
+        let text = summary_text(&summary);
+        assert!(
+            text.contains("changes +1 -1 ~1") && text.contains("openssl 3.0.1 → 3.0.2"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn three_hundred_failures_stay_small() {
         let summary = summarize(&failed_state(300), FULL);

@@ -317,6 +317,12 @@ pub fn logs_subject(repo: &RepoName, target: &Target, id: &RequestId) -> String 
     format!("build.responses.{repo}.{}.{id}.logs", target.token())
 }
 
+/// `build.responses.<repo>.<target>.<id>.attempts`: the builders' claims on a request, one
+/// message per attempt that began work (the builders' own bookkeeping, not for clients).
+pub fn attempts_subject(repo: &RepoName, target: &Target, id: &RequestId) -> String {
+    format!("build.responses.{repo}.{}.{id}.attempts", target.token())
+}
+
 /// Splits `build.<repo>.<target>` into its validated parts.
 pub fn parse_request_subject(subject: &str) -> Result<(RepoName, Target), NameError> {
     let mut tokens = subject.split('.');
