@@ -311,7 +311,11 @@ impl Fleet {
     fn assert_listed(&self, expected: &[(String, &str)], when: &str) {
         let all: Vec<String> = expected.iter().map(|(id, _)| id.clone()).collect();
         let first = self.json(&["builds", "--limit", "25"]);
-        assert_eq!(ids(&first), all[..25].to_vec(), "{when}: first page {first:#}");
+        assert_eq!(
+            ids(&first),
+            all[..25].to_vec(),
+            "{when}: first page {first:#}"
+        );
         assert_eq!(self.all_pages(&[], 40), all, "{when}: every page");
         let failed: Vec<String> = expected
             .iter()
@@ -319,7 +323,11 @@ impl Fleet {
             .map(|(id, _)| id.clone())
             .collect();
         let first = self.json(&["builds", "--state", "failed", "--limit", "10"]);
-        assert_eq!(ids(&first), failed[..10].to_vec(), "{when}: failed {first:#}");
+        assert_eq!(
+            ids(&first),
+            failed[..10].to_vec(),
+            "{when}: failed {first:#}"
+        );
         assert!(
             first["builds"]
                 .as_array()
@@ -346,10 +354,14 @@ impl Fleet {
 async fn builds_list_newest_first_over_a_long_out_of_order_history() {
     let fleet = Fleet::new();
     let mut setup = fleet.builder();
-    setup.terminate(Duration::from_secs(30)).expect("builder stops");
+    setup
+        .terminate(Duration::from_secs(30))
+        .expect("builder stops");
     let js = async_nats::jetstream::new(fleet.nats.client().await);
     let limits = homelab_deploy_builder::config::StreamsConfig::default();
-    let store = StateStore::open(&js, &limits).await.expect("open the bucket");
+    let store = StateStore::open(&js, &limits)
+        .await
+        .expect("open the bucket");
 
     let count = 300;
     let first = time::OffsetDateTime::now_utc() - time::Duration::days(1);
