@@ -41,12 +41,14 @@ fn bench_smoke_idle() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_smoke_read_model() {
-    let reports = bench::read_model(bin(), &[30, 60], 25, 3)
-        .await
-        .expect("read model benchmark runs");
-    assert_eq!(reports.len(), 4, "{reports:?}");
-    for report in &reports {
-        sane(report);
+    for timing in [bench::HistoryTiming::Burst, bench::HistoryTiming::Spread] {
+        let reports = bench::read_model(bin(), &[30, 60], 25, 3, timing)
+            .await
+            .expect("read model benchmark runs");
+        assert_eq!(reports.len(), 4, "{reports:?}");
+        for report in &reports {
+            sane(report);
+        }
     }
 }
 

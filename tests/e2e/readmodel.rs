@@ -219,3 +219,186 @@ async fn a_deleted_state_bucket_is_rebuilt_from_the_events() {
     let kept = fleet.stored(&ids_built[0]).await.expect("entry");
     assert_eq!(kept.phase.as_str(), "succeeded");
 }
+
+/// The events a builder stores for request `id` of the synthetic history: queued at
+/// `queued_at`, one host, ended `finished_at` in `status` (`succeeded`, `failed`, `cancelled`).
+fn history_events(
+    id: &str,
+    queued_at: time::OffsetDateTime,
+    finished_at: time::OffsetDateTime,
+    status: &str,
+) -> Vec<Value> {
+    let at = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .expect("format a time")
+    };
+    let started = at(queued_at + time::Duration::seconds(1));
+    let result = match status {
+        "succeeded" => serde_json::json!({"name": "web", "status": "built", "duration_ms": 10,
+            "out_path": "/nix/store/00000000000000000000000000000000-web"}),
+        "failed" => serde_json::json!({"name": "web", "status": "build_failed", "duration_ms": 10,
+            "error": "builder for '/nix/store/00000000000000000000000000000000-web.drv' failed"}),
+        _ => serde_json::json!({"name": "web", "status": "cancelled", "duration_ms": 10}),
+    };
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    vec![
+        serde_json::json!({"type": "started", "id": id, "seq": 1, "time": started,
+            "builder": "b1", "repo": "demo", "target": "web", "rev": rev, "hosts": ["web"],
+            "requested_by": "test", "attempt": 1, "queued_at": at(queued_at)}),
+        serde_json::json!({"type": "host_started", "id": id, "seq": 2, "time": started,
+            "host": "web", "index": 1, "total": 1}),
+        serde_json::json!({"type": "host_finished", "id": id, "seq": 3, "time": at(finished_at),
+            "host": "web", "index": 1, "total": 1, "result": result}),
+        serde_json::json!({"type": "finished", "id": id, "seq": 4, "time": at(finished_at),
+            "status": status, "repo": "demo", "target": "web", "rev": rev, "hosts": [result],
+            "builder": "b1", "duration_ms": 10, "queued_at": at(queued_at)}),
+    ]
+}
+
+/// Stores the events of request `id` and writes its state as the builder does: running after
+/// `started`, then final after `finished`.
+async fn finish_request(
+    js: &async_nats::jetstream::Context,
+    store: &StateStore,
+    id: &str,
+    events: &[Value],
+) {
+    let mut parsed = Vec::new();
+    for event in events {
+        js.publish(
+            format!("build.responses.demo.web.{id}.events"),
+            serde_json::to_vec(event).expect("json").into(),
+        )
+        .await
+        .expect("publish event")
+        .await
+        .expect("event stored");
+        parsed.push(serde_json::from_value(event.clone()).expect("a protocol event"));
+        if parsed.len() == 1 || parsed.len() == events.len() {
+            let state = homelab_deploy_client::inspect::fold_events(&parsed).expect("a state");
+            assert_eq!(
+                store.record(&state).await.expect("write the state"),
+                Recorded::Written
+            );
+        }
+    }
+}
+
+impl Fleet {
+    /// Every page of `builds ARGS`, `limit` at a time, following `next_cursor`: the ids in
+    /// list order.
+    fn all_pages(&self, args: &[&str], limit: usize) -> Vec<String> {
+        let limit = limit.to_string();
+        let mut listed = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut call = vec!["builds", "--limit", limit.as_str()];
+            call.extend_from_slice(args);
+            if let Some(cursor) = &cursor {
+                call.extend(["--cursor", cursor.as_str()]);
+            }
+            let page = self.json(&call);
+            listed.extend(ids(&page).into_iter().map(str::to_owned));
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => return listed,
+            }
+        }
+    }
+
+    /// `builds` (first page of 25, then every page) and `builds --state failed` list exactly
+    /// `expected` (id, phase) newest `queued_at` first.
+    fn assert_listed(&self, expected: &[(String, &str)], when: &str) {
+        let all: Vec<String> = expected.iter().map(|(id, _)| id.clone()).collect();
+        let first = self.json(&["builds", "--limit", "25"]);
+        assert_eq!(
+            ids(&first),
+            all[..25].to_vec(),
+            "{when}: first page {first:#}"
+        );
+        assert_eq!(self.all_pages(&[], 40), all, "{when}: every page");
+        let failed: Vec<String> = expected
+            .iter()
+            .filter(|(_, phase)| *phase == "failed")
+            .map(|(id, _)| id.clone())
+            .collect();
+        let first = self.json(&["builds", "--state", "failed", "--limit", "10"]);
+        assert_eq!(
+            ids(&first),
+            failed[..10].to_vec(),
+            "{when}: failed {first:#}"
+        );
+        assert!(
+            first["builds"]
+                .as_array()
+                .expect("builds")
+                .iter()
+                .all(|b| b["phase"] == "failed"),
+            "{when}: {first:#}"
+        );
+        assert_eq!(
+            self.all_pages(&["--state", "failed"], 7),
+            failed,
+            "{when}: every failed page"
+        );
+    }
+}
+
+/// 300 requests queued 10 s apart, finishing in another order (each block of 50 backwards,
+/// one queued early finishing last, one queued late finishing first), so the finished-request
+/// index is written out of `queued_at` order over many slots: `builds` lists them newest
+/// `queued_at` first, page after page, and so does `builds --state failed`; the same after the
+/// bucket (and its index) is deleted and rebuilt from the events, and with new requests
+/// finishing on top of the rebuilt index.
+#[tokio::test(flavor = "multi_thread")]
+async fn builds_list_newest_first_over_a_long_out_of_order_history() {
+    let fleet = Fleet::new();
+    let mut setup = fleet.builder();
+    setup
+        .terminate(Duration::from_secs(30))
+        .expect("builder stops");
+    let js = async_nats::jetstream::new(fleet.nats.client().await);
+    let limits = homelab_deploy_builder::config::StreamsConfig::default();
+    let store = StateStore::open(&js, &limits)
+        .await
+        .expect("open the bucket");
+
+    let count = 300;
+    let first = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    let queued_at = |i: usize| first + time::Duration::seconds(10 * i as i64);
+    let id = |i: usize| format!("history{i:04}");
+    let phase = |i: usize| match i % 9 {
+        4 => "failed",
+        7 => "cancelled",
+        _ => "succeeded",
+    };
+    let mut finish_order: Vec<usize> = (0..count)
+        .map(|i| (i / 50) * 50 + (49 - i % 50))
+        .filter(|&i| i != 5 && i != count - 3)
+        .collect();
+    finish_order.insert(0, count - 3);
+    finish_order.push(5);
+    for (rank, &i) in finish_order.iter().enumerate() {
+        let finished_at = first + time::Duration::hours(2) + time::Duration::seconds(rank as i64);
+        let events = history_events(&id(i), queued_at(i), finished_at, phase(i));
+        finish_request(&js, &store, &id(i), &events).await;
+    }
+    let mut expected: Vec<(String, &str)> = (0..count).rev().map(|i| (id(i), phase(i))).collect();
+    fleet.assert_listed(&expected, "written live");
+
+    js.delete_key_value(STATE_BUCKET)
+        .await
+        .expect("delete the bucket");
+    let store = StateStore::open(&js, &limits)
+        .await
+        .expect("recreate and rebuild the bucket");
+    fleet.assert_listed(&expected, "rebuilt from the events");
+
+    let now = time::OffsetDateTime::now_utc();
+    for i in count..count + 3 {
+        let events = history_events(&id(i), queued_at(i), now, phase(i));
+        finish_request(&js, &store, &id(i), &events).await;
+        expected.insert(0, (id(i), phase(i)));
+    }
+    fleet.assert_listed(&expected, "new requests over the rebuilt index");
+}

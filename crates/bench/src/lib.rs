@@ -465,17 +465,43 @@ fn history_id(i: usize) -> String {
     format!("history{i:07}")
 }
 
-/// Publishes the events of requests `from..to` of the synthetic history (`started`,
-/// `host_started`, `host_finished`, `finished` of one host, as a builder writes them, timed
-/// now), keeping up to 1,000 publishes in flight.
-async fn store_history(js: &async_nats::jetstream::Context, from: usize, to: usize) -> Result<()> {
+/// How the synthetic history of [`read_model`] is timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryTiming {
+    /// Every request timed when it is stored: the whole history within a few seconds.
+    Burst,
+    /// Request `i` queued, run and finished [`SPREAD_STEP`] after request `i - 1`, the last
+    /// one of the largest history a minute before the queued requests: 50,000 requests span
+    /// about a week (the events' default retention), and the first page of `builds` is the
+    /// newest queued requests.
+    Spread,
+}
+
+/// Time between two requests of a [`HistoryTiming::Spread`] history.
+const SPREAD_STEP: time::Duration = time::Duration::seconds(12);
+
+/// Publishes the events of requests `from..to` (of `total`) of the synthetic history
+/// (`started`, `host_started`, `host_finished`, `finished` of one host, as a builder writes
+/// them, timed as `timing` says, a spread history ending at `spread_end`), keeping up to 1,000
+/// publishes in flight.
+async fn store_history(
+    js: &async_nats::jetstream::Context,
+    from: usize,
+    to: usize,
+    total: usize,
+    timing: HistoryTiming,
+    spread_end: time::OffsetDateTime,
+) -> Result<()> {
     use std::future::IntoFuture;
     let mut acks = futures::stream::FuturesUnordered::new();
     for i in from..to {
         let id = history_id(i);
         let subject = format!("build.responses.demo.web.{id}.events");
-        let time = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)?;
+        let at = match timing {
+            HistoryTiming::Burst => time::OffsetDateTime::now_utc(),
+            HistoryTiming::Spread => spread_end - SPREAD_STEP * i32::try_from(total - 1 - i)?,
+        };
+        let time = at.format(&time::format_description::well_known::Rfc3339)?;
         let result = serde_json::json!({"name": "web", "status": "built", "duration_ms": 1200,
             "out_path": "/nix/store/00000000000000000000000000000000-web"});
         let events = [
@@ -552,12 +578,14 @@ fn millis(d: Duration) -> String {
 /// requests waiting for a repo no builder serves, `samples` calls each, in process through the
 /// client library that the CLI, the MCP server and the builders' control API all use. Before
 /// each level a builder rebuilds the request-state bucket from the events (its time is reported
-/// too). Baseline: the same calls at the first (smallest) history, same run.
+/// too). Baseline: the same calls at the first (smallest) history, same run. `timing` says how
+/// the history is spread over time (the rows' names say which).
 pub async fn read_model(
     bin: &Path,
     histories: &[usize],
     queued: usize,
     samples: usize,
+    timing: HistoryTiming,
 ) -> Result<Vec<Report>> {
     use homelab_deploy_client::inspect::{list_builds, request_state};
     use homelab_deploy_protocol::api::{BuildsQuery, RequestPhase, STATE_BUCKET};
@@ -583,6 +611,7 @@ pub async fn read_model(
     })
     .await?;
     let js = async_nats::jetstream::new(client.clone());
+    let spread_end = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
     let mut queued_ids = Vec::new();
     for i in 0..queued {
         let id = format!("parked{i:06}{}", nuid_suffix());
@@ -606,7 +635,8 @@ pub async fn read_model(
     let mut builder: Option<Builder> = None;
     for &history in histories {
         drop(builder.take());
-        store_history(&js, stored, history).await?;
+        let total = histories.iter().copied().max().unwrap_or(history);
+        store_history(&js, stored, history, total, timing, spread_end).await?;
         stored = history;
         let _ = js.delete_key_value(STATE_BUCKET).await;
         let (started, rebuild) = start_rebuilding_builder(bin, &nats.url, &demo)?;
@@ -639,11 +669,19 @@ pub async fn read_model(
             }
         })
         .await?;
+        let newest: Vec<String> = match timing {
+            HistoryTiming::Burst => (history.saturating_sub(20)..history)
+                .rev()
+                .map(history_id)
+                .collect(),
+            HistoryTiming::Spread => queued_ids.iter().rev().take(20).cloned().collect(),
+        };
         let builds = latency(samples, |_| {
-            let js = js.clone();
+            let (js, newest) = (js.clone(), newest.clone());
             async move {
                 let list = list_builds(&js, &BuildsQuery::default()).await?;
-                anyhow::ensure!(list.builds.len() == 20, "{} builds", list.builds.len());
+                let listed: Vec<&str> = list.builds.iter().map(|b| b.id.as_str()).collect();
+                anyhow::ensure!(listed == newest, "first page {listed:?}, not {newest:?}");
                 Ok(())
             }
         })
@@ -708,18 +746,30 @@ pub async fn read_model(
         .map(|level| format!("{}: {}", level.history, seconds(level.rebuild)))
         .collect::<Vec<_>>()
         .join(", ");
-    let mut status = row("read model: `status` (finished request)", &|l| l.status);
+    let names = match timing {
+        HistoryTiming::Burst => [
+            "read model, history in one burst: `status` (finished request)",
+            "read model, history in one burst: `status` (queued request)",
+            "read model, history in one burst: `builds` (first page)",
+            "read model, history in one burst: `builds --state queued`",
+        ],
+        HistoryTiming::Spread => [
+            "read model, history over a week: `status` (finished request)",
+            "read model, history over a week: `status` (queued request)",
+            "read model, history over a week: `builds` (first page)",
+            "read model, history over a week: `builds --state queued`",
+        ],
+    };
+    let mut status = row(names[0], &|l| l.status);
     status.notes = format!(
         "{}; builder start with bucket rebuild {rebuilds}",
         status.notes
     );
     Ok(vec![
         status,
-        row("read model: `status` (queued request)", &|l| {
-            l.status_queued
-        }),
-        row("read model: `builds` (first page)", &|l| l.builds),
-        row("read model: `builds --state queued`", &|l| l.queued),
+        row(names[1], &|l| l.status_queued),
+        row(names[2], &|l| l.builds),
+        row(names[3], &|l| l.queued),
     ])
 }
 

@@ -54,12 +54,14 @@ async fn main() -> Result<()> {
             } else {
                 (&[500, 5_000, 50_000], 1_000, 200)
             };
-            for report in bench::read_model(&bin, histories, queued, samples)
-                .await
-                .context("benchmark read-model")?
-            {
-                eprintln!("{}", report.markdown_row());
-                reports.push(report);
+            for timing in [bench::HistoryTiming::Burst, bench::HistoryTiming::Spread] {
+                for report in bench::read_model(&bin, histories, queued, samples, timing)
+                    .await
+                    .with_context(|| format!("benchmark read-model ({timing:?} history)"))?
+                {
+                    eprintln!("{}", report.markdown_row());
+                    reports.push(report);
+                }
             }
             continue;
         }
@@ -131,10 +133,13 @@ const READING: &str = "## Reading the results
   so their cost does not follow the history: each row compares the largest history with the
   smallest, in the same run, with the same 1,000 requests queued for a repo no builder serves.
   `status` of a finished request is one bucket read; of a queued one, and `builds`, read the
-  queue (parallel gets, bounded by `streams.max_pending_requests`), which is what they cost here.
-  The calls are the client library's (`request_state`, `list_builds`), which the CLI, the MCP
-  server and the builders' control API all use. History: finished one-host requests whose events
-  are stored as a builder stores them; a builder then rebuilds the bucket from them at start.
+  queue (parallel gets, bounded by `streams.max_pending_requests`), which is what they cost here;
+  `builds` reads besides a few dozen slots of the finished-request index and one state per build
+  listed (its first page is checked to be the 20 newest requests). The calls are the client
+  library's (`request_state`, `list_builds`), which the CLI, the MCP server and the builders'
+  control API all use. History: finished one-host requests whose events are stored as a builder
+  stores them, either all within a few seconds (one burst) or 12 s apart, the newest now (over a
+  week); a builder then rebuilds the bucket and its index from them at start.
 - **warm-cache affinity**: two idle builders, repeat builds of one host at a new commit each.
   Without the preference the request goes to whichever builder's pull waits longest, which is
   usually the one that did *not* just build (its pull is the older one); with it, the builder that

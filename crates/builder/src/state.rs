@@ -2,7 +2,9 @@
 //! [`STATE_BUCKET`], so `status` and `builds` cost the same whatever the history holds. The
 //! events stream stays the source of truth; this bucket is derived from it, written by the
 //! builder that publishes each event, and rebuilt from the events when it is missing at start
-//! (docs/decisions/read-model.md).
+//! (docs/decisions/read-model.md). The same bucket holds the finished-request index that
+//! `builds` reads newest first ([`homelab_deploy_client::index`]); the builder appends to it
+//! when a request's state first reaches a final phase, and rebuilds it with the bucket.
 
 use std::time::Duration;
 
@@ -10,8 +12,9 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, kv};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use homelab_deploy_client::index::{self, IndexEntry, IndexHead, INDEXED_PHASES};
 use homelab_deploy_client::inspect::{replayed_states, stored_state};
-use homelab_deploy_protocol::api::{RequestState, STATE_BUCKET};
+use homelab_deploy_protocol::api::{RequestPhase, RequestState, STATE_BUCKET};
 use tracing::{info, warn};
 
 use crate::bus::BusError;
@@ -21,6 +24,9 @@ use crate::config::StreamsConfig;
 const REBUILD_WRITES_IN_FLIGHT: usize = 256;
 /// Compare-and-set attempts of one write before it gives up (another writer kept winning).
 const WRITE_ATTEMPTS: usize = 5;
+/// Index entries a rebuild appends between two writes of the list's head hint (a reader or
+/// writer probes at most this many slots past the hint).
+const HEAD_EVERY: usize = 256;
 
 /// Sorts out one create of a rebuild: an entry that exists already is kept for a
 /// compare-and-set write.
@@ -125,10 +131,12 @@ impl StateStore {
     /// is logged, not an error: clients then read the events for what the bucket lacks.
     pub async fn open(js: &jetstream::Context, limits: &StreamsConfig) -> Result<Self, BusError> {
         if let Ok(store) = js.get_key_value(STATE_BUCKET).await {
-            return Ok(Self {
+            let state = Self {
                 store,
                 js: js.clone(),
-            });
+            };
+            state.index_if_missing(js).await;
+            return Ok(state);
         }
         let began = std::time::Instant::now();
         let store = js
@@ -209,12 +217,182 @@ impl StateStore {
         while let Some((written, state)) = acks.next().await {
             created(written, state, &mut existing)?;
         }
+        let existing_ids: std::collections::HashSet<&str> =
+            existing.iter().map(|state| state.id.as_str()).collect();
+        let created: Vec<&RequestState> = states
+            .iter()
+            .filter(|state| !existing_ids.contains(state.id.as_str()))
+            .collect();
+        self.index_states(&created).await?;
         for state in existing {
             if let Err(err) = self.record(state).await {
                 warn!(error = %err, "a request's state was left out of the rebuilt bucket");
             }
         }
         Ok(count)
+    }
+
+    /// A bucket whose finished-request index has no list at all (written by a builder older
+    /// than the index, or every list expired): the index is rebuilt from the events. Failures
+    /// are logged: `builds` then lists fewer finished requests, `status` is unaffected.
+    async fn index_if_missing(&self, js: &jetstream::Context) {
+        for phase in INDEXED_PHASES {
+            match index::head(&self.store, phase).await {
+                Ok(Some(_)) => return,
+                Ok(None) => {}
+                Err(err) => {
+                    warn!(error = %err, "reading the finished-request index failed");
+                    return;
+                }
+            }
+        }
+        let indexed = async {
+            let states: Vec<RequestState> = replayed_states(js)
+                .await
+                .map_err(bucket_error)?
+                .into_values()
+                .collect();
+            self.index_states(&states.iter().collect::<Vec<_>>())
+                .await?;
+            Ok::<usize, BusError>(states.len())
+        };
+        match indexed.await {
+            Ok(0) => {}
+            Ok(count) => info!(
+                bucket = STATE_BUCKET,
+                requests = count,
+                "rebuilt the finished-request index from the events stream"
+            ),
+            Err(err) => warn!(
+                bucket = STATE_BUCKET,
+                error = %err,
+                "rebuilding the finished-request index failed; builds lists fewer finished requests"
+            ),
+        }
+    }
+
+    /// Appends each of `states` that is in a final phase to that phase's list, oldest
+    /// `queued_at` first, so the lists read back newest first at once.
+    async fn index_states(&self, states: &[&RequestState]) -> Result<(), BusError> {
+        for phase in INDEXED_PHASES {
+            let mut finished: Vec<&RequestState> = states
+                .iter()
+                .copied()
+                .filter(|state| state.phase == phase)
+                .collect();
+            finished.sort_by(|a, b| a.queued_at.cmp(&b.queued_at).then_with(|| b.id.cmp(&a.id)));
+            self.append_index(phase, &finished).await?;
+        }
+        Ok(())
+    }
+
+    /// Appends `states` to `phase`'s list, one slot each, in this order.
+    ///
+    /// Each goes into the first free slot above the head hint (a KV create: a slot another
+    /// writer took is read, and its `queued_at` counted, before the next is tried), with the
+    /// latest `queued_at` of every lower slot as its `before`; so every entry bounds the ones
+    /// below it, whoever wrote them. The hint follows every [`HEAD_EVERY`] entries and at the end.
+    async fn append_index(
+        &self,
+        phase: RequestPhase,
+        states: &[&RequestState],
+    ) -> Result<(), BusError> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        let head = index::head(&self.store, phase)
+            .await
+            .map_err(bucket_error)?;
+        let (mut slot, mut high) = head.map_or((0, None), |head| (head.slot, head.high));
+        for (done, state) in states.iter().enumerate() {
+            loop {
+                slot += 1;
+                let entry = IndexEntry {
+                    id: state.id.clone(),
+                    repo: state.repo.clone(),
+                    queued_at: state.queued_at,
+                    before: high,
+                };
+                let value = serde_json::to_vec(&entry).map_err(bucket_error)?;
+                match self
+                    .store
+                    .create(index::slot_key(phase, slot), value.into())
+                    .await
+                {
+                    Ok(_) => {
+                        high = index::latest(high, Some(state.queued_at));
+                        break;
+                    }
+                    Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        let taken = index::slot(&self.store, phase, slot)
+                            .await
+                            .map_err(bucket_error)?;
+                        if let Some(taken) = taken {
+                            high = index::latest(
+                                high,
+                                index::latest(Some(taken.queued_at), taken.before),
+                            );
+                        }
+                    }
+                    Err(err) => {
+                        return Err(bucket_error(format!(
+                            "writing slot {slot} of the {} index: {err}",
+                            phase.as_str()
+                        )))
+                    }
+                }
+            }
+            if (done + 1) % HEAD_EVERY == 0 || done + 1 == states.len() {
+                self.advance_head(phase, IndexHead { slot, high }).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `phase`'s head hint up to `head` unless it is there already. A hint that other
+    /// writers kept moving is left to them: readers and writers probe past it.
+    async fn advance_head(&self, phase: RequestPhase, head: IndexHead) -> Result<(), BusError> {
+        let key = index::head_key(phase);
+        let value: bytes::Bytes = serde_json::to_vec(&head).map_err(bucket_error)?.into();
+        for _attempt in 0..WRITE_ATTEMPTS {
+            let entry = self.store.entry(key.clone()).await.map_err(bucket_error)?;
+            let current = entry
+                .filter(|e| e.operation == kv::Operation::Put)
+                .map(|e| {
+                    (
+                        serde_json::from_slice::<IndexHead>(&e.value).ok(),
+                        e.revision,
+                    )
+                });
+            // Err(None): another writer moved the hint meanwhile, read it again.
+            let written: Result<u64, Option<String>> = match current {
+                Some((Some(current), _)) if current.slot >= head.slot => return Ok(()),
+                Some((_, revision)) => self
+                    .store
+                    .update(&key, value.clone(), revision)
+                    .await
+                    .map_err(|err| {
+                        (err.kind() != kv::UpdateErrorKind::WrongLastRevision)
+                            .then(|| err.to_string())
+                    }),
+                None => self.store.create(&key, value.clone()).await.map_err(|err| {
+                    (err.kind() != kv::CreateErrorKind::AlreadyExists).then(|| err.to_string())
+                }),
+            };
+            match written {
+                Ok(_) | Err(None) => {}
+                Err(Some(message)) => {
+                    return Err(bucket_error(format!(
+                        "writing the head of the {} index: {message}",
+                        phase.as_str()
+                    )))
+                }
+            }
+            if written.is_ok() {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     fn max_entry_bytes(&self) -> usize {
@@ -242,25 +420,37 @@ impl StateStore {
     /// the entry through every attempt.
     pub async fn record(&self, state: &RequestState) -> Result<Recorded, BusError> {
         let value: bytes::Bytes = fitting(state, self.max_entry_bytes())?.into();
+        // Appended once, before the state shows the final phase: a finished state is never
+        // missing from the index (at worst an entry points to a state written a moment later).
+        let mut indexed = !index::is_indexed(state.phase);
         for _attempt in 0..WRITE_ATTEMPTS {
             let entry = self.store.entry(&state.id).await.map_err(bucket_error)?;
-            // Err(None): another writer changed the entry meanwhile, read it again.
-            let written: Result<u64, Option<String>> = match entry
-                .filter(|e| e.operation == kv::Operation::Put)
+            let entry = entry.filter(|e| e.operation == kv::Operation::Put);
+            let held: Option<RequestState> = entry
+                .as_ref()
+                .and_then(|entry| serde_json::from_slice(&entry.value).ok());
+            if held
+                .as_ref()
+                .is_some_and(|held| held.last_seq >= state.last_seq)
             {
-                Some(entry) => {
-                    let held: Option<RequestState> = serde_json::from_slice(&entry.value).ok();
-                    if held.is_some_and(|held| held.last_seq >= state.last_seq) {
-                        return Ok(Recorded::Stale);
-                    }
-                    self.store
-                        .update(&state.id, value.clone(), entry.revision)
-                        .await
-                        .map_err(|err| {
-                            (err.kind() != kv::UpdateErrorKind::WrongLastRevision)
-                                .then(|| err.to_string())
-                        })
+                return Ok(Recorded::Stale);
+            }
+            if !indexed && held.as_ref().map(|held| held.phase) != Some(state.phase) {
+                if let Err(err) = self.append_index(state.phase, &[state]).await {
+                    warn!(request_id = %state.id, error = %err, "appending to the finished-request index failed; builds may not list this request");
                 }
+                indexed = true;
+            }
+            // Err(None): another writer changed the entry meanwhile, read it again.
+            let written: Result<u64, Option<String>> = match entry {
+                Some(entry) => self
+                    .store
+                    .update(&state.id, value.clone(), entry.revision)
+                    .await
+                    .map_err(|err| {
+                        (err.kind() != kv::UpdateErrorKind::WrongLastRevision)
+                            .then(|| err.to_string())
+                    }),
                 None => self
                     .store
                     .create(&state.id, value.clone())

@@ -26,7 +26,7 @@ use homelab_deploy_protocol::{
 };
 use time::OffsetDateTime;
 
-use crate::ClientError;
+use crate::{index, ClientError};
 
 fn nats_error(action: &'static str) -> impl Fn(&dyn std::fmt::Display) -> ClientError {
     move |err| ClientError::Nats {
@@ -560,10 +560,12 @@ async fn caught_up(
 /// Queued and recent requests, newest first: one page of at most `query.limit` (default
 /// [`DEFAULT_BUILDS_LIMIT`]) from `query.cursor` on, with the cursor of the next page.
 ///
-/// Queued requests come from the queue (bounded); the others from the newest entries of the
-/// state bucket, read back from its end until the page is certain (see [`recent_states`]), so
-/// the first page costs the same whatever the history holds. Without the bucket, every stored
-/// event is replayed.
+/// Queued and running requests come from the queue (bounded: a running request stays in it
+/// until its builder acks it at the end), with the running ones' states from the state bucket;
+/// finished ones from the newest entries of the bucket's finished-request index
+/// ([`crate::index`]), then one bucket read per build on the page. So the first page costs the
+/// same whatever the history holds; a page far back, or a `--state` few recent requests are in,
+/// reads further back. Without the bucket, every stored event is replayed.
 ///
 /// # Errors
 /// [`ClientError::BadCursor`] when `query.cursor` is not a cursor this function wrote;
@@ -587,22 +589,41 @@ pub async fn list_builds(js: &Context, query: &BuildsQuery) -> Result<BuildList,
     let mut builds = queued_states(&pending);
     // Every queued request is in the queue: the bucket is read only for the other phases.
     if query.phase != Some(RequestPhase::Queued) {
-        let in_queue: std::collections::HashSet<&str> =
-            builds.iter().map(|b| b.id.as_str()).collect();
-        let mut others = match state_bucket(js).await {
-            Some(store) => recent_states(&store, limit + 1, &wanted).await?,
-            None => replayed_states(js).await?.into_values().collect(),
-        };
-        others.retain(|b| !in_queue.contains(b.id.as_str()));
-        for state in &mut others {
-            if let Some(request) = pending.iter().find(|p| p.id == state.id) {
-                state.queued_at = request.queued_at;
+        match state_bucket(js).await {
+            Some(store) => {
+                if query
+                    .phase
+                    .is_none_or(|phase| phase == RequestPhase::Running)
+                {
+                    builds.extend(held_states(&store, &pending).await?);
+                }
+                let in_index = |e: &index::IndexEntry| {
+                    query.repo.as_ref().is_none_or(|repo| &e.repo == repo)
+                        && cursor
+                            .as_ref()
+                            .is_none_or(|cursor| cursor.precedes_key(e.queued_at, &e.id))
+                };
+                builds.extend(finished_states(&store, query.phase, limit + 1, &in_index).await?);
+            }
+            None => {
+                let in_queue: std::collections::HashSet<&str> =
+                    builds.iter().map(|b| b.id.as_str()).collect();
+                let mut others: Vec<RequestState> =
+                    replayed_states(js).await?.into_values().collect();
+                others.retain(|b| !in_queue.contains(b.id.as_str()));
+                for state in &mut others {
+                    if let Some(request) = pending.iter().find(|p| p.id == state.id) {
+                        state.queued_at = request.queued_at;
+                    }
+                }
+                builds.extend(others);
             }
         }
-        builds.extend(others);
     }
     builds.retain(|b| wanted(b));
     builds.sort_by(|a, b| b.queued_at.cmp(&a.queued_at).then_with(|| a.id.cmp(&b.id)));
+    let mut seen = std::collections::HashSet::new();
+    builds.retain(|b| seen.insert(b.id.clone()));
     let next_cursor = (builds.len() > limit)
         .then(|| {
             builds
@@ -615,6 +636,71 @@ pub async fn list_builds(js: &Context, query: &BuildsQuery) -> Result<BuildList,
         builds,
         next_cursor,
     })
+}
+
+/// The states of the requests a builder holds (in the queue, not waiting): running, or handed
+/// out and not started yet. One that finished and is not acked yet is left to the index.
+async fn held_states(
+    store: &kv::Store,
+    pending: &[PendingRequest],
+) -> Result<Vec<RequestState>, ClientError> {
+    let held: Vec<PendingRequest> = pending.iter().filter(|p| !p.waiting).cloned().collect();
+    let mut reads = futures::stream::iter(held)
+        .map(|request| async move {
+            let stored = stored_state(store, &request.id).await;
+            (request, stored)
+        })
+        .buffer_unordered(QUEUE_GETS_IN_FLIGHT);
+    let mut states = Vec::new();
+    while let Some((request, stored)) = reads.next().await {
+        let state = match stored? {
+            Some(state) if index::is_indexed(state.phase) => continue,
+            Some(mut state) => {
+                state.queued_at = request.queued_at;
+                state
+            }
+            None => {
+                // Handed to a builder that has not published `started` yet.
+                let mut state = queued_state(&request, 0);
+                state.phase = RequestPhase::Running;
+                state.queue_position = None;
+                state
+            }
+        };
+        states.push(state);
+    }
+    Ok(states)
+}
+
+/// The states of at least the `count` newest finished requests (of `phase` only, when given)
+/// for which `wanted` holds, from the finished-request index: one read of the bucket for each.
+async fn finished_states(
+    store: &kv::Store,
+    phase: Option<RequestPhase>,
+    count: usize,
+    wanted: &impl Fn(&index::IndexEntry) -> bool,
+) -> Result<Vec<RequestState>, ClientError> {
+    let lists = futures::future::try_join_all(
+        index::INDEXED_PHASES
+            .into_iter()
+            .filter(|indexed| phase.is_none_or(|phase| phase == *indexed))
+            .map(|indexed| index::newest(store, indexed, count, wanted)),
+    )
+    .await?;
+    let mut entries: Vec<index::IndexEntry> = lists.into_iter().flatten().collect();
+    entries.sort_by(|a, b| b.queued_at.cmp(&a.queued_at).then_with(|| a.id.cmp(&b.id)));
+    let mut seen = std::collections::HashSet::new();
+    entries.retain(|e| seen.insert(e.id.clone()));
+    entries.truncate(count);
+    let mut reads = futures::stream::iter(entries)
+        .map(|entry| async move { stored_state(store, &entry.id).await })
+        .buffer_unordered(QUEUE_GETS_IN_FLIGHT);
+    let mut states = Vec::new();
+    while let Some(state) = reads.next().await {
+        // A state that expired before its index entry is left out.
+        states.extend(state?);
+    }
+    Ok(states)
 }
 
 /// Every request's state, folded from every stored event: what the state bucket is rebuilt
@@ -640,80 +726,6 @@ pub async fn replayed_states(js: &Context) -> Result<HashMap<String, RequestStat
     )
     .await?;
     Ok(by_id)
-}
-
-/// How far apart two builders' clocks, or an event and the write of its state, may be;
-/// [`recent_states`] reads this much further back.
-const CLOCK_SKEW: time::Duration = time::Duration::minutes(1);
-
-/// Bucket entries read at first by [`recent_states`]; each further round reads twice as many.
-const FIRST_WINDOW: u64 = 64;
-
-/// The newest bucket entries for which `wanted` holds: at least the `count` of them with the
-/// latest `queued_at`, when the bucket holds that many.
-///
-/// Entries are read back from the end of the bucket's stream, where each request's entry moves
-/// whenever it changes (a rebuild writes them in `updated_at` order). An entry stored before
-/// another changed no later than that one's `updated_at` (give or take [`CLOCK_SKEW`]), and a
-/// request is queued before it changes; so once `count` wanted entries were queued after the
-/// oldest `updated_at` read so far (plus the skew), no entry further back can come before them.
-/// The first page thus costs a few dozen direct gets; a page far back, or a filter few entries
-/// match, reads further.
-async fn recent_states(
-    store: &kv::Store,
-    count: usize,
-    wanted: &impl Fn(&RequestState) -> bool,
-) -> Result<Vec<RequestState>, ClientError> {
-    let error = nats_error("reading the request-state bucket");
-    let info = store.stream.get_info().await.map_err(|e| error(&e))?;
-    let (first, mut end) = (info.state.first_sequence, info.state.last_sequence + 1);
-    if info.state.messages == 0 {
-        return Ok(Vec::new());
-    }
-    let mut found: Vec<RequestState> = Vec::new();
-    let mut window = FIRST_WINDOW;
-    let mut oldest_change: Option<OffsetDateTime> = None;
-    while end > first {
-        let start = end.saturating_sub(window).max(first);
-        let stream = &store.stream;
-        let mut entries = futures::stream::iter(start..end)
-            .map(|seq| async move { stream.direct_get(seq).await })
-            .buffer_unordered(QUEUE_GETS_IN_FLIGHT);
-        while let Some(entry) = entries.next().await {
-            let Ok(message) = entry else {
-                continue; // an older revision, since replaced or expired
-            };
-            let deleted = message
-                .headers
-                .get("KV-Operation")
-                .is_some_and(|op| op.as_str() != "PUT");
-            if deleted {
-                continue;
-            }
-            let Ok(state) = serde_json::from_slice::<RequestState>(&message.payload) else {
-                continue;
-            };
-            let changed = state
-                .updated_at
-                .unwrap_or(state.queued_at)
-                .min(message.time);
-            oldest_change = Some(oldest_change.map_or(changed, |o| o.min(changed)));
-            if wanted(&state) {
-                found.push(state);
-            }
-        }
-        end = start;
-        window = window.saturating_mul(2);
-        if found.len() >= count {
-            found.sort_by(|a, b| b.queued_at.cmp(&a.queued_at).then_with(|| a.id.cmp(&b.id)));
-            let certain = oldest_change
-                .is_some_and(|oldest| found[count - 1].queued_at > oldest + CLOCK_SKEW);
-            if certain {
-                break;
-            }
-        }
-    }
-    Ok(found)
 }
 
 /// Every builder that announced itself, by name, with the age of its heartbeat and whether

@@ -8,6 +8,7 @@
 mod connect;
 pub mod control;
 pub mod denials;
+pub mod index;
 pub mod inspect;
 mod request;
 mod sign;

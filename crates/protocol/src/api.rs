@@ -391,8 +391,13 @@ impl BuildsCursor {
 
     /// Whether `state` comes after this cursor in list order (newest first, then by id).
     pub fn precedes(&self, state: &RequestState) -> bool {
-        let at = state.queued_at.unix_timestamp_nanos();
-        at < self.queued_at_ns || (at == self.queued_at_ns && state.id > self.id)
+        self.precedes_key(state.queued_at, &state.id)
+    }
+
+    /// Whether a build queued at `queued_at` with id `id` comes after this cursor.
+    pub fn precedes_key(&self, queued_at: OffsetDateTime, id: &str) -> bool {
+        let at = queued_at.unix_timestamp_nanos();
+        at < self.queued_at_ns || (at == self.queued_at_ns && id > self.id.as_str())
     }
 
     /// Reads a cursor written by [`BuildsCursor::to_string`].
