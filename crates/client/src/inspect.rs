@@ -311,7 +311,9 @@ pub fn fold_event(state: &mut RequestState, event: &Event) {
                 HostStatus::Built => state.hosts.built += 1,
                 HostStatus::Cached => state.hosts.cached += 1,
                 HostStatus::Cancelled => state.hosts.cancelled += 1,
-                _ => state.hosts.failed += 1,
+                HostStatus::BuildFailed | HostStatus::EvalFailed | HostStatus::TimedOut => {
+                    state.hosts.failed += 1
+                }
             }
             state.host_results.retain(|h| h.name != result.name);
             state.host_results.push(host_outcome(result, None));
