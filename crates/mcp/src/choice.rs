@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 /// An enum a tool argument names by its serde name.
-pub trait Names: DeserializeOwned {
+pub(crate) trait Names: DeserializeOwned {
     /// Every variant's serde name, in the order the schema lists them.
     const NAMES: &'static [&'static str];
 }
@@ -35,14 +35,14 @@ impl Names for RequestPhase {
 
 /// A string argument read as a `T`, or kept as given when it names no variant.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Choice<T> {
+pub(crate) enum Choice<T> {
     Known(T),
     Unknown(String),
 }
 
 impl<T: Names> Choice<T> {
     /// The variant, or which name `field` was given instead of one of `T`'s.
-    pub fn get(self, field: &'static str) -> Result<T, UnknownName> {
+    pub(crate) fn get(self, field: &'static str) -> Result<T, UnknownName> {
         match self {
             Choice::Known(value) => Ok(value),
             Choice::Unknown(text) => Err(UnknownName {
@@ -57,7 +57,7 @@ impl<T: Names> Choice<T> {
 /// A tool argument that names no variant; the tool error's text.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field} {text:?} is not one of {}", names.join(", "))]
-pub struct UnknownName {
+pub(crate) struct UnknownName {
     field: &'static str,
     text: String,
     names: &'static [&'static str],
@@ -90,7 +90,7 @@ impl<T: Names> JsonSchema for Choice<T> {
 }
 
 /// Reads an optional [`Choice`] field whose schema is that of a plain [`Choice`].
-pub fn optional<'de, D: Deserializer<'de>, T: Names>(
+pub(crate) fn optional<'de, D: Deserializer<'de>, T: Names>(
     deserializer: D,
 ) -> Result<Option<Choice<T>>, D::Error> {
     Option::<Choice<T>>::deserialize(deserializer)

@@ -10,7 +10,7 @@
 //! [`summary`]).
 
 mod choice;
-pub mod summary;
+mod summary;
 
 use std::time::Duration;
 
@@ -85,14 +85,14 @@ pub async fn serve_stdio(settings: ConnectSettings, enable_builds: bool) -> Resu
 }
 
 #[derive(Clone)]
-pub struct BuildTools {
+pub(crate) struct BuildTools {
     settings: ConnectSettings,
     enable_builds: bool,
     tool_router: ToolRouter<Self>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct BuildArgs {
+pub(crate) struct BuildArgs {
     /// Repo to build, as the builders name it (see list_repos_and_hosts).
     pub repo: String,
     /// One host name of the repo's flake, or "all".
@@ -118,13 +118,13 @@ pub struct BuildArgs {
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct IdArgs {
+pub(crate) struct IdArgs {
     /// The request id (returned by build, or shown by list_builds).
     pub id: String,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct CancelArgs {
+pub(crate) struct CancelArgs {
     /// The request id to cancel.
     pub id: String,
     /// Why; shown to whoever looks at the build (at most 256 characters).
@@ -132,7 +132,7 @@ pub struct CancelArgs {
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct LogsArgs {
+pub(crate) struct LogsArgs {
     /// The request id.
     pub id: String,
     /// Only this host's log (recommended for failed hosts).
@@ -143,7 +143,7 @@ pub struct LogsArgs {
 }
 
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
-pub struct ListBuildsArgs {
+pub(crate) struct ListBuildsArgs {
     /// Only builds of this repo.
     pub repo: Option<String>,
     /// Only builds in this state.
@@ -159,20 +159,20 @@ pub struct ListBuildsArgs {
 
 /// `list_repos_and_hosts`: repo → builders serving it, and repo → the flake's hosts.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
-pub struct ReposOutput {
+pub(crate) struct ReposOutput {
     pub repos: std::collections::BTreeMap<String, Vec<String>>,
     pub hosts: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// `list_builders`.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
-pub struct BuildersOutput {
+pub(crate) struct BuildersOutput {
     pub builders: Vec<BuilderSummary>,
 }
 
 /// `list_builds`: one page, newest first.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
-pub struct BuildsOutput {
+pub(crate) struct BuildsOutput {
     pub builds: Vec<BuildSummary>,
     /// Pass as `cursor` for older builds; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -181,7 +181,7 @@ pub struct BuildsOutput {
 
 /// `build_logs`.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
-pub struct LogsOutput {
+pub(crate) struct LogsOutput {
     pub id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
@@ -191,7 +191,7 @@ pub struct LogsOutput {
 
 /// `cancel_build`.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
-pub struct CancelOutput {
+pub(crate) struct CancelOutput {
     pub id: String,
     /// The phase the build was in.
     #[schemars(extend("enum" = ["queued", "running"]))]
@@ -345,7 +345,7 @@ impl ProgressReporter {
 
 #[tool_router]
 impl BuildTools {
-    pub fn new(settings: ConnectSettings, enable_builds: bool) -> Self {
+    pub(crate) fn new(settings: ConnectSettings, enable_builds: bool) -> Self {
         let mut tool_router = Self::tool_router();
         if !enable_builds {
             for name in WRITE_TOOLS {

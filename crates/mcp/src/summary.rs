@@ -10,11 +10,11 @@ use time::OffsetDateTime;
 
 /// Most bytes of a result's text, and of its `structuredContent`: about 2,000 tokens each, so
 /// a build of 300 failing hosts reads as a page, not as tens of thousands of tokens.
-pub const RESULT_MAX_BYTES: usize = 8 * 1024;
+pub(crate) const RESULT_MAX_BYTES: usize = 8 * 1024;
 
 /// How much of a request a summary shows.
 #[derive(Debug, Clone, Copy)]
-pub struct Detail {
+pub(crate) struct Detail {
     /// Failure groups shown (the rest are counted).
     pub groups: usize,
     /// Host names shown per group (the rest are counted).
@@ -26,7 +26,7 @@ pub struct Detail {
 }
 
 /// One request on its own (`build`, `build_status`).
-pub const FULL: Detail = Detail {
+pub(crate) const FULL: Detail = Detail {
     groups: 6,
     names: 20,
     excerpt_chars: 400,
@@ -34,7 +34,7 @@ pub const FULL: Detail = Detail {
 };
 
 /// One entry of `list_builds`.
-pub const LIST: Detail = Detail {
+pub(crate) const LIST: Detail = Detail {
     groups: 2,
     names: 5,
     excerpt_chars: 160,
@@ -47,7 +47,7 @@ fn is_zero(n: &usize) -> bool {
 
 /// Counts across a request's hosts.
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct HostTotals {
+pub(crate) struct HostTotals {
     pub total: u64,
     pub done: u64,
     pub built: u64,
@@ -60,7 +60,7 @@ pub struct HostTotals {
 
 /// Derivations of the host being built, from the builder's last `progress` event.
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct Derivations {
+pub(crate) struct Derivations {
     pub done: u64,
     pub expected: u64,
 }
@@ -68,7 +68,7 @@ pub struct Derivations {
 /// Hosts that failed with the same status and the same error (store hashes and the host's own
 /// name aside).
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct Failure {
+pub(crate) struct Failure {
     #[schemars(extend("enum" = ["build_failed", "eval_failed", "timed_out", "cancelled"]))]
     pub status: String,
     /// The end of the first host's error; `build_logs` with that host has the whole log.
@@ -82,7 +82,7 @@ pub struct Failure {
 
 /// One host and its status.
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct HostLine {
+pub(crate) struct HostLine {
     pub name: String,
     #[schemars(extend("enum" = ["built", "cached", "build_failed", "eval_failed", "cancelled", "timed_out"]))]
     pub status: String,
@@ -106,7 +106,7 @@ const PACKAGE_CHARS: usize = 100;
 
 /// A build request as an assistant needs it.
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct BuildSummary {
+pub(crate) struct BuildSummary {
     pub id: String,
     pub repo: String,
     pub target: String,
@@ -154,7 +154,7 @@ fn first_chars(text: &str, max: usize) -> String {
 }
 
 /// The summary of `state` at `detail`.
-pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
+pub(crate) fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
     let groups = group_failures(
         state
             .host_results
@@ -257,7 +257,7 @@ pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
 }
 
 /// The summary as text an assistant can read aloud, at most [`RESULT_MAX_BYTES`].
-pub fn summary_text(summary: &BuildSummary) -> String {
+pub(crate) fn summary_text(summary: &BuildSummary) -> String {
     let mut text = format!(
         "Build {} of {} {}: {}",
         summary.id, summary.repo, summary.target, summary.phase
@@ -327,7 +327,7 @@ pub fn summary_text(summary: &BuildSummary) -> String {
 }
 
 /// `text` cut to [`RESULT_MAX_BYTES`], saying where the rest is.
-pub fn cap_text(text: String, id: &str) -> String {
+pub(crate) fn cap_text(text: String, id: &str) -> String {
     if text.len() <= RESULT_MAX_BYTES {
         return text;
     }
@@ -340,7 +340,7 @@ pub fn cap_text(text: String, id: &str) -> String {
 }
 
 /// One line of `list_builds`.
-pub fn list_line(summary: &BuildSummary) -> String {
+pub(crate) fn list_line(summary: &BuildSummary) -> String {
     let mut line = format!(
         "{} {} {}: {}",
         summary.id, summary.repo, summary.target, summary.phase
@@ -373,7 +373,7 @@ pub fn list_line(summary: &BuildSummary) -> String {
 
 /// A builder as an assistant needs it.
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct BuilderSummary {
+pub(crate) struct BuilderSummary {
     pub name: String,
     pub version: String,
     /// `idle`, `building`, `draining`, `starting`; `lost` when its heartbeat is older than 30 s.
@@ -390,7 +390,7 @@ pub struct BuilderSummary {
 }
 
 impl BuilderSummary {
-    pub fn new(info: &BuilderInfo, now: OffsetDateTime) -> Self {
+    pub(crate) fn new(info: &BuilderInfo, now: OffsetDateTime) -> Self {
         let age = (now - info.heartbeat).whole_seconds().max(0);
         let lost = age > BUILDER_LOST_AFTER_SECS;
         Self {
