@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 
 use homelab_deploy_protocol::api::RequestPhase;
-use homelab_deploy_protocol::{Mode, Priority};
+use homelab_deploy_protocol::{HostStatus, Mode, Priority};
 use rmcp::schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
@@ -31,6 +31,42 @@ impl Names for Priority {
 impl Names for RequestPhase {
     const NAMES: &'static [&'static str] =
         &["queued", "running", "succeeded", "failed", "cancelled"];
+}
+
+impl Names for HostStatus {
+    const NAMES: &'static [&'static str] = &[
+        "built",
+        "cached",
+        "build_failed",
+        "eval_failed",
+        "cancelled",
+        "timed_out",
+    ];
+}
+
+/// Schema of a failure group's status: the [`HostStatus`] names that are not a success.
+pub(crate) struct FailedStatus;
+
+impl JsonSchema for FailedStatus {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        "FailedStatus".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        let failed: Vec<&str> = HostStatus::NAMES
+            .iter()
+            .copied()
+            .filter(|name| {
+                serde_json::from_value::<HostStatus>((*name).into())
+                    .is_ok_and(|status| !status.is_success())
+            })
+            .collect();
+        json_schema!({ "type": "string", "enum": failed })
+    }
 }
 
 /// A string argument read as a `T`, or kept as given when it names no variant.
@@ -128,6 +164,24 @@ mod tests {
         );
         names_match(
             &[
+                HostStatus::Built,
+                HostStatus::Cached,
+                HostStatus::BuildFailed,
+                HostStatus::EvalFailed,
+                HostStatus::Cancelled,
+                HostStatus::TimedOut,
+            ],
+            |status| match status {
+                HostStatus::Built
+                | HostStatus::Cached
+                | HostStatus::BuildFailed
+                | HostStatus::EvalFailed
+                | HostStatus::Cancelled
+                | HostStatus::TimedOut => (),
+            },
+        );
+        names_match(
+            &[
                 RequestPhase::Queued,
                 RequestPhase::Running,
                 RequestPhase::Succeeded,
@@ -141,6 +195,21 @@ mod tests {
                 | RequestPhase::Failed
                 | RequestPhase::Cancelled => (),
             },
+        );
+    }
+
+    #[test]
+    fn a_failure_groups_status_lists_the_failed_statuses_only() {
+        let schema =
+            rmcp::schemars::SchemaGenerator::default().into_root_schema_for::<FailedStatus>();
+        assert_eq!(
+            schema.get("enum"),
+            Some(&serde_json::json!([
+                "build_failed",
+                "eval_failed",
+                "cancelled",
+                "timed_out"
+            ]))
         );
     }
 

@@ -810,7 +810,7 @@ impl BuildTools {
         };
         let Some(state) = state else {
             let mut summary = summarize(&blank(id, repo, target), FULL);
-            summary.phase = "queued".to_owned();
+            summary.phase = RequestPhase::Queued;
             summary.note = Some(why);
             return summary_result(summary);
         };

@@ -2,9 +2,13 @@
 //! the short text beside them. Both stay within [`RESULT_MAX_BYTES`] however many hosts failed:
 //! identical errors are grouped, excerpts are cut, and each result says which call has more.
 
-use homelab_deploy_protocol::api::{BuilderInfo, RequestState, BUILDER_LOST_AFTER_SECS};
-use homelab_deploy_protocol::{error_excerpt, group_failures, DiffStatus};
+use homelab_deploy_protocol::api::{
+    BuilderInfo, RequestPhase, RequestState, BUILDER_LOST_AFTER_SECS,
+};
+use homelab_deploy_protocol::{error_excerpt, group_failures, DiffStatus, HostStatus};
 use rmcp::schemars::{self, JsonSchema};
+
+use crate::choice::{Choice, FailedStatus};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -69,8 +73,8 @@ pub(crate) struct Derivations {
 /// name aside).
 #[derive(Debug, Serialize, JsonSchema)]
 pub(crate) struct Failure {
-    #[schemars(extend("enum" = ["build_failed", "eval_failed", "timed_out", "cancelled"]))]
-    pub status: String,
+    #[schemars(with = "FailedStatus")]
+    pub status: HostStatus,
     /// The end of the first host's error; `build_logs` with that host has the whole log.
     pub error: String,
     /// The first hosts that failed this way.
@@ -84,8 +88,8 @@ pub(crate) struct Failure {
 #[derive(Debug, Serialize, JsonSchema)]
 pub(crate) struct HostLine {
     pub name: String,
-    #[schemars(extend("enum" = ["built", "cached", "build_failed", "eval_failed", "cancelled", "timed_out"]))]
-    pub status: String,
+    #[schemars(with = "Choice<HostStatus>")]
+    pub status: HostStatus,
     /// What the build changes against the builder's earlier build of the host at another
     /// commit: `+1 -1 ~1, +40.0 KiB (against rev …)` (added, removed, changed packages;
     /// closure size change) or `diff failed: …`; absent when there was nothing to compare with.
@@ -110,8 +114,8 @@ pub(crate) struct BuildSummary {
     pub id: String,
     pub repo: String,
     pub target: String,
-    #[schemars(extend("enum" = ["queued", "running", "succeeded", "failed", "cancelled"]))]
-    pub phase: String,
+    #[schemars(with = "Choice<RequestPhase>")]
+    pub phase: RequestPhase,
     /// 1-based place among the repo's queued requests, when queued.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u64>,
@@ -166,7 +170,7 @@ pub(crate) fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
         .into_iter()
         .take(detail.groups)
         .map(|group| Failure {
-            status: group.status.as_str().to_owned(),
+            status: group.status,
             error: error_excerpt(&group.error, detail.excerpt_chars),
             more_hosts: group.hosts.len().saturating_sub(detail.names),
             hosts: group.hosts.into_iter().take(detail.names).collect(),
@@ -179,7 +183,7 @@ pub(crate) fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
             .iter()
             .map(|h| HostLine {
                 name: h.name.clone(),
-                status: h.status.as_str().to_owned(),
+                status: h.status,
                 changes: h
                     .closure_diff
                     .as_ref()
@@ -210,7 +214,7 @@ pub(crate) fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
     } else {
         Vec::new()
     };
-    let running = state.phase.as_str() == "running";
+    let running = state.phase == RequestPhase::Running;
     let details = match (&failures.first(), running) {
         (_, true) => format!("build_status with id {} follows it", state.id),
         (Some(failure), _) => format!(
@@ -225,7 +229,7 @@ pub(crate) fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
         id: state.id.clone(),
         repo: state.repo.clone(),
         target: state.target.clone(),
-        phase: state.phase.as_str().to_owned(),
+        phase: state.phase,
         queue_position: state.queue_position,
         rev: state.rev.clone(),
         builder: state.builder.clone(),
@@ -260,7 +264,10 @@ pub(crate) fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
 pub(crate) fn summary_text(summary: &BuildSummary) -> String {
     let mut text = format!(
         "Build {} of {} {}: {}",
-        summary.id, summary.repo, summary.target, summary.phase
+        summary.id,
+        summary.repo,
+        summary.target,
+        summary.phase.as_str()
     );
     if let Some(position) = summary.queue_position {
         text.push_str(&format!(", position {position} in the queue"));
@@ -290,7 +297,7 @@ pub(crate) fn summary_text(summary: &BuildSummary) -> String {
         text.push('.');
     }
     for line in &summary.results {
-        text.push_str(&format!("\n- {}: {}", line.name, line.status));
+        text.push_str(&format!("\n- {}: {}", line.name, line.status.as_str()));
         if let Some(changes) = &line.changes {
             text.push_str(&format!("; changes {changes}"));
         }
@@ -308,7 +315,7 @@ pub(crate) fn summary_text(summary: &BuildSummary) -> String {
         text.push_str(&format!(
             "\n{count} host{} {} ({}{more}):\n  {}",
             if count == 1 { "" } else { "s" },
-            failure.status,
+            failure.status.as_str(),
             failure.hosts.join(", "),
             failure.error.replace('\n', "\n  ")
         ));
@@ -343,7 +350,10 @@ pub(crate) fn cap_text(text: String, id: &str) -> String {
 pub(crate) fn list_line(summary: &BuildSummary) -> String {
     let mut line = format!(
         "{} {} {}: {}",
-        summary.id, summary.repo, summary.target, summary.phase
+        summary.id,
+        summary.repo,
+        summary.target,
+        summary.phase.as_str()
     );
     if let Some(position) = summary.queue_position {
         line.push_str(&format!(" #{position}"));
@@ -361,7 +371,7 @@ pub(crate) fn list_line(summary: &BuildSummary) -> String {
         line.push_str(&format!(
             "; {} {}: {}",
             failure.hosts.first().map(String::as_str).unwrap_or("?"),
-            failure.status,
+            failure.status.as_str(),
             last.chars().take(120).collect::<String>()
         ));
     } else if let Some(error) = &summary.error {
