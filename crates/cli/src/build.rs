@@ -4,13 +4,13 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use homelab_deploy_client::control::{wait_for_finished, Seen, WaitEnd};
-use homelab_deploy_client::{submit, ClientError, SubmitOptions};
-use homelab_deploy_protocol::api::ErrorCode;
+use homelab_deploy_client::{submit, SubmitOptions};
 use homelab_deploy_protocol::request::{check_git_ref, check_rev};
 use homelab_deploy_protocol::{BuildStatus, EventBody, Mode, Priority, RepoName, Target};
 
+use crate::error::{CliError, CliResult, Outcome};
 use crate::progress::{print_result, Progress};
-use crate::{exit, NatsArgs};
+use crate::NatsArgs;
 
 pub const AFTER_HELP: &str = "\
 Examples:
@@ -117,42 +117,28 @@ impl From<ModeArg> for Mode {
     }
 }
 
-fn usage_error(message: impl std::fmt::Display) -> u8 {
-    eprintln!("error: {message}");
-    exit::USAGE
-}
-
-pub async fn run(args: BuildArgs) -> u8 {
-    let repo = match RepoName::parse(&args.repo) {
-        Ok(repo) => repo,
-        Err(err) => return usage_error(err),
-    };
+pub async fn run(args: BuildArgs) -> CliResult {
+    let repo = RepoName::parse(&args.repo).map_err(CliError::usage)?;
     let target = match (args.all, args.target.as_deref(), args.host.as_deref()) {
         (_, _, Some(host)) => Target::host(host),
         (true, None | Some("all"), None) => Ok(Target::All),
         (true, Some(other), None) => {
-            return usage_error(format!(
+            return Err(CliError::usage(format!(
                 "--all builds every host; drop the target {other:?} or --all"
-            ))
+            )))
         }
         (false, Some(target), None) => Target::parse(target),
-        (false, None, None) => return usage_error("name a target host, or `all`"),
+        (false, None, None) => return Err(CliError::usage("name a target host, or `all`")),
     };
-    let target = match target {
-        Ok(target) => target,
-        Err(err) => return usage_error(err),
-    };
-    if let Some(Err(err)) = args.git_ref.as_deref().map(check_git_ref) {
-        return usage_error(err);
+    let target = target.map_err(CliError::usage)?;
+    if let Some(git_ref) = args.git_ref.as_deref() {
+        check_git_ref(git_ref).map_err(CliError::usage)?;
     }
-    if let Some(Err(err)) = args.rev.as_deref().map(check_rev) {
-        return usage_error(err);
+    if let Some(rev) = args.rev.as_deref() {
+        check_rev(rev).map_err(CliError::usage)?;
     }
 
-    let (client, signer) = match crate::nats::connect_signing_or_exit(&args.nats, "build").await {
-        Ok(connected) => connected,
-        Err(code) => return code,
-    };
+    let (client, signer) = crate::nats::connect_signing(&args.nats, "build").await?;
     let options = SubmitOptions {
         requested_by: Some(requested_by()),
         git_ref: args.git_ref,
@@ -163,13 +149,10 @@ pub async fn run(args: BuildArgs) -> u8 {
         priority: args.priority.into(),
         signer,
     };
-    let mut submission = match submit(&client, &repo, &target, options).await {
-        Ok(submission) => submission,
-        Err(err) => return client_error(err),
-    };
+    let mut submission = submit(&client, &repo, &target, options).await?;
     if args.no_wait {
         println!("{}", submission.id);
-        return exit::OK;
+        return Ok(Outcome::Done);
     }
 
     let mut progress = Progress::new(&submission.subject, submission.id.as_str(), args.quiet);
@@ -189,16 +172,16 @@ pub async fn run(args: BuildArgs) -> u8 {
     let finished = match waited {
         Ok(finished) => finished,
         Err(WaitEnd::TimedOut) => {
-            eprintln!(
-                "error: timed out after {} waiting for request {}; the build goes on (see its events on build.responses.{}.{}.{}.events)",
+            return Err(CliError::unavailable(format!(
+                "timed out after {} waiting for request {}; the build goes on (see its events on build.responses.{}.{}.{}.events)",
                 humantime::format_duration(args.timeout), submission.id, repo, target.token(), submission.id
-            );
-            return exit::UNAVAILABLE;
+            )));
         }
-        Err(WaitEnd::Failed(err)) => return client_error(err),
+        Err(WaitEnd::Failed(err)) => return Err(err.into()),
         Err(WaitEnd::Closed) => {
-            eprintln!("error: the event subscription ended before the build finished (NATS connection lost?)");
-            return exit::UNAVAILABLE;
+            return Err(CliError::unavailable(
+                "the event subscription ended before the build finished (NATS connection lost?)",
+            ));
         }
     };
     if let Some(path) = &args.junit {
@@ -222,23 +205,8 @@ pub async fn run(args: BuildArgs) -> u8 {
         EventBody::Finished {
             status: BuildStatus::Succeeded,
             ..
-        } => exit::OK,
-        _ => exit::BUILD_FAILED,
-    }
-}
-
-pub fn client_error(err: ClientError) -> u8 {
-    eprintln!("error: {err}");
-    match err {
-        ClientError::Credentials(_) | ClientError::InboxRefused { .. } => exit::USAGE,
-        ClientError::Api {
-            code: Some(ErrorCode::Invalid),
-            ..
-        } => exit::USAGE,
-        ClientError::Refused { .. }
-        | ClientError::PublishDenied { .. }
-        | ClientError::Api { .. } => exit::BUILD_FAILED,
-        _ => exit::UNAVAILABLE,
+        } => Ok(Outcome::Done),
+        _ => Ok(Outcome::BuildFailed),
     }
 }
 

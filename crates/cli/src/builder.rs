@@ -10,7 +10,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use crate::exit;
+use homelab_deploy_client::control;
+use homelab_deploy_protocol::api::check_builder_name;
+
+use crate::error::{CliError, CliResult, Outcome};
+use crate::nats::{connect_client, print_json};
+use crate::NatsArgs;
 
 pub const AFTER_HELP: &str = "\
 The config is TOML; see docs/configuration.md. The smallest one:
@@ -106,7 +111,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum BuilderAction {
     /// Ask a running builder to finish its current build, take no new one, and exit.
-    Drain(crate::cancel::DrainArgs),
+    Drain(DrainArgs),
     /// Create or update the streams and buckets of the builder config FILE with an admin
     /// credential, on a server where builders may not create them (nats/prod.example.conf).
     #[command(after_help = PROVISION_HELP)]
@@ -201,28 +206,13 @@ fn provisioned_account(
     }
 }
 
-async fn provision(args: ProvisionArgs) -> u8 {
-    let config = match Config::load(&args.config) {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return exit::USAGE;
-        }
-    };
-    let account = match provisioned_account(&config, &args.config, args.tenant.as_deref()) {
-        Ok(account) => account,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return exit::USAGE;
-        }
-    };
-    if let Some(Err(err)) = args
-        .inbox_prefix
-        .as_deref()
-        .map(homelab_deploy_client::check_inbox_prefix)
-    {
-        eprintln!("error: --inbox-prefix: {err}");
-        return exit::USAGE;
+async fn provision(args: ProvisionArgs) -> CliResult {
+    let config = Config::load(&args.config).map_err(CliError::usage)?;
+    let account = provisioned_account(&config, &args.config, args.tenant.as_deref())
+        .map_err(CliError::usage)?;
+    if let Some(prefix) = args.inbox_prefix.as_deref() {
+        homelab_deploy_client::check_inbox_prefix(prefix)
+            .map_err(|err| CliError::usage(format!("--inbox-prefix: {err}")))?;
     }
     let settings = homelab_deploy_client::ConnectSettings {
         url: args
@@ -236,23 +226,39 @@ async fn provision(args: ProvisionArgs) -> u8 {
         timeout: Duration::from_secs(5),
         vault: None,
     };
-    let client = match homelab_deploy_client::connect(&settings).await {
-        Ok(client) => client,
-        Err(err) => return crate::build::client_error(err),
-    };
+    let client = homelab_deploy_client::connect(&settings).await?;
     let js = async_nats::jetstream::new(client);
-    match homelab_deploy_builder::provision::provision(&js, &account).await {
-        Ok(done) => {
-            for (name, outcome) in done {
-                println!("{name}: {outcome}");
-            }
-            exit::OK
-        }
-        Err(err) => {
-            eprintln!("error: {err}");
-            exit::UNAVAILABLE
-        }
+    let done = homelab_deploy_builder::provision::provision(&js, &account)
+        .await
+        .map_err(CliError::unavailable)?;
+    for (name, outcome) in done {
+        println!("{name}: {outcome}");
     }
+    Ok(Outcome::Done)
+}
+
+#[derive(Args)]
+pub struct DrainArgs {
+    /// Name of the builder (as in `homelab-deploy builders`).
+    name: String,
+    /// Print the builder's answer as one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+/// `builder drain NAME`: asks the builder over `build.api.>` to finish its build and exit.
+async fn drain(args: DrainArgs) -> CliResult {
+    check_builder_name(&args.name).map_err(CliError::usage)?;
+    let client = connect_client(&args.nats, "builder drain").await?;
+    let reply = control::drain(&client, &args.name).await?;
+    if args.json {
+        print_json(&reply);
+    } else {
+        println!("{}: {}", reply.builder, reply.message);
+    }
+    Ok(Outcome::Done)
 }
 
 impl BuilderArgs {
@@ -266,14 +272,15 @@ impl BuilderArgs {
     }
 }
 
-pub async fn run(args: BuilderArgs) -> u8 {
+pub async fn run(args: BuilderArgs) -> CliResult {
     let path = match (args.action, args.config) {
-        (Some(BuilderAction::Drain(drain)), _) => return crate::cancel::drain(drain).await,
+        (Some(BuilderAction::Drain(drain_args)), _) => return drain(drain_args).await,
         (Some(BuilderAction::Provision(args)), _) => return provision(args).await,
         (None, Some(path)) => path,
         (None, None) => {
-            eprintln!("error: --config FILE is required to run a builder");
-            return exit::USAGE;
+            return Err(CliError::usage(
+                "--config FILE is required to run a builder",
+            ))
         }
     };
     let session = Session {
@@ -281,29 +288,17 @@ pub async fn run(args: BuilderArgs) -> u8 {
         idle_exit: args.idle_exit,
         lifetime: args.lifetime,
     };
-    let args = RunArgs {
-        config: path,
-        check: args.check,
-        once: args.once,
-    };
-    let config = match Config::load(&args.config) {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return exit::USAGE;
-        }
-    };
+    let config = Config::load(&path).map_err(CliError::usage)?;
     if config.builder.name.is_none() && !session.is_ephemeral() {
-        eprintln!(
-            "error: config file {}: key `builder.name` is required, except for an ephemeral builder (--once, --max-builds, --idle-exit or --lifetime), which takes a generated one",
-            args.config.display()
-        );
-        return exit::USAGE;
+        return Err(CliError::usage(format!(
+            "config file {}: key `builder.name` is required, except for an ephemeral builder (--once, --max-builds, --idle-exit or --lifetime), which takes a generated one",
+            path.display()
+        )));
     }
     if args.check {
         println!(
             "config {} is valid: builder {}, repos {}",
-            args.config.display(),
+            path.display(),
             config
                 .builder
                 .name
@@ -311,7 +306,7 @@ pub async fn run(args: BuilderArgs) -> u8 {
                 .unwrap_or("(a generated name)"),
             config.repos.keys().cloned().collect::<Vec<_>>().join(", ")
         );
-        return exit::OK;
+        return Ok(Outcome::Done);
     }
     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
     let signals = match (
@@ -320,38 +315,33 @@ pub async fn run(args: BuilderArgs) -> u8 {
     ) {
         (Ok(term), Ok(int)) => (term, int),
         (Err(err), _) | (_, Err(err)) => {
-            eprintln!("error: cannot install signal handlers: {err}");
-            return exit::UNAVAILABLE;
+            return Err(CliError::unavailable(format!(
+                "cannot install signal handlers: {err}"
+            )))
         }
     };
     tokio::spawn(forward_signals(signals, stop_tx));
     match homelab_deploy_builder::run(config, session, stop_rx).await {
-        Ok(report) if session.is_ephemeral() => session_exit(&report, args.once),
-        Ok(_) => exit::OK,
+        Ok(report) if session.is_ephemeral() => Ok(session_outcome(&report, args.once)),
+        Ok(_) => Ok(Outcome::Done),
         Err(err) => {
             error!(error = %err, "builder failed");
-            eprintln!("error: {err}");
-            exit::UNAVAILABLE
+            Err(CliError::unavailable(err))
         }
     }
 }
 
-struct RunArgs {
-    config: PathBuf,
-    check: bool,
-    once: bool,
-}
-
-/// The exit code of an ephemeral builder that stopped cleanly: a failed request it took makes
-/// it 1, and `--once` without a verdict is [`exit::NO_VERDICT`]. (A long-running builder exits
-/// 0: its builds' verdicts are the requesters' business, not systemd's.)
-fn session_exit(report: &SessionReport, once: bool) -> u8 {
+/// How an ephemeral builder that stopped cleanly exits: a failed request it took makes it
+/// [`Outcome::BuildFailed`], and `--once` without a verdict is [`Outcome::NoVerdict`]. (A
+/// long-running builder exits 0: its builds' verdicts are the requesters' business, not
+/// systemd's.)
+fn session_outcome(report: &SessionReport, once: bool) -> Outcome {
     if report.failed > 0 {
-        exit::BUILD_FAILED
+        Outcome::BuildFailed
     } else if once && report.succeeded == 0 {
-        exit::NO_VERDICT
+        Outcome::NoVerdict
     } else {
-        exit::OK
+        Outcome::Done
     }
 }
 

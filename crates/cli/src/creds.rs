@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand, ValueEnum};
 use homelab_deploy_credentials::jwt::{mint, read_account_signing_key, write_creds_file, BUILDER};
 
-use crate::exit;
+use crate::error::{CliError, CliResult, Outcome};
 
 pub const AFTER_HELP: &str = "\
 The server must run in operator mode and trust the account (nats/operator.example.conf, made
@@ -62,7 +62,7 @@ enum Role {
     Builder,
 }
 
-pub fn run(args: CredsArgs) -> u8 {
+pub fn run(args: CredsArgs) -> CliResult {
     let CredsAction::Mint(args) = args.action;
     let permissions = match args.role {
         Role::Builder => &BUILDER,
@@ -76,14 +76,9 @@ pub fn run(args: CredsArgs) -> u8 {
             args.ttl,
         )
     });
-    let minted =
-        match minted.and_then(|minted| write_creds_file(&args.out, &minted).map(|()| minted)) {
-            Ok(minted) => minted,
-            Err(err) => {
-                eprintln!("error: {err}");
-                return exit::USAGE;
-            }
-        };
+    let minted = minted
+        .and_then(|minted| write_creds_file(&args.out, &minted).map(|()| minted))
+        .map_err(CliError::usage)?;
     let expires = time::OffsetDateTime::from_unix_timestamp(minted.expires_at as i64)
         .ok()
         .and_then(|at| {
@@ -96,5 +91,5 @@ pub fn run(args: CredsArgs) -> u8 {
         "wrote {}: user {user}, expires {expires}",
         args.out.display()
     );
-    exit::OK
+    Ok(Outcome::Done)
 }

@@ -7,8 +7,9 @@ use homelab_deploy_dashboard::Limits;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::error;
 
-use crate::nats::connect_or_exit;
-use crate::{exit, NatsArgs};
+use crate::error::{CliError, CliResult, Outcome};
+use crate::nats::connect_client;
+use crate::NatsArgs;
 
 #[derive(Args)]
 pub struct DashboardArgs {
@@ -30,19 +31,17 @@ per host, recent results and charts; /builds/<id> shows one build with its log f
 It only reads NATS: a user with the read permissions of docs/security.md (\"viewer\") is enough.
 Stops on SIGTERM or Ctrl-C.";
 
-pub async fn run(args: DashboardArgs) -> u8 {
-    let client = match connect_or_exit(&args.nats, "dashboard").await {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
+pub async fn run(args: DashboardArgs) -> CliResult {
+    let client = connect_client(&args.nats, "dashboard").await?;
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) {
         (Ok(term), Ok(int)) => (term, int),
         (Err(err), _) | (_, Err(err)) => {
-            eprintln!("error: cannot install signal handlers: {err}");
-            return exit::UNAVAILABLE;
+            return Err(CliError::unavailable(format!(
+                "cannot install signal handlers: {err}"
+            )))
         }
     };
     let shutdown = async move {
@@ -55,12 +54,11 @@ pub async fn run(args: DashboardArgs) -> u8 {
         sse_clients: usize::from(args.max_clients),
         ..Limits::default()
     };
-    match homelab_deploy_dashboard::serve(client, args.listen, limits, shutdown).await {
-        Ok(()) => exit::OK,
-        Err(err) => {
+    homelab_deploy_dashboard::serve(client, args.listen, limits, shutdown)
+        .await
+        .map_err(|err| {
             error!(error = %err, "dashboard failed");
-            eprintln!("error: {err}");
-            exit::UNAVAILABLE
-        }
-    }
+            CliError::unavailable(err)
+        })?;
+    Ok(Outcome::Done)
 }

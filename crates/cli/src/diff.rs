@@ -12,8 +12,9 @@ use homelab_deploy_protocol::api::{
 };
 use homelab_deploy_protocol::RepoName;
 
-use crate::nats::{connect_or_exit, print_json};
-use crate::{exit, NatsArgs};
+use crate::error::{CliError, CliResult, Outcome};
+use crate::nats::{connect_client, print_json};
+use crate::NatsArgs;
 
 pub const AFTER_HELP: &str = "\
 Builders keep the newest builder.closure_history (5) builds of each host; `diff` compares two of
@@ -43,40 +44,29 @@ pub struct DiffArgs {
     nats: NatsArgs,
 }
 
-pub async fn run(args: DiffArgs) -> u8 {
-    if let Err(err) = RepoName::parse(&args.repo) {
-        eprintln!("error: {err}");
-        return exit::USAGE;
-    }
+pub async fn run(args: DiffArgs) -> CliResult {
+    RepoName::parse(&args.repo).map_err(CliError::usage)?;
     for rev in [&args.from, &args.to].into_iter().flatten() {
         if !(7..=40).contains(&rev.len()) || !rev.bytes().all(|b| b.is_ascii_hexdigit()) {
-            eprintln!("error: rev {rev:?} is not a commit: write 7 to 40 hex digits");
-            return exit::USAGE;
+            return Err(CliError::usage(format!(
+                "rev {rev:?} is not a commit: write 7 to 40 hex digits"
+            )));
         }
     }
-    let client = match connect_or_exit(&args.nats, "diff").await {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
+    let client = connect_client(&args.nats, "diff").await?;
     let js = async_nats::jetstream::new(client.clone());
-    let builders = match list_builders(&js).await {
-        Ok(builders) => builders,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return exit::UNAVAILABLE;
-        }
-    };
+    // Any failure to read the fleet is "out of reach" here, whatever the client error.
+    let builders = list_builders(&js).await.map_err(CliError::unavailable)?;
     let names: Vec<String> = builders
         .into_iter()
         .filter(|b| b.repos.contains(&args.repo) && !b.lost)
         .map(|b| b.name)
         .collect();
     if names.is_empty() {
-        eprintln!(
-            "error: no live builder serves repo {}; the builds it held are out of reach",
+        return Err(CliError::unavailable(format!(
+            "no live builder serves repo {}; the builds it held are out of reach",
             args.repo
-        );
-        return exit::UNAVAILABLE;
+        )));
     }
     let query = DiffQuery {
         repo: args.repo.clone(),
@@ -116,8 +106,10 @@ pub async fn run(args: DiffArgs) -> u8 {
         }
     }
     if replies.is_empty() {
-        eprintln!("error: no builder of repo {} answered", args.repo);
-        return exit::UNAVAILABLE;
+        return Err(CliError::unavailable(format!(
+            "no builder of repo {} answered",
+            args.repo
+        )));
     }
     // The builder holding both sides with the newest later build.
     let best = replies
@@ -130,10 +122,9 @@ pub async fn run(args: DiffArgs) -> u8 {
         } else {
             print_diff(&args, reply);
         }
-        return exit::OK;
+        return Ok(Outcome::Done);
     }
-    eprintln!("error: {}", missing_side(&args, &replies));
-    exit::BUILD_FAILED
+    Err(CliError::Refused(missing_side(&args, &replies)))
 }
 
 fn short(rev: &str) -> &str {

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, CommandFactory};
 use clap_complete::Shell;
 
-use crate::{exit, Cli};
+use crate::error::{CliError, CliResult, Outcome};
+use crate::Cli;
 
 #[derive(Args)]
 pub struct CompletionsArgs {
@@ -24,7 +25,7 @@ pub struct ManArgs {
 }
 
 /// Prints the completion script for `args.shell` on stdout.
-pub fn completions(args: CompletionsArgs) -> u8 {
+pub fn completions(args: CompletionsArgs) -> CliResult {
     let mut command = Cli::command();
     let mut script = Vec::new();
     clap_complete::generate(args.shell, &mut command, "homelab-deploy", &mut script);
@@ -36,33 +37,29 @@ pub fn completions(args: CompletionsArgs) -> u8 {
         script = script.replace("homelab__subcmd__deploy", "homelab__deploy");
     }
     use std::io::Write;
-    match std::io::stdout().write_all(script.as_bytes()) {
-        Ok(()) => exit::OK,
-        Err(err) => {
-            eprintln!("error: cannot write the completion script: {err}");
-            exit::UNAVAILABLE
-        }
-    }
+    std::io::stdout()
+        .write_all(script.as_bytes())
+        .map_err(|err| {
+            CliError::unavailable(format!("cannot write the completion script: {err}"))
+        })?;
+    Ok(Outcome::Done)
 }
 
 /// Prints the main man page, or writes every page into `--out-dir`.
-pub fn man(args: ManArgs) -> u8 {
+pub fn man(args: ManArgs) -> CliResult {
     let command = Cli::command();
     let written = match &args.out_dir {
         None => clap_mangen::Man::new(command).render(&mut std::io::stdout()),
         Some(dir) => write_pages(command, dir),
     };
-    match written {
-        Ok(()) => exit::OK,
-        Err(err) => {
-            let place = args
-                .out_dir
-                .map(|dir| dir.display().to_string())
-                .unwrap_or_else(|| "stdout".to_owned());
-            eprintln!("error: cannot write the man pages to {place}: {err}");
-            exit::USAGE
-        }
-    }
+    written.map_err(|err| {
+        let place = args
+            .out_dir
+            .map(|dir| dir.display().to_string())
+            .unwrap_or_else(|| "stdout".to_owned());
+        CliError::usage(format!("cannot write the man pages to {place}: {err}"))
+    })?;
+    Ok(Outcome::Done)
 }
 
 fn write_pages(command: clap::Command, dir: &Path) -> std::io::Result<()> {

@@ -4,10 +4,10 @@ use clap::Args;
 use homelab_deploy_client::{EventStream, LogStream};
 use homelab_deploy_protocol::{BuildStatus, EventBody};
 
-use crate::build::client_error;
-use crate::nats::{connect_or_exit, print_json, request_id_or_exit};
+use crate::error::{CliError, CliResult, Outcome};
+use crate::nats::{connect_client, print_json, request_id};
 use crate::progress::{print_result, Progress};
-use crate::{exit, NatsArgs};
+use crate::NatsArgs;
 
 #[derive(Args)]
 pub struct WatchArgs {
@@ -44,26 +44,14 @@ pub struct LogsArgs {
 }
 
 /// Replays the events from `--from-seq`, then follows until `finished`. Exit code as `build`.
-pub async fn watch(args: WatchArgs) -> u8 {
-    let id = match request_id_or_exit(&args.id) {
-        Ok(id) => id,
-        Err(code) => return code,
-    };
-    let client = match connect_or_exit(&args.nats, "watch").await {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
+pub async fn watch(args: WatchArgs) -> CliResult {
+    let id = request_id(&args.id)?;
+    let client = connect_client(&args.nats, "watch").await?;
     let js = async_nats::jetstream::new(client);
-    let mut events = match EventStream::open_by_id(&js, &id, args.from_seq).await {
-        Ok(events) => events,
-        Err(err) => return client_error(err),
-    };
+    let mut events = EventStream::open_by_id(&js, &id, args.from_seq).await?;
     let mut progress = (!args.json).then(|| Progress::watching(id.as_str()));
     while let Some(event) = events.next().await {
-        let event = match event {
-            Ok(event) => event,
-            Err(err) => return client_error(err),
-        };
+        let event = event?;
         match &mut progress {
             Some(progress) => progress.event(&event),
             None => print_json(&event),
@@ -73,36 +61,25 @@ pub async fn watch(args: WatchArgs) -> u8 {
                 progress.clear();
                 print_result(&event);
             }
-            return if *status == BuildStatus::Succeeded {
-                exit::OK
+            return Ok(if *status == BuildStatus::Succeeded {
+                Outcome::Done
             } else {
-                exit::BUILD_FAILED
-            };
+                Outcome::BuildFailed
+            });
         }
     }
-    eprintln!("error: the event subscription ended before the request finished");
-    exit::UNAVAILABLE
+    Err(CliError::unavailable(
+        "the event subscription ended before the request finished",
+    ))
 }
 
 /// Prints log lines (`host | line`); with `--follow`, until the request finishes.
-pub async fn logs(args: LogsArgs) -> u8 {
-    let id = match request_id_or_exit(&args.id) {
-        Ok(id) => id,
-        Err(code) => return code,
-    };
-    let client = match connect_or_exit(&args.nats, "logs").await {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
+pub async fn logs(args: LogsArgs) -> CliResult {
+    let id = request_id(&args.id)?;
+    let client = connect_client(&args.nats, "logs").await?;
     let js = async_nats::jetstream::new(client);
-    let mut logs = match LogStream::open_by_id(&js, &id).await {
-        Ok(logs) => logs,
-        Err(err) => return client_error(err),
-    };
-    let mut events = match EventStream::open_by_id(&js, &id, 1).await {
-        Ok(events) => events,
-        Err(err) => return client_error(err),
-    };
+    let mut logs = LogStream::open_by_id(&js, &id).await?;
+    let mut events = EventStream::open_by_id(&js, &id, 1).await?;
     let mut finished = false;
     let mut caught_up = false;
     let mut printed = 0u64;
@@ -131,13 +108,13 @@ pub async fn logs(args: LogsArgs) -> u8 {
                         }
                     }
                 }
-                Some(Err(err)) => return client_error(err),
+                Some(Err(err)) => return Err(err.into()),
                 None => break,
             },
             event = events.next(), if !finished => {
                 finished = match event {
                     Some(Ok(event)) => matches!(event.body, EventBody::Finished { .. }),
-                    Some(Err(err)) => return client_error(err),
+                    Some(Err(err)) => return Err(err.into()),
                     None => true,
                 };
                 // Batches stored before `finished` may still be on their way: catch up again.
@@ -157,5 +134,5 @@ pub async fn logs(args: LogsArgs) -> u8 {
             args.host.map(|h| format!(" host {h}")).unwrap_or_default()
         );
     }
-    exit::OK
+    Ok(Outcome::Done)
 }

@@ -7,9 +7,9 @@ use homelab_deploy_protocol::api::{BuildsQuery, RequestPhase, RequestState};
 use homelab_deploy_protocol::group_failures;
 use time::OffsetDateTime;
 
-use crate::build::client_error;
-use crate::nats::{connect_or_exit, print_json, request_id_or_exit};
-use crate::{exit, NatsArgs};
+use crate::error::{CliError, CliResult, Outcome};
+use crate::nats::{connect_client, print_json, request_id};
+use crate::NatsArgs;
 
 #[derive(Args)]
 pub struct StatusArgs {
@@ -58,30 +58,21 @@ fn parse_phase(value: &str) -> Result<RequestPhase, String> {
     })
 }
 
-pub async fn status(args: StatusArgs) -> u8 {
-    let id = match request_id_or_exit(&args.id) {
-        Ok(id) => id,
-        Err(code) => return code,
-    };
-    let client = match connect_or_exit(&args.nats, "status").await {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
+pub async fn status(args: StatusArgs) -> CliResult {
+    let id = request_id(&args.id)?;
+    let client = connect_client(&args.nats, "status").await?;
     let js = async_nats::jetstream::new(client);
-    let state = match request_status(&js, &id).await {
-        Ok(Some(state)) => state,
-        Ok(None) => {
-            eprintln!("error: no request with id {id} (never sent, or its events expired)");
-            return exit::BUILD_FAILED;
-        }
-        Err(err) => return client_error(err),
-    };
+    let state = request_status(&js, &id).await?.ok_or_else(|| {
+        CliError::Refused(format!(
+            "no request with id {id} (never sent, or its events expired)"
+        ))
+    })?;
     if args.json {
         print_json(&state);
     } else {
         print_state(&state);
     }
-    exit::OK
+    Ok(Outcome::Done)
 }
 
 fn print_state(state: &RequestState) {
@@ -179,11 +170,8 @@ fn print_state(state: &RequestState) {
 /// Groups of identical host errors `status` shows, one line each.
 const STATUS_GROUPS_SHOWN: usize = 5;
 
-pub async fn builds(args: BuildsArgs) -> u8 {
-    let client = match connect_or_exit(&args.nats, "builds").await {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
+pub async fn builds(args: BuildsArgs) -> CliResult {
+    let client = connect_client(&args.nats, "builds").await?;
     let js = async_nats::jetstream::new(client);
     let query = BuildsQuery {
         repo: args.repo,
@@ -191,17 +179,14 @@ pub async fn builds(args: BuildsArgs) -> u8 {
         limit: Some(args.limit),
         cursor: args.cursor,
     };
-    let list = match list_builds(&js, &query).await {
-        Ok(list) => list,
-        Err(err) => return client_error(err),
-    };
+    let list = list_builds(&js, &query).await?;
     if args.json {
         print_json(&list);
-        return exit::OK;
+        return Ok(Outcome::Done);
     }
     if list.builds.is_empty() {
         eprintln!("no requests");
-        return exit::OK;
+        return Ok(Outcome::Done);
     }
     println!(
         "{:<24}  {:<26}  {:<10}  {:<16}  {:<20}  HOSTS",
@@ -226,26 +211,20 @@ pub async fn builds(args: BuildsArgs) -> u8 {
     if let Some(cursor) = &list.next_cursor {
         eprintln!("more: homelab-deploy builds --cursor {cursor}");
     }
-    exit::OK
+    Ok(Outcome::Done)
 }
 
-pub async fn builders(args: BuildersArgs) -> u8 {
-    let client = match connect_or_exit(&args.nats, "builders").await {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
+pub async fn builders(args: BuildersArgs) -> CliResult {
+    let client = connect_client(&args.nats, "builders").await?;
     let js = async_nats::jetstream::new(client);
-    let builders = match list_builders(&js).await {
-        Ok(builders) => builders,
-        Err(err) => return client_error(err),
-    };
+    let builders = list_builders(&js).await?;
     if args.json {
         print_json(&homelab_deploy_protocol::api::BuilderList { builders });
-        return exit::OK;
+        return Ok(Outcome::Done);
     }
     if builders.is_empty() {
         eprintln!("no builder has announced itself");
-        return exit::OK;
+        return Ok(Outcome::Done);
     }
     println!(
         "{:<20}  {:<8}  {:<40}  {:<10}  {:<9}  REPOS",
@@ -289,7 +268,7 @@ pub async fn builders(args: BuildersArgs) -> u8 {
             println!("  vault: {error}");
         }
     }
-    exit::OK
+    Ok(Outcome::Done)
 }
 
 fn rfc3339(at: OffsetDateTime) -> String {

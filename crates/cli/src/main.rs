@@ -7,6 +7,7 @@ mod creds;
 mod dashboard;
 mod diff;
 mod docs;
+mod error;
 mod follow;
 mod inspect;
 mod junit;
@@ -21,19 +22,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-/// Exit codes, shared by every command.
-pub mod exit {
-    /// Every host built or cached.
-    pub const OK: u8 = 0;
-    /// The build finished failed or cancelled, or was refused.
-    pub const BUILD_FAILED: u8 = 1;
-    /// Usage error: bad arguments or config.
-    pub const USAGE: u8 = 2;
-    /// NATS unreachable, no builder serves the repo, or timed out.
-    pub const UNAVAILABLE: u8 = 3;
-    /// `builder --once` ended without a verdict: no request came, or it was handed back.
-    pub const NO_VERDICT: u8 = 4;
-}
+use crate::error::{CliError, Outcome};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -125,11 +114,11 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::from(exit::UNAVAILABLE);
+            let err = CliError::unavailable(format!("cannot start the async runtime: {err}"));
+            return ExitCode::from(exit_code(Err(err)));
         }
     };
-    let code = runtime.block_on(async {
+    let result = runtime.block_on(async {
         match cli.command {
             Command::Build(args) => build::run(args).await,
             Command::Builder(args) => builder::run(args).await,
@@ -148,7 +137,18 @@ fn main() -> ExitCode {
             Command::Man(args) => docs::man(args),
         }
     });
-    ExitCode::from(code)
+    ExitCode::from(exit_code(result))
+}
+
+/// The one place a command's result becomes an exit code; an error is printed here, once.
+fn exit_code(result: Result<Outcome, CliError>) -> u8 {
+    match result {
+        Ok(outcome) => outcome.exit_code(),
+        Err(err) => {
+            eprintln!("error: {err}");
+            err.exit_code()
+        }
+    }
 }
 
 /// Colour only on a terminal, and never when `NO_COLOR` is set to anything but the empty string

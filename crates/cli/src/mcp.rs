@@ -5,7 +5,8 @@ use std::time::Duration;
 use clap::Args;
 use homelab_deploy_client::ConnectSettings;
 
-use crate::{exit, NatsArgs};
+use crate::error::{CliError, CliResult, Outcome};
+use crate::NatsArgs;
 
 #[derive(Args)]
 pub struct McpArgs {
@@ -26,14 +27,8 @@ In an assistant's .mcp.json:
 Tools: list_repos_and_hosts, list_builders, list_builds, build_status, build_logs; with
 --enable-builds also build and cancel_build. stdout carries the protocol; logs go to stderr.";
 
-pub async fn run(args: McpArgs) -> u8 {
-    let resolved = match crate::settings::resolve(&args.nats) {
-        Ok(resolved) => resolved,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return exit::USAGE;
-        }
-    };
+pub async fn run(args: McpArgs) -> CliResult {
+    let resolved = crate::settings::resolve(&args.nats).map_err(CliError::usage)?;
     let settings = ConnectSettings {
         url: resolved.nats_url.into(),
         nkey_file: resolved.nkey_file,
@@ -43,11 +38,8 @@ pub async fn run(args: McpArgs) -> u8 {
         timeout: Duration::from_secs(3),
         vault: None,
     };
-    match homelab_deploy_mcp::serve_stdio(settings, args.enable_builds).await {
-        Ok(()) => exit::OK,
-        Err(err) => {
-            eprintln!("error: {err}");
-            exit::UNAVAILABLE
-        }
-    }
+    homelab_deploy_mcp::serve_stdio(settings, args.enable_builds)
+        .await
+        .map_err(CliError::unavailable)?;
+    Ok(Outcome::Done)
 }

@@ -1,4 +1,4 @@
-//! Connecting a client command to NATS, with the exit code to use when that fails.
+//! Connecting a client command to NATS.
 
 use std::time::Duration;
 
@@ -6,32 +6,27 @@ use async_nats::Client;
 use homelab_deploy_client::{connect, ConnectSettings, Signer};
 use homelab_deploy_protocol::RequestId;
 
-use crate::build::client_error;
-use crate::{exit, NatsArgs};
+use crate::error::CliError;
+use crate::NatsArgs;
 
-/// Connects, or prints why not and returns the exit code.
-pub async fn connect_or_exit(args: &NatsArgs, command: &str) -> Result<Client, u8> {
-    connect(&settings_or_exit(args, command)?)
-        .await
-        .map_err(client_error)
+/// Connects with the settings of `args` and the config files.
+pub async fn connect_client(args: &NatsArgs, command: &str) -> Result<Client, CliError> {
+    Ok(connect(&settings(args, command)?).await?)
 }
 
 /// Connects, and makes the signer of the same seed (for build requests and cancels).
-pub async fn connect_signing_or_exit(
+pub async fn connect_signing(
     args: &NatsArgs,
     command: &str,
-) -> Result<(Client, Option<Signer>), u8> {
-    let settings = settings_or_exit(args, command)?;
-    let signer = Signer::for_settings(&settings).map_err(client_error)?;
-    let client = connect(&settings).await.map_err(client_error)?;
+) -> Result<(Client, Option<Signer>), CliError> {
+    let settings = settings(args, command)?;
+    let signer = Signer::for_settings(&settings)?;
+    let client = connect(&settings).await?;
     Ok((client, signer))
 }
 
-fn settings_or_exit(args: &NatsArgs, command: &str) -> Result<ConnectSettings, u8> {
-    let resolved = crate::settings::resolve(args).map_err(|err| {
-        eprintln!("error: {err}");
-        exit::USAGE
-    })?;
+fn settings(args: &NatsArgs, command: &str) -> Result<ConnectSettings, CliError> {
+    let resolved = crate::settings::resolve(args).map_err(CliError::usage)?;
     Ok(ConnectSettings {
         url: resolved.nats_url.into(),
         nkey_file: resolved.nkey_file,
@@ -43,12 +38,9 @@ fn settings_or_exit(args: &NatsArgs, command: &str) -> Result<ConnectSettings, u
     })
 }
 
-/// Parses a request id argument, or prints why not and returns the exit code.
-pub fn request_id_or_exit(id: &str) -> Result<RequestId, u8> {
-    RequestId::parse(id).map_err(|err| {
-        eprintln!("error: {err}");
-        exit::USAGE
-    })
+/// Parses a request id argument.
+pub fn request_id(id: &str) -> Result<RequestId, CliError> {
+    RequestId::parse(id).map_err(CliError::usage)
 }
 
 /// Prints `value` as one line of JSON.

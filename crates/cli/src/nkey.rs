@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use homelab_deploy_credentials::{generate_seed_file, read_seed_file};
 
-use crate::exit;
+use crate::error::{CliError, CliResult, Outcome};
 
 #[derive(Args)]
 pub struct NkeyArgs {
@@ -28,19 +28,14 @@ enum NkeyAction {
     },
 }
 
-pub fn run(args: NkeyArgs) -> u8 {
+pub fn run(args: NkeyArgs) -> CliResult {
     let seed = match &args.action {
         NkeyAction::Generate { out } => generate_seed_file(out),
         NkeyAction::Public { seed_file } => read_seed_file(seed_file),
     };
-    match seed.and_then(|seed| seed.public_key()) {
-        Ok(public) => {
-            println!("{public}");
-            exit::OK
-        }
-        Err(err) => {
-            eprintln!("error: {err}");
-            exit::USAGE
-        }
-    }
+    let public = seed
+        .and_then(|seed| seed.public_key())
+        .map_err(CliError::usage)?;
+    println!("{public}");
+    Ok(Outcome::Done)
 }

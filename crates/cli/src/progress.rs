@@ -375,22 +375,30 @@ fn count(hosts: &[HostResult]) -> String {
     if hosts.is_empty() {
         return String::new();
     }
-    let of = |status: HostStatus| hosts.iter().filter(|h| h.status == status).count();
-    let mut parts = Vec::new();
-    for status in [
-        HostStatus::Built,
-        HostStatus::Cached,
-        HostStatus::BuildFailed,
-        HostStatus::EvalFailed,
-        HostStatus::TimedOut,
-        HostStatus::Cancelled,
-    ] {
-        let n = of(status);
-        if n > 0 {
-            parts.push(format!("{n} {}", status.as_str()));
-        }
+    let mut counts = std::collections::BTreeMap::new();
+    for host in hosts {
+        *counts
+            .entry((count_order(host.status), host.status.as_str()))
+            .or_insert(0usize) += 1;
     }
+    let parts: Vec<String> = counts
+        .into_iter()
+        .map(|((_, status), n)| format!("{n} {status}"))
+        .collect();
     format!(" ({})", parts.join(", "))
+}
+
+/// Where a status stands in the result's counts: successes, failures, then cancelled. A new
+/// status fails to compile here until it has a place.
+fn count_order(status: HostStatus) -> u8 {
+    match status {
+        HostStatus::Built => 0,
+        HostStatus::Cached => 1,
+        HostStatus::BuildFailed => 2,
+        HostStatus::EvalFailed => 3,
+        HostStatus::TimedOut => 4,
+        HostStatus::Cancelled => 5,
+    }
 }
 
 fn short_rev(rev: &str) -> &str {

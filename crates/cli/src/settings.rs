@@ -42,22 +42,38 @@ fn user_config() -> Option<PathBuf> {
     Some(base.join("homelab-deploy/config.toml"))
 }
 
-fn read(path: &Path) -> Result<ClientConfig, String> {
+/// Why a client command's NATS settings cannot be resolved; all are usage errors (exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("config file {} is not valid: {}", path.display(), message.trim_end())]
+    Invalid { path: PathBuf, message: String },
+    #[error("cannot read config file {}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The inbox prefix, from a flag or a file, as [`homelab_deploy_client::check_inbox_prefix`]
+    /// words it.
+    #[error("{0}")]
+    InboxPrefix(String),
+}
+
+fn read(path: &Path) -> Result<ClientConfig, SettingsError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => toml::from_str(&text).map_err(|err| {
-            format!(
-                "config file {} is not valid: {}",
-                path.display(),
-                err.to_string().trim_end()
-            )
+        Ok(text) => toml::from_str(&text).map_err(|err| SettingsError::Invalid {
+            path: path.to_owned(),
+            message: err.to_string(),
         }),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(ClientConfig::default()),
-        Err(err) => Err(format!("cannot read config file {}: {err}", path.display())),
+        Err(source) => Err(SettingsError::Unreadable {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
 /// Resolves `args` against the config files; an unreadable or invalid file is an error.
-pub fn resolve(args: &NatsArgs) -> Result<Resolved, String> {
+pub fn resolve(args: &NatsArgs) -> Result<Resolved, SettingsError> {
     let system = std::env::var_os("HOMELAB_DEPLOY_SYSTEM_CONFIG")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(SYSTEM_CONFIG));
@@ -80,7 +96,7 @@ pub fn resolve(args: &NatsArgs) -> Result<Resolved, String> {
         .clone()
         .or_else(|| files.iter().find_map(|f| f.inbox_prefix.clone()));
     if let Some(prefix) = &inbox_prefix {
-        homelab_deploy_client::check_inbox_prefix(prefix)?;
+        homelab_deploy_client::check_inbox_prefix(prefix).map_err(SettingsError::InboxPrefix)?;
     }
     Ok(Resolved {
         nats_url,

@@ -21,7 +21,7 @@ pub use crate::inspect::{list_builders, list_builds, request_state as status};
 /// How long a control request waits for a builder's answer. A cancel may take a builder up
 /// to 5 s to settle (docs/protocol.md, "Cancelling"), plus the forward to the builder that
 /// runs the request.
-pub const API_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const API_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Cancels request `request.id`: a queued one never starts, a running one has its build
 /// killed. Signed with `signer` when given, so the builders know who cancels.

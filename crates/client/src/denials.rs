@@ -72,7 +72,7 @@ pub fn publish_refused_since(subject: &str, since: Instant) -> bool {
 
 /// Whether the server refused a subscription to a reply subject under `inbox_prefix`
 /// (`PREFIX.…`) at or after `since`: this user may not receive replies there.
-pub fn inbox_refused_since(inbox_prefix: &str, since: Instant) -> bool {
+pub(crate) fn inbox_refused_since(inbox_prefix: &str, since: Instant) -> bool {
     refused_since(since, Kind::Subscription, |refused| {
         refused
             .strip_prefix(inbox_prefix)

@@ -17,8 +17,8 @@ use homelab_deploy_protocol::api::{
     RequestState, BUILDERS_BUCKET, DEFAULT_BUILDS_LIMIT, HOST_OUTCOME_PACKAGES, STATE_BUCKET,
 };
 use homelab_deploy_protocol::subject::{
-    consumer_name, events_subject, logs_subject, parse_request_subject, EVENTS_STREAM,
-    MSG_ID_HEADER, REQUESTS_STREAM,
+    consumer_name, events_subject, logs_subject, parse_request_subject, request_events_filter,
+    ALL_EVENTS_FILTER, EVENTS_STREAM, MSG_ID_HEADER, REQUESTS_STREAM,
 };
 use homelab_deploy_protocol::{
     error_excerpt, BuildRequest, Event, EventBody, HostResult, HostStatus, Mode, Priority,
@@ -89,12 +89,7 @@ const FETCH_BATCH: usize = 500;
 
 /// Events of one request, oldest first.
 pub async fn request_events(js: &Context, id: &RequestId) -> Result<Vec<Event>, ClientError> {
-    let messages = read_stream(
-        js,
-        EVENTS_STREAM,
-        &format!("build.responses.*.*.{id}.events"),
-    )
-    .await?;
+    let messages = read_stream(js, EVENTS_STREAM, &request_events_filter(id)).await?;
     Ok(messages
         .iter()
         .filter_map(|m| serde_json::from_slice(&m.payload).ok())
@@ -227,7 +222,7 @@ pub fn fold_events(events: &[Event]) -> Option<RequestState> {
 }
 
 /// Characters of each host's error excerpt in [`RequestState::host_results`].
-pub const HOST_EXCERPT_CHARS: usize = 240;
+pub(crate) const HOST_EXCERPT_CHARS: usize = 240;
 
 fn host_outcome(result: &HostResult, before: Option<&HostOutcome>) -> HostOutcome {
     HostOutcome {
@@ -311,7 +306,9 @@ pub fn fold_event(state: &mut RequestState, event: &Event) {
                 HostStatus::Built => state.hosts.built += 1,
                 HostStatus::Cached => state.hosts.cached += 1,
                 HostStatus::Cancelled => state.hosts.cancelled += 1,
-                _ => state.hosts.failed += 1,
+                HostStatus::BuildFailed | HostStatus::EvalFailed | HostStatus::TimedOut => {
+                    state.hosts.failed += 1
+                }
             }
             state.host_results.retain(|h| h.name != result.name);
             state.host_results.push(host_outcome(result, None));
@@ -445,7 +442,7 @@ fn queued_states(pending: &[PendingRequest]) -> Vec<RequestState> {
 }
 
 /// The request-state bucket, or `None` when it does not exist.
-pub async fn state_bucket(js: &Context) -> Option<kv::Store> {
+pub(crate) async fn state_bucket(js: &Context) -> Option<kv::Store> {
     js.get_key_value(STATE_BUCKET).await.ok()
 }
 
@@ -710,20 +707,15 @@ async fn finished_states(
 /// [`ClientError::Nats`] when the events stream cannot be read.
 pub async fn replayed_states(js: &Context) -> Result<HashMap<String, RequestState>, ClientError> {
     let mut by_id: HashMap<String, RequestState> = HashMap::new();
-    for_each_message(
-        js,
-        EVENTS_STREAM,
-        "build.responses.*.*.*.events",
-        |message| {
-            let Ok(event) = serde_json::from_slice::<Event>(&message.payload) else {
-                return;
-            };
-            let state = by_id.entry(event.id.clone()).or_insert_with(|| {
-                blank_state(&event.id, "", "", RequestPhase::Running, event.time)
-            });
-            fold_event(state, &event);
-        },
-    )
+    for_each_message(js, EVENTS_STREAM, ALL_EVENTS_FILTER, |message| {
+        let Ok(event) = serde_json::from_slice::<Event>(&message.payload) else {
+            return;
+        };
+        let state = by_id
+            .entry(event.id.clone())
+            .or_insert_with(|| blank_state(&event.id, "", "", RequestPhase::Running, event.time));
+        fold_event(state, &event);
+    })
     .await?;
     Ok(by_id)
 }

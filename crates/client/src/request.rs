@@ -9,7 +9,9 @@ use async_nats::jetstream::{self, Context};
 use async_nats::Client;
 use futures::StreamExt;
 use homelab_deploy_protocol::identity::Purpose;
-use homelab_deploy_protocol::subject::{events_subject, request_subject, EVENTS_STREAM};
+use homelab_deploy_protocol::subject::{
+    events_subject, request_events_filter, request_logs_filter, request_subject, EVENTS_STREAM,
+};
 use homelab_deploy_protocol::{
     BuildRequest, Event, LogBatch, Mode, Priority, RepoName, RequestId, Target,
 };
@@ -147,7 +149,7 @@ impl EventStream {
         id: &RequestId,
         from_seq: u64,
     ) -> Result<Self, ClientError> {
-        let messages = follow(js, format!("build.responses.*.*.{id}.events")).await?;
+        let messages = follow(js, request_events_filter(id)).await?;
         Ok(Self {
             id: id.to_string(),
             messages,
@@ -219,7 +221,7 @@ pub struct LogStream {
 impl LogStream {
     pub async fn open_by_id(js: &Context, id: &RequestId) -> Result<Self, ClientError> {
         Ok(Self {
-            messages: follow(js, format!("build.responses.*.*.{id}.logs")).await?,
+            messages: follow(js, request_logs_filter(id)).await?,
         })
     }
 

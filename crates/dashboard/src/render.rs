@@ -254,7 +254,7 @@ fn status_class(status: HostStatus) -> &'static str {
     match status {
         HostStatus::Built | HostStatus::Cached => "ok",
         HostStatus::Cancelled => "cancelled",
-        _ => "failed",
+        HostStatus::BuildFailed | HostStatus::EvalFailed | HostStatus::TimedOut => "failed",
     }
 }
 

@@ -9,7 +9,8 @@
 //! that its `structuredContent` follows; results stay within [`summary::RESULT_MAX_BYTES`] (see
 //! [`summary`]).
 
-pub mod summary;
+mod choice;
+mod summary;
 
 use std::time::Duration;
 
@@ -43,6 +44,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use crate::choice::Choice;
 use crate::summary::{
     cap_text, list_line, summarize, summary_text, BuildSummary, BuilderSummary, FULL, LIST,
     RESULT_MAX_BYTES,
@@ -57,29 +59,40 @@ const MAX_LOG_LINES: usize = 400;
 const DEFAULT_LIST_LIMIT: usize = 10;
 const MAX_LIST_LIMIT: usize = 100;
 
+/// Why the MCP server stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum McpError {
+    /// The client on stdin/stdout did not complete the MCP initialization.
+    #[error("MCP handshake failed: {0}")]
+    Handshake(#[from] Box<rmcp::service::ServerInitializeError>),
+    /// The task serving the session panicked or was cancelled.
+    #[error("MCP server stopped: {0}")]
+    Stopped(#[from] tokio::task::JoinError),
+}
+
 /// Serves MCP on stdin/stdout until the client goes away.
-pub async fn serve_stdio(settings: ConnectSettings, enable_builds: bool) -> Result<(), String> {
+///
+/// # Errors
+/// [`McpError`] when the handshake fails or the serving task dies.
+pub async fn serve_stdio(settings: ConnectSettings, enable_builds: bool) -> Result<(), McpError> {
     let server = BuildTools::new(settings, enable_builds);
     let service = server
         .serve(rmcp::transport::stdio())
         .await
-        .map_err(|err| format!("MCP handshake failed: {err}"))?;
-    service
-        .waiting()
-        .await
-        .map_err(|err| format!("MCP server stopped: {err}"))?;
+        .map_err(Box::new)?;
+    service.waiting().await?;
     Ok(())
 }
 
 #[derive(Clone)]
-pub struct BuildTools {
+pub(crate) struct BuildTools {
     settings: ConnectSettings,
     enable_builds: bool,
     tool_router: ToolRouter<Self>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct BuildArgs {
+pub(crate) struct BuildArgs {
     /// Repo to build, as the builders name it (see list_repos_and_hosts).
     pub repo: String,
     /// One host name of the repo's flake, or "all".
@@ -91,11 +104,13 @@ pub struct BuildArgs {
     pub git_ref: Option<String>,
     /// "enqueue" (default, as the CLI): wait in line behind other builds of the same target.
     /// "replace": cancel them, queued or running, even someone else's (destructive).
-    #[schemars(extend("enum" = ["enqueue", "replace"]))]
-    pub mode: Option<String>,
+    #[serde(default, deserialize_with = "choice::optional")]
+    #[schemars(with = "Choice<Mode>")]
+    pub mode: Option<Choice<Mode>>,
     /// Queue class: "interactive" (default) starts before "ci", which starts before "scheduled".
-    #[schemars(extend("enum" = ["interactive", "ci", "scheduled"]))]
-    pub priority: Option<String>,
+    #[serde(default, deserialize_with = "choice::optional")]
+    #[schemars(with = "Choice<Priority>")]
+    pub priority: Option<Choice<Priority>>,
     /// Seconds to wait for the result before returning the id and the build's phase
     /// (default 300). The build goes on either way.
     #[schemars(range(min = 0, max = 1800))]
@@ -103,13 +118,13 @@ pub struct BuildArgs {
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct IdArgs {
+pub(crate) struct IdArgs {
     /// The request id (returned by build, or shown by list_builds).
     pub id: String,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct CancelArgs {
+pub(crate) struct CancelArgs {
     /// The request id to cancel.
     pub id: String,
     /// Why; shown to whoever looks at the build (at most 256 characters).
@@ -117,7 +132,7 @@ pub struct CancelArgs {
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
-pub struct LogsArgs {
+pub(crate) struct LogsArgs {
     /// The request id.
     pub id: String,
     /// Only this host's log (recommended for failed hosts).
@@ -128,12 +143,13 @@ pub struct LogsArgs {
 }
 
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
-pub struct ListBuildsArgs {
+pub(crate) struct ListBuildsArgs {
     /// Only builds of this repo.
     pub repo: Option<String>,
     /// Only builds in this state.
-    #[schemars(extend("enum" = ["queued", "running", "succeeded", "failed", "cancelled"]))]
-    pub state: Option<String>,
+    #[serde(default, deserialize_with = "choice::optional")]
+    #[schemars(with = "Choice<RequestPhase>")]
+    pub state: Option<Choice<RequestPhase>>,
     /// At most this many, newest first (default 10).
     #[schemars(range(min = 1, max = 100))]
     pub limit: Option<usize>,
@@ -143,20 +159,20 @@ pub struct ListBuildsArgs {
 
 /// `list_repos_and_hosts`: repo → builders serving it, and repo → the flake's hosts.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
-pub struct ReposOutput {
+pub(crate) struct ReposOutput {
     pub repos: std::collections::BTreeMap<String, Vec<String>>,
     pub hosts: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// `list_builders`.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
-pub struct BuildersOutput {
+pub(crate) struct BuildersOutput {
     pub builders: Vec<BuilderSummary>,
 }
 
 /// `list_builds`: one page, newest first.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
-pub struct BuildsOutput {
+pub(crate) struct BuildsOutput {
     pub builds: Vec<BuildSummary>,
     /// Pass as `cursor` for older builds; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -165,7 +181,7 @@ pub struct BuildsOutput {
 
 /// `build_logs`.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
-pub struct LogsOutput {
+pub(crate) struct LogsOutput {
     pub id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
@@ -175,7 +191,7 @@ pub struct LogsOutput {
 
 /// `cancel_build`.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
-pub struct CancelOutput {
+pub(crate) struct CancelOutput {
     pub id: String,
     /// The phase the build was in.
     #[schemars(extend("enum" = ["queued", "running"]))]
@@ -329,7 +345,7 @@ impl ProgressReporter {
 
 #[tool_router]
 impl BuildTools {
-    pub fn new(settings: ConnectSettings, enable_builds: bool) -> Self {
+    pub(crate) fn new(settings: ConnectSettings, enable_builds: bool) -> Self {
         let mut tool_router = Self::tool_router();
         if !enable_builds {
             for name in WRITE_TOOLS {
@@ -467,18 +483,9 @@ impl BuildTools {
         output_schema = schema_for_output::<BuildsOutput>()
     )]
     async fn list_builds(&self, Parameters(args): Parameters<ListBuildsArgs>) -> ToolResult {
-        let phase = match args
-            .state
-            .as_deref()
-            .map(|s| RequestPhase::parse(s).ok_or(s))
-        {
-            Some(Err(bad)) => {
-                return Ok(tool_error(format!(
-                    "state {bad:?} is not one of queued, running, succeeded, failed, cancelled"
-                )))
-            }
-            Some(Ok(phase)) => Some(phase),
-            None => None,
+        let phase = match args.state.map(|state| state.get("state")).transpose() {
+            Ok(phase) => phase,
+            Err(error) => return Ok(tool_error(error.to_string())),
         };
         let limit = match in_range("limit", args.limit, DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT) {
             Ok(limit) => limit,
@@ -626,24 +633,17 @@ impl BuildTools {
         if let Some(Err(err)) = args.git_ref.as_deref().map(check_git_ref) {
             return Ok(tool_error(err.to_string()));
         }
-        let mode = match args.mode.as_deref() {
-            None | Some("enqueue") => Mode::Enqueue,
-            Some("replace") => Mode::Replace,
-            Some(other) => {
-                return Ok(tool_error(format!(
-                    "mode {other:?} is not \"enqueue\" or \"replace\""
-                )))
-            }
+        let mode = match args.mode.map(|mode| mode.get("mode")).transpose() {
+            Ok(mode) => mode.unwrap_or_default(),
+            Err(error) => return Ok(tool_error(error.to_string())),
         };
-        let priority = match args.priority.as_deref() {
-            None | Some("interactive") => Priority::Interactive,
-            Some("ci") => Priority::Ci,
-            Some("scheduled") => Priority::Scheduled,
-            Some(other) => {
-                return Ok(tool_error(format!(
-                    "priority {other:?} is not \"interactive\", \"ci\" or \"scheduled\""
-                )))
-            }
+        let priority = match args
+            .priority
+            .map(|priority| priority.get("priority"))
+            .transpose()
+        {
+            Ok(priority) => priority.unwrap_or_default(),
+            Err(error) => return Ok(tool_error(error.to_string())),
         };
         let wait = match in_range(
             "wait_secs",
@@ -810,7 +810,7 @@ impl BuildTools {
         };
         let Some(state) = state else {
             let mut summary = summarize(&blank(id, repo, target), FULL);
-            summary.phase = "queued".to_owned();
+            summary.phase = RequestPhase::Queued;
             summary.note = Some(why);
             return summary_result(summary);
         };

@@ -2,19 +2,23 @@
 //! the short text beside them. Both stay within [`RESULT_MAX_BYTES`] however many hosts failed:
 //! identical errors are grouped, excerpts are cut, and each result says which call has more.
 
-use homelab_deploy_protocol::api::{BuilderInfo, RequestState, BUILDER_LOST_AFTER_SECS};
-use homelab_deploy_protocol::{error_excerpt, group_failures, DiffStatus};
+use homelab_deploy_protocol::api::{
+    BuilderInfo, RequestPhase, RequestState, BUILDER_LOST_AFTER_SECS,
+};
+use homelab_deploy_protocol::{error_excerpt, group_failures, DiffStatus, HostStatus};
 use rmcp::schemars::{self, JsonSchema};
+
+use crate::choice::{Choice, FailedStatus};
 use serde::Serialize;
 use time::OffsetDateTime;
 
 /// Most bytes of a result's text, and of its `structuredContent`: about 2,000 tokens each, so
 /// a build of 300 failing hosts reads as a page, not as tens of thousands of tokens.
-pub const RESULT_MAX_BYTES: usize = 8 * 1024;
+pub(crate) const RESULT_MAX_BYTES: usize = 8 * 1024;
 
 /// How much of a request a summary shows.
 #[derive(Debug, Clone, Copy)]
-pub struct Detail {
+pub(crate) struct Detail {
     /// Failure groups shown (the rest are counted).
     pub groups: usize,
     /// Host names shown per group (the rest are counted).
@@ -26,7 +30,7 @@ pub struct Detail {
 }
 
 /// One request on its own (`build`, `build_status`).
-pub const FULL: Detail = Detail {
+pub(crate) const FULL: Detail = Detail {
     groups: 6,
     names: 20,
     excerpt_chars: 400,
@@ -34,7 +38,7 @@ pub const FULL: Detail = Detail {
 };
 
 /// One entry of `list_builds`.
-pub const LIST: Detail = Detail {
+pub(crate) const LIST: Detail = Detail {
     groups: 2,
     names: 5,
     excerpt_chars: 160,
@@ -47,7 +51,7 @@ fn is_zero(n: &usize) -> bool {
 
 /// Counts across a request's hosts.
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct HostTotals {
+pub(crate) struct HostTotals {
     pub total: u64,
     pub done: u64,
     pub built: u64,
@@ -60,7 +64,7 @@ pub struct HostTotals {
 
 /// Derivations of the host being built, from the builder's last `progress` event.
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct Derivations {
+pub(crate) struct Derivations {
     pub done: u64,
     pub expected: u64,
 }
@@ -68,9 +72,9 @@ pub struct Derivations {
 /// Hosts that failed with the same status and the same error (store hashes and the host's own
 /// name aside).
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct Failure {
-    #[schemars(extend("enum" = ["build_failed", "eval_failed", "timed_out", "cancelled"]))]
-    pub status: String,
+pub(crate) struct Failure {
+    #[schemars(with = "FailedStatus")]
+    pub status: HostStatus,
     /// The end of the first host's error; `build_logs` with that host has the whole log.
     pub error: String,
     /// The first hosts that failed this way.
@@ -82,10 +86,10 @@ pub struct Failure {
 
 /// One host and its status.
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct HostLine {
+pub(crate) struct HostLine {
     pub name: String,
-    #[schemars(extend("enum" = ["built", "cached", "build_failed", "eval_failed", "cancelled", "timed_out"]))]
-    pub status: String,
+    #[schemars(with = "Choice<HostStatus>")]
+    pub status: HostStatus,
     /// What the build changes against the builder's earlier build of the host at another
     /// commit: `+1 -1 ~1, +40.0 KiB (against rev …)` (added, removed, changed packages;
     /// closure size change) or `diff failed: …`; absent when there was nothing to compare with.
@@ -106,12 +110,12 @@ const PACKAGE_CHARS: usize = 100;
 
 /// A build request as an assistant needs it.
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct BuildSummary {
+pub(crate) struct BuildSummary {
     pub id: String,
     pub repo: String,
     pub target: String,
-    #[schemars(extend("enum" = ["queued", "running", "succeeded", "failed", "cancelled"]))]
-    pub phase: String,
+    #[schemars(with = "Choice<RequestPhase>")]
+    pub phase: RequestPhase,
     /// 1-based place among the repo's queued requests, when queued.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u64>,
@@ -154,7 +158,7 @@ fn first_chars(text: &str, max: usize) -> String {
 }
 
 /// The summary of `state` at `detail`.
-pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
+pub(crate) fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
     let groups = group_failures(
         state
             .host_results
@@ -166,7 +170,7 @@ pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
         .into_iter()
         .take(detail.groups)
         .map(|group| Failure {
-            status: group.status.as_str().to_owned(),
+            status: group.status,
             error: error_excerpt(&group.error, detail.excerpt_chars),
             more_hosts: group.hosts.len().saturating_sub(detail.names),
             hosts: group.hosts.into_iter().take(detail.names).collect(),
@@ -179,7 +183,7 @@ pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
             .iter()
             .map(|h| HostLine {
                 name: h.name.clone(),
-                status: h.status.as_str().to_owned(),
+                status: h.status,
                 changes: h
                     .closure_diff
                     .as_ref()
@@ -210,7 +214,7 @@ pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
     } else {
         Vec::new()
     };
-    let running = state.phase.as_str() == "running";
+    let running = state.phase == RequestPhase::Running;
     let details = match (&failures.first(), running) {
         (_, true) => format!("build_status with id {} follows it", state.id),
         (Some(failure), _) => format!(
@@ -225,7 +229,7 @@ pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
         id: state.id.clone(),
         repo: state.repo.clone(),
         target: state.target.clone(),
-        phase: state.phase.as_str().to_owned(),
+        phase: state.phase,
         queue_position: state.queue_position,
         rev: state.rev.clone(),
         builder: state.builder.clone(),
@@ -257,10 +261,13 @@ pub fn summarize(state: &RequestState, detail: Detail) -> BuildSummary {
 }
 
 /// The summary as text an assistant can read aloud, at most [`RESULT_MAX_BYTES`].
-pub fn summary_text(summary: &BuildSummary) -> String {
+pub(crate) fn summary_text(summary: &BuildSummary) -> String {
     let mut text = format!(
         "Build {} of {} {}: {}",
-        summary.id, summary.repo, summary.target, summary.phase
+        summary.id,
+        summary.repo,
+        summary.target,
+        summary.phase.as_str()
     );
     if let Some(position) = summary.queue_position {
         text.push_str(&format!(", position {position} in the queue"));
@@ -290,7 +297,7 @@ pub fn summary_text(summary: &BuildSummary) -> String {
         text.push('.');
     }
     for line in &summary.results {
-        text.push_str(&format!("\n- {}: {}", line.name, line.status));
+        text.push_str(&format!("\n- {}: {}", line.name, line.status.as_str()));
         if let Some(changes) = &line.changes {
             text.push_str(&format!("; changes {changes}"));
         }
@@ -308,7 +315,7 @@ pub fn summary_text(summary: &BuildSummary) -> String {
         text.push_str(&format!(
             "\n{count} host{} {} ({}{more}):\n  {}",
             if count == 1 { "" } else { "s" },
-            failure.status,
+            failure.status.as_str(),
             failure.hosts.join(", "),
             failure.error.replace('\n', "\n  ")
         ));
@@ -327,7 +334,7 @@ pub fn summary_text(summary: &BuildSummary) -> String {
 }
 
 /// `text` cut to [`RESULT_MAX_BYTES`], saying where the rest is.
-pub fn cap_text(text: String, id: &str) -> String {
+pub(crate) fn cap_text(text: String, id: &str) -> String {
     if text.len() <= RESULT_MAX_BYTES {
         return text;
     }
@@ -340,10 +347,13 @@ pub fn cap_text(text: String, id: &str) -> String {
 }
 
 /// One line of `list_builds`.
-pub fn list_line(summary: &BuildSummary) -> String {
+pub(crate) fn list_line(summary: &BuildSummary) -> String {
     let mut line = format!(
         "{} {} {}: {}",
-        summary.id, summary.repo, summary.target, summary.phase
+        summary.id,
+        summary.repo,
+        summary.target,
+        summary.phase.as_str()
     );
     if let Some(position) = summary.queue_position {
         line.push_str(&format!(" #{position}"));
@@ -361,7 +371,7 @@ pub fn list_line(summary: &BuildSummary) -> String {
         line.push_str(&format!(
             "; {} {}: {}",
             failure.hosts.first().map(String::as_str).unwrap_or("?"),
-            failure.status,
+            failure.status.as_str(),
             last.chars().take(120).collect::<String>()
         ));
     } else if let Some(error) = &summary.error {
@@ -373,7 +383,7 @@ pub fn list_line(summary: &BuildSummary) -> String {
 
 /// A builder as an assistant needs it.
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct BuilderSummary {
+pub(crate) struct BuilderSummary {
     pub name: String,
     pub version: String,
     /// `idle`, `building`, `draining`, `starting`; `lost` when its heartbeat is older than 30 s.
@@ -390,7 +400,7 @@ pub struct BuilderSummary {
 }
 
 impl BuilderSummary {
-    pub fn new(info: &BuilderInfo, now: OffsetDateTime) -> Self {
+    pub(crate) fn new(info: &BuilderInfo, now: OffsetDateTime) -> Self {
         let age = (now - info.heartbeat).whole_seconds().max(0);
         let lost = age > BUILDER_LOST_AFTER_SECS;
         Self {

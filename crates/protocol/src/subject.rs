@@ -323,6 +323,21 @@ pub fn attempts_subject(repo: &RepoName, target: &Target, id: &RequestId) -> Str
     format!("build.responses.{repo}.{}.{id}.attempts", target.token())
 }
 
+/// `build.responses.*.*.<id>.events`: the events of request `id`, whatever its repo and target
+/// (a consumer filter on the events stream).
+pub fn request_events_filter(id: &RequestId) -> String {
+    format!("build.responses.*.*.{id}.events")
+}
+
+/// `build.responses.*.*.<id>.logs`: the log batches of request `id`, whatever its repo and
+/// target.
+pub fn request_logs_filter(id: &RequestId) -> String {
+    format!("build.responses.*.*.{id}.logs")
+}
+
+/// `build.responses.*.*.*.events`: the events of every request.
+pub const ALL_EVENTS_FILTER: &str = "build.responses.*.*.*.events";
+
 /// Splits `build.<repo>.<target>` into its validated parts.
 pub fn parse_request_subject(subject: &str) -> Result<(RepoName, Target), NameError> {
     let mut tokens = subject.split('.');
@@ -342,6 +357,34 @@ pub fn parse_request_subject(subject: &str) -> Result<(RepoName, Target), NameEr
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// NATS subject matching with `*` (one token), enough for the filters here.
+    fn matches(filter: &str, subject: &str) -> bool {
+        let (filter, subject): (Vec<_>, Vec<_>) =
+            (filter.split('.').collect(), subject.split('.').collect());
+        filter.len() == subject.len()
+            && filter
+                .iter()
+                .zip(&subject)
+                .all(|(f, s)| *f == "*" || f == s)
+    }
+
+    #[test]
+    fn request_filters_take_the_requests_own_subjects_only() {
+        let repo = RepoName::parse("fleet").expect("a repo name");
+        let target = Target::parse("web.example.org").expect("a host name");
+        let id = RequestId::parse("REQUEST01").expect("an id");
+        let other = RequestId::parse("REQUEST02").expect("an id");
+        let events = events_subject(&repo, &target, &id);
+        let logs = logs_subject(&repo, &target, &id);
+        assert!(matches(&request_events_filter(&id), &events));
+        assert!(matches(ALL_EVENTS_FILTER, &events));
+        assert!(matches(&request_logs_filter(&id), &logs));
+        assert!(!matches(&request_events_filter(&id), &logs));
+        assert!(!matches(ALL_EVENTS_FILTER, &logs));
+        assert!(!matches(&request_events_filter(&other), &events));
+        assert!(matches(EVENTS_STREAM_SUBJECTS, &events) && matches(EVENTS_STREAM_SUBJECTS, &logs));
+    }
 
     #[test]
     fn reserved_and_hostile_repo_names_are_refused() {

@@ -661,39 +661,14 @@ pub async fn try_stored_messages(
     client: &async_nats::Client,
     subject: &str,
 ) -> Result<Vec<serde_json::Value>, String> {
-    use async_nats::jetstream::consumer::pull;
-    use futures::StreamExt;
     let js = async_nats::jetstream::new(client.clone());
-    let stream = js
-        .get_stream("BUILD_EVENTS")
+    let messages = homelab_deploy_client::inspect::read_stream(&js, "BUILD_EVENTS", subject)
         .await
         .map_err(|e| e.to_string())?;
-    let consumer = stream
-        .create_consumer(pull::Config {
-            filter_subject: subject.to_owned(),
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    loop {
-        let mut messages = consumer
-            .fetch()
-            .max_messages(1000)
-            .messages()
-            .await
-            .map_err(|e| e.to_string())?;
-        let before = out.len();
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| e.to_string())?;
-            out.push(serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?);
-        }
-        if out.len() == before {
-            return Ok(out);
-        }
-    }
+    messages
+        .iter()
+        .map(|message| serde_json::from_slice(&message.payload).map_err(|e| e.to_string()))
+        .collect()
 }
 
 /// A real OpenSSH server (Debian's `/usr/sbin/sshd`) on a free loopback port, with its own host
