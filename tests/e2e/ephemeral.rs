@@ -104,12 +104,30 @@ impl Fleet {
 
     /// Names of the consumers on the requests stream.
     async fn consumers(&self) -> Vec<String> {
+        self.consumers_of("BUILD_REQUESTS").await
+    }
+
+    /// The filter subjects of the consumers on the events stream. The builder reads with
+    /// wildcard filters (`build.responses.*.*.<id>.events`, all events when it rebuilds the state
+    /// bucket); the CLI follows a request's own subject.
+    async fn event_consumer_filters(&self) -> Vec<String> {
+        let js = async_nats::jetstream::new(self.nats.client().await);
+        let stream = js.get_stream("BUILD_EVENTS").await.expect("events stream");
+        let mut filters = Vec::new();
+        for name in self.consumers_of("BUILD_EVENTS").await {
+            // A consumer can expire between the listing and this read.
+            if let Ok(info) = stream.consumer_info(&name).await {
+                filters.push(info.config.filter_subject.clone());
+            }
+        }
+        filters
+    }
+
+    /// Names of the consumers on `stream`.
+    async fn consumers_of(&self, stream: &str) -> Vec<String> {
         use futures::TryStreamExt;
         let js = async_nats::jetstream::new(self.nats.client().await);
-        let stream = js
-            .get_stream("BUILD_REQUESTS")
-            .await
-            .expect("requests stream");
+        let stream = js.get_stream(stream).await.expect("stream");
         stream
             .consumer_names()
             .try_collect()
@@ -147,6 +165,19 @@ async fn once_takes_one_request_and_exits_with_its_verdict() {
     let bad = fleet.submit("broken-build", &[]);
 
     assert_eq!(exit_code(&mut first), 0, "log:\n{}", first.log());
+    // The session read the events stream (rebuilding the state bucket, checking the request's
+    // earlier events); it deleted those readers' consumers rather than leave them to expire.
+    let readers: Vec<String> = fleet
+        .event_consumer_filters()
+        .await
+        .into_iter()
+        .filter(|filter| filter.contains('*'))
+        .collect();
+    assert_eq!(
+        readers,
+        Vec::<String>::new(),
+        "the session left its readers' consumers on the events stream"
+    );
     let events = fleet.finished(&good).await;
     seqs_are_contiguous(&events);
     let finished = events.last().expect("finished");

@@ -321,6 +321,8 @@ pub async fn run(args: BuilderArgs) -> CliResult {
         }
     };
     tokio::spawn(forward_signals(signals, stop_tx));
+    // A builder may delete its readers' consumers on the events stream (docs/security.md).
+    homelab_deploy_client::inspect::delete_reader_consumers();
     match homelab_deploy_builder::run(config, session, stop_rx).await {
         Ok(report) if session.is_ephemeral() => Ok(session_outcome(&report, args.once)),
         Ok(_) => Ok(Outcome::Done),

@@ -7,6 +7,7 @@
 //! same answers come from replaying the events stream, which costs as much as the history.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
@@ -47,8 +48,32 @@ pub async fn read_stream(
 }
 
 /// Hands every message stored under `filter` in `stream` to `each`, oldest first, without
-/// keeping them: memory stays at one fetched batch whatever the stream holds.
+/// keeping them: memory stays at one fetched batch whatever the stream holds. The read's
+/// ephemeral consumer expires [`READER_INACTIVE`] after its last fetch, or is deleted at the
+/// end in a process that called [`delete_reader_consumers`].
 pub async fn for_each_message(
+    js: &Context,
+    stream: &str,
+    filter: &str,
+    each: impl FnMut(jetstream::Message),
+) -> Result<(), ClientError> {
+    read_each(js, stream, filter, each).await
+}
+
+/// How long an idle stream reader's consumer outlives its last fetch when it is not deleted.
+pub const READER_INACTIVE: Duration = Duration::from_secs(30);
+
+static DELETE_READER_CONSUMERS: AtomicBool = AtomicBool::new(false);
+
+/// From now on, every stream read of this process deletes its consumer when it ends, so a short
+/// builder session (`builder --once`) leaves none behind. Called once by a builder at start:
+/// builders may delete consumers on the events stream; deployers and viewers may not
+/// (docs/security.md), so their readers are left to expire.
+pub fn delete_reader_consumers() {
+    DELETE_READER_CONSUMERS.store(true, Ordering::Relaxed);
+}
+
+async fn read_each(
     js: &Context,
     stream: &str,
     filter: &str,
@@ -61,27 +86,36 @@ pub async fn for_each_message(
             filter_subject: filter.to_owned(),
             ack_policy: AckPolicy::None,
             deliver_policy: DeliverPolicy::All,
-            inactive_threshold: Duration::from_secs(30),
+            inactive_threshold: READER_INACTIVE,
             ..Default::default()
         })
         .await
         .map_err(|e| error(&e))?;
-    loop {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(FETCH_BATCH)
-            .messages()
-            .await
-            .map_err(|e| error(&e))?;
-        let mut got = 0;
-        while let Some(message) = batch.next().await {
-            each(message.map_err(|e| error(&e))?);
-            got += 1;
-        }
-        if got == 0 {
-            return Ok(());
+    let read = async {
+        loop {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(FETCH_BATCH)
+                .messages()
+                .await
+                .map_err(|e| error(&e))?;
+            let mut got = 0;
+            while let Some(message) = batch.next().await {
+                each(message.map_err(|e| error(&e))?);
+                got += 1;
+            }
+            if got == 0 {
+                return Ok(());
+            }
         }
     }
+    .await;
+    if DELETE_READER_CONSUMERS.load(Ordering::Relaxed) {
+        let name = consumer.cached_info().name.clone();
+        // Best effort: if the delete fails, the server still removes it after READER_INACTIVE.
+        let _ = stream.delete_consumer(&name).await;
+    }
+    read
 }
 
 /// Messages fetched per round trip while reading a stream.
