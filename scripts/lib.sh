@@ -9,7 +9,6 @@ NATS_SERVER_VERSION="2.15.1"
 MCP_SDK_VERSION="2.3.0"
 # nats-py (PyPI), the Python NATS client the protocol tests drive the documented resume recipe with.
 NATS_PY_VERSION="2.16.0"
-MIN_NATS_SERVER="2.10"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$ROOT/.tools"

@@ -30,6 +30,7 @@ Exit codes:
   1  the build finished failed or cancelled, or was refused
   2  usage error (bad arguments, invalid names, bad config)
   3  could not reach NATS, no builder serves the repo, or timed out
+  4  builder --once: no verdict (no request came, or SIGTERM handed it back)
 
 Durations (--timeout, --host-timeout, --build-timeout) are written as 90s, 30m, 3h, 1h30m or a
 plain number of seconds. NO_COLOR=1 turns colour off.";
