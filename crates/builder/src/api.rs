@@ -27,7 +27,6 @@ use crate::closures;
 use crate::daemon::Stop;
 use crate::job::{CancelOutcome, Canceller, Jobs};
 
-const MAX_TEXT_CHARS: usize = 256;
 /// Longest host name a diff query may carry (what a request subject's token allows, unescaped).
 const MAX_HOST_BYTES: usize = 512;
 
@@ -627,9 +626,10 @@ fn parse_cancel(payload: &[u8]) -> Result<CancelRequest, ApiFailure> {
         .into_iter()
         .flatten()
     {
-        if text.chars().count() > MAX_TEXT_CHARS || text.chars().any(char::is_control) {
+        if !homelab_deploy_protocol::request::is_valid_note(text) {
             return Err(ApiFailure::invalid(format!(
-                "reason and requested_by must be at most {MAX_TEXT_CHARS} printable characters"
+                "reason and requested_by must be at most {} printable characters",
+                homelab_deploy_protocol::request::MAX_NOTE_CHARS
             )));
         }
     }

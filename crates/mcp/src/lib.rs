@@ -25,7 +25,7 @@ use homelab_deploy_client::{
 use homelab_deploy_protocol::api::{
     BuildsCursor, BuildsQuery, CancelRequest, RequestPhase, RequestState, BUILDER_LOST_AFTER_SECS,
 };
-use homelab_deploy_protocol::request::{check_git_ref, check_rev};
+use homelab_deploy_protocol::request::{check_git_ref, check_rev, is_valid_note, MAX_NOTE_CHARS};
 use homelab_deploy_protocol::{Event, EventBody, Mode, Priority, RepoName, RequestId, Target};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::{schema_for_output, ToolCallContext};
@@ -735,14 +735,10 @@ impl BuildTools {
         if let Err(err) = RequestId::parse(&args.id) {
             return Ok(tool_error(err.to_string()));
         }
-        if args
-            .reason
-            .as_ref()
-            .is_some_and(|r| r.chars().count() > 256 || r.chars().any(char::is_control))
-        {
-            return Ok(tool_error(
-                "reason must be at most 256 printable characters",
-            ));
+        if args.reason.as_deref().is_some_and(|r| !is_valid_note(r)) {
+            return Ok(tool_error(format!(
+                "reason must be at most {MAX_NOTE_CHARS} printable characters"
+            )));
         }
         let client = match connect(&self.settings).await {
             Ok(client) => client,

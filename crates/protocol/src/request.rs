@@ -7,8 +7,15 @@ use crate::subject::{parse_request_subject, shown, NameError, RepoName, RequestI
 
 /// Largest request body a builder reads; the requests stream refuses larger messages too.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
-const MAX_REQUESTED_BY_CHARS: usize = 256;
+/// Most characters a free-text note (`requested_by`, a cancel's `reason`) may have.
+pub const MAX_NOTE_CHARS: usize = 256;
 const MAX_REF_LEN: usize = 255;
+
+/// Whether `text` is a note the protocol accepts: at most [`MAX_NOTE_CHARS`] characters, none
+/// of them a control character (a note is shown in terminals, logs and the dashboard).
+pub fn is_valid_note(text: &str) -> bool {
+    text.chars().count() <= MAX_NOTE_CHARS && !text.chars().any(char::is_control)
+}
 
 /// The JSON body of `build.<repo>.<target>`. Every field is optional; an empty body asks for a
 /// build of the head of the repo's configured ref. Unknown fields are ignored, so newer clients
@@ -255,12 +262,10 @@ pub fn parse_request(
     refusal.id = Some(id.clone());
 
     if let Some(by) = &request.requested_by {
-        if by.chars().count() > MAX_REQUESTED_BY_CHARS || by.chars().any(char::is_control) {
+        if !is_valid_note(by) {
             return refuse(
                 refusal,
-                format!(
-                    "requested_by must be at most {MAX_REQUESTED_BY_CHARS} printable characters"
-                ),
+                format!("requested_by must be at most {MAX_NOTE_CHARS} printable characters"),
             );
         }
     }
