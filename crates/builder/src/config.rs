@@ -109,8 +109,8 @@ pub struct VaultConfig {
     /// Field of the secret holding the seed.
     #[serde(default = "default_nkey_field")]
     pub nkey_field: String,
-    /// `approle` or `token`.
-    pub auth: String,
+    /// How the builder logs in to Vault.
+    pub auth: VaultAuthKind,
     #[serde(default)]
     pub role_id_file: Option<PathBuf>,
     #[serde(default)]
@@ -492,6 +492,26 @@ fn default_max_concurrent_requests() -> usize {
 fn default_host_timeout_secs() -> u64 {
     2 * 60 * 60
 }
+/// `vault.auth`: how the builder logs in to Vault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VaultAuthKind {
+    /// An AppRole login with `role_id_file` and `secret_id_file`, at `approle_mount`.
+    Approle,
+    /// A Vault token read from `token_file`.
+    Token,
+}
+
+impl VaultAuthKind {
+    /// The name the config file uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Approle => "approle",
+            Self::Token => "token",
+        }
+    }
+}
+
 fn default_request_timeout_secs() -> u64 {
     6 * 60 * 60
 }
@@ -738,21 +758,15 @@ impl Config {
                 Some(_) => Ok(()),
                 None => Err(invalid(
                     format!("vault.{key}"),
-                    format!("is required with auth = {:?}", vault.auth),
+                    format!("is required with auth = {:?}", vault.auth.name()),
                 )),
             };
-            match vault.auth.as_str() {
-                "approle" => {
+            match vault.auth {
+                VaultAuthKind::Approle => {
                     needs("role_id_file", &vault.role_id_file)?;
                     needs("secret_id_file", &vault.secret_id_file)?;
                 }
-                "token" => needs("token_file", &vault.token_file)?,
-                other => {
-                    return Err(invalid(
-                        "vault.auth".into(),
-                        format!("{other:?} is not \"approle\" or \"token\""),
-                    ))
-                }
+                VaultAuthKind::Token => needs("token_file", &vault.token_file)?,
             }
             if !matches!(vault.kv_version, None | Some(1 | 2)) {
                 return Err(invalid("vault.kv_version".into(), "must be 1 or 2".into()));
@@ -1033,19 +1047,14 @@ impl Config {
     pub fn vault_settings(&self) -> Option<homelab_deploy_credentials::vault::VaultSettings> {
         use homelab_deploy_credentials::vault::{VaultAuth, VaultSettings};
         let vault = self.vault.as_ref()?;
-        let auth = match (
-            &vault.token_file,
-            &vault.role_id_file,
-            &vault.secret_id_file,
-        ) {
-            (Some(token_file), _, _) if vault.auth == "token" => VaultAuth::Token {
-                token_file: token_file.clone(),
+        let auth = match vault.auth {
+            VaultAuthKind::Token => VaultAuth::Token {
+                token_file: vault.token_file.clone()?,
             },
-            (_, Some(role), Some(secret)) => VaultAuth::AppRole {
-                role_id_file: role.clone(),
-                secret_id_file: secret.clone(),
+            VaultAuthKind::Approle => VaultAuth::AppRole {
+                role_id_file: vault.role_id_file.clone()?,
+                secret_id_file: vault.secret_id_file.clone()?,
             },
-            _ => return None,
         };
         Some(VaultSettings {
             address: vault.address.clone(),
