@@ -25,14 +25,12 @@ use homelab_deploy_protocol::api::{BuilderState, ErrorCode, RequestPhase, Reques
 use homelab_deploy_protocol::diff::MAX_LISTED_PACKAGES;
 use homelab_deploy_protocol::request::parse_request;
 use homelab_deploy_protocol::subject::{
-    attempts_subject, encode_host, events_subject, logs_subject, parse_request_subject,
-    request_subject, MSG_ID_HEADER,
+    attempts_subject, events_subject, logs_subject, request_subject, MSG_ID_HEADER,
 };
 use homelab_deploy_protocol::{
-    BuildRequest, BuildStatus, ClosureDiff, DiffStatus, Event, EventBody, HostResult, HostStatus,
-    Identity, Mode, ParsedRequest, RepoName, RequestId, Target,
+    BuildStatus, ClosureDiff, DiffStatus, Event, EventBody, HostResult, HostStatus, Identity,
+    ParsedRequest, RepoName, RequestId, Target,
 };
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn, Instrument};
@@ -46,6 +44,14 @@ use crate::git::{GitError, Mirror, Resolved, Wanted};
 use crate::logs::LogBatcher;
 use crate::nix::{BuildOutput, Nix, NixError};
 use crate::state::StateStore;
+
+mod replace;
+mod roots;
+
+use replace::older_queued_holder;
+pub use replace::ReplaceIndex;
+pub(crate) use roots::gc_root_name;
+pub use roots::DrvRoots;
 
 /// Longest error excerpt kept in a host result or a `finished` event.
 const MAX_ERROR_BYTES: usize = 4096;
@@ -1421,22 +1427,6 @@ impl Jobs {
     }
 }
 
-/// The file name of `host`'s GC root in `gcroots/<repo>/`: the host name percent-encoded as in
-/// its subject token ([`encode_host`]: no `/`, never `.` or `..`), so a host name never reaches
-/// outside that directory; a plain name like `web` is its own file name. A name whose encoding is
-/// empty or longer than a file name may be (255 bytes) is named `%sha256-<hex of the name>`,
-/// which no encoded name can be (an encoded `%` is always followed by two upper-case hex digits).
-pub(crate) fn gc_root_name(host: &str) -> String {
-    let encoded = encode_host(host);
-    if (1..=MAX_FILE_NAME_BYTES).contains(&encoded.len()) {
-        encoded
-    } else {
-        let digest = Sha256::digest(host.as_bytes());
-        let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
-        format!("%sha256-{hex}")
-    }
-}
-
 /// The whole closure diff as log lines: a heading naming the earlier build, one line per
 /// package, and the closure sizes.
 fn diff_log_lines(diff: &ClosureDiff) -> Vec<String> {
@@ -1452,9 +1442,6 @@ fn diff_log_lines(diff: &ClosureDiff) -> Vec<String> {
     }
     lines
 }
-
-/// Longest file name Linux file systems take.
-const MAX_FILE_NAME_BYTES: usize = 255;
 
 /// A host that was never started because the request was cancelled or timed out first.
 fn skipped_host(host: &str, status: HostStatus, error: Option<String>) -> HostResult {
@@ -1497,51 +1484,6 @@ struct Checkout<'a> {
     /// GC roots of the request's evaluated drvs.
     roots: &'a DrvRoots,
 }
-
-/// A directory of GC roots for the drvs one request builds, so a garbage collection between
-/// evaluation and build cannot delete them; removed (and with it the roots) when the request
-/// ends. A builder that died leaves its directories behind; the next one removes them at start.
-pub struct DrvRoots(PathBuf);
-
-impl DrvRoots {
-    /// Where every request's directory goes, under the state dir.
-    pub fn parent(state_dir: &Path) -> PathBuf {
-        state_dir.join("gcroots").join("requests")
-    }
-
-    fn new(state_dir: &Path) -> Self {
-        Self(Self::parent(state_dir).join(nuid::next().to_string()))
-    }
-
-    /// Roots the drvs still in the store; returns those that are not (collected while cached:
-    /// evaluate them again).
-    async fn add(&self, nix: &Nix, drvs: &[&str], name: &str) -> Vec<String> {
-        let (present, gone): (Vec<&str>, Vec<&str>) =
-            drvs.iter().partition(|drv| Path::new(drv).exists());
-        if present.is_empty() {
-            return gone.into_iter().map(str::to_owned).collect();
-        }
-        let rooted = match std::fs::create_dir_all(&self.0) {
-            Ok(()) => nix.add_drv_roots(&present, &self.0.join(name)).await,
-            Err(err) => Err(NixError::Output {
-                what: format!("creating GC root directory {}", self.0.display()),
-                detail: err.to_string(),
-            }),
-        };
-        if let Err(err) = rooted {
-            warn!(error = %err, drvs = present.len(), "cannot add GC roots for evaluated drvs; a garbage collection before their build would fail it");
-        }
-        gone.into_iter().map(str::to_owned).collect()
-    }
-}
-
-impl Drop for DrvRoots {
-    fn drop(&mut self) {
-        // Nix removes the stale registration under gcroots/auto at its next collection.
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// When a host's work must stop, and what to say then.
 #[derive(Debug, Clone)]
 struct Deadline {
@@ -1600,189 +1542,6 @@ async fn interrupted(interrupt: &mut watch::Receiver<Option<Interrupt>>) -> Inte
         // The sender lives as long as the job; if it is gone, nothing can interrupt any more.
         Err(_) => std::future::pending().await,
     }
-}
-
-/// What this builder has read of each request subject: a contiguous range of stream sequences
-/// and the newest `replace` request in it. Messages never change, so each is read once, however
-/// long the queue and however often running requests check it.
-#[derive(Default)]
-pub struct ReplaceIndex {
-    subjects: Mutex<HashMap<String, Scanned>>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct Scanned {
-    /// Stream sequences `from..=up_to` of the subject have been read (empty while `up_to` is 0).
-    from: u64,
-    up_to: u64,
-    /// Stream sequence and id of the newest `replace` request read.
-    newest_replace: Option<(u64, String)>,
-}
-
-impl Scanned {
-    /// The parts of `wanted` not read yet: all of it at first, then what lies before and after
-    /// the range read so far (each possibly empty).
-    fn unread(&self, wanted: &std::ops::Range<u64>) -> [std::ops::Range<u64>; 2] {
-        if self.up_to == 0 {
-            [wanted.clone(), 0..0]
-        } else {
-            [wanted.start..self.from, self.up_to + 1..wanted.end]
-        }
-    }
-
-    /// Notes that `wanted`, and the newest message at `newest`, have been read.
-    fn mark_read(&mut self, wanted: &std::ops::Range<u64>, newest: u64) {
-        self.from = if self.up_to == 0 {
-            wanted.start
-        } else {
-            self.from.min(wanted.start)
-        };
-        self.up_to = self.up_to.max(newest);
-    }
-
-    fn saw(&mut self, sequence: u64, id: Option<String>) {
-        if let Some(id) = id {
-            if self
-                .newest_replace
-                .as_ref()
-                .is_none_or(|(seq, _)| *seq < sequence)
-            {
-                self.newest_replace = Some((sequence, id));
-            }
-        }
-    }
-}
-
-impl ReplaceIndex {
-    /// The id of a `replace` request for `subject` newer than `stream_seq`, if any; only a
-    /// request that `access` lets build counts.
-    async fn newer_replace(
-        &self,
-        requests: &jetstream::stream::Stream,
-        access: &Access,
-        subject: &str,
-        stream_seq: u64,
-    ) -> Option<String> {
-        let mut scanned = self
-            .subjects
-            .lock()
-            .map(|subjects| subjects.get(subject).cloned().unwrap_or_default())
-            .unwrap_or_default();
-        if let Ok(newest) = requests.get_last_raw_message_by_subject(subject).await {
-            scanned.saw(newest.sequence, replace_request_id(&newest, access));
-            let wanted = stream_seq + 1..newest.sequence;
-            let mut read = true;
-            for range in scanned.unread(&wanted) {
-                read = read && read_range(requests, access, subject, range, &mut scanned).await;
-            }
-            if read {
-                scanned.mark_read(&wanted, newest.sequence);
-            }
-        }
-        let answer = scanned
-            .newest_replace
-            .as_ref()
-            .filter(|(seq, _)| *seq > stream_seq)
-            .map(|(_, id)| id.clone());
-        if let Ok(mut subjects) = self.subjects.lock() {
-            subjects.insert(subject.to_owned(), scanned);
-        }
-        answer
-    }
-}
-
-/// Reads the subject's messages with stream sequences in `range`, noting `replace` requests;
-/// false if reading failed (the range then counts as not read).
-async fn read_range(
-    requests: &jetstream::stream::Stream,
-    access: &Access,
-    subject: &str,
-    range: std::ops::Range<u64>,
-    scanned: &mut Scanned,
-) -> bool {
-    let mut next = range.start;
-    while next < range.end {
-        match requests
-            .raw_message_builder()
-            .sequence(next)
-            .next_by_subject(subject)
-            .send()
-            .await
-        {
-            Ok(message) if message.sequence < range.end => {
-                scanned.saw(message.sequence, replace_request_id(&message, access));
-                next = message.sequence + 1;
-            }
-            Ok(_) => return true,
-            Err(err) if err.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-                return true
-            }
-            Err(_) => return false,
-        }
-    }
-    true
-}
-
-/// The request's id when it is a `replace` request that `access` lets build: an unsigned or
-/// badly signed one, refused when its turn comes, cancels nothing.
-fn replace_request_id(
-    message: &jetstream::message::StreamMessage,
-    access: &Access,
-) -> Option<String> {
-    let body: BuildRequest = serde_json::from_slice(&message.payload).unwrap_or_default();
-    if body.mode != Some(Mode::Replace) {
-        return None;
-    }
-    let (repo, target) = parse_request_subject(&message.subject).ok()?;
-    access
-        .build_request(Some(&message.headers), &repo, &target, &message.payload)
-        .ok()?;
-    let id = message
-        .headers
-        .get(MSG_ID_HEADER)
-        .map(|value| value.as_str().to_owned())
-        .or(body.id);
-    Some(id.unwrap_or_else(|| format!("at stream sequence {}", message.sequence)))
-}
-
-/// Queued messages an id check reads at most: the default `streams.max_pending_requests`.
-const MAX_HOLDER_SCAN: usize = 10_000;
-
-/// The stream sequence of a message older than `stream_seq` still in the requests stream
-/// (queued, or running elsewhere) that carries `id`. Older messages still there are few in a
-/// first-in first-out queue: the ones running and the ones lower priority classes hold back.
-async fn older_queued_holder(
-    requests: &jetstream::stream::Stream,
-    id: &RequestId,
-    stream_seq: u64,
-) -> Option<u64> {
-    let mut next = 1;
-    for _ in 0..MAX_HOLDER_SCAN {
-        let message = requests
-            .raw_message_builder()
-            .sequence(next)
-            .next_by_subject(">")
-            .send()
-            .await
-            .ok()?;
-        if message.sequence >= stream_seq {
-            return None;
-        }
-        let header = message
-            .headers
-            .get(MSG_ID_HEADER)
-            .map(|value| value.as_str().to_owned());
-        let carried = header.or_else(|| {
-            serde_json::from_slice::<BuildRequest>(&message.payload)
-                .ok()
-                .and_then(|body| body.id)
-        });
-        if carried.as_deref() == Some(id.as_str()) {
-            return Some(message.sequence);
-        }
-        next = message.sequence + 1;
-    }
-    None
 }
 
 /// While a request runs: keeps it alive with progress acks, and cancels it when a newer
@@ -2268,6 +2027,8 @@ fn cut(text: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    use homelab_deploy_protocol::Mode;
+
     use super::*;
 
     fn timeouts() -> Timeouts {
@@ -2317,40 +2078,6 @@ mod tests {
         let over = request_limits(&timeouts(), &asking(Some(u64::MAX), None))
             .expect_err("over the maximum");
         assert!(over.starts_with("host_timeout_secs"), "{over}");
-    }
-
-    #[test]
-    fn the_replace_index_reads_each_sequence_once() {
-        let mut scanned = Scanned::default();
-        // First look, from a request at sequence 10 with the newest message at 20.
-        let wanted = 11..20;
-        assert_eq!(scanned.unread(&wanted), [11..20, 0..0]);
-        scanned.mark_read(&wanted, 20);
-        assert_eq!((scanned.from, scanned.up_to), (11, 20));
-        // Again, nothing new: nothing to read.
-        assert!(scanned.unread(&wanted).iter().all(|range| range.is_empty()));
-        // Newer messages up to 30: only 21..30 is read.
-        let wanted = 11..30;
-        assert_eq!(scanned.unread(&wanted)[1], 21..30);
-        assert!(scanned.unread(&wanted)[0].is_empty());
-        scanned.mark_read(&wanted, 30);
-        assert_eq!((scanned.from, scanned.up_to), (11, 30));
-        // An older running request (at 4) reads only what lies before: 5..11.
-        let wanted = 5..30;
-        let [before, after] = scanned.unread(&wanted);
-        assert_eq!(before, 5..11);
-        assert!(after.is_empty());
-        scanned.mark_read(&wanted, 30);
-        assert_eq!((scanned.from, scanned.up_to), (5, 30));
-    }
-
-    #[test]
-    fn the_newest_replace_wins_whatever_order_it_is_seen_in() {
-        let mut scanned = Scanned::default();
-        scanned.saw(20, Some("LATER".to_owned()));
-        scanned.saw(12, Some("EARLIER".to_owned()));
-        scanned.saw(25, None);
-        assert_eq!(scanned.newest_replace, Some((20, "LATER".to_owned())));
     }
 
     fn failed_host(name: &str, error: String) -> HostResult {
@@ -2533,29 +2260,5 @@ mod tests {
             last.contains("builder b4") && last.contains("before its started event"),
             "{last}"
         );
-    }
-
-    /// Whatever the host is called, its GC root is one plain file name inside `gcroots/<repo>/`.
-    #[test]
-    fn gc_root_names_stay_in_their_directory() {
-        assert_eq!(gc_root_name("web"), "web");
-        assert_eq!(gc_root_name("web.example.org"), "web%2Eexample%2Eorg");
-        assert_eq!(gc_root_name("../../x"), "%2E%2E%2F%2E%2E%2Fx");
-        let long = "h".repeat(300);
-        for name in ["", ".", "..", "a/b", "a\nb", "é", &long, "%sha256-x"] {
-            let file = gc_root_name(name);
-            let path = Path::new("/state/gcroots/demo").join(&file);
-            assert_eq!(
-                path.parent(),
-                Some(Path::new("/state/gcroots/demo")),
-                "{name:?}"
-            );
-            assert!(
-                !file.is_empty() && file.len() <= 255 && !file.starts_with('.'),
-                "{name:?}: {file}"
-            );
-        }
-        assert_ne!(gc_root_name(&long), gc_root_name(&"h".repeat(301)));
-        assert!(gc_root_name(&long).starts_with("%sha256-"));
     }
 }
