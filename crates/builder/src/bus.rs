@@ -452,6 +452,23 @@ impl Publisher {
         })
     }
 
+    /// The last message stored on `subject` of the events stream; `Err(Some(why))` when it
+    /// cannot be read.
+    async fn last_on(
+        &self,
+        subject: &str,
+    ) -> Result<async_nats::jetstream::message::StreamMessage, Option<String>> {
+        let stream = self
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|err| Some(err.to_string()))?;
+        stream
+            .get_last_raw_message_by_subject(subject)
+            .await
+            .map_err(|err| Some(err.to_string()))
+    }
+
     /// The stream sequence of the last message on `subject` when it carries `message_id`
     /// (this publisher's earlier copy), `None` when it is someone else's.
     async fn stored_last(
@@ -459,15 +476,7 @@ impl Publisher {
         subject: &str,
         message_id: &str,
     ) -> Result<Option<u64>, Option<String>> {
-        let stream = self
-            .js
-            .get_stream(EVENTS_STREAM)
-            .await
-            .map_err(|err| Some(err.to_string()))?;
-        let last = stream
-            .get_last_raw_message_by_subject(subject)
-            .await
-            .map_err(|err| Some(err.to_string()))?;
+        let last = self.last_on(subject).await?;
         let ours = last
             .headers
             .get(MSG_ID_HEADER)
@@ -480,15 +489,7 @@ impl Publisher {
     /// `expected` itself, so the server did not apply the subject header and the fence is off),
     /// `Err(None)` when another writer's event ends the subject.
     async fn check_log_fence(&self, fence: &LogFence, expected: u64) -> Result<(), Option<String>> {
-        let stream = self
-            .js
-            .get_stream(EVENTS_STREAM)
-            .await
-            .map_err(|err| Some(err.to_string()))?;
-        let last = stream
-            .get_last_raw_message_by_subject(&fence.events_subject)
-            .await
-            .map_err(|err| Some(err.to_string()))?;
+        let last = self.last_on(&fence.events_subject).await?;
         let ours = last
             .headers
             .get(MSG_ID_HEADER)

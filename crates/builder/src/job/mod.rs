@@ -1094,20 +1094,23 @@ impl Jobs {
             _ = tokio::time::sleep_until(deadline.at) => return done(HostStatus::TimedOut, None, Some(timed_out())),
             why = interrupted(interrupt) => return stopped(why),
         };
+        let new_batcher = || {
+            LogBatcher::new(
+                self.publisher.clone(),
+                fence,
+                repo.to_string(),
+                logs.to_owned(),
+                request_id.to_owned(),
+                host.to_owned(),
+            )
+        };
         let drv = match drv {
             Ok(drv) => drv,
             Err(err) => {
                 // Events may carry a shortened excerpt (to fit `max_payload`); the logs
                 // subject keeps it whole, as it keeps a failed build's log.
                 let excerpt = err.excerpt();
-                let mut batcher = LogBatcher::new(
-                    self.publisher.clone(),
-                    fence,
-                    repo.to_string(),
-                    logs.to_owned(),
-                    request_id.to_owned(),
-                    host.to_owned(),
-                );
+                let mut batcher = new_batcher();
                 for line in excerpt.lines() {
                     batcher.push(line.to_owned()).await?;
                 }
@@ -1131,14 +1134,7 @@ impl Jobs {
                 return done(HostStatus::BuildFailed, None, Some(error));
             }
         }
-        let mut batcher = LogBatcher::new(
-            self.publisher.clone(),
-            fence,
-            repo.to_string(),
-            logs.to_owned(),
-            request_id.to_owned(),
-            host.to_owned(),
-        );
+        let mut batcher = new_batcher();
         if let Some(out_path) = self.held_by_gc_root(&drv, &out_link) {
             let closure_diff = self
                 .closure_diff(repo, rev, host, &out_path, &mut batcher)
