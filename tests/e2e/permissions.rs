@@ -518,6 +518,52 @@ async fn a_rotated_seed_file_is_used_at_the_next_reconnect() {
     );
 }
 
+/// As `client` (whose permission violations `errors` collects), updates `BUILD_REQUESTS` with
+/// a subject transform that would turn `build.responses.evil.*` into a build request of `repo`:
+/// the server must refuse it, and the stream keep its subjects and have no transform. `who`
+/// names the key in the failure messages.
+pub(crate) async fn a_transform_update_is_refused(
+    client: &async_nats::Client,
+    errors: &Arc<Mutex<Vec<String>>>,
+    repo: &str,
+    who: &str,
+) {
+    let js = jetstream::new(client.clone());
+    let mut stream = js.get_stream("BUILD_REQUESTS").await.expect("stream info");
+    let before = stream.info().await.expect("info").config.clone();
+    let mut changed = serde_json::to_value(&before).expect("config as JSON");
+    changed["subjects"]
+        .as_array_mut()
+        .expect("subjects")
+        .push("build.responses.evil.*".into());
+    changed["subject_transform"] = serde_json::json!(
+        {"src": "build.responses.evil.*", "dest": format!("build.{repo}.{{{{wildcard(1)}}}}")}
+    );
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(
+            "$JS.API.STREAM.UPDATE.BUILD_REQUESTS",
+            changed.to_string().into(),
+        ),
+    )
+    .await;
+    assert!(
+        !matches!(answer, Ok(Ok(_))),
+        "the server answered {who}'s stream update"
+    );
+    assert!(
+        refused_within(errors, "$JS.API.STREAM.UPDATE.BUILD_REQUESTS"),
+        "{}",
+        violations(errors)
+    );
+    let after = stream.info().await.expect("info").config.clone();
+    assert_eq!(after.subjects, before.subjects, "the subjects changed");
+    assert!(
+        serde_json::to_value(&after).expect("JSON")["subject_transform"].is_null(),
+        "a transform was set"
+    );
+}
+
 /// Waits (10 s at most) until the server reported a permissions violation naming `needle`.
 pub(crate) fn refused_within(errors: &Arc<Mutex<Vec<String>>>, needle: &str) -> bool {
     test_support::wait_until(Duration::from_secs(10), || {
@@ -831,39 +877,7 @@ async fn a_builder_key_cannot_change_a_stream() {
     let fleet = SecuredFleet::start();
     let secured = &fleet.secured;
     let (builder, errors) = fleet.connect(&secured.builder_seed).await;
-    let js = jetstream::new(builder.clone());
-    let mut stream = js.get_stream("BUILD_REQUESTS").await.expect("stream info");
-    let before = stream.info().await.expect("info").config.clone();
-    let mut changed = serde_json::to_value(&before).expect("config as JSON");
-    changed["subjects"]
-        .as_array_mut()
-        .expect("subjects")
-        .push("build.responses.evil.*".into());
-    changed["subject_transform"] =
-        serde_json::json!({"src": "build.responses.evil.*", "dest": "build.demo.{{wildcard(1)}}"});
-    let answer = tokio::time::timeout(
-        Duration::from_secs(5),
-        builder.request(
-            "$JS.API.STREAM.UPDATE.BUILD_REQUESTS",
-            changed.to_string().into(),
-        ),
-    )
-    .await;
-    assert!(
-        !matches!(answer, Ok(Ok(_))),
-        "the server answered the builder's stream update"
-    );
-    assert!(
-        refused_within(&errors, "$JS.API.STREAM.UPDATE.BUILD_REQUESTS"),
-        "{}",
-        violations(&errors)
-    );
-    let after = stream.info().await.expect("info").config.clone();
-    assert_eq!(after.subjects, before.subjects, "the subjects changed");
-    assert!(
-        serde_json::to_value(&after).expect("JSON")["subject_transform"].is_null(),
-        "a transform was set"
-    );
+    a_transform_update_is_refused(&builder, &errors, "demo", "the builder").await;
 
     // Provisioning is the admin's: a deployer is refused, with the stream named.
     let config = secured.builder_config("provisioner", &fleet.repo);

@@ -12,7 +12,10 @@ use futures::StreamExt;
 use serde_json::Value;
 use test_support::{run_cli, unique, Builder, FixtureRepo, NatsServer};
 
-use crate::permissions::{connect_as, generate, refused_within, table_mismatches, violations};
+use crate::permissions::{
+    a_transform_update_is_refused, connect_as, generate, refused_within, table_mismatches,
+    violations,
+};
 use crate::{bin, text};
 
 /// The users of each tenant account in `nats/multi-tenant.example.conf`, with the inbox prefix
@@ -391,40 +394,7 @@ async fn a_tenant_builder_key_cannot_change_streams_or_read_replies() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 
     let (builder, errors) = tenants.client(&tenants.seed("ALPHA_BUILDER")).await;
-    let js = async_nats::jetstream::new(builder.clone());
-    let mut stream = js.get_stream("BUILD_REQUESTS").await.expect("stream info");
-    let before = stream.info().await.expect("info").config.clone();
-    let mut changed = serde_json::to_value(&before).expect("config as JSON");
-    changed["subjects"]
-        .as_array_mut()
-        .expect("subjects")
-        .push("build.responses.evil.*".into());
-    changed["subject_transform"] = serde_json::json!(
-        {"src": "build.responses.evil.*", "dest": "build.alpha-app.{{wildcard(1)}}"}
-    );
-    let answer = tokio::time::timeout(
-        Duration::from_secs(5),
-        builder.request(
-            "$JS.API.STREAM.UPDATE.BUILD_REQUESTS",
-            changed.to_string().into(),
-        ),
-    )
-    .await;
-    assert!(
-        !matches!(answer, Ok(Ok(_))),
-        "the server answered the tenant builder's stream update"
-    );
-    assert!(
-        refused_within(&errors, "$JS.API.STREAM.UPDATE.BUILD_REQUESTS"),
-        "{}",
-        violations(&errors)
-    );
-    let after = stream.info().await.expect("info").config.clone();
-    assert_eq!(after.subjects, before.subjects, "the subjects changed");
-    assert!(
-        serde_json::to_value(&after).expect("JSON")["subject_transform"].is_null(),
-        "a transform was set"
-    );
+    a_transform_update_is_refused(&builder, &errors, "alpha-app", "the tenant builder").await;
 
     // The builder key listens on the deployer's inbox while the deployer asks the builder:
     // refused, and the answer reaches the deployer only.
