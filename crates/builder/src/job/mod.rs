@@ -11,55 +11,46 @@
 //! All the while the request is kept alive with progress acks, so only a builder that died lets
 //! it be redelivered. NATS, git and nix sit behind [`Publisher`], [`Mirror`] and [`Nix`].
 
-use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use futures::{StreamExt, TryStreamExt};
-use homelab_deploy_client::inspect::{
-    blank_state, fold_event, fold_events, request_events, PendingRequest,
-};
-use homelab_deploy_protocol::api::{BuilderState, ErrorCode, RequestPhase, RequestState};
-use homelab_deploy_protocol::diff::MAX_LISTED_PACKAGES;
+use homelab_deploy_client::inspect::{request_events, PendingRequest};
+use homelab_deploy_protocol::api::{BuilderState, ErrorCode};
 use homelab_deploy_protocol::request::parse_request;
 use homelab_deploy_protocol::subject::{
-    attempts_subject, events_subject, logs_subject, request_subject, MSG_ID_HEADER,
+    attempts_subject, logs_subject, request_subject, MSG_ID_HEADER,
 };
 use homelab_deploy_protocol::{
-    BuildStatus, ClosureDiff, DiffStatus, Event, EventBody, HostResult, HostStatus, Identity,
-    ParsedRequest, RepoName, RequestId, Target,
+    BuildStatus, EventBody, HostResult, Identity, ParsedRequest, RepoName, RequestId, Target,
 };
-use time::OffsetDateTime;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{error, info, warn, Instrument};
 
 use crate::access::Access;
-use crate::bus::{last_event, BusError, LogFence, Publisher, RequestMessage};
+use crate::bus::{BusError, Publisher, RequestMessage};
 use crate::cache::EvalCache;
 use crate::closures::History;
 use crate::config::{Evaluation, RepoConfig, Timeouts};
 use crate::git::{GitError, Mirror, Resolved, Wanted};
-use crate::logs::LogBatcher;
-use crate::nix::{BuildOutput, Nix, NixError};
+use crate::nix::Nix;
 use crate::state::StateStore;
 
+mod eval;
+mod events;
+mod host;
 mod replace;
 mod roots;
 
+use events::{cut, events_error, Events, Finish, MAX_ERROR_BYTES};
+use host::RequestHosts;
 use replace::older_queued_holder;
 pub use replace::ReplaceIndex;
 pub(crate) use roots::gc_root_name;
 pub use roots::DrvRoots;
-
-/// Longest error excerpt kept in a host result or a `finished` event.
-const MAX_ERROR_BYTES: usize = 4096;
-/// Shortest excerpt an event that must shrink to fit `max_payload` keeps before leaving
-/// excerpts out.
-const MIN_ERROR_BYTES: usize = 128;
-/// Progress events of one host are at most this frequent.
-const PROGRESS_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Everything a job needs from the builder; shared by all jobs.
 pub struct Jobs {
@@ -205,12 +196,6 @@ enum Answered {
     Finished,
     /// It cannot be answered on any subject, or was answered as malformed: terminate it.
     Never,
-}
-
-/// What happened to one host.
-enum HostOutcome {
-    Done(HostResult),
-    Cancelled(HostResult, Canceller, String),
 }
 
 impl Jobs {
@@ -747,7 +732,6 @@ impl Jobs {
 
         // 4. Evaluate the hosts together where the memory budget allows, then build each in
         //    turn; after a cancel the rest are cancelled without building.
-        let total = hosts.len();
         let mut cancelled: Option<(Canceller, String)> = None;
         let logs = logs_subject(repo, target, id);
         let roots = DrvRoots::new(&self.state_dir);
@@ -756,9 +740,11 @@ impl Jobs {
             repo,
             rev: &rev,
             roots: &roots,
+            logs: &logs,
+            id,
         };
         let drvs = tokio::select! {
-            drvs = self.evaluate_together(&checkout, &hosts, id) => drvs,
+            drvs = self.evaluate_together(&checkout, &hosts) => drvs,
             _ = tokio::time::sleep_until(request_deadline.at) => HashMap::new(),
             why = interrupted(&mut interrupt) => match why {
                 Interrupt::Shutdown => return Err(JobError::Aborted),
@@ -769,101 +755,26 @@ impl Jobs {
             },
         };
         // Up to `build_jobs` hosts at once (1 by default: one at a time, in order).
-        let cancelled = Mutex::new(cancelled);
-        let shared_events = tokio::sync::Mutex::new(events);
+        let run = RequestHosts {
+            events: tokio::sync::Mutex::new(events),
+            checkout: &checkout,
+            drvs: &drvs,
+            deadline: &request_deadline,
+            host_timeout: limits.host,
+            total: hosts.len(),
+            cancelled: Mutex::new(cancelled),
+        };
         let build_one = |(position, host): (usize, String)| {
-            let mut interrupt = interrupt.clone();
-            let (cancelled, shared_events, checkout, logs, drvs, request_deadline) = (
-                &cancelled,
-                &shared_events,
-                &checkout,
-                &logs,
-                &drvs,
-                &request_deadline,
-            );
-            async move {
-                let host = &host;
-                let index = position + 1;
-                if lock(cancelled).is_some() {
-                    return Ok(skipped_host(host, HostStatus::Cancelled, None));
-                }
-                if request_deadline.passed() {
-                    let why = Some(request_deadline.why.clone());
-                    return Ok(skipped_host(host, HostStatus::TimedOut, why));
-                }
-                let host_deadline = Deadline {
-                    at: tokio::time::Instant::now() + limits.host,
-                    why: format!("timed out after {}s (host timeout)", limits.host.as_secs()),
-                };
-                let deadline = if host_deadline.at <= request_deadline.at {
-                    host_deadline
-                } else {
-                    request_deadline.clone()
-                };
-                let started = EventBody::HostStarted {
-                    host: host.clone(),
-                    index,
-                    total,
-                };
-                shared_events.lock().await.emit(started).await?;
-                let drv = drvs.get(host).map(String::as_str);
-                let mut log_lines = 0;
-                let mut measured = Measured::default();
-                let outcome = self
-                    .build_host(
-                        shared_events,
-                        checkout,
-                        HostRun {
-                            host,
-                            drv,
-                            deadline: &deadline,
-                            measured: &mut measured,
-                            log_lines: &mut log_lines,
-                        },
-                        logs,
-                        id.as_str(),
-                        &mut interrupt,
-                    )
-                    .await?;
-                let held = match &outcome {
-                    HostOutcome::Done(result) if result.status.is_success() => Some(checkout.rev),
-                    _ => None,
-                };
-                self.placement
-                    .learn(repo, host, measured.eval, measured.build, held)
-                    .await;
-                let result = match outcome {
-                    HostOutcome::Done(result) => result,
-                    HostOutcome::Cancelled(result, by, reason) => {
-                        lock(cancelled).get_or_insert((by, reason));
-                        result
-                    }
-                };
-                info!(request_id = %id, host, status = result.status.as_str(), duration_ms = result.duration_ms, "host finished");
-                crate::metrics::host_finished(
-                    repo.as_str(),
-                    host,
-                    result.status.as_str(),
-                    result.duration_ms as f64 / 1000.0,
-                );
-                let finished = EventBody::HostFinished {
-                    host: host.clone(),
-                    index,
-                    total,
-                    result: result.clone(),
-                    log_lines: Some(log_lines),
-                };
-                shared_events.lock().await.emit(finished).await?;
-                Ok::<_, JobError>(result)
-            }
+            self.run_host(&run, position, host, interrupt.clone())
         };
         let results: Vec<HostResult> = futures::stream::iter(hosts.iter().cloned().enumerate())
             .map(build_one)
             .buffered(self.build_jobs.max(1))
             .try_collect()
             .await?;
-        let events = shared_events.into_inner();
-        let cancelled = cancelled
+        let events = run.events.into_inner();
+        let cancelled = run
+            .cancelled
             .into_inner()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
 
@@ -875,7 +786,7 @@ impl Jobs {
             finish.error = Some(format!("cancelled by {by}: {reason}"));
             finish.cancelled_by = Some(by);
         }
-        finish.rev = Some(rev);
+        finish.rev = Some(rev.clone());
         finish.hosts = results;
         info!(request_id = %id, status = finish.status.as_str(), "request finished");
         events.finish(finish).await
@@ -1009,295 +920,6 @@ impl Jobs {
             )),
         }
     }
-
-    /// Evaluates and builds one host. Only a failure to publish (or a shutdown) is an error;
-    /// everything nix does wrong is the host's result.
-    /// The output `drv` was built to, when this builder's GC root for the host still points at
-    /// it: nix cannot have collected it, so there is nothing to build and no need to ask nix.
-    fn held_by_gc_root(&self, drv: &str, out_link: &Path) -> Option<String> {
-        let out_path = self.evaluated.out_path(drv)?;
-        let target = std::fs::read_link(out_link).ok()?;
-        (target == Path::new(&out_path) && target.exists()).then_some(out_path)
-    }
-
-    async fn build_host(
-        &self,
-        events: &tokio::sync::Mutex<&mut Events<'_>>,
-        checkout: &Checkout<'_>,
-        run: HostRun<'_>,
-        logs: &str,
-        request_id: &str,
-        interrupt: &mut watch::Receiver<Option<Interrupt>>,
-    ) -> Result<HostOutcome, JobError> {
-        let Checkout {
-            flake,
-            repo,
-            rev,
-            roots,
-        } = *checkout;
-        let HostRun {
-            host,
-            drv: evaluated_drv,
-            deadline,
-            measured,
-            log_lines,
-        } = run;
-        let started = Instant::now();
-        let fence = events.lock().await.log_fence.clone();
-        let result = |status, out_path, error: Option<String>| HostResult {
-            name: host.to_owned(),
-            status,
-            out_path,
-            duration_ms: started.elapsed().as_millis() as u64,
-            error: error.map(|e| cut(&e, MAX_ERROR_BYTES)),
-            pushed: None,
-            push_error: None,
-            closure_diff: None,
-        };
-        let done = |status, out_path, error| Ok(HostOutcome::Done(result(status, out_path, error)));
-        let timed_out = || deadline.why.clone();
-        let stopped = |why: Interrupt| match why {
-            Interrupt::Shutdown => Err(JobError::Aborted),
-            Interrupt::Cancel { by, reason } => {
-                let error = format!("cancelled by {by}: {reason}");
-                Ok(HostOutcome::Cancelled(
-                    result(HostStatus::Cancelled, None, Some(error)),
-                    by,
-                    reason,
-                ))
-            }
-        };
-
-        let evaluate = async {
-            match evaluated_drv {
-                Some(drv) => Ok(drv.to_owned()),
-                None => match self.nix_of(repo).eval_toplevel_drv(flake, host).await {
-                    Ok((drv, peak)) => {
-                        measured.eval = Some(peak);
-                        self.evaluated.put_drv(repo.as_str(), rev, host, &drv);
-                        let name = Path::new(&drv).file_name().unwrap_or_default();
-                        roots.add(&self.nix, &[&drv], &name.to_string_lossy()).await;
-                        Ok(drv)
-                    }
-                    Err(err) => {
-                        // It needed at least what it reached before the limit stopped it.
-                        if let NixError::MemoryLimit { rss, .. } = &err {
-                            measured.eval = Some(*rss);
-                        }
-                        Err(err)
-                    }
-                },
-            }
-        };
-        let drv = tokio::select! {
-            drv = evaluate => drv,
-            _ = tokio::time::sleep_until(deadline.at) => return done(HostStatus::TimedOut, None, Some(timed_out())),
-            why = interrupted(interrupt) => return stopped(why),
-        };
-        let new_batcher = || {
-            LogBatcher::new(
-                self.publisher.clone(),
-                fence,
-                repo.to_string(),
-                logs.to_owned(),
-                request_id.to_owned(),
-                host.to_owned(),
-            )
-        };
-        let drv = match drv {
-            Ok(drv) => drv,
-            Err(err) => {
-                // Events may carry a shortened excerpt (to fit `max_payload`); the logs
-                // subject keeps it whole, as it keeps a failed build's log.
-                let excerpt = err.excerpt();
-                let mut batcher = new_batcher();
-                for line in excerpt.lines() {
-                    batcher.push(line.to_owned()).await?;
-                }
-                batcher.flush().await?;
-                *log_lines = batcher.lines_published();
-                return done(HostStatus::EvalFailed, None, Some(excerpt));
-            }
-        };
-
-        let out_link = self
-            .state_dir
-            .join("gcroots")
-            .join(repo.as_str())
-            .join(gc_root_name(host));
-        if let Some(parent) = out_link.parent() {
-            if let Err(err) = std::fs::create_dir_all(parent) {
-                let error = format!(
-                    "cannot create GC root directory {}: {err}",
-                    parent.display()
-                );
-                return done(HostStatus::BuildFailed, None, Some(error));
-            }
-        }
-        let mut batcher = new_batcher();
-        if let Some(out_path) = self.held_by_gc_root(&drv, &out_link) {
-            let closure_diff = self
-                .closure_diff(repo, rev, host, &out_path, &mut batcher)
-                .await?;
-            *log_lines = batcher.lines_published();
-            let mut cached = result(HostStatus::Cached, Some(out_path), None);
-            cached.closure_diff = closure_diff;
-            return Ok(HostOutcome::Done(self.push(repo, cached, started).await));
-        }
-        let (output_tx, mut output) = mpsc::channel(256);
-        let build = self.nix_of(repo).build(&drv, &out_link, output_tx);
-        tokio::pin!(build);
-        let mut last_progress: Option<Instant> = None;
-        // The newest counts nix reported, and whether an event carried them already.
-        let mut latest_progress: Option<(EventBody, bool)> = None;
-        let far_future = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
-        // Dropping `build` (on timeout or interrupt) kills nix's whole process group.
-        let built = loop {
-            tokio::select! {
-                built = &mut build => break built,
-                Some(item) = output.recv() => match item {
-                    BuildOutput::Line(line) => batcher.push(line).await?,
-                    BuildOutput::Progress { done, expected, running, failed } => {
-                        let progress = EventBody::Progress { host: host.to_owned(), done, expected, running, failed };
-                        let due = last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVENT_INTERVAL);
-                        if due {
-                            last_progress = Some(Instant::now());
-                            events.lock().await.emit(progress.clone()).await?;
-                        }
-                        latest_progress = Some((progress, due));
-                    }
-                },
-                _ = tokio::time::sleep_until(batcher.deadline().unwrap_or(far_future)) => batcher.flush().await?,
-                _ = tokio::time::sleep_until(deadline.at) => {
-                    batcher.flush().await?;
-                    *log_lines = batcher.lines_published();
-                    return done(HostStatus::TimedOut, None, Some(timed_out()));
-                }
-                why = interrupted(interrupt) => {
-                    batcher.flush().await?;
-                    *log_lines = batcher.lines_published();
-                    return stopped(why);
-                }
-            }
-        };
-        while let Some(item) = output.recv().await {
-            match item {
-                BuildOutput::Line(line) => batcher.push(line).await?,
-                BuildOutput::Progress {
-                    done,
-                    expected,
-                    running,
-                    failed,
-                } => {
-                    let progress = EventBody::Progress {
-                        host: host.to_owned(),
-                        done,
-                        expected,
-                        running,
-                        failed,
-                    };
-                    latest_progress = Some((progress, false));
-                }
-            }
-        }
-        batcher.flush().await?;
-        *log_lines = batcher.lines_published();
-        // The host's last progress event carries nix's final counts, however close together
-        // they came.
-        if let Some((progress, false)) = latest_progress {
-            events.lock().await.emit(progress).await?;
-        }
-        let built = match built {
-            Ok(built) => built,
-            Err(err) => return done(HostStatus::BuildFailed, None, Some(err.excerpt())),
-        };
-        self.evaluated.put_out_path(&drv, &built.out_path);
-        let status = if built.derivations_built == 0 {
-            HostStatus::Cached
-        } else {
-            // A build that built nothing measured only nix itself.
-            measured.build = Some(built.peak_rss);
-            HostStatus::Built
-        };
-        let closure_diff = self
-            .closure_diff(repo, rev, host, &built.out_path, &mut batcher)
-            .await?;
-        *log_lines = batcher.lines_published();
-        let mut host_result = result(status, Some(built.out_path), None);
-        host_result.closure_diff = closure_diff;
-        Ok(HostOutcome::Done(
-            self.push(repo, host_result, started).await,
-        ))
-    }
-
-    /// Compares the host's new toplevel with its newest held build at another commit, writes
-    /// the whole diff to the host's logs, and keeps the new toplevel for later diffs. `None`
-    /// when diffs are off; a failure is the diff's `failed` status, never the host's. Only a
-    /// failure to publish the log lines is an error.
-    async fn closure_diff(
-        &self,
-        repo: &RepoName,
-        rev: &str,
-        host: &str,
-        out_path: &str,
-        batcher: &mut LogBatcher,
-    ) -> Result<Option<ClosureDiff>, JobError> {
-        if !self.history.enabled() {
-            return Ok(None);
-        }
-        let host_file = gc_root_name(host);
-        let mut diff = match self.history.previous(repo.as_str(), &host_file, rev) {
-            Some(previous) => self.history.compare(&self.nix, &previous, out_path).await,
-            None => ClosureDiff::no_previous(),
-        };
-        if let Err(err) = self
-            .history
-            .record(&self.nix, repo.as_str(), &host_file, rev, out_path)
-            .await
-        {
-            warn!(repo = %repo, host, error = %err, "cannot keep the build for later closure diffs");
-        }
-        match diff.status {
-            DiffStatus::Failed => {
-                let error = diff.error.take().unwrap_or_default();
-                warn!(repo = %repo, host, error = %error, "closure diff failed");
-                batcher
-                    .push(format!("closure diff failed: {}", error.trim()))
-                    .await?;
-                diff.error = Some(cut(&error, MAX_ERROR_BYTES));
-            }
-            DiffStatus::NoPrevious => {}
-            DiffStatus::Compared => {
-                for line in diff_log_lines(&diff) {
-                    batcher.push(line).await?;
-                }
-            }
-        }
-        batcher.flush().await?;
-        diff.keep_packages(MAX_LISTED_PACKAGES);
-        Ok(Some(diff))
-    }
-
-    /// Copies a finished host to the repo's binary cache, when it has one. A failed push is
-    /// reported, but the host is still built.
-    async fn push(
-        &self,
-        repo: &RepoName,
-        mut host_result: HostResult,
-        started: Instant,
-    ) -> HostResult {
-        let push_store = self
-            .repos
-            .get(repo)
-            .and_then(|served| served.config.push_store());
-        if let (Some(store), Some(out_path)) = (push_store, host_result.out_path.clone()) {
-            let pushed = self.nix_of(repo).copy_to(&store, &out_path).await;
-            host_result.pushed = Some(pushed.is_ok());
-            host_result.push_error = pushed.err().map(|err| cut(&err.excerpt(), MAX_ERROR_BYTES));
-            host_result.duration_ms = started.elapsed().as_millis() as u64;
-        }
-        host_result
-    }
 }
 
 impl Jobs {
@@ -1331,147 +953,8 @@ impl Jobs {
     }
 }
 
-impl Jobs {
-    /// Evaluates the toplevels of `hosts` in as few nix processes as `eval_batch_size` and
-    /// `eval_memory_limit_mb` allow. A batch that fails (an error `tryEval` cannot catch) or goes
-    /// over the memory limit is split in halves and retried; a host left without a drv is
-    /// evaluated alone when its turn comes, which also yields its own error message.
-    async fn evaluate_together(
-        &self,
-        checkout: &Checkout<'_>,
-        hosts: &[String],
-        request_id: &RequestId,
-    ) -> HashMap<String, String> {
-        let mut drvs = self.evaluate_shared(checkout, hosts, request_id).await;
-        let paths: Vec<&str> = drvs.values().map(String::as_str).collect();
-        let gone = checkout.roots.add(&self.nix, &paths, "shared").await;
-        // A cached drv collected since: its host evaluates again when its turn comes.
-        drvs.retain(|_, drv| !gone.contains(drv));
-        drvs
-    }
-
-    /// [`Self::evaluate_together`] before the drvs are rooted.
-    async fn evaluate_shared(
-        &self,
-        checkout: &Checkout<'_>,
-        hosts: &[String],
-        request_id: &RequestId,
-    ) -> HashMap<String, String> {
-        let Checkout {
-            flake, repo, rev, ..
-        } = *checkout;
-        let mut drvs: HashMap<String, String> = hosts
-            .iter()
-            .filter_map(|host| Some((host.clone(), self.evaluated.drv(repo.as_str(), rev, host)?)))
-            .collect();
-        let hosts: Vec<String> = hosts
-            .iter()
-            .filter(|h| !drvs.contains_key(*h))
-            .cloned()
-            .collect();
-        let hosts = hosts.as_slice();
-        if hosts.len() < 2 {
-            return drvs;
-        }
-        let started = Instant::now();
-        let mut batches: VecDeque<Vec<String>> = hosts
-            .chunks(self.evaluation.batch_size.max(1))
-            .map(<[String]>::to_vec)
-            .collect();
-        let (mut processes, mut peak) = (0u32, 0u64);
-        while let Some(batch) = batches.pop_front() {
-            processes += 1;
-            let hosts_in_batch = batch.len();
-            match self.nix.eval_toplevel_drvs(flake, &batch).await {
-                Ok((evaluated, rss)) => {
-                    peak = peak.max(rss);
-                    drvs.extend(
-                        evaluated
-                            .into_iter()
-                            .filter_map(|(host, drv)| Some((host, drv?))),
-                    );
-                }
-                Err(err @ NixError::MemoryLimit { .. }) => {
-                    // Halving would evaluate the shared part again at every level; the hosts
-                    // left evaluate one at a time instead, which costs no more than a plain
-                    // per-host loop plus this one stopped attempt.
-                    let left = hosts_in_batch + batches.iter().map(Vec::len).sum::<usize>();
-                    warn!(request_id = %request_id, hosts = left, error = %err, "shared evaluation ran out of memory; evaluating the hosts one at a time");
-                    batches.clear();
-                }
-                Err(err) if batch.len() > 1 => {
-                    warn!(request_id = %request_id, hosts = batch.len(), error = %err, "shared evaluation failed; splitting the batch");
-                    let (first, second) = batch.split_at(batch.len() / 2);
-                    batches.push_front(second.to_vec());
-                    batches.push_front(first.to_vec());
-                }
-                Err(err) => {
-                    warn!(request_id = %request_id, host = batch[0].as_str(), error = %err, "host left to evaluate alone");
-                }
-            }
-        }
-        info!(
-            request_id = %request_id,
-            hosts = hosts.len(),
-            evaluated = drvs.len(),
-            nix_processes = processes,
-            peak_evaluator_rss_mb = peak / (1024 * 1024),
-            duration_ms = started.elapsed().as_millis() as u64,
-            "shared evaluation done"
-        );
-        drvs
-    }
-}
-
-/// The whole closure diff as log lines: a heading naming the earlier build, one line per
-/// package, and the closure sizes.
-fn diff_log_lines(diff: &ClosureDiff) -> Vec<String> {
-    let mut lines = vec![format!(
-        "closure diff against rev {} ({}): {}",
-        diff.from_rev.as_deref().unwrap_or("?"),
-        diff.from_path.as_deref().unwrap_or("?"),
-        diff.summary()
-    )];
-    lines.extend(diff.packages.iter().map(|p| format!("  {p}")));
-    if let (Some(before), Some(after)) = (diff.size_before, diff.size_after) {
-        lines.push(format!("closure size: {before} → {after} bytes"));
-    }
-    lines
-}
-
-/// A host that was never started because the request was cancelled or timed out first.
-fn skipped_host(host: &str, status: HostStatus, error: Option<String>) -> HostResult {
-    HostResult {
-        name: host.to_owned(),
-        status,
-        out_path: None,
-        duration_ms: 0,
-        error,
-        pushed: None,
-        push_error: None,
-        closure_diff: None,
-    }
-}
-
-/// One host of a request to build: its name, its drv when the shared evaluation found it, its
-/// deadline, where the peaks measured on the way go, and where the number of its log lines
-/// published (all of them stored) goes.
-struct HostRun<'a> {
-    host: &'a str,
-    drv: Option<&'a str>,
-    deadline: &'a Deadline,
-    measured: &'a mut Measured,
-    log_lines: &'a mut u64,
-}
-
-/// Peak resident memory (bytes) of a host's own evaluation and build, when they ran.
-#[derive(Debug, Default)]
-struct Measured {
-    eval: Option<u64>,
-    build: Option<u64>,
-}
-
-/// The commit a request builds, and the flake URL nix reads it from.
+/// What every host of a request shares: the commit it builds, the flake URL nix reads it from,
+/// and where its log lines go.
 #[derive(Clone, Copy)]
 struct Checkout<'a> {
     flake: &'a str,
@@ -1479,7 +962,11 @@ struct Checkout<'a> {
     rev: &'a str,
     /// GC roots of the request's evaluated drvs.
     roots: &'a DrvRoots,
+    /// The request's logs subject.
+    logs: &'a str,
+    id: &'a RequestId,
 }
+
 /// When a host's work must stop, and what to say then.
 #[derive(Debug, Clone)]
 struct Deadline {
@@ -1573,454 +1060,6 @@ async fn watch_request(
     }
 }
 
-/// The numbered events of one request, published under a fence: each publish expects the
-/// subject's last stored message to be this writer's previous one (JetStream's
-/// `Nats-Expected-Last-Subject-Sequence`), so a builder that lost the request (paused past the
-/// ack wait while another builder took it over, or cancelled while queued) cannot add to it.
-struct Events<'a> {
-    publisher: &'a Publisher,
-    /// Where [`Events::state`] is written after each event.
-    store: &'a StateStore,
-    /// The request's state with every stored event folded in.
-    state: RequestState,
-    subject: String,
-    id: String,
-    seq: u64,
-    /// Stream sequence of the last message stored on the subject (0: none): what the next
-    /// publish expects.
-    last_stored: u64,
-    /// Names this writer in its message ids, so that a copy it stored itself (its ack lost)
-    /// is never taken for another writer's message, nor another's for its own.
-    writer: String,
-    /// What this run's log batches are stored on condition of: its events still end the
-    /// subject.
-    log_fence: Arc<LogFence>,
-    last_was_finished: bool,
-    /// Status of the `finished` event this writer stored, once it has.
-    verdict: Option<BuildStatus>,
-    /// The verified signer of the request, shown in `started` and `finished`.
-    requested_by_key: Option<Identity>,
-    /// When JetStream stored the request, shown in `started` and `finished`.
-    queued_at: Option<OffsetDateTime>,
-}
-
-fn events_error(err: &homelab_deploy_client::ClientError) -> JobError {
-    JobError::Bus(BusError::Stream {
-        stream: homelab_deploy_protocol::subject::EVENTS_STREAM.to_owned(),
-        message: err.to_string(),
-    })
-}
-
-/// The state of a request no event was stored for yet, queued at `queued_at` (now when the
-/// request's stream message time is unknown).
-fn new_state(
-    id: &RequestId,
-    repo: &RepoName,
-    target: &Target,
-    queued_at: Option<OffsetDateTime>,
-) -> RequestState {
-    blank_state(
-        id.as_str(),
-        repo.as_str(),
-        target.as_str(),
-        RequestPhase::Queued,
-        queued_at.unwrap_or_else(OffsetDateTime::now_utc),
-    )
-}
-
-/// The parts of a `finished` event, filled in as the request goes.
-struct Finish {
-    status: BuildStatus,
-    repo: String,
-    target: String,
-    rev: Option<String>,
-    hosts: Vec<HostResult>,
-    error: Option<String>,
-    builder: String,
-    cancelled_by: Option<Canceller>,
-    /// The kind of failure; when unset, [`Events::finish`] derives it from `status`.
-    code: Option<ErrorCode>,
-    started: Instant,
-}
-
-impl Finish {
-    /// An empty `finished` of the same request, builder and start time as `other`.
-    fn new_like(other: &Finish) -> Self {
-        Self {
-            status: BuildStatus::Failed,
-            repo: other.repo.clone(),
-            target: other.target.clone(),
-            rev: None,
-            hosts: Vec::new(),
-            error: None,
-            code: None,
-            builder: other.builder.clone(),
-            cancelled_by: None,
-            started: other.started,
-        }
-    }
-
-    fn new(repo: &RepoName, target: &Target, builder: &str, started: Instant) -> Self {
-        Self {
-            status: BuildStatus::Failed,
-            repo: repo.to_string(),
-            target: target.to_string(),
-            rev: None,
-            hosts: Vec::new(),
-            error: None,
-            code: None,
-            builder: builder.to_owned(),
-            cancelled_by: None,
-            started,
-        }
-    }
-}
-
-/// What earlier builders did with a request, from its newest claim ([`crate::attempts`]) and
-/// its stored events.
-#[derive(Debug, Default, PartialEq)]
-struct Attempts {
-    /// Attempts begun so far: the newest claim's number, or the `started` events when there
-    /// are more of those (claims gone with the stream's limits, or made before claims existed).
-    previous: u64,
-    /// Of those, the ones that did not end by handing the request back (`requeued`): the
-    /// builder died, stalled past the ack wait, or could not publish.
-    failed: u64,
-    /// How the last attempt ended, for the error of a request given up on.
-    last_ended: Option<String>,
-}
-
-impl Attempts {
-    fn of(events: &[Event], last_claim: Option<&crate::attempts::Claim>) -> Self {
-        let mut attempts = Self::default();
-        let (mut started, mut handed_back, mut last_started) = (0u64, 0u64, 0u64);
-        // The open attempt: its builder and the last step its events show.
-        let mut current: Option<(String, String)> = None;
-        let mut silent = 0u64;
-        let close = |attempts: &mut Self, silent: &mut u64, current: Option<(String, String)>| {
-            if let Some((builder, last)) = current {
-                *silent += 1;
-                attempts.last_ended = Some(format!(
-                    "the last one, on builder {builder}, stopped without a word after {last} (the builder died, stalled past the ack wait, or lost NATS)"
-                ));
-            }
-        };
-        for event in events {
-            match &event.body {
-                EventBody::Started {
-                    builder, attempt, ..
-                } => {
-                    close(&mut attempts, &mut silent, current.take());
-                    started += 1;
-                    last_started = *attempt;
-                    current = Some((builder.clone(), "starting".to_owned()));
-                }
-                EventBody::Requeued { .. } => {
-                    handed_back += 1;
-                    current = None;
-                }
-                EventBody::HostStarted { host, .. } | EventBody::Progress { host, .. } => {
-                    if let Some((_, last)) = current.as_mut() {
-                        *last = format!("starting host {host}");
-                    }
-                }
-                EventBody::HostFinished { host, .. } => {
-                    if let Some((_, last)) = current.as_mut() {
-                        *last = format!("finishing host {host}");
-                    }
-                }
-                EventBody::Finished { .. } => current = None,
-            }
-        }
-        close(&mut attempts, &mut silent, current);
-        let claimed = last_claim.map_or(0, |claim| claim.attempt);
-        attempts.previous = claimed.max(started);
-        attempts.failed = claimed.saturating_sub(handed_back).max(silent);
-        if let Some(claim) = last_claim.filter(|claim| claim.attempt > last_started) {
-            attempts.last_ended = Some(format!(
-                "the last one, on builder {}, stopped before its started event, while resolving the commit or listing the flake's hosts (the builder died, stalled past the ack wait, or lost NATS)",
-                claim.builder
-            ));
-        }
-        attempts
-    }
-}
-
-impl<'a> Events<'a> {
-    /// Continues after the last stored event of this request, if any (a redelivered request).
-    /// `queued_at` is when JetStream stored the request (unknown for a message without info).
-    async fn open(
-        publisher: &'a Publisher,
-        store: &'a StateStore,
-        repo: &RepoName,
-        target: &Target,
-        id: &RequestId,
-        queued_at: Option<OffsetDateTime>,
-    ) -> Result<Events<'a>, JobError> {
-        let subject = events_subject(repo, target, id);
-        let last = last_event(publisher.jetstream(), &subject).await?;
-        let (last_stored, event) = last.unwrap_or((0, None));
-        let seq = event.as_ref().map(|event| event.seq).unwrap_or(0);
-        let state = match store.get(id.as_str()).await {
-            Ok(Some(state)) if state.last_seq == seq => state,
-            // Behind the events (a write failed, or the bucket was rebuilt without them): fold
-            // the request's own events again.
-            _ if seq > 0 => {
-                let events = request_events(publisher.jetstream(), id)
-                    .await
-                    .map_err(|err| events_error(&err))?;
-                fold_events(&events).unwrap_or_else(|| new_state(id, repo, target, queued_at))
-            }
-            _ => new_state(id, repo, target, queued_at),
-        };
-        let writer = nuid::next().to_string();
-        Ok(Events {
-            publisher,
-            store,
-            state,
-            log_fence: Arc::new(LogFence::new(subject.clone(), writer.clone(), last_stored)),
-            subject,
-            id: id.to_string(),
-            seq: event.as_ref().map(|event| event.seq).unwrap_or(0),
-            last_stored,
-            writer,
-            last_was_finished: event
-                .is_some_and(|event| matches!(event.body, EventBody::Finished { .. })),
-            verdict: None,
-            requested_by_key: None,
-            queued_at,
-        })
-    }
-
-    /// The request already ended (cancelled while queued, or an id used again).
-    fn already_finished(&self) -> bool {
-        self.last_was_finished
-    }
-
-    /// What earlier attempts at this request did, from its events and `last_claim`.
-    async fn attempts(
-        &self,
-        id: &RequestId,
-        last_claim: Option<&crate::attempts::Claim>,
-    ) -> Result<Attempts, JobError> {
-        let events = if self.seq == 0 {
-            Vec::new()
-        } else {
-            request_events(self.publisher.jetstream(), id)
-                .await
-                .map_err(|err| events_error(&err))?
-        };
-        Ok(Attempts::of(&events, last_claim))
-    }
-
-    /// Publishes the next event under the fence. Another writer on the subject means the
-    /// request was taken over: [`JobError::Superseded`], and this builder stands down.
-    async fn emit(&mut self, body: EventBody) -> Result<(), JobError> {
-        let seq = self.seq + 1;
-        let kind = body.kind();
-        let event = Event {
-            id: self.id.clone(),
-            seq,
-            time: OffsetDateTime::now_utc(),
-            body,
-        };
-        let max = self.publisher.max_body_bytes();
-        let folded = event.clone();
-        let payload = encode_fitting(event, max).map_err(JobError::Unpublishable)?;
-        let message_id = format!("{}.event.{seq}.{}", self.id, self.writer);
-        match self
-            .publisher
-            .publish_fenced(&self.subject, &message_id, payload.into(), self.last_stored)
-            .await
-        {
-            Ok(stored) => {
-                self.seq = seq;
-                self.last_stored = stored;
-                self.log_fence.stored(stored);
-                fold_event(&mut self.state, &folded);
-                // The event is stored: a state write that fails is caught up by the next one,
-                // or by the next builder that opens the request.
-                if let Err(err) = self.store.record(&self.state).await {
-                    warn!(request_id = %self.id, seq, error = %err, "writing the request state failed");
-                }
-                Ok(())
-            }
-            Err(BusError::Fenced { .. }) => Err(JobError::Superseded),
-            Err(BusError::Refused { message, .. }) => Err(JobError::Unpublishable(format!(
-                "the {kind} event was refused by the server: {message}"
-            ))),
-            Err(err) => Err(JobError::Bus(err)),
-        }
-    }
-
-    async fn finish(&mut self, finish: Finish) -> Result<(), JobError> {
-        if let Some(error) = &finish.error {
-            warn!(request_id = %self.id, error = %error, "request failed");
-        }
-        let (repo, status) = (finish.repo.clone(), finish.status);
-        let code = match status {
-            BuildStatus::Succeeded => None,
-            BuildStatus::Cancelled => Some(finish.code.unwrap_or(ErrorCode::Cancelled)),
-            BuildStatus::Failed => Some(finish.code.unwrap_or(ErrorCode::HostsFailed)),
-        };
-        self.emit(EventBody::Finished {
-            status: finish.status,
-            repo: finish.repo,
-            target: finish.target,
-            rev: finish.rev,
-            hosts: finish.hosts,
-            error: finish.error.map(|e| cut(&e, MAX_ERROR_BYTES)),
-            code,
-            queued_at: self.queued_at,
-            builder: Some(finish.builder),
-            cancelled_by: finish.cancelled_by.as_ref().map(|by| by.note.clone()),
-            cancelled_by_key: finish.cancelled_by.and_then(|by| by.key),
-            requested_by_key: self.requested_by_key.clone(),
-            duration_ms: finish.started.elapsed().as_millis() as u64,
-        })
-        .await?;
-        self.verdict = Some(status);
-        crate::metrics::request_finished(&repo, status.as_str());
-        Ok(())
-    }
-
-    async fn finish_refused(
-        &mut self,
-        builder: &str,
-        repo: &RepoName,
-        target: &Target,
-        (code, reason): (ErrorCode, String),
-        started: Instant,
-    ) -> Result<(), JobError> {
-        let mut finish = Finish::new(repo, target, builder, started);
-        finish.code = Some(code);
-        finish.error = Some(reason);
-        self.finish(finish).await
-    }
-}
-
-/// Serializes `event` within `max` bytes. A `finished` (or `host_finished`) event that is too
-/// large first has its closure diffs' package lists left out (counts kept) and identical host
-/// errors grouped, then its error excerpts cut shorter (keeping
-/// their ends), then dropped, and last its host list dropped (each host's result is in its own
-/// `host_finished` event, and the full text in the logs subject). Fails only when not even that
-/// fits.
-fn encode_fitting(mut event: Event, max: usize) -> Result<Vec<u8>, String> {
-    let encode = |event: &Event| serde_json::to_vec(event).map_err(|err| err.to_string());
-    let bytes = encode(&event)?;
-    if bytes.len() <= max {
-        return Ok(bytes);
-    }
-    let full = bytes.len();
-    if let EventBody::Finished { hosts, .. } = &mut event.body {
-        // Each host's package list is in its host_finished event; the counts stay.
-        for diff in hosts.iter_mut().filter_map(|h| h.closure_diff.as_mut()) {
-            diff.keep_packages(0);
-        }
-        group_identical_errors(hosts);
-        let bytes = encode(&event)?;
-        if bytes.len() <= max {
-            return Ok(bytes);
-        }
-    }
-    let mut budget = MAX_ERROR_BYTES / 2;
-    while budget >= MIN_ERROR_BYTES {
-        for_each_excerpt(&mut event.body, |excerpt| *excerpt = cut(excerpt, budget));
-        let bytes = encode(&event)?;
-        if bytes.len() <= max {
-            return Ok(bytes);
-        }
-        budget /= 2;
-    }
-    for_each_excerpt(&mut event.body, |excerpt| {
-        *excerpt =
-            "(excerpt left out to fit the server's max_payload; see the logs subject)".to_owned()
-    });
-    let bytes = encode(&event)?;
-    if bytes.len() <= max {
-        return Ok(bytes);
-    }
-    let EventBody::Finished { hosts, error, .. } = &mut event.body else {
-        return Err(too_large(&event, full, max));
-    };
-    let failed = hosts.iter().filter(|h| !h.status.is_success()).count();
-    let note = format!(
-        "{} hosts, {failed} of them not built: the list does not fit the server's max_payload ({max} bytes); each host's result is in its host_finished event",
-        hosts.len()
-    );
-    hosts.clear();
-    *error = Some(match error.take() {
-        Some(error) => format!("{}; {note}", cut(&error, MIN_ERROR_BYTES)),
-        None => note,
-    });
-    let bytes = encode(&event)?;
-    if bytes.len() <= max {
-        return Ok(bytes);
-    }
-    Err(too_large(&event, full, max))
-}
-
-fn too_large(event: &Event, size: usize, max: usize) -> String {
-    format!(
-        "a {} event of {size} bytes does not fit the server's max_payload ({max} bytes usable) even shortened",
-        event.body.kind()
-    )
-}
-
-/// Every host error after the first with the same text becomes a pointer to that first host.
-fn group_identical_errors(hosts: &mut [HostResult]) {
-    let mut first: HashMap<String, String> = HashMap::new();
-    for host in hosts {
-        if let Some(error) = host.error.take() {
-            host.error = Some(match first.get(&error) {
-                Some(name) => format!("same error as host {name}"),
-                None => {
-                    first.insert(error.clone(), host.name.clone());
-                    error
-                }
-            });
-        }
-    }
-}
-
-/// Calls `shorten` on every error excerpt an event carries.
-fn for_each_excerpt(body: &mut EventBody, mut shorten: impl FnMut(&mut String)) {
-    let mut host = |result: &mut HostResult| {
-        for excerpt in [&mut result.error, &mut result.push_error]
-            .into_iter()
-            .flatten()
-        {
-            if !excerpt.starts_with("same error as host ") {
-                shorten(excerpt);
-            }
-        }
-    };
-    match body {
-        EventBody::Finished { hosts, error, .. } => {
-            hosts.iter_mut().for_each(&mut host);
-            if let Some(error) = error {
-                shorten(error);
-            }
-        }
-        EventBody::HostFinished { result, .. } => host(result),
-        EventBody::Requeued { reason, .. } => shorten(reason),
-        _ => {}
-    }
-}
-
-/// Keeps the end of an error excerpt (where nix puts the cause) within `max` bytes.
-fn cut(text: &str, max: usize) -> String {
-    let text = text.trim();
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut start = text.len() - max;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("…{}", &text[start..])
-}
-
 #[cfg(test)]
 mod tests {
     use homelab_deploy_protocol::Mode;
@@ -2074,187 +1113,5 @@ mod tests {
         let over = request_limits(&timeouts(), &asking(Some(u64::MAX), None))
             .expect_err("over the maximum");
         assert!(over.starts_with("host_timeout_secs"), "{over}");
-    }
-
-    fn failed_host(name: &str, error: String) -> HostResult {
-        HostResult {
-            name: name.to_owned(),
-            status: HostStatus::BuildFailed,
-            out_path: None,
-            duration_ms: 1,
-            error: Some(error),
-            pushed: None,
-            push_error: None,
-            closure_diff: None,
-        }
-    }
-
-    fn finished(hosts: Vec<HostResult>) -> Event {
-        Event {
-            id: "REQUEST01".to_owned(),
-            seq: 9,
-            time: OffsetDateTime::UNIX_EPOCH,
-            body: EventBody::Finished {
-                status: BuildStatus::Failed,
-                repo: "demo".to_owned(),
-                target: "all".to_owned(),
-                rev: None,
-                hosts,
-                error: None,
-                code: None,
-                queued_at: None,
-                builder: Some("b1".to_owned()),
-                cancelled_by: None,
-                cancelled_by_key: None,
-                requested_by_key: None,
-                duration_ms: 1,
-            },
-        }
-    }
-
-    fn excerpt(host: usize) -> String {
-        (0..64)
-            .map(|line| format!("host{host:03} line {line:02} {}", "x".repeat(48)))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// The input of the issue: 300 hosts that each fail with a 4 KiB excerpt (1.26 MB of JSON)
-    /// fit the default 1 MiB `max_payload`, every host still listed with the end of its error.
-    #[test]
-    fn three_hundred_failing_hosts_fit_one_mebibyte() {
-        let hosts = (0..300)
-            .map(|host| {
-                failed_host(
-                    &format!("host{host:03}"),
-                    cut(&excerpt(host), MAX_ERROR_BYTES),
-                )
-            })
-            .collect();
-        let event = finished(hosts);
-        assert!(serde_json::to_vec(&event).expect("json").len() > 1024 * 1024);
-        let max = 1024 * 1024 - 512;
-        let bytes = encode_fitting(event, max).expect("fits");
-        assert!(bytes.len() <= max);
-        let decoded: Event = serde_json::from_slice(&bytes).expect("json");
-        let EventBody::Finished { hosts, .. } = decoded.body else {
-            panic!("not a finished event");
-        };
-        assert_eq!(hosts.len(), 300);
-        let error = hosts[299].error.as_deref().unwrap_or_default();
-        assert!(
-            error.ends_with(&"x".repeat(48)) && error.contains("host299 line 63"),
-            "{error}"
-        );
-    }
-
-    /// Identical errors are grouped before anything is cut, and a limit too small for even the
-    /// shortest excerpts leaves the host list out with a note instead of failing.
-    #[test]
-    fn identical_errors_are_grouped_and_the_host_list_goes_last() {
-        let same = excerpt(1);
-        let hosts: Vec<HostResult> = (0..40)
-            .map(|host| failed_host(&format!("host{host:03}"), same.clone()))
-            .collect();
-        let bytes = encode_fitting(finished(hosts.clone()), 16 * 1024).expect("fits");
-        let decoded: Event = serde_json::from_slice(&bytes).expect("json");
-        let EventBody::Finished { hosts: fitted, .. } = decoded.body else {
-            panic!("not a finished event");
-        };
-        assert_eq!(fitted[0].error.as_deref(), Some(same.as_str()));
-        assert_eq!(
-            fitted[39].error.as_deref(),
-            Some("same error as host host000")
-        );
-
-        let many = (0..600)
-            .map(|host| failed_host(&format!("host{host:04}"), excerpt(host)))
-            .collect();
-        let bytes = encode_fitting(finished(many), 4096).expect("fits");
-        assert!(bytes.len() <= 4096);
-        let decoded: Event = serde_json::from_slice(&bytes).expect("json");
-        let EventBody::Finished { hosts, error, .. } = decoded.body else {
-            panic!("not a finished event");
-        };
-        assert!(hosts.is_empty());
-        let error = error.unwrap_or_default();
-        assert!(
-            error.contains("600 hosts, 600 of them not built"),
-            "{error}"
-        );
-    }
-
-    fn event(seq: u64, body: EventBody) -> Event {
-        Event {
-            id: "REQUEST01".to_owned(),
-            seq,
-            time: OffsetDateTime::UNIX_EPOCH,
-            body,
-        }
-    }
-
-    fn started(builder: &str) -> EventBody {
-        EventBody::Started {
-            builder: builder.to_owned(),
-            repo: "demo".to_owned(),
-            target: "all".to_owned(),
-            rev: "0".repeat(40),
-            hosts: vec!["web".to_owned()],
-            requested_by: None,
-            requested_by_key: None,
-            attempt: 1,
-            request_seq: Some(7),
-            queued_at: None,
-        }
-    }
-
-    /// Attempts that ended without a word count; a hand-back at shutdown does not.
-    #[test]
-    fn attempts_count_silent_ends_only() {
-        let host_started = EventBody::HostStarted {
-            host: "web".to_owned(),
-            index: 1,
-            total: 1,
-        };
-        let requeued = EventBody::Requeued {
-            builder: "b1".to_owned(),
-            reason: "shutting down".to_owned(),
-        };
-        let events = [
-            event(1, started("b1")),
-            event(2, requeued),
-            event(3, started("b2")),
-            event(4, host_started),
-            event(5, started("b3")),
-        ];
-        let attempts = Attempts::of(&events, None);
-        assert_eq!(attempts.previous, 3);
-        assert_eq!(attempts.failed, 2);
-        let last = attempts.last_ended.unwrap_or_default();
-        assert!(
-            last.contains("builder b3") && last.contains("after starting"),
-            "{last}"
-        );
-
-        // Claims also count the attempts that died before their `started`: b3's was the
-        // fourth claim, and a fifth on b4 never got as far.
-        let mut events = events.to_vec();
-        if let EventBody::Started { attempt, .. } = &mut events[4].body {
-            *attempt = 4;
-        }
-        let claim = crate::attempts::Claim {
-            attempt: 5,
-            builder: "b4".to_owned(),
-            delivered: 9,
-            time: OffsetDateTime::UNIX_EPOCH,
-        };
-        let attempts = Attempts::of(&events, Some(&claim));
-        assert_eq!(attempts.previous, 5);
-        assert_eq!(attempts.failed, 4);
-        let last = attempts.last_ended.unwrap_or_default();
-        assert!(
-            last.contains("builder b4") && last.contains("before its started event"),
-            "{last}"
-        );
     }
 }
