@@ -23,9 +23,12 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use crate::access::Access;
 use crate::closures;
+use crate::closures::History;
 use crate::daemon::Stop;
-use crate::job::{CancelOutcome, Canceller, Jobs};
+use crate::job::{CancelOutcome, Canceller, Jobs, QueuedCancel, Running};
+use crate::nix::Nix;
 
 /// Longest host name a diff query may carry (what a request subject's token allows, unescaped).
 const MAX_HOST_BYTES: usize = 512;
@@ -61,12 +64,8 @@ enum Verb {
 }
 
 /// Serves the API until the builder stops (dropping the future ends every query it runs).
-pub async fn serve(
-    client: Client,
-    jobs: Arc<Jobs>,
-    stop_tx: watch::Sender<Stop>,
-) -> Result<(), async_nats::SubscribeError> {
-    let me = jobs.builder_name.clone();
+pub async fn serve(api: Api) -> Result<(), async_nats::SubscribeError> {
+    let (client, me) = (api.client.clone(), api.builder_name.clone());
     // Wildcards, so that a verb this builder does not know is answered, not met with silence.
     let subscriptions = vec![
         client
@@ -75,11 +74,7 @@ pub async fn serve(
         client.subscribe(builder_wildcard_subject(&me)).await?,
     ];
     let mut requests = futures::stream::select_all(subscriptions);
-    let api = Arc::new(Api {
-        client: client.clone(),
-        jobs,
-        stop_tx,
-    });
+    let api = Arc::new(api);
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_QUERIES));
     let mut queries = JoinSet::new();
     while let Some(message) = requests.next().await {
@@ -120,10 +115,24 @@ pub async fn serve(
     Ok(())
 }
 
-struct Api {
-    client: Client,
-    jobs: Arc<Jobs>,
-    stop_tx: watch::Sender<Stop>,
+/// What the control API of one NATS account reads and acts on.
+pub struct Api {
+    pub builder_name: String,
+    /// The account's connection: queries arrive and replies leave on it.
+    pub client: Client,
+    /// The account's JetStream: request states, the builds index, the registry.
+    pub js: async_nats::jetstream::Context,
+    /// The requests running here, for cancels.
+    pub running: Arc<Running>,
+    /// Who may cancel what (`[access]`).
+    pub access: Arc<Access>,
+    /// Ends requests cancelled while queued ([`Jobs::cancel_queued`]).
+    pub jobs: Arc<Jobs>,
+    /// The held builds diffs are made from.
+    pub history: Arc<History>,
+    pub nix: Nix,
+    /// Where a drain request goes.
+    pub stop_tx: watch::Sender<Stop>,
 }
 
 /// A failed query: its message and its machine-readable [`ApiError::code`].
@@ -176,7 +185,7 @@ fn parse<T: serde::de::DeserializeOwned + Default>(payload: &[u8]) -> Result<T, 
 
 impl Api {
     fn verb(&self, subject: &str) -> Verb {
-        let me = &self.jobs.builder_name;
+        let me = &self.builder_name;
         match subject {
             STATUS_SUBJECT => Verb::Status,
             BUILDS_SUBJECT => Verb::Builds,
@@ -252,7 +261,7 @@ impl Api {
     }
 
     fn js(&self) -> &async_nats::jetstream::Context {
-        self.jobs.publisher.jetstream()
+        &self.js
     }
 
     async fn status(&self, payload: &[u8]) -> Answer {
@@ -300,7 +309,6 @@ impl Api {
     fn cancel_sender(&self, message: &Message) -> Result<(CancelRequest, Canceller), ApiFailure> {
         let request = parse_cancel(&message.payload)?;
         let key = self
-            .jobs
             .access
             .sender(message.headers.as_ref(), Purpose::Cancel, &message.payload)
             .map_err(|why| {
@@ -379,39 +387,17 @@ impl Api {
             return Ok(None);
         };
         let repo = RepoName::parse(&queued.repo).map_err(ApiFailure::invalid)?;
-        // Who asked for it, from the queued message itself: checked before it is removed.
-        let owner = self
+        match self
             .jobs
-            .requests
-            .get_raw_message(queued.stream_seq)
+            .cancel_queued(queued, &repo, id, by, reason)
             .await
-            .ok()
-            .and_then(|stored| {
-                self.jobs
-                    .access
-                    .build_request(
-                        Some(&stored.headers),
-                        &repo,
-                        &queued.target,
-                        &stored.payload,
-                    )
-                    .ok()
-                    .flatten()
-            });
-        self.jobs
-            .access
-            .may_cancel(by.key.as_ref(), owner.as_ref(), id.as_str())
-            .map_err(|why| ApiFailure::new(ErrorCode::Forbidden, why))?;
-        if let Err(err) = self.jobs.requests.delete_message(queued.stream_seq).await {
+            .map_err(ApiFailure::unavailable)?
+        {
+            QueuedCancel::Cancelled => {}
+            QueuedCancel::Refused(why) => return Err(ApiFailure::new(ErrorCode::Forbidden, why)),
             // Most likely taken and acked by a builder in this instant: look again.
-            info!(request_id = %id, error = %err, "a queued request left the queue while being cancelled");
-            return Ok(None);
+            QueuedCancel::Gone => return Ok(None),
         }
-        self.jobs
-            .finish_cancelled_queued(queued, &repo, id, by, reason, owner)
-            .await
-            .map_err(ApiFailure::unavailable)?;
-        info!(request_id = %id, cancelled_by = %by, "cancelled a queued request");
         json(&CancelReply {
             id: id.to_string(),
             was: RequestPhase::Queued,
@@ -430,14 +416,14 @@ impl Api {
         reason: &str,
         builder: Option<String>,
     ) -> Result<Option<Vec<u8>>, ApiFailure> {
-        match self.jobs.cancel(id.as_str(), by, reason) {
+        match self.running.cancel(id.as_str(), by, reason) {
             CancelOutcome::Cancelling => {
-                return json(&running_cancelled(id, &self.jobs.builder_name)).map(Some)
+                return json(&running_cancelled(id, &self.builder_name)).map(Some)
             }
             CancelOutcome::Refused(why) => return Err(ApiFailure::new(ErrorCode::Forbidden, why)),
             CancelOutcome::NotHere => {}
         }
-        let me = &self.jobs.builder_name;
+        let me = &self.builder_name;
         let candidates: Vec<String> = match builder {
             Some(builder) if &builder != me => vec![builder],
             Some(_) => Vec::new(),
@@ -481,11 +467,11 @@ impl Api {
     fn cancel_here(&self, message: &Message) -> Answer {
         let (request, by) = self.cancel_sender(message)?;
         let reason = request.reason.as_deref().unwrap_or("no reason given");
-        match self.jobs.cancel(&request.id, &by, reason) {
+        match self.running.cancel(&request.id, &by, reason) {
             CancelOutcome::Cancelling => {
                 info!(request_id = %request.id, cancelled_by = %by, "cancelling a running request");
                 let id = RequestId::parse(&request.id).map_err(ApiFailure::invalid)?;
-                json(&running_cancelled(&id, &self.jobs.builder_name))
+                json(&running_cancelled(&id, &self.builder_name))
             }
             CancelOutcome::Refused(why) => Err(ApiFailure::new(ErrorCode::Forbidden, why)),
             CancelOutcome::NotHere => Err(ApiFailure::new(
@@ -493,7 +479,7 @@ impl Api {
                 format!(
                     "request {} is not running on builder {}",
                     shown(&request.id),
-                    self.jobs.builder_name
+                    self.builder_name
                 ),
             )),
         }
@@ -518,7 +504,7 @@ impl Api {
                 ));
             }
         }
-        let history = &self.jobs.history;
+        let history = &self.history;
         let held = history.held(repo.as_str(), &crate::job::gc_root_name(&query.host));
         let matches = |wanted: &str, build: &closures::HeldBuild| {
             build.rev.starts_with(&wanted.to_ascii_lowercase())
@@ -540,7 +526,7 @@ impl Api {
         let diff = match (from, to) {
             (Some(from), Some(to)) => Some(
                 history
-                    .compare(&self.jobs.nix, &held[from], &held[to].out_path)
+                    .compare(&self.nix, &held[from], &held[to].out_path)
                     .await,
             ),
             _ => None,
@@ -551,7 +537,7 @@ impl Api {
             built_at: build.recorded_at(),
         };
         let mut reply = DiffReply {
-            builder: self.jobs.builder_name.clone(),
+            builder: self.builder_name.clone(),
             held: held.iter().map(wire).collect(),
             from: from.map(|i| wire(&held[i])),
             to: to.map(|i| wire(&held[i])),
@@ -581,7 +567,7 @@ impl Api {
             changed
         });
         json(&DrainReply {
-            builder: self.jobs.builder_name.clone(),
+            builder: self.builder_name.clone(),
             message: "draining: finishing the running build, taking no new ones, then exiting"
                 .to_owned(),
         })

@@ -27,7 +27,7 @@ use crate::bus::{ensure_consumer, ensure_streams, Publisher};
 use crate::closures::History;
 use crate::config::{Account, Config};
 use crate::git::Mirror;
-use crate::job::{Jobs, ServedRepo};
+use crate::job::{Jobs, Running, ServedRepo};
 use crate::nix::Nix;
 use crate::placement::{Decision, Pulled, RepoNeeds};
 use crate::registry::Registry;
@@ -169,15 +169,22 @@ pub async fn run(
             Duration::from_secs(config.builder.hosts_refresh_secs),
         )));
         registry_tasks.push(tokio::spawn(account.registry.run(
-            account.jobs.clone(),
+            account.jobs.running.clone(),
+            account.jobs.evaluated.clone(),
             stop.clone(),
             finished_rx.clone(),
         )));
-        api_tasks.push(tokio::spawn(crate::api::serve(
-            account.client.clone(),
-            account.jobs.clone(),
-            stop_tx.clone(),
-        )));
+        api_tasks.push(tokio::spawn(crate::api::serve(crate::api::Api {
+            builder_name: name.clone(),
+            client: account.client.clone(),
+            js: account.js.clone(),
+            running: account.jobs.running.clone(),
+            access: account.jobs.access.clone(),
+            jobs: account.jobs.clone(),
+            history: account.jobs.history.clone(),
+            nix: nix.clone(),
+            stop_tx: stop_tx.clone(),
+        })));
         sampled.push((
             account.js.clone(),
             account.repos.clone(),
@@ -226,7 +233,9 @@ pub async fn run(
     if *stop.borrow() == Stop::Abort {
         // SIGTERM: hand back now, not after the pull loops' last fetch has expired.
         warn!("stopping: killing running builds; their requests go back to the queue");
-        all_jobs.iter().for_each(|jobs| jobs.interrupt_all());
+        all_jobs
+            .iter()
+            .for_each(|jobs| jobs.running.interrupt_all());
     } else {
         info!("draining: taking no new requests, finishing running builds");
     }
@@ -245,7 +254,7 @@ pub async fn run(
             next = running.join_next() => if next.is_none() { break },
             _ = stopping(&mut stop, Stop::Abort) => {
                 warn!("aborting running builds; their requests go back to the queue");
-                all_jobs.iter().for_each(|jobs| jobs.interrupt_all());
+                all_jobs.iter().for_each(|jobs| jobs.running.interrupt_all());
                 while running.join_next().await.is_some() {}
                 break;
             }
@@ -346,6 +355,7 @@ async fn open_account(
         config.streams.replicas,
     )
     .await?;
+    let access = Arc::new(crate::access::Access::new(&config.access));
     let jobs = Arc::new(Jobs {
         builder_name: name.to_owned(),
         state_dir: state_dir.to_owned(),
@@ -361,10 +371,9 @@ async fn open_account(
         requests,
         replace_index: Default::default(),
         watch_interval,
-        running: Default::default(),
-        running_changed: Default::default(),
-        access: Arc::new(crate::access::Access::new(&config.access)),
-        history: History::new(state_dir, config.builder.closure_history),
+        running: Arc::new(Running::new(access.clone())),
+        access,
+        history: Arc::new(History::new(state_dir, config.builder.closure_history)),
         placement,
     });
     let registry = Registry::open(
@@ -490,7 +499,7 @@ async fn sample_metrics(
         ticker.tick().await;
         let state = if *stop.borrow() != Stop::Running {
             "draining"
-        } else if jobs.iter().all(|jobs| jobs.running_states().is_empty()) {
+        } else if jobs.iter().all(|jobs| jobs.running.is_empty()) {
             "idle"
         } else {
             "building"

@@ -11,8 +11,9 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::warn;
 
+use crate::cache::EvalCache;
 use crate::daemon::Stop;
-use crate::job::Jobs;
+use crate::job::Running;
 
 /// How often a builder announces itself.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
@@ -112,24 +113,25 @@ impl Registry {
     /// reads who is idle).
     pub async fn run(
         self,
-        jobs: Arc<Jobs>,
+        running: Arc<Running>,
+        evaluated: Arc<EvalCache>,
         mut stop: watch::Receiver<Stop>,
         mut finished: watch::Receiver<bool>,
     ) {
         let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
         loop {
             let draining = *stop.borrow() != Stop::Running;
-            let mut states = jobs.running_states();
+            let mut states = running.states();
             if draining {
                 states.insert(0, BuilderState::Draining);
             } else if states.is_empty() {
                 states.push(BuilderState::Idle);
             }
-            self.announce(states, jobs.evaluated.latest_hosts()).await;
+            self.announce(states, evaluated.latest_hosts()).await;
             tokio::select! {
                 _ = ticker.tick() => {}
-                _ = jobs.evaluated.hosts_changed() => {}
-                _ = jobs.running_changed.notified() => {}
+                _ = evaluated.hosts_changed() => {}
+                _ = running.changed() => {}
                 _ = stop.changed() => {}
                 _ = all_done(&mut finished) => break,
             }

@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind};
 use futures::{StreamExt, TryStreamExt};
 use homelab_deploy_client::inspect::{request_events, PendingRequest};
-use homelab_deploy_protocol::api::{BuilderState, ErrorCode};
+use homelab_deploy_protocol::api::ErrorCode;
 use homelab_deploy_protocol::request::parse_request;
 use homelab_deploy_protocol::subject::{
     attempts_subject, logs_subject, request_subject, MSG_ID_HEADER,
 };
 use homelab_deploy_protocol::{
-    BuildStatus, EventBody, HostResult, Identity, ParsedRequest, RepoName, RequestId, Target,
+    BuildStatus, EventBody, HostResult, ParsedRequest, RepoName, RequestId, Target,
 };
 use tokio::sync::watch;
 use tracing::{error, info, warn, Instrument};
@@ -44,6 +44,7 @@ mod events;
 mod host;
 mod replace;
 mod roots;
+mod running;
 
 use events::{cut, events_error, Events, Finish, MAX_ERROR_BYTES};
 use host::RequestHosts;
@@ -51,6 +52,8 @@ use replace::older_queued_holder;
 pub use replace::ReplaceIndex;
 pub(crate) use roots::gc_root_name;
 pub use roots::DrvRoots;
+use running::RunningJob;
+pub use running::{CancelOutcome, Canceller, Interrupt, Running};
 
 /// Everything a job needs from the builder; shared by all jobs.
 pub struct Jobs {
@@ -68,7 +71,7 @@ pub struct Jobs {
     /// given up.
     pub max_attempts: u64,
     /// Host lists and toplevel drvs already evaluated, per commit.
-    pub evaluated: EvalCache,
+    pub evaluated: Arc<EvalCache>,
     pub repos: HashMap<RepoName, ServedRepo>,
     /// The requests stream, to spot newer `replace` requests for a running request's target.
     pub requests: jetstream::stream::Stream,
@@ -76,15 +79,12 @@ pub struct Jobs {
     pub replace_index: Arc<ReplaceIndex>,
     /// How often a running request is kept alive and checked for a newer `replace` request.
     pub watch_interval: Duration,
-    /// Requests running here, by id.
-    pub(crate) running: Mutex<HashMap<String, RunningJob>>,
-    /// Woken when a request starts or stops running here, so the registry announces it at
-    /// once: clients tell a request a builder holds from one waiting to be handed out again.
-    pub running_changed: tokio::sync::Notify,
+    /// Requests running here, which each job adds itself to.
+    pub running: Arc<Running>,
     /// Who may build and cancel what (`[access]`).
     pub access: Arc<Access>,
     /// Each host's recent builds, for closure diffs.
-    pub history: History,
+    pub history: Arc<History>,
     /// Heavy lanes and warm-cache affinity: what each host needs, who built it last.
     pub placement: crate::placement::Placement,
 }
@@ -104,62 +104,6 @@ type InterruptChannel = (
     watch::Sender<Option<Interrupt>>,
     watch::Receiver<Option<Interrupt>>,
 );
-
-/// Why a running request must stop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Interrupt {
-    /// The builder is going away: the request goes back to the queue.
-    Shutdown,
-    /// Cancelled (by a person, or by a newer `replace` request): it ends `cancelled`.
-    Cancel { by: Canceller, reason: String },
-}
-
-/// Who cancelled a request: the free-text note of the cancel (`requested_by`, or "replace
-/// request <id>"), and the verified signer when the cancel was signed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Canceller {
-    pub note: String,
-    pub key: Option<Identity>,
-}
-
-impl Canceller {
-    /// A cancel by the builder itself, with no signer.
-    pub fn note(note: impl Into<String>) -> Self {
-        Self {
-            note: note.into(),
-            key: None,
-        }
-    }
-}
-
-impl std::fmt::Display for Canceller {
-    /// The verified signer when there is one, else the note.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.key {
-            Some(key) => write!(f, "{key}"),
-            None => f.write_str(&self.note),
-        }
-    }
-}
-
-/// What [`Jobs::cancel`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CancelOutcome {
-    /// The request runs here; its build is being stopped.
-    Cancelling,
-    /// The request does not run here.
-    NotHere,
-    /// The sender may not cancel it ([`Access::may_cancel`]).
-    Refused(String),
-}
-
-pub(crate) struct RunningJob {
-    repo: String,
-    target: String,
-    /// Who requested it (verified), for [`Access::may_cancel`].
-    requested_by_key: Option<Identity>,
-    interrupt: watch::Sender<Option<Interrupt>>,
-}
 
 /// Why a job stopped without finishing its request.
 #[derive(Debug, thiserror::Error)]
@@ -199,52 +143,6 @@ enum Answered {
 }
 
 impl Jobs {
-    /// What this builder is building now.
-    pub fn running_states(&self) -> Vec<BuilderState> {
-        self.lock_running()
-            .iter()
-            .map(|(id, job)| BuilderState::Building {
-                repo: job.repo.clone(),
-                target: job.target.clone(),
-                id: id.clone(),
-            })
-            .collect()
-    }
-
-    /// Cancels request `id` if it runs here and `by` may cancel it.
-    pub fn cancel(&self, id: &str, by: &Canceller, reason: &str) -> CancelOutcome {
-        match self.lock_running().get(id) {
-            Some(job) => {
-                if let Err(why) =
-                    self.access
-                        .may_cancel(by.key.as_ref(), job.requested_by_key.as_ref(), id)
-                {
-                    return CancelOutcome::Refused(why);
-                }
-                let _ = job.interrupt.send(Some(Interrupt::Cancel {
-                    by: by.clone(),
-                    reason: reason.to_owned(),
-                }));
-                CancelOutcome::Cancelling
-            }
-            None => CancelOutcome::NotHere,
-        }
-    }
-
-    /// Stops every running build; their requests go back to the queue.
-    pub fn interrupt_all(&self) {
-        for job in self.lock_running().values() {
-            let _ = job.interrupt.send(Some(Interrupt::Shutdown));
-        }
-    }
-
-    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningJob>> {
-        // The map is only touched in short critical sections that cannot panic.
-        self.running
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Runs one request message to its end, then acks it (or hands it back on shutdown).
     ///
     /// The message is acked, terminated or handed back only after this builder stored an
@@ -482,7 +380,7 @@ impl Jobs {
         )
         .await?;
         info!(request_id = %id, repo = %repo, target = target.as_str(), attempt = claim.attempt, mode = request.mode.as_str(), requested_by = ?request.requested_by, "request received");
-        self.lock_running().insert(
+        self.running.insert(
             id.to_string(),
             RunningJob {
                 repo: repo.to_string(),
@@ -491,7 +389,6 @@ impl Jobs {
                 interrupt: interrupt_tx,
             },
         );
-        self.running_changed.notify_one();
         let span = tracing::info_span!("request", request_id = %id, repo = %repo, target = target.as_str());
         let result = self
             .build_request(
@@ -504,8 +401,7 @@ impl Jobs {
             )
             .instrument(span)
             .await;
-        self.lock_running().remove(id.as_str());
-        self.running_changed.notify_one();
+        self.running.remove(id.as_str());
         match result {
             Ok(()) => Ok(Answered::Finished),
             Err(JobError::Aborted) => {
@@ -923,18 +819,41 @@ impl Jobs {
 }
 
 impl Jobs {
-    /// Ends a request that was removed from the queue before any builder took it.
-    /// `queued` is the message removed from the queue, `repo` its repo.
-    pub async fn finish_cancelled_queued(
+    /// Cancels request `id`, waiting in the queue as `queued`, for `by`: checks that `by` may
+    /// (against the signer of the queued message itself), removes the message from the queue,
+    /// and finishes the request `cancelled`. `repo` is the queued message's. An error is NATS
+    /// failing.
+    pub async fn cancel_queued(
         &self,
         queued: &PendingRequest,
         repo: &RepoName,
         id: &RequestId,
         by: &Canceller,
         reason: &str,
-        requested_by_key: Option<Identity>,
-    ) -> Result<(), JobError> {
+    ) -> Result<QueuedCancel, JobError> {
         let target = &queued.target;
+        // Who asked for it, from the queued message itself: checked before it is removed.
+        let owner = self
+            .requests
+            .get_raw_message(queued.stream_seq)
+            .await
+            .ok()
+            .and_then(|stored| {
+                self.access
+                    .build_request(Some(&stored.headers), repo, target, &stored.payload)
+                    .ok()
+                    .flatten()
+            });
+        if let Err(why) = self
+            .access
+            .may_cancel(by.key.as_ref(), owner.as_ref(), id.as_str())
+        {
+            return Ok(QueuedCancel::Refused(why));
+        }
+        if let Err(err) = self.requests.delete_message(queued.stream_seq).await {
+            info!(request_id = %id, error = %err, "a queued request left the queue while being cancelled");
+            return Ok(QueuedCancel::Gone);
+        }
         let mut events = Events::open(
             &self.publisher,
             &self.state,
@@ -944,13 +863,26 @@ impl Jobs {
             Some(queued.queued_at),
         )
         .await?;
-        events.requested_by_key = requested_by_key;
+        events.requested_by_key = owner;
         let mut finish = Finish::new(repo, target, &self.builder_name, Instant::now());
         finish.status = BuildStatus::Cancelled;
         finish.cancelled_by = Some(by.clone());
         finish.error = Some(format!("cancelled by {by} while queued: {reason}"));
-        events.finish(finish).await
+        events.finish(finish).await?;
+        info!(request_id = %id, cancelled_by = %by, "cancelled a queued request");
+        Ok(QueuedCancel::Cancelled)
     }
+}
+
+/// What [`Jobs::cancel_queued`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueuedCancel {
+    /// Removed from the queue and finished `cancelled`.
+    Cancelled,
+    /// No longer in the queue (a builder took it meanwhile).
+    Gone,
+    /// The sender may not cancel it ([`Access::may_cancel`]).
+    Refused(String),
 }
 
 /// What every host of a request shares: the commit it builds, the flake URL nix reads it from,
