@@ -245,6 +245,11 @@ async fn the_fleet_list_follows_new_hosts_and_shows_lost_builders() {
         .and_then(|b| b.iter().find(|b| b["name"] == builder.name.as_str()))
         .expect("the builder is listed");
     assert_eq!(me["lost"], false, "{me}");
+    assert_eq!(
+        me["protocol_version"],
+        homelab_deploy_protocol::PROTOCOL_VERSION,
+        "{me}"
+    );
 
     // A builder that died two minutes ago, as its last announcement left it.
     let js = async_nats::jetstream::new(nats.client().await);
@@ -275,6 +280,29 @@ async fn the_fleet_list_follows_new_hosts_and_shows_lost_builders() {
         .find(|l| l.starts_with("gone01"))
         .unwrap_or_default();
     assert!(line.contains("lost"), "{stdout}");
+    // An entry of a builder older than `protocol_version` spoke version 1: nothing to flag.
+    assert_eq!(gone["protocol_version"], 1, "{gone}");
+    assert!(!stdout.contains("protocol: version"), "{stdout}");
+
+    // A live builder of a later protocol is flagged under its row.
+    let now = OffsetDateTime::now_utc().format(&Rfc3339).expect("format");
+    let later = homelab_deploy_protocol::PROTOCOL_VERSION + 1;
+    let entry = json!({"name": "later01", "version": "9.0.0", "protocol_version": later,
+        "repos": ["demo"], "states": [{"state": "idle"}], "started_at": now, "heartbeat": now});
+    store
+        .put("later01", entry.to_string().into())
+        .await
+        .expect("put the entry");
+    let table = run_cli(bin(), &nats.url, &["builders"], Duration::from_secs(60));
+    let (stdout, _) = text(&table);
+    let mut rows = stdout.lines().skip_while(|l| !l.starts_with("later01"));
+    assert!(rows.next().is_some(), "{stdout}");
+    let flagged = rows.next().unwrap_or_default();
+    assert!(
+        flagged.contains(&format!("protocol: version {later}"))
+            && flagged.contains("upgrade the older side"),
+        "{stdout}"
+    );
 }
 
 /// The Python of docs/protocol.md ("Resuming"), between its snippet markers.

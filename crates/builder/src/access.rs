@@ -138,11 +138,6 @@ impl Access {
         }
     }
 
-    /// Whether unsigned messages and unlisted keys are refused.
-    pub fn require_signed(&self) -> bool {
-        self.require_signed
-    }
-
     /// Checks the signature of a message signed for `purpose` and finds its user.
     ///
     /// # Errors

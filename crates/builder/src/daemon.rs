@@ -28,6 +28,7 @@ use crate::closures::History;
 use crate::config::{Account, Config};
 use crate::git::Mirror;
 use crate::job::{Jobs, Running, ServedRepo};
+use crate::metrics::BuilderPhase;
 use crate::nix::Nix;
 use crate::placement::{Decision, Pulled, RepoNeeds};
 use crate::registry::Registry;
@@ -98,7 +99,7 @@ pub async fn run(
         crate::metrics::install(listen)?;
         info!(%listen, "serving metrics");
     }
-    crate::metrics::builder_state("starting");
+    crate::metrics::builder_state(BuilderPhase::Starting);
     std::fs::create_dir_all(&state_dir).map_err(|source| DaemonError::StateDir {
         path: state_dir.display().to_string(),
         source,
@@ -437,7 +438,7 @@ async fn connect_with_retry(
             // Everything wrong on the Vault side can be fixed there (or by delivering the
             // AppRole files late), so the builder waits, saying what is wrong each time.
             Err(ClientError::Credentials(CredentialError::Vault(err))) => {
-                crate::metrics::builder_state("waiting_for_vault");
+                crate::metrics::builder_state(BuilderPhase::WaitingForVault);
                 if err.is_transient() {
                     warn!("{err}; retrying in {}s", delay.as_secs());
                 } else {
@@ -498,11 +499,11 @@ async fn sample_metrics(
     loop {
         ticker.tick().await;
         let state = if *stop.borrow() != Stop::Running {
-            "draining"
+            BuilderPhase::Draining
         } else if jobs.iter().all(|jobs| jobs.running.is_empty()) {
-            "idle"
+            BuilderPhase::Idle
         } else {
-            "building"
+            BuilderPhase::Building
         };
         crate::metrics::builder_state(state);
         let connected = accounts.iter().all(|(js, _, _)| {

@@ -216,6 +216,8 @@ impl Mirror {
         }
     }
 
+    /// The mirror's directory (tests look inside it).
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.inner.path
     }

@@ -33,8 +33,6 @@ pub struct LogBatcher {
     lines: Vec<String>,
     bytes: usize,
     first_at: Option<Instant>,
-    /// Bytes published so far, for metrics and tests.
-    pub published_bytes: u64,
 }
 
 impl LogBatcher {
@@ -57,7 +55,6 @@ impl LogBatcher {
             lines: Vec::new(),
             bytes: 0,
             first_at: None,
-            published_bytes: 0,
         }
     }
 
@@ -152,7 +149,6 @@ impl LogBatcher {
             // A batch id already stored means this batch was stored before; nothing is lost.
             self.next_line += count;
         }
-        self.published_bytes += self.bytes as u64;
         crate::metrics::log_bytes(&self.repo, self.bytes as u64);
         self.bytes = 0;
         self.first_at = None;

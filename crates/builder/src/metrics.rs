@@ -16,13 +16,39 @@ const HOST_BUILD_DURATION: &str = "homelab_deploy_host_build_duration_seconds";
 const DURATION_BUCKETS: [f64; 12] = [
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
 ];
-const STATES: [&str; 5] = [
-    "starting",
-    "idle",
-    "building",
-    "draining",
-    "waiting_for_vault",
-];
+/// What the builder is doing, for `homelab_deploy_builder_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuilderPhase {
+    /// Before the first NATS connection.
+    Starting,
+    Idle,
+    Building,
+    Draining,
+    /// The NKey seed cannot be read from Vault yet.
+    WaitingForVault,
+}
+
+impl BuilderPhase {
+    /// Every phase: each has a gauge, 1 for the current one.
+    const ALL: [BuilderPhase; 5] = [
+        Self::Starting,
+        Self::Idle,
+        Self::Building,
+        Self::Draining,
+        Self::WaitingForVault,
+    ];
+
+    /// The `state` label.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Idle => "idle",
+            Self::Building => "building",
+            Self::Draining => "draining",
+            Self::WaitingForVault => "waiting_for_vault",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -146,9 +172,10 @@ pub fn handed_back(repo: &str, reason: &'static str) {
         .increment(1);
 }
 
-pub fn builder_state(current: &str) {
-    for state in STATES {
-        gauge!("homelab_deploy_builder_state", "state" => state).set(if state == current {
+/// Sets the gauge of `current` to 1 and of every other phase to 0.
+pub fn builder_state(current: BuilderPhase) {
+    for phase in BuilderPhase::ALL {
+        gauge!("homelab_deploy_builder_state", "state" => phase.label()).set(if phase == current {
             1.0
         } else {
             0.0

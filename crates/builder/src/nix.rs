@@ -20,7 +20,6 @@ use serde_json::Value;
 use tokio::io::AsyncRead;
 use tokio::sync::{mpsc, Semaphore};
 
-pub use crate::logs::MAX_LINE_BYTES;
 use crate::logs::{cut_line, printable, RawLine, RecordLines};
 use crate::process;
 
@@ -59,7 +58,7 @@ impl NixError {
 /// What a build reports while it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildOutput {
-    /// One line of build log (already cut to [`MAX_LINE_BYTES`]).
+    /// One line of build log (already cut to [`crate::logs::MAX_LINE_BYTES`]).
     Line(String),
     /// Derivations done / expected / running / failed of the whole build.
     Progress {
@@ -739,7 +738,7 @@ async fn follow_internal_json(
 }
 
 /// Decoded text as log lines: one per line of the text (so the numbering matches what a reader
-/// sees), each printable and cut to [`MAX_LINE_BYTES`].
+/// sees), each printable and cut to [`crate::logs::MAX_LINE_BYTES`].
 fn text_lines(text: &str) -> Vec<BuildOutput> {
     text.split('\n')
         .map(|line| BuildOutput::Line(cut_line(printable(line.strip_suffix('\r').unwrap_or(line)))))
@@ -831,6 +830,7 @@ fn interpret_record(
 mod tests {
     use super::*;
     use crate::logs::CUT_MARK;
+    use crate::logs::MAX_LINE_BYTES;
 
     #[test]
     fn a_cache_push_gets_its_credentials_and_ssh_from_the_environment() {

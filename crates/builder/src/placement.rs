@@ -224,11 +224,6 @@ impl Placement {
         self.lanes.keys().map(String::as_str)
     }
 
-    /// This builder's envelope in MiB.
-    pub fn envelope_mb(&self) -> Option<u64> {
-        self.envelope_mb
-    }
-
     /// What the fleet learned about `repo`'s hosts; empty when nothing is stored or the bucket
     /// cannot be read (logged): placement then falls back to the configured floors.
     async fn record(&self, repo: &RepoName) -> RepoPlacement {
@@ -531,6 +526,7 @@ mod tests {
 
     fn builder(name: &str, memory_mb: Option<u64>, states: Vec<BuilderState>) -> BuilderInfo {
         BuilderInfo {
+            protocol_version: homelab_deploy_protocol::PROTOCOL_VERSION,
             name: name.to_owned(),
             version: "0".to_owned(),
             repos: vec!["demo".to_owned()],

@@ -87,6 +87,7 @@ impl Registry {
         hosts: std::collections::BTreeMap<String, Vec<String>>,
     ) {
         let info = BuilderInfo {
+            protocol_version: homelab_deploy_protocol::PROTOCOL_VERSION,
             name: self.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             repos: self.repos.clone(),

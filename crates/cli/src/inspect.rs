@@ -4,7 +4,7 @@
 use clap::Args;
 use homelab_deploy_client::control::{list_builders, list_builds, status as request_status};
 use homelab_deploy_protocol::api::{BuildsQuery, RequestPhase, RequestState};
-use homelab_deploy_protocol::group_failures;
+use homelab_deploy_protocol::{group_failures, PROTOCOL_VERSION};
 use time::OffsetDateTime;
 
 use crate::error::{CliError, CliResult, Outcome};
@@ -266,6 +266,12 @@ pub async fn builders(args: BuildersArgs) -> CliResult {
         );
         if let Some(error) = &builder.vault_error {
             println!("  vault: {error}");
+        }
+        if builder.protocol_version != PROTOCOL_VERSION {
+            println!(
+                "  protocol: version {}, but this homelab-deploy speaks version {PROTOCOL_VERSION}: upgrade the older side (docs/operations.md, Upgrading)",
+                builder.protocol_version
+            );
         }
     }
     Ok(Outcome::Done)

@@ -438,7 +438,6 @@ pub struct CancelReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum BuilderState {
-    Starting,
     Idle,
     Building {
         repo: String,
@@ -451,7 +450,6 @@ pub enum BuilderState {
 impl BuilderState {
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Starting => "starting",
             Self::Idle => "idle",
             Self::Building { .. } => "building",
             Self::Draining => "draining",
@@ -464,6 +462,10 @@ impl BuilderState {
 pub struct BuilderInfo {
     pub name: String,
     pub version: String,
+    /// The protocol version the builder speaks ([`crate::PROTOCOL_VERSION`]). Entries of
+    /// builders older than this field hold none: they spoke version 1.
+    #[serde(default = "first_protocol_version")]
+    pub protocol_version: u32,
     pub repos: Vec<String>,
     /// Running requests (more than one when `max_concurrent_requests` > 1).
     pub states: Vec<BuilderState>,
@@ -496,6 +498,10 @@ pub struct BuilderInfo {
     /// lost NATS, whatever `states` says (the entry in the bucket holds `false`).
     #[serde(default)]
     pub lost: bool,
+}
+
+fn first_protocol_version() -> u32 {
+    1
 }
 
 impl BuilderInfo {
