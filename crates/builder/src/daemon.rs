@@ -5,7 +5,8 @@
 //! time, only while a build slot is free, so a busy builder never holds requests another builder
 //! could start. Shutdown: [`Stop::Drain`] stops pulling and lets running builds finish;
 //! [`Stop::Abort`] kills running builds and puts their requests back in the queue. An ephemeral
-//! builder's [`Session`] limits drain it by themselves.
+//! builder's [`Session`] limits drain it by themselves. The long-lived tasks (API, registry,
+//! sampler, …) run in one [`Supervisor`]: one that fails stops the builder with an error.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use crate::registry::Registry;
 use crate::session::{Session, SessionDir, SessionReport, Tracker};
 use crate::shares::Shares;
 use crate::state::StateStore;
+use crate::supervisor::{Ends, Supervisor};
 
 /// How long one pull waits for a request; also the longest a drain waits for a pull to end.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
@@ -66,6 +68,10 @@ pub enum DaemonError {
     Credentials(#[from] homelab_deploy_credentials::CredentialError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// A long-lived task (the control API, the registry, …) ended or panicked while the
+    /// builder ran; the builder stopped and handed its running requests back.
+    #[error("{0}; the builder stopped (running requests went back to the queue)")]
+    TaskFailed(#[from] crate::supervisor::TaskFailed),
 }
 
 /// Runs the builder until `external_stop` (signals), a drain request over NATS or a limit of
@@ -82,8 +88,9 @@ pub async fn run(
     let _session_dir = session
         .is_ephemeral()
         .then(|| SessionDir(state_dir.clone()));
+    let mut supervisor = Supervisor::new();
     let follow_tx = stop_tx.clone();
-    tokio::spawn(async move {
+    supervisor.spawn("stop signal", Ends::WithDaemon, async move {
         while external_stop.changed().await.is_ok() {
             let level = *external_stop.borrow();
             follow_tx.send_if_modified(|stop| {
@@ -94,6 +101,8 @@ pub async fn run(
                 harder
             });
         }
+        // The owner is gone: nothing more can ask the builder to stop that way.
+        std::future::pending().await
     });
     if let Some(listen) = config.metrics_listen() {
         crate::metrics::install(listen)?;
@@ -124,9 +133,12 @@ pub async fn run(
         .with_git_config(crate::git::nix_git_config(&state_dir));
 
     let vault = config.vault_settings().map(VaultSeed::new);
-    let vault_refresher = vault
-        .clone()
-        .map(|vault| tokio::spawn(refresh_vault_seed(vault)));
+    if let Some(vault) = vault.clone() {
+        supervisor.spawn("Vault refresher", Ends::WithDaemon, async move {
+            refresh_vault_seed(vault).await;
+            Ok(())
+        });
+    }
     let repos = config.repos();
     let mut accounts = Vec::new();
     for account in config.accounts() {
@@ -151,10 +163,6 @@ pub async fn run(
         );
     }
     let all_jobs: Vec<Arc<Jobs>> = accounts.iter().map(|a| a.jobs.clone()).collect();
-    let (finished_tx, finished_rx) = watch::channel(false);
-    let mut registry_tasks = Vec::new();
-    let mut api_tasks = Vec::new();
-    let mut hosts_refreshers = Vec::new();
     let mut sampled = Vec::new();
     let shares = Arc::new(Shares::new(
         &accounts.iter().map(|a| a.priority).collect::<Vec<_>>(),
@@ -164,18 +172,26 @@ pub async fn run(
     let mut pullers = JoinSet::new();
     let mut puller_id = 0;
     for (index, account) in accounts.into_iter().enumerate() {
-        hosts_refreshers.push(tokio::spawn(refresh_hosts(
+        let refresh = refresh_hosts(
             account.jobs.clone(),
             account.repos.clone(),
             Duration::from_secs(config.builder.hosts_refresh_secs),
-        )));
-        registry_tasks.push(tokio::spawn(account.registry.run(
+        );
+        supervisor.spawn("host discovery", Ends::WithDaemon, async move {
+            refresh.await;
+            Ok(())
+        });
+        let registry = account.registry.run(
             account.jobs.running.clone(),
             account.jobs.evaluated.clone(),
             stop.clone(),
-            finished_rx.clone(),
-        )));
-        api_tasks.push(tokio::spawn(crate::api::serve(crate::api::Api {
+            supervisor.token(),
+        );
+        supervisor.spawn("registry", Ends::AfterCleanup, async move {
+            registry.await;
+            Ok(())
+        });
+        let api = crate::api::serve(crate::api::Api {
             builder_name: name.clone(),
             client: account.client.clone(),
             js: account.js.clone(),
@@ -185,7 +201,13 @@ pub async fn run(
             history: account.jobs.history.clone(),
             nix: nix.clone(),
             stop_tx: stop_tx.clone(),
-        })));
+        });
+        supervisor.spawn("control API", Ends::WithDaemon, async move {
+            match api.await {
+                Ok(()) => Err("its subscriptions ended".to_owned()),
+                Err(err) => Err(format!("cannot subscribe: {err}")),
+            }
+        });
         sampled.push((
             account.js.clone(),
             account.repos.clone(),
@@ -208,14 +230,26 @@ pub async fn run(
             puller_id += 1;
         }
     }
-    let sampler = tokio::spawn(sample_metrics(sampled, all_jobs.clone(), stop.clone()));
+    let sampler = sample_metrics(sampled, all_jobs.clone(), stop.clone());
+    supervisor.spawn("metrics sampler", Ends::WithDaemon, async move {
+        sampler.await;
+        Ok(())
+    });
     // Both limits count from here: waiting for NATS or Vault is no part of a session.
-    let idle_exit = session
-        .idle_exit
-        .map(|idle| tokio::spawn(tracker.clone().idle_exit(idle)));
-    let lifetime = session
-        .lifetime
-        .map(|lifetime| tokio::spawn(tracker.clone().lifetime(lifetime)));
+    if let Some(idle) = session.idle_exit {
+        let idle_exit = tracker.clone().idle_exit(idle);
+        supervisor.spawn("idle exit", Ends::Early, async move {
+            idle_exit.await;
+            Ok(())
+        });
+    }
+    if let Some(lifetime) = session.lifetime {
+        let limit = tracker.clone().lifetime(lifetime);
+        supervisor.spawn("lifetime", Ends::Early, async move {
+            limit.await;
+            Ok(())
+        });
+    }
     info!(
         builder = %name,
         ephemeral = session.is_ephemeral(),
@@ -228,8 +262,17 @@ pub async fn run(
     );
     notify_systemd(sd_notify::NotifyState::Ready);
 
-    // Wait for a stop request; pull loops end on their own once draining.
-    stopping(&mut stop, Stop::Drain).await;
+    // Wait for a stop request; pull loops end on their own once draining. A task that fails
+    // meanwhile stops the builder as SIGTERM does: without its API or registry entry it would
+    // build on unseen and uncancellable.
+    let failure = tokio::select! {
+        _ = stopping(&mut stop, Stop::Drain) => None,
+        failed = supervisor.failed() => {
+            error!(task = failed.task, error = %failed, "a builder task failed; stopping, running builds go back to the queue");
+            stop_tx.send_replace(Stop::Abort);
+            Some(failed)
+        }
+    };
     notify_systemd(sd_notify::NotifyState::Stopping);
     if *stop.borrow() == Stop::Abort {
         // SIGTERM: hand back now, not after the pull loops' last fetch has expired.
@@ -261,15 +304,11 @@ pub async fn run(
             }
         }
     }
-    api_tasks.iter().for_each(|task| task.abort());
-    sampler.abort();
-    hosts_refreshers.iter().for_each(|task| task.abort());
-    for task in [vault_refresher, idle_exit, lifetime].into_iter().flatten() {
-        task.abort();
+    for failed in supervisor.shutdown().await {
+        error!(task = failed.task, error = %failed, "a builder task failed while stopping");
     }
-    let _ = finished_tx.send(true);
-    for task in registry_tasks {
-        let _ = task.await;
+    if let Some(failed) = failure {
+        return Err(DaemonError::TaskFailed(failed));
     }
     let report = tracker.report();
     info!(

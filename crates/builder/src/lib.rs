@@ -35,6 +35,7 @@ mod registry;
 mod session;
 mod shares;
 pub mod state;
+mod supervisor;
 
 pub use config::{Config, ConfigError};
 pub use daemon::{run, Stop};

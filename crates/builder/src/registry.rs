@@ -9,6 +9,7 @@ use homelab_deploy_credentials::vault::VaultSeed;
 use homelab_deploy_protocol::api::{BuilderInfo, BuilderState, BUILDERS_BUCKET};
 use time::OffsetDateTime;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::cache::EvalCache;
@@ -117,7 +118,7 @@ impl Registry {
         running: Arc<Running>,
         evaluated: Arc<EvalCache>,
         mut stop: watch::Receiver<Stop>,
-        mut finished: watch::Receiver<bool>,
+        finished: CancellationToken,
     ) {
         let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
         loop {
@@ -134,15 +135,11 @@ impl Registry {
                 _ = evaluated.hosts_changed() => {}
                 _ = running.changed() => {}
                 _ = stop.changed() => {}
-                _ = all_done(&mut finished) => break,
+                _ = finished.cancelled() => break,
             }
         }
         if let Err(err) = self.store.delete(&self.name).await {
             warn!(error = %err, "removing the builder from the registry failed");
         }
     }
-}
-
-async fn all_done(finished: &mut watch::Receiver<bool>) {
-    let _ = finished.wait_for(|done| *done).await;
 }
