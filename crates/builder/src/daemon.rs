@@ -580,12 +580,11 @@ async fn queue_of(stream: &jetstream::stream::Stream, repo: &RepoName) -> Option
     if depth == 0 {
         return Some((0, 0.0));
     }
-    let prefix = format!("build.{repo}.");
     let first = consumer.delivered.stream_sequence + 1;
     // Requests of other repos may sit in between; a few probes find the oldest of this one.
     for seq in first..first + 64 {
         if let Ok(message) = stream.get_raw_message(seq).await {
-            if message.subject.starts_with(&prefix) {
+            if of_repo(&message.subject, repo) {
                 let age = (time::OffsetDateTime::now_utc() - message.time).as_seconds_f64();
                 return Some((depth, age.max(0.0)));
             }
@@ -664,11 +663,10 @@ async fn higher_priority_waiting(
     };
     let first = message.info().ok()?.stream_sequence + 1;
     let last = requests.clone().info().await.ok()?.state.last_sequence;
-    let prefix = format!("build.{repo}.");
     for seq in first..=last.min(first + PRIORITY_SCAN) {
         // A gap is a request already taken or cancelled.
         if let Ok(waiting) = requests.get_raw_message(seq).await {
-            if waiting.subject.starts_with(&prefix)
+            if of_repo(&waiting.subject, repo)
                 && priority_of(&waiting.payload) < mine
                 && fits(&waiting.subject)
             {
@@ -877,4 +875,9 @@ async fn refresh_hosts(jobs: Arc<Jobs>, repos: Vec<RepoName>, every: Duration) {
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// Whether `subject` is a request subject of `repo`.
+fn of_repo(subject: &str, repo: &RepoName) -> bool {
+    parse_request_subject(subject).is_ok_and(|(of, _)| &of == repo)
 }
