@@ -23,31 +23,31 @@ use crate::state::StateStore;
 pub(super) const MAX_ERROR_BYTES: usize = 4096;
 /// Shortest excerpt an event that must shrink to fit `max_payload` keeps before leaving
 /// excerpts out.
-pub(super) const MIN_ERROR_BYTES: usize = 128;
+const MIN_ERROR_BYTES: usize = 128;
 
 /// The numbered events of one request, published under a fence: each publish expects the
 /// subject's last stored message to be this writer's previous one (JetStream's
 /// `Nats-Expected-Last-Subject-Sequence`), so a builder that lost the request (paused past the
 /// ack wait while another builder took it over, or cancelled while queued) cannot add to it.
 pub(super) struct Events<'a> {
-    pub(super) publisher: &'a Publisher,
+    publisher: &'a Publisher,
     /// Where [`Events::state`] is written after each event.
-    pub(super) store: &'a StateStore,
+    store: &'a StateStore,
     /// The request's state with every stored event folded in.
-    pub(super) state: RequestState,
-    pub(super) subject: String,
+    state: RequestState,
+    subject: String,
     pub(super) id: String,
     pub(super) seq: u64,
     /// Stream sequence of the last message stored on the subject (0: none): what the next
     /// publish expects.
-    pub(super) last_stored: u64,
+    last_stored: u64,
     /// Names this writer in its message ids, so that a copy it stored itself (its ack lost)
     /// is never taken for another writer's message, nor another's for its own.
-    pub(super) writer: String,
+    writer: String,
     /// What this run's log batches are stored on condition of: its events still end the
     /// subject.
     pub(super) log_fence: Arc<LogFence>,
-    pub(super) last_was_finished: bool,
+    last_was_finished: bool,
     /// Status of the `finished` event this writer stored, once it has.
     pub(super) verdict: Option<BuildStatus>,
     /// The verified signer of the request, shown in `started` and `finished`.
@@ -65,7 +65,7 @@ pub(super) fn events_error(err: &homelab_deploy_client::ClientError) -> JobError
 
 /// The state of a request no event was stored for yet, queued at `queued_at` (now when the
 /// request's stream message time is unknown).
-pub(super) fn new_state(
+fn new_state(
     id: &RequestId,
     repo: &RepoName,
     target: &Target,
@@ -143,7 +143,7 @@ pub(super) struct Attempts {
 }
 
 impl Attempts {
-    pub(super) fn of(events: &[Event], last_claim: Option<&crate::attempts::Claim>) -> Self {
+    fn of(events: &[Event], last_claim: Option<&crate::attempts::Claim>) -> Self {
         let mut attempts = Self::default();
         let (mut started, mut handed_back, mut last_started) = (0u64, 0u64, 0u64);
         // The open attempt: its builder and the last step its events show.
@@ -357,7 +357,7 @@ impl<'a> Events<'a> {
 /// their ends), then dropped, and last its host list dropped (each host's result is in its own
 /// `host_finished` event, and the full text in the logs subject). Fails only when not even that
 /// fits.
-pub(super) fn encode_fitting(mut event: Event, max: usize) -> Result<Vec<u8>, String> {
+fn encode_fitting(mut event: Event, max: usize) -> Result<Vec<u8>, String> {
     let encode = |event: &Event| serde_json::to_vec(event).map_err(|err| err.to_string());
     let bytes = encode(&event)?;
     if bytes.len() <= max {
@@ -412,7 +412,7 @@ pub(super) fn encode_fitting(mut event: Event, max: usize) -> Result<Vec<u8>, St
     Err(too_large(&event, full, max))
 }
 
-pub(super) fn too_large(event: &Event, size: usize, max: usize) -> String {
+fn too_large(event: &Event, size: usize, max: usize) -> String {
     format!(
         "a {} event of {size} bytes does not fit the server's max_payload ({max} bytes usable) even shortened",
         event.body.kind()
@@ -420,7 +420,7 @@ pub(super) fn too_large(event: &Event, size: usize, max: usize) -> String {
 }
 
 /// Every host error after the first with the same text becomes a pointer to that first host.
-pub(super) fn group_identical_errors(hosts: &mut [HostResult]) {
+fn group_identical_errors(hosts: &mut [HostResult]) {
     let mut first: HashMap<String, String> = HashMap::new();
     for host in hosts {
         if let Some(error) = host.error.take() {
@@ -436,7 +436,7 @@ pub(super) fn group_identical_errors(hosts: &mut [HostResult]) {
 }
 
 /// Calls `shorten` on every error excerpt an event carries.
-pub(super) fn for_each_excerpt(body: &mut EventBody, mut shorten: impl FnMut(&mut String)) {
+fn for_each_excerpt(body: &mut EventBody, mut shorten: impl FnMut(&mut String)) {
     let mut host = |result: &mut HostResult| {
         for excerpt in [&mut result.error, &mut result.push_error]
             .into_iter()

@@ -464,18 +464,18 @@ fn skipped_host(host: &str, status: HostStatus, error: Option<String>) -> HostRe
 /// deadline, where the peaks measured on the way go, where the number of its log lines
 /// published (all of them stored) goes, and what interrupts it.
 struct HostRun<'a> {
-    pub(super) host: &'a str,
-    pub(super) drv: Option<&'a str>,
-    pub(super) deadline: &'a Deadline,
-    pub(super) measured: &'a mut Measured,
-    pub(super) log_lines: &'a mut u64,
+    host: &'a str,
+    drv: Option<&'a str>,
+    deadline: &'a Deadline,
+    measured: &'a mut Measured,
+    log_lines: &'a mut u64,
     /// The request's interrupt: a cancel or shutdown stops the host's nix at once.
-    pub(super) interrupt: &'a mut watch::Receiver<Option<Interrupt>>,
+    interrupt: &'a mut watch::Receiver<Option<Interrupt>>,
 }
 
 /// Peak resident memory (bytes) of a host's own evaluation and build, when they ran.
 #[derive(Debug, Default)]
 struct Measured {
-    pub(super) eval: Option<u64>,
-    pub(super) build: Option<u64>,
+    eval: Option<u64>,
+    build: Option<u64>,
 }
