@@ -50,6 +50,10 @@ fn config_errors_name_file_key_and_problem() {
             "repos.nixos-servers.url",
         ),
         (GOOD.replace("[nats]", "[nats"), "line 1"),
+        (
+            GOOD.replace("nats://127.0.0.1:4222", "nats://user:secret@"),
+            "nats.url",
+        ),
     ];
     for (config, key) in cases {
         let (code, out) = builder_check(&config);
