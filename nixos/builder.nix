@@ -3,6 +3,7 @@
 let
   inherit (lib) mkOption mkEnableOption mkIf mkDefault types literalExpression;
   cfg = config.services.homelab-deploy.builder;
+  hardening = import ./hardening.nix;
   ephemeral = cfg.session.maxBuilds != null || cfg.session.idleExit != null || cfg.session.lifetime != null;
   settingsFormat = pkgs.formats.toml { };
   token = types.strMatching "[A-Za-z0-9_-]{1,64}";
@@ -435,11 +436,7 @@ in
         Restart = "on-failure";
         RestartSec = 10;
         DynamicUser = true;
-        NoNewPrivileges = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-      };
+      } // hardening.basic;
     };
 
     systemd.services.homelab-deploy-builder = {
@@ -483,23 +480,8 @@ in
         # requests back; SIGKILL reaches whatever is left after TimeoutStopSec.
         KillMode = "mixed";
         TimeoutStopSec = cfg.stopTimeoutSec;
-        NoNewPrivileges = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectControlGroups = true;
-        ProtectClock = true;
-        ProtectHostname = true;
-        RestrictSUIDSGID = true;
-        RestrictNamespaces = true;
-        LockPersonality = true;
-        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
-        CapabilityBoundingSet = "";
         ReadWritePaths = [ cfg.settings.builder.state_dir ] ++ pushDirs;
-      };
+      } // hardening.service;
     };
   };
 }

@@ -5,6 +5,7 @@
 let
   inherit (lib) mkOption mkEnableOption mkIf types;
   cfg = config.services.homelab-deploy.dashboard;
+  hardening = import ./hardening.nix;
   port = lib.toInt (lib.last (lib.splitString ":" cfg.listen));
 in
 {
@@ -53,24 +54,10 @@ in
         DynamicUser = true;
         Restart = "on-failure";
         RestartSec = 5;
-        NoNewPrivileges = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectControlGroups = true;
-        ProtectClock = true;
-        ProtectHostname = true;
-        RestrictSUIDSGID = true;
-        RestrictNamespaces = true;
-        LockPersonality = true;
+        # Unlike the builder it runs no nix: it can also refuse writable code and foreign ABIs.
         MemoryDenyWriteExecute = true;
-        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
-        CapabilityBoundingSet = "";
         SystemCallArchitectures = "native";
-      };
+      } // hardening.service;
     };
   };
 }

@@ -3,6 +3,7 @@
 { config, lib, pkgs, ... }:
 let
   inherit (lib) mkOption types literalExpression;
+  hardening = import ./hardening.nix;
   token = types.strMatching "[A-Za-z0-9_-]{1,64}";
   scheduled = types.submodule {
     options = {
@@ -48,11 +49,7 @@ in
         Type = "oneshot";
         ExecStart = "${job.package}/bin/homelab-deploy build ${job.repo} ${job.target} --mode ${job.mode} --priority scheduled --quiet --timeout ${toString job.timeoutSec}";
         DynamicUser = true;
-        NoNewPrivileges = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-      } // lib.optionalAttrs (job.nkeySeedFile != null) { LoadCredential = [ "nkey:${job.nkeySeedFile}" ]; };
+      } // hardening.basic // lib.optionalAttrs (job.nkeySeedFile != null) { LoadCredential = [ "nkey:${job.nkeySeedFile}" ]; };
     }) config.services.homelab-deploy.scheduledBuilds;
 
     systemd.timers = lib.mapAttrs' (name: job: lib.nameValuePair "homelab-deploy-build-${name}" {

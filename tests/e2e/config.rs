@@ -50,6 +50,14 @@ fn config_errors_name_file_key_and_problem() {
             "repos.nixos-servers.url",
         ),
         (GOOD.replace("[nats]", "[nats"), "line 1"),
+        (
+            GOOD.replace("[builder]", "inbox_prefix = \"_INBOX.>\"\n[builder]"),
+            "nats.inbox_prefix",
+        ),
+        (
+            GOOD.replace("nats://127.0.0.1:4222", "nats://user:secret@"),
+            "nats.url",
+        ),
     ];
     for (config, key) in cases {
         let (code, out) = builder_check(&config);
@@ -188,6 +196,14 @@ fn client_config_files_are_read_in_order() {
         &["build", "demo", "web", "--nats-url", "nats://127.0.0.1:1"],
     );
     assert_eq!(output.status.code(), Some(3));
+    // An inbox prefix that is no subject prefix is refused before connecting, with an example.
+    let output = run(&home, &["builders", "--inbox-prefix", "_INBOX.*"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        text(&output).1.contains("\"_INBOX.*\"") && text(&output).1.contains("_INBOX_alice"),
+        "{}",
+        text(&output).1
+    );
     // A typo in a config file is named.
     std::fs::write(&system, "nats_ulr = \"x\"\n").expect("system config");
     let output = run(&home, &["builders"]);

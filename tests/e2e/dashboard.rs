@@ -156,8 +156,13 @@ async fn a_browser_sees_a_build_progress_finish_and_its_builder_leave() {
         builder.name,
         dashboard.get("/").1
     );
-    let (status, body) = dashboard.get("/builds/not%20an%20id");
-    assert!(status.contains("400"), "{status}\n{body}");
+    // A malformed id (a wildcard in it too) is refused at the HTTP edge, saying why, on the
+    // build page and its live stream alike; it never becomes part of a subject.
+    for path in ["/builds/not%20an%20id", "/builds/REQUEST.%2A.x/events"] {
+        let (status, body) = dashboard.get(path);
+        assert!(status.contains("400"), "{path}: {status}\n{body}");
+        assert!(body.contains("invalid request id"), "{path}: {body}");
+    }
 
     let mut browser = Browser::open(&dashboard.url).await;
     browser

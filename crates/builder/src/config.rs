@@ -678,8 +678,8 @@ impl Config {
             ));
         }
         if let Some(prefix) = &self.nats.inbox_prefix {
-            if let Err(message) = homelab_deploy_client::check_inbox_prefix(prefix) {
-                return Err(invalid("nats.inbox_prefix".into(), message));
+            if let Err(err) = homelab_deploy_client::check_inbox_prefix(prefix) {
+                return Err(invalid("nats.inbox_prefix".into(), err.to_string()));
             }
         }
         if !(1..=5).contains(&self.streams.replicas) {

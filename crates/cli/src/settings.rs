@@ -52,10 +52,9 @@ pub enum SettingsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The inbox prefix, from a flag or a file, as [`homelab_deploy_client::check_inbox_prefix`]
-    /// words it.
-    #[error("{0}")]
-    InboxPrefix(String),
+    /// The inbox prefix, from a flag or a file.
+    #[error(transparent)]
+    InboxPrefix(#[from] homelab_deploy_client::InboxPrefixError),
 }
 
 fn read(path: &Path) -> Result<ClientConfig, SettingsError> {
@@ -96,7 +95,7 @@ pub fn resolve(args: &NatsArgs) -> Result<Resolved, SettingsError> {
         .clone()
         .or_else(|| files.iter().find_map(|f| f.inbox_prefix.clone()));
     if let Some(prefix) = &inbox_prefix {
-        homelab_deploy_client::check_inbox_prefix(prefix).map_err(SettingsError::InboxPrefix)?;
+        homelab_deploy_client::check_inbox_prefix(prefix)?;
     }
     Ok(Resolved {
         nats_url,

@@ -10,6 +10,7 @@ use async_nats::{
 use homelab_deploy_credentials::secret_url::UrlCredentials;
 use homelab_deploy_credentials::vault::VaultSeed;
 use homelab_deploy_credentials::{SecretUrl, SeedSource};
+use homelab_deploy_protocol::subject::shown;
 use tracing::{debug, info, warn};
 
 use crate::ClientError;
@@ -37,23 +38,40 @@ pub struct ConnectSettings {
     pub inbox_prefix: Option<String>,
 }
 
+/// Longest custom inbox prefix, in bytes: room is left in the subject for the reply tokens.
+const MAX_INBOX_PREFIX_LEN: usize = 64;
+
+/// Why a custom inbox prefix was refused; the prefix is shown escaped and cut short.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InboxPrefixError {
+    #[error("inbox prefix {shown} is {len} bytes long; use at most {MAX_INBOX_PREFIX_LEN} (e.g. _INBOX_alice)")]
+    TooLong { shown: String, len: usize },
+    #[error("inbox prefix {shown} is not a subject prefix: use tokens of letters, digits, '_' and '-' separated by dots, no wildcard and no empty token (e.g. _INBOX_alice)")]
+    NotTokens { shown: String },
+}
+
 /// Checks a custom inbox prefix: one or more subject tokens of `[A-Za-z0-9_-]` separated by
 /// dots (no wildcard, no space, no empty token), at most 64 bytes.
 ///
 /// # Errors
-/// Says what is wrong with `prefix` and gives an example.
-pub fn check_inbox_prefix(prefix: &str) -> Result<(), String> {
+/// [`InboxPrefixError`] says what is wrong with `prefix` and gives an example.
+pub fn check_inbox_prefix(prefix: &str) -> Result<(), InboxPrefixError> {
     let token_ok = |token: &str| {
         !token.is_empty()
             && token
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     };
-    if prefix.len() > 64 || !prefix.split('.').all(token_ok) {
-        return Err(format!(
-            "inbox prefix {:?} is not a subject prefix: use tokens of letters, digits, '_' and '-' separated by dots, at most 64 bytes (e.g. _INBOX_alice)",
-            prefix.chars().take(80).collect::<String>()
-        ));
+    if prefix.len() > MAX_INBOX_PREFIX_LEN {
+        return Err(InboxPrefixError::TooLong {
+            shown: shown(prefix),
+            len: prefix.len(),
+        });
+    }
+    if !prefix.split('.').all(token_ok) {
+        return Err(InboxPrefixError::NotTokens {
+            shown: shown(prefix),
+        });
     }
     Ok(())
 }
@@ -63,9 +81,9 @@ pub fn check_inbox_prefix(prefix: &str) -> Result<(), String> {
 pub async fn connect(settings: &ConnectSettings) -> Result<Client, ClientError> {
     let url = settings.url.clone();
     if let Some(prefix) = &settings.inbox_prefix {
-        check_inbox_prefix(prefix).map_err(|message| ClientError::Connect {
+        check_inbox_prefix(prefix).map_err(|err| ClientError::Connect {
             url: url.clone(),
-            message,
+            message: err.to_string(),
         })?;
     }
     let (servers, url_credentials) = server_addrs(&settings.url)?;
@@ -310,9 +328,10 @@ mod tests {
             "has space",
             "ü",
         ] {
-            let err = check_inbox_prefix(bad).expect_err(bad);
+            let err = check_inbox_prefix(bad).expect_err(bad).to_string();
             assert!(err.contains("_INBOX_alice"), "{err}");
         }
-        assert!(check_inbox_prefix(&"a".repeat(65)).is_err());
+        let err = check_inbox_prefix(&"a".repeat(65)).expect_err("65 bytes");
+        assert!(err.to_string().contains("65 bytes long"), "{err}");
     }
 }

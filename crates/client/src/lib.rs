@@ -13,7 +13,7 @@ pub mod inspect;
 mod request;
 mod sign;
 
-pub use connect::{check_inbox_prefix, connect, ConnectSettings};
+pub use connect::{check_inbox_prefix, connect, ConnectSettings, InboxPrefixError};
 pub use request::{submit, EventStream, LogStream, Submission, SubmitOptions};
 pub use sign::Signer;
 

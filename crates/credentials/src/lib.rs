@@ -11,7 +11,7 @@ pub mod jwt;
 pub mod secret_url;
 pub mod vault;
 
-pub use secret_url::{Redactor, SecretUrl};
+pub use secret_url::{Redactor, SecretUrl, UrlError};
 
 use std::fmt;
 use std::path::{Path, PathBuf};

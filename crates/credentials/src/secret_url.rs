@@ -96,12 +96,14 @@ impl SecretUrl {
     }
 
     /// Checks that every URL of the list parses and names a host; a URL without `://` is read
-    /// with `default_scheme` (`nats` reads `host:4222` as `nats://host:4222`). The error shows
-    /// the URL without its credentials.
-    pub fn check_hosts(&self, default_scheme: &str) -> Result<(), String> {
+    /// with `default_scheme` (`nats` reads `host:4222` as `nats://host:4222`).
+    ///
+    /// # Errors
+    /// [`UrlError`] for the first URL that does not, shown without its credentials.
+    pub fn check_hosts(&self, default_scheme: &str) -> Result<(), UrlError> {
         let urls = self.split_list();
         if urls.is_empty() {
-            return Err("no URL given".to_owned());
+            return Err(UrlError::Empty);
         }
         for url in urls {
             let text = url.expose();
@@ -113,8 +115,8 @@ impl SecretUrl {
             };
             match url::Url::parse(full.expose()) {
                 Ok(parsed) if parsed.host_str().is_some_and(|host| !host.is_empty()) => {}
-                Ok(_) => return Err(format!("\"{full}\" names no host")),
-                Err(err) => return Err(format!("\"{full}\" is not a URL: {err}")),
+                Ok(_) => return Err(UrlError::NoHost { url: full }),
+                Err(source) => return Err(UrlError::NotUrl { url: full, source }),
             }
         }
         Ok(())
@@ -149,6 +151,20 @@ impl SecretUrl {
         }
         secrets
     }
+}
+
+/// Why [`SecretUrl::check_hosts`] refused a URL list; the URL is shown without its credentials.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("no URL given")]
+    Empty,
+    #[error("\"{url}\" names no host")]
+    NoHost { url: SecretUrl },
+    #[error("\"{url}\" is not a URL: {source}")]
+    NotUrl {
+        url: SecretUrl,
+        source: url::ParseError,
+    },
 }
 
 impl fmt::Display for SecretUrl {
@@ -365,12 +381,17 @@ mod tests {
     fn check_errors_show_no_credentials() {
         let err = SecretUrl::new("deploy:pw'1234@")
             .check_hosts("nats")
-            .expect_err("no host");
+            .expect_err("no host")
+            .to_string();
+        assert!(err.contains("\"nats://***@\" is not a URL"), "{err}");
         assert!(!err.contains("pw'1234"), "{err}");
         assert!(SecretUrl::new("nats://a:4222, b:4222")
             .check_hosts("nats")
             .is_ok());
-        assert!(SecretUrl::new(" , ").check_hosts("nats").is_err());
+        assert_eq!(
+            SecretUrl::new(" , ").check_hosts("nats"),
+            Err(UrlError::Empty)
+        );
     }
 
     #[test]

@@ -4,12 +4,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy, StreamError};
+use async_nats::jetstream::context::GetStreamError;
+use async_nats::jetstream::stream::ConsumerError;
 use async_nats::jetstream::Context;
 use futures::StreamExt;
 use homelab_deploy_client::inspect::{list_builders, pending_requests};
-use homelab_deploy_protocol::subject::EVENTS_STREAM;
-use homelab_deploy_protocol::{Event, LogBatch};
+use homelab_deploy_client::ClientError;
+use homelab_deploy_protocol::subject::{request_logs_filter, ALL_EVENTS_FILTER, EVENTS_STREAM};
+use homelab_deploy_protocol::{Event, LogBatch, RequestId};
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
@@ -40,14 +43,36 @@ impl Shared {
     }
 }
 
+/// Why the dashboard cannot read the events stream. The text is shown on the page
+/// (`Model::nats_error`) and logged, so it names the stream and filter and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error("cannot open stream {EVENTS_STREAM}: {source} (has a builder started on this NATS server, or `homelab-deploy builder provision` run? Either creates it)")]
+    NoStream { source: GetStreamError },
+    #[error("cannot follow {filter} on stream {EVENTS_STREAM}: {source} (the stream serves at most streams.events_max_consumers readers at once: close other pages and followers; or this NATS user may not read it, see docs/security.md)")]
+    Consumer {
+        filter: String,
+        source: ConsumerError,
+    },
+    #[error("cannot follow {filter} on stream {EVENTS_STREAM}: {source} (is the NATS server still reachable?)")]
+    Messages { filter: String, source: StreamError },
+    #[error("lost {filter} on stream {EVENTS_STREAM} while reading it: {source} (following it again in a few seconds)")]
+    Read {
+        filter: String,
+        source: pull::OrderedError,
+    },
+    #[error("cannot read the stored log of request {id}: {source}")]
+    StoredLog { id: RequestId, source: ClientError },
+}
+
 /// Follows every request's events from the start of the stream, for ever.
 pub async fn follow_events(js: Context, shared: Shared) {
     loop {
         match follow_once(&js, &shared).await {
             Ok(()) => debug!("the events subscription ended; following again"),
-            Err(message) => {
-                warn!(error = %message, "cannot follow the events stream; trying again");
-                shared.with(|m| m.nats_error = Some(message));
+            Err(err) => {
+                warn!(error = %err, "cannot follow the events stream; trying again");
+                shared.with(|m| m.nats_error = Some(err.to_string()));
                 shared.changed.notify_one();
             }
         }
@@ -55,26 +80,45 @@ pub async fn follow_events(js: Context, shared: Shared) {
     }
 }
 
-async fn follow_once(js: &Context, shared: &Shared) -> Result<(), String> {
+/// The messages of [`EVENTS_STREAM`] under `filter` from `deliver_policy` on, then live, through
+/// an ordered consumer.
+async fn follow(
+    js: &Context,
+    filter: &str,
+    deliver_policy: DeliverPolicy,
+) -> Result<pull::Ordered, FeedError> {
     let stream = js
         .get_stream(EVENTS_STREAM)
         .await
-        .map_err(|err| format!("stream {EVENTS_STREAM}: {err} (has a builder started yet?)"))?;
+        .map_err(|source| FeedError::NoStream { source })?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
-            filter_subject: "build.responses.*.*.*.events".to_owned(),
-            deliver_policy: DeliverPolicy::All,
+            filter_subject: filter.to_owned(),
+            deliver_policy,
             max_expires: Duration::from_secs(5),
             ..Default::default()
         })
         .await
-        .map_err(|err| format!("following {EVENTS_STREAM}: {err}"))?;
-    let mut messages = consumer
+        .map_err(|source| FeedError::Consumer {
+            filter: filter.to_owned(),
+            source,
+        })?;
+    consumer
         .messages()
         .await
-        .map_err(|err| format!("following {EVENTS_STREAM}: {err}"))?;
+        .map_err(|source| FeedError::Messages {
+            filter: filter.to_owned(),
+            source,
+        })
+}
+
+async fn follow_once(js: &Context, shared: &Shared) -> Result<(), FeedError> {
+    let mut messages = follow(js, ALL_EVENTS_FILTER, DeliverPolicy::All).await?;
     while let Some(message) = messages.next().await {
-        let message = message.map_err(|err| format!("reading {EVENTS_STREAM}: {err}"))?;
+        let message = message.map_err(|source| FeedError::Read {
+            filter: ALL_EVENTS_FILTER.to_owned(),
+            source,
+        })?;
         match serde_json::from_slice::<Event>(&message.payload) {
             Ok(event) => shared.with(|m| m.apply(&event)),
             Err(err) => {
@@ -114,19 +158,22 @@ pub async fn poll(js: Context, shared: Shared) {
 /// The stored log of request `id`: its last `max_lines` lines (each cut to `max_chars`
 /// characters), whether earlier lines were left out, and the stream sequence of the last batch
 /// read (0 when none), from which [`follow_log`] goes on.
+///
+/// # Errors
+/// [`FeedError::StoredLog`] when the events stream cannot be read.
 pub async fn stored_log(
     js: &Context,
-    id: &str,
+    id: &RequestId,
     max_lines: usize,
     max_chars: usize,
-) -> Result<(Vec<LogLine>, bool, u64), String> {
+) -> Result<(Vec<LogLine>, bool, u64), FeedError> {
     let mut lines = std::collections::VecDeque::new();
     let mut cut = false;
     let mut last_seq = 0;
     homelab_deploy_client::inspect::for_each_message(
         js,
         EVENTS_STREAM,
-        &format!("build.responses.*.*.{id}.logs"),
+        &request_logs_filter(id),
         |message| {
             if let Ok(info) = message.info() {
                 last_seq = info.stream_sequence;
@@ -143,7 +190,10 @@ pub async fn stored_log(
         },
     )
     .await
-    .map_err(|err| err.to_string())?;
+    .map_err(|source| FeedError::StoredLog {
+        id: id.clone(),
+        source,
+    })?;
     Ok((lines.into(), cut, last_seq))
 }
 
@@ -175,15 +225,15 @@ fn cut_chars(text: &str, max: usize) -> String {
 
 /// The log batches of request `id` stored after stream sequence `after`, then live; each with
 /// its stream sequence.
+///
+/// # Errors
+/// [`FeedError::NoStream`], [`FeedError::Consumer`] or [`FeedError::Messages`] when the events
+/// stream cannot be followed.
 pub async fn follow_log(
     js: &Context,
-    id: &str,
+    id: &RequestId,
     after: u64,
-) -> Result<impl futures::Stream<Item = (u64, LogBatch)>, String> {
-    let stream = js
-        .get_stream(EVENTS_STREAM)
-        .await
-        .map_err(|err| format!("stream {EVENTS_STREAM}: {err}"))?;
+) -> Result<impl futures::Stream<Item = (u64, LogBatch)>, FeedError> {
     let deliver_policy = if after == 0 {
         DeliverPolicy::All
     } else {
@@ -191,19 +241,7 @@ pub async fn follow_log(
             start_sequence: after + 1,
         }
     };
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: format!("build.responses.*.*.{id}.logs"),
-            deliver_policy,
-            max_expires: Duration::from_secs(5),
-            ..Default::default()
-        })
-        .await
-        .map_err(|err| format!("following the log of {id}: {err}"))?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|err| format!("following the log of {id}: {err}"))?;
+    let messages = follow(js, &request_logs_filter(id), deliver_policy).await?;
     Ok(messages.filter_map(|message| async move {
         let message = message.ok()?;
         let seq = message.info().ok()?.stream_sequence;

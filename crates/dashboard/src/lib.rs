@@ -237,10 +237,17 @@ async fn overview_events(State(app): State<App>) -> Response {
         .into_response()
 }
 
-/// The request id of a path, or a `400` that says why it is not one.
+/// The request id of a path, or a `400` that says why it is not one: a malformed id never
+/// reaches NATS.
 fn parse_id(id: &str) -> Result<RequestId, Box<Response>> {
     RequestId::parse(id).map_err(|err| {
-        Box::new((StatusCode::BAD_REQUEST, format!("invalid: {err}\n")).into_response())
+        Box::new(
+            (
+                StatusCode::BAD_REQUEST,
+                format!("invalid: {err}; open a build from the overview, or use the request id `homelab-deploy build` printed\n"),
+            )
+                .into_response(),
+        )
     })
 }
 
@@ -255,7 +262,7 @@ async fn build_page(State(app): State<App>, Path(id): Path<String>) -> Response 
         .with(|model| render::build_section(model.build(id.as_str()), id.as_str(), now));
     let (log, cut, after) = match feed::stored_log(
         &app.js,
-        id.as_str(),
+        &id,
         app.limits.log_lines,
         app.limits.log_line_chars,
     )
@@ -297,7 +304,7 @@ async fn build_events(
         .and_then(|value| value.parse::<u64>().ok())
         .unwrap_or(0);
     let after = after.after.max(resumed);
-    let log = match feed::follow_log(&app.js, id.as_str(), after).await {
+    let log = match feed::follow_log(&app.js, &id, after).await {
         Ok(log) => log.boxed(),
         Err(err) => {
             warn!(id = %id, error = %err, "cannot follow a build's log");
