@@ -163,12 +163,12 @@ pub struct ProvisionArgs {
 }
 
 /// The account `tenant` names in `config`: the single account without tenants, else one
-/// tenant's. `Err` says what to pass instead.
+/// tenant's. The error (a usage error) says what to pass instead.
 fn provisioned_account(
     config: &Config,
     path: &std::path::Path,
     tenant: Option<&str>,
-) -> Result<homelab_deploy_builder::config::Account, String> {
+) -> Result<homelab_deploy_builder::config::Account, CliError> {
     let tenants = || {
         config
             .tenants
@@ -183,33 +183,34 @@ fn provisioned_account(
         None if config.tenants.is_empty() => accounts
             .into_iter()
             .next()
-            .ok_or_else(|| format!("config file {} serves no account", path.display())),
-        None => Err(format!(
+            .ok_or_else(|| {
+                CliError::usage(format!("config file {} serves no account", path.display()))
+            }),
+        None => Err(CliError::usage(format!(
             "config file {} has tenants ({}), each with its own streams in its own NATS account: provision each with --tenant NAME and the admin credential of that account",
             path.display(),
             tenants()
-        )),
-        Some(_) if config.tenants.is_empty() => Err(format!(
+        ))),
+        Some(_) if config.tenants.is_empty() => Err(CliError::usage(format!(
             "--tenant: config file {} has no [tenants.NAME] table; leave --tenant out",
             path.display()
-        )),
+        ))),
         Some(name) => accounts
             .into_iter()
             .find(|account| account.tenant.as_deref() == Some(name))
             .ok_or_else(|| {
-                format!(
+                CliError::usage(format!(
                     "--tenant {name}: config file {} has no [tenants.{name}] table; its tenants: {}",
                     path.display(),
                     tenants()
-                )
+                ))
             }),
     }
 }
 
 async fn provision(args: ProvisionArgs) -> CliResult {
     let config = Config::load(&args.config).map_err(CliError::usage)?;
-    let account = provisioned_account(&config, &args.config, args.tenant.as_deref())
-        .map_err(CliError::usage)?;
+    let account = provisioned_account(&config, &args.config, args.tenant.as_deref())?;
     if let Some(prefix) = args.inbox_prefix.as_deref() {
         homelab_deploy_client::check_inbox_prefix(prefix)
             .map_err(|err| CliError::usage(format!("--inbox-prefix: {err}")))?;
