@@ -26,9 +26,9 @@ use tracing::{info, warn};
 use crate::access::Access;
 use crate::closures;
 use crate::closures::History;
-use crate::daemon::Stop;
 use crate::job::{CancelOutcome, Canceller, Jobs, QueuedCancel, Running};
 use crate::nix::Nix;
+use crate::stop::Stop;
 
 /// Longest host name a diff query may carry (what a request subject's token allows, unescaped).
 const MAX_HOST_BYTES: usize = 512;

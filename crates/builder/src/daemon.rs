@@ -36,20 +36,11 @@ use crate::registry::Registry;
 use crate::session::{Session, SessionDir, SessionReport, Tracker};
 use crate::shares::Shares;
 use crate::state::StateStore;
+use crate::stop::Stop;
 use crate::supervisor::{Ends, Supervisor};
 
 /// How long one pull waits for a request; also the longest a drain waits for a pull to end.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
-
-/// What the owner of the daemon asks of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stop {
-    Running,
-    /// Take no new request, finish the running ones, then return.
-    Drain,
-    /// Kill running builds, return their requests to the queue, then return.
-    Abort,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

@@ -1,10 +1,11 @@
 //! The homelab-deploy builder daemon. Only what the `homelab-deploy` binary and the tests need
 //! is public (the config, `run`, provisioning, the bus and the read model); the rest is private
-//! so that the compiler finds dead code.
+//! so that the compiler finds dead code. No two modules depend on each other.
 //!
 //! # Layout
 //! - `config`: the TOML config and its validation.
-//! - `daemon`: startup, the pull loops and shutdown.
+//! - `daemon`: startup, the pull loops and shutdown; `stop`: what its owner asks of it;
+//!   `supervisor`: its long-lived tasks, one set that fails loudly.
 //! - `job`: one request's life, top to bottom (`job/mod.rs`); its events (`job/events.rs`), one
 //!   host's build (`job/host.rs`), shared evaluation (`job/eval.rs`), the requests running here
 //!   (`job/running.rs`); `attempts`: the claims that count its attempts.
@@ -35,8 +36,10 @@ mod registry;
 mod session;
 mod shares;
 pub mod state;
+mod stop;
 mod supervisor;
 
 pub use config::{Config, ConfigError};
-pub use daemon::{run, Stop};
+pub use daemon::run;
 pub use session::{Session, SessionReport};
+pub use stop::Stop;

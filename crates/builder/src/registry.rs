@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::cache::EvalCache;
-use crate::daemon::Stop;
 use crate::job::Running;
+use crate::stop::Stop;
 
 /// How often a builder announces itself.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);

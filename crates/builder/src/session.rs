@@ -12,7 +12,7 @@ use homelab_deploy_protocol::BuildStatus;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
-use crate::daemon::Stop;
+use crate::stop::Stop;
 
 /// Limits of a session; all unset is a long-running builder.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
