@@ -6,7 +6,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use test_support::{run_cli, stored_messages, wait_until, Builder, FixtureRepo, NatsServer};
+use test_support::{
+    process_alive, run_cli, stored_messages, wait_until, Builder, FixtureRepo, NatsServer,
+};
 
 use crate::build::wait_for_finished;
 use crate::{bin, host, text, Setup};
@@ -82,13 +84,7 @@ async fn killed_builder_takes_its_nix_along() {
         &[("demo", repo.url())],
     );
     let next = Builder::start_config(bin(), &name, &(config + ack_wait));
-    let alive = |pid: &String| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-    };
+    let alive = |pid: &String| pid.parse().is_ok_and(process_alive);
     let left: Vec<&String> = derivation_builders
         .iter()
         .filter(|pid| alive(pid))
@@ -231,13 +227,7 @@ async fn killed_builder_takes_its_git_along() {
         .lines()
         .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
         .collect();
-    let alive = |pid: &String| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-    };
+    let alive = |pid: &String| pid.parse().is_ok_and(process_alive);
     Command::new("kill")
         .args(["-KILL", &victim.pid().to_string()])
         .status()

@@ -11,7 +11,9 @@ use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use homelab_deploy_client::{connect, ConnectSettings};
 use homelab_deploy_protocol::{Event, EventBody};
-use test_support::{run_cli, vm_value, Builder, FixtureRepo, NatsServer, NIX_CONFIG};
+use test_support::{
+    process_peak_rss, process_rss, run_cli, Builder, FixtureRepo, NatsServer, NIX_CONFIG,
+};
 
 /// One benchmark's result, as a row of `docs/benchmarks.md`.
 #[derive(Debug, Clone)]
@@ -85,7 +87,7 @@ fn direct_nix_build_measured(flake: &str, attr: &str) -> Result<(Duration, u64)>
         .context("running nix build")?;
     let mut peak = 0;
     loop {
-        peak = peak.max(vm_value(child.id(), "VmHWM:"));
+        peak = peak.max(process_peak_rss(child.id()));
         if let Some(status) = child.try_wait()? {
             if !status.success() {
                 bail!("nix build {flake}#{attr} failed");
@@ -96,21 +98,13 @@ fn direct_nix_build_measured(flake: &str, attr: &str) -> Result<(Duration, u64)>
     }
 }
 
-/// CPU time (user + system) a process has used, from /proc/PID/stat.
+/// CPU time (user + system) a process has used; zero when it is gone.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // After the command name: state is field 0, utime 11, stime 12 (clock ticks, 100 per second).
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    let ticks = i32::try_from(pid)
+        .ok()
+        .and_then(|pid| procfs::process::Process::new(pid).ok()?.stat().ok())
+        .map_or(0, |stat| stat.utime + stat.stime);
+    Duration::from_secs_f64(ticks as f64 / procfs::ticks_per_second() as f64)
 }
 
 fn mib(bytes: u64) -> String {
@@ -405,7 +399,7 @@ pub fn log_flood(bin: &Path, lines: u64) -> Result<Report> {
     let elapsed = started.elapsed();
     let delivered = follow.stdout.len() as f64 / (1024.0 * 1024.0);
     let bytes = (lines * 74) as f64 / (1024.0 * 1024.0);
-    let peak = vm_value(builder.pid(), "VmHWM:");
+    let peak = builder.peak_rss_bytes();
     let rate = delivered / elapsed.as_secs_f64();
     let baseline_rate = bytes / baseline.as_secs_f64();
     Ok(Report {
@@ -436,8 +430,8 @@ pub fn idle(bin: &Path, duration: Duration) -> Result<Report> {
     std::thread::sleep(duration);
     let builder_used = cpu_time(builder.pid()).saturating_sub(builder_cpu);
     let nats_used = cpu_time(nats_pid).saturating_sub(nats_cpu);
-    let rss = vm_value(builder.pid(), "VmRSS:");
-    let nats_rss = vm_value(nats_pid, "VmRSS:");
+    let rss = process_rss(builder.pid());
+    let nats_rss = process_rss(nats_pid);
     let percent = |used: Duration| 100.0 * used.as_secs_f64() / duration.as_secs_f64();
     Ok(Report {
         name: "idle builder",

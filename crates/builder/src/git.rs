@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use homelab_deploy_protocol::text;
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
@@ -1106,16 +1107,7 @@ impl Output {
 
     /// The end of stderr, credentials hidden, cut to a readable size.
     fn message(&self) -> String {
-        let text = redact_url(self.stderr_text().trim());
-        let text = if text.len() > MAX_MESSAGE_BYTES {
-            let mut start = text.len() - MAX_MESSAGE_BYTES;
-            while !text.is_char_boundary(start) {
-                start += 1;
-            }
-            format!("…{}", &text[start..])
-        } else {
-            text
-        };
+        let text = text::tail_marked(&redact_url(self.stderr_text().trim()), MAX_MESSAGE_BYTES);
         if text.is_empty() {
             "git failed without a message".to_owned()
         } else {

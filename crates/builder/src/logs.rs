@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use homelab_deploy_protocol::subject::encode_host;
-use homelab_deploy_protocol::LogBatch;
+use homelab_deploy_protocol::{text, LogBatch};
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
@@ -119,11 +119,8 @@ impl LogBatcher {
             if size > max {
                 // One line alone is too large: keep its start, escaped at most 6 bytes a byte.
                 if let Some(line) = lines.first_mut() {
-                    let mut end = (max.saturating_sub(LOG_BATCH_OVERHEAD + 64) / 6).min(line.len());
-                    while !line.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    line.truncate(end);
+                    let budget = max.saturating_sub(LOG_BATCH_OVERHEAD + 64) / 6;
+                    line.truncate(text::head(line, budget).len());
                     line.push_str("…[line cut]");
                 }
             }
@@ -490,13 +487,7 @@ pub fn cut_line(line: String) -> String {
 }
 
 fn cut_to(mut line: String, max: usize, mark: bool) -> String {
-    if line.len() > max {
-        let mut end = max;
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
-        line.truncate(end);
-    }
+    line.truncate(text::head(&line, max).len());
     if mark && !line.ends_with(CUT_MARK) {
         line.push_str(CUT_MARK);
     }

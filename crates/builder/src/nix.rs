@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use homelab_deploy_credentials::secret_url::redact_urls;
 use homelab_deploy_credentials::{Redactor, SecretUrl};
+use homelab_deploy_protocol::text;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::io::AsyncRead;
@@ -230,7 +231,10 @@ impl Nix {
         if !drv.starts_with('/') || !drv.ends_with(".drv") {
             return Err(NixError::Output {
                 what: format!("evaluating host {host}"),
-                detail: format!("expected a .drv store path, got {:?}", truncate(&drv, 200)),
+                detail: format!(
+                    "expected a .drv store path, got {:?}",
+                    text::head(&drv, 200)
+                ),
             });
         }
         Ok((drv, peak))
@@ -279,7 +283,7 @@ impl Nix {
         }
         let out_path = parse_build_json(&stdout).ok_or_else(|| NixError::Output {
             what,
-            detail: format!("no output path in {:?}", truncate(&stdout, 300)),
+            detail: format!("no output path in {:?}", text::head(&stdout, 300)),
         })?;
         Ok(Built {
             out_path,
@@ -473,7 +477,7 @@ impl Nix {
         let stdout = self.run_captured(what, &args).await?;
         parse_closure_sizes(&stdout).ok_or_else(|| NixError::Output {
             what: what.to_owned(),
-            detail: format!("no closureSize in {:?}", truncate(&stdout, 300)),
+            detail: format!("no closureSize in {:?}", text::head(&stdout, 300)),
         })
     }
 
@@ -617,13 +621,6 @@ fn parse_closure_sizes(stdout: &str) -> Option<HashMap<String, u64>> {
         _ => return None,
     };
     (!sizes.is_empty()).then_some(sizes)
-}
-
-fn truncate(text: &str, max: usize) -> &str {
-    match text.char_indices().nth(max) {
-        Some((index, _)) => &text[..index],
-        None => text,
-    }
 }
 
 async fn read_bounded(pipe: Option<impl AsyncRead + Unpin>, max: usize) -> String {

@@ -19,6 +19,7 @@
 //! `wait4` have no safe wrapper in `std`, `tokio` or `nix` (docs/decisions/procs-child-processes.md).
 #![allow(unsafe_code)]
 
+use std::ffi::OsStr;
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -289,15 +290,15 @@ fn wait4(pid: Pid) -> io::Result<Exit> {
 
 /// `boot_id start_time` of a running process: names it uniquely across pid reuse and reboots.
 fn identity(pid: Pid) -> Option<String> {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces and parentheses): state is field 3,
-    // start time field 22.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    if fields.first() == Some(&"Z") {
+    let boot = procfs::sys::kernel::random::boot_id().ok()?;
+    let stat = procfs::process::Process::new(pid.as_raw())
+        .ok()?
+        .stat()
+        .ok()?;
+    if stat.state == 'Z' {
         return None; // a zombie is already dead
     }
-    Some(format!("{} {}", boot.trim(), fields.get(19)?))
+    Some(format!("{boot} {}", stat.starttime))
 }
 
 fn write_pid_file(dir: &Path, pid: Pid) -> Option<PathBuf> {
@@ -374,34 +375,20 @@ pub fn end_leftovers(dir: &Path) -> Vec<u32> {
 /// sessions ended.
 fn end_orphaned_derivation_builders() -> Vec<u32> {
     let mut ended = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let Ok(processes) = procfs::process::all_processes() else {
         return ended;
     };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<i32>().ok())
-        else {
+    for process in processes.flatten() {
+        let pid = process.pid();
+        let Ok(stat) = process.stat() else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        // Fields 4 and 6: parent and session.
-        let orphaned_leader =
-            fields.get(1) == Some(&"1") && fields.get(3) == Some(&pid.to_string().as_str());
-        if !orphaned_leader {
+        if stat.ppid != 1 || stat.session != pid {
             continue;
         }
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let builds = environ
-            .split(|byte| *byte == 0)
-            .any(|var| var.starts_with(b"NIX_BUILD_TOP="));
+        let builds = process
+            .environ()
+            .is_ok_and(|environ| environ.contains_key(OsStr::new("NIX_BUILD_TOP")));
         if builds {
             warn!(pid, "ending a derivation builder whose nix is gone");
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);

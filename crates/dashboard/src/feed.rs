@@ -12,7 +12,7 @@ use futures::StreamExt;
 use homelab_deploy_client::inspect::{list_builders, pending_requests};
 use homelab_deploy_client::ClientError;
 use homelab_deploy_protocol::subject::{request_logs_filter, ALL_EVENTS_FILTER, EVENTS_STREAM};
-use homelab_deploy_protocol::{Event, LogBatch, RequestId};
+use homelab_deploy_protocol::{text, Event, LogBatch, RequestId};
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
@@ -211,16 +211,9 @@ pub fn log_lines(batch: &LogBatch, max_chars: usize) -> Vec<LogLine> {
         .iter()
         .map(|line| LogLine {
             host: batch.host.clone(),
-            text: cut_chars(line, max_chars),
+            text: text::head_chars_marked(line, max_chars),
         })
         .collect()
-}
-
-fn cut_chars(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((at, _)) => format!("{}…", &text[..at]),
-        None => text.to_owned(),
-    }
 }
 
 /// The log batches of request `id` stored after stream sequence `after`, then live; each with

@@ -26,6 +26,7 @@ use homelab_deploy_protocol::api::{
     BuildsCursor, BuildsQuery, CancelRequest, RequestPhase, RequestState, BUILDER_LOST_AFTER_SECS,
 };
 use homelab_deploy_protocol::request::{check_git_ref, check_rev, is_valid_note, MAX_NOTE_CHARS};
+use homelab_deploy_protocol::text;
 use homelab_deploy_protocol::{Event, EventBody, Mode, Priority, RepoName, RequestId, Target};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::{schema_for_output, ToolCallContext};
@@ -577,17 +578,10 @@ impl BuildTools {
                 break;
             }
         }
-        let mut text = tail.into_iter().collect::<Vec<_>>().join("\n");
+        let lines = tail.into_iter().collect::<Vec<_>>().join("\n");
         // Keep the end (where nix puts the cause), with room for the JSON escaping of the copy
         // in structuredContent.
-        let max = RESULT_MAX_BYTES / 2;
-        if text.len() > max {
-            let mut start = text.len() - max;
-            while !text.is_char_boundary(start) {
-                start += 1;
-            }
-            text = format!("…{}", &text[start..]);
-        }
+        let mut text = text::tail_marked(&lines, RESULT_MAX_BYTES / 2);
         if text.is_empty() {
             text = format!(
                 "No log lines for build {id}{}. A host that failed to evaluate has no build log: build_status shows its error.",

@@ -5,7 +5,7 @@
 use homelab_deploy_protocol::api::{
     BuilderInfo, RequestPhase, RequestState, BUILDER_LOST_AFTER_SECS,
 };
-use homelab_deploy_protocol::{error_excerpt, group_failures, DiffStatus, HostStatus};
+use homelab_deploy_protocol::{error_excerpt, group_failures, text, DiffStatus, HostStatus};
 use rmcp::schemars::{self, JsonSchema};
 
 use crate::choice::{Choice, FailedStatus};
@@ -339,11 +339,7 @@ pub(crate) fn cap_text(text: String, id: &str) -> String {
         return text;
     }
     let tail = format!("\n… (cut; build_status and build_logs with id {id} give the details)");
-    let mut end = RESULT_MAX_BYTES - tail.len();
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{tail}", &text[..end])
+    format!("{}{tail}", text::head(&text, RESULT_MAX_BYTES - tail.len()))
 }
 
 /// One line of `list_builds`.

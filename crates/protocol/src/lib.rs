@@ -15,6 +15,7 @@
 //! - [`placement`]: what the fleet learns about each host to place its requests (peak memory,
 //!   last builder).
 //! - [`summary`]: short forms of host failures (excerpts, grouped errors) for lists and tools.
+//! - [`text`]: text cut to a byte or character budget without splitting a character.
 
 pub mod api;
 pub mod diff;
@@ -24,6 +25,7 @@ pub mod placement;
 pub mod request;
 pub mod subject;
 pub mod summary;
+pub mod text;
 
 pub use diff::{ClosureDiff, DiffStatus, PackageChange};
 pub use event::{BuildStatus, Event, EventBody, HostResult, HostStatus, LogBatch};

@@ -570,7 +570,7 @@ impl Builder {
 
     /// Peak resident memory of the builder so far, in bytes (VmHWM).
     pub fn peak_rss_bytes(&self) -> u64 {
-        vm_value(self.child.id(), "VmHWM:")
+        process_peak_rss(self.child.id())
     }
 }
 
@@ -581,25 +581,29 @@ impl Drop for Builder {
     }
 }
 
-/// A `Vm…:` value (`VmRSS:`, `VmHWM:`) of a process from /proc, in bytes; 0 when it is gone.
-pub fn vm_value(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(key))
-                .and_then(|value| {
-                    value
-                        .trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+/// Resident memory of process `pid` now (`VmRSS`), in bytes; 0 when it is gone.
+pub fn process_rss(pid: u32) -> u64 {
+    process(pid)
+        .and_then(|process| process.status().ok()?.vmrss)
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Peak resident memory of process `pid` so far (`VmHWM`), in bytes; 0 when it is gone.
+pub fn process_peak_rss(pid: u32) -> u64 {
+    process(pid)
+        .and_then(|process| process.status().ok()?.vmhwm)
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Whether process `pid` still runs: it exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    process(pid)
+        .and_then(|process| process.stat().ok())
+        .is_some_and(|stat| stat.state != 'Z')
+}
+
+fn process(pid: u32) -> Option<procfs::process::Process> {
+    procfs::process::Process::new(i32::try_from(pid).ok()?).ok()
 }
 
 /// Runs the CLI to completion with a timeout; panics (with its output) if it hangs.
