@@ -97,6 +97,20 @@ fn host<'a>(finished: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("host {name} missing from {finished:#}"))
 }
 
+/// SIGKILLs the one of two `builders` named `victim`; takes the other one out of `builders` and
+/// returns it (the killed one stays there).
+fn kill_one_of_two(builders: &mut Vec<Builder>, victim: &str) -> Builder {
+    let index = builders
+        .iter()
+        .position(|b| b.name == victim)
+        .expect("victim is ours");
+    std::process::Command::new("kill")
+        .args(["-KILL", &builders[index].pid().to_string()])
+        .status()
+        .expect("kill");
+    builders.remove(1 - index)
+}
+
 fn text(output: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&output.stdout).into_owned(),
