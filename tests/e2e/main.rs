@@ -111,6 +111,30 @@ fn kill_one_of_two(builders: &mut Vec<Builder>, victim: &str) -> Builder {
     builders.remove(1 - index)
 }
 
+/// `output` is of a command that exited 0; a failure shows what it printed and `builder`'s log.
+fn assert_ok(output: &Output, builder: &Builder) {
+    let (stdout, stderr) = text(output);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}\n{stderr}\nbuilder:\n{}",
+        builder.log()
+    );
+}
+
+/// Spawns a builder `name` with exactly `config`, which must exit by itself within a minute,
+/// failing; returns it, for its log.
+fn spawn_to_failure(name: &str, config: &str) -> Builder {
+    let mut builder = Builder::spawn_config(bin(), name, config);
+    let status = builder.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|status| !status.success()),
+        "{}",
+        builder.log()
+    );
+    builder
+}
+
 fn text(output: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&output.stdout).into_owned(),
