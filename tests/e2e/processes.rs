@@ -6,9 +6,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use test_support::{run_cli, stored_messages, wait_until, Builder, FixtureRepo, NatsServer};
+use test_support::{
+    run_cli, stored_messages, wait_for_finished, wait_until, Builder, FixtureRepo, NatsServer,
+};
 
-use crate::build::wait_for_finished;
 use crate::{bin, host, text, Setup};
 
 /// Processes whose command line mentions `pattern` (`pgrep -a -f`); empty when none.
