@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value;
-use test_support::stored_messages;
+use test_support::{stored_messages, wait_for_finished};
 
 use crate::{host, text, Setup};
 
@@ -282,18 +282,6 @@ async fn plain_nats_client_can_drive_a_build() {
     .expect("finished within a minute");
     assert_eq!(finished["status"], "succeeded", "{finished:#}");
     assert_eq!(host(&finished, "db")["status"], "built");
-}
-
-/// Waits (up to a minute) until the request's `finished` event is stored; returns all events.
-pub async fn wait_for_finished(client: &async_nats::Client, subject: &str) -> Vec<Value> {
-    for _ in 0..600 {
-        let events = stored_messages(client, subject).await;
-        if events.last().is_some_and(|e| e["type"] == "finished") {
-            return events;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no finished event on {subject}");
 }
 
 /// What a timer and CI call: `--quiet` prints no progress, `--junit` writes one test case per

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use test_support::{run_cli, unique, Builder, FixtureRepo, NatsServer, NIX_CONFIG};
 
-use crate::{bin, host};
+use crate::{bin, cli_ok, host};
 
 /// A built host's closure lands in a real `file://` binary cache, signed with the configured
 /// key; a cache that cannot be written is reported per host without failing the build.
@@ -43,20 +43,9 @@ fn built_hosts_are_pushed_to_the_binary_cache() {
         key.display(),
         repo.url()
     ));
-    let _builder = Builder::start_config(bin(), &name, &config);
+    let builder = Builder::start_config(bin(), &name, &config);
 
-    let output = run_cli(
-        bin(),
-        &nats.url,
-        &["build", "demo", "web", "--json"],
-        Duration::from_secs(120),
-    );
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = cli_ok(&nats.url, &["build", "demo", "web", "--json"], &builder);
     let finished: Value = serde_json::from_slice(&output.stdout).expect("json");
     let web = host(&finished, "web");
     assert_eq!(web["pushed"], true, "{finished:#}");

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use test_support::{free_port, wait_until, Builder, FixtureRepo, NatsServer};
 
-use crate::{bin, text, Setup};
+use crate::{bin, cli_ok, failed_start_log, text, Setup};
 
 fn builder_check(config: &str) -> (Option<i32>, String) {
     let dir = tempfile_dir();
@@ -83,17 +83,10 @@ fn config_errors_name_file_key_and_problem() {
 /// A builder whose nix cannot be run exits 3 at once and says how to fix it.
 #[test]
 fn missing_nix_is_a_clear_startup_error() {
-    let nats = NatsServer::start();
-    let repo = FixtureRepo::new("fleet");
-    let mut builder = Builder::spawn(
-        bin(),
-        &nats.url,
-        &[("demo", repo.url())],
+    let log = failed_start_log(
         "\nnix = \"/nonexistent/bin/nix\"",
+        "builder kept running without nix",
     );
-    let exited = wait_until(Duration::from_secs(20), || !builder.is_running());
-    assert!(exited, "builder kept running without nix");
-    let log = builder.log();
     assert!(
         log.contains("/nonexistent/bin/nix") && log.contains("nix-bin"),
         "{log}"
@@ -113,18 +106,7 @@ fn builder_waits_for_nats_then_serves() {
     assert!(retried, "{}", builder.log());
     let nats = NatsServer::start_on_port(port);
     builder.wait_ready();
-    let output = test_support::run_cli(
-        bin(),
-        &nats.url,
-        &["build", "demo", "web"],
-        Duration::from_secs(120),
-    );
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    cli_ok(&nats.url, &["build", "demo", "web"], &builder);
 }
 
 /// SIGINT (Ctrl-C at a terminal) during a build lets the build finish (its request is

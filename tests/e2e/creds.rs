@@ -3,23 +3,16 @@
 //! role's permissions; a builder connects with it through `[nats] creds_file`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use homelab_deploy_credentials::jwt::{self, RolePermissions};
 use serde_json::Value;
-use test_support::{run_cli, wait_until, Builder, FixtureRepo, OperatorServer};
+use test_support::{
+    assert_refused, connect_recording, run_cli, wait_for_finished, wait_until, Builder,
+    FixtureRepo, OperatorServer, ServerErrors,
+};
 
-use crate::build::wait_for_finished;
 use crate::{bin, text};
-
-fn operator_server() -> OperatorServer {
-    let template = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/operator.example.conf"),
-    )
-    .expect("nats/operator.example.conf");
-    OperatorServer::start(&template)
-}
 
 /// `homelab-deploy creds mint --role builder --ttl TTL …` into `out`.
 fn mint(server: &OperatorServer, ttl: &str, out: &Path) {
@@ -54,46 +47,44 @@ fn mint(server: &OperatorServer, ttl: &str, out: &Path) {
     assert_eq!(mode & 0o077, 0, "creds file mode {mode:o}");
 }
 
+/// Config of a builder `name` serving `repo` as `demo`, connecting with the creds in `creds`
+/// and the builder role's inbox prefix; `{state_dir}` is left for the harness.
+fn creds_builder_config(
+    server: &OperatorServer,
+    creds: &Path,
+    name: &str,
+    repo: &FixtureRepo,
+) -> String {
+    format!(
+        "[nats]\nurl = \"{}\"\ncreds_file = \"{}\"\ninbox_prefix = \"_INBOX_builder\"\n\n[builder]\nname = \"{name}\"\nstate_dir = \"{{state_dir}}\"\n\n[repos.demo]\nurl = \"{}\"\nref = \"main\"\n",
+        server.nats.url,
+        creds.display(),
+        repo.url()
+    )
+}
+
 /// A connection with the creds in `path` (async-nats' own creds reader), recording the
 /// server's errors.
 async fn connect(
     server: &OperatorServer,
     path: &Path,
-) -> Result<(async_nats::Client, Arc<Mutex<Vec<String>>>), async_nats::ConnectError> {
-    let errors = Arc::new(Mutex::new(Vec::new()));
-    let recorded = errors.clone();
-    let client = async_nats::ConnectOptions::with_credentials_file(path)
+) -> Result<(async_nats::Client, ServerErrors), async_nats::ConnectError> {
+    let options = async_nats::ConnectOptions::with_credentials_file(path)
         .await
-        .expect("creds file readable by async-nats")
-        .event_callback(move |event| {
-            let recorded = recorded.clone();
-            async move {
-                recorded
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(event.to_string());
-            }
-        })
-        .connect(&server.nats.url)
-        .await?;
-    Ok((client, errors))
+        .expect("creds file readable by async-nats");
+    connect_recording(options, &server.nats.url).await
 }
 
 /// Fresh builder creds work: a builder with `creds_file` sets up the streams, takes a request and
 /// builds it. The role's permissions hold: the same creds cannot ask for a build.
 #[tokio::test(flavor = "multi_thread")]
 async fn minted_builder_creds_build_and_keep_the_role() {
-    let server = operator_server();
+    let server = OperatorServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let creds = dir.path().join("builder.creds");
     mint(&server, "1h", &creds);
     let repo = FixtureRepo::new("queue");
-    let config = format!(
-        "[nats]\nurl = \"{}\"\ncreds_file = \"{}\"\ninbox_prefix = \"_INBOX_builder\"\n\n[builder]\nname = \"jwt-builder\"\nstate_dir = \"{{state_dir}}\"\n\n[repos.demo]\nurl = \"{}\"\nref = \"main\"\n",
-        server.nats.url,
-        creds.display(),
-        repo.url()
-    );
+    let config = creds_builder_config(&server, &creds, "jwt-builder", &repo);
     // A requester of the same account (any user its signing key signs); it also provisions the
     // streams, which the builder role may not create.
     let requester_creds = dir.path().join("requester.creds");
@@ -181,25 +172,14 @@ async fn minted_builder_creds_build_and_keep_the_role() {
         .await
         .expect("send");
     as_builder.flush().await.expect("flush");
-    let refused = wait_until(Duration::from_secs(10), || {
-        errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|e| e.contains("Permissions Violation"))
-    });
-    assert!(
-        refused,
-        "{:?}",
-        errors.lock().unwrap_or_else(|p| p.into_inner())
-    );
+    assert_refused(&errors, "");
 }
 
 /// An expired credential is refused: by the server to any client, and a builder holding it says
 /// so (and waits for a new one) instead of starting.
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_creds_are_refused() {
-    let server = operator_server();
+    let server = OperatorServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let creds: PathBuf = dir.path().join("short.creds");
     mint(&server, "1s", &creds);
@@ -211,12 +191,7 @@ async fn expired_creds_are_refused() {
     assert!(refused.is_err(), "an expired credential was accepted");
 
     let repo = FixtureRepo::new("queue");
-    let config = format!(
-        "[nats]\nurl = \"{}\"\ncreds_file = \"{}\"\ninbox_prefix = \"_INBOX_builder\"\n\n[builder]\nname = \"late-builder\"\nstate_dir = \"{{state_dir}}\"\n\n[repos.demo]\nurl = \"{}\"\nref = \"main\"\n",
-        server.nats.url,
-        creds.display(),
-        repo.url()
-    );
+    let config = creds_builder_config(&server, &creds, "late-builder", &repo);
     let builder = Builder::spawn_config(bin(), "late-builder", &config);
     let said = wait_until(Duration::from_secs(20), || {
         builder.log().contains("refused the credentials in")

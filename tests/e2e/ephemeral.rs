@@ -5,135 +5,78 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use test_support::{free_port, run_cli, wait_until, Builder, FixtureRepo, NatsServer};
+use test_support::{free_port, jsz_request_consumer, wait_until, Builder, Fleet};
 
-use crate::build::wait_for_finished;
 use crate::{bin, seqs_are_contiguous, text};
 
-/// A nats-server and a fixture repo served as `demo`, with session builders added on demand.
-struct Fleet {
-    nats: NatsServer,
-    repo: FixtureRepo,
+/// Waits until request `id` started building a host; panics with `builder`'s log if it never
+/// did.
+async fn wait_building(fleet: &Fleet, id: &str, builder: &Builder) {
+    let started = fleet
+        .poll_events(id, Duration::from_secs(30), |events| {
+            events.iter().any(|e| e["type"] == "host_started")
+        })
+        .await;
+    assert!(
+        started.is_some(),
+        "{id} never started building; log:\n{}",
+        builder.log()
+    );
 }
 
-impl Fleet {
-    fn new(fixture: &str) -> Self {
-        Self {
-            nats: NatsServer::start(),
-            repo: FixtureRepo::new(fixture),
+/// Starts a nameless builder of `fleet` with `args` and waits until it is ready.
+fn session(fleet: &Fleet, args: &[&str]) -> Builder {
+    let config = Builder::nameless_config(&fleet.nats.url, "demo", &fleet.repo.url());
+    let builder = Builder::spawn_config_with_args(bin(), "", &config, args);
+    builder.wait_ready();
+    builder
+}
+
+/// The phase `homelab-deploy status ID --json` shows (null when it shows none).
+fn phase(fleet: &Fleet, id: &str) -> Value {
+    let output = fleet.cli(&["status", id, "--json"]);
+    let state: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    state["phase"].clone()
+}
+
+/// The registry as `homelab-deploy builders --json` shows it.
+fn builders(fleet: &Fleet) -> Vec<Value> {
+    let output = fleet.cli(&["builders", "--json"]);
+    let list: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    list["builders"].as_array().cloned().unwrap_or_default()
+}
+
+/// Names of the consumers on the requests stream.
+async fn consumers(fleet: &Fleet) -> Vec<String> {
+    consumers_of(fleet, "BUILD_REQUESTS").await
+}
+
+/// The filter subjects of the consumers on the events stream. The builder reads with
+/// wildcard filters (`build.responses.*.*.<id>.events`, all events when it rebuilds the state
+/// bucket); the CLI follows a request's own subject.
+async fn event_consumer_filters(fleet: &Fleet) -> Vec<String> {
+    let js = async_nats::jetstream::new(fleet.nats.client().await);
+    let stream = js.get_stream("BUILD_EVENTS").await.expect("events stream");
+    let mut filters = Vec::new();
+    for name in consumers_of(fleet, "BUILD_EVENTS").await {
+        // A consumer can expire between the listing and this read.
+        if let Ok(info) = stream.consumer_info(&name).await {
+            filters.push(info.config.filter_subject.clone());
         }
     }
+    filters
+}
 
-    /// With nats-server's HTTP monitoring endpoint on.
-    fn monitored(fixture: &str) -> Self {
-        Self {
-            nats: NatsServer::start_with_monitoring(),
-            repo: FixtureRepo::new(fixture),
-        }
-    }
-
-    async fn wait_building(&self, id: &str, builder: &Builder) {
-        for _ in 0..600 {
-            let events = self.events(id).await;
-            if events.iter().any(|e| e["type"] == "host_started") {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{id} never started building; log:\n{}", builder.log());
-    }
-
-    /// A builder config without `builder.name`.
-    fn nameless_config(&self) -> String {
-        format!(
-            "[nats]\nurl = \"{}\"\n\n[builder]\nstate_dir = \"{{state_dir}}\"\n\n[repos.demo]\nurl = \"{}\"\nref = \"main\"\n",
-            self.nats.url,
-            self.repo.url()
-        )
-    }
-
-    /// Starts a nameless builder with `args` and waits until it is ready.
-    fn session(&self, args: &[&str]) -> Builder {
-        let builder = Builder::spawn_config_with_args(bin(), "", &self.nameless_config(), args);
-        builder.wait_ready();
-        builder
-    }
-
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        run_cli(bin(), &self.nats.url, args, Duration::from_secs(120))
-    }
-
-    /// `build demo TARGET --no-wait ARGS`: the request id.
-    fn submit(&self, target: &str, extra: &[&str]) -> String {
-        let mut args = vec!["build", "demo", target, "--no-wait"];
-        args.extend_from_slice(extra);
-        let output = self.cli(&args);
-        let (stdout, stderr) = text(&output);
-        assert_eq!(output.status.code(), Some(0), "{stderr}");
-        stdout.trim().to_owned()
-    }
-
-    /// A request with a new salt, so it really builds.
-    fn submit_new(&self, target: &str) -> String {
-        let rev = self.repo.commit_file("salt", &test_support::unique("salt"));
-        self.submit(target, &["--rev", &rev])
-    }
-
-    async fn finished(&self, id: &str) -> Vec<Value> {
-        let client = self.nats.client().await;
-        wait_for_finished(&client, &format!("build.responses.demo.*.{id}.events")).await
-    }
-
-    async fn events(&self, id: &str) -> Vec<Value> {
-        let client = self.nats.client().await;
-        test_support::stored_messages(&client, &format!("build.responses.demo.*.{id}.events")).await
-    }
-
-    fn phase(&self, id: &str) -> Value {
-        let output = self.cli(&["status", id, "--json"]);
-        let state: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
-        state["phase"].clone()
-    }
-
-    /// The registry as `homelab-deploy builders --json` shows it.
-    fn builders(&self) -> Vec<Value> {
-        let output = self.cli(&["builders", "--json"]);
-        let list: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
-        list["builders"].as_array().cloned().unwrap_or_default()
-    }
-
-    /// Names of the consumers on the requests stream.
-    async fn consumers(&self) -> Vec<String> {
-        self.consumers_of("BUILD_REQUESTS").await
-    }
-
-    /// The filter subjects of the consumers on the events stream. The builder reads with
-    /// wildcard filters (`build.responses.*.*.<id>.events`, all events when it rebuilds the state
-    /// bucket); the CLI follows a request's own subject.
-    async fn event_consumer_filters(&self) -> Vec<String> {
-        let js = async_nats::jetstream::new(self.nats.client().await);
-        let stream = js.get_stream("BUILD_EVENTS").await.expect("events stream");
-        let mut filters = Vec::new();
-        for name in self.consumers_of("BUILD_EVENTS").await {
-            // A consumer can expire between the listing and this read.
-            if let Ok(info) = stream.consumer_info(&name).await {
-                filters.push(info.config.filter_subject.clone());
-            }
-        }
-        filters
-    }
-
-    /// Names of the consumers on `stream`.
-    async fn consumers_of(&self, stream: &str) -> Vec<String> {
-        use futures::TryStreamExt;
-        let js = async_nats::jetstream::new(self.nats.client().await);
-        let stream = js.get_stream(stream).await.expect("stream");
-        stream
-            .consumer_names()
-            .try_collect()
-            .await
-            .expect("consumer names")
-    }
+/// Names of the consumers on `stream`.
+async fn consumers_of(fleet: &Fleet, stream: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    let js = async_nats::jetstream::new(fleet.nats.client().await);
+    let stream = js.get_stream(stream).await.expect("stream");
+    stream
+        .consumer_names()
+        .try_collect()
+        .await
+        .expect("consumer names")
 }
 
 /// Runs `builder` to its own exit; its exit code.
@@ -150,13 +93,13 @@ fn exit_code(builder: &mut Builder) -> i32 {
 /// stays queued for the next builder.
 #[tokio::test(flavor = "multi_thread")]
 async fn once_takes_one_request_and_exits_with_its_verdict() {
-    let fleet = Fleet::new("fleet");
-    let mut first = fleet.session(&["--once"]);
+    let fleet = Fleet::new(bin(), "fleet");
+    let mut first = session(&fleet, &["--once"]);
     let listed = wait_until(Duration::from_secs(20), || {
-        fleet.builders().iter().any(|b| b["ephemeral"] == true)
+        builders(&fleet).iter().any(|b| b["ephemeral"] == true)
     });
-    assert!(listed, "not listed as ephemeral: {:#?}", fleet.builders());
-    let name = fleet.builders()[0]["name"]
+    assert!(listed, "not listed as ephemeral: {:#?}", builders(&fleet));
+    let name = builders(&fleet)[0]["name"]
         .as_str()
         .expect("name")
         .to_owned();
@@ -167,8 +110,7 @@ async fn once_takes_one_request_and_exits_with_its_verdict() {
     assert_eq!(exit_code(&mut first), 0, "log:\n{}", first.log());
     // The session read the events stream (rebuilding the state bucket, checking the request's
     // earlier events); it deleted those readers' consumers rather than leave them to expire.
-    let readers: Vec<String> = fleet
-        .event_consumer_filters()
+    let readers: Vec<String> = event_consumer_filters(&fleet)
         .await
         .into_iter()
         .filter(|filter| filter.contains('*'))
@@ -183,15 +125,15 @@ async fn once_takes_one_request_and_exits_with_its_verdict() {
     let finished = events.last().expect("finished");
     assert_eq!(finished["status"], "succeeded", "{finished:#}");
     assert_eq!(finished["builder"], name.as_str());
-    assert_eq!(fleet.phase(&bad), "queued");
-    assert!(fleet.builders().is_empty(), "{:#?}", fleet.builders());
-    assert_eq!(fleet.consumers().await, vec!["builder-demo".to_owned()]);
+    assert_eq!(phase(&fleet, &bad), "queued");
+    assert!(builders(&fleet).is_empty(), "{:#?}", builders(&fleet));
+    assert_eq!(consumers(&fleet).await, vec!["builder-demo".to_owned()]);
     assert!(
         !first.state_dir().join("sessions").exists(),
         "session state left behind"
     );
 
-    let mut second = fleet.session(&["--once"]);
+    let mut second = session(&fleet, &["--once"]);
     assert_eq!(exit_code(&mut second), 1, "log:\n{}", second.log());
     let events = fleet.finished(&bad).await;
     let finished = events.last().expect("finished");
@@ -204,8 +146,8 @@ async fn once_takes_one_request_and_exits_with_its_verdict() {
 /// (no verdict).
 #[tokio::test(flavor = "multi_thread")]
 async fn max_builds_and_idle_exit_bound_a_session() {
-    let fleet = Fleet::new("queue");
-    let mut first = fleet.session(&["--max-builds", "2"]);
+    let fleet = Fleet::new(bin(), "queue");
+    let mut first = session(&fleet, &["--max-builds", "2"]);
     let ids: Vec<String> = (0..3).map(|_| fleet.submit_new("short")).collect();
     assert_eq!(exit_code(&mut first), 0, "log:\n{}", first.log());
     for id in &ids[..2] {
@@ -215,31 +157,31 @@ async fn max_builds_and_idle_exit_bound_a_session() {
             Some(Value::from("succeeded"))
         );
     }
-    assert_eq!(fleet.phase(&ids[2]), "queued");
+    assert_eq!(phase(&fleet, &ids[2]), "queued");
 
-    let mut second = fleet.session(&["--idle-exit", "2s"]);
+    let mut second = session(&fleet, &["--idle-exit", "2s"]);
     let events = fleet.finished(&ids[2]).await;
     seqs_are_contiguous(&events);
     assert_eq!(exit_code(&mut second), 0, "log:\n{}", second.log());
     assert!(second.log().contains("--idle-exit"), "{}", second.log());
 
-    let mut third = fleet.session(&["--once", "--idle-exit", "1s"]);
+    let mut third = session(&fleet, &["--once", "--idle-exit", "1s"]);
     assert_eq!(exit_code(&mut third), 4, "log:\n{}", third.log());
-    assert!(fleet.builders().is_empty(), "{:#?}", fleet.builders());
+    assert!(builders(&fleet).is_empty(), "{:#?}", builders(&fleet));
 }
 
 /// `--lifetime` ends the session while a request builds: that request finishes (succeeded, not
 /// handed back) and a request queued meanwhile stays queued.
 #[tokio::test(flavor = "multi_thread")]
 async fn lifetime_lets_the_running_request_finish() {
-    let fleet = Fleet::new("queue");
+    let fleet = Fleet::new(bin(), "queue");
     // A session that ends at once sets up the streams, so requests can queue before the next.
-    let mut setup = fleet.session(&["--idle-exit", "100ms"]);
+    let mut setup = session(&fleet, &["--idle-exit", "100ms"]);
     assert_eq!(exit_code(&mut setup), 0, "log:\n{}", setup.log());
     let running = fleet.submit_new("medium");
     let waiting = fleet.submit_new("short");
     // Well inside `medium`'s five seconds of building.
-    let mut builder = fleet.session(&["--lifetime", "3s"]);
+    let mut builder = session(&fleet, &["--lifetime", "3s"]);
     assert_eq!(exit_code(&mut builder), 0, "log:\n{}", builder.log());
     let events = fleet.finished(&running).await;
     seqs_are_contiguous(&events);
@@ -251,17 +193,17 @@ async fn lifetime_lets_the_running_request_finish() {
         events.iter().all(|e| e["type"] != "requeued"),
         "{events:#?}"
     );
-    assert_eq!(fleet.phase(&waiting), "queued");
+    assert_eq!(phase(&fleet, &waiting), "queued");
 }
 
 /// Scale-in by SIGTERM: the ephemeral builder hands its request back (exit 4 with `--once`: no
 /// verdict), the next one builds it to the end, and it is built once, not twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_hands_the_request_to_the_next_session() {
-    let fleet = Fleet::new("queue");
-    let mut first = fleet.session(&["--once"]);
+    let fleet = Fleet::new(bin(), "queue");
+    let mut first = session(&fleet, &["--once"]);
     let id = fleet.submit_new("medium");
-    fleet.wait_building(&id, &first).await;
+    wait_building(&fleet, &id, &first).await;
     let status = first
         .terminate(Duration::from_secs(10))
         .expect("builder exited");
@@ -271,7 +213,7 @@ async fn sigterm_hands_the_request_to_the_next_session() {
         Some(Value::from("requeued"))
     );
 
-    let mut second = fleet.session(&["--once"]);
+    let mut second = session(&fleet, &["--once"]);
     assert_eq!(exit_code(&mut second), 0, "log:\n{}", second.log());
     let events = fleet.finished(&id).await;
     seqs_are_contiguous(&events);
@@ -295,45 +237,28 @@ async fn sigterm_hands_the_request_to_the_next_session() {
 /// builder's gauge `homelab_deploy_queue_depth{repo="demo"}` says 3 too.
 #[tokio::test(flavor = "multi_thread")]
 async fn queue_depth_is_where_autoscalers_look() {
-    let fleet = Fleet::monitored("queue");
+    let fleet = Fleet::monitored(bin(), "queue");
     let port = free_port();
-    let builder = Builder::start_with(
-        bin(),
-        &fleet.nats.url,
-        &[("demo", fleet.repo.url())],
-        &format!("\n\n[metrics]\nlisten = \"127.0.0.1:{port}\""),
-    );
+    let builder = fleet.builder(&format!("\n\n[metrics]\nlisten = \"127.0.0.1:{port}\""));
     let running = fleet.submit_new("long");
-    fleet.wait_building(&running, &builder).await;
+    wait_building(&fleet, &running, &builder).await;
     for _ in 0..3 {
         fleet.submit_new("short");
     }
 
-    let mut figures = (None, None);
+    let mut figures = None;
     for _ in 0..200 {
         let jsz = fleet
             .nats
             .monitoring("/jsz?acc=$G&consumers=true&config=true")
             .await;
-        let consumer = jsz["account_details"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|account| account["name"] == "$G")
-            .flat_map(|account| account["stream_detail"].as_array().into_iter().flatten())
-            .filter(|stream| stream["name"] == "BUILD_REQUESTS")
-            .flat_map(|stream| stream["consumer_detail"].as_array().into_iter().flatten())
-            .find(|consumer| consumer["name"] == "builder-demo")
-            .cloned();
-        figures = consumer.map_or((None, None), |c| {
-            (c["num_pending"].as_u64(), c["num_ack_pending"].as_u64())
-        });
-        if figures == (Some(3), Some(1)) {
+        figures = jsz_request_consumer(&jsz, "builder-demo");
+        if figures == Some((3, 1)) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(figures, (Some(3), Some(1)), "queued, running per /jsz");
+    assert_eq!(figures, Some((3, 1)), "queued, running per /jsz");
     // The timer's script of docs/operations.md reads the same figure: 3 waiting, 2 per builder.
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../docs/systemd/homelab-deploy-scale");

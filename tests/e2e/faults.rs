@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use serde_json::Value;
-use test_support::{run_cli, stored_messages, Builder, FixtureRepo, NatsServer};
+use test_support::{run_cli, stored_messages, wait_for_finished, Builder, FixtureRepo, NatsServer};
 
-use crate::build::wait_for_finished;
 use crate::{bin, host, text, Setup};
 
 /// nats-server stopped for 10 s during a running build and started again on the same store: the

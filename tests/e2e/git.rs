@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use test_support::{Builder, FixtureRepo, HostileHttp, Hostility, NatsServer};
 
-use crate::{bin, text, Setup};
+use crate::{bin, build_json, cli_ok, text, Setup};
 
 /// A redirecting (SIGSEGV in libgit2 before), looping, flooding or silent git server fails only
 /// the requests of its repo, with an error that names the fetch, in bounded time: the builder
@@ -117,40 +117,21 @@ fn private_repo_over_ssh_with_a_deploy_key() {
     let empty_known_hosts = sshd.client_key().with_file_name("empty_known_hosts");
     std::fs::write(&empty_known_hosts, "").expect("empty known_hosts");
     let url = sshd.url(repo.path());
-    let name = test_support::unique("builder");
-    let mut config = Builder::config(
-        &name,
-        &nats.url,
-        std::path::Path::new("{state_dir}"),
-        &[("private", url.clone()), ("stranger", url)],
-    );
-    config = config.replacen(
-        "ref = \"main\"\n",
-        &format!(
-            "ref = \"main\"\nssh_key_file = \"{}\"\nssh_known_hosts_file = \"{}\"\n",
+    let ssh_files = |known_hosts: &std::path::Path| {
+        format!(
+            "ssh_key_file = \"{}\"\nssh_known_hosts_file = \"{}\"\n",
             sshd.client_key().display(),
-            sshd.known_hosts().display()
-        ),
-        1,
-    );
-    config.push_str(&format!(
-        "ssh_key_file = \"{}\"\nssh_known_hosts_file = \"{}\"\n",
-        sshd.client_key().display(),
-        empty_known_hosts.display()
-    ));
-    let builder = Builder::start_config(bin(), &name, &config);
-    let build = |repo: &str| {
-        let output = test_support::run_cli(
-            bin(),
-            &nats.url,
-            &["build", repo, "web", "--json"],
-            Duration::from_secs(120),
-        );
-        let (stdout, stderr) = text(&output);
-        let finished: serde_json::Value = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|err| panic!("{repo}: {err}: {stdout}\n{stderr}\n{}", builder.log()));
-        (output.status.code(), finished)
+            known_hosts.display()
+        )
     };
+    let builder = start_with_repo_tables(
+        &nats.url,
+        &[
+            ("private", &url, &ssh_files(&sshd.known_hosts())),
+            ("stranger", &url, &ssh_files(&empty_known_hosts)),
+        ],
+    );
+    let build = |repo: &str| build_json(&nats.url, &builder, repo, "web", &[]);
     let (code, finished) = build("private");
     assert_eq!(
         code,
@@ -188,32 +169,15 @@ fn private_repo_over_https_with_a_token_file() {
     let wrong = secrets.join("wrong-token");
     std::fs::write(&good, format!("{token}\n")).expect("token file");
     std::fs::write(&wrong, "not-the-token\n").expect("token file");
-    let name = test_support::unique("builder");
-    let mut config = Builder::config(
-        &name,
+    let token_file = |file: &std::path::Path| format!("token_file = \"{}\"\n", file.display());
+    let builder = start_with_repo_tables(
         &nats.url,
-        std::path::Path::new("{state_dir}"),
-        &[("lab", http.url()), ("wrong", http.url())],
+        &[
+            ("lab", &http.url(), &token_file(&good)),
+            ("wrong", &http.url(), &token_file(&wrong)),
+        ],
     );
-    config = config.replacen(
-        "ref = \"main\"\n",
-        &format!("ref = \"main\"\ntoken_file = \"{}\"\n", good.display()),
-        1,
-    );
-    config.push_str(&format!("token_file = \"{}\"\n", wrong.display()));
-    let builder = Builder::start_config(bin(), &name, &config);
-    let build = |repo: &str| {
-        let output = test_support::run_cli(
-            bin(),
-            &nats.url,
-            &["build", repo, "web", "--json"],
-            Duration::from_secs(120),
-        );
-        let (stdout, stderr) = text(&output);
-        let finished: serde_json::Value = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|err| panic!("{repo}: {err}: {stdout}\n{stderr}\n{}", builder.log()));
-        (output.status.code(), finished)
-    };
+    let build = |repo: &str| build_json(&nats.url, &builder, repo, "web", &[]);
     let (code, finished) = build("lab");
     assert_eq!(
         code,
@@ -245,6 +209,18 @@ fn private_repo_over_https_with_a_token_file() {
     let _ = std::fs::remove_dir_all(&secrets);
 }
 
+/// Starts a builder serving `repos` (name, url, lines added to its table) and waits until it is
+/// ready.
+fn start_with_repo_tables(nats_url: &str, repos: &[(&str, &str, &str)]) -> Builder {
+    let name = test_support::unique("builder");
+    let mut config = Builder::config(&name, nats_url, std::path::Path::new("{state_dir}"), &[]);
+    for (repo, url, lines) in repos {
+        config.push_str(&Builder::repo_table(repo, url));
+        config.push_str(lines);
+    }
+    Builder::start_config(bin(), &name, &config)
+}
+
 /// A directory of its own under the system temp dir (the e2e crate has no `tempfile`).
 fn tempfile_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(test_support::unique("git-secrets"));
@@ -268,19 +244,7 @@ fn flake_in_a_subdirectory_builds() {
         &nats.url,
         &[("demo", format!("{}?dir=infra/nixos", repo.url()))],
     );
-    let output = test_support::run_cli(
-        bin(),
-        &nats.url,
-        &["build", "demo", "web", "--json"],
-        Duration::from_secs(120),
-    );
-    let (stdout, stderr) = text(&output);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}\n{stderr}\n{}",
-        builder.log()
-    );
+    cli_ok(&nats.url, &["build", "demo", "web", "--json"], &builder);
 }
 
 /// `?submodules=1`: a host that imports a file from a git submodule (with a relative URL, as

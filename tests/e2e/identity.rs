@@ -10,10 +10,11 @@ use homelab_deploy_protocol::identity::{
 };
 use homelab_deploy_protocol::{RepoName, Target};
 use serde_json::{json, Value};
-use test_support::{run_cli, stored_messages, unique, Builder, FixtureRepo, NatsServer};
+use test_support::{
+    nkey_generate, run_cli, stored_messages, unique, wait_for_finished, Builder, FixtureRepo,
+    NatsServer,
+};
 
-use crate::build::wait_for_finished;
-use crate::permissions::generate;
 use crate::{bin, text};
 
 /// A server, the `queue` fixture served as `demo` and as `other`, a builder that requires
@@ -32,7 +33,10 @@ impl Signed {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut keys = Vec::new();
         for name in ["alice", "bob", "root", "stranger"] {
-            keys.push((name.to_owned(), generate(&dir.path().join(name))));
+            keys.push((
+                name.to_owned(),
+                nkey_generate(bin(), &dir.path().join(name)),
+            ));
         }
         let key = |name: &str| {
             keys.iter()

@@ -5,118 +5,72 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use test_support::{run_cli, stored_messages, unique, Builder, FixtureRepo, NatsServer};
+use test_support::{run_cli, unique, Builder, FixtureRepo, Fleet};
 
-use crate::build::wait_for_finished;
 use crate::{bin, seqs_are_contiguous, text};
 
-/// A nats-server and the `lanes` fixture served as `demo`.
-struct Fleet {
-    nats: NatsServer,
-    repo: FixtureRepo,
+/// A builder of `fleet` with `memory_mb` (none: the machine's memory) and extra lines for the
+/// repo's table.
+fn sized_builder(fleet: &Fleet, memory_mb: Option<u64>, repo_extra: &str) -> Builder {
+    let builder_lines = memory_mb.map(|mb| format!("memory_mb = {mb}\n"));
+    builder_with(
+        fleet,
+        builder_lines.as_deref().unwrap_or(""),
+        repo_extra,
+        "",
+    )
 }
 
-impl Fleet {
-    fn new() -> Self {
-        Self {
-            nats: NatsServer::start(),
-            repo: FixtureRepo::new("lanes"),
-        }
-    }
+/// A builder of `fleet` with extra lines for its `[builder]` table, the repo's table, and
+/// tables after those.
+fn builder_with(fleet: &Fleet, builder_lines: &str, repo_extra: &str, tables: &str) -> Builder {
+    let name = unique("builder");
+    let mut config = Builder::config(
+        &name,
+        &fleet.nats.url,
+        Path::new("{state_dir}"),
+        &[("demo", fleet.repo.url())],
+    );
+    config = config.replacen("\n\n[repos", &format!("\n{builder_lines}\n[repos"), 1);
+    config.push_str(repo_extra);
+    config.push_str(tables);
+    Builder::start_config(bin(), &name, &config)
+}
 
-    /// A builder with `memory_mb` (none: the machine's memory) and extra lines for the
-    /// repo's table.
-    fn builder(&self, memory_mb: Option<u64>, repo_extra: &str) -> Builder {
-        let builder_lines = memory_mb.map(|mb| format!("memory_mb = {mb}\n"));
-        self.builder_with(builder_lines.as_deref().unwrap_or(""), repo_extra, "")
-    }
+/// The events of request `id` once it finished, numbered without gaps.
+async fn finished_in_order(fleet: &Fleet, id: &str) -> Vec<Value> {
+    let events = fleet.finished(id).await;
+    seqs_are_contiguous(&events);
+    events
+}
 
-    /// A builder with extra lines for its `[builder]` table, the repo's table, and tables
-    /// after those.
-    fn builder_with(&self, builder_lines: &str, repo_extra: &str, tables: &str) -> Builder {
-        let name = unique("builder");
-        let mut config = Builder::config(
-            &name,
-            &self.nats.url,
-            Path::new("{state_dir}"),
-            &[("demo", self.repo.url())],
-        );
-        config = config.replacen("\n\n[repos", &format!("\n{builder_lines}\n[repos"), 1);
-        config.push_str(repo_extra);
-        config.push_str(tables);
-        Builder::start_config(bin(), &name, &config)
-    }
+/// The builder named by the request's only `started` event.
+fn started_by(events: &[Value]) -> String {
+    let started: Vec<&Value> = events.iter().filter(|e| e["type"] == "started").collect();
+    assert_eq!(started.len(), 1, "{events:#?}");
+    started[0]["builder"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
 
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        run_cli(bin(), &self.nats.url, args, Duration::from_secs(120))
-    }
+/// The registry as `homelab-deploy builders --json` shows it.
+fn builders(fleet: &Fleet) -> Vec<Value> {
+    let output = fleet.cli(&["builders", "--json"]);
+    let list: Value = serde_json::from_slice(&output.stdout).expect("builders --json");
+    list["builders"].as_array().cloned().unwrap_or_default()
+}
 
-    /// `build demo TARGET --no-wait ARGS`: the request id.
-    fn submit(&self, target: &str, extra: &[&str]) -> String {
-        let mut args = vec!["build", "demo", target, "--no-wait"];
-        args.extend_from_slice(extra);
-        let output = self.cli(&args);
-        let (stdout, stderr) = text(&output);
-        assert_eq!(output.status.code(), Some(0), "{stderr}");
-        stdout.trim().to_owned()
-    }
-
-    async fn events(&self, id: &str) -> Vec<Value> {
-        let client = self.nats.client().await;
-        stored_messages(&client, &format!("build.responses.demo.*.{id}.events")).await
-    }
-
-    async fn finished(&self, id: &str) -> Vec<Value> {
-        let client = self.nats.client().await;
-        let events =
-            wait_for_finished(&client, &format!("build.responses.demo.*.{id}.events")).await;
-        seqs_are_contiguous(&events);
-        events
-    }
-
-    /// The builder named by the request's only `started` event.
-    fn started_by(events: &[Value]) -> String {
-        let started: Vec<&Value> = events.iter().filter(|e| e["type"] == "started").collect();
-        assert_eq!(started.len(), 1, "{events:#?}");
-        started[0]["builder"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    }
-
-    /// Waits (60 s at most) until the request has an event of `kind`; returns it.
-    async fn wait_event(&self, id: &str, kind: &str) -> Value {
-        for _ in 0..600 {
-            if let Some(event) = self
-                .events(id)
-                .await
-                .into_iter()
-                .find(|e| e["type"] == kind)
-            {
-                return event;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("request {id} never had a {kind} event");
-    }
-
-    fn builders(&self) -> Vec<Value> {
-        let output = self.cli(&["builders", "--json"]);
-        let list: Value = serde_json::from_slice(&output.stdout).expect("builders --json");
-        list["builders"].as_array().cloned().unwrap_or_default()
-    }
-
-    /// What the fleet learned about `host` (the `BUILD_PLACEMENT` entry of `demo`).
-    async fn learned(&self, host: &str) -> Value {
-        let js = async_nats::jetstream::new(self.nats.client().await);
-        let store = js
-            .get_key_value("BUILD_PLACEMENT")
-            .await
-            .expect("placement bucket");
-        let entry = store.get("demo").await.expect("read").expect("demo entry");
-        let record: Value = serde_json::from_slice(&entry).expect("json");
-        record["hosts"][host].clone()
-    }
+/// What the fleet learned about `host` (the `BUILD_PLACEMENT` entry of `demo`).
+async fn placement_of(fleet: &Fleet, host: &str) -> Value {
+    let js = async_nats::jetstream::new(fleet.nats.client().await);
+    let store = js
+        .get_key_value("BUILD_PLACEMENT")
+        .await
+        .expect("placement bucket");
+    let entry = store.get("demo").await.expect("read").expect("demo entry");
+    let record: Value = serde_json::from_slice(&entry).expect("json");
+    record["hosts"][host].clone()
 }
 
 fn time_of(event: &Value) -> time::OffsetDateTime {
@@ -133,13 +87,12 @@ fn time_of(event: &Value) -> time::OffsetDateTime {
 /// `all` fail at once, naming the host, its peak and the largest envelope left.
 #[tokio::test(flavor = "multi_thread")]
 async fn heavy_hosts_start_only_where_they_fit_and_fail_at_once_when_none_does() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "lanes");
     let pinned = "expected_peak_mb = { busy = 1024 }\n";
-    let small = fleet.builder(Some(200), pinned);
-    let big = fleet.builder(Some(4096), pinned);
+    let small = sized_builder(&fleet, Some(200), pinned);
+    let big = sized_builder(&fleet, Some(4096), pinned);
 
-    let envelopes: Vec<(String, u64)> = fleet
-        .builders()
+    let envelopes: Vec<(String, u64)> = builders(&fleet)
         .iter()
         .map(|b| {
             let name = b["name"].as_str().unwrap_or_default().to_owned();
@@ -159,13 +112,13 @@ async fn heavy_hosts_start_only_where_they_fit_and_fail_at_once_when_none_does()
 
     // Never measured: it goes anywhere, and its peak is learned.
     let first = fleet.submit("heavy", &[]);
-    let events = fleet.finished(&first).await;
+    let events = finished_in_order(&fleet, &first).await;
     assert_eq!(events.last().expect("finished")["status"], "succeeded");
-    let learned = fleet.learned("heavy").await;
+    let learned = placement_of(&fleet, "heavy").await;
     let peak = learned["eval_peak_mb"].as_u64().unwrap_or_default();
     assert!((201..4096).contains(&peak), "{learned}");
     assert!(
-        learned["last_builder"] == Fleet::started_by(&events).as_str(),
+        learned["last_builder"] == started_by(&events).as_str(),
         "{learned}"
     );
 
@@ -175,14 +128,10 @@ async fn heavy_hosts_start_only_where_they_fit_and_fail_at_once_when_none_does()
     assert_eq!(busy_started["builder"], Value::from(big.name.clone()));
     let heavy = fleet.submit("heavy", &[]);
     let light = fleet.submit("light", &[]);
-    let light_events = fleet.finished(&light).await;
-    assert_eq!(Fleet::started_by(&light_events), small.name);
-    let heavy_events = fleet.finished(&heavy).await;
-    assert_eq!(
-        Fleet::started_by(&heavy_events),
-        big.name,
-        "{heavy_events:#?}"
-    );
+    let light_events = finished_in_order(&fleet, &light).await;
+    assert_eq!(started_by(&light_events), small.name);
+    let heavy_events = finished_in_order(&fleet, &heavy).await;
+    assert_eq!(started_by(&heavy_events), big.name, "{heavy_events:#?}");
     assert_eq!(
         heavy_events.last().expect("finished")["status"],
         "succeeded"
@@ -196,20 +145,19 @@ async fn heavy_hosts_start_only_where_they_fit_and_fail_at_once_when_none_does()
         time_of(light_finished) < time_of(heavy_started),
         "light work waited behind the heavy request: {light_finished} vs {heavy_started}"
     );
-    fleet.finished(&busy).await;
+    finished_in_order(&fleet, &busy).await;
 
     // `all` holds `heavy`: the whole request goes to the big builder, one commit for all hosts.
     let all = fleet.submit("all", &[]);
-    let all_events = fleet.finished(&all).await;
-    assert_eq!(Fleet::started_by(&all_events), big.name);
+    let all_events = finished_in_order(&fleet, &all).await;
+    assert_eq!(started_by(&all_events), big.name);
     assert_eq!(all_events.last().expect("finished")["status"], "succeeded");
 
     // The big builder leaves: nothing left fits `heavy`, `busy` or `all`.
     let output = fleet.cli(&["builder", "drain", &big.name]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
     for _ in 0..300 {
-        if fleet
-            .builders()
+        if builders(&fleet)
             .iter()
             .all(|b| b["name"] != big.name.as_str())
         {
@@ -218,7 +166,7 @@ async fn heavy_hosts_start_only_where_they_fit_and_fail_at_once_when_none_does()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Each evaluation of `heavy` measured it again: the error names the latest figure.
-    let peak = fleet.learned("heavy").await["eval_peak_mb"].clone();
+    let peak = placement_of(&fleet, "heavy").await["eval_peak_mb"].clone();
     for (target, host, mb) in [
         ("heavy", "heavy", peak.to_string()),
         // The heaviest host of `all` is named.
@@ -226,7 +174,7 @@ async fn heavy_hosts_start_only_where_they_fit_and_fail_at_once_when_none_does()
         ("busy", "busy", "1024".to_owned()),
     ] {
         let id = fleet.submit(target, &[]);
-        let events = fleet.finished(&id).await;
+        let events = finished_in_order(&fleet, &id).await;
         assert!(events.iter().all(|e| e["type"] != "started"), "{events:#?}");
         let finished = events.last().expect("finished");
         assert_eq!(finished["status"], "failed");
@@ -241,7 +189,7 @@ async fn heavy_hosts_start_only_where_they_fit_and_fail_at_once_when_none_does()
         );
     }
     let light = fleet.submit("light", &[]);
-    let events = fleet.finished(&light).await;
+    let events = finished_in_order(&fleet, &light).await;
     assert_eq!(events.last().expect("finished")["status"], "succeeded");
     drop(big);
 }
@@ -251,15 +199,15 @@ async fn heavy_hosts_start_only_where_they_fit_and_fail_at_once_when_none_does()
 /// would spread them.
 #[tokio::test(flavor = "multi_thread")]
 async fn repeat_builds_go_to_the_builder_that_holds_the_host() {
-    let fleet = Fleet::new();
-    let one = fleet.builder(None, "");
-    let two = fleet.builder(None, "");
+    let fleet = Fleet::new(bin(), "lanes");
+    let one = sized_builder(&fleet, None, "");
+    let two = sized_builder(&fleet, None, "");
     let first = fleet.submit("light", &[]);
-    let warm = Fleet::started_by(&fleet.finished(&first).await);
+    let warm = started_by(&finished_in_order(&fleet, &first).await);
     for round in 0..6 {
         // Both idle again (the registry shows it) before the next request.
         for _ in 0..100 {
-            let idle = fleet.builders().iter().all(|b| {
+            let idle = builders(&fleet).iter().all(|b| {
                 b["states"]
                     .as_array()
                     .is_some_and(|s| s.iter().all(|s| s["state"] == "idle"))
@@ -269,11 +217,11 @@ async fn repeat_builds_go_to_the_builder_that_holds_the_host() {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let rev = fleet.repo.commit_file("salt", &unique("salt"));
+        let rev = fleet.repo.new_salt();
         let id = fleet.submit("light", &["--rev", &rev]);
-        let events = fleet.finished(&id).await;
+        let events = finished_in_order(&fleet, &id).await;
         assert_eq!(
-            Fleet::started_by(&events),
+            started_by(&events),
             warm,
             "round {round}: builders {} and {}",
             one.name,
@@ -300,16 +248,21 @@ fn sample(port: u16, prefix: &str) -> Option<f64> {
 /// it waited for.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_heavy_request_waits_for_an_autoscaled_lane_that_its_gauge_shows() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "lanes");
     let pinned = "expected_peak_mb = { busy = 1024 }\n";
     let lanes = "lanes = { standard = 200, heavy = 4096 }\n";
     let port = test_support::free_port();
     let metrics = format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
-    let _small = fleet.builder_with(&format!("memory_mb = 200\n{lanes}"), pinned, &metrics);
+    let _small = builder_with(
+        &fleet,
+        &format!("memory_mb = 200\n{lanes}"),
+        pinned,
+        &metrics,
+    );
 
     // Its own timeout is 3 s: it waits that long for the lane, then fails.
     let short = fleet.submit("busy", &["--build-timeout", "3s"]);
-    let events = fleet.finished(&short).await;
+    let events = finished_in_order(&fleet, &short).await;
     assert!(events.iter().all(|e| e["type"] != "started"), "{events:#?}");
     let finished = events.last().expect("finished");
     assert_eq!(finished["status"], "failed");
@@ -325,7 +278,7 @@ async fn a_heavy_request_waits_for_an_autoscaled_lane_that_its_gauge_shows() {
 
     let heavy = fleet.submit("busy", &[]);
     let light = fleet.submit("light", &[]);
-    let light_events = fleet.finished(&light).await;
+    let light_events = finished_in_order(&fleet, &light).await;
     assert_eq!(
         light_events.last().expect("finished")["status"],
         "succeeded"
@@ -359,10 +312,10 @@ async fn a_heavy_request_waits_for_an_autoscaled_lane_that_its_gauge_shows() {
     );
 
     // The autoscaler starts a builder of the lane: the request is built there.
-    let big = fleet.builder_with(&format!("memory_mb = 4096\n{lanes}"), pinned, "");
-    let events = fleet.finished(&heavy).await;
+    let big = builder_with(&fleet, &format!("memory_mb = 4096\n{lanes}"), pinned, "");
+    let events = finished_in_order(&fleet, &heavy).await;
     assert_eq!(events.last().expect("finished")["status"], "succeeded");
-    assert_eq!(Fleet::started_by(&events), big.name);
+    assert_eq!(started_by(&events), big.name);
     let drained = test_support::wait_until(Duration::from_secs(30), || gauge("heavy") == Some(0.0));
     assert!(
         drained,
@@ -416,7 +369,7 @@ async fn a_cluster_places_heavy_hosts_by_what_any_builder_learned() {
                 "succeeded",
                 "{events:#?}"
             );
-            Fleet::started_by(&events)
+            started_by(&events)
         }
     };
     // Whichever builder takes the first one measures it.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use test_support::{free_port, run_cli, wait_until, Builder, FixtureRepo, NatsServer};
 
-use crate::bin;
+use crate::{bin, failed_start_log};
 
 pub(crate) fn scrape(port: u16) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
@@ -191,19 +191,10 @@ fn alert_rules_pass_promtool() {
 fn metrics_port_in_use_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
-    let nats = NatsServer::start();
-    let repo = FixtureRepo::new("fleet");
-    let mut builder = Builder::spawn(
-        bin(),
-        &nats.url,
-        &[("demo", repo.url())],
+    let log = failed_start_log(
         &format!("\n\n[metrics]\nlisten = \"127.0.0.1:{port}\""),
+        "builder kept running",
     );
-    assert!(
-        wait_until(Duration::from_secs(20), || !builder.is_running()),
-        "builder kept running"
-    );
-    let log = builder.log();
     assert!(
         log.contains(&format!("cannot serve metrics on 127.0.0.1:{port}")),
         "{log}"

@@ -4,14 +4,12 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::Duration;
 
 use async_nats::HeaderMap;
 use serde_json::Value;
-use test_support::{free_port, run_cli, unique, Builder, FixtureRepo, NatsServer};
+use test_support::{free_port, unique, wait_for_finished, Builder, FixtureRepo, NatsServer};
 
-use crate::build::wait_for_finished;
-use crate::{bin, host, text};
+use crate::{bin, cli_ok, host, text};
 
 /// Every host of the `names` fixture, as the flake spells it, with its documented token.
 const HOSTS: [(&str, &str); 9] = [
@@ -69,20 +67,12 @@ fn every_host_name_builds_and_stays_in_the_state_dir() {
     let before = tree(&builder_dir);
     let junit = std::env::temp_dir().join(format!("{}.xml", unique("junit")));
     let junit_path = junit.display().to_string();
-    let output = run_cli(
-        bin(),
+    let output = cli_ok(
         &nats.url,
         &["build", "demo", "all", "--json", "--junit", &junit_path],
-        Duration::from_secs(120),
+        &builder,
     );
-    let (stdout, stderr) = text(&output);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}\n{stderr}\n{}",
-        builder.log()
-    );
-    let finished: Value = serde_json::from_str(stdout.trim()).expect("finished event");
+    let finished: Value = serde_json::from_str(text(&output).0.trim()).expect("finished event");
     assert_eq!(
         finished["hosts"].as_array().map(Vec::len),
         Some(HOSTS.len())

@@ -34,6 +34,90 @@ fn evaluate(config: &str) -> Result<Value, String> {
     ))
 }
 
+/// [`evaluate`], which nix must accept: the summary.
+fn evaluated(config: &str) -> Value {
+    evaluate(config).unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// [`evaluated`], with no failed assertion.
+fn rendered(config: &str) -> Value {
+    let summary = evaluated(config);
+    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    summary
+}
+
+/// The modules evaluate `config`, and one of their assertions fails with `message`.
+fn assert_refused(config: &str, message: &str) {
+    let summary = evaluated(config);
+    assert!(
+        summary["failedAssertions"].to_string().contains(message),
+        "{}",
+        summary["failedAssertions"]
+    );
+}
+
+/// The builder config file `summary` names, and its text.
+fn builder_config(summary: &Value) -> (&str, String) {
+    let file = summary["builderConfigFile"].as_str().expect("config file");
+    (
+        file,
+        std::fs::read_to_string(file).expect("rendered config"),
+    )
+}
+
+/// `homelab-deploy builder --check` accepts the rendered `file` (its text `config`).
+fn assert_checked(file: &str, config: &str) {
+    let check = Command::new(bin())
+        .args(["builder", "--check", "--config", file])
+        .output()
+        .expect("check");
+    assert!(check.status.success(), "{}\n{config}", text(&check).1);
+}
+
+/// Every one of `expected` is in the rendered `config`.
+fn assert_contains_all(config: &str, expected: &[&str]) {
+    for expected in expected {
+        assert!(
+            config.contains(expected),
+            "{expected} missing from:\n{config}"
+        );
+    }
+}
+
+/// The arguments of a rendered `ExecStart` command line after the binary, unquoted.
+fn exec_args(exec: &str) -> Vec<String> {
+    exec.split_whitespace()
+        .skip(1)
+        .map(|a| a.trim_matches('\'').to_owned())
+        .collect()
+}
+
+/// [`exec_args`] of a provision command line, with its admin seed credential (`%d/…`) replaced
+/// by the `seed` file the test holds.
+fn provision_args(exec: &str, credential: &str, seed: &Path) -> Vec<String> {
+    let seed = seed.display().to_string();
+    exec_args(exec)
+        .iter()
+        .map(|a| a.replace(credential, &seed))
+        .collect()
+}
+
+/// The provision command line `args` (rendered as `exec`), run with the real binary, creates
+/// the streams.
+fn assert_provisions(args: &[String], exec: &str) {
+    let output = Command::new(bin())
+        .args(args)
+        .env_remove("HOMELAB_DEPLOY_NATS_URL")
+        .output()
+        .expect("provision");
+    assert_eq!(output.status.code(), Some(0), "{}\n{exec}", text(&output).1);
+    assert!(
+        text(&output).0.contains("BUILD_REQUESTS: created"),
+        "{}",
+        text(&output).0
+    );
+}
+
 /// `nix eval --json` of an expression: Ok(value) or Err(nix's error).
 fn eval_json(expr: &str) -> Result<Value, String> {
     let output = Command::new("nix")
@@ -57,7 +141,7 @@ const CREDENTIALS: &str = "/run/credentials/homelab-deploy-builder.service";
 /// stops in seconds (handing requests back) rather than draining.
 #[test]
 fn builder_module_renders_a_config_the_binary_accepts() {
-    let summary = evaluate(
+    let summary = rendered(
         r#"{
           services.homelab-deploy.builder = {
             enable = true;
@@ -82,47 +166,38 @@ fn builder_module_renders_a_config_the_binary_accepts() {
             };
           };
         }"#,
-    )
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
-    let file = summary["builderConfigFile"].as_str().expect("config file");
-    let config = std::fs::read_to_string(file).expect("rendered config");
+    );
+    let (file, config) = builder_config(&summary);
     let seed = format!("nkey_seed_file = \"{CREDENTIALS}/nkey-seed\"");
-    for expected in [
-        seed.as_str(),
-        "url = \"nats://nats1:4222,nats://nats2:4222\"",
-        "replicas = 3",
-        "inbox_prefix = \"_INBOX_builder\"",
-        "build_jobs = 2",
-        "memory_mb = 65536",
-        "warm_affinity = false",
-        "[builder.lanes]",
-        "heavy = 65536",
-        "[repos.nixos-servers.expected_peak_mb]",
-        "big-host = 24576",
-        "[repos.nixos-servers]",
-        "ref = \"master\"",
-        "push_to = \"file:///var/cache/nix\"",
-        "impure = true",
-        "[repos.nixos-servers.nix_options]",
-        "cores = 4",
-        "[metrics]",
-        "listen = \"0.0.0.0:9973\"",
-        "require_signed = true",
-        "[access.users.alice]",
-        "repos = [ \"nixos-servers\" ]",
-        "role = \"admin\"",
-    ] {
-        assert!(
-            config.contains(expected),
-            "{expected} missing from:\n{config}"
-        );
-    }
-    let check = Command::new(bin())
-        .args(["builder", "--check", "--config", file])
-        .output()
-        .expect("check");
-    assert!(check.status.success(), "{}\n{config}", text(&check).1);
+    assert_contains_all(
+        &config,
+        &[
+            seed.as_str(),
+            "url = \"nats://nats1:4222,nats://nats2:4222\"",
+            "replicas = 3",
+            "inbox_prefix = \"_INBOX_builder\"",
+            "build_jobs = 2",
+            "memory_mb = 65536",
+            "warm_affinity = false",
+            "[builder.lanes]",
+            "heavy = 65536",
+            "[repos.nixos-servers.expected_peak_mb]",
+            "big-host = 24576",
+            "[repos.nixos-servers]",
+            "ref = \"master\"",
+            "push_to = \"file:///var/cache/nix\"",
+            "impure = true",
+            "[repos.nixos-servers.nix_options]",
+            "cores = 4",
+            "[metrics]",
+            "listen = \"0.0.0.0:9973\"",
+            "require_signed = true",
+            "[access.users.alice]",
+            "repos = [ \"nixos-servers\" ]",
+            "role = \"admin\"",
+        ],
+    );
+    assert_checked(file, &config);
 
     let service = &summary["services"]["homelab-deploy-builder"];
     let unit = &service["serviceConfig"];
@@ -184,7 +259,7 @@ fn builder_module_renders_a_config_the_binary_accepts() {
 /// files, are assertion failures.
 #[test]
 fn builder_module_takes_the_seed_from_vault() {
-    let summary = evaluate(
+    let summary = rendered(
         r#"{
           services.homelab-deploy.builder = {
             enable = true;
@@ -197,33 +272,26 @@ fn builder_module_takes_the_seed_from_vault() {
             settings.vault.kv_version = 2;
           };
         }"#,
-    )
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
-    let file = summary["builderConfigFile"].as_str().expect("config file");
-    let config = std::fs::read_to_string(file).expect("rendered config");
-    for expected in [
-        "[vault]",
-        "address = \"https://vault.example.org:8200\"",
-        "nkey_secret = \"shared/homelab-deploy/builder-nkey\"",
-        "auth = \"approle\"",
-        format!("role_id_file = \"{CREDENTIALS}/vault-role-id\"").as_str(),
-        format!("secret_id_file = \"{CREDENTIALS}/vault-secret-id\"").as_str(),
-        "kv_version = 2",
-    ] {
-        assert!(
-            config.contains(expected),
-            "{expected} missing from:\n{config}"
-        );
-    }
+    );
+    let (file, config) = builder_config(&summary);
+    let role_id = format!("role_id_file = \"{CREDENTIALS}/vault-role-id\"");
+    let secret_id = format!("secret_id_file = \"{CREDENTIALS}/vault-secret-id\"");
+    assert_contains_all(
+        &config,
+        &[
+            "[vault]",
+            "address = \"https://vault.example.org:8200\"",
+            "nkey_secret = \"shared/homelab-deploy/builder-nkey\"",
+            "auth = \"approle\"",
+            &role_id,
+            &secret_id,
+            "kv_version = 2",
+        ],
+    );
     assert!(!config.contains("nkey_seed_file"), "{config}");
-    let check = Command::new(bin())
-        .args(["builder", "--check", "--config", file])
-        .output()
-        .expect("check");
-    assert!(check.status.success(), "{}\n{config}", text(&check).1);
+    assert_checked(file, &config);
 
-    let both = evaluate(
+    assert_refused(
         r#"{
           services.homelab-deploy.builder = {
             enable = true;
@@ -232,16 +300,9 @@ fn builder_module_takes_the_seed_from_vault() {
             vault = { address = "https://vault:8200"; roleIdFile = "/r"; secretIdFile = "/s"; };
           };
         }"#,
-    )
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert!(
-        both["failedAssertions"]
-            .to_string()
-            .contains("either nkeySeedFile or vault.address"),
-        "{}",
-        both["failedAssertions"]
+        "either nkeySeedFile or vault.address",
     );
-    let no_files = evaluate(
+    assert_refused(
         r#"{
           services.homelab-deploy.builder = {
             enable = true;
@@ -249,14 +310,7 @@ fn builder_module_takes_the_seed_from_vault() {
             vault.address = "https://vault:8200";
           };
         }"#,
-    )
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert!(
-        no_files["failedAssertions"]
-            .to_string()
-            .contains("vault.roleIdFile and vault.secretIdFile"),
-        "{}",
-        no_files["failedAssertions"]
+        "vault.roleIdFile and vault.secretIdFile",
     );
 }
 
@@ -266,7 +320,7 @@ fn builder_module_takes_the_seed_from_vault() {
 /// builder. Cache-push environment files are the service's `EnvironmentFile`s.
 #[test]
 fn every_secret_file_is_a_credential() {
-    let summary = evaluate(
+    let summary = rendered(
         r#"{
           services.homelab-deploy.builder = {
             enable = true;
@@ -284,9 +338,7 @@ fn every_secret_file_is_a_credential() {
             };
           };
         }"#,
-    )
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    );
     let service = &summary["services"]["homelab-deploy-builder"];
     let expected = [
         ("vault-token", "/run/secrets/vault-token", "token_file"),
@@ -321,8 +373,7 @@ fn every_secret_file_is_a_credential() {
             .map(|(_, source, _)| *source)
             .collect::<Vec<_>>())
     );
-    let config = std::fs::read_to_string(summary["builderConfigFile"].as_str().expect("file"))
-        .expect("rendered config");
+    let (_, config) = builder_config(&summary);
     for (id, source, key) in expected {
         assert!(
             config.contains(&format!("{key} = \"{CREDENTIALS}/{id}\"")),
@@ -342,16 +393,9 @@ fn every_secret_file_is_a_credential() {
     );
 
     // The old drain timeout is an assertion failure that says what replaced it.
-    let old = evaluate(
+    assert_refused(
         r#"{ services.homelab-deploy.builder = { enable = true; repos.x.url = "git+file:///srv/x"; drainTimeoutSec = 7200; }; }"#,
-    )
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert!(
-        old["failedAssertions"]
-            .to_string()
-            .contains("stopTimeoutSec"),
-        "{}",
-        old["failedAssertions"]
+        "stopTimeoutSec",
     );
 }
 
@@ -359,7 +403,7 @@ fn every_secret_file_is_a_credential() {
 /// `builder --check`, and a tenant beside a single-account seed is an assertion failure.
 #[test]
 fn builder_module_renders_tenants() {
-    let summary = evaluate(
+    let summary = rendered(
         r#"{
           services.homelab-deploy.builder = {
             enable = true;
@@ -371,9 +415,7 @@ fn builder_module_renders_tenants() {
             };
           };
         }"#,
-    )
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    );
     let service = &summary["services"]["homelab-deploy-builder"];
     assert_eq!(
         service["serviceConfig"]["LoadCredential"],
@@ -382,21 +424,16 @@ fn builder_module_renders_tenants() {
             "tenant-shop-nkey-seed:/run/secrets/builder-shop.nk"
         ])
     );
-    let file = summary["builderConfigFile"].as_str().expect("config file");
-    let config = std::fs::read_to_string(file).expect("rendered config");
+    let (file, config) = builder_config(&summary);
     assert!(
         config.contains(&format!(
             "nkey_seed_file = \"{CREDENTIALS}/tenant-shop-nkey-seed\""
         )),
         "{config}"
     );
-    let check = Command::new(bin())
-        .args(["builder", "--check", "--config", file])
-        .output()
-        .expect("check");
-    assert!(check.status.success(), "{}\n{config}", text(&check).1);
+    assert_checked(file, &config);
 
-    let both = evaluate(
+    assert_refused(
         r#"{
           services.homelab-deploy.builder = {
             enable = true;
@@ -405,12 +442,7 @@ fn builder_module_renders_tenants() {
             settings.tenants.shop = { nkey_seed_file = "/run/secrets/builder-shop.nk"; repos = [ "shop" ]; };
           };
         }"#,
-    )
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert!(
-        both["failedAssertions"].to_string().contains("tenants"),
-        "{}",
-        both["failedAssertions"]
+        "tenants",
     );
 }
 
@@ -441,11 +473,9 @@ fn builder_module_provisions_each_tenant_with_its_admin_seed() {
             nats.url
         )
     };
-    let summary = evaluate(&module(
+    let summary = rendered(&module(
         r#"tenants.alpha.adminNkeySeedFile = "/run/secrets/alpha-admin.nk"; tenants.beta.adminNkeySeedFile = "/run/secrets/beta-admin.nk";"#,
-    ))
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    ));
     let unit = &summary["services"]["homelab-deploy-builder-provision"]["serviceConfig"];
     assert_eq!(
         unit["LoadCredential"],
@@ -460,45 +490,18 @@ fn builder_module_provisions_each_tenant_with_its_admin_seed() {
     assert_eq!(commands.len(), 2, "{commands:?}");
     for (command, tenant) in commands.iter().zip(["alpha", "beta"]) {
         let exec = command.as_str().expect("command");
-        let seed = dir
-            .join(format!("{}_ADMIN.nk", tenant.to_uppercase()))
-            .display()
-            .to_string();
-        let args: Vec<String> = exec
-            .split_whitespace()
-            .skip(1)
-            .map(|a| {
-                a.trim_matches('\'')
-                    .replace(&format!("%d/admin-nkey-{tenant}"), &seed)
-            })
-            .collect();
+        let seed = dir.join(format!("{}_ADMIN.nk", tenant.to_uppercase()));
+        let args = provision_args(exec, &format!("%d/admin-nkey-{tenant}"), &seed);
         assert!(
             args.windows(2).any(|pair| pair == ["--tenant", tenant]),
             "{exec}"
         );
-        let output = Command::new(bin())
-            .args(&args)
-            .env_remove("HOMELAB_DEPLOY_NATS_URL")
-            .output()
-            .expect("provision");
-        assert_eq!(output.status.code(), Some(0), "{}\n{exec}", text(&output).1);
-        assert!(
-            text(&output).0.contains("BUILD_REQUESTS: created"),
-            "{}",
-            text(&output).0
-        );
+        assert_provisions(&args, exec);
     }
 
-    let without = evaluate(&module(
-        r#"tenants.alpha.adminNkeySeedFile = "/run/secrets/alpha-admin.nk";"#,
-    ))
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert!(
-        without["failedAssertions"]
-            .to_string()
-            .contains("provision.tenants.<name>.adminNkeySeedFile"),
-        "{}",
-        without["failedAssertions"]
+    assert_refused(
+        &module(r#"tenants.alpha.adminNkeySeedFile = "/run/secrets/alpha-admin.nk";"#),
+        "provision.tenants.<name>.adminNkeySeedFile",
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -528,8 +531,9 @@ fn typos_and_wrong_types_are_eval_errors() {
         err.contains("repo") && err.contains("is not of type"),
         "{err}"
     );
-    let summary = evaluate(r#"{ services.homelab-deploy.builder = { enable = true; repos."bad.name".url = "git+file:///srv/x"; }; }"#)
-        .unwrap_or_else(|err| panic!("{err}"));
+    let summary = evaluated(
+        r#"{ services.homelab-deploy.builder = { enable = true; repos."bad.name".url = "git+file:///srv/x"; }; }"#,
+    );
     assert!(
         summary["failedAssertions"][0]
             .as_str()
@@ -542,15 +546,14 @@ fn typos_and_wrong_types_are_eval_errors() {
 /// real, exits non-zero when the build fails (so `systemctl --failed` shows it).
 #[test]
 fn scheduled_builds_are_oneshots_with_persistent_timers() {
-    let summary = evaluate(
+    let summary = evaluated(
         r#"{
           services.homelab-deploy.scheduledBuilds.servers = {
             repo = "demo"; target = "broken-build"; onCalendar = "*-*-* *:30:00";
             randomizedDelaySec = 300; nkeySeedFile = "/run/secrets/deployer-nkey";
           };
         }"#,
-    )
-    .unwrap_or_else(|err| panic!("{err}"));
+    );
     let service = &summary["services"]["homelab-deploy-build-servers"];
     assert_eq!(service["serviceConfig"]["Type"], "oneshot");
     assert_eq!(
@@ -589,11 +592,10 @@ fn scheduled_builds_are_oneshots_with_persistent_timers() {
 #[test]
 fn cli_module_writes_the_config_the_cli_reads() {
     let setup = Setup::new("fleet");
-    let summary = evaluate(&format!(
+    let summary = evaluated(&format!(
         "{{ programs.homelab-deploy = {{ enable = true; natsUrl = \"{}\"; inboxPrefix = \"_INBOX_cli\"; }}; }}",
         setup.nats.url
-    ))
-    .unwrap_or_else(|err| panic!("{err}"));
+    ));
     let file = summary["etc"]["homelab-deploy/config.toml"]["source"]
         .as_str()
         .expect("etc file");
@@ -664,10 +666,9 @@ fn session_options_make_an_ephemeral_builder() {
             }}"#
         )
     };
-    let summary = evaluate(&module(
+    let summary = evaluated(&module(
         r#"session = { maxBuilds = 3; idleExit = "10m"; lifetime = "2h"; };"#,
-    ))
-    .unwrap_or_else(|err| panic!("{err}"));
+    ));
     let unit = &summary["services"]["homelab-deploy-builder"]["serviceConfig"];
     let exec = unit["ExecStart"].as_str().expect("ExecStart");
     assert!(
@@ -676,11 +677,7 @@ fn session_options_make_an_ephemeral_builder() {
     );
     assert_eq!(unit["SuccessExitStatus"], "1");
     let file = summary["builderConfigFile"].as_str().expect("config file");
-    let args: Vec<&str> = exec
-        .split_whitespace()
-        .skip(1)
-        .map(|a| a.trim_matches('\''))
-        .collect();
+    let args = exec_args(exec);
     let check = Command::new(bin())
         .args(&args)
         .arg("--check")
@@ -688,7 +685,7 @@ fn session_options_make_an_ephemeral_builder() {
         .expect("check");
     assert!(check.status.success(), "{}\n{file}", text(&check).1);
 
-    let summary = evaluate(&module("")).unwrap_or_else(|err| panic!("{err}"));
+    let summary = evaluated(&module(""));
     let unit = &summary["services"]["homelab-deploy-builder"]["serviceConfig"];
     assert!(unit.get("SuccessExitStatus").is_none(), "{unit:#}");
 }
@@ -699,14 +696,12 @@ fn session_options_make_an_ephemeral_builder() {
 fn dashboard_module_runs_a_hardened_page_server() {
     let setup = Setup::new("fleet");
     let port = test_support::free_port();
-    let summary = evaluate(&format!(
+    let summary = rendered(&format!(
         r#"{{ services.homelab-deploy.dashboard = {{
               enable = true; listen = "127.0.0.1:{port}"; natsUrl = "{}";
               nkeySeedFile = "/run/secrets/viewer.nk"; maxClients = 4; openFirewall = true; }}; }}"#,
         setup.nats.url
-    ))
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    ));
     assert_eq!(summary["firewall"], serde_json::json!([port]));
     let service = &summary["services"]["homelab-deploy-dashboard"];
     assert_eq!(
@@ -760,7 +755,7 @@ fn dashboard_module_runs_a_hardened_page_server() {
 #[test]
 fn builder_module_provisions_the_streams_with_the_admin_seed() {
     let secured = crate::permissions::SecuredNats::start();
-    let summary = evaluate(&format!(
+    let summary = rendered(&format!(
         r#"{{
           services.homelab-deploy.builder = {{
             enable = true;
@@ -770,9 +765,7 @@ fn builder_module_provisions_the_streams_with_the_admin_seed() {
           }};
         }}"#,
         secured.nats.url
-    ))
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert_eq!(summary["failedAssertions"], serde_json::json!([]));
+    ));
     let service = &summary["services"]["homelab-deploy-builder-provision"];
     assert_eq!(
         service["wantedBy"],
@@ -789,26 +782,11 @@ fn builder_module_provisions_the_streams_with_the_admin_seed() {
         serde_json::json!(["admin-nkey:/run/secrets/admin.nk"])
     );
     let exec = unit["ExecStart"].as_str().expect("ExecStart");
-    let seed = secured.admin_seed.display().to_string();
-    let args: Vec<String> = exec
-        .split_whitespace()
-        .skip(1)
-        .map(|a| a.trim_matches('\'').replace("%d/admin-nkey", &seed))
-        .collect();
+    let args = provision_args(exec, "%d/admin-nkey", &secured.admin_seed);
     assert_eq!(args[..2], ["builder", "provision"], "{exec}");
-    let output = Command::new(bin())
-        .args(&args)
-        .env_remove("HOMELAB_DEPLOY_NATS_URL")
-        .output()
-        .expect("provision");
-    assert_eq!(output.status.code(), Some(0), "{}\n{exec}", text(&output).1);
-    assert!(
-        text(&output).0.contains("BUILD_REQUESTS: created"),
-        "{}",
-        text(&output).0
-    );
+    assert_provisions(&args, exec);
 
-    let without = evaluate(
+    assert_refused(
         r#"{
           services.homelab-deploy.builder = {
             enable = true;
@@ -816,13 +794,6 @@ fn builder_module_provisions_the_streams_with_the_admin_seed() {
             provision.enable = true;
           };
         }"#,
-    )
-    .unwrap_or_else(|err| panic!("{err}"));
-    assert!(
-        without["failedAssertions"]
-            .to_string()
-            .contains("provision.adminNkeySeedFile"),
-        "{}",
-        without["failedAssertions"]
+        "provision.adminNkeySeedFile",
     );
 }

@@ -3,13 +3,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use test_support::{run_cli, unique, Builder, FixtureRepo, NatsServer};
+use test_support::{
+    assert_refused, connect_recording, example_config, nkey_generate, nkey_public, refused_within,
+    run_cli, unique, violations, Builder, FixtureRepo, NatsServer, ServerErrors,
+};
 
-use crate::{bin, text};
+use crate::{assert_ok, bin, spawn_to_failure, text};
 
 /// nats-server running the shipped `nats/prod.example.conf` with fresh keys for its five users.
 pub(crate) struct SecuredNats {
@@ -35,22 +37,24 @@ impl SecuredNats {
         let admin_seed = dir.join("admin.nk");
         let viewer_seed = dir.join("viewer.nk");
         let servers_seed = dir.join("servers.nk");
-        let template = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/prod.example.conf"),
-        )
-        .expect("nats/prod.example.conf");
-        let builder_public = generate(&builder_seed);
-        // The harness gives the store dir and port on the command line.
-        let config = template
-            .replace("store_dir: \"/var/lib/nats/jetstream\"", "")
+        let builder_public = nkey_generate(bin(), &builder_seed);
+        let config = example_config("prod.example.conf")
             .replace("BUILDER_PUBLIC_KEY", &builder_public)
-            .replace("TEST_DEPLOYER_PUBLIC_KEY", &generate(&deployer_seed))
-            .replace("ADMIN_DEPLOYER_PUBLIC_KEY", &generate(&admin_seed))
-            .replace("VIEWER_PUBLIC_KEY", &generate(&viewer_seed))
-            .replace("SERVERS_DEPLOYER_PUBLIC_KEY", &generate(&servers_seed));
+            .replace(
+                "TEST_DEPLOYER_PUBLIC_KEY",
+                &nkey_generate(bin(), &deployer_seed),
+            )
+            .replace(
+                "ADMIN_DEPLOYER_PUBLIC_KEY",
+                &nkey_generate(bin(), &admin_seed),
+            )
+            .replace("VIEWER_PUBLIC_KEY", &nkey_generate(bin(), &viewer_seed))
+            .replace(
+                "SERVERS_DEPLOYER_PUBLIC_KEY",
+                &nkey_generate(bin(), &servers_seed),
+            );
         let config_path = dir.join("nats.conf");
-        std::fs::write(&config_path, config).expect("write nats config");
-        let nats = NatsServer::start_with(&["-c", &config_path.display().to_string()]);
+        let nats = NatsServer::start_config(&config, &config_path);
         Self {
             nats,
             dir,
@@ -84,7 +88,7 @@ impl SecuredNats {
     /// Makes `seed_file` the builder's only key: rewrites the server config and reloads it
     /// (SIGHUP), which closes connections made with the old key.
     pub fn rotate_builder_key(&mut self, seed_file: &Path) -> String {
-        let new_public = public_key(seed_file);
+        let new_public = nkey_public(bin(), seed_file);
         let config = std::fs::read_to_string(&self.config_path).expect("nats config");
         std::fs::write(
             &self.config_path,
@@ -160,28 +164,6 @@ struct SecuredFleet {
     builder: Option<Builder>,
 }
 
-/// `homelab-deploy nkey generate --out FILE`: the public key it prints.
-pub(crate) fn generate(path: &Path) -> String {
-    let output = Command::new(bin())
-        .args(["nkey", "generate", "--out"])
-        .arg(path)
-        .output()
-        .expect("nkey generate");
-    assert!(output.status.success(), "{}", text(&output).1);
-    text(&output).0.trim().to_owned()
-}
-
-/// `homelab-deploy nkey public --seed-file FILE`.
-pub(crate) fn public_key(seed: &Path) -> String {
-    let output = Command::new(bin())
-        .args(["nkey", "public", "--seed-file"])
-        .arg(seed)
-        .output()
-        .expect("nkey public");
-    assert!(output.status.success(), "{}", text(&output).1);
-    text(&output).0.trim().to_owned()
-}
-
 impl SecuredFleet {
     fn start() -> Self {
         Self::start_with("")
@@ -214,7 +196,7 @@ impl SecuredFleet {
 
     /// A connection as the user of `seed` with its inbox prefix, recording the server's errors
     /// (permission violations).
-    async fn connect(&self, seed: &Path) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
+    async fn connect(&self, seed: &Path) -> (async_nats::Client, ServerErrors) {
         let prefix = self.secured.inbox_prefix(seed);
         connect_as(&self.secured.nats.url, seed, prefix).await
     }
@@ -230,25 +212,13 @@ pub(crate) async fn connect_as(
     url: &str,
     seed: &Path,
     prefix: &str,
-) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
+) -> (async_nats::Client, ServerErrors) {
     let seed = homelab_deploy_credentials::read_seed_file(seed).expect("seed");
-    let errors = Arc::new(Mutex::new(Vec::new()));
-    let recorded = errors.clone();
-    let client = async_nats::ConnectOptions::with_nkey_seed_for_tests(seed)
-        .custom_inbox_prefix(prefix)
-        .event_callback(move |event| {
-            let recorded = recorded.clone();
-            async move {
-                recorded
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(event.to_string());
-            }
-        })
-        .connect(url)
+    let options =
+        async_nats::ConnectOptions::with_nkey_seed_for_tests(seed).custom_inbox_prefix(prefix);
+    connect_recording(options, url)
         .await
-        .expect("connect with nkey");
-    (client, errors)
+        .expect("connect with nkey")
 }
 
 /// Helper so tests authenticate the way the product does (sign the nonce with the seed).
@@ -278,10 +248,6 @@ impl NkeyOptions for async_nats::ConnectOptions {
             }
         })
     }
-}
-
-pub(crate) fn violations(errors: &Arc<Mutex<Vec<String>>>) -> String {
-    errors.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
 }
 
 async fn pending(client: &async_nats::Client) -> u64 {
@@ -462,7 +428,7 @@ fn wrong_seed_files_are_named() {
     let dir = std::env::temp_dir().join(unique("seeds"));
     std::fs::create_dir_all(&dir).expect("dir");
     let seed = dir.join("user.nk");
-    let public = generate(&seed);
+    let public = nkey_generate(bin(), &seed);
     let wrong = dir.join("public.nk");
     std::fs::write(&wrong, &public).expect("write");
     let output = run_cli(
@@ -496,7 +462,7 @@ fn wrong_seed_files_are_named() {
 async fn a_rotated_seed_file_is_used_at_the_next_reconnect() {
     let mut fleet = SecuredFleet::start();
     let rotated = fleet.secured.dir.join("rotated.nk");
-    generate(&rotated);
+    nkey_generate(bin(), &rotated);
     std::fs::copy(&rotated, &fleet.secured.builder_seed).expect("rotate the seed file");
     fleet.secured.rotate_builder_key(&rotated);
     let builder = fleet.builder.as_ref().expect("builder");
@@ -509,13 +475,7 @@ async fn a_rotated_seed_file_is_used_at_the_next_reconnect() {
         builder.log()
     );
     let output = fleet.cli(&fleet.secured.deployer_seed, &["build", "demo", "web"]);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}\nbuilder:\n{}",
-        text(&output).1,
-        builder.log()
-    );
+    assert_ok(&output, builder);
 }
 
 /// As `client` (whose permission violations `errors` collects), updates `BUILD_REQUESTS` with
@@ -524,7 +484,7 @@ async fn a_rotated_seed_file_is_used_at_the_next_reconnect() {
 /// names the key in the failure messages.
 pub(crate) async fn a_transform_update_is_refused(
     client: &async_nats::Client,
-    errors: &Arc<Mutex<Vec<String>>>,
+    errors: &ServerErrors,
     repo: &str,
     who: &str,
 ) {
@@ -551,28 +511,13 @@ pub(crate) async fn a_transform_update_is_refused(
         !matches!(answer, Ok(Ok(_))),
         "the server answered {who}'s stream update"
     );
-    assert!(
-        refused_within(errors, "$JS.API.STREAM.UPDATE.BUILD_REQUESTS"),
-        "{}",
-        violations(errors)
-    );
+    assert_refused(errors, "$JS.API.STREAM.UPDATE.BUILD_REQUESTS");
     let after = stream.info().await.expect("info").config.clone();
     assert_eq!(after.subjects, before.subjects, "the subjects changed");
     assert!(
         serde_json::to_value(&after).expect("JSON")["subject_transform"].is_null(),
         "a transform was set"
     );
-}
-
-/// Waits (10 s at most) until the server reported a permissions violation naming `needle`.
-pub(crate) fn refused_within(errors: &Arc<Mutex<Vec<String>>>, needle: &str) -> bool {
-    test_support::wait_until(Duration::from_secs(10), || {
-        errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|e| e.contains("Permissions Violation") && e.contains(needle))
-    })
 }
 
 /// Replies are private: a user may subscribe only to its own inbox prefix, not to another
@@ -593,21 +538,9 @@ async fn replies_go_only_to_the_asker() {
         .subscribe("_INBOX_test_deployer.>")
         .await
         .expect("sent");
-    assert!(
-        refused_within(&deployer_errors, "\"_INBOX.>\""),
-        "{}",
-        violations(&deployer_errors)
-    );
-    assert!(
-        refused_within(&deployer_errors, "\"_INBOX_admin.>\""),
-        "{}",
-        violations(&deployer_errors)
-    );
-    assert!(
-        refused_within(&viewer_errors, "\"_INBOX_test_deployer.>\""),
-        "{}",
-        violations(&viewer_errors)
-    );
+    assert_refused(&deployer_errors, "\"_INBOX.>\"");
+    assert_refused(&deployer_errors, "\"_INBOX_admin.>\"");
+    assert_refused(&viewer_errors, "\"_INBOX_test_deployer.>\"");
 
     // The builder answers each asker (control API), on the asker's own prefix.
     for (who, client) in [("deployer", &deployer), ("admin", &admin)] {
@@ -644,11 +577,7 @@ async fn replies_go_only_to_the_asker() {
         .await
         .expect("sent");
     builder.flush().await.expect("flush");
-    assert!(
-        refused_within(&builder_errors, "_INBOX_admin.forged"),
-        "{}",
-        violations(&builder_errors)
-    );
+    assert_refused(&builder_errors, "_INBOX_admin.forged");
 
     // Every role's JetStream replies arrive on its own prefix (the CLI with --inbox-prefix).
     for seed in [
@@ -722,11 +651,7 @@ async fn only_the_admin_drains_or_cancels_on_a_builder() {
         .await
         .expect("sent");
     deployer.flush().await.expect("flush");
-    assert!(
-        refused_within(&deployer_errors, &cancel),
-        "{}",
-        violations(&deployer_errors)
-    );
+    assert_refused(&deployer_errors, &cancel);
     // What a deployer keeps: the diff call (answered, here with an error: nothing was built)
     // and the shared API (here `builders`).
     let answer = ask(&deployer, &diff, r#"{"repo":"demo","host":"web"}"#).await;
@@ -826,7 +751,7 @@ async fn deployers_create_only_ephemeral_bounded_consumers() {
             "$JS.API.CONSUMER.CREATE.BUILD_EVENTS.named{}",
             (batch + 1) * 25 - 1
         );
-        assert!(refused_within(&errors, &last), "{}", violations(&errors));
+        assert_refused(&errors, &last);
     }
     let refusals = violations(&errors)
         .matches("Permissions Violation for Publish to \"$JS.API.CONSUMER")
@@ -920,13 +845,7 @@ async fn a_builder_needs_the_streams_provisioned() {
         ),
         1,
     );
-    let mut early = Builder::spawn_config(bin(), &name, &config);
-    let status = early.wait_exit(Duration::from_secs(60));
-    assert!(
-        status.is_some_and(|status| !status.success()),
-        "{}",
-        early.log()
-    );
+    let early = spawn_to_failure(&name, &config);
     assert!(
         early.log().contains("stream BUILD_EVENTS is missing")
             && early
@@ -958,13 +877,7 @@ async fn a_builder_needs_the_streams_provisioned() {
     );
     let builder = Builder::start_config(bin(), &name, &config);
     let output = secured.cli(&secured.deployer_seed, &["build", "demo", "web"]);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}\n{}",
-        text(&output).1,
-        builder.log()
-    );
+    assert_ok(&output, &builder);
 
     // A repo added to the config without provisioning again: named, with the fix.
     let added = config.clone()
@@ -973,13 +886,7 @@ async fn a_builder_needs_the_streams_provisioned() {
             repo.url()
         );
     let other = unique("builder");
-    let mut late = Builder::spawn_config(bin(), &other, &added.replace(&name, &other));
-    let status = late.wait_exit(Duration::from_secs(60));
-    assert!(
-        status.is_some_and(|status| !status.success()),
-        "{}",
-        late.log()
-    );
+    let late = spawn_to_failure(&other, &added.replace(&name, &other));
     assert!(
         late.log()
             .contains("stream BUILD_REQUESTS does not take build.added.*"),

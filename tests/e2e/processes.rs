@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use test_support::{
-    process_alive, run_cli, stored_messages, wait_until, Builder, FixtureRepo, NatsServer,
+    process_alive, run_cli, stored_messages, wait_for_finished, wait_until, Builder, FixtureRepo,
+    NatsServer,
 };
 
-use crate::build::wait_for_finished;
 use crate::{bin, host, text, Setup};
 
 /// Processes whose command line mentions `pattern` (`pgrep -a -f`); empty when none.

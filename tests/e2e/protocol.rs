@@ -10,7 +10,7 @@ use test_support::{run_cli, stored_messages, wait_until, Builder, FixtureRepo, N
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::{bin, text, Setup};
+use crate::{bin, commit_hanging_branch, text, Setup};
 
 /// Runs `homelab-deploy ARGS` and parses its stdout as one JSON object.
 fn cli_json(nats_url: &str, args: &[&str]) -> (i32, Value) {
@@ -477,26 +477,7 @@ async fn a_cancel_says_retry_only_when_the_holder_vanished() {
     let nats = NatsServer::start();
     let repo = FixtureRepo::new("fleet");
     // On a branch of its own: listing its hosts imports a derivation that never finishes.
-    repo.git(&["checkout", "-q", "-b", "hang"]);
-    repo.commit_file(
-        "flake.nix",
-        r#"# /bin/sleep resolves only because Nix's sandbox is off on the test machines.
-{
-  outputs = { self }:
-    let
-      nonce = import ./nonce.nix;
-      hang = derivation {
-        name = "hang";
-        inherit nonce;
-        system = "x86_64-linux";
-        builder = "/bin/sh";
-        args = [ "-c" "echo ${nonce}; /bin/sleep 600; echo '{}' > $out" ];
-      };
-    in { nixosConfigurations = import hang; };
-}
-"#,
-    );
-    repo.git(&["checkout", "-q", "main"]);
+    commit_hanging_branch(&repo);
     let repos = [("demo", repo.url())];
     let mut holder = Builder::start(bin(), &nats.url, &repos);
     let output = run_cli(

@@ -1,94 +1,36 @@
 //! The queue and the fleet: several builders, a killed builder, cancel, replace, status, watch,
 //! logs, builds, builders, drain, a full queue and host timeouts.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use test_support::{run_cli, stored_messages, wait_until, Builder, FixtureRepo, NatsServer};
+use test_support::{run_cli, wait_until, Builder, FixtureRepo, Fleet};
 
-use crate::build::wait_for_finished;
-use crate::{bin, seqs_are_contiguous, text};
+use crate::{bin, kill_one_of_two, seqs_are_contiguous, text};
 
-/// A nats-server, the `queue` fixture served as `demo`, and builders added on demand.
-struct Fleet {
-    nats: NatsServer,
-    repo: FixtureRepo,
-}
-
-impl Fleet {
-    fn new() -> Self {
-        Self {
-            nats: NatsServer::start(),
-            repo: FixtureRepo::new("queue"),
-        }
-    }
-
-    /// A builder with extra config lines (`[builder]` keys, then any further tables).
-    fn builder(&self, extra: &str) -> Builder {
-        Builder::start_with(bin(), &self.nats.url, &[("demo", self.repo.url())], extra)
-    }
-
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        run_cli(bin(), &self.nats.url, args, Duration::from_secs(120))
-    }
-
-    /// `build demo TARGET --no-wait ARGS`: the request id.
-    fn submit(&self, target: &str, extra: &[&str]) -> String {
-        let mut args = vec!["build", "demo", target, "--no-wait"];
-        args.extend_from_slice(extra);
-        let output = self.cli(&args);
-        let (stdout, stderr) = text(&output);
-        assert_eq!(output.status.code(), Some(0), "{stderr}");
-        stdout.trim().to_owned()
-    }
-
-    async fn events(&self, id: &str) -> Vec<Value> {
-        let client = self.nats.client().await;
-        stored_messages(&client, &format!("build.responses.demo.*.{id}.events")).await
-    }
-
-    async fn finished(&self, id: &str) -> Vec<Value> {
-        let client = self.nats.client().await;
-        wait_for_finished(&client, &format!("build.responses.demo.*.{id}.events")).await
-    }
-
-    async fn wait_started(&self, id: &str) -> Value {
-        for _ in 0..600 {
-            if let Some(started) = self
-                .events(id)
-                .await
-                .into_iter()
-                .find(|e| e["type"] == "host_started")
-            {
-                return started;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("request {id} never started a host");
-    }
-
-    /// Commits a new salt so every host builds anew; returns the commit.
-    fn new_salt(&self) -> String {
-        self.repo.commit_file("salt", &test_support::unique("salt"))
-    }
-
-    /// Processes of this fixture's builds still alive.
-    fn build_processes(&self) -> String {
-        self.repo.build_processes()
-    }
+/// The `finished` event ending `events`: the request was cancelled by someone whose name
+/// contains `by` (the CLI's user@host, or the id of the `replace` request that superseded it).
+fn assert_cancelled_by<'a>(events: &'a [Value], by: &str) -> &'a Value {
+    let finished = events.last().expect("finished");
+    assert_eq!(finished["status"], "cancelled", "{finished:#}");
+    assert!(
+        finished["cancelled_by"]
+            .as_str()
+            .is_some_and(|cancelled_by| cancelled_by.contains(by)),
+        "{finished:#}"
+    );
+    finished
 }
 
 /// Two builders share one queue: six requests, both builders take work, all succeed.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_builders_share_the_queue() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "queue");
     let first = fleet.builder("");
     let second = fleet.builder("");
     let mut ids = Vec::new();
     for _ in 0..6 {
-        let rev = fleet.new_salt();
-        ids.push(fleet.submit("short", &["--rev", &rev]));
+        ids.push(fleet.submit_new("short"));
     }
     let mut builders = std::collections::BTreeSet::new();
     for id in &ids {
@@ -110,25 +52,17 @@ async fn two_builders_share_the_queue() {
 /// its events go on with the next seq under a new `started` (attempt 2), and it succeeds.
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_builder_request_completes_on_another() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "queue");
     let ack_wait = "\n[streams]\nrequest_ack_wait_secs = 3";
     let mut builders = vec![fleet.builder(ack_wait), fleet.builder(ack_wait)];
-    let rev = fleet.new_salt();
+    let rev = fleet.repo.new_salt();
     let id = fleet.submit("medium", &["--rev", &rev]);
-    fleet.wait_started(&id).await;
+    fleet.wait_event(&id, "host_started").await;
     let victim = fleet.events(&id).await[0]["builder"]
         .as_str()
         .expect("builder")
         .to_owned();
-    let index = builders
-        .iter()
-        .position(|b| b.name == victim)
-        .expect("victim is ours");
-    Command::new("kill")
-        .args(["-KILL", &builders[index].pid().to_string()])
-        .status()
-        .expect("kill");
-    let survivor = builders.remove(1 - index);
+    let survivor = kill_one_of_two(&mut builders, &victim);
 
     let events = fleet.finished(&id).await;
     seqs_are_contiguous(&events);
@@ -146,10 +80,10 @@ async fn killed_builder_request_completes_on_another() {
 /// process survives), ends `cancelled` with the reason and who asked, and the next request starts.
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_queued_and_running_requests() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "queue");
     let _builder = fleet.builder("");
     let running = fleet.submit("long", &[]);
-    fleet.wait_started(&running).await;
+    fleet.wait_event(&running, "host_started").await;
     let queued = fleet.submit("short", &[]);
 
     let output = fleet.cli(&["status", &queued, "--json"]);
@@ -173,6 +107,7 @@ async fn cancel_queued_and_running_requests() {
     // `host_started` comes before nix has forked the builder: wait for it.
     assert!(
         wait_until(Duration::from_secs(20), || !fleet
+            .repo
             .build_processes()
             .is_empty()),
         "the long build should be running"
@@ -187,25 +122,14 @@ async fn cancel_queued_and_running_requests() {
         cancelled_at.elapsed()
     );
     seqs_are_contiguous(&events);
-    let finished = events.last().expect("finished");
-    assert_eq!(finished["status"], "cancelled", "{finished:#}");
-    assert!(
-        finished["cancelled_by"]
-            .as_str()
-            .is_some_and(|by| by.contains('@')),
-        "{finished:#}"
-    );
+    let finished = assert_cancelled_by(&events, "@");
     assert!(finished["error"]
         .as_str()
         .is_some_and(|e| e.contains("wrong branch")));
     assert_eq!(finished["hosts"][0]["status"], "cancelled");
-    let gone = wait_until(Duration::from_secs(10), || {
-        fleet.build_processes().is_empty()
-    });
-    assert!(
-        gone,
-        "build processes survived the cancel:\n{}",
-        fleet.build_processes()
+    fleet.repo.assert_builds_gone(
+        Duration::from_secs(10),
+        "build processes survived the cancel",
     );
 
     let output = fleet.cli(&["status", &running]);
@@ -221,21 +145,13 @@ async fn cancel_queued_and_running_requests() {
 /// not hide it.
 #[tokio::test(flavor = "multi_thread")]
 async fn replace_cancels_older_requests_and_the_newest_wins() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "queue");
     let _builder = fleet.builder("");
     let first = fleet.submit("long", &[]);
-    fleet.wait_started(&first).await;
+    fleet.wait_event(&first, "host_started").await;
     let second = fleet.submit("long", &["--mode", "replace"]);
-    let events = fleet.finished(&first).await;
-    let finished = events.last().expect("finished");
-    assert_eq!(finished["status"], "cancelled", "{finished:#}");
-    assert!(
-        finished["cancelled_by"]
-            .as_str()
-            .is_some_and(|by| by.contains(&second)),
-        "{finished:#}"
-    );
-    fleet.wait_started(&second).await;
+    assert_cancelled_by(&fleet.finished(&first).await, &second);
+    fleet.wait_event(&second, "host_started").await;
 
     let third = fleet.submit("long", &["--mode", "replace"]);
     let fourth = fleet.submit("long", &["--mode", "replace"]);
@@ -251,21 +167,13 @@ async fn replace_cancels_older_requests_and_the_newest_wins() {
         third_events.iter().all(|e| e["type"] != "started"),
         "a superseded replace request was built: {third_events:#?}"
     );
-    fleet.wait_started(&fourth).await;
+    fleet.wait_event(&fourth, "host_started").await;
 
     // An `enqueue` request queued on top of a `replace` one does not hide it.
     let fifth = fleet.submit("long", &["--mode", "replace"]);
     let sixth = fleet.submit("long", &[]);
-    let events = fleet.finished(&fourth).await;
-    let finished = events.last().expect("finished");
-    assert_eq!(finished["status"], "cancelled", "{finished:#}");
-    assert!(
-        finished["cancelled_by"]
-            .as_str()
-            .is_some_and(|by| by.contains(&fifth)),
-        "{finished:#}"
-    );
-    fleet.wait_started(&fifth).await;
+    assert_cancelled_by(&fleet.finished(&fourth).await, &fifth);
+    fleet.wait_event(&fifth, "host_started").await;
     for id in [&sixth, &fifth] {
         let output = fleet.cli(&["cancel", id]);
         assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
@@ -277,11 +185,10 @@ async fn replace_cancels_older_requests_and_the_newest_wins() {
 /// prints from a line offset and follows a running build to its end.
 #[tokio::test(flavor = "multi_thread")]
 async fn watch_and_logs_replay_and_follow() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "queue");
     let _builder = fleet.builder("");
-    let rev = fleet.new_salt();
-    let id = fleet.submit("medium", &["--rev", &rev]);
-    fleet.wait_started(&id).await;
+    let id = fleet.submit_new("medium");
+    fleet.wait_event(&id, "host_started").await;
 
     // Both start while the build runs (it takes 5 s) and follow it to its end.
     let url = fleet.nats.url.clone();
@@ -362,7 +269,7 @@ async fn watch_and_logs_replay_and_follow() {
 /// the builder exit 0 and leave the registry.
 #[tokio::test(flavor = "multi_thread")]
 async fn builders_builds_and_drain() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "queue");
     let mut builder = fleet.builder("");
     let output = fleet.cli(&["builders", "--json"]);
     let list: Value = serde_json::from_slice(&output.stdout).expect("builders json");
@@ -406,10 +313,10 @@ async fn builders_builds_and_drain() {
 /// A full queue is refused at once with `queue_full` and exit 3, never dropped silently.
 #[tokio::test(flavor = "multi_thread")]
 async fn full_queue_is_refused_with_queue_full() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "queue");
     let _builder = fleet.builder("\n[streams]\nmax_pending_requests_per_target = 2");
     let running = fleet.submit("long", &[]);
-    fleet.wait_started(&running).await;
+    fleet.wait_event(&running, "host_started").await;
     fleet.submit("short", &[]);
     fleet.submit("short", &[]);
     let output = fleet.cli(&["build", "demo", "short", "--no-wait"]);
@@ -424,19 +331,15 @@ async fn full_queue_is_refused_with_queue_full() {
 /// are capped by the builder's maximum.
 #[tokio::test(flavor = "multi_thread")]
 async fn host_and_request_timeouts() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "queue");
     let _builder = fleet.builder("\nhost_timeout_secs = 2\nmax_timeout_secs = 600");
     let output = fleet.cli(&["build", "demo", "long", "--json"]);
     assert_eq!(output.status.code(), Some(1));
     let finished: Value = serde_json::from_slice(&output.stdout).expect("json");
     assert_eq!(finished["hosts"][0]["status"], "timed_out", "{finished:#}");
-    let gone = wait_until(Duration::from_secs(10), || {
-        fleet.build_processes().is_empty()
-    });
-    assert!(
-        gone,
-        "build processes survived the timeout:\n{}",
-        fleet.build_processes()
+    fleet.repo.assert_builds_gone(
+        Duration::from_secs(10),
+        "build processes survived the timeout",
     );
 
     // Hosts build in name order: long, medium, short. The request limit stops `long` after 3 s
@@ -487,11 +390,10 @@ async fn host_and_request_timeouts() {
 /// numbering continued).
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_returns_the_request_to_the_queue_at_once() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "queue");
     let mut first = fleet.builder("");
-    let rev = fleet.new_salt();
-    let id = fleet.submit("medium", &["--rev", &rev]);
-    fleet.wait_started(&id).await;
+    let id = fleet.submit_new("medium");
+    fleet.wait_event(&id, "host_started").await;
     // Someone watching it sees the hand-back and then the end on the next builder.
     let url = fleet.nats.url.clone();
     let watch_id = id.clone();
@@ -514,14 +416,9 @@ async fn sigterm_returns_the_request_to_the_queue_at_once() {
     let output = fleet.cli(&["status", &id, "--json"]);
     let state: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
     assert_eq!(state["phase"], "queued", "{state:#}");
-    let gone = wait_until(Duration::from_secs(10), || {
-        fleet.build_processes().is_empty()
-    });
-    assert!(
-        gone,
-        "build processes survived:\n{}",
-        fleet.build_processes()
-    );
+    fleet
+        .repo
+        .assert_builds_gone(Duration::from_secs(10), "build processes survived");
 
     let second = fleet.builder("");
     let events = fleet.finished(&id).await;
@@ -619,18 +516,17 @@ async fn cluster_node_lost_mid_build() {
 /// wait for it: a flood of timer builds never starves a person's request.
 #[tokio::test(flavor = "multi_thread")]
 async fn interactive_requests_go_before_scheduled_ones() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "queue");
     let _builder = fleet.builder("");
     let blocker = fleet.submit("long", &[]);
-    fleet.wait_started(&blocker).await;
+    fleet.wait_event(&blocker, "host_started").await;
     let scheduled: Vec<String> = (0..3)
         .map(|_| {
-            let rev = fleet.new_salt();
+            let rev = fleet.repo.new_salt();
             fleet.submit("short", &["--rev", &rev, "--priority", "scheduled"])
         })
         .collect();
-    let rev = fleet.new_salt();
-    let person = fleet.submit("short", &["--rev", &rev]);
+    let person = fleet.submit_new("short");
     let output = fleet.cli(&["cancel", &blocker]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
 
@@ -668,7 +564,7 @@ async fn interactive_requests_go_before_scheduled_ones() {
 /// is answered under its own `stream-seq-<N>` id, and the owner's request builds as if alone.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reused_id_cannot_take_over_or_end_another_request() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new(bin(), "queue");
     let _first = fleet.builder("");
     let _second = fleet.builder("");
     let js = async_nats::jetstream::new(fleet.nats.client().await);
@@ -706,9 +602,8 @@ async fn a_reused_id_cannot_take_over_or_end_another_request() {
     };
 
     // Running on one builder while the other takes the copy.
-    let rev = fleet.new_salt();
-    let running = fleet.submit("medium", &["--rev", &rev]);
-    fleet.wait_started(&running).await;
+    let running = fleet.submit_new("medium");
+    fleet.wait_event(&running, "host_started").await;
     let copy = send_copy(running.clone()).await;
     refused_copy(copy).await;
     built_alone(fleet.finished(&running).await, copy);
@@ -716,9 +611,9 @@ async fn a_reused_id_cannot_take_over_or_end_another_request() {
     // Queued behind both builders at a lower priority than the copy, which goes first.
     let blockers = [fleet.submit("long", &[]), fleet.submit("long", &[])];
     for blocker in &blockers {
-        fleet.wait_started(blocker).await;
+        fleet.wait_event(blocker, "host_started").await;
     }
-    let rev = fleet.new_salt();
+    let rev = fleet.repo.new_salt();
     let queued = fleet.submit("short", &["--rev", &rev, "--priority", "scheduled"]);
     let copy = send_copy(queued.clone()).await;
     for blocker in &blockers {

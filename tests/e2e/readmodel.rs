@@ -3,88 +3,39 @@
 //! whole history. Checked through a request's life (queued with no builder, running, a builder
 //! killed mid-build, finished), and after the bucket is deleted (rebuilt from the events).
 
-use std::process::Command;
 use std::time::Duration;
 
 use homelab_deploy_builder::state::{Recorded, StateStore};
 use homelab_deploy_protocol::api::{RequestState, STATE_BUCKET};
 use serde_json::Value;
-use test_support::{run_cli, stored_messages, Builder, FixtureRepo, NatsServer};
+use test_support::{run_cli, Fleet};
 
-use crate::build::wait_for_finished;
-use crate::{bin, text};
+use crate::{bin, kill_one_of_two, text};
 
-struct Fleet {
-    nats: NatsServer,
-    repo: FixtureRepo,
+/// The read-model tests' fleet, on the `queue` fixture.
+fn fleet() -> Fleet {
+    Fleet::new(bin(), "queue")
 }
 
-impl Fleet {
-    fn new() -> Self {
-        Self {
-            nats: NatsServer::start(),
-            repo: FixtureRepo::new("queue"),
-        }
-    }
+/// Builder config lines: a request is redelivered 3 s after its builder stopped acknowledging.
+const ACK_WAIT: &str = "\n[streams]\nrequest_ack_wait_secs = 3";
 
-    fn builder(&self) -> Builder {
-        Builder::start_with(
-            bin(),
-            &self.nats.url,
-            &[("demo", self.repo.url())],
-            "\n[streams]\nrequest_ack_wait_secs = 3",
-        )
-    }
+/// `homelab-deploy ARGS --json`, parsed; it must succeed.
+fn json(fleet: &Fleet, args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let output = run_cli(bin(), &fleet.nats.url, &args, Duration::from_secs(60));
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|err| panic!("{err}: {stdout}"))
+}
 
-    /// `homelab-deploy ARGS --json`, parsed.
-    fn json(&self, args: &[&str]) -> Value {
-        let mut args = args.to_vec();
-        args.push("--json");
-        let output = run_cli(bin(), &self.nats.url, &args, Duration::from_secs(60));
-        let (stdout, stderr) = text(&output);
-        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|err| panic!("{err}: {stdout}"))
-    }
-
-    fn submit(&self, target: &str, rev: &str) -> String {
-        let output = run_cli(
-            bin(),
-            &self.nats.url,
-            &["build", "demo", target, "--no-wait", "--rev", rev],
-            Duration::from_secs(60),
-        );
-        let (stdout, stderr) = text(&output);
-        assert_eq!(output.status.code(), Some(0), "{stderr}");
-        stdout.trim().to_owned()
-    }
-
-    async fn events(&self, id: &str) -> Vec<Value> {
-        let client = self.nats.client().await;
-        stored_messages(&client, &format!("build.responses.demo.*.{id}.events")).await
-    }
-
-    /// The entry of request `id` in the state bucket, as a Python client would read it.
-    async fn stored(&self, id: &str) -> Option<RequestState> {
-        let js = async_nats::jetstream::new(self.nats.client().await);
-        let store = js.get_key_value(STATE_BUCKET).await.ok()?;
-        let bytes = store.get(id).await.expect("read the state bucket")?;
-        Some(serde_json::from_slice(&bytes).expect("a state entry is a RequestState"))
-    }
-
-    /// Polls until `condition` holds for the events of `id`; returns them.
-    async fn wait_events(&self, id: &str, condition: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        for _ in 0..1200 {
-            let events = self.events(id).await;
-            if condition(&events) {
-                return events;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "events of {id} never reached the awaited point: {:#?}",
-            self.events(id).await
-        );
-    }
+/// The entry of request `id` in the state bucket, as a Python client would read it.
+async fn state_entry(fleet: &Fleet, id: &str) -> Option<RequestState> {
+    let js = async_nats::jetstream::new(fleet.nats.client().await);
+    let store = js.get_key_value(STATE_BUCKET).await.ok()?;
+    let bytes = store.get(id).await.expect("read the state bucket")?;
+    Some(serde_json::from_slice(&bytes).expect("a state entry is a RequestState"))
 }
 
 fn ids(list: &Value) -> Vec<&str> {
@@ -101,66 +52,57 @@ fn ids(list: &Value) -> Vec<&str> {
 /// says what the events say, and the bucket entry carries the last event's `seq`.
 #[tokio::test(flavor = "multi_thread")]
 async fn state_follows_a_request_through_a_killed_builder() {
-    let fleet = Fleet::new();
+    let fleet = fleet();
     // A builder sets up the streams, then leaves: nothing runs while the request waits.
-    let mut first = fleet.builder();
+    let mut first = fleet.builder(ACK_WAIT);
     first
         .terminate(Duration::from_secs(30))
         .expect("builder stops");
-    let rev = fleet
-        .repo
-        .commit_file("salt", &test_support::unique("salt"));
-    let id = fleet.submit("medium", &rev);
+    let rev = fleet.repo.new_salt();
+    let id = fleet.submit("medium", &["--rev", &rev]);
 
-    let status = fleet.json(&["status", &id]);
+    let status = json(&fleet, &["status", &id]);
     assert_eq!(status["phase"], "queued", "{status:#}");
     assert_eq!(status["queue_position"], 1, "{status:#}");
-    let queued = fleet.json(&["builds", "--state", "queued"]);
+    let queued = json(&fleet, &["builds", "--state", "queued"]);
     assert_eq!(ids(&queued), vec![id.as_str()], "{queued:#}");
-    assert!(fleet.stored(&id).await.is_none(), "no builder saw it yet");
+    assert!(
+        state_entry(&fleet, &id).await.is_none(),
+        "no builder saw it yet"
+    );
 
-    let mut builders = vec![fleet.builder(), fleet.builder()];
+    let mut builders = vec![fleet.builder(ACK_WAIT), fleet.builder(ACK_WAIT)];
     let events = fleet
         .wait_events(&id, |events| {
             events.iter().any(|e| e["type"] == "host_started")
         })
         .await;
     let victim = events[0]["builder"].as_str().expect("builder").to_owned();
-    let status = fleet.json(&["status", &id]);
+    let status = json(&fleet, &["status", &id]);
     assert_eq!(status["phase"], "running", "{status:#}");
     assert_eq!(status["builder"], victim.as_str(), "{status:#}");
     assert_eq!(status["current_host"], "medium", "{status:#}");
-    let stored = fleet
-        .stored(&id)
+    let stored = state_entry(&fleet, &id)
         .await
         .expect("a running request has an entry");
     assert!(stored.last_seq >= 2, "{stored:?}");
 
-    let index = builders
-        .iter()
-        .position(|b| b.name == victim)
-        .expect("victim is ours");
-    Command::new("kill")
-        .args(["-KILL", &builders[index].pid().to_string()])
-        .status()
-        .expect("kill");
-    let survivor = builders.remove(1 - index);
+    let survivor = kill_one_of_two(&mut builders, &victim);
 
-    let client = fleet.nats.client().await;
-    let events = wait_for_finished(&client, &format!("build.responses.demo.*.{id}.events")).await;
-    let status = fleet.json(&["status", &id]);
+    let events = fleet.finished(&id).await;
+    let status = json(&fleet, &["status", &id]);
     assert_eq!(status["phase"], "succeeded", "{status:#}");
     assert_eq!(status["builder"], survivor.name.as_str(), "{status:#}");
     assert_eq!(status["last_seq"], events.len() as u64, "{status:#}");
     assert_eq!(status["hosts"]["built"], 1, "{status:#}");
-    let stored = fleet.stored(&id).await.expect("entry");
+    let stored = state_entry(&fleet, &id).await.expect("entry");
     assert_eq!(stored.last_seq, events.len() as u64, "{stored:?}");
     assert_eq!(stored.phase.as_str(), "succeeded");
 
-    let recent = fleet.json(&["builds"]);
+    let recent = json(&fleet, &["builds"]);
     assert_eq!(ids(&recent), vec![id.as_str()], "{recent:#}");
     assert_eq!(recent["builds"][0]["phase"], "succeeded", "{recent:#}");
-    let queued = fleet.json(&["builds", "--state", "queued"]);
+    let queued = json(&fleet, &["builds", "--state", "queued"]);
     assert!(ids(&queued).is_empty(), "{queued:#}");
 }
 
@@ -169,17 +111,16 @@ async fn state_follows_a_request_through_a_killed_builder() {
 /// that lost its request, or a rebuild racing a live writer) is never written over it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_state_bucket_is_rebuilt_from_the_events() {
-    let fleet = Fleet::new();
-    let mut builder = fleet.builder();
-    let rev = fleet
-        .repo
-        .commit_file("salt", &test_support::unique("salt"));
-    let ids_built: Vec<String> = (0..2).map(|_| fleet.submit("short", &rev)).collect();
+    let fleet = fleet();
+    let mut builder = fleet.builder(ACK_WAIT);
+    let rev = fleet.repo.new_salt();
+    let ids_built: Vec<String> = (0..2)
+        .map(|_| fleet.submit("short", &["--rev", &rev]))
+        .collect();
     let client = fleet.nats.client().await;
     let mut last_seqs = Vec::new();
     for id in &ids_built {
-        let events =
-            wait_for_finished(&client, &format!("build.responses.demo.*.{id}.events")).await;
+        let events = fleet.finished(id).await;
         last_seqs.push(events.len() as u64);
     }
     builder
@@ -190,33 +131,33 @@ async fn a_deleted_state_bucket_is_rebuilt_from_the_events() {
     js.delete_key_value(STATE_BUCKET)
         .await
         .expect("delete the bucket");
-    let status = fleet.json(&["status", &ids_built[0]]);
+    let status = json(&fleet, &["status", &ids_built[0]]);
     assert_eq!(status["phase"], "succeeded", "{status:#}");
-    let recent = fleet.json(&["builds"]);
+    let recent = json(&fleet, &["builds"]);
     let mut listed = ids(&recent);
     listed.sort();
     let mut expected: Vec<&str> = ids_built.iter().map(String::as_str).collect();
     expected.sort();
     assert_eq!(listed, expected, "{recent:#}");
 
-    let _builder = fleet.builder();
+    let _builder = fleet.builder(ACK_WAIT);
     for (id, last_seq) in ids_built.iter().zip(&last_seqs) {
-        let stored = fleet.stored(id).await.expect("rebuilt entry");
+        let stored = state_entry(&fleet, id).await.expect("rebuilt entry");
         assert_eq!(stored.last_seq, *last_seq, "{stored:?}");
         assert_eq!(stored.phase.as_str(), "succeeded", "{stored:?}");
     }
-    let recent = fleet.json(&["builds"]);
+    let recent = json(&fleet, &["builds"]);
     let mut listed = ids(&recent);
     listed.sort();
     assert_eq!(listed, expected, "{recent:#}");
 
     let limits = homelab_deploy_builder::config::StreamsConfig::default();
     let store = StateStore::open(&js, &limits).await.expect("open");
-    let mut older = fleet.stored(&ids_built[0]).await.expect("entry");
+    let mut older = state_entry(&fleet, &ids_built[0]).await.expect("entry");
     older.last_seq -= 1;
     older.phase = homelab_deploy_protocol::api::RequestPhase::Running;
     assert_eq!(store.record(&older).await.expect("write"), Recorded::Stale);
-    let kept = fleet.stored(&ids_built[0]).await.expect("entry");
+    let kept = state_entry(&fleet, &ids_built[0]).await.expect("entry");
     assert_eq!(kept.phase.as_str(), "succeeded");
 }
 
@@ -284,64 +225,62 @@ async fn finish_request(
     }
 }
 
-impl Fleet {
-    /// Every page of `builds ARGS`, `limit` at a time, following `next_cursor`: the ids in
-    /// list order.
-    fn all_pages(&self, args: &[&str], limit: usize) -> Vec<String> {
-        let limit = limit.to_string();
-        let mut listed = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let mut call = vec!["builds", "--limit", limit.as_str()];
-            call.extend_from_slice(args);
-            if let Some(cursor) = &cursor {
-                call.extend(["--cursor", cursor.as_str()]);
-            }
-            let page = self.json(&call);
-            listed.extend(ids(&page).into_iter().map(str::to_owned));
-            match page["next_cursor"].as_str() {
-                Some(next) => cursor = Some(next.to_owned()),
-                None => return listed,
-            }
+/// Every page of `builds ARGS`, `limit` at a time, following `next_cursor`: the ids in
+/// list order.
+fn all_pages(fleet: &Fleet, args: &[&str], limit: usize) -> Vec<String> {
+    let limit = limit.to_string();
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut call = vec!["builds", "--limit", limit.as_str()];
+        call.extend_from_slice(args);
+        if let Some(cursor) = &cursor {
+            call.extend(["--cursor", cursor.as_str()]);
+        }
+        let page = json(fleet, &call);
+        listed.extend(ids(&page).into_iter().map(str::to_owned));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return listed,
         }
     }
+}
 
-    /// `builds` (first page of 25, then every page) and `builds --state failed` list exactly
-    /// `expected` (id, phase) newest `queued_at` first.
-    fn assert_listed(&self, expected: &[(String, &str)], when: &str) {
-        let all: Vec<String> = expected.iter().map(|(id, _)| id.clone()).collect();
-        let first = self.json(&["builds", "--limit", "25"]);
-        assert_eq!(
-            ids(&first),
-            all[..25].to_vec(),
-            "{when}: first page {first:#}"
-        );
-        assert_eq!(self.all_pages(&[], 40), all, "{when}: every page");
-        let failed: Vec<String> = expected
+/// `builds` (first page of 25, then every page) and `builds --state failed` list exactly
+/// `expected` (id, phase) newest `queued_at` first.
+fn assert_listed(fleet: &Fleet, expected: &[(String, &str)], when: &str) {
+    let all: Vec<String> = expected.iter().map(|(id, _)| id.clone()).collect();
+    let first = json(fleet, &["builds", "--limit", "25"]);
+    assert_eq!(
+        ids(&first),
+        all[..25].to_vec(),
+        "{when}: first page {first:#}"
+    );
+    assert_eq!(all_pages(fleet, &[], 40), all, "{when}: every page");
+    let failed: Vec<String> = expected
+        .iter()
+        .filter(|(_, phase)| *phase == "failed")
+        .map(|(id, _)| id.clone())
+        .collect();
+    let first = json(fleet, &["builds", "--state", "failed", "--limit", "10"]);
+    assert_eq!(
+        ids(&first),
+        failed[..10].to_vec(),
+        "{when}: failed {first:#}"
+    );
+    assert!(
+        first["builds"]
+            .as_array()
+            .expect("builds")
             .iter()
-            .filter(|(_, phase)| *phase == "failed")
-            .map(|(id, _)| id.clone())
-            .collect();
-        let first = self.json(&["builds", "--state", "failed", "--limit", "10"]);
-        assert_eq!(
-            ids(&first),
-            failed[..10].to_vec(),
-            "{when}: failed {first:#}"
-        );
-        assert!(
-            first["builds"]
-                .as_array()
-                .expect("builds")
-                .iter()
-                .all(|b| b["phase"] == "failed"),
-            "{when}: {first:#}"
-        );
-        assert_eq!(
-            self.all_pages(&["--state", "failed"], 7),
-            failed,
-            "{when}: every failed page"
-        );
-    }
+            .all(|b| b["phase"] == "failed"),
+        "{when}: {first:#}"
+    );
+    assert_eq!(
+        all_pages(fleet, &["--state", "failed"], 7),
+        failed,
+        "{when}: every failed page"
+    );
 }
 
 /// 300 requests queued 10 s apart, finishing in another order (each block of 50 backwards,
@@ -352,8 +291,8 @@ impl Fleet {
 /// finishing on top of the rebuilt index.
 #[tokio::test(flavor = "multi_thread")]
 async fn builds_list_newest_first_over_a_long_out_of_order_history() {
-    let fleet = Fleet::new();
-    let mut setup = fleet.builder();
+    let fleet = fleet();
+    let mut setup = fleet.builder(ACK_WAIT);
     setup
         .terminate(Duration::from_secs(30))
         .expect("builder stops");
@@ -384,7 +323,7 @@ async fn builds_list_newest_first_over_a_long_out_of_order_history() {
         finish_request(&js, &store, &id(i), &events).await;
     }
     let mut expected: Vec<(String, &str)> = (0..count).rev().map(|i| (id(i), phase(i))).collect();
-    fleet.assert_listed(&expected, "written live");
+    assert_listed(&fleet, &expected, "written live");
 
     js.delete_key_value(STATE_BUCKET)
         .await
@@ -392,7 +331,7 @@ async fn builds_list_newest_first_over_a_long_out_of_order_history() {
     let store = StateStore::open(&js, &limits)
         .await
         .expect("recreate and rebuild the bucket");
-    fleet.assert_listed(&expected, "rebuilt from the events");
+    assert_listed(&fleet, &expected, "rebuilt from the events");
 
     let now = time::OffsetDateTime::now_utc();
     for i in count..count + 3 {
@@ -400,5 +339,5 @@ async fn builds_list_newest_first_over_a_long_out_of_order_history() {
         finish_request(&js, &store, &id(i), &events).await;
         expected.insert(0, (id(i), phase(i)));
     }
-    fleet.assert_listed(&expected, "new requests over the rebuilt index");
+    assert_listed(&fleet, &expected, "new requests over the rebuilt index");
 }

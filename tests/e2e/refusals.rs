@@ -4,9 +4,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use serde_json::Value;
-use test_support::{free_port, run_cli, stored_messages};
+use test_support::{free_port, run_cli, stored_messages, wait_for_finished};
 
-use crate::build::wait_for_finished;
 use crate::{bin, text, Setup};
 
 /// Messages waiting in the requests stream.
@@ -30,6 +29,20 @@ async fn queue_drains(client: &async_nats::Client) -> u64 {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The builder of `setup` still builds (`build demo web` succeeds), still runs, and leaves the
+/// queue empty.
+async fn still_builds(setup: &mut Setup, client: &async_nats::Client) {
+    let output = setup.cli(&["build", "demo", "web"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(setup.builder.is_running());
+    assert_eq!(queue_drains(client).await, 0);
 }
 
 /// An unknown repo fails within seconds, names the repo, exits 3 and parks nothing in the queue.
@@ -143,15 +156,7 @@ async fn malformed_requests_are_answered_and_acked() {
     };
     assert!(refused, "a 64 KiB request was accepted");
 
-    let output = setup.cli(&["build", "demo", "web"]);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(setup.builder.is_running());
-    assert_eq!(queue_drains(&client).await, 0);
+    still_builds(&mut setup, &client).await;
     let log = setup.builder.log();
     assert!(
         log.contains("refused malformed request") && log.contains("web$evil"),
@@ -232,13 +237,5 @@ async fn builder_survives_a_flood_of_hostile_requests() {
         assert_eq!(events.len(), 1, "{events:#?}");
         assert_eq!(events[0]["status"], "failed");
     }
-    let output = setup.cli(&["build", "demo", "web"]);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(setup.builder.is_running());
-    assert_eq!(queue_drains(&client).await, 0);
+    still_builds(&mut setup, &client).await;
 }

@@ -42,7 +42,7 @@ async fn planted_secrets_never_leave() {
     let vault = VaultServer::start().await;
     vault.mount_kv("shared").await;
     let seed_file = dir.path().join("builder.nk");
-    crate::permissions::generate(&seed_file);
+    test_support::nkey_generate(bin(), &seed_file);
     let seed = std::fs::read_to_string(&seed_file)
         .expect("seed")
         .trim()

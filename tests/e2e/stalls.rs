@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use serde_json::Value;
 use test_support::{
-    run_cli, stored_messages, unique, wait_until, Builder, FixtureRepo, NatsServer,
+    run_cli, stored_messages, unique, wait_for_finished, wait_until, Builder, FixtureRepo,
+    NatsServer,
 };
 
-use crate::build::wait_for_finished;
-use crate::{bin, host, seqs_are_contiguous, text, Setup};
+use crate::{bin, commit_hanging_branch, host, seqs_are_contiguous, text, Setup};
 
 /// Ack wait 5 s (kept alive every second), duplicate window 2 s: pauses of 1 s (under both),
 /// 3 s (over the duplicate window, under the ack wait) and 10 s (over both).
@@ -460,26 +460,7 @@ async fn a_request_with_a_bad_id_is_answered_under_its_stream_sequence() {
 async fn a_hung_evaluation_is_cancelled_and_timed_out() {
     let setup = Setup::new("fleet");
     // On a branch of its own: the builder lists the hosts of `main` at start.
-    setup.repo.git(&["checkout", "-q", "-b", "hang"]);
-    setup.repo.commit_file(
-        "flake.nix",
-        r#"# Listing the hosts imports a derivation that never finishes building.
-# /bin/sleep resolves only because Nix's sandbox is off on the test machines.
-{
-  outputs = { self }:
-    let
-      nonce = import ./nonce.nix;
-      hang = derivation {
-        name = "hang";
-        inherit nonce;
-        system = "x86_64-linux";
-        builder = "/bin/sh";
-        args = [ "-c" "echo ${nonce}; /bin/sleep 600; echo '{}' > $out" ];
-      };
-    in { nixosConfigurations = import hang; };
-}
-"#,
-    );
+    commit_hanging_branch(&setup.repo);
     let client = setup.nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
     let publish = |id: String, body: String| {
@@ -523,10 +504,9 @@ async fn a_hung_evaluation_is_cancelled_and_timed_out() {
             .is_some_and(|e| e.contains("hung evaluation")),
         "{finished:#}"
     );
-    let killed = wait_until(Duration::from_secs(15), || {
-        setup.repo.build_processes().is_empty()
-    });
-    assert!(killed, "left running: {}", setup.repo.build_processes());
+    setup
+        .repo
+        .assert_builds_gone(Duration::from_secs(15), "left running");
 
     let id = unique("hungtimeout");
     publish(
@@ -542,10 +522,9 @@ async fn a_hung_evaluation_is_cancelled_and_timed_out() {
         error.contains("timed out after 3s while listing the flake's hosts"),
         "{error}"
     );
-    let killed = wait_until(Duration::from_secs(15), || {
-        setup.repo.build_processes().is_empty()
-    });
-    assert!(killed, "left running: {}", setup.repo.build_processes());
+    setup
+        .repo
+        .assert_builds_gone(Duration::from_secs(15), "left running");
 }
 
 fn tempfile_dir() -> std::path::PathBuf {

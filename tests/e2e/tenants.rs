@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value;
-use test_support::{run_cli, unique, Builder, FixtureRepo, NatsServer};
-
-use crate::permissions::{
-    a_transform_update_is_refused, connect_as, generate, refused_within, table_mismatches,
-    violations,
+use test_support::{
+    assert_refused, example_config, nkey_generate, run_cli, unique, Builder, FixtureRepo,
+    NatsServer, ServerErrors,
 };
-use crate::{bin, text};
+
+use crate::permissions::{a_transform_update_is_refused, connect_as, table_mismatches};
+use crate::{bin, spawn_to_failure, text};
 
 /// The users of each tenant account in `nats/multi-tenant.example.conf`, with the inbox prefix
 /// each may subscribe to (the same in every account).
@@ -110,6 +110,15 @@ impl Tenants {
         stdout.trim().to_owned()
     }
 
+    /// Waits (a minute at most) until `status ID` as the tenant of `seed` says it runs.
+    fn wait_running(&self, seed: &Path, id: &str) {
+        let running = test_support::wait_until(Duration::from_secs(60), || {
+            let output = self.cli(seed, &["status", id, "--json"]);
+            text(&output).0.contains("\"running\"")
+        });
+        assert!(running, "{id} never ran:\n{}", self.builder.log());
+    }
+
     /// `watch ID --json` as the tenant of `seed`: every event of the request, up to `finished`.
     fn events(&self, seed: &Path, id: &str) -> Vec<Value> {
         let output = self.cli(seed, &["watch", id, "--json"]);
@@ -127,13 +136,7 @@ impl Tenants {
 
     /// A raw NATS connection with the key of a tenant's user and its inbox prefix, recording
     /// the server's errors (permission violations).
-    async fn client(
-        &self,
-        seed: &Path,
-    ) -> (
-        async_nats::Client,
-        std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    ) {
+    async fn client(&self, seed: &Path) -> (async_nats::Client, ServerErrors) {
         connect_as(&self.nats.url, seed, inbox_prefix(seed)).await
     }
 }
@@ -142,15 +145,11 @@ impl Tenants {
 /// in `dir/USER.nk` (`ALPHA_BUILDER.nk`, `BETA_ADMIN.nk`, …).
 pub(crate) fn start_server(dir: &Path) -> NatsServer {
     std::fs::create_dir_all(dir).expect("dir");
-    let template = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/multi-tenant.example.conf"),
-    )
-    .expect("nats/multi-tenant.example.conf");
-    let mut config = template.replace("store_dir: \"/var/lib/nats/jetstream\"", "");
+    let mut config = example_config("multi-tenant.example.conf");
     for tenant in ["ALPHA", "BETA"] {
         for (role, _) in USERS {
             let user = format!("{tenant}_{role}");
-            let public = generate(&dir.join(format!("{user}.nk")));
+            let public = nkey_generate(bin(), &dir.join(format!("{user}.nk")));
             config = config.replace(&format!("{user}_PUBLIC_KEY"), &public);
         }
     }
@@ -158,9 +157,7 @@ pub(crate) fn start_server(dir: &Path) -> NatsServer {
         !config.contains("_PUBLIC_KEY, permissions"),
         "a user placeholder is left"
     );
-    let config_path = dir.join("nats.conf");
-    std::fs::write(&config_path, config).expect("write nats config");
-    NatsServer::start_with(&["-c", &config_path.display().to_string()])
+    NatsServer::start_config(&config, &dir.join("nats.conf"))
 }
 
 /// `homelab-deploy ARGS` against `url` with the key of a tenant's user and its inbox prefix.
@@ -399,11 +396,7 @@ async fn a_tenant_builder_key_cannot_change_streams_or_read_replies() {
     // The builder key listens on the deployer's inbox while the deployer asks the builder:
     // refused, and the answer reaches the deployer only.
     let mut spy = builder.subscribe("_INBOX_deployer.>").await.expect("sent");
-    assert!(
-        refused_within(&errors, "\"_INBOX_deployer.>\""),
-        "{}",
-        violations(&errors)
-    );
+    assert_refused(&errors, "\"_INBOX_deployer.>\"");
     let (deployer, _) = tenants.client(&tenants.alpha).await;
     let reply = tokio::time::timeout(
         Duration::from_secs(10),
@@ -437,13 +430,7 @@ async fn a_tenant_builder_key_cannot_change_streams_or_read_replies() {
             "\n[repos.alpha-more]\nurl = \"{}\"\nref = \"main\"\n",
             tenants.repos[0].url()
         );
-    let mut late = Builder::spawn_config(bin(), &other, &added);
-    let status = late.wait_exit(Duration::from_secs(60));
-    assert!(
-        status.is_some_and(|status| !status.success()),
-        "{}",
-        late.log()
-    );
+    let late = spawn_to_failure(&other, &added);
     assert!(
         late.log().contains(
             "stream BUILD_REQUESTS does not take build.alpha-more.* (a repo added since it was provisioned) in tenant alpha's account"
@@ -489,15 +476,7 @@ async fn a_flood_gets_its_own_queue_full_and_does_not_starve_the_other() {
     let tenants = Tenants::start("max_concurrent_requests = 1", "max_queued = 3", "");
     let (alpha, beta) = (&tenants.alpha, &tenants.beta);
     let long = tenants.submit(alpha, "alpha-app", "long");
-    let running = test_support::wait_until(Duration::from_secs(60), || {
-        let output = tenants.cli(alpha, &["status", &long, "--json"]);
-        text(&output).0.contains("\"running\"")
-    });
-    assert!(
-        running,
-        "alpha's long build never ran:\n{}",
-        tenants.builder.log()
-    );
+    tenants.wait_running(alpha, &long);
     // Alpha's queue holds three: the running request and two more.
     let first = tenants.submit(alpha, "alpha-app", "short");
     let second = tenants.submit(alpha, "alpha-app", "medium");
@@ -612,15 +591,7 @@ async fn priorities_share_the_slot_between_waiting_tenants() {
     let tenants = Tenants::start("max_concurrent_requests = 1", "priority = 3", "");
     let (alpha, beta) = (&tenants.alpha, &tenants.beta);
     let long = tenants.submit(alpha, "alpha-app", "long");
-    let running = test_support::wait_until(Duration::from_secs(60), || {
-        let output = tenants.cli(alpha, &["status", &long, "--json"]);
-        text(&output).0.contains("\"running\"")
-    });
-    assert!(
-        running,
-        "alpha's long build never ran:\n{}",
-        tenants.builder.log()
-    );
+    tenants.wait_running(alpha, &long);
     let mut waiting = Vec::new();
     for _ in 0..4 {
         waiting.push(("alpha", tenants.submit(alpha, "alpha-app", "short")));

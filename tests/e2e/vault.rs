@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use serde_json::json;
 use test_support::{
-    free_port, unique, wait_until, AppRoleFiles, Builder, FixtureRepo, VaultServer,
+    free_port, nkey_generate, unique, wait_until, AppRoleFiles, Builder, FixtureRepo, VaultServer,
 };
 
-use crate::permissions::{generate, SecuredNats};
-use crate::{bin, text};
+use crate::permissions::SecuredNats;
+use crate::{assert_ok, bin, text};
 
 const SECRET: &str = "shared/homelab-deploy/builder-nkey";
 const POLICY: &str = include_str!("../../vault/builder-policy.hcl");
@@ -134,16 +134,10 @@ async fn builder_takes_its_seed_from_vault_and_follows_a_rotation() {
     let builder = fleet.spawn_builder("", "");
     builder.wait_ready();
     let output = fleet.build();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}\nbuilder:\n{}",
-        text(&output).1,
-        builder.log()
-    );
+    assert_ok(&output, &builder);
 
     let rotated = fleet.secured.dir.join("rotated.nk");
-    generate(&rotated);
+    nkey_generate(bin(), &rotated);
     let rotated_seed = read(&rotated);
     fleet.secrets.push(rotated_seed.clone());
     fleet
@@ -159,13 +153,7 @@ async fn builder_takes_its_seed_from_vault_and_follows_a_rotation() {
     });
     assert!(refetched, "no refetch after rotation:\n{}", builder.log());
     let output = fleet.build();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "after rotation: {}\nbuilder:\n{}",
-        text(&output).1,
-        builder.log()
-    );
+    assert_ok(&output, &builder);
 
     fleet.assert_no_secret("the builder log", &builder.log());
     fleet.assert_no_secret("the build output", &text(&output).0);
@@ -188,7 +176,7 @@ async fn vault_refusals_are_named_and_waited_out() {
             json!({ "nkey_seed": read(&fleet.secured.deployer_seed) }),
         )
         .await;
-    let public_key = generate(&fleet.secured.dir.join("unused.nk"));
+    let public_key = nkey_generate(bin(), &fleet.secured.dir.join("unused.nk"));
     fleet
         .vault
         .write_secret(public, json!({ "nkey_seed": public_key }))
@@ -287,7 +275,7 @@ async fn vault_refusals_are_named_and_waited_out() {
 async fn a_wrong_seed_in_vault_is_reported_until_it_is_fixed() {
     let mut fleet = VaultFleet::start().await;
     let stranger = fleet.secured.dir.join("stranger.nk");
-    let stranger_public = generate(&stranger);
+    let stranger_public = nkey_generate(bin(), &stranger);
     fleet.secrets.push(read(&stranger));
     fleet
         .vault

@@ -98,6 +98,27 @@ fn direct_nix_build_measured(flake: &str, attr: &str) -> Result<(Duration, u64)>
     }
 }
 
+/// Commits a new `nonce.nix` (named after `label`), so every derivation of the fixture is new;
+/// returns the commit.
+fn new_nonce(repo: &FixtureRepo, label: &str) -> String {
+    repo.commit_file("nonce.nix", &format!("\"{}\"", test_support::unique(label)))
+}
+
+/// Runs `homelab-deploy ARGS` against `nats_url`; an error naming `what` when it exits non-zero.
+fn cli_ok(
+    bin: &Path,
+    nats_url: &str,
+    args: &[&str],
+    timeout: Duration,
+    what: &str,
+) -> Result<std::process::Output> {
+    let output = run_cli(bin, nats_url, args, timeout);
+    if output.status.code() != Some(0) {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(output)
+}
+
 /// CPU time (user + system) a process has used; zero when it is gone.
 fn cpu_time(pid: u32) -> Duration {
     let ticks = i32::try_from(pid)
@@ -119,10 +140,7 @@ pub fn eval_heavy(bin: &Path) -> Result<Report> {
     let builder = Builder::start(bin, &nats.url, &[("demo", repo.url())]);
     let hosts: Vec<String> = (1..=16).map(|i| format!("host-{i:02}")).collect();
 
-    let baseline_rev = repo.commit_file(
-        "nonce.nix",
-        &format!("\"{}\"", test_support::unique("baseline")),
-    );
+    let baseline_rev = new_nonce(&repo, "baseline");
     let flake = flake_at(&repo, &baseline_rev);
     let started = Instant::now();
     let mut baseline_peak = 0;
@@ -132,24 +150,16 @@ pub fn eval_heavy(bin: &Path) -> Result<Report> {
     }
     let baseline = started.elapsed();
 
-    let rev = repo.commit_file(
-        "nonce.nix",
-        &format!("\"{}\"", test_support::unique("measured")),
-    );
+    let rev = new_nonce(&repo, "measured");
     let started = Instant::now();
-    let output = run_cli(
+    cli_ok(
         bin,
         &nats.url,
         &["build", "demo", "all", "--rev", &rev, "--json"],
         Duration::from_secs(3600),
-    );
+        "homelab-deploy build",
+    )?;
     let measured = started.elapsed();
-    if output.status.code() != Some(0) {
-        bail!(
-            "homelab-deploy build failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
     let log = builder.log();
     let peak_line = log
         .lines()
@@ -185,19 +195,14 @@ pub fn dispatch_overhead(bin: &Path, runs: usize) -> Result<Report> {
     let flake = flake_at(&repo, &rev);
     let build = || {
         let started = Instant::now();
-        let output = run_cli(
+        cli_ok(
             bin,
             &nats.url,
             &["build", "demo", "host-01", "--rev", &rev, "--json"],
             Duration::from_secs(600),
-        );
-        if output.status.code() != Some(0) {
-            bail!(
-                "homelab-deploy build failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(started.elapsed())
+            "homelab-deploy build",
+        )?;
+        anyhow::Ok(started.elapsed())
     };
     build()?; // build it once: from now on it is cached
     direct_nix_build(&flake, &toplevel("host-01"))?;
@@ -300,28 +305,14 @@ pub async fn queue_throughput(bin: &Path, requests: usize) -> Result<Report> {
         Builder::start_with(bin, &nats.url, &repos, limits),
         Builder::start_with(bin, &nats.url, &repos, limits),
     ];
-    let output = run_cli(
+    cli_ok(
         bin,
         &nats.url,
         &["build", "demo", "web"],
         Duration::from_secs(120),
-    );
-    if output.status.code() != Some(0) {
-        bail!(
-            "first build failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let client = connect(&ConnectSettings {
-        url: nats.url.clone().into(),
-        nkey_file: None,
-        creds_file: None,
-        inbox_prefix: None,
-        name: "bench".to_owned(),
-        timeout: Duration::from_secs(5),
-        vault: None,
-    })
-    .await?;
+        "first build",
+    )?;
+    let client = bench_client(&nats).await?;
     let mut events = client
         .subscribe("build.responses.demo.web.*.events")
         .await?;
@@ -372,16 +363,10 @@ pub fn log_flood(bin: &Path, lines: u64) -> Result<Report> {
     let repo = FixtureRepo::new("flood");
     repo.commit_file("lines.nix", &lines.to_string());
     let builder = Builder::start(bin, &nats.url, &[("demo", repo.url())]);
-    let baseline_rev = repo.commit_file(
-        "nonce.nix",
-        &format!("\"{}\"", test_support::unique("baseline")),
-    );
+    let baseline_rev = new_nonce(&repo, "baseline");
     let baseline = direct_nix_build(&flake_at(&repo, &baseline_rev), &toplevel("flood"))?;
 
-    let rev = repo.commit_file(
-        "nonce.nix",
-        &format!("\"{}\"", test_support::unique("measured")),
-    );
+    let rev = new_nonce(&repo, "measured");
     let output = run_cli(
         bin,
         &nats.url,
@@ -563,6 +548,38 @@ where
     Ok((percentile(&mut times, 0.5), percentile(&mut times, 0.99)))
 }
 
+/// [`latency`] of `status` of each of `ids` (one call each), which must be in `phase`.
+async fn status_latency(
+    js: &async_nats::jetstream::Context,
+    ids: &[homelab_deploy_protocol::RequestId],
+    phase: homelab_deploy_protocol::api::RequestPhase,
+) -> Result<(Duration, Duration)> {
+    latency(ids.len(), |i| async move {
+        let state = homelab_deploy_client::inspect::request_state(js, &ids[i])
+            .await?
+            .context("request not found")?;
+        anyhow::ensure!(state.phase == phase, "{state:?}");
+        Ok(())
+    })
+    .await
+}
+
+/// [`latency`] of `builds` with `query`, `samples` times; `check` judges the ids it listed.
+async fn builds_latency(
+    js: &async_nats::jetstream::Context,
+    query: &homelab_deploy_protocol::api::BuildsQuery,
+    samples: usize,
+    check: impl Fn(&[&str]) -> Result<()>,
+) -> Result<(Duration, Duration)> {
+    let check = &check;
+    latency(samples, |_| async move {
+        let list = homelab_deploy_client::inspect::list_builds(js, query).await?;
+        let listed: Vec<&str> = list.builds.iter().map(|b| b.id.as_str()).collect();
+        check(&listed)
+    })
+    .await
+}
+
 fn millis(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
@@ -581,7 +598,6 @@ pub async fn read_model(
     samples: usize,
     timing: HistoryTiming,
 ) -> Result<Vec<Report>> {
-    use homelab_deploy_client::inspect::{list_builds, request_state};
     use homelab_deploy_protocol::api::{BuildsQuery, RequestPhase, STATE_BUCKET};
     use homelab_deploy_protocol::RequestId;
 
@@ -594,16 +610,7 @@ pub async fn read_model(
     let limits = "\n[streams]\nmax_pending_requests_per_target = 5000";
     let mut setup = Builder::start_with(bin, &nats.url, &both, limits);
     setup.terminate(Duration::from_secs(30));
-    let client = connect(&ConnectSettings {
-        url: nats.url.clone().into(),
-        nkey_file: None,
-        creds_file: None,
-        inbox_prefix: None,
-        name: "bench".to_owned(),
-        timeout: Duration::from_secs(5),
-        vault: None,
-    })
-    .await?;
+    let client = bench_client(&nats).await?;
     let js = async_nats::jetstream::new(client.clone());
     let spread_end = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
     let mut queued_ids = Vec::new();
@@ -641,28 +648,8 @@ pub async fn read_model(
         let queued_sample: Vec<RequestId> = (0..samples)
             .map(|i| RequestId::parse(&queued_ids[(i * 31) % queued_ids.len().max(1)]))
             .collect::<Result<_, _>>()?;
-        let status = latency(samples, |i| {
-            let (js, id) = (js.clone(), ids[i].clone());
-            async move {
-                let state = request_state(&js, &id)
-                    .await?
-                    .context("request not found")?;
-                anyhow::ensure!(state.phase == RequestPhase::Succeeded, "{state:?}");
-                Ok(())
-            }
-        })
-        .await?;
-        let status_queued = latency(samples, |i| {
-            let (js, id) = (js.clone(), queued_sample[i].clone());
-            async move {
-                let state = request_state(&js, &id)
-                    .await?
-                    .context("request not found")?;
-                anyhow::ensure!(state.phase == RequestPhase::Queued, "{state:?}");
-                Ok(())
-            }
-        })
-        .await?;
+        let status = status_latency(&js, &ids, RequestPhase::Succeeded).await?;
+        let status_queued = status_latency(&js, &queued_sample, RequestPhase::Queued).await?;
         let newest: Vec<String> = match timing {
             HistoryTiming::Burst => (history.saturating_sub(20)..history)
                 .rev()
@@ -670,27 +657,18 @@ pub async fn read_model(
                 .collect(),
             HistoryTiming::Spread => queued_ids.iter().rev().take(20).cloned().collect(),
         };
-        let builds = latency(samples, |_| {
-            let (js, newest) = (js.clone(), newest.clone());
-            async move {
-                let list = list_builds(&js, &BuildsQuery::default()).await?;
-                let listed: Vec<&str> = list.builds.iter().map(|b| b.id.as_str()).collect();
-                anyhow::ensure!(listed == newest, "first page {listed:?}, not {newest:?}");
-                Ok(())
-            }
+        let builds = builds_latency(&js, &BuildsQuery::default(), samples, |listed| {
+            anyhow::ensure!(listed == newest, "first page {listed:?}, not {newest:?}");
+            Ok(())
         })
         .await?;
-        let queued_list = latency(samples, |_| {
-            let js = js.clone();
-            async move {
-                let query = BuildsQuery {
-                    phase: Some(RequestPhase::Queued),
-                    ..Default::default()
-                };
-                let list = list_builds(&js, &query).await?;
-                anyhow::ensure!(list.builds.len() == 20, "{} builds", list.builds.len());
-                Ok(())
-            }
+        let queued_query = BuildsQuery {
+            phase: Some(RequestPhase::Queued),
+            ..Default::default()
+        };
+        let queued_list = builds_latency(&js, &queued_query, samples, |listed| {
+            anyhow::ensure!(listed.len() == 20, "{} builds", listed.len());
+            Ok(())
         })
         .await?;
         levels.push(Level {
@@ -777,20 +755,26 @@ fn lanes_builder(
     Builder::start_with(bin, &nats.url, &[("demo", repo.url())], builder_extra)
 }
 
+/// A client of `nats` as the benchmarks connect: no credentials, the client library's own
+/// connect.
+async fn bench_client(nats: &NatsServer) -> Result<async_nats::Client> {
+    Ok(connect(&ConnectSettings {
+        url: nats.url.clone().into(),
+        nkey_file: None,
+        creds_file: None,
+        inbox_prefix: None,
+        name: "bench".to_owned(),
+        timeout: Duration::from_secs(5),
+        vault: None,
+    })
+    .await?)
+}
+
 /// A JetStream client of `nats` and a subscription to every event of `demo`.
 async fn lanes_client(
     nats: &NatsServer,
 ) -> Result<(async_nats::jetstream::Context, async_nats::Subscriber)> {
-    let client = connect(&ConnectSettings {
-        url: nats.url.clone().into(),
-        nkey_file: None,
-        creds_file: None,
-        name: "bench".to_owned(),
-        timeout: Duration::from_secs(5),
-        vault: None,
-        inbox_prefix: None,
-    })
-    .await?;
+    let client = bench_client(nats).await?;
     let events = client.subscribe("build.responses.demo.*.*.events").await?;
     Ok((async_nats::jetstream::new(client), events))
 }
@@ -911,7 +895,7 @@ pub async fn affinity(bin: &Path, rounds: usize) -> Result<Report> {
         let (mut on_warm, mut latencies) = (0usize, Vec::new());
         for _ in 0..rounds {
             fleet_idle(&js, 2).await?;
-            let rev = repo.commit_file("salt", &test_support::unique("salt"));
+            let rev = repo.new_salt();
             let done = dispatch_one(&js, &mut events, "light", Some(&rev)).await?;
             if done.status != "succeeded" {
                 bail!("a repeat build ended {}", done.status);
@@ -1000,15 +984,13 @@ pub async fn lanes(bin: &Path, rounds: usize) -> Result<Report> {
     };
     let (heavy_share, mut heavy) = run("heavy").await.context("heavy requests")?;
     let (_, mut light) = run("light").await.context("light requests")?;
-    let output = run_cli(
+    cli_ok(
         bin,
         &nats.url,
         &["builder", "drain", &big.name],
         Duration::from_secs(60),
-    );
-    if output.status.code() != Some(0) {
-        bail!("drain failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
+        "drain",
+    )?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while homelab_deploy_client::inspect::list_builders(&js)
         .await?
@@ -1061,11 +1043,15 @@ async fn events_again(js: &async_nats::jetstream::Context) -> Result<async_nats:
         .await?)
 }
 
-/// Config of a builder without `builder.name` (it takes a unique one) serving `repo` from `url`.
-fn session_config(nats_url: &str, repo: &str, url: &str) -> String {
-    format!(
-        "[nats]\nurl = \"{nats_url}\"\n\n[builder]\nstate_dir = \"{{state_dir}}\"\n\n[repos.{repo}]\nurl = \"{url}\"\nref = \"main\"\n"
-    )
+/// Runs a session builder for `repo` (from `url`) that exits as soon as it is idle: it adds
+/// the repo's subjects and consumer, and leaves no builder running.
+fn run_setup_session(bin: &Path, nats_url: &str, repo: &str, url: &str) -> Result<()> {
+    let config = Builder::nameless_config(nats_url, repo, url);
+    let mut setup = Builder::spawn_config_with_args(bin, "", &config, &["--idle-exit", "100ms"]);
+    match setup.wait_exit(Duration::from_secs(120)) {
+        Some(status) if status.success() => Ok(()),
+        other => bail!("the setup session ended {other:?}:\n{}", setup.log()),
+    }
 }
 
 /// A bench client of `nats` (JetStream) and a subscription to the events of every repo.
@@ -1152,25 +1138,20 @@ async fn ephemeral_dispatch(bin: &Path, samples: usize) -> Result<Report> {
     let nats = NatsServer::start();
     let repo = FixtureRepo::new("lanes");
     let resident = Builder::start(bin, &nats.url, &[("demo", repo.url())]);
-    let config = session_config(&nats.url, "eph", &repo.url());
-    // A session that ends at once adds `eph`'s subjects and consumer, so its requests can
-    // be stored before the next session starts.
-    let mut setup = Builder::spawn_config_with_args(bin, "", &config, &["--idle-exit", "100ms"]);
-    match setup.wait_exit(Duration::from_secs(120)) {
-        Some(status) if status.success() => {}
-        other => bail!("the setup session ended {other:?}:\n{}", setup.log()),
-    }
+    let config = Builder::nameless_config(&nats.url, "eph", &repo.url());
+    // `eph`'s requests can be stored before the next session starts.
+    run_setup_session(bin, &nats.url, "eph", &repo.url())?;
     let (js, mut events) = autoscaling_client(&nats).await?;
     let consumers = request_consumers(&js).await?;
     let (mut resident_started, mut session_started) = (Vec::new(), Vec::new());
     let (mut to_exit, mut to_gone, mut at_once) = (Vec::new(), Vec::new(), 0);
     for round in 0..=samples {
-        let rev = repo.commit_file("salt", &test_support::unique("salt"));
+        let rev = repo.new_salt();
         let base = dispatch_one(&js, &mut events, "light", Some(&rev)).await?;
         if base.status != "succeeded" || base.builder.as_deref() != Some(&resident.name) {
             bail!("the resident builder's request ended {}", base.status);
         }
-        let rev = repo.commit_file("salt", &test_support::unique("salt"));
+        let rev = repo.new_salt();
         let (id, published) = publish_request(&js, "eph", "light", Some(&rev)).await?;
         let mut session = Builder::spawn_config_with_args(bin, "", &config, &["--once"]);
         let done = follow(&mut events, &id, published).await?;
@@ -1250,16 +1231,7 @@ async fn jsz_consumer(
         .error_for_status()?
         .json()
         .await?;
-    Ok(jsz["account_details"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|account| account["name"] == "$G")
-        .flat_map(|account| account["stream_detail"].as_array().into_iter().flatten())
-        .filter(|stream| stream["name"] == homelab_deploy_protocol::subject::REQUESTS_STREAM)
-        .flat_map(|stream| stream["consumer_detail"].as_array().into_iter().flatten())
-        .find(|c| c["name"] == consumer)
-        .and_then(|c| Some((c["num_pending"].as_u64()?, c["num_ack_pending"].as_u64()?))))
+    Ok(test_support::jsz_request_consumer(&jsz, consumer))
 }
 
 /// The value of the sample line starting with `prefix` in a builder's `/metrics` on `port`.
@@ -1299,6 +1271,86 @@ async fn purge_demo(js: &async_nats::jetstream::Context) -> Result<()> {
     Ok(())
 }
 
+/// What an autoscaler reads to see the queue, in [`queue_signals`].
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    /// `/jsz?consumers=true`: `num_pending` of `builder-demo` (what KEDA reads).
+    JszPending,
+    /// `/jsz?consumers=true`: `num_pending` + `num_ack_pending` of `builder-demo`.
+    JszLag,
+    /// The JetStream API's consumer info of `builder-demo`: `num_pending` (what the builder's
+    /// `homelab_deploy_queue_depth` reads).
+    ConsumerInfo,
+    /// `homelab_deploy_lane_requests{lane="heavy"}` of the builder whose metrics are on this
+    /// port.
+    HeavyLane(u16),
+}
+
+/// The consumer of `demo`'s requests whose figures [`Signal`]s read.
+const DEMO_CONSUMER: &str = "builder-demo";
+
+/// Where [`Signal`]s are read: the bench's JetStream client and nats-server's monitoring
+/// endpoint.
+struct Signals {
+    js: async_nats::jetstream::Context,
+    http: reqwest::Client,
+    monitor: String,
+}
+
+impl Signals {
+    /// The count `signal` shows now; `None` while it shows nothing (no such consumer, sample).
+    async fn read(&self, signal: Signal) -> Result<Option<f64>> {
+        Ok(match signal {
+            Signal::JszPending => jsz_consumer(&self.http, &self.monitor, DEMO_CONSUMER)
+                .await?
+                .map(|(pending, _)| pending as f64),
+            Signal::JszLag => jsz_consumer(&self.http, &self.monitor, DEMO_CONSUMER)
+                .await?
+                .map(|(pending, acking)| (pending + acking) as f64),
+            Signal::ConsumerInfo => {
+                let stream = self
+                    .js
+                    .get_stream(homelab_deploy_protocol::subject::REQUESTS_STREAM)
+                    .await?;
+                let info = stream.consumer_info(DEMO_CONSUMER).await?;
+                Some(info.num_pending as f64)
+            }
+            Signal::HeavyLane(port) => {
+                let gauge = "homelab_deploy_lane_requests{repo=\"demo\",lane=\"heavy\"} ";
+                scraped(&self.http, port, gauge).await?
+            }
+        })
+    }
+
+    /// Polls `signal` (a minute at most) until it shows `count`.
+    async fn shows(&self, signal: Signal, count: usize) -> Result<Seen> {
+        let what = format!("{signal:?} showing {count}");
+        first_time(Duration::from_secs(60), &what, || async move {
+            Ok(self.read(signal).await? == Some(count as f64))
+        })
+        .await
+    }
+
+    /// Publishes `count` requests for `demo <target>`, then waits for each of `signals` in
+    /// turn to show them; empties `demo`'s queue after. For each signal: the time from the
+    /// last request stored until it showed them, and whether the first read did.
+    async fn burst(
+        &self,
+        target: &str,
+        count: usize,
+        signals: &[Signal],
+    ) -> Result<Vec<(Duration, bool)>> {
+        let stored = publish_burst(&self.js, target, count).await?;
+        let mut seen = Vec::new();
+        for signal in signals {
+            let shown = self.shows(*signal, count).await?;
+            seen.push((shown.at - stored, shown.reads == 1));
+        }
+        purge_demo(&self.js).await?;
+        Ok(seen)
+    }
+}
+
 /// How often a builder samples its queue gauges (`sample_metrics` in the builder crate).
 const SAMPLING_TICK: Duration = Duration::from_secs(5);
 
@@ -1317,48 +1369,23 @@ async fn queue_signals(bin: &Path, rounds: usize, queued: usize) -> Result<[Repo
         .monitoring_url()
         .context("nats-server wrote no monitoring port")?;
     let repo = FixtureRepo::new("lanes");
-    let mut setup = Builder::spawn_config_with_args(
-        bin,
-        "",
-        &session_config(&nats.url, "demo", &repo.url()),
-        &["--idle-exit", "100ms"],
-    );
-    match setup.wait_exit(Duration::from_secs(120)) {
-        Some(status) if status.success() => {}
-        other => bail!("the setup session ended {other:?}:\n{}", setup.log()),
-    }
+    run_setup_session(bin, &nats.url, "demo", &repo.url())?;
     let (js, _) = autoscaling_client(&nats).await?;
-    let http = reqwest::Client::new();
-    let limit = Duration::from_secs(60);
-    let consumer = "builder-demo";
+    let signals = Signals {
+        js,
+        http: reqwest::Client::new(),
+        monitor,
+    };
     let (mut jsz, mut api, mut at_once) = (Vec::new(), Vec::new(), 0);
     for round in 0..rounds * 2 {
-        let stored = publish_burst(&js, "light", queued).await?;
-        let seen = if round % 2 == 0 {
-            first_time(limit, "/jsz num_pending", || {
-                let (http, monitor) = (http.clone(), monitor.clone());
-                async move {
-                    let figures = jsz_consumer(&http, &monitor, consumer).await?;
-                    Ok(figures.map(|(pending, _)| pending) == Some(queued as u64))
-                }
-            })
-            .await?
+        let (signal, times) = if round % 2 == 0 {
+            (Signal::JszPending, &mut jsz)
         } else {
-            first_time(limit, "consumer info num_pending", || {
-                let js = js.clone();
-                async move {
-                    let stream = js
-                        .get_stream(homelab_deploy_protocol::subject::REQUESTS_STREAM)
-                        .await?;
-                    let info = stream.consumer_info(consumer).await?;
-                    Ok(info.num_pending == queued as u64)
-                }
-            })
-            .await?
+            (Signal::ConsumerInfo, &mut api)
         };
-        at_once += usize::from(seen.reads == 1);
-        if round % 2 == 0 { &mut jsz } else { &mut api }.push(seen.at - stored);
-        purge_demo(&js).await?;
+        let seen = signals.burst("light", queued, &[signal]).await?;
+        at_once += usize::from(seen[0].1);
+        times.push(seen[0].0);
     }
 
     let port = test_support::free_port();
@@ -1377,34 +1404,18 @@ async fn queue_signals(bin: &Path, rounds: usize, queued: usize) -> Result<[Repo
         "expected_peak_mb = {{ busy = 1024 }}\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
     );
     let _small = Builder::start_config(bin, &name, &config);
-    let gauge = "homelab_deploy_lane_requests{repo=\"demo\",lane=\"heavy\"} ";
+    let heavy_lane = Signal::HeavyLane(port);
     let (mut lag, mut lane) = (Vec::new(), Vec::new());
     for round in 0..rounds {
-        first_time(limit, "the heavy lane's gauge at 0", || {
-            let http = http.clone();
-            async move { Ok(scraped(&http, port, gauge).await? == Some(0.0)) }
-        })
-        .await?;
+        signals.shows(heavy_lane, 0).await?;
         // The gauge just changed, so its tick was now: publish at offsets spread over the
         // next tick, as requests arriving at any time would be.
         tokio::time::sleep(SAMPLING_TICK.mul_f64(round as f64 / rounds as f64)).await;
-        let stored = publish_burst(&js, "busy", queued).await?;
-        let by_jsz = first_time(limit, "/jsz lag", || {
-            let (http, monitor) = (http.clone(), monitor.clone());
-            async move {
-                let figures = jsz_consumer(&http, &monitor, consumer).await?;
-                Ok(figures.map(|(pending, acking)| pending + acking) == Some(queued as u64))
-            }
-        })
-        .await?;
-        let by_gauge = first_time(limit, "the heavy lane's gauge", || {
-            let http = http.clone();
-            async move { Ok(scraped(&http, port, gauge).await? == Some(queued as f64)) }
-        })
-        .await?;
-        lag.push(by_jsz.at - stored);
-        lane.push(by_gauge.at - stored);
-        purge_demo(&js).await?;
+        let seen = signals
+            .burst("busy", queued, &[Signal::JszLag, heavy_lane])
+            .await?;
+        lag.push(seen[0].0);
+        lane.push(seen[1].0);
     }
     let p50 = |values: &mut Vec<Duration>| percentile(values, 0.5).as_secs_f64().max(1e-6);
     let jsz_ratio = p50(&mut jsz) / p50(&mut api);

@@ -542,11 +542,46 @@ mod tests {
         }
     }
 
+    fn idle_builder(name: &str, memory_mb: Option<u64>) -> BuilderInfo {
+        builder(name, memory_mb, vec![BuilderState::Idle])
+    }
+
+    /// A builder of `memory_mb` building a request of `demo`.
+    fn busy_builder(name: &str, memory_mb: u64) -> BuilderInfo {
+        builder(
+            name,
+            Some(memory_mb),
+            vec![BuilderState::Building {
+                repo: "demo".into(),
+                target: "x".into(),
+                id: "REQUEST01".into(),
+            }],
+        )
+    }
+
     fn repo() -> RepoName {
         RepoName::parse("demo").expect("repo")
     }
 
+    /// When the decisions are made: the builders' heartbeats are this recent.
+    const NOW: OffsetDateTime = OffsetDateTime::UNIX_EPOCH;
+
     const NO_LANES: BTreeMap<String, u64> = BTreeMap::new();
+
+    /// A 256 MiB `standard` and a 4096 MiB `heavy` lane.
+    fn two_lanes() -> BTreeMap<String, u64> {
+        BTreeMap::from([("standard".to_owned(), 256), ("heavy".to_owned(), 4096)])
+    }
+
+    /// [`lane_decision`] for a request of `demo` whose host needs `mb`.
+    fn lane_decision_for(
+        mb: u64,
+        fleet: &[BuilderInfo],
+        lanes: &BTreeMap<String, u64>,
+        pulled: Pulled,
+    ) -> Decision {
+        lane_decision(&need(mb), fleet, &repo(), NOW, lanes, pulled)
+    }
 
     fn pulled(delivered: i64) -> Pulled {
         Pulled {
@@ -600,43 +635,20 @@ mod tests {
     #[test]
     fn a_request_too_big_for_this_builder_goes_back_for_one_that_fits_or_fails_naming_the_largest()
     {
-        let now = OffsetDateTime::UNIX_EPOCH;
-        let small = builder("small", Some(256), vec![BuilderState::Idle]);
-        let big = builder("big-1", Some(4096), vec![BuilderState::Idle]);
-        let busy = builder(
-            "big-2",
-            Some(4096),
-            vec![BuilderState::Building {
-                repo: "demo".into(),
-                target: "x".into(),
-                id: "REQUEST01".into(),
-            }],
-        );
+        let small = idle_builder("small", Some(256));
+        let big = idle_builder("big-1", Some(4096));
+        let busy = busy_builder("big-2", 4096);
         let fleet = [small.clone(), busy.clone(), big.clone()];
         // An idle builder that fits: at once, the first two deliveries, then every second.
         for (delivered, wanted) in [(1, Duration::ZERO), (2, Duration::ZERO), (3, LANE_RETRY)] {
-            let decision = lane_decision(
-                &need(900),
-                &fleet,
-                &repo(),
-                now,
-                &NO_LANES,
-                pulled(delivered),
-            );
+            let decision = lane_decision_for(900, &fleet, &NO_LANES, pulled(delivered));
             assert!(
                 matches!(&decision, Decision::HandBack { delay, reason: HandBackReason::DoesNotFit, why } if *delay == wanted && why.contains("big-1")),
                 "{delivered}: {decision:?}"
             );
         }
         // Only a busy one fits: every second.
-        let decision = lane_decision(
-            &need(900),
-            &[small.clone(), busy],
-            &repo(),
-            now,
-            &NO_LANES,
-            pulled(1),
-        );
+        let decision = lane_decision_for(900, &[small.clone(), busy], &NO_LANES, pulled(1));
         assert!(
             matches!(&decision, Decision::HandBack { delay, why, .. } if *delay == LANE_RETRY && why.contains("big-2")),
             "{decision:?}"
@@ -644,10 +656,9 @@ mod tests {
         // A draining or lost big builder is no help: fail at once, naming host, peak, largest.
         let draining = builder("big-1", Some(4096), vec![BuilderState::Draining]);
         let mut lost = big.clone();
-        lost.heartbeat = now - time::Duration::seconds(BUILDER_LOST_AFTER_SECS + 1);
+        lost.heartbeat = NOW - time::Duration::seconds(BUILDER_LOST_AFTER_SECS + 1);
         for fleet in [vec![small.clone(), draining], vec![small.clone(), lost]] {
-            let Decision::Refuse(error) =
-                lane_decision(&need(900), &fleet, &repo(), now, &NO_LANES, pulled(1))
+            let Decision::Refuse(error) = lane_decision_for(900, &fleet, &NO_LANES, pulled(1))
             else {
                 panic!("not refused");
             };
@@ -658,42 +669,26 @@ mod tests {
             );
         }
         // An older builder that announces no envelope takes anything.
-        let old = builder("old", None, vec![BuilderState::Idle]);
+        let old = idle_builder("old", None);
         assert!(matches!(
-            lane_decision(
-                &need(900),
-                &[small, old],
-                &repo(),
-                now,
-                &NO_LANES,
-                pulled(1)
-            ),
+            lane_decision_for(900, &[small, old], &NO_LANES, pulled(1)),
             Decision::HandBack { .. }
         ));
     }
 
     #[test]
     fn affinity_hands_back_only_for_a_live_idle_warm_builder_that_fits() {
-        let now = OffsetDateTime::UNIX_EPOCH;
-        let warm = builder("warm", Some(1024), vec![BuilderState::Idle]);
+        let warm = idle_builder("warm", Some(1024));
         for (delivered, wanted) in [(1, Duration::ZERO), (3, AFFINITY_RETRY)] {
             assert!(matches!(
-                affinity_decision("warm", Some(&need(100)), std::slice::from_ref(&warm), &repo(), now, delivered),
+                affinity_decision("warm", Some(&need(100)), std::slice::from_ref(&warm), &repo(), NOW, delivered),
                 Decision::HandBack { delay, reason: HandBackReason::WarmBuilder, .. } if delay == wanted
             ));
         }
-        let busy = builder(
-            "warm",
-            Some(1024),
-            vec![BuilderState::Building {
-                repo: "demo".into(),
-                target: "x".into(),
-                id: "REQUEST01".into(),
-            }],
-        );
+        let busy = busy_builder("warm", 1024);
         for (fleet, need_mb) in [(vec![busy], 100), (vec![warm.clone()], 2048), (vec![], 100)] {
             assert_eq!(
-                affinity_decision("warm", Some(&need(need_mb)), &fleet, &repo(), now, 1),
+                affinity_decision("warm", Some(&need(need_mb)), &fleet, &repo(), NOW, 1),
                 Decision::Take
             );
         }
@@ -701,17 +696,9 @@ mod tests {
 
     #[test]
     fn with_no_live_builder_big_enough_a_request_waits_for_a_lane_until_its_timeout() {
-        let now = OffsetDateTime::UNIX_EPOCH;
-        let small = builder("small", Some(256), vec![BuilderState::Idle]);
-        let lanes = BTreeMap::from([("standard".to_owned(), 256), ("heavy".to_owned(), 4096)]);
-        let decision = lane_decision(
-            &need(900),
-            std::slice::from_ref(&small),
-            &repo(),
-            now,
-            &lanes,
-            pulled(7),
-        );
+        let small = idle_builder("small", Some(256));
+        let lanes = two_lanes();
+        let decision = lane_decision_for(900, std::slice::from_ref(&small), &lanes, pulled(7));
         assert!(
             matches!(&decision, Decision::HandBack { delay, why, .. } if *delay == LANE_RETRY && why.contains("lane heavy (4096 MiB)")),
             "{decision:?}"
@@ -720,14 +707,9 @@ mod tests {
             waited: Duration::from_secs(60),
             ..pulled(60)
         };
-        let Decision::Refuse(error) = lane_decision(
-            &need(900),
-            std::slice::from_ref(&small),
-            &repo(),
-            now,
-            &lanes,
-            late,
-        ) else {
+        let Decision::Refuse(error) =
+            lane_decision_for(900, std::slice::from_ref(&small), &lanes, late)
+        else {
             panic!("not refused");
         };
         assert!(
@@ -738,14 +720,14 @@ mod tests {
         );
         // Bigger than every lane: at once, as without lanes.
         assert!(matches!(
-            lane_decision(&need(5000), &[small], &repo(), now, &lanes, pulled(1)),
+            lane_decision_for(5000, &[small], &lanes, pulled(1)),
             Decision::Refuse(error) if !error.contains("waited")
         ));
     }
 
     #[test]
     fn a_request_belongs_to_the_smallest_lane_that_fits_it() {
-        let lanes = BTreeMap::from([("standard".to_owned(), 256), ("heavy".to_owned(), 4096)]);
+        let lanes = two_lanes();
         assert_eq!(lane_of(&lanes, Some(&need(900))), Some(("heavy", 4096)));
         assert_eq!(lane_of(&lanes, Some(&need(256))), Some(("standard", 256)));
         assert_eq!(lane_of(&lanes, None), Some(("standard", 256)));

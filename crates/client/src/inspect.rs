@@ -783,6 +783,7 @@ pub async fn list_builders(js: &Context) -> Result<Vec<BuilderInfo>, ClientError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use homelab_deploy_protocol::api::{DerivationCounts, HostCounts};
 
     fn pending(seq: u64, repo: &str, priority: Priority) -> PendingRequest {
         PendingRequest {
@@ -816,5 +817,283 @@ mod tests {
         let expected = [(1, 4), (2, 3), (3, 1), (4, 1), (5, 5), (6, 2)]
             .map(|(seq, at)| (format!("request{seq:02}"), Some(at)));
         assert_eq!(positions, expected);
+    }
+
+    /// When the event numbered `seq` happened: a second apart.
+    fn at(seq: u64) -> OffsetDateTime {
+        OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(seq as i64)
+    }
+
+    fn event(seq: u64, body: EventBody) -> Event {
+        Event {
+            id: "request01".to_owned(),
+            seq,
+            time: at(seq),
+            body,
+        }
+    }
+
+    fn started(builder: &str, hosts: &[&str], attempt: u64) -> EventBody {
+        EventBody::Started {
+            builder: builder.to_owned(),
+            repo: "demo".to_owned(),
+            target: "all".to_owned(),
+            rev: "0123456789abcdef0123456789abcdef01234567".to_owned(),
+            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            requested_by: Some("alice@laptop".to_owned()),
+            requested_by_key: None,
+            attempt,
+            request_seq: Some(7),
+            queued_at: Some(at(0)),
+        }
+    }
+
+    fn host_started(host: &str, index: usize, total: usize) -> EventBody {
+        EventBody::HostStarted {
+            host: host.to_owned(),
+            index,
+            total,
+        }
+    }
+
+    fn result(host: &str, status: HostStatus, error: Option<&str>) -> HostResult {
+        HostResult {
+            name: host.to_owned(),
+            status,
+            out_path: None,
+            duration_ms: 1000,
+            error: error.map(str::to_owned),
+            pushed: None,
+            push_error: None,
+            closure_diff: None,
+        }
+    }
+
+    fn host_finished(result: HostResult, index: usize, total: usize) -> EventBody {
+        EventBody::HostFinished {
+            host: result.name.clone(),
+            index,
+            total,
+            result,
+            log_lines: None,
+        }
+    }
+
+    /// A `finished` event of `status` (`failed`, …) listing `hosts`, with none of the optional
+    /// fields (no rev, no builder: `started` gave them).
+    fn finished(status: &str, hosts: &[HostResult]) -> EventBody {
+        serde_json::from_value(serde_json::json!({
+            "type": "finished",
+            "status": status,
+            "repo": "demo",
+            "target": "all",
+            "hosts": hosts,
+            "duration_ms": 5000,
+        }))
+        .expect("a finished event")
+    }
+
+    /// The bucket of [`HostCounts`] a host of `status` counts in. Exhaustive: a new status
+    /// does not compile here until it has a bucket.
+    fn bucket(counts: &HostCounts, status: HostStatus) -> u64 {
+        match status {
+            HostStatus::Built => counts.built,
+            HostStatus::Cached => counts.cached,
+            HostStatus::Cancelled => counts.cancelled,
+            HostStatus::BuildFailed | HostStatus::EvalFailed | HostStatus::TimedOut => {
+                counts.failed
+            }
+        }
+    }
+
+    /// A request with no event has no state.
+    #[test]
+    fn no_events_fold_to_no_state() {
+        assert_eq!(fold_events(&[]), None);
+    }
+
+    /// Each host's `host_finished` counts it in the bucket of its status and in no other; with
+    /// one host of every status, `finished` keeps those counts (its cancelled count is the
+    /// hosts it lists cancelled) and lists every host's outcome in order.
+    #[test]
+    fn every_host_status_counts_in_its_own_bucket() {
+        use HostStatus::{BuildFailed, Built, Cached, Cancelled, EvalFailed, TimedOut};
+        let statuses = [Built, Cached, BuildFailed, EvalFailed, Cancelled, TimedOut];
+        for status in statuses {
+            let state = fold_events(&[
+                event(1, started("b1", &["web"], 1)),
+                event(2, host_started("web", 1, 1)),
+                event(3, host_finished(result("web", status, None), 1, 1)),
+            ])
+            .expect("state");
+            let counts = &state.hosts;
+            assert_eq!(bucket(counts, status), 1, "{status:?}: {counts:?}");
+            assert_eq!(
+                counts.built + counts.cached + counts.failed + counts.cancelled,
+                1,
+                "{status:?} counted twice: {counts:?}"
+            );
+            assert_eq!(
+                (counts.done, counts.running, counts.queued),
+                (1, 0, 0),
+                "{status:?}"
+            );
+        }
+
+        let hosts: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+        let mut events = vec![event(1, started("b1", &hosts, 1))];
+        for (index, (host, status)) in hosts.iter().zip(statuses).enumerate() {
+            let seq = events.len() as u64 + 1;
+            events.push(event(seq, host_started(host, index + 1, hosts.len())));
+            let done = result(host, status, None);
+            events.push(event(seq + 1, host_finished(done, index + 1, hosts.len())));
+        }
+        let results: Vec<HostResult> = hosts
+            .iter()
+            .zip(statuses)
+            .map(|(host, status)| result(host, status, None))
+            .collect();
+        let seq = events.len() as u64 + 1;
+        events.push(event(seq, finished("failed", &results)));
+        let state = fold_events(&events).expect("state");
+        let expected = HostCounts {
+            total: 6,
+            done: 6,
+            built: 1,
+            cached: 1,
+            running: 0,
+            failed: 3,
+            cancelled: 1,
+            queued: 0,
+        };
+        assert_eq!(state.hosts, expected);
+        assert_eq!(state.phase, RequestPhase::Failed);
+        let outcomes: Vec<(&str, HostStatus)> = state
+            .host_results
+            .iter()
+            .map(|h| (h.name.as_str(), h.status))
+            .collect();
+        let wanted: Vec<(&str, HostStatus)> = hosts.into_iter().zip(statuses).collect();
+        assert_eq!(outcomes, wanted);
+    }
+
+    /// Through a request's life the state says what the last event says: running on a host
+    /// with its derivation counts, then finished with the rev and builder of `started` (which
+    /// `finished` need not repeat) and the error excerpt of the host's own `host_finished`.
+    #[test]
+    fn a_request_folds_through_its_life() {
+        let mut state = fold_events(&[event(1, started("b1", &["web", "db"], 1))]).expect("state");
+        assert_eq!(state.phase, RequestPhase::Running);
+        assert_eq!(state.builder.as_deref(), Some("b1"));
+        assert_eq!(state.started_at, Some(at(1)));
+        assert_eq!(state.queued_at, at(0));
+        assert_eq!((state.hosts.total, state.hosts.queued), (2, 2));
+
+        fold_event(&mut state, &event(2, host_started("web", 1, 2)));
+        fold_event(
+            &mut state,
+            &event(
+                3,
+                EventBody::Progress {
+                    host: "web".to_owned(),
+                    done: 3,
+                    expected: 10,
+                    running: 2,
+                    failed: 0,
+                },
+            ),
+        );
+        assert_eq!(state.current_host.as_deref(), Some("web"));
+        assert_eq!((state.hosts.running, state.hosts.queued), (1, 1));
+        assert_eq!(
+            (state.derivations.done, state.derivations.expected),
+            (3, 10)
+        );
+        let failed = result("web", HostStatus::BuildFailed, Some("error: boom"));
+        fold_event(&mut state, &event(4, host_finished(failed, 1, 2)));
+        fold_event(&mut state, &event(5, host_started("db", 2, 2)));
+        // `db` starts with no derivation counted yet.
+        assert_eq!(state.derivations, DerivationCounts::default());
+        let db = result("db", HostStatus::Built, None);
+        fold_event(&mut state, &event(6, host_finished(db.clone(), 2, 2)));
+        // `finished` lists `web` without the excerpt its `host_finished` carried.
+        let web = result("web", HostStatus::BuildFailed, None);
+        fold_event(&mut state, &event(7, finished("failed", &[web, db])));
+
+        assert_eq!(state.phase, RequestPhase::Failed);
+        assert_eq!(state.finished_at, Some(state.updated_at.expect("updated")));
+        assert_eq!(state.finished_at, Some(at(7)));
+        assert_eq!(state.last_seq, 7);
+        assert_eq!(
+            state.rev.as_deref(),
+            Some("0123456789abcdef0123456789abcdef01234567")
+        );
+        assert_eq!(state.builder.as_deref(), Some("b1"));
+        assert_eq!(state.current_host, None);
+        assert_eq!((state.hosts.built, state.hosts.failed), (1, 1));
+        assert_eq!(state.host_results[0].error.as_deref(), Some("error: boom"));
+        assert_eq!(state.host_results[1].error, None);
+    }
+
+    /// An event folded after a later one (events read out of order) counts, but leaves the
+    /// state's `last_seq` and `updated_at` at the later event.
+    #[test]
+    fn an_earlier_event_folded_late_does_not_move_the_state_back() {
+        let first = event(1, started("b1", &["web"], 1));
+        let progress = event(
+            3,
+            EventBody::Progress {
+                host: "web".to_owned(),
+                done: 1,
+                expected: 4,
+                running: 1,
+                failed: 0,
+            },
+        );
+        let late = event(2, host_started("web", 1, 1));
+        let state = fold_events(&[first, progress, late]).expect("state");
+        assert_eq!(state.last_seq, 3);
+        assert_eq!(state.updated_at, Some(at(3)));
+        assert_eq!(state.current_host.as_deref(), Some("web"));
+    }
+
+    /// A request handed back is queued again with no builder; the next builder's `started`
+    /// (attempt 2) counts its hosts afresh.
+    #[test]
+    fn a_requeued_request_is_queued_until_the_next_start() {
+        let mut state = fold_events(&[
+            event(1, started("b1", &["web", "db"], 1)),
+            event(2, host_started("web", 1, 2)),
+            event(
+                3,
+                host_finished(result("web", HostStatus::Built, None), 1, 2),
+            ),
+            event(4, host_started("db", 2, 2)),
+            event(
+                5,
+                EventBody::Requeued {
+                    builder: "b1".to_owned(),
+                    reason: "stopping".to_owned(),
+                },
+            ),
+        ])
+        .expect("state");
+        assert_eq!(state.phase, RequestPhase::Queued);
+        assert_eq!(state.builder, None);
+        assert_eq!(state.current_host, None);
+        assert_eq!(state.hosts.running, 0);
+
+        fold_event(&mut state, &event(6, started("b2", &["web", "db"], 2)));
+        assert_eq!(state.phase, RequestPhase::Running);
+        assert_eq!(state.builder.as_deref(), Some("b2"));
+        assert_eq!(
+            state.hosts,
+            HostCounts {
+                total: 2,
+                queued: 2,
+                ..Default::default()
+            }
+        );
+        assert!(state.host_results.is_empty(), "{:?}", state.host_results);
     }
 }

@@ -2,12 +2,19 @@
 //! from fixture flakes, the real builder binary, and the real `nix`. Everything lives in temp
 //! dirs and is torn down on drop.
 
+mod auth;
 mod browser;
+mod fleet;
 mod hostile;
 mod operator;
 mod vault;
 
+pub use auth::{
+    assert_refused, connect_recording, example_config, nkey_generate, nkey_public, refused_within,
+    violations, ServerErrors,
+};
 pub use browser::{chromium_bin, Browser};
+pub use fleet::Fleet;
 pub use hostile::{HostileHttp, Hostility};
 pub use operator::OperatorServer;
 pub use vault::{AppRoleFiles, VaultServer};
@@ -200,6 +207,22 @@ impl Drop for NatsServer {
     }
 }
 
+/// (`num_pending`, `num_ack_pending`) of consumer `consumer` of the requests stream in account
+/// `$G`, as `/jsz?consumers=true` (`jsz`) shows it: what an autoscaler such as KEDA reads.
+/// `None` while it shows no such consumer.
+pub fn jsz_request_consumer(jsz: &serde_json::Value, consumer: &str) -> Option<(u64, u64)> {
+    jsz["account_details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|account| account["name"] == "$G")
+        .flat_map(|account| account["stream_detail"].as_array().into_iter().flatten())
+        .filter(|stream| stream["name"] == homelab_deploy_protocol::subject::REQUESTS_STREAM)
+        .flat_map(|stream| stream["consumer_detail"].as_array().into_iter().flatten())
+        .find(|c| c["name"] == consumer)
+        .and_then(|c| Some((c["num_pending"].as_u64()?, c["num_ack_pending"].as_u64()?)))
+}
+
 /// A JetStream cluster of nats-servers on loopback, each with its own store.
 pub struct NatsCluster {
     pub nodes: Vec<NatsServer>,
@@ -357,6 +380,19 @@ impl FixtureRepo {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
+    /// Waits (`within` at most) until no process of this repo's builds is left; panics with
+    /// `what` and the processes otherwise.
+    pub fn assert_builds_gone(&self, within: Duration, what: &str) {
+        let gone = wait_until(within, || self.build_processes().is_empty());
+        assert!(gone, "{what}:\n{}", self.build_processes());
+    }
+
+    /// Commits a new `salt` file: a new commit, at which fixtures whose derivations read it
+    /// (`queue`) build every host anew. Returns the commit.
+    pub fn new_salt(&self) -> String {
+        self.commit_file("salt", &unique("salt"))
+    }
+
     /// Writes a file and commits it; returns the new commit.
     pub fn commit_file(&self, name: &str, content: &str) -> String {
         std::fs::write(self.dir.path().join(name), content).expect("write file");
@@ -386,11 +422,24 @@ impl Builder {
             state_dir.display()
         );
         for (repo, url) in repos {
-            config.push_str(&format!(
-                "\n[repos.{repo}]\nurl = \"{url}\"\nref = \"main\"\n"
-            ));
+            config.push_str(&Self::repo_table(repo, url));
         }
         config
+    }
+
+    /// The config table of `repo` served from `url` (branch `main`), as [`Builder::config`]
+    /// writes it, for a test to add its own lines to.
+    pub fn repo_table(repo: &str, url: &str) -> String {
+        format!("\n[repos.{repo}]\nurl = \"{url}\"\nref = \"main\"\n")
+    }
+
+    /// Config text for a builder without `builder.name` (it takes a unique one, as a session
+    /// builder does) serving `repo` from `url` on `nats_url`; `{state_dir}` is left for
+    /// [`Builder::spawn_config`] and its kin to fill in.
+    pub fn nameless_config(nats_url: &str, repo: &str, url: &str) -> String {
+        format!(
+            "[nats]\nurl = \"{nats_url}\"\n\n[builder]\nstate_dir = \"{{state_dir}}\"\n\n[repos.{repo}]\nurl = \"{url}\"\nref = \"main\"\n"
+        )
     }
 
     /// Starts a builder serving `repos` and waits until it is ready.
@@ -657,6 +706,22 @@ pub async fn stored_messages(client: &async_nats::Client, subject: &str) -> Vec<
     try_stored_messages(client, subject)
         .await
         .unwrap_or_else(|err| panic!("reading {subject} from BUILD_EVENTS: {err}"))
+}
+
+/// Waits (a minute at most) until the last message stored on `subject` is a `finished` event;
+/// every message stored on it.
+pub async fn wait_for_finished(
+    client: &async_nats::Client,
+    subject: &str,
+) -> Vec<serde_json::Value> {
+    for _ in 0..600 {
+        let events = stored_messages(client, subject).await;
+        if events.last().is_some_and(|e| e["type"] == "finished") {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no finished event on {subject}");
 }
 
 /// Like [`stored_messages`], but a JetStream error (e.g. during a cluster leader election) is

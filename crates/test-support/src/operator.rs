@@ -48,9 +48,9 @@ fn claims(subject: &str, issuer: &KeyPair, name: &str, nats: Value) -> Value {
 }
 
 impl OperatorServer {
-    /// Starts nats-server with `template` (the text of `nats/operator.example.conf`), its
-    /// placeholders filled with a fresh operator and account.
-    pub fn start(template: &str) -> Self {
+    /// Starts nats-server with the shipped `nats/operator.example.conf`, its placeholders
+    /// filled with a fresh operator and account.
+    pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir for operator config");
         let operator = KeyPair::new_operator();
         let account = KeyPair::new_account();
@@ -96,19 +96,15 @@ impl OperatorServer {
             ),
             &operator,
         );
-        // The harness gives the store dir and port on the command line.
-        let config = template
+        let config = crate::example_config("operator.example.conf")
             .replace("OPERATOR_JWT", &operator_jwt)
             .replace("DEPLOY_ACCOUNT_PUBLIC_KEY", &account.public_key())
             .replace("DEPLOY_ACCOUNT_JWT", &account_jwt)
             .replace("SYS_ACCOUNT_PUBLIC_KEY", &system.public_key())
-            .replace("SYS_ACCOUNT_JWT", &system_jwt)
-            .replace("store_dir: \"/var/lib/nats/jetstream\"", "");
-        let config_path = dir.path().join("nats.conf");
-        std::fs::write(&config_path, config).expect("write nats config");
+            .replace("SYS_ACCOUNT_JWT", &system_jwt);
         let signing_key_file = dir.path().join("deploy-account-sk");
         std::fs::write(&signing_key_file, signing.seed().expect("seed")).expect("write sk");
-        let nats = NatsServer::start_with(&["-c", &config_path.display().to_string()]);
+        let nats = NatsServer::start_config(&config, &dir.path().join("nats.conf"));
         Self {
             nats,
             account: account.public_key(),
