@@ -462,15 +462,7 @@ fn for_each_excerpt(body: &mut EventBody, mut shorten: impl FnMut(&mut String)) 
 
 /// Keeps the end of an error excerpt (where nix puts the cause) within `max` bytes.
 pub(super) fn cut(text: &str, max: usize) -> String {
-    let text = text.trim();
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut start = text.len() - max;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("…{}", &text[start..])
+    homelab_deploy_protocol::text::tail_marked(text.trim(), max)
 }
 
 #[cfg(test)]
