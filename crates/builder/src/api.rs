@@ -63,6 +63,19 @@ enum Verb {
     Unknown,
 }
 
+impl Verb {
+    /// Whether answering reads JetStream or runs nix, so it takes one of the
+    /// [`MAX_CONCURRENT_QUERIES`] permits (or is refused as busy). This builder's cancel and drain
+    /// touch only its own state, and an unknown verb reads nothing: those are answered at once,
+    /// never refused as busy.
+    fn takes_a_permit(self) -> bool {
+        match self {
+            Verb::Status | Verb::Builds | Verb::Builders | Verb::Cancel | Verb::Diff => true,
+            Verb::CancelHere | Verb::Drain | Verb::Unknown => false,
+        }
+    }
+}
+
 /// Serves the API until the builder stops (dropping the future ends every query it runs).
 pub async fn serve(api: Api) -> Result<(), async_nats::SubscribeError> {
     let (client, me) = (api.client.clone(), api.builder_name.clone());
@@ -79,13 +92,7 @@ pub async fn serve(api: Api) -> Result<(), async_nats::SubscribeError> {
     let mut queries = JoinSet::new();
     while let Some(message) = requests.next().await {
         while queries.try_join_next().is_some() {}
-        if matches!(
-            api.verb(&message.subject),
-            Verb::CancelHere | Verb::Drain | Verb::Unknown
-        ) {
-            // This builder's cancel and drain touch only its own state, and an unknown verb
-            // reads nothing: answered here at once, never refused as busy. (The diff runs nix,
-            // so it takes a query permit like the JetStream queries.)
+        if !api.verb(&message.subject).takes_a_permit() {
             api.handle(message).await;
             continue;
         }

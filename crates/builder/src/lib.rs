@@ -5,16 +5,23 @@
 //! # Layout
 //! - `config`: the TOML config and its validation.
 //! - `daemon`: startup, the pull loops and shutdown; `stop`: what its owner asks of it;
-//!   `supervisor`: its long-lived tasks, one set that fails loudly.
-//! - `job`: one request's life, top to bottom (`job/mod.rs`); its events (`job/events.rs`), one
-//!   host's build (`job/host.rs`), shared evaluation (`job/eval.rs`), the requests running here
-//!   (`job/running.rs`); `attempts`: the claims that count its attempts.
+//!   `supervisor`: its long-lived tasks, one set that fails loudly; `session`: the limits of an
+//!   ephemeral builder (`--once`, `--max-builds`, …); `shares`: how tenants share the build slots.
+//! - `job`: one request's life, top to bottom (`job/mod.rs`, with the queued cancel and start-up
+//!   host discovery that use the same steps); its events (`job/events.rs`), one host's build
+//!   (`job/host.rs`), shared evaluation (`job/eval.rs`), the requests running here
+//!   (`job/running.rs`), newer `replace` requests (`job/replace.rs`), GC roots of evaluated drvs
+//!   (`job/roots.rs`); `attempts`: the claims that count a request's attempts.
 //! - `api`, `registry`: the control API under `build.api.>` and the fleet registry.
+//! - `access`: who may build and cancel what (`[access]`, signed requests).
 //! - `placement`: heavy lanes and warm-cache affinity: which builder starts a request.
-//! - `session`: the limits of an ephemeral builder (`--once`, `--max-builds`, …).
 //! - `state`: the request-state bucket, the read model derived from the events.
 //! - `provision`: creating the streams and buckets with an admin credential.
-//! - `bus`, `git`, `nix`, `logs`: the seams to NATS, git, nix and log batching.
+//! - `cache`: what nix evaluated per commit (host lists, toplevel drvs), kept in memory;
+//!   `closures`: each host's recent builds, for closure diffs.
+//! - `metrics`: the Prometheus metrics.
+//! - `bus`, `git`, `nix`, `logs`, `process`: the seams to NATS, git, nix, log batching and child
+//!   processes.
 
 mod access;
 mod api;

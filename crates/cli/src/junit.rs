@@ -33,7 +33,7 @@ pub fn report(finished: &Event) -> Option<String> {
                 skipped += 1;
                 cases.push_str("      <skipped message=\"cancelled\"/>\n");
             }
-            failed => {
+            failed @ (HostStatus::BuildFailed | HostStatus::EvalFailed | HostStatus::TimedOut) => {
                 failures += 1;
                 cases.push_str(&format!(
                     "      <failure type=\"{0}\" message=\"{0}\">{1}</failure>\n",

@@ -162,8 +162,12 @@ pub enum HostStatus {
 }
 
 impl HostStatus {
+    /// Whether the host's toplevel is in the store: `built` or `cached`.
     pub fn is_success(self) -> bool {
-        matches!(self, Self::Built | Self::Cached)
+        match self {
+            Self::Built | Self::Cached => true,
+            Self::BuildFailed | Self::EvalFailed | Self::Cancelled | Self::TimedOut => false,
+        }
     }
 
     pub fn as_str(self) -> &'static str {
