@@ -17,7 +17,7 @@
 //! - `placement`: heavy lanes and warm-cache affinity: which builder starts a request.
 //! - `state`: the request-state bucket, the read model derived from the events.
 //! - `provision`: creating the streams and buckets with an admin credential.
-//! - `cache`: what nix evaluated per commit (host lists, toplevel drvs), kept in memory;
+//! - `eval_cache`: what nix evaluated per commit (host lists, toplevel drvs), kept in memory;
 //!   `closures`: each host's recent builds, for closure diffs.
 //! - `metrics`: the Prometheus metrics.
 //! - `bus`, `git`, `nix`, `logs`, `process`: the seams to NATS, git, nix, log batching and child
@@ -27,10 +27,10 @@ mod access;
 mod api;
 pub mod attempts;
 pub mod bus;
-mod cache;
 mod closures;
 pub mod config;
 mod daemon;
+mod eval_cache;
 mod git;
 mod job;
 mod logs;

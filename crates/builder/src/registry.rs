@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::cache::EvalCache;
+use crate::eval_cache::EvalCache;
 use crate::job::Running;
 use crate::stop::Stop;
 

@@ -32,9 +32,9 @@ use tracing::{error, info, warn, Instrument};
 
 use crate::access::Access;
 use crate::bus::{BusError, Publisher, RequestMessage};
-use crate::cache::EvalCache;
 use crate::closures::History;
 use crate::config::{Evaluation, RepoConfig, Timeouts};
+use crate::eval_cache::EvalCache;
 use crate::git::{GitError, Mirror, Resolved, Wanted};
 use crate::nix::Nix;
 use crate::state::StateStore;
