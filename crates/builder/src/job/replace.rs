@@ -48,6 +48,15 @@ impl Scanned {
         self.up_to = self.up_to.max(newest);
     }
 
+    /// The id of the newest `replace` request read, when it is newer than `stream_seq` (a
+    /// running request is only replaced by a later one).
+    fn replace_newer_than(&self, stream_seq: u64) -> Option<String> {
+        self.newest_replace
+            .as_ref()
+            .filter(|(seq, _)| *seq > stream_seq)
+            .map(|(_, id)| id.clone())
+    }
+
     fn saw(&mut self, sequence: u64, id: Option<String>) {
         if let Some(id) = id {
             if self
@@ -87,11 +96,7 @@ impl ReplaceIndex {
                 scanned.mark_read(&wanted, newest.sequence);
             }
         }
-        let answer = scanned
-            .newest_replace
-            .as_ref()
-            .filter(|(seq, _)| *seq > stream_seq)
-            .map(|(_, id)| id.clone());
+        let answer = scanned.replace_newer_than(stream_seq);
         if let Ok(mut subjects) = self.subjects.lock() {
             subjects.insert(subject.to_owned(), scanned);
         }
@@ -229,5 +234,29 @@ mod tests {
         scanned.saw(12, Some("EARLIER".to_owned()));
         scanned.saw(25, None);
         assert_eq!(scanned.newest_replace, Some((20, "LATER".to_owned())));
+    }
+
+    #[test]
+    fn only_a_later_replace_request_replaces_a_running_one() {
+        let mut scanned = Scanned::default();
+        assert_eq!(scanned.replace_newer_than(0), None);
+        scanned.saw(20, Some("NEWER".to_owned()));
+        assert_eq!(scanned.replace_newer_than(10), Some("NEWER".to_owned()));
+        // The replace request itself, and anything after it, is not replaced by it.
+        assert_eq!(scanned.replace_newer_than(20), None);
+        assert_eq!(scanned.replace_newer_than(25), None);
+    }
+
+    #[test]
+    fn a_later_running_request_reads_on_from_what_was_read_so_the_read_range_stays_whole() {
+        let mut scanned = Scanned::default();
+        scanned.mark_read(&(11..20), 20);
+        // A request at 24: 21..24 lie before it but were never read; reading them too keeps
+        // `from..=up_to` one range with no hole.
+        let [before, after] = scanned.unread(&(25..30));
+        assert!(before.is_empty(), "{before:?}");
+        assert_eq!(after, 21..30);
+        scanned.mark_read(&(25..30), 30);
+        assert_eq!((scanned.from, scanned.up_to), (11, 30));
     }
 }
