@@ -11,11 +11,26 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
+// Each name once: `describe()` and the setters use these, so a typo cannot split a metric.
 const HOST_BUILD_DURATION: &str = "homelab_deploy_host_build_duration_seconds";
+const BUILD_INFO: &str = "homelab_deploy_build_info";
+const BUILDER_STATE: &str = "homelab_deploy_builder_state";
+const HOST_BUILDS_TOTAL: &str = "homelab_deploy_host_builds_total";
+const LANE_REQUESTS: &str = "homelab_deploy_lane_requests";
+const LOG_BYTES_PUBLISHED_TOTAL: &str = "homelab_deploy_log_bytes_published_total";
+const NATS_CONNECTED: &str = "homelab_deploy_nats_connected";
+const NATS_RECONNECTS_TOTAL: &str = "homelab_deploy_nats_reconnects_total";
+const QUEUE_DEPTH: &str = "homelab_deploy_queue_depth";
+const QUEUE_OLDEST_AGE_SECONDS: &str = "homelab_deploy_queue_oldest_age_seconds";
+const REQUESTS_FINISHED_TOTAL: &str = "homelab_deploy_requests_finished_total";
+const REQUESTS_HANDED_BACK_TOTAL: &str = "homelab_deploy_requests_handed_back_total";
+const REQUESTS_RECEIVED_TOTAL: &str = "homelab_deploy_requests_received_total";
+
 /// From one second to two hours: what a NixOS host's evaluation and build take.
 const DURATION_BUCKETS: [f64; 12] = [
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
 ];
+
 /// What the builder is doing, for `homelab_deploy_builder_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BuilderPhase {
@@ -74,7 +89,7 @@ pub fn install(listen: SocketAddr) -> Result<(), MetricsError> {
         .install()
         .map_err(|err| error(err.to_string()))?;
     describe();
-    gauge!("homelab_deploy_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(())
 }
 
@@ -84,98 +99,90 @@ fn describe() {
         "Failed fetches of the NKey seed from Vault, by reason (unreachable, login, read, missing_field, not_user_seed, credential_file, settings, kv_version)."
     );
     describe_gauge!(
-        "homelab_deploy_build_info",
+        BUILD_INFO,
         "Version of the running homelab-deploy builder (always 1)."
     );
     describe_counter!(
-        "homelab_deploy_requests_received_total",
+        REQUESTS_RECEIVED_TOTAL,
         "Build requests taken from the queue, by repo."
     );
     describe_counter!(
-        "homelab_deploy_requests_finished_total",
+        REQUESTS_FINISHED_TOTAL,
         "Build requests finished, by repo and status (succeeded, failed, cancelled)."
     );
-    describe_counter!("homelab_deploy_host_builds_total", "Hosts finished, by repo, host and status (built, cached, build_failed, eval_failed, cancelled, timed_out).");
+    describe_counter!(HOST_BUILDS_TOTAL, "Hosts finished, by repo, host and status (built, cached, build_failed, eval_failed, cancelled, timed_out).");
     describe_histogram!(
         HOST_BUILD_DURATION,
         Unit::Seconds,
         "Time to evaluate and build one host, by repo and host."
     );
     describe_counter!(
-        "homelab_deploy_log_bytes_published_total",
+        LOG_BYTES_PUBLISHED_TOTAL,
         Unit::Bytes,
         "Build log bytes published to NATS, by repo."
     );
+    describe_gauge!(QUEUE_DEPTH, "Requests waiting in the queue, by repo.");
     describe_gauge!(
-        "homelab_deploy_queue_depth",
-        "Requests waiting in the queue, by repo."
-    );
-    describe_gauge!(
-        "homelab_deploy_queue_oldest_age_seconds",
+        QUEUE_OLDEST_AGE_SECONDS,
         Unit::Seconds,
         "Age of the oldest request waiting in the queue, by repo (0 when none waits)."
     );
     describe_gauge!(
-        "homelab_deploy_lane_requests",
+        LANE_REQUESTS,
         "Requests in the queue (waiting, handed back or being built), by repo and by the smallest lane of builder.lanes that fits their expected peak memory."
     );
     describe_counter!(
-        "homelab_deploy_requests_handed_back_total",
+        REQUESTS_HANDED_BACK_TOTAL,
         "Requests this builder pulled and handed back to the queue, by repo and reason (does_not_fit: more than its memory envelope; warm_builder: another idle builder holds the host's last build; priority: a more urgent request waits)."
     );
-    describe_gauge!("homelab_deploy_builder_state", "1 for the builder's current state (starting, idle, building, draining, waiting_for_vault), 0 for the others.");
-    describe_gauge!(
-        "homelab_deploy_nats_connected",
-        "1 while the builder is connected to NATS."
-    );
+    describe_gauge!(BUILDER_STATE, "1 for the builder's current state (starting, idle, building, draining, waiting_for_vault), 0 for the others.");
+    describe_gauge!(NATS_CONNECTED, "1 while the builder is connected to NATS.");
     describe_counter!(
-        "homelab_deploy_nats_reconnects_total",
+        NATS_RECONNECTS_TOTAL,
         "Times the builder's NATS connection was re-established."
     );
 }
 
 pub fn request_received(repo: &str) {
-    counter!("homelab_deploy_requests_received_total", "repo" => repo.to_owned()).increment(1);
+    counter!(REQUESTS_RECEIVED_TOTAL, "repo" => repo.to_owned()).increment(1);
 }
 
 pub fn request_finished(repo: &str, status: &str) {
-    counter!("homelab_deploy_requests_finished_total", "repo" => repo.to_owned(), "status" => status.to_owned()).increment(1);
+    counter!(REQUESTS_FINISHED_TOTAL, "repo" => repo.to_owned(), "status" => status.to_owned())
+        .increment(1);
 }
 
 /// `host` must be a name the flake itself lists.
 pub fn host_finished(repo: &str, host: &str, status: &str, seconds: f64) {
-    counter!("homelab_deploy_host_builds_total", "repo" => repo.to_owned(), "host" => host.to_owned(), "status" => status.to_owned()).increment(1);
+    counter!(HOST_BUILDS_TOTAL, "repo" => repo.to_owned(), "host" => host.to_owned(), "status" => status.to_owned()).increment(1);
     histogram!(HOST_BUILD_DURATION, "repo" => repo.to_owned(), "host" => host.to_owned())
         .record(seconds);
 }
 
 pub fn log_bytes(repo: &str, bytes: u64) {
-    counter!("homelab_deploy_log_bytes_published_total", "repo" => repo.to_owned())
-        .increment(bytes);
+    counter!(LOG_BYTES_PUBLISHED_TOTAL, "repo" => repo.to_owned()).increment(bytes);
 }
 
 pub fn queue(repo: &str, depth: u64, oldest_age_seconds: f64) {
-    gauge!("homelab_deploy_queue_depth", "repo" => repo.to_owned()).set(depth as f64);
-    gauge!("homelab_deploy_queue_oldest_age_seconds", "repo" => repo.to_owned())
-        .set(oldest_age_seconds);
+    gauge!(QUEUE_DEPTH, "repo" => repo.to_owned()).set(depth as f64);
+    gauge!(QUEUE_OLDEST_AGE_SECONDS, "repo" => repo.to_owned()).set(oldest_age_seconds);
 }
 
 /// `lane` must be a name of `builder.lanes`.
 pub fn lane_requests(repo: &str, lane: &str, count: u64) {
-    gauge!("homelab_deploy_lane_requests", "repo" => repo.to_owned(), "lane" => lane.to_owned())
-        .set(count as f64);
+    gauge!(LANE_REQUESTS, "repo" => repo.to_owned(), "lane" => lane.to_owned()).set(count as f64);
 }
 
 /// `reason` is one of the fixed labels the description lists.
 pub fn handed_back(repo: &str, reason: &'static str) {
-    counter!("homelab_deploy_requests_handed_back_total", "repo" => repo.to_owned(), "reason" => reason)
+    counter!(REQUESTS_HANDED_BACK_TOTAL, "repo" => repo.to_owned(), "reason" => reason)
         .increment(1);
 }
 
 /// Sets the gauge of `current` to 1 and of every other phase to 0.
 pub fn builder_state(current: BuilderPhase) {
     for phase in BuilderPhase::ALL {
-        gauge!("homelab_deploy_builder_state", "state" => phase.label()).set(if phase == current {
+        gauge!(BUILDER_STATE, "state" => phase.label()).set(if phase == current {
             1.0
         } else {
             0.0
@@ -184,9 +191,9 @@ pub fn builder_state(current: BuilderPhase) {
 }
 
 pub fn nats_connected(connected: bool) {
-    gauge!("homelab_deploy_nats_connected").set(if connected { 1.0 } else { 0.0 });
+    gauge!(NATS_CONNECTED).set(if connected { 1.0 } else { 0.0 });
 }
 
 pub fn nats_reconnected() {
-    counter!("homelab_deploy_nats_reconnects_total").increment(1);
+    counter!(NATS_RECONNECTS_TOTAL).increment(1);
 }
