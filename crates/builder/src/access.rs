@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use async_nats::HeaderMap;
 use homelab_deploy_protocol::identity::{
-    signature_headers, signing_input, verify, Purpose, KEY_HEADER, SIGNATURE_HEADER,
+    signature_headers, signing_input, verify, Purpose, SignatureError, KEY_HEADER, SIGNATURE_HEADER,
 };
 use homelab_deploy_protocol::{Identity, RepoName, Target};
 use serde::Deserialize;
@@ -113,6 +113,37 @@ struct User {
     repos: Option<Vec<String>>,
 }
 
+/// Why `[access]` refuses a request or a cancel; the text goes to the sender (a `finished`
+/// event's error, or the API's `forbidden` reply), so it says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// Signature headers that are malformed or do not verify.
+    #[error("refused: {0}")]
+    Signature(#[from] SignatureError),
+    #[error("refused: the message is not signed, and this fleet requires signed requests ([access] require_signed); send it with homelab-deploy (which signs with its --nkey-file) or sign it as docs/protocol.md says ({KEY_HEADER} and {SIGNATURE_HEADER} headers)")]
+    Unsigned,
+    #[error("refused: key {key} is not a user in the builder's [access] table; an admin adds it under [access.users.NAME]")]
+    UnknownKey { key: String },
+    /// A deployer limited to `repos` asked for another repo.
+    #[error("refused: user {user} may build only {repos} (its repos in the builder's [access] table), not {repo}")]
+    RepoNotAllowed {
+        user: String,
+        /// The user's repos, comma-separated.
+        repos: String,
+        repo: String,
+    },
+    #[error("refused: the cancel is not signed by a listed user")]
+    CancelByUnknown,
+    /// A deployer cancelling a build someone else requested.
+    #[error("refused: user {user} is a deployer and may cancel only its own builds; request {id} was requested by {owner}")]
+    NotOwner {
+        user: String,
+        id: String,
+        /// The requester, or "an unsigned request".
+        owner: String,
+    },
+}
+
 /// Who sent a message: the verified signer, or `None` for an unsigned message (accepted only
 /// without `require_signed`).
 pub type Sender = Option<Identity>;
@@ -148,30 +179,26 @@ impl Access {
         headers: Option<&HeaderMap>,
         purpose: Purpose<'_>,
         payload: &[u8],
-    ) -> Result<Sender, String> {
+    ) -> Result<Sender, Refused> {
         let header = |name: &str| {
             headers
                 .and_then(|headers| headers.get(name))
                 .map(|value| value.as_str())
         };
-        let signed = signature_headers(header(KEY_HEADER), header(SIGNATURE_HEADER))
-            .map_err(|err| format!("refused: {err}"))?;
+        let signed = signature_headers(header(KEY_HEADER), header(SIGNATURE_HEADER))?;
         let Some((key, signature)) = signed else {
             return if self.require_signed {
-                Err(format!(
-                    "refused: the message is not signed, and this fleet requires signed requests ([access] require_signed); send it with homelab-deploy (which signs with its --nkey-file) or sign it as docs/protocol.md says ({KEY_HEADER} and {SIGNATURE_HEADER} headers)"
-                ))
+                Err(Refused::Unsigned)
             } else {
                 Ok(None)
             };
         };
-        verify(key, signature, &signing_input(purpose, payload))
-            .map_err(|err| format!("refused: {err}"))?;
+        verify(key, signature, &signing_input(purpose, payload))?;
         let name = self.users.get(key).map(|user| user.name.clone());
         if name.is_none() && self.require_signed {
-            return Err(format!(
-                "refused: key {key} is not a user in the builder's [access] table; an admin adds it under [access.users.NAME]"
-            ));
+            return Err(Refused::UnknownKey {
+                key: key.to_owned(),
+            });
         }
         Ok(Some(Identity {
             key: key.to_owned(),
@@ -190,17 +217,17 @@ impl Access {
         repo: &RepoName,
         target: &Target,
         payload: &[u8],
-    ) -> Result<Sender, String> {
+    ) -> Result<Sender, Refused> {
         let sender = self.sender(headers, Purpose::Build { repo, target }, payload)?;
         if self.require_signed {
             if let Some(user) = self.user(sender.as_ref()) {
                 if let Some(repos) = &user.repos {
                     if !repos.iter().any(|allowed| allowed == repo.as_str()) {
-                        return Err(format!(
-                            "refused: user {} may build only {} (its repos in the builder's [access] table), not {repo}",
-                            user.name,
-                            repos.join(", ")
-                        ));
+                        return Err(Refused::RepoNotAllowed {
+                            user: user.name.clone(),
+                            repos: repos.join(", "),
+                            repo: repo.to_string(),
+                        });
                     }
                 }
             }
@@ -218,23 +245,23 @@ impl Access {
         sender: Option<&Identity>,
         owner: Option<&Identity>,
         id: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refused> {
         if !self.require_signed {
             return Ok(());
         }
         let Some(user) = self.user(sender) else {
             // `sender` checked it: with require_signed every sender is a listed user.
-            return Err("refused: the cancel is not signed by a listed user".to_owned());
+            return Err(Refused::CancelByUnknown);
         };
         let own = owner.is_some_and(|owner| sender.is_some_and(|me| me.key == owner.key));
         if user.role == Role::Admin || own {
             return Ok(());
         }
-        Err(format!(
-            "refused: user {} is a deployer and may cancel only its own builds; request {id} was requested by {}",
-            user.name,
-            owner.map_or_else(|| "an unsigned request".to_owned(), ToString::to_string)
-        ))
+        Err(Refused::NotOwner {
+            user: user.name.clone(),
+            id: id.to_owned(),
+            owner: owner.map_or_else(|| "an unsigned request".to_owned(), ToString::to_string),
+        })
     }
 
     fn user(&self, sender: Option<&Identity>) -> Option<&User> {
@@ -318,7 +345,10 @@ mod tests {
         let refused = access
             .build_request(Some(&signed(&alice, for_ops, payload)), &ops, &all, payload)
             .expect_err("alice may not build ops");
-        assert!(refused.contains("may build only web"), "{refused}");
+        assert!(
+            refused.to_string().contains("may build only web"),
+            "{refused}"
+        );
         // A signature made for web does not carry over to ops.
         assert!(access
             .build_request(Some(&signed(&bob, for_web, payload)), &ops, &all, payload)
@@ -342,7 +372,10 @@ mod tests {
         let refused = access
             .may_cancel(sender(&bob).as_ref(), owner, "REQUEST01")
             .expect_err("bob cancels alice's build");
-        assert!(refused.contains("only its own builds"), "{refused}");
+        assert!(
+            refused.to_string().contains("only its own builds"),
+            "{refused}"
+        );
         access
             .may_cancel(sender(&root).as_ref(), owner, "REQUEST01")
             .expect("admin cancels anything");
@@ -374,7 +407,7 @@ mod tests {
         let refused = access
             .build_request(Some(&forged), &ops, &all, payload)
             .expect_err("forged");
-        assert!(refused.contains("does not match"), "{refused}");
+        assert!(refused.to_string().contains("does not match"), "{refused}");
     }
 
     #[test]

@@ -320,7 +320,7 @@ impl Api {
             .sender(message.headers.as_ref(), Purpose::Cancel, &message.payload)
             .map_err(|why| {
                 warn!(request_id = %shown(&request.id), reason = %why, "refused a cancel");
-                ApiFailure::new(ErrorCode::Forbidden, why)
+                ApiFailure::new(ErrorCode::Forbidden, why.to_string())
             })?;
         let note = request
             .requested_by
@@ -401,7 +401,9 @@ impl Api {
             .map_err(ApiFailure::unavailable)?
         {
             QueuedCancel::Cancelled => {}
-            QueuedCancel::Refused(why) => return Err(ApiFailure::new(ErrorCode::Forbidden, why)),
+            QueuedCancel::Refused(why) => {
+                return Err(ApiFailure::new(ErrorCode::Forbidden, why.to_string()))
+            }
             // Most likely taken and acked by a builder in this instant: look again.
             QueuedCancel::Gone => return Ok(None),
         }
@@ -427,7 +429,9 @@ impl Api {
             CancelOutcome::Cancelling => {
                 return json(&running_cancelled(id, &self.builder_name)).map(Some)
             }
-            CancelOutcome::Refused(why) => return Err(ApiFailure::new(ErrorCode::Forbidden, why)),
+            CancelOutcome::Refused(why) => {
+                return Err(ApiFailure::new(ErrorCode::Forbidden, why.to_string()))
+            }
             CancelOutcome::NotHere => {}
         }
         let me = &self.builder_name;
@@ -480,7 +484,9 @@ impl Api {
                 let id = RequestId::parse(&request.id).map_err(ApiFailure::invalid)?;
                 json(&running_cancelled(&id, &self.builder_name))
             }
-            CancelOutcome::Refused(why) => Err(ApiFailure::new(ErrorCode::Forbidden, why)),
+            CancelOutcome::Refused(why) => {
+                Err(ApiFailure::new(ErrorCode::Forbidden, why.to_string()))
+            }
             CancelOutcome::NotHere => Err(ApiFailure::new(
                 ErrorCode::NotFound,
                 format!(

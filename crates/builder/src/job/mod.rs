@@ -30,7 +30,7 @@ use homelab_deploy_protocol::{
 use tokio::sync::watch;
 use tracing::{error, info, warn, Instrument};
 
-use crate::access::Access;
+use crate::access::{Access, Refused};
 use crate::bus::{BusError, Publisher, RequestMessage};
 use crate::closures::History;
 use crate::config::{Evaluation, RepoConfig, Timeouts};
@@ -327,7 +327,7 @@ impl Jobs {
                 self.finish_or_explain(
                     events,
                     Finish {
-                        error: Some(reason),
+                        error: Some(reason.to_string()),
                         code: Some(ErrorCode::Forbidden),
                         ..Finish::new(repo, target, &self.builder_name, started)
                     },
@@ -882,7 +882,7 @@ pub enum QueuedCancel {
     /// No longer in the queue (a builder took it meanwhile).
     Gone,
     /// The sender may not cancel it ([`Access::may_cancel`]).
-    Refused(String),
+    Refused(Refused),
 }
 
 /// What every host of a request shares: the commit it builds, the flake URL nix reads it from,

@@ -9,7 +9,7 @@ use homelab_deploy_protocol::api::BuilderState;
 use homelab_deploy_protocol::Identity;
 use tokio::sync::{watch, Notify};
 
-use crate::access::Access;
+use crate::access::{Access, Refused};
 
 /// Why a running request must stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +56,7 @@ pub enum CancelOutcome {
     /// The request does not run here.
     NotHere,
     /// The sender may not cancel it ([`Access::may_cancel`]).
-    Refused(String),
+    Refused(Refused),
 }
 
 /// One request running here: what the registry shows of it, and how to stop it.
