@@ -192,19 +192,10 @@ fn document(table: &str, args: &[String]) -> String {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            info.lines().next().map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse::<u64>()
-                    .unwrap_or(0)
-            })
-        })
-        .unwrap_or(0)
-        / (1024 * 1024);
+    let memory = {
+        use procfs::Current;
+        procfs::Meminfo::current().map_or(0, |info| info.mem_total) / (1024 * 1024 * 1024)
+    };
     let nix = std::process::Command::new("nix")
         .arg("--version")
         .output()

@@ -596,15 +596,9 @@ fn default_ref() -> String {
 
 /// `MemTotal` of /proc/meminfo in MiB.
 fn machine_memory_mb() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_total_mb(&meminfo)
-}
-
-/// The `MemTotal:  16318480 kB` line of /proc/meminfo, in MiB.
-fn parse_mem_total_mb(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|line| line.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
+    use procfs::Current;
+    let total = procfs::Meminfo::current().ok()?.mem_total;
+    Some(total / (1024 * 1024))
 }
 
 /// Time limits of a builder: defaults, and the largest a request may ask for.
@@ -1301,9 +1295,6 @@ ref = "master"
 
     #[test]
     fn memory_envelope_is_the_key_or_the_machines_memory() {
-        let meminfo = "MemFree:  10 kB\nMemTotal:       16318480 kB\nSwapTotal: 0 kB\n";
-        assert_eq!(parse_mem_total_mb(meminfo), Some(15936));
-        assert_eq!(parse_mem_total_mb("MemTotal: lots\n"), None);
         let config =
             parse(&GOOD.replace("[builder]\n", "[builder]\nmemory_mb = 512\n")).expect("valid");
         assert_eq!(config.memory_envelope_mb(), Some(512));
