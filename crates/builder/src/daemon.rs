@@ -115,8 +115,8 @@ pub async fn run(
     if !ended.is_empty() {
         warn!(pids = ?ended, "ended processes a previous builder left running");
     }
-    // The GC roots of requests a previous builder did not finish: theirs to hold no more.
-    let _ = std::fs::remove_dir_all(crate::job::DrvRoots::parent(&state_dir));
+    let served: Vec<RepoName> = config.repos().into_iter().map(|repo| repo.name).collect();
+    crate::job::DrvRoots::remove_leftovers(&state_dir, &served);
     let nix = Nix::detect(&config.builder.nix)
         .await?
         .with_pid_dir(pid_dir)

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use homelab_deploy_protocol::subject::encode_host;
+use homelab_deploy_protocol::RepoName;
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
@@ -25,6 +26,9 @@ pub(crate) fn gc_root_name(host: &str) -> String {
     }
 }
 
+/// Where request directories went before `.requests`; a repo may be called that.
+const LEGACY_PARENT: &str = "requests";
+
 /// Longest file name Linux file systems take.
 const MAX_FILE_NAME_BYTES: usize = 255;
 
@@ -34,9 +38,20 @@ const MAX_FILE_NAME_BYTES: usize = 255;
 pub struct DrvRoots(PathBuf);
 
 impl DrvRoots {
-    /// Where every request's directory goes, under the state dir.
-    pub fn parent(state_dir: &Path) -> PathBuf {
-        state_dir.join("gcroots").join("requests")
+    /// Where every request's directory goes, under the state dir: `gcroots/.requests`, which
+    /// no repo's `gcroots/<repo>` can be (a repo name has no `.`).
+    fn parent(state_dir: &Path) -> PathBuf {
+        state_dir.join("gcroots").join(".requests")
+    }
+
+    /// Removes the request directories a previous builder left (theirs to hold no more), and
+    /// `gcroots/requests`, where earlier builders put them, unless a served repo is called
+    /// `requests` (that directory then holds its hosts' roots).
+    pub fn remove_leftovers(state_dir: &Path, repos: &[RepoName]) {
+        let _ = std::fs::remove_dir_all(Self::parent(state_dir));
+        if !repos.iter().any(|repo| repo.as_str() == LEGACY_PARENT) {
+            let _ = std::fs::remove_dir_all(state_dir.join("gcroots").join(LEGACY_PARENT));
+        }
     }
 
     pub(super) fn new(state_dir: &Path) -> Self {
@@ -98,5 +113,27 @@ mod tests {
         }
         assert_ne!(gc_root_name(&long), gc_root_name(&"h".repeat(301)));
         assert!(gc_root_name(&long).starts_with("%sha256-"));
+    }
+
+    /// A repo called `requests` keeps its hosts' roots when a builder starts; the request
+    /// directories a dead builder left go.
+    #[test]
+    fn leftover_request_roots_go_and_a_repo_named_requests_keeps_its_roots() {
+        let state = tempfile::tempdir().expect("state dir");
+        let gcroots = state.path().join("gcroots");
+        let leftover = DrvRoots::new(state.path());
+        std::fs::create_dir_all(&leftover.0).expect("request dir");
+        std::fs::create_dir_all(gcroots.join("requests")).expect("repo dir");
+        std::fs::write(gcroots.join("requests/web"), "").expect("host root");
+        let requests = RepoName::parse("requests").expect("a valid repo name");
+        assert!(RepoName::parse(".requests").is_err());
+
+        DrvRoots::remove_leftovers(state.path(), std::slice::from_ref(&requests));
+        assert!(!leftover.0.exists());
+        assert!(gcroots.join("requests/web").exists());
+
+        // No repo of that name: an old builder's request directory, removed.
+        DrvRoots::remove_leftovers(state.path(), &[RepoName::parse("demo").expect("name")]);
+        assert!(!gcroots.join("requests").exists());
     }
 }
