@@ -131,27 +131,24 @@ pub async fn run(
         });
     }
     let repos = config.repos();
+    let opening = Opening {
+        config: &config,
+        repos: &repos,
+        name: &name,
+        state_dir: &state_dir,
+        nix: &nix,
+        vault: vault.clone(),
+        ephemeral: session.is_ephemeral(),
+    };
     let mut accounts = Vec::new();
     for account in config.accounts() {
         let tenant = account.tenant.clone();
-        accounts.push(
-            open_account(
-                &config,
-                account,
-                &repos,
-                &name,
-                &state_dir,
-                &nix,
-                vault.clone(),
-                session.is_ephemeral(),
-                &mut stop,
-            )
-            .await
-            .map_err(|err| match err {
+        accounts.push(open_account(&opening, account, &mut stop).await.map_err(
+            |err| match err {
                 DaemonError::Bus(err) => DaemonError::Bus(err.in_tenant(tenant.as_deref())),
                 other => other,
-            })?,
-        );
+            },
+        )?);
     }
     let all_jobs: Vec<Arc<Jobs>> = accounts.iter().map(|a| a.jobs.clone()).collect();
     let mut sampled = Vec::new();
@@ -323,20 +320,36 @@ struct OpenAccount {
     registry: Registry,
 }
 
+/// What every account of the builder is opened with.
+struct Opening<'a> {
+    config: &'a Config,
+    repos: &'a [crate::config::Repo],
+    /// The builder's name.
+    name: &'a str,
+    state_dir: &'a std::path::Path,
+    nix: &'a Nix,
+    /// Where the builder's NKey seed comes from, when it is Vault.
+    vault: Option<VaultSeed>,
+    /// A session builder (`--once`, …).
+    ephemeral: bool,
+}
+
 /// Connects to `account` and creates or adopts its streams, consumers, read model and registry
 /// entry. A tenant's requests, events and states stay in the tenant's own account.
-#[allow(clippy::too_many_arguments)]
 async fn open_account(
-    config: &Config,
+    opening: &Opening<'_>,
     account: Account,
-    repos: &[crate::config::Repo],
-    name: &str,
-    state_dir: &std::path::Path,
-    nix: &Nix,
-    vault: Option<VaultSeed>,
-    ephemeral: bool,
     stop: &mut watch::Receiver<Stop>,
 ) -> Result<OpenAccount, DaemonError> {
+    let Opening {
+        config,
+        repos,
+        name,
+        state_dir,
+        nix,
+        ref vault,
+        ephemeral,
+    } = *opening;
     let client = connect_with_retry(config, &account, name, vault.clone(), stop).await?;
     let js = jetstream::new(client.clone());
     ensure_streams(&js, &account.streams, &account.repos).await?;
@@ -412,7 +425,7 @@ async fn open_account(
         name,
         account.repos.iter().map(|r| r.to_string()).collect(),
         config.streams.replicas,
-        vault,
+        vault.clone(),
         ephemeral,
         envelope_mb,
     )
@@ -728,7 +741,6 @@ struct Turn {
 
 /// Pulls requests of one repo while a slot is free and it is the repo's tenant's turn. Returns
 /// the jobs still running when the builder drains, so the caller can wait for them.
-#[allow(clippy::too_many_arguments)]
 async fn pull_loop(
     repo: RepoName,
     consumer: PullConsumer,
