@@ -141,13 +141,17 @@ async fn once_takes_one_request_and_exits_with_its_verdict() {
     assert_ne!(finished["builder"], name.as_str(), "names are unique");
 }
 
-/// `--max-builds 2` takes two of three queued requests and exits; `--idle-exit` takes the third,
-/// then exits once nothing came for that long; `--once --idle-exit` with an empty queue exits 4
-/// (no verdict).
+/// `--max-builds 2` takes two of three queued requests and exits at once (limits that have not
+/// fired, an hour's `--lifetime` and `--idle-exit`, do not hold it up); `--idle-exit` takes the
+/// third, then exits once nothing came for that long; `--once --idle-exit` with an empty queue
+/// exits 4 (no verdict).
 #[tokio::test(flavor = "multi_thread")]
 async fn max_builds_and_idle_exit_bound_a_session() {
     let fleet = Fleet::new(bin(), "queue");
-    let mut first = session(&fleet, &["--max-builds", "2"]);
+    let mut first = session(
+        &fleet,
+        &["--max-builds", "2", "--lifetime", "1h", "--idle-exit", "1h"],
+    );
     let ids: Vec<String> = (0..3).map(|_| fleet.submit_new("short")).collect();
     assert_eq!(exit_code(&mut first), 0, "log:\n{}", first.log());
     for id in &ids[..2] {

@@ -93,3 +93,30 @@ async fn readiness_and_stopping_are_reported_to_systemd() {
     let status = child.wait().expect("builder exits");
     assert!(status.success(), "{status}");
 }
+
+/// With `hosts_refresh_secs = 0` the builder lists the flake's hosts once at start and that
+/// listing ends: the builder keeps serving (a long-lived task that ends early would stop it).
+#[tokio::test(flavor = "multi_thread")]
+async fn hosts_listed_once_at_start_keep_the_builder_serving() {
+    let fleet = test_support::Fleet::new(bin(), "fleet");
+    let builder = fleet.builder("\nhosts_refresh_secs = 0\n");
+    let announced = test_support::wait_until(Duration::from_secs(60), || {
+        let list = fleet.cli(&["builders", "--json"]);
+        String::from_utf8_lossy(&list.stdout).contains("\"web\"")
+    });
+    assert!(announced, "hosts never announced; log:\n{}", builder.log());
+    let id = fleet.submit("web", &[]);
+    let events = fleet.finished(&id).await;
+    let finished = events.last().expect("finished");
+    assert_eq!(
+        finished["status"],
+        "succeeded",
+        "{finished:#}\n{}",
+        builder.log()
+    );
+    assert!(
+        !builder.log().contains("task failed"),
+        "log:\n{}",
+        builder.log()
+    );
+}

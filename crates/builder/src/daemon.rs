@@ -165,7 +165,8 @@ pub async fn run(
             account.repos.clone(),
             Duration::from_secs(config.builder.hosts_refresh_secs),
         );
-        supervisor.spawn("host discovery", Ends::WithDaemon, async move {
+        // With `hosts_refresh_secs = 0` it lists the hosts once and ends.
+        supervisor.spawn("host discovery", Ends::Early, async move {
             refresh.await;
             Ok(())
         });

@@ -21,8 +21,9 @@ pub enum Ends {
     /// Watches the token itself and returns once it is cancelled, after cleaning up (the
     /// registry removes its entry). Returning earlier is a failure.
     AfterCleanup,
-    /// May finish its work before shutdown (a session limit that fired); only a panic is a
-    /// failure.
+    /// May finish its work before shutdown (a session limit that fired, host discovery with
+    /// `hosts_refresh_secs = 0`); dropped when the token is cancelled, like
+    /// [`Ends::WithDaemon`]. Only a panic or an `Err` is a failure.
     Early,
 }
 
@@ -72,11 +73,11 @@ impl Supervisor {
         let failed = move |how: String| Err(TaskFailed { task: name, how });
         let handle = self.tasks.spawn(async move {
             let ended = match ends {
-                Ends::WithDaemon => tokio::select! {
+                Ends::WithDaemon | Ends::Early => tokio::select! {
                     _ = token.cancelled() => return Ok(()),
                     ended = task => ended,
                 },
-                Ends::AfterCleanup | Ends::Early => task.await,
+                Ends::AfterCleanup => task.await,
             };
             match ended {
                 Err(why) => failed(format!("ended: {why}")),
@@ -190,6 +191,8 @@ mod tests {
         });
         supervisor.spawn("api", Ends::WithDaemon, std::future::pending());
         supervisor.spawn("idle exit", Ends::Early, async { Ok(()) });
+        // A limit that has not fired (a long --lifetime) does not hold shutdown up.
+        supervisor.spawn("lifetime", Ends::Early, std::future::pending());
         let failed = tokio::time::timeout(Duration::from_millis(100), supervisor.failed()).await;
         assert!(failed.is_err(), "no task failed: {failed:?}");
         assert!(supervisor.shutdown().await.is_empty());
