@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, Message};
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use homelab_deploy_client::inspect::{list_builders, list_builds, pending_requests, request_state};
 use homelab_deploy_client::ClientError;
@@ -448,14 +449,28 @@ impl Api {
                 .map(|b| b.name)
                 .collect(),
         };
-        for builder in candidates {
-            // Passed on as it came, signature headers included: that builder checks them.
-            let forwarded = self.client.request_with_headers(
-                builder_cancel_subject(&builder),
-                message.headers.clone().unwrap_or_default(),
-                message.payload.clone(),
-            );
-            let answer = match tokio::time::timeout(FORWARD_TIMEOUT, forwarded).await {
+        // Asked all at once, so builders that do not answer cost one FORWARD_TIMEOUT together,
+        // not one each; only the builder that runs the request acts on it.
+        let headers = message.headers.clone().unwrap_or_default();
+        let mut asked: FuturesUnordered<_> = candidates
+            .into_iter()
+            .map(|builder| {
+                // Passed on as it came, signature headers included: that builder checks them.
+                let forwarded = self.client.request_with_headers(
+                    builder_cancel_subject(&builder),
+                    headers.clone(),
+                    message.payload.clone(),
+                );
+                async move {
+                    (
+                        builder,
+                        tokio::time::timeout(FORWARD_TIMEOUT, forwarded).await,
+                    )
+                }
+            })
+            .collect();
+        while let Some((builder, answered)) = asked.next().await {
+            let answer = match answered {
                 Ok(Ok(answer)) => answer,
                 Ok(Err(err)) => {
                     info!(request_id = %id, builder, error = %err, "forwarding a cancel failed");
