@@ -9,7 +9,7 @@
 //! still the one the builder read (`Nats-Expected-Last-Subject-Sequence`): two deliveries that
 //! claim at once get different numbers, and no claim is lost.
 
-use async_nats::jetstream::{self, Context};
+use async_nats::jetstream::Context;
 use homelab_deploy_protocol::subject::EVENTS_STREAM;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -50,17 +50,7 @@ pub async fn last_claim(
     js: &Context,
     subject: &str,
 ) -> Result<Option<(u64, Option<Claim>)>, BusError> {
-    let stream = js.get_stream(EVENTS_STREAM).await.map_err(stream_error)?;
-    match stream.get_last_raw_message_by_subject(subject).await {
-        Ok(message) => Ok(Some((
-            message.sequence,
-            serde_json::from_slice(&message.payload).ok(),
-        ))),
-        Err(err) if err.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-            Ok(None)
-        }
-        Err(err) => Err(stream_error(err)),
-    }
+    crate::bus::last_stored(js, subject).await
 }
 
 /// Stores the next claim on `subject` (`request_id`'s attempts) for `builder` and returns it.

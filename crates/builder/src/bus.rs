@@ -14,7 +14,7 @@ use homelab_deploy_protocol::subject::{
     consumer_name, repo_requests_filter, EVENTS_STREAM, EVENTS_STREAM_SUBJECTS, MSG_ID_HEADER,
     REQUESTS_STREAM,
 };
-use homelab_deploy_protocol::{Event, RepoName};
+use homelab_deploy_protocol::RepoName;
 use tracing::warn;
 
 use crate::config::StreamsConfig;
@@ -573,17 +573,18 @@ impl LogFence {
     }
 }
 
-/// The last message stored on an events subject: its stream sequence (what the next fenced
-/// publish expects) and the event, if it parses.
-pub async fn last_event(
+/// The last message stored on `subject` of the events stream (an events or an attempts
+/// subject): its stream sequence (what the next fenced publish expects) and its body as `T`, if
+/// it parses; `None` when the subject holds no message.
+pub async fn last_stored<T: serde::de::DeserializeOwned>(
     js: &Context,
-    events_subject: &str,
-) -> Result<Option<(u64, Option<Event>)>, BusError> {
+    subject: &str,
+) -> Result<Option<(u64, Option<T>)>, BusError> {
     let stream = js
         .get_stream(EVENTS_STREAM)
         .await
         .map_err(|err| stream_error(EVENTS_STREAM, err))?;
-    match stream.get_last_raw_message_by_subject(events_subject).await {
+    match stream.get_last_raw_message_by_subject(subject).await {
         Ok(message) => Ok(Some((
             message.sequence,
             serde_json::from_slice(&message.payload).ok(),

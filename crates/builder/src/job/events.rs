@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use tracing::warn;
 
 use super::{Canceller, JobError};
-use crate::bus::{last_event, BusError, LogFence, Publisher};
+use crate::bus::{last_stored, BusError, LogFence, Publisher};
 use crate::state::StateStore;
 
 /// Longest error excerpt kept in a host result or a `finished` event.
@@ -210,7 +210,7 @@ impl<'a> Events<'a> {
         queued_at: Option<OffsetDateTime>,
     ) -> Result<Events<'a>, JobError> {
         let subject = events_subject(repo, target, id);
-        let last = last_event(publisher.jetstream(), &subject).await?;
+        let last = last_stored::<Event>(publisher.jetstream(), &subject).await?;
         let (last_stored, event) = last.unwrap_or((0, None));
         let seq = event.as_ref().map(|event| event.seq).unwrap_or(0);
         let state = match store.get(id.as_str()).await {
