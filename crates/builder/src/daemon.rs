@@ -93,7 +93,7 @@ pub async fn run(
             });
         }
         // The owner is gone: nothing more can ask the builder to stop that way.
-        std::future::pending().await
+        std::future::pending::<()>().await
     });
     if let Some(listen) = config.metrics_listen() {
         crate::metrics::install(listen)?;
@@ -115,7 +115,8 @@ pub async fn run(
     if !ended.is_empty() {
         warn!(pids = ?ended, "ended processes a previous builder left running");
     }
-    let served: Vec<RepoName> = config.repos().into_iter().map(|repo| repo.name).collect();
+    let repos = config.repos();
+    let served: Vec<RepoName> = repos.iter().map(|repo| repo.name.clone()).collect();
     crate::job::DrvRoots::remove_leftovers(&state_dir, &served);
     let nix = Nix::detect(&config.builder.nix)
         .await?
@@ -125,12 +126,12 @@ pub async fn run(
 
     let vault = config.vault_settings().map(VaultSeed::new);
     if let Some(vault) = vault.clone() {
-        supervisor.spawn("Vault refresher", Ends::WithDaemon, async move {
-            refresh_vault_seed(vault).await;
-            Ok(())
-        });
+        supervisor.spawn(
+            "Vault refresher",
+            Ends::WithDaemon,
+            refresh_vault_seed(vault),
+        );
     }
-    let repos = config.repos();
     let opening = Opening {
         config: &config,
         repos: &repos,
@@ -166,20 +167,14 @@ pub async fn run(
             Duration::from_secs(config.builder.hosts_refresh_secs),
         );
         // With `hosts_refresh_secs = 0` it lists the hosts once and ends.
-        supervisor.spawn("host discovery", Ends::Early, async move {
-            refresh.await;
-            Ok(())
-        });
+        supervisor.spawn("host discovery", Ends::Early, refresh);
         let registry = account.registry.run(
             account.jobs.running.clone(),
             account.jobs.evaluated.clone(),
             stop.clone(),
             supervisor.token(),
         );
-        supervisor.spawn("registry", Ends::AfterCleanup, async move {
-            registry.await;
-            Ok(())
-        });
+        supervisor.spawn("registry", Ends::AfterCleanup, registry);
         let api = crate::api::serve(crate::api::Api {
             builder_name: name.clone(),
             client: account.client.clone(),
@@ -220,24 +215,15 @@ pub async fn run(
         }
     }
     let sampler = sample_metrics(sampled, all_jobs.clone(), stop.clone());
-    supervisor.spawn("metrics sampler", Ends::WithDaemon, async move {
-        sampler.await;
-        Ok(())
-    });
+    supervisor.spawn("metrics sampler", Ends::WithDaemon, sampler);
     // Both limits count from here: waiting for NATS or Vault is no part of a session.
     if let Some(idle) = session.idle_exit {
         let idle_exit = tracker.clone().idle_exit(idle);
-        supervisor.spawn("idle exit", Ends::Early, async move {
-            idle_exit.await;
-            Ok(())
-        });
+        supervisor.spawn("idle exit", Ends::Early, idle_exit);
     }
     if let Some(lifetime) = session.lifetime {
         let limit = tracker.clone().lifetime(lifetime);
-        supervisor.spawn("lifetime", Ends::Early, async move {
-            limit.await;
-            Ok(())
-        });
+        supervisor.spawn("lifetime", Ends::Early, limit);
     }
     info!(
         builder = %name,

@@ -27,6 +27,25 @@ pub enum Ends {
     Early,
 }
 
+/// What a supervised task returns: `()` for a task that cannot fail but by ending or panicking,
+/// or `Result<(), String>` for one that says why it ended.
+pub trait TaskEnd {
+    /// `Err(why)` when the task failed.
+    fn into_result(self) -> Result<(), String>;
+}
+
+impl TaskEnd for () {
+    fn into_result(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl TaskEnd for Result<(), String> {
+    fn into_result(self) -> Result<(), String> {
+        self
+    }
+}
+
 /// A task that failed: its name and how.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the builder's {task} task {how}")]
@@ -63,11 +82,12 @@ impl Supervisor {
         self.token.clone()
     }
 
-    /// Runs `task`, named `name` in failures. `Err(why)` from the task is a failure whatever
-    /// `ends` says.
+    /// Runs `task`, named `name` in failures. `Err(why)` from the task ([`TaskEnd`]) is a
+    /// failure whatever `ends` says.
     pub fn spawn<F>(&mut self, name: &'static str, ends: Ends, task: F)
     where
-        F: Future<Output = Result<(), String>> + Send + 'static,
+        F: Future + Send + 'static,
+        F::Output: TaskEnd,
     {
         let token = self.token.clone();
         let failed = move |how: String| Err(TaskFailed { task: name, how });
@@ -78,7 +98,8 @@ impl Supervisor {
                     ended = task => ended,
                 },
                 Ends::AfterCleanup => task.await,
-            };
+            }
+            .into_result();
             match ended {
                 Err(why) => failed(format!("ended: {why}")),
                 Ok(()) if ends == Ends::Early || token.is_cancelled() => Ok(()),
@@ -153,7 +174,7 @@ mod tests {
     #[tokio::test]
     async fn a_task_that_ends_while_the_builder_runs_is_named() {
         let mut supervisor = Supervisor::new();
-        supervisor.spawn("sampler", Ends::WithDaemon, std::future::pending());
+        supervisor.spawn("sampler", Ends::WithDaemon, std::future::pending::<()>());
         supervisor.spawn("api", Ends::WithDaemon, async {
             Err("its subscription ended".to_owned())
         });
@@ -169,9 +190,10 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_task_is_named_with_its_message() {
         let mut supervisor = Supervisor::new();
-        supervisor.spawn("registry", Ends::AfterCleanup, async {
+        fn bucket_gone() {
             panic!("bucket gone");
-        });
+        }
+        supervisor.spawn("registry", Ends::AfterCleanup, async { bucket_gone() });
         let failed = supervisor.failed().await;
         assert_eq!(failed.task, "registry");
         assert_eq!(failed.how, "panicked: bucket gone");
@@ -189,10 +211,10 @@ mod tests {
             done.store(true, Ordering::SeqCst);
             Ok(())
         });
-        supervisor.spawn("api", Ends::WithDaemon, std::future::pending());
+        supervisor.spawn("api", Ends::WithDaemon, std::future::pending::<()>());
         supervisor.spawn("idle exit", Ends::Early, async { Ok(()) });
         // A limit that has not fired (a long --lifetime) does not hold shutdown up.
-        supervisor.spawn("lifetime", Ends::Early, std::future::pending());
+        supervisor.spawn("lifetime", Ends::Early, std::future::pending::<()>());
         let failed = tokio::time::timeout(Duration::from_millis(100), supervisor.failed()).await;
         assert!(failed.is_err(), "no task failed: {failed:?}");
         assert!(supervisor.shutdown().await.is_empty());
