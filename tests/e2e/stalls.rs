@@ -109,11 +109,7 @@ async fn a_stalled_builder_never_adds_to_a_request_it_lost() {
             );
             assert_eq!(finished["builder"], stalled.name.as_str());
         } else {
-            let stood_down = builders.iter().any(|b| {
-                b.log()
-                    .lines()
-                    .any(|line| line.contains(&id) && line.contains("standing down"))
-            });
+            let stood_down = builders.iter().any(|b| b.logged(&id, "standing down"));
             assert!(
                 stood_down,
                 "pause {pause}s: nobody stood down\n{}\n{}",
@@ -183,10 +179,7 @@ async fn a_stalled_builder_adds_no_logs_to_a_request_it_lost() {
     assert_eq!(finished["status"], "succeeded", "{finished:#}");
     assert_ne!(finished["builder"], stalled.name.as_str());
     let stood_down = wait_until(Duration::from_secs(60), || {
-        stalled
-            .log()
-            .lines()
-            .any(|line| line.contains(&id) && line.contains("standing down"))
+        stalled.logged(&id, "standing down")
     });
     assert!(stood_down, "{}", stalled.log());
 
@@ -291,10 +284,7 @@ async fn a_request_whose_fetch_kills_its_builders_is_given_up() {
             id = submit(&nats, "all", &[]);
         }
         let began = wait_until(Duration::from_secs(120), || {
-            builder
-                .log()
-                .lines()
-                .any(|line| line.contains(&id) && line.contains("request received"))
+            builder.logged(&id, "request received")
         });
         assert!(began, "attempt {attempt} never began:\n{}", builder.log());
         signal(builder.pid(), "-KILL");

@@ -584,6 +584,14 @@ impl Builder {
         std::fs::read_to_string(self.dir.path().join("builder.log")).unwrap_or_default()
     }
 
+    /// Whether one line of the builder's log names request `id` and holds `what` (a message
+    /// such as "request received" or "standing down").
+    pub fn logged(&self, id: &str, what: &str) -> bool {
+        self.log()
+            .lines()
+            .any(|line| line.contains(id) && line.contains(what))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
