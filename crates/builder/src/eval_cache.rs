@@ -30,10 +30,7 @@ struct Inner {
 
 impl EvalCache {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // Short critical sections that cannot panic; a poisoned lock still holds valid maps.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock(&self.inner)
     }
 
     pub fn hosts(&self, repo: &str, rev: &str) -> Option<Vec<String>> {

@@ -901,9 +901,7 @@ static NIX_GIT_CONFIG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Adds `url."file://MIRROR".insteadOf = URL` to the nix git config, unless it is there.
 fn add_url_rewrite(config: &Path, mirror: &Path, url: &str) -> std::io::Result<()> {
-    let _guard = NIX_GIT_CONFIG
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = crate::lock(&NIX_GIT_CONFIG);
     let mut text = match std::fs::read_to_string(config) {
         Ok(text) => text,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {

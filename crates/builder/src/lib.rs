@@ -48,5 +48,13 @@ mod supervisor;
 
 pub use config::{Config, ConfigError};
 pub use daemon::run;
+
+/// Locks a std mutex that guards only short critical sections that cannot panic: a poisoned
+/// lock still holds consistent data, so it is used as it is.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 pub use session::{Session, SessionReport};
 pub use stop::Stop;

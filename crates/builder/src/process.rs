@@ -77,7 +77,7 @@ fn spawner() -> io::Result<std::sync::mpsc::Sender<SpawnRequest>> {
     static SPAWNER: OnceLock<Mutex<Option<std::sync::mpsc::Sender<SpawnRequest>>>> =
         OnceLock::new();
     let slot = SPAWNER.get_or_init(|| Mutex::new(None));
-    let mut slot = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut slot = crate::lock(slot);
     if let Some(sender) = slot.as_ref() {
         return Ok(sender.clone());
     }

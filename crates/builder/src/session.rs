@@ -118,10 +118,7 @@ impl Tracker {
     }
 
     fn lock_report(&self) -> std::sync::MutexGuard<'_, SessionReport> {
-        // Only touched in short critical sections that cannot panic.
-        self.report
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock(&self.report)
     }
 
     pub fn report(&self) -> SessionReport {

@@ -14,9 +14,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::events::{cut, Events, MAX_ERROR_BYTES};
-use super::{
-    gc_root_name, interrupted, lock, Canceller, Checkout, Deadline, Interrupt, JobError, Jobs,
-};
+use super::{gc_root_name, interrupted, Canceller, Checkout, Deadline, Interrupt, JobError, Jobs};
+use crate::lock;
 use crate::logs::LogBatcher;
 use crate::nix::{BuildOutput, NixError};
 

@@ -949,13 +949,6 @@ struct Limits {
     request: Duration,
 }
 
-/// Locks a std mutex whose holders cannot panic while holding it.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Resolves with the reason once the running request must stop.
 async fn interrupted(interrupt: &mut watch::Receiver<Option<Interrupt>>) -> Interrupt {
     let why = interrupt

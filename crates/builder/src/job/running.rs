@@ -128,10 +128,7 @@ impl Running {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningJob>> {
-        // The map is only touched in short critical sections that cannot panic.
-        self.jobs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock(&self.jobs)
     }
 
     /// Whether no request runs here.
