@@ -24,7 +24,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::access::Access;
+use crate::access::{Access, Refused};
 use crate::closures;
 use crate::closures::History;
 use crate::job::{CancelOutcome, Canceller, Jobs, QueuedCancel, Running};
@@ -168,6 +168,13 @@ impl ApiFailure {
             ErrorCode::NotFound,
             format!("no request with id {id} (never sent, or its events expired)"),
         )
+    }
+}
+
+impl From<Refused> for ApiFailure {
+    /// `[access]` refused the sender: [`ErrorCode::Forbidden`] with why.
+    fn from(why: Refused) -> Self {
+        Self::new(ErrorCode::Forbidden, why.to_string())
     }
 }
 
@@ -321,7 +328,7 @@ impl Api {
             .sender(message.headers.as_ref(), Purpose::Cancel, &message.payload)
             .map_err(|why| {
                 warn!(request_id = %shown(&request.id), reason = %why, "refused a cancel");
-                ApiFailure::new(ErrorCode::Forbidden, why.to_string())
+                ApiFailure::from(why)
             })?;
         let note = request
             .requested_by
@@ -402,9 +409,7 @@ impl Api {
             .map_err(ApiFailure::unavailable)?
         {
             QueuedCancel::Cancelled => {}
-            QueuedCancel::Refused(why) => {
-                return Err(ApiFailure::new(ErrorCode::Forbidden, why.to_string()))
-            }
+            QueuedCancel::Refused(why) => return Err(ApiFailure::from(why)),
             // Most likely taken and acked by a builder in this instant: look again.
             QueuedCancel::Gone => return Ok(None),
         }
@@ -430,9 +435,7 @@ impl Api {
             CancelOutcome::Cancelling => {
                 return json(&running_cancelled(id, &self.builder_name)).map(Some)
             }
-            CancelOutcome::Refused(why) => {
-                return Err(ApiFailure::new(ErrorCode::Forbidden, why.to_string()))
-            }
+            CancelOutcome::Refused(why) => return Err(ApiFailure::from(why)),
             CancelOutcome::NotHere => {}
         }
         let me = &self.builder_name;
@@ -499,9 +502,7 @@ impl Api {
                 let id = RequestId::parse(&request.id).map_err(ApiFailure::invalid)?;
                 json(&running_cancelled(&id, &self.builder_name))
             }
-            CancelOutcome::Refused(why) => {
-                Err(ApiFailure::new(ErrorCode::Forbidden, why.to_string()))
-            }
+            CancelOutcome::Refused(why) => Err(ApiFailure::from(why)),
             CancelOutcome::NotHere => Err(ApiFailure::new(
                 ErrorCode::NotFound,
                 format!(
